@@ -1,0 +1,117 @@
+//! Broker: connecting to RabbitMQ, the queue names of the wire contract, and the topology the
+//! gateway declares (idempotently) before it consumes.
+
+use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties};
+
+use crate::directory::Directory;
+use crate::settings::QueueType;
+
+/// A failure of the broker or of the connection to it. Always transient for the messages in
+/// flight: they are not acknowledged, so the broker hands them back.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker URL: {0}")]
+    Url(String),
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("queue {queue} does not exist; start the gateway once so it declares its queues")]
+    NoQueue { queue: String },
+    #[error("the broker did not confirm a publish within {0} s")]
+    ConfirmTimeout(u64),
+    #[error("the broker refused a publish (nack)")]
+    Nacked,
+    #[error("the consumer on {queue} was cancelled by the broker")]
+    ConsumerCancelled { queue: String },
+}
+
+/// The queue names of one gateway installation (BRIEF.md: `<prefix>.in.<partner>` …).
+#[derive(Debug, Clone)]
+pub struct Queues {
+    pub prefix: String,
+}
+
+impl Queues {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+    /// Written by the partner (its broker user may write only here), read by Ponte.
+    pub fn inbound(&self, partner: &str) -> String {
+        format!("{}.in.{partner}", self.prefix)
+    }
+    /// Messages delivered to the partner.
+    pub fn outbound(&self, partner: &str) -> String {
+        format!("{}.out.{partner}", self.prefix)
+    }
+    /// One receipt per message the partner sent.
+    pub fn receipts(&self, partner: &str) -> String {
+        format!("{}.receipts.{partner}", self.prefix)
+    }
+    /// The original of each message of the partner that was rejected, with its reason.
+    pub fn rejected(&self, partner: &str) -> String {
+        format!("{}.rejected.{partner}", self.prefix)
+    }
+    /// Messages for the partner that could not be delivered after retries.
+    pub fn dead_letters(&self, partner: &str) -> String {
+        format!("{}.dlq.{partner}", self.prefix)
+    }
+    /// All five queues of a partner.
+    pub fn of_partner(&self, partner: &str) -> [String; 5] {
+        [
+            self.inbound(partner),
+            self.outbound(partner),
+            self.receipts(partner),
+            self.rejected(partner),
+            self.dead_letters(partner),
+        ]
+    }
+}
+
+/// Opens a connection. lapin's automatic recovery stays off: the gateway's own supervisor
+/// reconnects, redeclares and resumes, so every step of recovery is visible and tested.
+pub async fn connect(directory: &Directory, name: &str) -> Result<Connection, BrokerError> {
+    let uri = directory.settings.broker_uri().map_err(BrokerError::Url)?;
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Ok(Connection::connect_uri(uri, properties).await?)
+}
+
+/// A channel with publisher confirms switched on.
+pub async fn confirming_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
+/// Declares every partner's five durable queues. Safe to repeat: declaring an existing queue
+/// with the same arguments changes nothing.
+pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Result<(), BrokerError> {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    let arguments = queue_arguments(directory.settings.broker.queue_type);
+    for partner in directory.partners.keys() {
+        for queue in queues.of_partner(partner) {
+            channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    arguments.clone(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn queue_arguments(queue_type: QueueType) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(queue_type.as_str().into()),
+    );
+    arguments
+}

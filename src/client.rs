@@ -1,0 +1,78 @@
+//! Client: what a partner's back office (or an operator) does against the broker, for the demo
+//! and for tests: publish a message as a partner, and take messages from a partner's queues.
+
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use serde_json::Value;
+
+use crate::broker::{BrokerError, Queues, confirming_channel, connect};
+use crate::deliver::{Labels, confirmed, header, properties, publish};
+use crate::directory::Directory;
+
+/// Publishes `body` to `partner`'s inbound queue, as that partner's back office would, and waits
+/// for the broker's confirm.
+pub async fn send(directory: &Directory, partner: &str, body: &[u8]) -> Result<(), BrokerError> {
+    let connection = connect(directory, "ponte send").await?;
+    let channel = confirming_channel(&connection).await?;
+    let queue = Queues::new(&directory.settings.broker.prefix).inbound(partner);
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name)).and_then(Value::as_str);
+    let labels = Labels {
+        message_id: field("message_id"),
+        correlation_id: field("correlation_id"),
+        message_type: field("type"),
+    };
+    let confirm = publish(&channel, &queue, body, properties(&labels)).await?;
+    let result = confirmed(confirm, &queue, directory.settings.broker.publish_timeout_secs).await;
+    let _ = connection.close(200, "sent".into()).await;
+    result
+}
+
+/// A message taken from a queue.
+#[derive(Debug)]
+pub struct Taken {
+    pub body: Vec<u8>,
+    /// `x-ponte-*` headers (the reason of a parked message).
+    pub headers: Vec<(String, String)>,
+    pub message_id: Option<String>,
+}
+
+/// Takes (and acknowledges) up to `count` messages from `queue`, waiting up to `wait` for them.
+pub async fn take(directory: &Directory, queue: &str, count: usize, wait: Duration) -> Result<Vec<Taken>, BrokerError> {
+    let connection = connect(directory, "ponte receive").await?;
+    let channel = connection.create_channel().await?;
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    while out.len() < count {
+        match channel.basic_get(queue.into(), BasicGetOptions::default()).await? {
+            Some(message) => {
+                let delivery = message.delivery;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                let headers = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .map(|t| {
+                        t.inner()
+                            .keys()
+                            .filter_map(|k| {
+                                let k = k.as_str();
+                                header(&delivery.properties, k).map(|v| (k.to_string(), v))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Taken {
+                    body: delivery.data,
+                    headers,
+                    message_id: delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()),
+                });
+            }
+            None if Instant::now() >= deadline => break,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    Ok(out)
+}

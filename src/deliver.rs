@@ -1,0 +1,97 @@
+//! Deliver: publishing copies, receipts and parked originals, persistent and `mandatory`, on a
+//! channel in confirm mode. Publishing returns at once with a pending confirm, so many messages
+//! are in flight per channel; `settle` awaits the confirms.
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, PublisherConfirm};
+
+use crate::broker::BrokerError;
+
+/// AMQP delivery mode that makes the broker write the message to disk.
+const PERSISTENT: u8 = 2;
+
+/// What a published message says about itself in its AMQP properties.
+#[derive(Debug, Default, Clone)]
+pub struct Labels<'a> {
+    pub message_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub message_type: Option<&'a str>,
+}
+
+/// Properties of a message Ponte publishes: JSON, persistent, labelled.
+pub fn properties(labels: &Labels<'_>) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(PERSISTENT)
+        .with_app_id("ponte".into())
+        .with_timestamp(unix_now());
+    if let Some(id) = labels.message_id.filter(|s| s.len() <= 255) {
+        p = p.with_message_id(id.into());
+    }
+    if let Some(id) = labels.correlation_id.filter(|s| s.len() <= 255) {
+        p = p.with_correlation_id(id.into());
+    }
+    if let Some(t) = labels.message_type.filter(|s| s.len() <= 255) {
+        p = p.with_type(t.into());
+    }
+    p
+}
+
+/// Adds string headers to a message's properties, keeping the headers it already had.
+pub fn with_headers(properties: BasicProperties, headers: &[(&str, String)]) -> BasicProperties {
+    let mut table = properties.headers().clone().unwrap_or_default();
+    for (name, value) in headers {
+        table.insert((*name).into(), AMQPValue::LongString(value.as_str().into()));
+    }
+    properties.with_headers(table)
+}
+
+/// Publishes `body` to `queue` through the default exchange and returns the pending confirm.
+pub async fn publish(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<PublisherConfirm, BrokerError> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    Ok(channel
+        .basic_publish("".into(), queue.into(), options, body, properties)
+        .await?)
+}
+
+/// Waits for a confirm. A nack, a message returned as unroutable, or silence beyond the timeout
+/// are transient failures: the message goes back to its queue and is tried again.
+pub async fn confirmed(confirm: PublisherConfirm, queue: &str, timeout_secs: u64) -> Result<(), BrokerError> {
+    let confirmation = tokio::time::timeout(std::time::Duration::from_secs(timeout_secs), confirm)
+        .await
+        .map_err(|_| BrokerError::ConfirmTimeout(timeout_secs))??;
+    if confirmation.is_nack() {
+        return Err(BrokerError::Nacked);
+    }
+    if confirmation.take_message().is_some() {
+        return Err(BrokerError::NoQueue {
+            queue: queue.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Headers are a `FieldTable`; tests and tools read them back as strings.
+pub fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    let table: &FieldTable = properties.headers().as_ref()?;
+    match table.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}

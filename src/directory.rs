@@ -1,0 +1,178 @@
+//! Directory: all configuration, loaded and checked once in two phases (each file on its own,
+//! then the files against each other), collecting every error with its file before refusing.
+//! The result is immutable and shared by reference with every flow.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::partner::Partner;
+use crate::route::{Route, load_routes};
+use crate::settings::{MAIN_FILE, Settings};
+use crate::validate::SchemaSet;
+
+/// Everything the gateway is configured with.
+#[derive(Debug)]
+pub struct Directory {
+    pub settings: Settings,
+    pub schemas: SchemaSet,
+    /// By partner id, in a stable order (logs, topology, `ponte check` output).
+    pub partners: BTreeMap<String, Partner>,
+    pub routes: Vec<Route>,
+    /// kind → municipality → the one partner of that kind competent for it.
+    competence: HashMap<String, HashMap<String, String>>,
+    pub config_dir: PathBuf,
+}
+
+/// One configuration mistake and the file it is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+/// Every mistake found; `ponte check` prints them all, `ponte run` refuses to start on any.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for e in &self.0 {
+            writeln!(f, "{}: {}", e.file.display(), e.message)?;
+        }
+        write!(
+            f,
+            "{} configuration error{}",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Directory {
+    /// Loads `<dir>/ponte.toml`, the schemas, every partner file and the routes.
+    pub fn load(dir: &Path) -> Result<Directory, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut push = |file: &Path, message: String| {
+            errors.push(ConfigError {
+                file: file.to_path_buf(),
+                message,
+            })
+        };
+        let main_file = dir.join(MAIN_FILE);
+        let settings = match Settings::load(dir) {
+            Ok(s) => s,
+            Err(messages) => {
+                for m in messages {
+                    push(&main_file, m);
+                }
+                // Without settings the paths are unknown; check the rest with the defaults so
+                // that one run still reports as much as it can.
+                Settings::default_for_check()
+            }
+        };
+        let schema_dir = dir.join(&settings.paths.schemas);
+        let (schemas, schema_errors) = SchemaSet::load(&schema_dir);
+        for e in schema_errors {
+            push(&e.file, e.message);
+        }
+        let known_types: BTreeSet<String> = schemas.types().map(String::from).collect();
+
+        let partner_dir = dir.join(&settings.paths.partners);
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&partner_dir) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect(),
+            Err(e) => {
+                push(&partner_dir, format!("cannot read the partner folder: {e}"));
+                Vec::new()
+            }
+        };
+        files.sort();
+        let mut partners = BTreeMap::new();
+        for file in &files {
+            match Partner::load(file, &known_types) {
+                Ok(p) => {
+                    partners.insert(p.id.clone(), p);
+                }
+                Err(messages) => {
+                    for m in messages {
+                        push(file, m);
+                    }
+                }
+            }
+        }
+        if files.is_empty() {
+            push(&partner_dir, "no partner files (*.toml) found".into());
+        }
+
+        // Competence must be unambiguous: one partner of a kind per municipality.
+        let mut competence: HashMap<String, HashMap<String, String>> = HashMap::new();
+        for p in partners.values() {
+            let by_municipality = competence.entry(p.kind.clone()).or_default();
+            for office in &p.offices {
+                for m in &office.municipalities {
+                    if let Some(other) = by_municipality.get(m) {
+                        push(
+                            &partner_dir.join(format!("{}.toml", p.id)),
+                            format!(
+                                "municipality {m} is already covered by {other}, also of kind {}; competence must be unambiguous",
+                                p.kind
+                            ),
+                        );
+                    } else {
+                        by_municipality.insert(m.clone(), p.id.clone());
+                    }
+                }
+            }
+        }
+
+        let routes_file = dir.join(&settings.paths.routes);
+        let routes = match std::fs::read_to_string(&routes_file) {
+            Ok(text) => load_routes(&text, &partners).unwrap_or_else(|messages| {
+                for m in messages {
+                    push(&routes_file, m);
+                }
+                Vec::new()
+            }),
+            Err(e) => {
+                push(&routes_file, format!("cannot read: {e}"));
+                Vec::new()
+            }
+        };
+
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Directory {
+            settings,
+            schemas,
+            partners,
+            routes,
+            competence,
+            config_dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The partner of `kind` competent for `municipality`.
+    pub fn competent(&self, kind: &str, municipality: &str) -> Option<&Partner> {
+        self.competence
+            .get(kind)?
+            .get(municipality)
+            .and_then(|id| self.partners.get(id))
+    }
+}
+
+impl Settings {
+    fn default_for_check() -> Settings {
+        Settings {
+            broker: Default::default(),
+            limits: Default::default(),
+            log: Default::default(),
+            paths: Default::default(),
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Ponte ("bridge") is an inter-agency data-exchange gateway. Each institution's back office
+//! publishes to its own RabbitMQ queue; Ponte validates every message against shared JSON
+//! Schemas, checks that the sender is who it claims and may send it, routes it, maps it into
+//! each recipient's terms, republishes it with publisher confirms, acknowledges the inbound
+//! message only when every copy is confirmed, and answers the sender with a receipt.
+//!
+//! # Layout
+//!
+//! Configuration, loaded once and shared immutably:
+//! - [`settings`]: the main file and environment overrides.
+//! - [`partner`]: one file per institution: rights, identifier schemes, offices.
+//! - [`directory`]: everything loaded and cross-checked, all errors at once.
+//! - [`broker`]: connections, queue names and topology.
+//!
+//! A message meets, in order:
+//! - [`receive`]: a flow per partner consumes its inbound queue.
+//! - [`decode`]: size and depth limits, UTF-8, JSON.
+//! - [`validate`]: the schema of its (type, version), compiled once at start-up, with
+//!   [`identifiers`] checking check characters and digits.
+//! - [`authorize`]: sender equals queue owner, may send, recipients may receive.
+//! - [`route`]: named recipient or routing rules (competence by municipality, fan-out).
+//! - [`map`]: the recipient's competent office and identifier schemes.
+//! - [`deliver`]: persistent, mandatory publishes with pending confirms.
+//! - [`settle`]: confirms awaited, receipt ([`receipt`]) published, inbound acked; or the
+//!   original parked with its [`rejection`] reason.
+//!
+//! [`pipeline`] strings the pure steps together; [`gateway`] supervises connections, reconnects
+//! and shutdown; [`client`] is the partner side used by `ponte send` and the tests.
+
+pub mod authorize;
+pub mod broker;
+pub mod client;
+pub mod decode;
+pub mod deliver;
+pub mod directory;
+pub mod gateway;
+pub mod identifiers;
+pub mod map;
+pub mod partner;
+pub mod pipeline;
+pub mod receipt;
+pub mod receive;
+pub mod rejection;
+pub mod route;
+pub mod settings;
+pub mod settle;
+pub mod telemetry;
+pub mod validate;

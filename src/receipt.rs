@@ -1,0 +1,154 @@
+//! Receipt: Ponte's answer to every message a partner sends, itself an envelope of type
+//! `receipt` (schema `schemas/receipt/1.0.json`), sent to `<prefix>.receipts.<sender>`.
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::partner::GATEWAY_ID;
+use crate::rejection::{Code, FieldError};
+
+/// Namespace of receipt ids: a receipt's id is derived from what it answers, so the receipt for
+/// a redelivered message carries the same id and a partner can drop the repeat.
+const RECEIPT_NAMESPACE: Uuid = Uuid::from_u128(0x7d1f_52a4_2c4e_4b0e_9a5e_0b9f_3c1d_6e21);
+
+#[derive(Debug, Serialize)]
+struct ReceiptEnvelope<'a> {
+    message_id: Uuid,
+    #[serde(rename = "type")]
+    message_type: &'static str,
+    version: &'static str,
+    sender: &'static str,
+    recipient: &'a str,
+    sent_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
+    payload: ReceiptPayload<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct ReceiptPayload<'a> {
+    status: &'static str,
+    code: Code,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_type: Option<&'a str>,
+    recipients: &'a [&'a str],
+    errors: &'a [FieldError],
+}
+
+/// What a receipt answers.
+#[derive(Debug, Clone, Copy)]
+pub struct Answered<'a> {
+    /// The partner that owns the inbound queue: receipts always go back to it, whatever the
+    /// message claimed, so a spoofed `sender` cannot aim receipts at someone else.
+    pub partner: &'a str,
+    /// The answered message's `message_id`, when it had a well-formed one.
+    pub message_id: Option<&'a str>,
+    pub message_type: Option<&'a str>,
+}
+
+/// A serialized receipt ready to publish.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    pub message_id: Uuid,
+    pub body: Vec<u8>,
+}
+
+/// Builds the receipt for `answered` with `code`; `recipients` are the partners whose copy the
+/// broker confirmed, `errors` explain a rejection.
+pub fn build(answered: Answered<'_>, code: Code, recipients: &[&str], errors: &[FieldError]) -> Receipt {
+    let correlation_id = answered.message_id.filter(|id| Uuid::parse_str(id).is_ok());
+    let message_id = match correlation_id {
+        Some(id) => Uuid::new_v5(
+            &RECEIPT_NAMESPACE,
+            format!("{}\n{id}\n{code}", answered.partner).as_bytes(),
+        ),
+        None => Uuid::new_v4(),
+    };
+    let envelope = ReceiptEnvelope {
+        message_id,
+        message_type: "receipt",
+        version: "1.0",
+        sender: GATEWAY_ID,
+        recipient: answered.partner,
+        sent_at: now_rfc3339(),
+        correlation_id,
+        payload: ReceiptPayload {
+            status: if code == Code::Delivered { "delivered" } else { "rejected" },
+            code,
+            message_type: answered.message_type,
+            recipients,
+            errors,
+        },
+    };
+    Receipt {
+        message_id,
+        body: serde_json::to_vec(&envelope).expect("a receipt always serializes"),
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("the current time always formats")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::SchemaSet;
+    use serde_json::Value;
+
+    fn schemas() -> SchemaSet {
+        let (set, errors) = SchemaSet::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"));
+        assert!(errors.is_empty());
+        set
+    }
+
+    const ANSWERED: Answered<'static> = Answered {
+        partner: "cpi-modena",
+        message_id: Some("6f1c2a9e-8a4b-4c1e-9b7a-3d2f1e0c9b8a"),
+        message_type: Some("referral"),
+    };
+
+    #[test]
+    fn delivered_receipt_follows_its_schema() {
+        let r = build(ANSWERED, Code::Delivered, &["inps"], &[]);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");
+        assert_eq!(v["correlation_id"], ANSWERED.message_id.unwrap());
+        assert_eq!(v["recipient"], "cpi-modena");
+        assert_eq!(v["sender"], "ponte");
+        assert_eq!(v["payload"]["status"], "delivered");
+        assert_eq!(v["payload"]["recipients"][0], "inps");
+    }
+
+    #[test]
+    fn rejection_receipt_lists_errors_and_follows_its_schema() {
+        let errors = [FieldError::new("/payload/reason", "enum", "value is not one of …")];
+        let r = build(ANSWERED, Code::SchemaViolation, &[], &errors);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");
+        assert_eq!(v["payload"]["status"], "rejected");
+        assert_eq!(v["payload"]["code"], "schema-violation");
+        assert_eq!(v["payload"]["errors"][0]["path"], "/payload/reason");
+        assert_eq!(v["payload"]["errors"][0]["keyword"], "enum");
+    }
+
+    #[test]
+    fn same_message_same_outcome_gives_the_same_receipt_id() {
+        let a = build(ANSWERED, Code::Delivered, &["inps"], &[]);
+        let b = build(ANSWERED, Code::Delivered, &["inps"], &[]);
+        assert_eq!(a.message_id, b.message_id);
+        let other = build(ANSWERED, Code::NoRoute, &[], &[]);
+        assert_ne!(a.message_id, other.message_id);
+    }
+
+    #[test]
+    fn unreadable_message_id_gives_a_receipt_without_correlation() {
+        let answered = Answered { message_id: Some("not-a-uuid"), ..ANSWERED };
+        let r = build(answered, Code::SchemaViolation, &[], &[]);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(v.get("correlation_id").is_none());
+        assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");
+    }
+}

@@ -1,0 +1,226 @@
+//! Route: who receives a message. Either the sender names the recipient, or the routing rules in
+//! `config/routes.toml` choose: the first rule matching the type, the sender and the listed
+//! payload values wins, and its targets are fixed partners or "the partner of kind X competent
+//! for the message's municipality" (fan-out when a rule has several targets).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::directory::Directory;
+use crate::partner::Partner;
+use crate::rejection::{Code, FieldError, Rejection};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesFile {
+    #[serde(default)]
+    route: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    name: String,
+    #[serde(rename = "type")]
+    message_type: String,
+    from: Vec<String>,
+    #[serde(default)]
+    when: BTreeMap<String, Vec<String>>,
+    #[serde(default = "default_municipality")]
+    municipality: String,
+    to: Vec<Target>,
+}
+
+fn default_municipality() -> String {
+    "/payload/municipality".into()
+}
+
+/// Where a rule sends a message.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, untagged)]
+pub enum Target {
+    /// A fixed partner.
+    Partner { partner: String },
+    /// The partner of this kind competent for the message's municipality. Without
+    /// `optional = true`, a message for a municipality no such partner covers is refused.
+    Competent {
+        competent: String,
+        #[serde(default)]
+        optional: bool,
+    },
+}
+
+/// A checked routing rule.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub message_type: String,
+    pub from: BTreeSet<String>,
+    /// JSON pointer → accepted string values; all must hold.
+    pub when: BTreeMap<String, Vec<String>>,
+    /// JSON pointer of the municipality that decides competence.
+    pub municipality: String,
+    pub to: Vec<Target>,
+}
+
+impl Route {
+    fn matches(&self, message_type: &str, sender: &str, envelope: &Value) -> bool {
+        self.message_type == message_type
+            && self.from.contains(sender)
+            && self.when.iter().all(|(pointer, values)| {
+                envelope
+                    .pointer(pointer)
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| values.iter().any(|x| x == v))
+            })
+    }
+}
+
+/// Reads `routes.toml` and checks it against the partners; returns every problem found.
+pub fn load_routes(
+    text: &str,
+    partners: &BTreeMap<String, Partner>,
+) -> Result<Vec<Route>, Vec<String>> {
+    let raw: RoutesFile = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+    let mut errors = Vec::new();
+    let mut names = BTreeSet::new();
+    let kinds: BTreeSet<&str> = partners.values().map(|p| p.kind.as_str()).collect();
+    let mut routes = Vec::new();
+    for r in raw.route {
+        let at = format!("route {:?}", r.name);
+        if !names.insert(r.name.clone()) {
+            errors.push(format!("{at}: the name is used twice"));
+        }
+        for sender in &r.from {
+            match partners.get(sender) {
+                None => errors.push(format!("{at}: from: unknown partner {sender:?}")),
+                Some(p) if !p.may_send.contains(&r.message_type) => errors.push(format!(
+                    "{at}: from: {sender} may not send {} (add it to its may_send)",
+                    r.message_type
+                )),
+                Some(_) => {}
+            }
+        }
+        for pointer in r.when.keys().chain(std::iter::once(&r.municipality)) {
+            if !pointer.starts_with('/') {
+                errors.push(format!("{at}: {pointer:?} is not a JSON pointer (it starts with '/')"));
+            }
+        }
+        if r.to.is_empty() {
+            errors.push(format!("{at}: to: at least one target is needed"));
+        }
+        for target in &r.to {
+            match target {
+                Target::Partner { partner } => match partners.get(partner) {
+                    None => errors.push(format!("{at}: to: unknown partner {partner:?}")),
+                    Some(p) if !p.may_receive.contains(&r.message_type) => errors.push(format!(
+                        "{at}: to: {partner} may not receive {} (add it to its may_receive)",
+                        r.message_type
+                    )),
+                    Some(_) => {}
+                },
+                Target::Competent { competent, .. } => {
+                    if !kinds.contains(competent.as_str()) {
+                        errors.push(format!("{at}: to: no partner is of kind {competent:?}"));
+                    }
+                    for p in partners.values().filter(|p| &p.kind == competent) {
+                        if !p.may_receive.contains(&r.message_type) {
+                            errors.push(format!(
+                                "{at}: to: {} (kind {competent}) may not receive {}",
+                                p.id, r.message_type
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        routes.push(Route {
+            name: r.name,
+            message_type: r.message_type,
+            from: r.from.into_iter().collect(),
+            when: r.when,
+            municipality: r.municipality,
+            to: r.to,
+        });
+    }
+    if errors.is_empty() { Ok(routes) } else { Err(errors) }
+}
+
+/// The recipients of one message, in the order they are delivered.
+pub fn recipients<'a>(
+    envelope: &Value,
+    message_type: &str,
+    sender: &Partner,
+    directory: &'a Directory,
+) -> Result<Vec<&'a Partner>, Rejection> {
+    let partners = &directory.partners;
+    if let Some(named) = envelope.get("recipient").and_then(Value::as_str) {
+        let Some(partner) = partners.get(named) else {
+            return Err(Rejection::one(
+                Code::UnknownRecipient,
+                FieldError::new("/recipient", "recipient", format!("no partner is called {named:?}")),
+            ));
+        };
+        if partner.id == sender.id {
+            return Err(Rejection::one(
+                Code::UnknownRecipient,
+                FieldError::new("/recipient", "recipient", "a partner cannot send a message to itself"),
+            ));
+        }
+        return Ok(vec![partner]);
+    }
+    let Some(route) = directory
+        .routes
+        .iter()
+        .find(|r| r.matches(message_type, &sender.id, envelope))
+    else {
+        return Err(Rejection::one(
+            Code::NoRoute,
+            FieldError::new(
+                "",
+                "route",
+                format!("no routing rule sends {message_type} from {} with this content", sender.id),
+            ),
+        ));
+    };
+    let municipality = envelope.pointer(&route.municipality).and_then(Value::as_str);
+    let mut out: Vec<&Partner> = Vec::new();
+    for target in &route.to {
+        let found = match target {
+            Target::Partner { partner } => partners.get(partner),
+            Target::Competent { competent, optional } => {
+                let found = municipality.and_then(|m| directory.competent(competent, m));
+                if found.is_none() && !optional {
+                    return Err(Rejection::one(
+                        Code::NoRoute,
+                        FieldError::new(
+                            route.municipality.clone(),
+                            "competence",
+                            format!(
+                                "no {competent} is competent for municipality {} (route {})",
+                                municipality.unwrap_or("(missing)"),
+                                route.name
+                            ),
+                        ),
+                    ));
+                }
+                found
+            }
+        };
+        if let Some(p) = found
+            && p.id != sender.id
+            && !out.iter().any(|o| o.id == p.id)
+        {
+            out.push(p);
+        }
+    }
+    if out.is_empty() {
+        return Err(Rejection::one(
+            Code::NoRoute,
+            FieldError::new("", "route", format!("route {} found no recipient", route.name)),
+        ));
+    }
+    Ok(out)
+}

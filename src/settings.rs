@@ -1,0 +1,262 @@
+//! Settings: the main configuration file (`ponte.toml`), layered with `PONTE_*` environment
+//! variables. Secrets are accepted from the environment only.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variables override the file: `PONTE_BROKER__URL`, `PONTE_LOG__FORMAT`, … (a double
+/// underscore separates levels). The broker password is read only from `PONTE_BROKER__PASSWORD`.
+pub const ENV_PREFIX: &str = "PONTE";
+
+/// Everything the main file configures. Unknown keys are errors, so a typo never silently falls
+/// back to a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub broker: BrokerSettings,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: LogSettings,
+    #[serde(default)]
+    pub paths: Paths,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSettings {
+    /// AMQP URL of the broker, without a password (`amqp://user@host:port/vhost`).
+    pub url: String,
+    /// Set only through `PONTE_BROKER__PASSWORD`; a password in a file is refused.
+    pub password: Option<String>,
+    /// First segment of every queue name: `<prefix>.in.<partner>` and so on. Lets several gateways
+    /// (or test runs) share one broker.
+    pub prefix: String,
+    /// Unacknowledged inbound messages the broker may push per partner queue. Bounds memory and
+    /// the number of publisher confirms in flight per flow.
+    pub prefetch: u16,
+    /// How long a publish may wait for the broker's confirm before the message is treated as a
+    /// transient failure and handed back to its queue.
+    pub publish_timeout_secs: u64,
+    /// Queue type the gateway declares: `classic` or `quorum`.
+    pub queue_type: QueueType,
+    /// Longest wait between reconnection attempts when the broker is unreachable.
+    pub max_reconnect_delay_secs: u64,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest@127.0.0.1:5672/%2f".into(),
+            password: None,
+            prefix: "ponte".into(),
+            prefetch: 200,
+            publish_timeout_secs: 30,
+            queue_type: QueueType::Classic,
+            max_reconnect_delay_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message body accepted; bigger ones are rejected with `too-large`.
+    pub max_message_bytes: usize,
+    /// Deepest nesting of arrays and objects accepted; deeper ones are rejected with `too-large`.
+    pub max_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1024 * 1024,
+            max_depth: 32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `ponte=debug,lapin=warn`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the rest of the configuration lives, relative to the folder of the main file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Paths {
+    pub schemas: PathBuf,
+    pub partners: PathBuf,
+    pub routes: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Self {
+            schemas: "../schemas".into(),
+            partners: "partners".into(),
+            routes: "routes.toml".into(),
+        }
+    }
+}
+
+/// Name of the main file inside the configuration folder.
+pub const MAIN_FILE: &str = "ponte.toml";
+
+impl Settings {
+    /// Reads `<dir>/ponte.toml` and the environment. Errors are returned as sentences that name
+    /// the file.
+    pub fn load(dir: &Path) -> Result<Settings, Vec<String>> {
+        let file = dir.join(MAIN_FILE);
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| vec![format!("cannot read {}: {e}", file.display())])?;
+        let mut errors = Vec::new();
+        // The password must not be written into a file that ends up in a repository or ConfigMap.
+        match text.parse::<toml::Table>() {
+            Ok(table) => {
+                let in_file = table
+                    .get("broker")
+                    .and_then(|b| b.as_table())
+                    .is_some_and(|b| b.contains_key("password"));
+                if in_file {
+                    errors.push(
+                        "broker.password must not be set in a file; set PONTE_BROKER__PASSWORD in the environment"
+                            .to_string(),
+                    );
+                }
+                let url = table
+                    .get("broker")
+                    .and_then(|b| b.get("url"))
+                    .and_then(|u| u.as_str());
+                if let Some(url) = url
+                    && url_has_password(url)
+                {
+                    errors.push(
+                        "broker.url must not contain a password; set PONTE_BROKER__PASSWORD in the environment"
+                            .to_string(),
+                    );
+                }
+            }
+            Err(e) => return Err(vec![format!("{e}")]),
+        }
+        let loaded = config::Config::builder()
+            .add_source(config::File::from(file.clone()).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("_")
+                    .separator("__"),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize::<Settings>());
+        match loaded {
+            Ok(settings) => {
+                errors.extend(settings.check());
+                if errors.is_empty() { Ok(settings) } else { Err(errors) }
+            }
+            Err(e) => {
+                errors.push(e.to_string());
+                Err(errors)
+            }
+        }
+    }
+
+    fn check(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.broker.url.parse::<lapin::uri::AMQPUri>().is_err() {
+            errors.push(format!("broker.url {:?} is not an AMQP URL", self.broker.url));
+        }
+        if !is_prefix(&self.broker.prefix) {
+            errors.push(format!(
+                "broker.prefix {:?} must be lower-case letters, digits, '-' and '.', starting with a letter",
+                self.broker.prefix
+            ));
+        }
+        if self.broker.prefetch == 0 {
+            errors.push("broker.prefetch must be at least 1".into());
+        }
+        if self.broker.publish_timeout_secs == 0 {
+            errors.push("broker.publish_timeout_secs must be at least 1".into());
+        }
+        if self.limits.max_message_bytes == 0 || self.limits.max_depth == 0 {
+            errors.push("limits.max_message_bytes and limits.max_depth must be at least 1".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            errors.push(format!("log.level {:?}: {e}", self.log.level));
+        }
+        errors
+    }
+
+    /// The broker URL with the password from the environment filled in.
+    pub fn broker_uri(&self) -> Result<lapin::uri::AMQPUri, String> {
+        let mut uri: lapin::uri::AMQPUri = self.broker.url.parse()?;
+        if let Some(password) = &self.broker.password {
+            uri.authority.userinfo.password = password.clone();
+        }
+        Ok(uri)
+    }
+}
+
+fn url_has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+fn is_prefix(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_in_url_is_detected() {
+        assert!(url_has_password("amqp://guest:guest@localhost:5672/%2f"));
+        assert!(!url_has_password("amqp://guest@localhost:5672/%2f"));
+        assert!(!url_has_password("amqp://localhost:5672/%2f"));
+    }
+}
