@@ -10,21 +10,36 @@ use crate::broker::{BrokerError, Queues, confirming_channel, connect};
 use crate::deliver::{Labels, confirmed, header, properties, publish};
 use crate::directory::Directory;
 
-/// Publishes `body` to `partner`'s inbound queue, as that partner's back office would, and waits
-/// for the broker's confirm.
-pub async fn send(directory: &Directory, partner: &str, body: &[u8]) -> Result<(), BrokerError> {
+/// Publishes each body to `partner`'s inbound queue, as that partner's back office would, and
+/// waits for the broker's confirms. `sent` is called after each confirmed message.
+pub async fn send(
+    directory: &Directory,
+    partner: &str,
+    bodies: impl IntoIterator<Item = Vec<u8>>,
+    mut sent: impl FnMut(usize),
+) -> Result<(), BrokerError> {
     let connection = connect(directory, "ponte send").await?;
     let channel = confirming_channel(&connection).await?;
     let queue = Queues::new(&directory.settings.broker.prefix).inbound(partner);
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name)).and_then(Value::as_str);
-    let labels = Labels {
-        message_id: field("message_id"),
-        correlation_id: field("correlation_id"),
-        message_type: field("type"),
-    };
-    let confirm = publish(&channel, &queue, body, properties(&labels)).await?;
-    let result = confirmed(confirm, &queue, directory.settings.broker.publish_timeout_secs).await;
+    let mut result = Ok(());
+    for (index, body) in bodies.into_iter().enumerate() {
+        let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+        let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name)).and_then(Value::as_str);
+        let labels = Labels {
+            message_id: field("message_id"),
+            correlation_id: field("correlation_id"),
+            message_type: field("type"),
+        };
+        result = async {
+            let confirm = publish(&channel, &queue, &body, properties(&labels)).await?;
+            confirmed(confirm, &queue, directory.settings.broker.publish_timeout_secs).await
+        }
+        .await;
+        if result.is_err() {
+            break;
+        }
+        sent(index);
+    }
     let _ = connection.close(200, "sent".into()).await;
     result
 }

@@ -54,6 +54,11 @@ impl std::error::Error for ConfigErrors {}
 impl Directory {
     /// Loads `<dir>/ponte.toml`, the schemas, every partner file and the routes.
     pub fn load(dir: &Path) -> Result<Directory, ConfigErrors> {
+        Self::load_with_overrides(dir, &[])
+    }
+
+    /// As [`Directory::load`], with settings overridden by dotted key (`broker.prefix`).
+    pub fn load_with_overrides(dir: &Path, overrides: &[(&str, &str)]) -> Result<Directory, ConfigErrors> {
         let mut errors = Vec::new();
         let mut push = |file: &Path, message: String| {
             errors.push(ConfigError {
@@ -62,15 +67,16 @@ impl Directory {
             })
         };
         let main_file = dir.join(MAIN_FILE);
-        let settings = match Settings::load(dir) {
+        let settings = match Settings::load(dir, overrides) {
             Ok(s) => s,
             Err(messages) => {
                 for m in messages {
                     push(&main_file, m);
                 }
-                // Without settings the paths are unknown; check the rest with the defaults so
-                // that one run still reports as much as it can.
-                Settings::default_for_check()
+                // Check the rest anyway, so that one run reports as much as it can.
+                let mut settings = Settings::default_for_check();
+                settings.paths = Settings::paths_only(dir);
+                settings
             }
         };
         let schema_dir = dir.join(&settings.paths.schemas);

@@ -95,6 +95,10 @@ async fn session(
     let session_stop = shutdown.child_token();
     let in_flight = TaskTracker::new();
     let mut flows = JoinSet::new();
+    // Dropping the last handle of a channel closes it, and an acknowledgement needs the channel
+    // its message arrived on: the session holds every consuming channel until in-flight
+    // messages have settled, even after their flow has ended.
+    let mut consuming_channels = Vec::with_capacity(directory.partners.len());
     for partner in directory.partners.keys() {
         let settler = Arc::new(Settler {
             channel: confirming_channel(&publishing).await?,
@@ -102,10 +106,12 @@ async fn session(
             confirm_timeout_secs: directory.settings.broker.publish_timeout_secs,
             reconnect: session_stop.clone(),
         });
+        let consume = consuming.create_channel().await?;
+        consuming_channels.push(consume.clone());
         let flow = Flow {
             directory: directory.clone(),
             partner: partner.clone(),
-            consume: consuming.create_channel().await?,
+            consume,
             settler,
         };
         flows.spawn(flow.run(session_stop.clone(), in_flight.clone()));
@@ -141,6 +147,7 @@ async fn session(
     }
     let _ = consuming.close(200, "ponte stopping".into()).await;
     let _ = publishing.close(200, "ponte stopping".into()).await;
+    drop(consuming_channels);
     match failure {
         Some(error) => Err(error),
         None => Ok(()),

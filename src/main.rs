@@ -116,13 +116,15 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 directory.partners.contains_key(&partner),
                 "no partner {partner:?} is configured"
             );
-            for file in files {
-                let body = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-                ponte::client::send(&directory, &partner, &body)
-                    .await
-                    .with_context(|| format!("sending {}", file.display()))?;
-                println!("sent {} to {}", file.display(), Queues::new(&directory.settings.broker.prefix).inbound(&partner));
-            }
+            let bodies = files
+                .iter()
+                .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let queue = Queues::new(&directory.settings.broker.prefix).inbound(&partner);
+            ponte::client::send(&directory, &partner, bodies, |i| {
+                println!("sent {} to {queue}", files[i].display());
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Receive { partner, queue, count, wait } => {

@@ -141,9 +141,29 @@ impl Default for Paths {
 pub const MAIN_FILE: &str = "ponte.toml";
 
 impl Settings {
-    /// Reads `<dir>/ponte.toml` and the environment. Errors are returned as sentences that name
-    /// the file.
-    pub fn load(dir: &Path) -> Result<Settings, Vec<String>> {
+    /// The `[paths]` table of a main file that failed to load as a whole, so the rest of the
+    /// configuration can still be checked in the same run.
+    pub fn paths_only(dir: &Path) -> Paths {
+        #[derive(Deserialize)]
+        struct OnlyPaths {
+            #[serde(default)]
+            paths: Paths,
+        }
+        std::fs::read_to_string(dir.join(MAIN_FILE))
+            .ok()
+            .and_then(|text| {
+                let table: toml::Table = text.parse().ok()?;
+                let paths = table.get("paths")?.clone();
+                let wrapped = toml::Table::from_iter([("paths".to_string(), paths)]);
+                wrapped.try_into::<OnlyPaths>().ok()
+            })
+            .map(|p| p.paths)
+            .unwrap_or_default()
+    }
+
+    /// Reads `<dir>/ponte.toml` and the environment, then applies `overrides` (dotted keys, as
+    /// `broker.prefix`), which tools and tests use. Errors are returned as sentences.
+    pub fn load(dir: &Path, overrides: &[(&str, &str)]) -> Result<Settings, Vec<String>> {
         let file = dir.join(MAIN_FILE);
         let text = std::fs::read_to_string(&file)
             .map_err(|e| vec![format!("cannot read {}: {e}", file.display())])?;
@@ -176,13 +196,20 @@ impl Settings {
             }
             Err(e) => return Err(vec![format!("{e}")]),
         }
-        let loaded = config::Config::builder()
+        let mut builder = config::Config::builder()
             .add_source(config::File::from(file.clone()).format(config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("_")
                     .separator("__"),
-            )
+            );
+        for (key, value) in overrides {
+            builder = match builder.set_override(*key, *value) {
+                Ok(b) => b,
+                Err(e) => return Err(vec![e.to_string()]),
+            };
+        }
+        let loaded = builder
             .build()
             .and_then(|c| c.try_deserialize::<Settings>());
         match loaded {

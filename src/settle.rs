@@ -160,8 +160,13 @@ async fn publish_receipt(
 }
 
 async fn ack(inbound: &Inbound) -> bool {
-    match inbound.acker.ack(BasicAckOptions::default()).await {
-        Ok(_) => true,
+    let acked = match inbound.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the channel it arrived on is closed".to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    match acked {
+        Ok(()) => true,
         Err(error) => {
             // Everything was published and confirmed; the broker will redeliver the message and
             // its recipients may see it twice. They deduplicate on message_id.

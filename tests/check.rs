@@ -1,0 +1,110 @@
+//! `ponte check` reports every configuration mistake at once, each with its file, and `ponte run`
+//! refuses to start on a configuration that check rejects.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::repo;
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let path = dir.join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// A copy of the demo configuration with one mistake in every file.
+fn broken_config() -> tempdir::Dir {
+    let dir = tempdir::Dir::new();
+    let d = dir.path();
+    write(
+        d,
+        "ponte.toml",
+        &format!(
+            "[broker]\nurl = \"amqp://guest:secret@127.0.0.1:5672/%2f\"\nprefech = 10\n\n[paths]\nschemas = {:?}\n",
+            repo().join("schemas")
+        ),
+    );
+    let demo = |name: &str| std::fs::read_to_string(repo().join("config/partners").join(name)).unwrap();
+    write(d, "partners/inps.toml", &demo("inps.toml").replace("may_send = [\"benefit-status\"]", "may_send = [\"benefit-status\", \"pension-claim\"]"));
+    write(d, "partners/cpi-modena.toml", &demo("cpi-modena.toml"));
+    write(d, "partners/cpi-bologna.toml", &demo("cpi-bologna.toml").replace("\"037032\"", "\"036005\""));
+    write(d, "partners/comune.toml", &demo("comune-modena.toml"));
+    write(d, "partners/broken.toml", "id = \n");
+    let routes = std::fs::read_to_string(repo().join("config/routes.toml")).unwrap();
+    write(d, "routes.toml", &routes.replace("to = [{ partner = \"inps\" }]", "to = [{ partner = \"inail\" }]"));
+    dir
+}
+
+/// Minimal self-cleaning temporary folder.
+mod tempdir {
+    pub struct Dir(std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Dir {
+            let p = std::env::temp_dir().join(format!("ponte-check-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn ponte(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ponte"))
+        .args(args)
+        .env_remove("PONTE_BROKER__PASSWORD")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn demo_configuration_is_valid() {
+    let out = ponte(&["check", repo().join("config").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 partners"));
+}
+
+#[test]
+fn check_reports_every_error_with_its_file() {
+    let dir = broken_config();
+    let d = dir.path();
+    let out = ponte(&["check", d.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stderr);
+    let expect = [
+        ("ponte.toml", "password"),
+        ("ponte.toml", "prefech"),
+        ("partners/inps.toml", "pension-claim"),
+        ("partners/comune.toml", "must equal the file name"),
+        ("partners/broken.toml", "TOML parse error"),
+        ("partners/cpi-modena.toml", "036005 is already covered by cpi-bologna"),
+        ("routes.toml", "inail"),
+    ];
+    for (file, needle) in expect {
+        let path = d.join(file);
+        let line = format!("{}: ", path.display());
+        assert!(
+            report.lines().any(|l| l.starts_with(&line) && l.contains(needle)),
+            "no error about {needle:?} in {file}:\n{report}"
+        );
+    }
+    assert!(report.trim_end().ends_with("configuration errors"), "{report}");
+}
+
+#[test]
+fn run_refuses_a_configuration_that_check_rejects() {
+    let dir = broken_config();
+    let out = ponte(&["run", "--config", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(report.contains("refusing to start"), "{report}");
+    assert!(report.contains("pension-claim"), "{report}");
+}

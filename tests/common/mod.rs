@@ -1,0 +1,371 @@
+//! Shared test harness: a real RabbitMQ (started by `scripts/test.sh`, URL in `TEST_BROKER_URL`),
+//! a random queue prefix per test so tests run in parallel on one broker, the gateway run
+//! in-process or as the real binary, and helpers to publish and drain queues in bulk.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use ponte::broker::Queues;
+use ponte::directory::Directory;
+use ponte::gateway::Status;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared test broker. Tests need a real one; `scripts/test.sh` starts it.
+pub fn broker_url() -> String {
+    std::env::var("TEST_BROKER_URL").expect(
+        "TEST_BROKER_URL is not set: run the suite with scripts/test.sh, which starts a local RabbitMQ",
+    )
+}
+
+pub fn random_prefix() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The demo configuration pointed at `url` with its own queue prefix.
+pub fn directory(url: &str, prefix: &str) -> Directory {
+    directory_from(&repo().join("config"), url, prefix)
+}
+
+pub fn directory_from(config: &Path, url: &str, prefix: &str) -> Directory {
+    let schemas = repo().join("schemas");
+    let schemas = schemas.to_str().unwrap();
+    Directory::load_with_overrides(
+        config,
+        &[
+            ("broker.url", url),
+            ("broker.prefix", prefix),
+            ("paths.schemas", schemas),
+            ("broker.publish_timeout_secs", "10"),
+            ("broker.max_reconnect_delay_secs", "1"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A gateway running inside the test process.
+pub struct Gateway {
+    pub directory: Arc<Directory>,
+    pub queues: Queues,
+    pub url: String,
+    pub status: Status,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Starts the demo configuration on the shared broker under a fresh prefix.
+    pub async fn start() -> Gateway {
+        Self::start_with(directory(&broker_url(), &random_prefix())).await
+    }
+
+    pub async fn start_with(directory: Directory) -> Gateway {
+        let directory = Arc::new(directory);
+        let shutdown = CancellationToken::new();
+        let status = Status::default();
+        let task = tokio::spawn(ponte::gateway::run(directory.clone(), shutdown.clone(), status.clone()));
+        tokio::time::timeout(Duration::from_secs(30), status.ready())
+            .await
+            .expect("gateway ready within 30 s");
+        Gateway {
+            queues: Queues::new(&directory.settings.broker.prefix),
+            url: directory.settings.broker.url.clone(),
+            directory,
+            status,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Stops the gateway, leaving its queues for the test to inspect.
+    pub async fn stop_keeping_queues(self) -> (Queues, String) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("gateway stops within 60 s")
+            .unwrap();
+        (self.queues, self.url)
+    }
+
+    /// Stops the gateway and deletes the test's queues.
+    pub async fn stop(self) {
+        let partners: Vec<String> = self.directory.partners.keys().cloned().collect();
+        let (queues, url) = self.stop_keeping_queues().await;
+        let connection = connect(&url).await;
+        let channel = connection.create_channel().await.unwrap();
+        for partner in &partners {
+            for queue in queues.of_partner(partner) {
+                let _ = channel.queue_delete(queue.into(), Default::default()).await;
+            }
+        }
+        let _ = connection.close(200, "done".into()).await;
+    }
+
+    /// Publishes `message` to `partner`'s inbound queue.
+    pub async fn send(&self, partner: &str, message: &Value) {
+        self.send_raw(partner, &serde_json::to_vec(message).unwrap()).await;
+    }
+
+    pub async fn send_raw(&self, partner: &str, body: &[u8]) {
+        publish_many(&self.url, &self.queues.inbound(partner), &[body.to_vec()]).await;
+    }
+
+    /// Waits for `count` messages on `queue` and returns them.
+    pub async fn take(&self, queue: &str, count: usize) -> Vec<Message> {
+        drain(&self.url, queue, count, Duration::from_secs(20)).await
+    }
+
+    /// The receipt for one message the partner sent.
+    pub async fn receipt(&self, partner: &str) -> Value {
+        let mut r = self.take(&self.queues.receipts(partner), 1).await;
+        assert_eq!(r.len(), 1, "expected one receipt for {partner}");
+        r.remove(0).json()
+    }
+
+    /// Asserts that nothing more arrives on `queue` within a short wait.
+    pub async fn assert_empty(&self, queue: &str) {
+        let extra = drain(&self.url, queue, 1, Duration::from_millis(500)).await;
+        assert!(extra.is_empty(), "{queue} should be empty, got {:?}", extra[0].text());
+    }
+
+    async fn assert_empty_owned(&self, queue: String) {
+        self.assert_empty(&queue).await;
+    }
+
+    /// Sends `message` as `partner` and returns its rejection receipt and parked original,
+    /// checking that no partner received anything.
+    pub async fn expect_rejection(&self, partner: &str, body: &[u8]) -> (Value, Message) {
+        self.send_raw(partner, body).await;
+        let receipt = self.receipt(partner).await;
+        let parked = self.take(&self.queues.rejected(partner), 1).await;
+        assert_eq!(parked.len(), 1, "the original is parked in {}", self.queues.rejected(partner));
+        let checks = self.directory.partners.keys().map(|p| self.assert_empty_owned(self.queues.outbound(p)));
+        futures_util::future::join_all(checks).await;
+        (receipt, parked.into_iter().next().unwrap())
+    }
+}
+
+/// A message taken from a queue.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+impl Message {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        ponte::deliver::header(&self.properties, name)
+    }
+}
+
+pub async fn connect(url: &str) -> Connection {
+    let mut uri: lapin::uri::AMQPUri = url.parse().unwrap();
+    if uri.authority.userinfo.password.is_empty() {
+        uri.authority.userinfo.password = "guest".into();
+    }
+    Connection::connect_uri(uri, ConnectionProperties::default())
+        .await
+        .expect("test broker reachable")
+}
+
+/// Publishes persistent messages with pipelined confirms, as a partner's back office would.
+pub async fn publish_many(url: &str, queue: &str, bodies: &[Vec<u8>]) {
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    // The gateway declares its queues; declaring here too lets a test publish before it starts.
+    declare(&channel, queue).await;
+    let mut pending = Vec::with_capacity(bodies.len());
+    for body in bodies {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        pending.push(
+            channel
+                .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties)
+                .await
+                .unwrap(),
+        );
+        if pending.len() >= 500 {
+            for c in pending.drain(..) {
+                assert!(c.await.unwrap().is_ack());
+            }
+        }
+    }
+    for c in pending {
+        assert!(c.await.unwrap().is_ack());
+    }
+    connection.close(200, "done".into()).await.unwrap();
+}
+
+async fn declare(channel: &lapin::Channel, queue: &str) {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("classic".into()));
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+}
+
+/// Consumes (auto-ack) up to `count` messages from `queue`, waiting at most `wait` overall and
+/// returning early once `count` arrived.
+pub async fn drain(url: &str, queue: &str, count: usize, wait: Duration) -> Vec<Message> {
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    declare(&channel, queue).await;
+    channel.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    while out.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, consumer.next()).await {
+            Ok(Some(Ok(d))) => out.push(Message {
+                body: d.data,
+                properties: d.properties,
+            }),
+            _ => break,
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    out
+}
+
+/// Number of ready messages in `queue` (0 while it does not exist yet).
+pub async fn depth(url: &str, queue: &str) -> u32 {
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    let Ok(q) = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    else {
+        return 0;
+    };
+    let _ = connection.close(200, "done".into()).await;
+    q.message_count()
+}
+
+/// A RabbitMQ node of the test's own, for tests that stop or kill the broker.
+pub struct PrivateBroker {
+    pub name: String,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let port = 20000 + (u16::from_str_radix(&id[..4], 16).unwrap() % 9000);
+        let broker = PrivateBroker {
+            name: format!("fault-{}", &id[..8]),
+            port,
+            dir: repo().join("target/test-brokers").join(&id[..8]),
+        };
+        broker.script("start");
+        broker
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub fn script(&self, command: &str) {
+        let status = Command::new(repo().join("scripts/broker.sh"))
+            .args([command, &self.name, &self.port.to_string(), self.dir.to_str().unwrap()])
+            .status()
+            .expect("scripts/broker.sh runs");
+        assert!(status.success(), "broker.sh {command} failed");
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.script("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sample messages of the demo institutions.
+pub fn referral(sender: &str, office: &str, municipality: &str) -> Value {
+    json!({
+        "message_id": uuid::Uuid::new_v4().to_string(),
+        "type": "referral",
+        "version": "1.0",
+        "sender": sender,
+        "sent_at": "2026-11-23T09:15:00+01:00",
+        "subject": {"identifiers": [{"scheme": "it.cf", "value": "RSSMRA85T10A562S"}]},
+        "payload": {
+            "referral_id": "REF-2026-0001",
+            "reason": "did-registered",
+            "office": office,
+            "municipality": municipality,
+            "legal_basis": "D.Lgs. 150/2015 art. 19",
+            "consent": {"given": true}
+        }
+    })
+}
+
+pub fn benefit_status(benefit: &str, municipality: &str) -> Value {
+    json!({
+        "message_id": uuid::Uuid::new_v4().to_string(),
+        "type": "benefit-status",
+        "version": "1.0",
+        "sender": "inps",
+        "sent_at": "2026-11-23T10:02:00+01:00",
+        "subject": {"identifiers": [{"scheme": "it.cf", "value": "BNCGVN70A41F257X"}]},
+        "payload": {
+            "benefit": benefit,
+            "application_id": "APP-2026-4471",
+            "status": "suspended",
+            "effective_date": "2026-12-01",
+            "office": "3600",
+            "municipality": municipality,
+            "reason_code": "NC-01"
+        }
+    })
+}

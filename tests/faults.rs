@@ -1,0 +1,174 @@
+//! Nothing is lost when the gateway is stopped or the broker goes away in the middle of a load:
+//! every message ends up delivered (with its receipt) or parked, or is still waiting in its
+//! inbound queue — and none leaves the inbound queue before its copy is confirmed.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Gateway, PrivateBroker, broker_url, depth, directory, drain, publish_many, random_prefix, referral, repo};
+use ponte::broker::Queues;
+use serde_json::Value;
+
+fn id_of(v: &Value) -> String {
+    v["message_id"].as_str().unwrap().to_string()
+}
+
+fn correlation_of(v: &Value) -> String {
+    v["correlation_id"].as_str().unwrap_or_default().to_string()
+}
+
+/// Counts how often each id occurs.
+fn tally(ids: impl Iterator<Item = String>) -> HashMap<String, usize> {
+    let mut t = HashMap::new();
+    for id in ids {
+        *t.entry(id).or_insert(0) += 1;
+    }
+    t
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !done().await {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_settles_in_flight_messages_and_acks_nothing_early() {
+    const TOTAL: usize = 6000;
+    let url = broker_url();
+    let prefix = random_prefix();
+    let queues = Queues::new(&prefix);
+    let sent: Vec<Value> = (0..TOTAL).map(|_| referral("cpi-modena", "CPI-MO-01", "036023")).collect();
+    let bodies: Vec<Vec<u8>> = sent.iter().map(|m| serde_json::to_vec(m).unwrap()).collect();
+    let t0 = Instant::now();
+    publish_many(&url, &queues.inbound("cpi-modena"), &bodies).await;
+    println!("published {TOTAL} in {:?}", t0.elapsed());
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ponte"))
+        .args(["run", "--config"])
+        .arg(repo().join("config"))
+        .env("PONTE_BROKER__URL", &url)
+        .env("PONTE_BROKER__PREFIX", &prefix)
+        .env("PONTE_LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the ponte binary starts");
+    let out_queue = queues.outbound("inps");
+    wait_until("the first deliveries", Duration::from_secs(60), async || {
+        depth(&url, &out_queue).await >= 200
+    })
+    .await;
+    println!("first 200 delivered after {:?}", t0.elapsed());
+    // SIGTERM while the gateway is busy with the rest.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "gateway did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+
+    let delivered = drain(&url, &out_queue, TOTAL, Duration::from_secs(2)).await;
+    let receipts = drain(&url, &queues.receipts("cpi-modena"), TOTAL, Duration::from_secs(2)).await;
+    let waiting = drain(&url, &queues.inbound("cpi-modena"), TOTAL, Duration::from_secs(2)).await;
+    let delivered = tally(delivered.iter().map(|m| id_of(&m.json())));
+    let receipted: HashSet<String> = receipts.iter().map(|m| correlation_of(&m.json())).collect();
+    let waiting: HashSet<String> = waiting.iter().map(|m| id_of(&m.json())).collect();
+    println!(
+        "after SIGTERM: {} delivered, {} receipts, {} still waiting in the inbound queue",
+        delivered.len(),
+        receipted.len(),
+        waiting.len()
+    );
+    assert!(delivered.values().all(|n| *n == 1), "a message was delivered twice");
+    for m in &sent {
+        let id = id_of(m);
+        let was_delivered = delivered.contains_key(&id);
+        assert!(
+            was_delivered != waiting.contains(&id),
+            "message {id} must be either delivered or still waiting (delivered: {was_delivered})"
+        );
+        assert_eq!(was_delivered, receipted.contains(&id), "receipt for {id} iff delivered");
+    }
+    assert!(!waiting.is_empty(), "the test should stop the gateway with work left; raise TOTAL");
+    assert_eq!(depth(&url, &queues.rejected("cpi-modena")).await, 0);
+}
+
+#[tokio::test]
+async fn broker_stopped_and_started_mid_load_loses_nothing() {
+    const VALID: usize = 9500;
+    const INVALID: usize = 500;
+    let broker = PrivateBroker::start();
+    let url = broker.url();
+    let gw = Gateway::start_with(directory(&url, &random_prefix())).await;
+
+    let valid: Vec<Value> = (0..VALID).map(|_| referral("cpi-modena", "CPI-MO-01", "036023")).collect();
+    let invalid: Vec<Value> = (0..INVALID)
+        .map(|_| {
+            let mut m = referral("cpi-modena", "CPI-MO-01", "036023");
+            m["payload"]["reason"] = serde_json::json!("unknown-reason");
+            m
+        })
+        .collect();
+    // Interleave the invalid ones.
+    let mut bodies = Vec::new();
+    for (i, m) in valid.iter().enumerate() {
+        bodies.push(serde_json::to_vec(m).unwrap());
+        if i % 19 == 0 && i / 19 < INVALID {
+            bodies.push(serde_json::to_vec(&invalid[i / 19]).unwrap());
+        }
+    }
+    assert_eq!(bodies.len(), VALID + INVALID);
+    publish_many(&url, &gw.queues.inbound("cpi-modena"), &bodies).await;
+
+    let out_queue = gw.queues.outbound("inps");
+    wait_until("the first deliveries", Duration::from_secs(60), async || depth(&url, &out_queue).await >= 1000).await;
+    broker.script("stop");
+    assert!(!gw.status.is_ready() || {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        !gw.status.is_ready()
+    });
+    broker.script("start");
+    // The gateway reconnects by itself and finishes the work.
+    let inbound = gw.queues.inbound("cpi-modena");
+    let rejected_queue = gw.queues.rejected("cpi-modena");
+    wait_until("the inbound queue to drain", Duration::from_secs(180), async || {
+        gw.status.is_ready()
+            && depth(&url, &inbound).await == 0
+            && depth(&url, &out_queue).await as usize + depth(&url, &rejected_queue).await as usize >= VALID + INVALID
+    })
+    .await;
+    // Let the last settlements finish, then stop the gateway so nothing is unacknowledged.
+    let (queues, _) = gw.stop_keeping_queues().await;
+
+    let delivered = drain(&url, &queues.outbound("inps"), 2 * VALID, Duration::from_secs(2)).await;
+    let parked = drain(&url, &queues.rejected("cpi-modena"), 2 * INVALID, Duration::from_secs(2)).await;
+    let receipts = drain(&url, &queues.receipts("cpi-modena"), 4 * (VALID + INVALID), Duration::from_secs(2)).await;
+    let delivered = tally(delivered.iter().map(|m| id_of(&m.json())));
+    let parked = tally(parked.iter().map(|m| id_of(&m.json())));
+    let receipted: HashSet<String> = receipts.iter().map(|m| correlation_of(&m.json())).collect();
+    let duplicates: usize = delivered.values().chain(parked.values()).map(|n| n - 1).sum();
+    println!(
+        "after a broker restart: {} delivered, {} parked, {} duplicate copies (redelivered messages whose copies had been confirmed before the connection dropped)",
+        delivered.len(),
+        parked.len(),
+        duplicates
+    );
+    for m in &valid {
+        assert!(delivered.contains_key(&id_of(m)), "valid message {} lost", id_of(m));
+        assert!(receipted.contains(&id_of(m)), "no receipt for {}", id_of(m));
+    }
+    for m in &invalid {
+        assert!(parked.contains_key(&id_of(m)), "invalid message {} not parked", id_of(m));
+        assert!(receipted.contains(&id_of(m)), "no receipt for {}", id_of(m));
+    }
+    assert_eq!(depth(&url, &queues.inbound("cpi-modena")).await, 0);
+}

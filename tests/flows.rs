@@ -1,0 +1,150 @@
+//! Every flow of the demo institutions, end to end on a real broker: what each recipient's
+//! queue receives, in its own terms, and the receipt each sender gets.
+
+mod common;
+
+use common::{Gateway, benefit_status, referral};
+use serde_json::{Value, json};
+
+fn identifiers(m: &Value) -> &Value {
+    &m["subject"]["identifiers"]
+}
+
+#[tokio::test]
+async fn cpi_referral_reaches_inps_with_the_competent_inps_office() {
+    let gw = Gateway::start().await;
+    let sent = referral("cpi-modena", "CPI-MO-02", "036005");
+    gw.send("cpi-modena", &sent).await;
+
+    let out = gw.take(&gw.queues.outbound("inps"), 1).await;
+    assert_eq!(out.len(), 1);
+    let delivered = out[0].json();
+    assert_eq!(delivered["message_id"], sent["message_id"]);
+    assert_eq!(delivered["recipient"], "inps");
+    assert_eq!(delivered["sender"], "cpi-modena");
+    assert_eq!(delivered["payload"]["office"], "3600");
+    assert_eq!(delivered["payload"]["sender_office"], "CPI-MO-02");
+    assert_eq!(identifiers(&delivered), identifiers(&sent));
+    // AMQP properties a recipient relies on.
+    let p = &out[0].properties;
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), sent["message_id"].as_str().unwrap());
+    assert_eq!(p.kind().as_ref().unwrap().as_str(), "referral");
+    assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(*p.delivery_mode(), Some(2));
+
+    let receipt = gw.receipt("cpi-modena").await;
+    assert_eq!(receipt["type"], "receipt");
+    assert_eq!(receipt["sender"], "ponte");
+    assert_eq!(receipt["recipient"], "cpi-modena");
+    assert_eq!(receipt["correlation_id"], sent["message_id"]);
+    assert_eq!(receipt["payload"]["status"], "delivered");
+    assert_eq!(receipt["payload"]["code"], "delivered");
+    assert_eq!(receipt["payload"]["recipients"], json!(["inps"]));
+    assert!(gw.directory.schemas.is_valid("receipt", "1.0", &receipt));
+    gw.assert_empty(&gw.queues.rejected("cpi-modena")).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn bologna_referral_maps_to_the_bologna_inps_office() {
+    let gw = Gateway::start().await;
+    gw.send("cpi-bologna", &referral("cpi-bologna", "CPI-BO-02", "037032")).await;
+    let delivered = gw.take(&gw.queues.outbound("inps"), 1).await[0].json();
+    assert_eq!(delivered["payload"]["office"], "3700");
+    assert_eq!(delivered["payload"]["sender_office"], "CPI-BO-02");
+    assert_eq!(gw.receipt("cpi-bologna").await["payload"]["code"], "delivered");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn comune_employment_readiness_goes_to_the_competent_cpi() {
+    let gw = Gateway::start().await;
+    let mut sent = referral("comune-modena", "SS-MO-01", "036023");
+    sent["payload"]["reason"] = json!("employment-readiness");
+    gw.send("comune-modena", &sent).await;
+    let delivered = gw.take(&gw.queues.outbound("cpi-modena"), 1).await[0].json();
+    assert_eq!(delivered["recipient"], "cpi-modena");
+    assert_eq!(delivered["payload"]["office"], "CPI-MO-01");
+    assert_eq!(delivered["payload"]["sender_office"], "SS-MO-01");
+    assert_eq!(gw.receipt("comune-modena").await["payload"]["recipients"], json!(["cpi-modena"]));
+    gw.assert_empty(&gw.queues.outbound("inps")).await;
+    gw.assert_empty(&gw.queues.outbound("cpi-bologna")).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn naspi_status_goes_to_the_competent_cpi_only() {
+    let gw = Gateway::start().await;
+    gw.send("inps", &benefit_status("naspi", "036005")).await;
+    gw.send("inps", &benefit_status("dis-coll", "037006")).await;
+    let modena = gw.take(&gw.queues.outbound("cpi-modena"), 1).await[0].json();
+    assert_eq!(modena["payload"]["office"], "CPI-MO-02");
+    assert_eq!(modena["payload"]["sender_office"], "3600");
+    let bologna = gw.take(&gw.queues.outbound("cpi-bologna"), 1).await[0].json();
+    assert_eq!(bologna["payload"]["benefit"], "dis-coll");
+    assert_eq!(bologna["payload"]["office"], "CPI-BO-01");
+    // Unemployment benefits are not for the municipality, even where one is configured.
+    gw.assert_empty(&gw.queues.outbound("comune-modena")).await;
+    let receipts = gw.take(&gw.queues.receipts("inps"), 2).await;
+    assert_eq!(receipts.len(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn inclusion_benefit_fans_out_to_cpi_and_comune() {
+    let gw = Gateway::start().await;
+    let sent = benefit_status("adi", "036023");
+    gw.send("inps", &sent).await;
+    let cpi = gw.take(&gw.queues.outbound("cpi-modena"), 1).await[0].json();
+    let comune = gw.take(&gw.queues.outbound("comune-modena"), 1).await[0].json();
+    assert_eq!(cpi["message_id"], sent["message_id"]);
+    assert_eq!(comune["message_id"], sent["message_id"]);
+    assert_eq!(cpi["recipient"], "cpi-modena");
+    assert_eq!(comune["recipient"], "comune-modena");
+    assert_eq!(cpi["payload"]["office"], "CPI-MO-01");
+    assert_eq!(comune["payload"]["office"], "SS-MO-01");
+    let receipt = gw.receipt("inps").await;
+    assert_eq!(receipt["payload"]["recipients"], json!(["cpi-modena", "comune-modena"]));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn inclusion_benefit_without_a_competent_comune_goes_to_the_cpi_alone() {
+    let gw = Gateway::start().await;
+    gw.send("inps", &benefit_status("sfl", "037032")).await;
+    let cpi = gw.take(&gw.queues.outbound("cpi-bologna"), 1).await[0].json();
+    assert_eq!(cpi["payload"]["office"], "CPI-BO-02");
+    assert_eq!(gw.receipt("inps").await["payload"]["recipients"], json!(["cpi-bologna"]));
+    gw.assert_empty(&gw.queues.outbound("comune-modena")).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_named_recipient_bypasses_the_routing_rules() {
+    let gw = Gateway::start().await;
+    let mut sent = benefit_status("naspi", "037006");
+    sent["recipient"] = json!("cpi-bologna");
+    gw.send("inps", &sent).await;
+    let delivered = gw.take(&gw.queues.outbound("cpi-bologna"), 1).await[0].json();
+    assert_eq!(delivered["payload"]["office"], "CPI-BO-01");
+    assert_eq!(gw.receipt("inps").await["payload"]["recipients"], json!(["cpi-bologna"]));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn identifiers_the_recipient_does_not_accept_are_dropped() {
+    let gw = Gateway::start().await;
+    let mut sent = referral("cpi-modena", "CPI-MO-01", "036023");
+    sent["subject"]["identifiers"] = json!([
+        {"scheme": "local", "value": "MO-PERS-991"},
+        {"scheme": "ch.ahvn13", "value": "756.1234.5678.97"},
+        {"scheme": "it.cf", "value": "RSSMRA85T10A562S"}
+    ]);
+    gw.send("cpi-modena", &sent).await;
+    let delivered = gw.take(&gw.queues.outbound("inps"), 1).await[0].json();
+    assert_eq!(
+        identifiers(&delivered),
+        &json!([{"scheme": "it.cf", "value": "RSSMRA85T10A562S"}])
+    );
+    gw.stop().await;
+}
