@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Runs Ponte's whole test suite: starts a private RabbitMQ on loopback (installing Debian's
-# rabbitmq-server if it is missing), runs every unit and integration test against it with
-# cargo-nextest, and stops the broker again.
+# rabbitmq-server if it is missing) with a fresh data folder, checks that the deploy/
+# definitions file loads into it, runs every unit and integration test against it with
+# cargo-nextest (each test under its own queue prefix), and stops the broker again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 port=${PONTE_TEST_BROKER_PORT:-5681}
 dir=target/test-broker
+scripts/broker.sh stop test "$port" "$dir" 2>/dev/null || true
+rm -rf "$dir"
 scripts/broker.sh start test "$port" "$dir"
 trap 'scripts/broker.sh stop test "$port" "$dir"' EXIT
 export TEST_BROKER_URL="amqp://guest:guest@127.0.0.1:$port/%2f"
+
+echo "test.sh: loading deploy/definitions.json into the test broker" >&2
+scripts/broker.sh ctl test "$port" "$dir" import_definitions "$PWD/deploy/definitions.json" >/dev/null
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest

@@ -1,9 +1,10 @@
 //! Broker: connecting to RabbitMQ, the queue names of the wire contract, and the topology the
 //! gateway declares (idempotently) before it consumes.
 
-use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::{Value, json};
 
 use crate::directory::Directory;
 use crate::settings::QueueType;
@@ -85,12 +86,30 @@ pub async fn confirming_channel(connection: &Connection) -> Result<Channel, Brok
     Ok(channel)
 }
 
-/// Declares every partner's five durable queues. Safe to repeat: declaring an existing queue
-/// with the same arguments changes nothing.
+/// Declares every partner's five durable queues, and the fanout exchange in front of its inbound
+/// queue. Safe to repeat: declaring what exists with the same arguments changes nothing.
+///
+/// Partners publish to the exchange `<prefix>.in.<partner>` (same name as the queue): RabbitMQ
+/// checks write permission on the exchange, so a partner's broker user can be allowed to write
+/// to its own inbound exchange and nowhere else — which is what makes "sender = queue owner" a
+/// proof of origin. (The default exchange would let any user that may write to it reach any
+/// queue.)
 pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Result<(), BrokerError> {
     let queues = Queues::new(&directory.settings.broker.prefix);
     let arguments = queue_arguments(directory.settings.broker.queue_type);
     for partner in directory.partners.keys() {
+        let inbound = queues.inbound(partner);
+        channel
+            .exchange_declare(
+                inbound.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
         for queue in queues.of_partner(partner) {
             channel
                 .queue_declare(
@@ -103,8 +122,50 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
                 )
                 .await?;
         }
+        channel
+            .queue_bind(
+                inbound.as_str().into(),
+                inbound.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
     }
     Ok(())
+}
+
+/// The same topology as a RabbitMQ definitions document (`rabbitmqctl import_definitions`),
+/// for teams that pre-provision brokers. `deploy/definitions.json` is this for the demo.
+pub fn definitions(directory: &Directory, vhost: &str) -> Value {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    let queue_type = directory.settings.broker.queue_type.as_str();
+    let mut q = Vec::new();
+    let mut exchanges = Vec::new();
+    let mut bindings = Vec::new();
+    for partner in directory.partners.keys() {
+        for queue in queues.of_partner(partner) {
+            q.push(json!({
+                "name": queue, "vhost": vhost, "durable": true, "auto_delete": false,
+                "arguments": {"x-queue-type": queue_type}
+            }));
+        }
+        let inbound = queues.inbound(partner);
+        exchanges.push(json!({
+            "name": inbound, "vhost": vhost, "type": "fanout", "durable": true,
+            "auto_delete": false, "internal": false, "arguments": {}
+        }));
+        bindings.push(json!({
+            "source": inbound, "vhost": vhost, "destination": inbound,
+            "destination_type": "queue", "routing_key": "", "arguments": {}
+        }));
+    }
+    json!({
+        "vhosts": [{"name": vhost}],
+        "queues": q,
+        "exchanges": exchanges,
+        "bindings": bindings
+    })
 }
 
 fn queue_arguments(queue_type: QueueType) -> FieldTable {

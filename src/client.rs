@@ -10,7 +10,7 @@ use crate::broker::{BrokerError, Queues, confirming_channel, connect};
 use crate::deliver::{Labels, confirmed, header, properties, publish};
 use crate::directory::Directory;
 
-/// Publishes each body to `partner`'s inbound queue, as that partner's back office would, and
+/// Publishes each body to `partner`'s inbound exchange, as that partner's back office would, and
 /// waits for the broker's confirms. `sent` is called after each confirmed message.
 pub async fn send(
     directory: &Directory,
@@ -31,7 +31,7 @@ pub async fn send(
             message_type: field("type"),
         };
         result = async {
-            let confirm = publish(&channel, &queue, &body, properties(&labels)).await?;
+            let confirm = crate::deliver::publish_to(&channel, &queue, "", &body, properties(&labels)).await?;
             confirmed(confirm, &queue, directory.settings.broker.publish_timeout_secs).await
         }
         .await;

@@ -54,12 +54,24 @@ pub async fn publish(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<PublisherConfirm, BrokerError> {
+    publish_to(channel, "", queue, body, properties).await
+}
+
+/// Publishes `body` to `exchange` with `routing_key`, `mandatory` so that a message no queue
+/// takes comes back instead of vanishing, and returns the pending confirm.
+pub async fn publish_to(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<PublisherConfirm, BrokerError> {
     let options = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
     };
     Ok(channel
-        .basic_publish("".into(), queue.into(), options, body, properties)
+        .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
         .await?)
 }
 

@@ -40,6 +40,12 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print the topology as a RabbitMQ definitions file, for pre-provisioned brokers.
+    Definitions {
+        /// Virtual host the queues live in.
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
     /// Take messages from one of a partner's queues and print them (acknowledging them).
     Receive {
         /// The partner whose queue to read.
@@ -125,6 +131,11 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("sent {} to {queue}", files[i].display());
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Definitions { vhost } => {
+            let directory = load(&cli.config)?;
+            println!("{}", serde_json::to_string_pretty(&ponte::broker::definitions(&directory, &vhost))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Receive { partner, queue, count, wait } => {

@@ -108,3 +108,17 @@ fn run_refuses_a_configuration_that_check_rejects() {
     assert!(report.contains("refusing to start"), "{report}");
     assert!(report.contains("pension-claim"), "{report}");
 }
+
+#[test]
+fn deploy_definitions_match_the_demo_topology() {
+    let out = ponte(&["definitions", "--config", repo().join("config").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let committed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/definitions.json")).unwrap()).unwrap();
+    assert_eq!(
+        generated, committed,
+        "deploy/definitions.json is stale: regenerate it with `ponte definitions > deploy/definitions.json`"
+    );
+    assert_eq!(committed["queues"].as_array().unwrap().len(), 4 * 5);
+}

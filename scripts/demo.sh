@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs Ponte with the demo configuration (inps, cpi-modena, cpi-bologna, comune-modena) on a
+# local RabbitMQ: installs Debian's rabbitmq-server if it is missing, starts a private node on
+# 127.0.0.1:5673 with its data under .broker/demo, builds Ponte and runs the gateway in the
+# foreground until Ctrl-C. The broker keeps running afterwards; stop it with
+#   scripts/broker.sh stop demo 5673 .broker/demo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/broker.sh start demo 5673 .broker/demo
+cargo build --release --locked
+exec target/release/ponte run --config config
