@@ -47,9 +47,61 @@ pub fn check_may_receive(recipient: &Partner, message_type: &str) -> Result<(), 
             FieldError::new(
                 "/recipient",
                 "authorization",
-                format!("{} is not authorized to receive {message_type}", recipient.id),
+                format!(
+                    "{} is not authorized to receive {message_type}",
+                    recipient.id
+                ),
             ),
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::Directory;
+    use serde_json::json;
+
+    fn demo() -> Directory {
+        Directory::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap()
+    }
+
+    #[test]
+    fn the_sender_must_be_the_queue_owner() {
+        let d = demo();
+        let m = json!({"sender": "inps"});
+        assert!(check_sender(&m, &d.partners["inps"]).is_ok());
+        assert_eq!(
+            check_sender(&m, &d.partners["cpi-modena"])
+                .unwrap_err()
+                .code,
+            Code::SenderMismatch
+        );
+        assert_eq!(
+            check_sender(&json!({}), &d.partners["inps"])
+                .unwrap_err()
+                .code,
+            Code::SenderMismatch
+        );
+    }
+
+    #[test]
+    fn rights_come_from_the_partner_files() {
+        let d = demo();
+        assert!(check_may_send(&d.partners["inps"], "benefit-status").is_ok());
+        assert_eq!(
+            check_may_send(&d.partners["inps"], "referral")
+                .unwrap_err()
+                .code,
+            Code::NotAuthorized
+        );
+        assert!(check_may_receive(&d.partners["comune-modena"], "benefit-status").is_ok());
+        assert_eq!(
+            check_may_receive(&d.partners["comune-modena"], "referral")
+                .unwrap_err()
+                .code,
+            Code::NotAuthorized
+        );
+    }
 }

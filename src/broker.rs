@@ -1,7 +1,9 @@
 //! Broker: connecting to RabbitMQ, the queue names of the wire contract, and the topology the
 //! gateway declares (idempotently) before it consumes.
 
-use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
@@ -82,7 +84,9 @@ pub async fn connect(directory: &Directory, name: &str) -> Result<Connection, Br
 /// A channel with publisher confirms switched on.
 pub async fn confirming_channel(connection: &Connection) -> Result<Channel, BrokerError> {
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     Ok(channel)
 }
 

@@ -7,7 +7,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use serde_json::Value;
 
 use crate::broker::{BrokerError, Queues, confirming_channel, connect};
-use crate::deliver::{Labels, confirmed, header, properties, publish};
+use crate::deliver::{Labels, confirmed, header, properties, publish_to};
 use crate::directory::Directory;
 
 /// Publishes each body to `partner`'s inbound exchange, as that partner's back office would, and
@@ -24,15 +24,25 @@ pub async fn send(
     let mut result = Ok(());
     for (index, body) in bodies.into_iter().enumerate() {
         let parsed: Option<Value> = serde_json::from_slice(&body).ok();
-        let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name)).and_then(Value::as_str);
+        let field = |name: &str| {
+            parsed
+                .as_ref()
+                .and_then(|v| v.get(name))
+                .and_then(Value::as_str)
+        };
         let labels = Labels {
             message_id: field("message_id"),
             correlation_id: field("correlation_id"),
             message_type: field("type"),
         };
         result = async {
-            let confirm = crate::deliver::publish_to(&channel, &queue, "", &body, properties(&labels)).await?;
-            confirmed(confirm, &queue, directory.settings.broker.publish_timeout_secs).await
+            let confirm = publish_to(&channel, &queue, "", &body, properties(&labels)).await?;
+            confirmed(
+                confirm,
+                &queue,
+                directory.settings.broker.publish_timeout_secs,
+            )
+            .await
         }
         .await;
         if result.is_err() {
@@ -54,13 +64,21 @@ pub struct Taken {
 }
 
 /// Takes (and acknowledges) up to `count` messages from `queue`, waiting up to `wait` for them.
-pub async fn take(directory: &Directory, queue: &str, count: usize, wait: Duration) -> Result<Vec<Taken>, BrokerError> {
+pub async fn take(
+    directory: &Directory,
+    queue: &str,
+    count: usize,
+    wait: Duration,
+) -> Result<Vec<Taken>, BrokerError> {
     let connection = connect(directory, "ponte receive").await?;
     let channel = connection.create_channel().await?;
     let deadline = Instant::now() + wait;
     let mut out = Vec::new();
     while out.len() < count {
-        match channel.basic_get(queue.into(), BasicGetOptions::default()).await? {
+        match channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await?
+        {
             Some(message) => {
                 let delivery = message.delivery;
                 delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -81,7 +99,11 @@ pub async fn take(directory: &Directory, queue: &str, count: usize, wait: Durati
                 out.push(Taken {
                     body: delivery.data,
                     headers,
-                    message_id: delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()),
+                    message_id: delivery
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.as_str().to_string()),
                 });
             }
             None if Instant::now() >= deadline => break,

@@ -21,7 +21,11 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
             FieldError::new(
                 "",
                 "maxBytes",
-                format!("message is {} bytes; the limit is {}", body.len(), limits.max_bytes),
+                format!(
+                    "message is {} bytes; the limit is {}",
+                    body.len(),
+                    limits.max_bytes
+                ),
             ),
         ));
     }
@@ -31,7 +35,10 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
             FieldError::new(
                 "",
                 "utf8",
-                format!("message is not valid UTF-8 (first invalid byte at offset {})", e.valid_up_to()),
+                format!(
+                    "message is not valid UTF-8 (first invalid byte at offset {})",
+                    e.valid_up_to()
+                ),
             ),
         ));
     }
@@ -140,13 +147,20 @@ mod tests {
         let r = decode(b"{\"a\": \"\xff\xfe\"}", LIMITS).unwrap_err();
         assert_eq!(r.code, Code::InvalidJson);
         assert_eq!(r.errors[0].keyword, "utf8");
-        assert!(r.errors[0].message.contains("offset 7"), "{}", r.errors[0].message);
+        assert!(
+            r.errors[0].message.contains("offset 7"),
+            "{}",
+            r.errors[0].message
+        );
     }
 
     #[test]
     fn deep_nesting_is_too_large_without_parsing() {
         let body = format!("{}{}", "[".repeat(400), "]".repeat(400));
-        assert_eq!(code_of(body.as_bytes()), (Code::TooLarge, "maxDepth".into()));
+        assert_eq!(
+            code_of(body.as_bytes()),
+            (Code::TooLarge, "maxDepth".into())
+        );
         let ok = format!("{{\"a\":{}{}}}", "[".repeat(7), "]".repeat(7));
         assert!(decode(ok.as_bytes(), LIMITS).is_ok());
     }

@@ -71,13 +71,23 @@ pub async fn publish_to(
         ..Default::default()
     };
     Ok(channel
-        .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            options,
+            body,
+            properties,
+        )
         .await?)
 }
 
 /// Waits for a confirm. A nack, a message returned as unroutable, or silence beyond the timeout
 /// are transient failures: the message goes back to its queue and is tried again.
-pub async fn confirmed(confirm: PublisherConfirm, queue: &str, timeout_secs: u64) -> Result<(), BrokerError> {
+pub async fn confirmed(
+    confirm: PublisherConfirm,
+    queue: &str,
+    timeout_secs: u64,
+) -> Result<(), BrokerError> {
     let confirmation = tokio::time::timeout(std::time::Duration::from_secs(timeout_secs), confirm)
         .await
         .map_err(|_| BrokerError::ConfirmTimeout(timeout_secs))??;

@@ -58,7 +58,10 @@ impl Directory {
     }
 
     /// As [`Directory::load`], with settings overridden by dotted key (`broker.prefix`).
-    pub fn load_with_overrides(dir: &Path, overrides: &[(&str, &str)]) -> Result<Directory, ConfigErrors> {
+    pub fn load_with_overrides(
+        dir: &Path,
+        overrides: &[(&str, &str)],
+    ) -> Result<Directory, ConfigErrors> {
         let mut errors = Vec::new();
         let mut push = |file: &Path, message: String| {
             errors.push(ConfigError {

@@ -97,8 +97,14 @@ mod tests {
     fn codice_fiscale_shape_is_enforced() {
         assert!(!is_valid_codice_fiscale("rssmra85t10a562s"), "lower case");
         assert!(!is_valid_codice_fiscale("RSSMRA85T10A562"), "15 characters");
-        assert!(!is_valid_codice_fiscale("RSSMRA85T10A5620"), "digit as check character");
-        assert!(!is_valid_codice_fiscale("1SSMRA85T10A562S"), "digit in a letter position");
+        assert!(
+            !is_valid_codice_fiscale("RSSMRA85T10A5620"),
+            "digit as check character"
+        );
+        assert!(
+            !is_valid_codice_fiscale("1SSMRA85T10A562S"),
+            "digit in a letter position"
+        );
         assert!(!is_valid_codice_fiscale("RSSMRÀ85T10A562S"), "non-ASCII");
     }
 
@@ -119,7 +125,10 @@ mod tests {
     fn ahv_number_with_wrong_check_digit_or_shape_is_invalid() {
         assert!(!is_valid_ahv_number("756.1234.5678.98"));
         assert!(!is_valid_ahv_number("7561234567897"), "without dots");
-        assert!(!is_valid_ahv_number("757.1234.5678.97"), "not the Swiss prefix");
+        assert!(
+            !is_valid_ahv_number("757.1234.5678.97"),
+            "not the Swiss prefix"
+        );
         assert!(!is_valid_ahv_number("756.1234.5678.9x"));
     }
 }

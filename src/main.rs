@@ -16,7 +16,13 @@ use ponte::directory::Directory;
 #[command(name = "ponte", version, about = "Inter-agency data-exchange gateway")]
 struct Cli {
     /// Configuration folder (holding ponte.toml).
-    #[arg(long, short, global = true, env = "PONTE_CONFIG_DIR", default_value = "config")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "PONTE_CONFIG_DIR",
+        default_value = "config"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -135,10 +141,18 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Definitions { vhost } => {
             let directory = load(&cli.config)?;
-            println!("{}", serde_json::to_string_pretty(&ponte::broker::definitions(&directory, &vhost))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&ponte::broker::definitions(&directory, &vhost))?
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Receive { partner, queue, count, wait } => {
+        Command::Receive {
+            partner,
+            queue,
+            count,
+            wait,
+        } => {
             let directory = load(&cli.config)?;
             let queues = Queues::new(&directory.settings.broker.prefix);
             let name = match queue {
@@ -147,7 +161,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 QueueKind::Rejected => queues.rejected(&partner),
                 QueueKind::Dlq => queues.dead_letters(&partner),
             };
-            let taken = ponte::client::take(&directory, &name, count, Duration::from_secs(wait)).await?;
+            let taken =
+                ponte::client::take(&directory, &name, count, Duration::from_secs(wait)).await?;
             for message in &taken {
                 for (k, v) in &message.headers {
                     println!("# {k}: {v}");

@@ -27,7 +27,10 @@ fn translate_office(envelope: &mut Value, recipient: &Partner) -> Result<(), Rej
     let Some(sender_office) = payload.get("office").cloned() else {
         return Ok(());
     };
-    let municipality = payload.get("municipality").and_then(Value::as_str).unwrap_or("");
+    let municipality = payload
+        .get("municipality")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let Some(office) = recipient.office_for(municipality) else {
         return Err(Rejection::one(
             Code::UnmappableIdentifier,
@@ -73,4 +76,65 @@ fn reduce_identifiers(envelope: &mut Value, recipient: &Partner) -> Result<(), R
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::Directory;
+
+    fn demo() -> Directory {
+        Directory::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap()
+    }
+
+    fn referral(municipality: &str) -> Value {
+        json!({
+            "type": "referral",
+            "sender": "cpi-modena",
+            "subject": {"identifiers": [
+                {"scheme": "local", "value": "P-1"},
+                {"scheme": "it.cf", "value": "RSSMRA85T10A562S"}
+            ]},
+            "payload": {"office": "CPI-MO-02", "municipality": municipality}
+        })
+    }
+
+    #[test]
+    fn office_is_translated_and_the_senders_code_kept() {
+        let d = demo();
+        let out = for_recipient(&referral("036005"), &d.partners["inps"]).unwrap();
+        assert_eq!(out["recipient"], "inps");
+        assert_eq!(out["payload"]["office"], "3600");
+        assert_eq!(out["payload"]["sender_office"], "CPI-MO-02");
+        let out = for_recipient(&referral("037006"), &d.partners["inps"]).unwrap();
+        assert_eq!(out["payload"]["office"], "3700");
+    }
+
+    #[test]
+    fn the_senders_local_identifier_is_never_passed_on() {
+        let d = demo();
+        let out = for_recipient(&referral("036005"), &d.partners["inps"]).unwrap();
+        assert_eq!(
+            out["subject"]["identifiers"],
+            json!([{"scheme": "it.cf", "value": "RSSMRA85T10A562S"}])
+        );
+    }
+
+    #[test]
+    fn no_office_for_the_municipality_is_unmappable() {
+        let d = demo();
+        let r = for_recipient(&referral("001272"), &d.partners["inps"]).unwrap_err();
+        assert_eq!(r.code, Code::UnmappableIdentifier);
+        assert_eq!(r.errors[0].path, "/payload/office");
+    }
+
+    #[test]
+    fn no_accepted_identifier_is_unmappable() {
+        let d = demo();
+        let mut m = referral("036005");
+        m["subject"]["identifiers"] = json!([{"scheme": "ch.ahvn13", "value": "756.1234.5678.97"}]);
+        let r = for_recipient(&m, &d.partners["inps"]).unwrap_err();
+        assert_eq!(r.code, Code::UnmappableIdentifier);
+        assert_eq!(r.errors[0].path, "/subject/identifiers");
+    }
 }

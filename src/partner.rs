@@ -64,7 +64,9 @@ pub struct Office {
 impl Partner {
     /// The partner's office competent for `municipality`, if it has one.
     pub fn office_for(&self, municipality: &str) -> Option<&str> {
-        self.office_by_municipality.get(municipality).map(String::as_str)
+        self.office_by_municipality
+            .get(municipality)
+            .map(String::as_str)
     }
 
     /// Whether this partner is competent for `municipality` at all.
@@ -89,16 +91,24 @@ impl Partner {
             ));
         }
         if raw.id == GATEWAY_ID {
-            errors.push(format!("id {GATEWAY_ID:?} is reserved for the gateway itself"));
+            errors.push(format!(
+                "id {GATEWAY_ID:?} is reserved for the gateway itself"
+            ));
         }
         let stem = file.file_stem().unwrap_or_default().to_string_lossy();
         if stem != raw.id {
-            errors.push(format!("id {:?} must equal the file name ({stem}.toml)", raw.id));
+            errors.push(format!(
+                "id {:?} must equal the file name ({stem}.toml)",
+                raw.id
+            ));
         }
         if !is_partner_id(&raw.kind) {
             errors.push(format!("kind {:?} must match [a-z][a-z0-9-]*", raw.kind));
         }
-        for (field, types) in [("may_send", &raw.may_send), ("may_receive", &raw.may_receive)] {
+        for (field, types) in [
+            ("may_send", &raw.may_send),
+            ("may_receive", &raw.may_receive),
+        ] {
             for t in types {
                 if crate::validate::GATEWAY_TYPES.contains(&t.as_str()) {
                     errors.push(format!("{field}: {t:?} is produced by the gateway only"));
@@ -122,7 +132,10 @@ impl Partner {
         let mut codes = BTreeSet::new();
         for office in &raw.offices {
             if !is_office_code(&office.code) {
-                errors.push(format!("offices: code {:?} is not a valid office code", office.code));
+                errors.push(format!(
+                    "offices: code {:?} is not a valid office code",
+                    office.code
+                ));
             }
             if !codes.insert(office.code.clone()) {
                 errors.push(format!("offices: code {:?} is listed twice", office.code));
@@ -133,7 +146,9 @@ impl Partner {
                         "offices: {:?} is not a six-digit ISTAT municipality code (office {})",
                         m, office.code
                     ));
-                } else if let Some(other) = office_by_municipality.insert(m.clone(), office.code.clone()) {
+                } else if let Some(other) =
+                    office_by_municipality.insert(m.clone(), office.code.clone())
+                {
                     errors.push(format!(
                         "offices: municipality {m} is assigned to both {other} and {}",
                         office.code
@@ -168,7 +183,8 @@ pub fn is_partner_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.starts_with(|c: char| c.is_ascii_lowercase())
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 fn is_office_code(s: &str) -> bool {

@@ -55,7 +55,11 @@ pub fn process(directory: &Directory, owner: &Partner, body: &[u8]) -> Verdict {
     }
 }
 
-fn copies(directory: &Directory, owner: &Partner, envelope: &Value) -> Result<Vec<Copy>, Rejection> {
+fn copies(
+    directory: &Directory,
+    owner: &Partner,
+    envelope: &Value,
+) -> Result<Vec<Copy>, Rejection> {
     directory.schemas.validate(envelope)?;
     let message_type = envelope["type"].as_str().unwrap_or_default();
     check_sender(envelope, owner)?;

@@ -55,7 +55,12 @@ pub struct Receipt {
 
 /// Builds the receipt for `answered` with `code`; `recipients` are the partners whose copy the
 /// broker confirmed, `errors` explain a rejection.
-pub fn build(answered: Answered<'_>, code: Code, recipients: &[&str], errors: &[FieldError]) -> Receipt {
+pub fn build(
+    answered: Answered<'_>,
+    code: Code,
+    recipients: &[&str],
+    errors: &[FieldError],
+) -> Receipt {
     let correlation_id = answered.message_id.filter(|id| Uuid::parse_str(id).is_ok());
     let message_id = match correlation_id {
         Some(id) => Uuid::new_v5(
@@ -73,7 +78,11 @@ pub fn build(answered: Answered<'_>, code: Code, recipients: &[&str], errors: &[
         sent_at: now_rfc3339(),
         correlation_id,
         payload: ReceiptPayload {
-            status: if code == Code::Delivered { "delivered" } else { "rejected" },
+            status: if code == Code::Delivered {
+                "delivered"
+            } else {
+                "rejected"
+            },
             code,
             message_type: answered.message_type,
             recipients,
@@ -99,7 +108,8 @@ mod tests {
     use serde_json::Value;
 
     fn schemas() -> SchemaSet {
-        let (set, errors) = SchemaSet::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"));
+        let (set, errors) =
+            SchemaSet::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas"));
         assert!(errors.is_empty());
         set
     }
@@ -124,7 +134,11 @@ mod tests {
 
     #[test]
     fn rejection_receipt_lists_errors_and_follows_its_schema() {
-        let errors = [FieldError::new("/payload/reason", "enum", "value is not one of …")];
+        let errors = [FieldError::new(
+            "/payload/reason",
+            "enum",
+            "value is not one of …",
+        )];
         let r = build(ANSWERED, Code::SchemaViolation, &[], &errors);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");
@@ -145,7 +159,10 @@ mod tests {
 
     #[test]
     fn unreadable_message_id_gives_a_receipt_without_correlation() {
-        let answered = Answered { message_id: Some("not-a-uuid"), ..ANSWERED };
+        let answered = Answered {
+            message_id: Some("not-a-uuid"),
+            ..ANSWERED
+        };
         let r = build(answered, Code::SchemaViolation, &[], &[]);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert!(v.get("correlation_id").is_none());

@@ -30,10 +30,17 @@ pub struct Flow {
 
 impl Flow {
     /// Consumes until `stop` is cancelled (returns `Ok`) or the broker fails (returns the error).
-    pub async fn run(self, stop: CancellationToken, in_flight: TaskTracker) -> Result<(), BrokerError> {
+    pub async fn run(
+        self,
+        stop: CancellationToken,
+        in_flight: TaskTracker,
+    ) -> Result<(), BrokerError> {
         let queue = self.settler.queues.inbound(&self.partner);
         self.consume
-            .basic_qos(self.directory.settings.broker.prefetch, BasicQosOptions::default())
+            .basic_qos(
+                self.directory.settings.broker.prefetch,
+                BasicQosOptions::default(),
+            )
             .await?;
         let tag = format!("ponte-{}", self.partner);
         let mut consumer = self
@@ -89,7 +96,8 @@ impl Flow {
                 let mut pending = Vec::with_capacity(copies.len());
                 for copy in copies {
                     let queue = settler.queues.outbound(&copy.recipient);
-                    let confirm = publish(&settler.channel, &queue, &copy.body, properties(&labels)).await?;
+                    let confirm =
+                        publish(&settler.channel, &queue, &copy.body, properties(&labels)).await?;
                     pending.push((copy.recipient, confirm));
                 }
                 in_flight.spawn(settle::delivered(settler, inbound, pending));

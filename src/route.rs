@@ -105,7 +105,9 @@ pub fn load_routes(
         }
         for pointer in r.when.keys().chain(std::iter::once(&r.municipality)) {
             if !pointer.starts_with('/') {
-                errors.push(format!("{at}: {pointer:?} is not a JSON pointer (it starts with '/')"));
+                errors.push(format!(
+                    "{at}: {pointer:?} is not a JSON pointer (it starts with '/')"
+                ));
             }
         }
         if r.to.is_empty() {
@@ -145,7 +147,11 @@ pub fn load_routes(
             to: r.to,
         });
     }
-    if errors.is_empty() { Ok(routes) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(routes)
+    } else {
+        Err(errors)
+    }
 }
 
 /// The recipients of one message, in the order they are delivered.
@@ -160,13 +166,21 @@ pub fn recipients<'a>(
         let Some(partner) = partners.get(named) else {
             return Err(Rejection::one(
                 Code::UnknownRecipient,
-                FieldError::new("/recipient", "recipient", format!("no partner is called {named:?}")),
+                FieldError::new(
+                    "/recipient",
+                    "recipient",
+                    format!("no partner is called {named:?}"),
+                ),
             ));
         };
         if partner.id == sender.id {
             return Err(Rejection::one(
                 Code::UnknownRecipient,
-                FieldError::new("/recipient", "recipient", "a partner cannot send a message to itself"),
+                FieldError::new(
+                    "/recipient",
+                    "recipient",
+                    "a partner cannot send a message to itself",
+                ),
             ));
         }
         return Ok(vec![partner]);
@@ -181,16 +195,24 @@ pub fn recipients<'a>(
             FieldError::new(
                 "",
                 "route",
-                format!("no routing rule sends {message_type} from {} with this content", sender.id),
+                format!(
+                    "no routing rule sends {message_type} from {} with this content",
+                    sender.id
+                ),
             ),
         ));
     };
-    let municipality = envelope.pointer(&route.municipality).and_then(Value::as_str);
+    let municipality = envelope
+        .pointer(&route.municipality)
+        .and_then(Value::as_str);
     let mut out: Vec<&Partner> = Vec::new();
     for target in &route.to {
         let found = match target {
             Target::Partner { partner } => partners.get(partner),
-            Target::Competent { competent, optional } => {
+            Target::Competent {
+                competent,
+                optional,
+            } => {
                 let found = municipality.and_then(|m| directory.competent(competent, m));
                 if found.is_none() && !optional {
                     return Err(Rejection::one(
@@ -219,8 +241,120 @@ pub fn recipients<'a>(
     if out.is_empty() {
         return Err(Rejection::one(
             Code::NoRoute,
-            FieldError::new("", "route", format!("route {} found no recipient", route.name)),
+            FieldError::new(
+                "",
+                "route",
+                format!("route {} found no recipient", route.name),
+            ),
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::Directory;
+    use serde_json::json;
+
+    fn demo() -> Directory {
+        Directory::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap()
+    }
+
+    fn route(d: &Directory, sender: &str, message: Value) -> Result<Vec<String>, Rejection> {
+        let t = message["type"].as_str().unwrap().to_string();
+        recipients(&message, &t, &d.partners[sender], d)
+            .map(|r| r.iter().map(|p| p.id.clone()).collect())
+    }
+
+    fn benefit(benefit: &str, municipality: &str) -> Value {
+        json!({"type": "benefit-status", "payload": {"benefit": benefit, "municipality": municipality}})
+    }
+
+    #[test]
+    fn competence_follows_the_municipality() {
+        let d = demo();
+        assert_eq!(
+            route(&d, "inps", benefit("naspi", "036005")).unwrap(),
+            ["cpi-modena"]
+        );
+        assert_eq!(
+            route(&d, "inps", benefit("naspi", "037032")).unwrap(),
+            ["cpi-bologna"]
+        );
+    }
+
+    #[test]
+    fn inclusion_benefits_fan_out_where_a_comune_is_competent() {
+        let d = demo();
+        assert_eq!(
+            route(&d, "inps", benefit("adi", "036023")).unwrap(),
+            ["cpi-modena", "comune-modena"]
+        );
+        assert_eq!(
+            route(&d, "inps", benefit("sfl", "036005")).unwrap(),
+            ["cpi-modena"]
+        );
+    }
+
+    #[test]
+    fn a_required_competent_partner_missing_is_no_route() {
+        let d = demo();
+        let r = route(&d, "inps", benefit("naspi", "001272")).unwrap_err();
+        assert_eq!(r.code, Code::NoRoute);
+        assert_eq!(r.errors[0].path, "/payload/municipality");
+    }
+
+    #[test]
+    fn when_conditions_select_the_rule() {
+        let d = demo();
+        let m = |reason: &str| json!({"type": "referral", "payload": {"reason": reason, "municipality": "036023"}});
+        assert_eq!(
+            route(&d, "comune-modena", m("employment-readiness")).unwrap(),
+            ["cpi-modena"]
+        );
+        assert_eq!(
+            route(&d, "comune-modena", m("social-support"))
+                .unwrap_err()
+                .code,
+            Code::NoRoute
+        );
+        assert_eq!(
+            route(&d, "cpi-modena", m("social-support")).unwrap(),
+            ["inps"]
+        );
+    }
+
+    #[test]
+    fn a_named_recipient_wins_and_must_exist() {
+        let d = demo();
+        let mut m = benefit("naspi", "036005");
+        m["recipient"] = json!("cpi-bologna");
+        assert_eq!(route(&d, "inps", m.clone()).unwrap(), ["cpi-bologna"]);
+        m["recipient"] = json!("inail");
+        assert_eq!(
+            route(&d, "inps", m.clone()).unwrap_err().code,
+            Code::UnknownRecipient
+        );
+        m["recipient"] = json!("inps");
+        assert_eq!(
+            route(&d, "inps", m).unwrap_err().code,
+            Code::UnknownRecipient
+        );
+    }
+
+    #[test]
+    fn route_file_mistakes_are_all_reported() {
+        let d = demo();
+        let text = r#"
+            [[route]]
+            name = "a"
+            type = "referral"
+            from = ["inps", "nobody"]
+            when = { "payload/reason" = ["x"] }
+            to = [{ partner = "cpi-modena" }, { competent = "asl" }]
+        "#;
+        let errors = load_routes(text, &d.partners).unwrap_err();
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+    }
 }

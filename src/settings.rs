@@ -215,7 +215,11 @@ impl Settings {
         match loaded {
             Ok(settings) => {
                 errors.extend(settings.check());
-                if errors.is_empty() { Ok(settings) } else { Err(errors) }
+                if errors.is_empty() {
+                    Ok(settings)
+                } else {
+                    Err(errors)
+                }
             }
             Err(e) => {
                 errors.push(e.to_string());
@@ -227,7 +231,10 @@ impl Settings {
     fn check(&self) -> Vec<String> {
         let mut errors = Vec::new();
         if self.broker.url.parse::<lapin::uri::AMQPUri>().is_err() {
-            errors.push(format!("broker.url {:?} is not an AMQP URL", self.broker.url));
+            errors.push(format!(
+                "broker.url {:?} is not an AMQP URL",
+                self.broker.url
+            ));
         }
         if !is_prefix(&self.broker.prefix) {
             errors.push(format!(

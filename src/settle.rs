@@ -53,11 +53,20 @@ impl Inbound {
 }
 
 /// Settles a message whose copies were published: awaits their confirms, then receipt, then ack.
-pub async fn delivered(settler: Arc<Settler>, inbound: Inbound, copies: Vec<(String, PublisherConfirm)>) {
+pub async fn delivered(
+    settler: Arc<Settler>,
+    inbound: Inbound,
+    copies: Vec<(String, PublisherConfirm)>,
+) {
     let result = async {
         let mut recipients = Vec::with_capacity(copies.len());
         for (recipient, confirm) in copies {
-            confirmed(confirm, &settler.queues.outbound(&recipient), settler.confirm_timeout_secs).await?;
+            confirmed(
+                confirm,
+                &settler.queues.outbound(&recipient),
+                settler.confirm_timeout_secs,
+            )
+            .await?;
             recipients.push(recipient);
         }
         let names: Vec<&str> = recipients.iter().map(String::as_str).collect();
@@ -108,7 +117,13 @@ pub async fn publish_rejection(
             ("x-ponte-rejected-at", receipt::now_rfc3339()),
         ],
     );
-    let park = publish(&settler.channel, &settler.queues.rejected(&inbound.partner), original, parked).await?;
+    let park = publish(
+        &settler.channel,
+        &settler.queues.rejected(&inbound.partner),
+        original,
+        parked,
+    )
+    .await?;
     let receipt = receipt::build(inbound.answered(), rejection.code, &[], &rejection.errors);
     let queue = settler.queues.receipts(&inbound.partner);
     let answer = publish_receipt(settler, &queue, &receipt, inbound).await?;
@@ -116,11 +131,26 @@ pub async fn publish_rejection(
 }
 
 /// Settles a rejected message: once the parked original and the receipt are confirmed, ack.
-pub async fn rejected(settler: Arc<Settler>, inbound: Inbound, code: Code, confirms: [PublisherConfirm; 2]) {
+pub async fn rejected(
+    settler: Arc<Settler>,
+    inbound: Inbound,
+    code: Code,
+    confirms: [PublisherConfirm; 2],
+) {
     let [park, answer] = confirms;
     let result = async {
-        confirmed(park, &settler.queues.rejected(&inbound.partner), settler.confirm_timeout_secs).await?;
-        confirmed(answer, &settler.queues.receipts(&inbound.partner), settler.confirm_timeout_secs).await
+        confirmed(
+            park,
+            &settler.queues.rejected(&inbound.partner),
+            settler.confirm_timeout_secs,
+        )
+        .await?;
+        confirmed(
+            answer,
+            &settler.queues.receipts(&inbound.partner),
+            settler.confirm_timeout_secs,
+        )
+        .await
     }
     .await;
     match result {

@@ -90,7 +90,11 @@ impl SchemaSet {
         let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
         for path in paths {
-            let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
             if path.is_dir() {
                 let mut versions: Vec<PathBuf> = std::fs::read_dir(&path)
                     .into_iter()
@@ -99,7 +103,11 @@ impl SchemaSet {
                     .collect();
                 versions.sort();
                 for file in versions {
-                    let file_name = file.file_name().unwrap_or_default().to_string_lossy().to_string();
+                    let file_name = file
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .to_string();
                     let Some(version) = file_name.strip_suffix(".json") else {
                         continue;
                     };
@@ -175,7 +183,10 @@ impl SchemaSet {
                 FieldError::new(
                     "/type",
                     "enum",
-                    format!("unknown message type {type_name:?}; known types: {}", self.type_list()),
+                    format!(
+                        "unknown message type {type_name:?}; known types: {}",
+                        self.type_list()
+                    ),
                 ),
             ));
         };
@@ -248,7 +259,11 @@ fn required_string<'a>(envelope: &'a Value, field: &str) -> Result<&'a str, Reje
         Some(Value::String(s)) => Ok(s),
         Some(_) => Err(Rejection::one(
             Code::SchemaViolation,
-            FieldError::new(format!("/{field}"), "type", format!("{field} must be a string")),
+            FieldError::new(
+                format!("/{field}"),
+                "type",
+                format!("{field} must be a string"),
+            ),
         )),
         None => Err(Rejection::one(
             Code::SchemaViolation,
@@ -259,7 +274,8 @@ fn required_string<'a>(envelope: &'a Value, field: &str) -> Result<&'a str, Reje
 
 fn is_version(s: &str) -> bool {
     let mut parts = s.split('.');
-    let ok = |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let ok =
+        |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
@@ -343,7 +359,11 @@ mod tests {
         assert_eq!(r.code, Code::SchemaViolation);
         assert_eq!(r.errors[0].path, "/subject/identifiers/0/value");
         assert_eq!(r.errors[0].keyword, "format");
-        assert!(!r.errors[0].message.contains("RSSMRA"), "value leaked: {}", r.errors[0].message);
+        assert!(
+            !r.errors[0].message.contains("RSSMRA"),
+            "value leaked: {}",
+            r.errors[0].message
+        );
     }
 
     #[test]
@@ -362,8 +382,11 @@ mod tests {
         m["payload"]["municipality"] = json!("36023");
         m["unexpected"] = json!(1);
         let r = rejection(&m);
-        let mut found: Vec<(String, String)> =
-            r.errors.iter().map(|e| (e.path.clone(), e.keyword.clone())).collect();
+        let mut found: Vec<(String, String)> = r
+            .errors
+            .iter()
+            .map(|e| (e.path.clone(), e.keyword.clone()))
+            .collect();
         found.sort();
         assert_eq!(
             found,

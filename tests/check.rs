@@ -26,14 +26,33 @@ fn broken_config() -> tempdir::Dir {
             repo().join("schemas")
         ),
     );
-    let demo = |name: &str| std::fs::read_to_string(repo().join("config/partners").join(name)).unwrap();
-    write(d, "partners/inps.toml", &demo("inps.toml").replace("may_send = [\"benefit-status\"]", "may_send = [\"benefit-status\", \"pension-claim\"]"));
+    let demo =
+        |name: &str| std::fs::read_to_string(repo().join("config/partners").join(name)).unwrap();
+    write(
+        d,
+        "partners/inps.toml",
+        &demo("inps.toml").replace(
+            "may_send = [\"benefit-status\"]",
+            "may_send = [\"benefit-status\", \"pension-claim\"]",
+        ),
+    );
     write(d, "partners/cpi-modena.toml", &demo("cpi-modena.toml"));
-    write(d, "partners/cpi-bologna.toml", &demo("cpi-bologna.toml").replace("\"037032\"", "\"036005\""));
+    write(
+        d,
+        "partners/cpi-bologna.toml",
+        &demo("cpi-bologna.toml").replace("\"037032\"", "\"036005\""),
+    );
     write(d, "partners/comune.toml", &demo("comune-modena.toml"));
     write(d, "partners/broken.toml", "id = \n");
     let routes = std::fs::read_to_string(repo().join("config/routes.toml")).unwrap();
-    write(d, "routes.toml", &routes.replace("to = [{ partner = \"inps\" }]", "to = [{ partner = \"inail\" }]"));
+    write(
+        d,
+        "routes.toml",
+        &routes.replace(
+            "to = [{ partner = \"inps\" }]",
+            "to = [{ partner = \"inail\" }]",
+        ),
+    );
     dir
 }
 
@@ -68,7 +87,11 @@ fn ponte(args: &[&str]) -> std::process::Output {
 #[test]
 fn demo_configuration_is_valid() {
     let out = ponte(&["check", repo().join("config").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("4 partners"));
 }
 
@@ -85,18 +108,26 @@ fn check_reports_every_error_with_its_file() {
         ("partners/inps.toml", "pension-claim"),
         ("partners/comune.toml", "must equal the file name"),
         ("partners/broken.toml", "TOML parse error"),
-        ("partners/cpi-modena.toml", "036005 is already covered by cpi-bologna"),
+        (
+            "partners/cpi-modena.toml",
+            "036005 is already covered by cpi-bologna",
+        ),
         ("routes.toml", "inail"),
     ];
     for (file, needle) in expect {
         let path = d.join(file);
         let line = format!("{}: ", path.display());
         assert!(
-            report.lines().any(|l| l.starts_with(&line) && l.contains(needle)),
+            report
+                .lines()
+                .any(|l| l.starts_with(&line) && l.contains(needle)),
             "no error about {needle:?} in {file}:\n{report}"
         );
     }
-    assert!(report.trim_end().ends_with("configuration errors"), "{report}");
+    assert!(
+        report.trim_end().ends_with("configuration errors"),
+        "{report}"
+    );
 }
 
 #[test]
@@ -111,11 +142,21 @@ fn run_refuses_a_configuration_that_check_rejects() {
 
 #[test]
 fn deploy_definitions_match_the_demo_topology() {
-    let out = ponte(&["definitions", "--config", repo().join("config").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ponte(&[
+        "definitions",
+        "--config",
+        repo().join("config").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let committed: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/definitions.json")).unwrap()).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/definitions.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         generated, committed,
         "deploy/definitions.json is stale: regenerate it with `ponte definitions > deploy/definitions.json`"

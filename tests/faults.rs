@@ -8,7 +8,10 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Gateway, PrivateBroker, broker_url, depth, directory, drain, publish_many, random_prefix, referral, repo};
+use common::{
+    Gateway, PrivateBroker, broker_url, depth, directory, drain, publish_many, random_prefix,
+    referral, repo,
+};
 use ponte::broker::Queues;
 use serde_json::Value;
 
@@ -32,7 +35,10 @@ fn tally(ids: impl Iterator<Item = String>) -> HashMap<String, usize> {
 async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
     while !done().await {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -43,8 +49,13 @@ async fn sigterm_settles_in_flight_messages_and_acks_nothing_early() {
     let url = broker_url();
     let prefix = random_prefix();
     let queues = Queues::new(&prefix);
-    let sent: Vec<Value> = (0..TOTAL).map(|_| referral("cpi-modena", "CPI-MO-01", "036023")).collect();
-    let bodies: Vec<Vec<u8>> = sent.iter().map(|m| serde_json::to_vec(m).unwrap()).collect();
+    let sent: Vec<Value> = (0..TOTAL)
+        .map(|_| referral("cpi-modena", "CPI-MO-01", "036023"))
+        .collect();
+    let bodies: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|m| serde_json::to_vec(m).unwrap())
+        .collect();
     let t0 = Instant::now();
     publish_many(&url, &queues.inbound("cpi-modena"), &bodies).await;
     println!("published {TOTAL} in {:?}", t0.elapsed());
@@ -59,9 +70,11 @@ async fn sigterm_settles_in_flight_messages_and_acks_nothing_early() {
         .spawn()
         .expect("the ponte binary starts");
     let out_queue = queues.outbound("inps");
-    wait_until("the first deliveries", Duration::from_secs(60), async || {
-        depth(&url, &out_queue).await >= 200
-    })
+    wait_until(
+        "the first deliveries",
+        Duration::from_secs(60),
+        async || depth(&url, &out_queue).await >= 200,
+    )
     .await;
     println!("first 200 delivered after {:?}", t0.elapsed());
     // SIGTERM while the gateway is busy with the rest.
@@ -71,14 +84,29 @@ async fn sigterm_settles_in_flight_messages_and_acks_nothing_early() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "gateway did not exit after SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "gateway did not exit after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status after SIGTERM: {status}");
 
     let delivered = drain(&url, &out_queue, TOTAL, Duration::from_secs(2)).await;
-    let receipts = drain(&url, &queues.receipts("cpi-modena"), TOTAL, Duration::from_secs(2)).await;
-    let waiting = drain(&url, &queues.inbound("cpi-modena"), TOTAL, Duration::from_secs(2)).await;
+    let receipts = drain(
+        &url,
+        &queues.receipts("cpi-modena"),
+        TOTAL,
+        Duration::from_secs(2),
+    )
+    .await;
+    let waiting = drain(
+        &url,
+        &queues.inbound("cpi-modena"),
+        TOTAL,
+        Duration::from_secs(2),
+    )
+    .await;
     let delivered = tally(delivered.iter().map(|m| id_of(&m.json())));
     let receipted: HashSet<String> = receipts.iter().map(|m| correlation_of(&m.json())).collect();
     let waiting: HashSet<String> = waiting.iter().map(|m| id_of(&m.json())).collect();
@@ -88,7 +116,10 @@ async fn sigterm_settles_in_flight_messages_and_acks_nothing_early() {
         receipted.len(),
         waiting.len()
     );
-    assert!(delivered.values().all(|n| *n == 1), "a message was delivered twice");
+    assert!(
+        delivered.values().all(|n| *n == 1),
+        "a message was delivered twice"
+    );
     for m in &sent {
         let id = id_of(m);
         let was_delivered = delivered.contains_key(&id);
@@ -96,9 +127,16 @@ async fn sigterm_settles_in_flight_messages_and_acks_nothing_early() {
             was_delivered != waiting.contains(&id),
             "message {id} must be either delivered or still waiting (delivered: {was_delivered})"
         );
-        assert_eq!(was_delivered, receipted.contains(&id), "receipt for {id} iff delivered");
+        assert_eq!(
+            was_delivered,
+            receipted.contains(&id),
+            "receipt for {id} iff delivered"
+        );
     }
-    assert!(!waiting.is_empty(), "the test should stop the gateway with work left; raise TOTAL");
+    assert!(
+        !waiting.is_empty(),
+        "the test should stop the gateway with work left; raise TOTAL"
+    );
     assert_eq!(depth(&url, &queues.rejected("cpi-modena")).await, 0);
 }
 
@@ -110,7 +148,9 @@ async fn broker_stopped_and_started_mid_load_loses_nothing() {
     let url = broker.url();
     let gw = Gateway::start_with(directory(&url, &random_prefix())).await;
 
-    let valid: Vec<Value> = (0..VALID).map(|_| referral("cpi-modena", "CPI-MO-01", "036023")).collect();
+    let valid: Vec<Value> = (0..VALID)
+        .map(|_| referral("cpi-modena", "CPI-MO-01", "036023"))
+        .collect();
     let invalid: Vec<Value> = (0..INVALID)
         .map(|_| {
             let mut m = referral("cpi-modena", "CPI-MO-01", "036023");
@@ -130,32 +170,67 @@ async fn broker_stopped_and_started_mid_load_loses_nothing() {
     publish_many(&url, &gw.queues.inbound("cpi-modena"), &bodies).await;
 
     let out_queue = gw.queues.outbound("inps");
-    wait_until("the first deliveries", Duration::from_secs(60), async || depth(&url, &out_queue).await >= 1000).await;
+    wait_until(
+        "the first deliveries",
+        Duration::from_secs(60),
+        async || depth(&url, &out_queue).await >= 1000,
+    )
+    .await;
     broker.script("stop");
-    assert!(!gw.status.is_ready() || {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        !gw.status.is_ready()
-    });
+    assert!(
+        !gw.status.is_ready() || {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            !gw.status.is_ready()
+        }
+    );
     broker.script("start");
     // The gateway reconnects by itself and finishes the work.
     let inbound = gw.queues.inbound("cpi-modena");
     let rejected_queue = gw.queues.rejected("cpi-modena");
-    wait_until("the inbound queue to drain", Duration::from_secs(180), async || {
-        gw.status.is_ready()
-            && depth(&url, &inbound).await == 0
-            && depth(&url, &out_queue).await as usize + depth(&url, &rejected_queue).await as usize >= VALID + INVALID
-    })
+    wait_until(
+        "the inbound queue to drain",
+        Duration::from_secs(180),
+        async || {
+            gw.status.is_ready()
+                && depth(&url, &inbound).await == 0
+                && depth(&url, &out_queue).await as usize
+                    + depth(&url, &rejected_queue).await as usize
+                    >= VALID + INVALID
+        },
+    )
     .await;
     // Let the last settlements finish, then stop the gateway so nothing is unacknowledged.
     let (queues, _) = gw.stop_keeping_queues().await;
 
-    let delivered = drain(&url, &queues.outbound("inps"), 2 * VALID, Duration::from_secs(2)).await;
-    let parked = drain(&url, &queues.rejected("cpi-modena"), 2 * INVALID, Duration::from_secs(2)).await;
-    let receipts = drain(&url, &queues.receipts("cpi-modena"), 4 * (VALID + INVALID), Duration::from_secs(2)).await;
+    let delivered = drain(
+        &url,
+        &queues.outbound("inps"),
+        2 * VALID,
+        Duration::from_secs(2),
+    )
+    .await;
+    let parked = drain(
+        &url,
+        &queues.rejected("cpi-modena"),
+        2 * INVALID,
+        Duration::from_secs(2),
+    )
+    .await;
+    let receipts = drain(
+        &url,
+        &queues.receipts("cpi-modena"),
+        4 * (VALID + INVALID),
+        Duration::from_secs(2),
+    )
+    .await;
     let delivered = tally(delivered.iter().map(|m| id_of(&m.json())));
     let parked = tally(parked.iter().map(|m| id_of(&m.json())));
     let receipted: HashSet<String> = receipts.iter().map(|m| correlation_of(&m.json())).collect();
-    let duplicates: usize = delivered.values().chain(parked.values()).map(|n| n - 1).sum();
+    let duplicates: usize = delivered
+        .values()
+        .chain(parked.values())
+        .map(|n| n - 1)
+        .sum();
     println!(
         "after a broker restart: {} delivered, {} parked, {} duplicate copies (redelivered messages whose copies had been confirmed before the connection dropped)",
         delivered.len(),
@@ -163,11 +238,19 @@ async fn broker_stopped_and_started_mid_load_loses_nothing() {
         duplicates
     );
     for m in &valid {
-        assert!(delivered.contains_key(&id_of(m)), "valid message {} lost", id_of(m));
+        assert!(
+            delivered.contains_key(&id_of(m)),
+            "valid message {} lost",
+            id_of(m)
+        );
         assert!(receipted.contains(&id_of(m)), "no receipt for {}", id_of(m));
     }
     for m in &invalid {
-        assert!(parked.contains_key(&id_of(m)), "invalid message {} not parked", id_of(m));
+        assert!(
+            parked.contains_key(&id_of(m)),
+            "invalid message {} not parked",
+            id_of(m)
+        );
         assert!(receipted.contains(&id_of(m)), "no receipt for {}", id_of(m));
     }
     assert_eq!(depth(&url, &queues.inbound("cpi-modena")).await, 0);

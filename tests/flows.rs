@@ -27,9 +27,15 @@ async fn cpi_referral_reaches_inps_with_the_competent_inps_office() {
     assert_eq!(identifiers(&delivered), identifiers(&sent));
     // AMQP properties a recipient relies on.
     let p = &out[0].properties;
-    assert_eq!(p.message_id().as_ref().unwrap().as_str(), sent["message_id"].as_str().unwrap());
+    assert_eq!(
+        p.message_id().as_ref().unwrap().as_str(),
+        sent["message_id"].as_str().unwrap()
+    );
     assert_eq!(p.kind().as_ref().unwrap().as_str(), "referral");
-    assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
     assert_eq!(*p.delivery_mode(), Some(2));
 
     let receipt = gw.receipt("cpi-modena").await;
@@ -48,11 +54,18 @@ async fn cpi_referral_reaches_inps_with_the_competent_inps_office() {
 #[tokio::test]
 async fn bologna_referral_maps_to_the_bologna_inps_office() {
     let gw = Gateway::start().await;
-    gw.send("cpi-bologna", &referral("cpi-bologna", "CPI-BO-02", "037032")).await;
+    gw.send(
+        "cpi-bologna",
+        &referral("cpi-bologna", "CPI-BO-02", "037032"),
+    )
+    .await;
     let delivered = gw.take(&gw.queues.outbound("inps"), 1).await[0].json();
     assert_eq!(delivered["payload"]["office"], "3700");
     assert_eq!(delivered["payload"]["sender_office"], "CPI-BO-02");
-    assert_eq!(gw.receipt("cpi-bologna").await["payload"]["code"], "delivered");
+    assert_eq!(
+        gw.receipt("cpi-bologna").await["payload"]["code"],
+        "delivered"
+    );
     gw.stop().await;
 }
 
@@ -66,7 +79,10 @@ async fn comune_employment_readiness_goes_to_the_competent_cpi() {
     assert_eq!(delivered["recipient"], "cpi-modena");
     assert_eq!(delivered["payload"]["office"], "CPI-MO-01");
     assert_eq!(delivered["payload"]["sender_office"], "SS-MO-01");
-    assert_eq!(gw.receipt("comune-modena").await["payload"]["recipients"], json!(["cpi-modena"]));
+    assert_eq!(
+        gw.receipt("comune-modena").await["payload"]["recipients"],
+        json!(["cpi-modena"])
+    );
     gw.assert_empty(&gw.queues.outbound("inps")).await;
     gw.assert_empty(&gw.queues.outbound("cpi-bologna")).await;
     gw.stop().await;
@@ -104,7 +120,10 @@ async fn inclusion_benefit_fans_out_to_cpi_and_comune() {
     assert_eq!(cpi["payload"]["office"], "CPI-MO-01");
     assert_eq!(comune["payload"]["office"], "SS-MO-01");
     let receipt = gw.receipt("inps").await;
-    assert_eq!(receipt["payload"]["recipients"], json!(["cpi-modena", "comune-modena"]));
+    assert_eq!(
+        receipt["payload"]["recipients"],
+        json!(["cpi-modena", "comune-modena"])
+    );
     gw.stop().await;
 }
 
@@ -114,7 +133,10 @@ async fn inclusion_benefit_without_a_competent_comune_goes_to_the_cpi_alone() {
     gw.send("inps", &benefit_status("sfl", "037032")).await;
     let cpi = gw.take(&gw.queues.outbound("cpi-bologna"), 1).await[0].json();
     assert_eq!(cpi["payload"]["office"], "CPI-BO-02");
-    assert_eq!(gw.receipt("inps").await["payload"]["recipients"], json!(["cpi-bologna"]));
+    assert_eq!(
+        gw.receipt("inps").await["payload"]["recipients"],
+        json!(["cpi-bologna"])
+    );
     gw.assert_empty(&gw.queues.outbound("comune-modena")).await;
     gw.stop().await;
 }
@@ -127,7 +149,10 @@ async fn a_named_recipient_bypasses_the_routing_rules() {
     gw.send("inps", &sent).await;
     let delivered = gw.take(&gw.queues.outbound("cpi-bologna"), 1).await[0].json();
     assert_eq!(delivered["payload"]["office"], "CPI-BO-01");
-    assert_eq!(gw.receipt("inps").await["payload"]["recipients"], json!(["cpi-bologna"]));
+    assert_eq!(
+        gw.receipt("inps").await["payload"]["recipients"],
+        json!(["cpi-bologna"])
+    );
     gw.stop().await;
 }
 

@@ -8,7 +8,14 @@ use common::{Gateway, benefit_status, referral};
 use serde_json::{Value, json};
 
 /// Sends `body` as `partner` and checks the rejection: code, first error's path and keyword.
-async fn rejected(gw: &Gateway, partner: &str, body: &[u8], code: &str, path: &str, keyword: &str) -> Value {
+async fn rejected(
+    gw: &Gateway,
+    partner: &str,
+    body: &[u8],
+    code: &str,
+    path: &str,
+    keyword: &str,
+) -> Value {
     let (receipt, parked) = gw.expect_rejection(partner, body).await;
     assert_eq!(receipt["payload"]["status"], "rejected", "{receipt}");
     assert_eq!(receipt["payload"]["code"], code, "{receipt}");
@@ -17,12 +24,19 @@ async fn rejected(gw: &Gateway, partner: &str, body: &[u8], code: &str, path: &s
     assert_eq!(first["path"], path, "{receipt}");
     assert_eq!(first["keyword"], keyword, "{receipt}");
     assert!(!first["message"].as_str().unwrap().is_empty());
-    assert!(gw.directory.schemas.is_valid("receipt", "1.0", &receipt), "{receipt}");
+    assert!(
+        gw.directory.schemas.is_valid("receipt", "1.0", &receipt),
+        "{receipt}"
+    );
     // The parked original is byte for byte what was sent, with the reason in its headers.
     assert_eq!(parked.body, body);
     assert_eq!(parked.header("x-ponte-code").as_deref(), Some(code));
     assert_eq!(parked.header("x-ponte-partner").as_deref(), Some(partner));
-    assert!(parked.header("x-ponte-reason").is_some_and(|r| !r.is_empty()));
+    assert!(
+        parked
+            .header("x-ponte-reason")
+            .is_some_and(|r| !r.is_empty())
+    );
     let errors: Value = serde_json::from_str(&parked.header("x-ponte-errors").unwrap()).unwrap();
     assert_eq!(errors, receipt["payload"]["errors"]);
     receipt
@@ -35,7 +49,15 @@ fn bytes(v: &Value) -> Vec<u8> {
 #[tokio::test]
 async fn not_json_is_invalid_json_and_still_answered() {
     let gw = Gateway::start().await;
-    let receipt = rejected(&gw, "cpi-modena", b"<referral>not json</referral>", "invalid-json", "", "json").await;
+    let receipt = rejected(
+        &gw,
+        "cpi-modena",
+        b"<referral>not json</referral>",
+        "invalid-json",
+        "",
+        "json",
+    )
+    .await;
     assert!(receipt.get("correlation_id").is_none());
     gw.stop().await;
 }
@@ -65,7 +87,15 @@ async fn over_size_is_too_large() {
 async fn ten_thousand_deep_json_is_too_large() {
     let gw = Gateway::start().await;
     let body = format!("{{\"a\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
-    rejected(&gw, "cpi-modena", body.as_bytes(), "too-large", "", "maxDepth").await;
+    rejected(
+        &gw,
+        "cpi-modena",
+        body.as_bytes(),
+        "too-large",
+        "",
+        "maxDepth",
+    )
+    .await;
     gw.stop().await;
 }
 
@@ -75,10 +105,22 @@ async fn schema_violations_are_all_listed_with_their_pointers() {
     let mut m = referral("cpi-modena", "CPI-MO-01", "036023");
     m["subject"]["identifiers"][0]["value"] = json!("RSSMRA85T10A562T");
     m["payload"]["reason"] = json!("bored");
-    let receipt = rejected(&gw, "cpi-modena", &bytes(&m), "schema-violation", "/subject/identifiers/0/value", "format").await;
+    let receipt = rejected(
+        &gw,
+        "cpi-modena",
+        &bytes(&m),
+        "schema-violation",
+        "/subject/identifiers/0/value",
+        "format",
+    )
+    .await;
     assert_eq!(receipt["correlation_id"], m["message_id"]);
     let errors = receipt["payload"]["errors"].as_array().unwrap();
-    assert!(errors.iter().any(|e| e["path"] == "/payload/reason" && e["keyword"] == "enum"));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e["path"] == "/payload/reason" && e["keyword"] == "enum")
+    );
     // The person identifier is not repeated in the receipt.
     assert!(!receipt.to_string().contains("RSSMRA85T10A562T"));
     gw.stop().await;
@@ -89,7 +131,15 @@ async fn gateway_owned_field_set_by_a_sender_is_refused() {
     let gw = Gateway::start().await;
     let mut m = referral("cpi-modena", "CPI-MO-01", "036023");
     m["payload"]["sender_office"] = json!("CPI-MO-99");
-    rejected(&gw, "cpi-modena", &bytes(&m), "schema-violation", "/payload/sender_office", "readOnly").await;
+    rejected(
+        &gw,
+        "cpi-modena",
+        &bytes(&m),
+        "schema-violation",
+        "/payload/sender_office",
+        "readOnly",
+    )
+    .await;
     gw.stop().await;
 }
 
@@ -98,10 +148,26 @@ async fn unknown_type_and_unsupported_version() {
     let gw = Gateway::start().await;
     let mut m = referral("cpi-modena", "CPI-MO-01", "036023");
     m["type"] = json!("pension-claim");
-    rejected(&gw, "cpi-modena", &bytes(&m), "unknown-type", "/type", "enum").await;
+    rejected(
+        &gw,
+        "cpi-modena",
+        &bytes(&m),
+        "unknown-type",
+        "/type",
+        "enum",
+    )
+    .await;
     let mut m = referral("cpi-modena", "CPI-MO-01", "036023");
     m["version"] = json!("2.0");
-    rejected(&gw, "cpi-modena", &bytes(&m), "unsupported-version", "/version", "enum").await;
+    rejected(
+        &gw,
+        "cpi-modena",
+        &bytes(&m),
+        "unsupported-version",
+        "/version",
+        "enum",
+    )
+    .await;
     gw.stop().await;
 }
 
@@ -110,7 +176,15 @@ async fn spoofed_sender_is_sender_mismatch_answered_to_the_queue_owner() {
     let gw = Gateway::start().await;
     // cpi-modena's back office claims to be INPS.
     let m = benefit_status("naspi", "036023");
-    let receipt = rejected(&gw, "cpi-modena", &bytes(&m), "sender-mismatch", "/sender", "sender").await;
+    let receipt = rejected(
+        &gw,
+        "cpi-modena",
+        &bytes(&m),
+        "sender-mismatch",
+        "/sender",
+        "sender",
+    )
+    .await;
     assert_eq!(receipt["recipient"], "cpi-modena");
     gw.assert_empty(&gw.queues.receipts("inps")).await;
     gw.stop().await;
@@ -121,7 +195,15 @@ async fn a_partner_sending_a_type_it_may_not_is_not_authorized() {
     let gw = Gateway::start().await;
     let mut m = benefit_status("adi", "036023");
     m["sender"] = json!("comune-modena");
-    rejected(&gw, "comune-modena", &bytes(&m), "not-authorized", "/type", "authorization").await;
+    rejected(
+        &gw,
+        "comune-modena",
+        &bytes(&m),
+        "not-authorized",
+        "/type",
+        "authorization",
+    )
+    .await;
     gw.stop().await;
 }
 
@@ -130,7 +212,15 @@ async fn a_recipient_that_may_not_receive_the_type_is_not_authorized() {
     let gw = Gateway::start().await;
     let mut m = referral("cpi-modena", "CPI-MO-01", "036023");
     m["recipient"] = json!("comune-modena");
-    rejected(&gw, "cpi-modena", &bytes(&m), "not-authorized", "/recipient", "authorization").await;
+    rejected(
+        &gw,
+        "cpi-modena",
+        &bytes(&m),
+        "not-authorized",
+        "/recipient",
+        "authorization",
+    )
+    .await;
     gw.stop().await;
 }
 
@@ -139,7 +229,15 @@ async fn unknown_recipient() {
     let gw = Gateway::start().await;
     let mut m = referral("cpi-modena", "CPI-MO-01", "036023");
     m["recipient"] = json!("inail");
-    rejected(&gw, "cpi-modena", &bytes(&m), "unknown-recipient", "/recipient", "recipient").await;
+    rejected(
+        &gw,
+        "cpi-modena",
+        &bytes(&m),
+        "unknown-recipient",
+        "/recipient",
+        "recipient",
+    )
+    .await;
     gw.stop().await;
 }
 
@@ -152,7 +250,15 @@ async fn no_rule_and_no_competent_partner_are_no_route() {
     rejected(&gw, "comune-modena", &bytes(&m), "no-route", "", "route").await;
     // No CPI is competent for Turin.
     let m = benefit_status("naspi", "001272");
-    rejected(&gw, "inps", &bytes(&m), "no-route", "/payload/municipality", "competence").await;
+    rejected(
+        &gw,
+        "inps",
+        &bytes(&m),
+        "no-route",
+        "/payload/municipality",
+        "competence",
+    )
+    .await;
     gw.stop().await;
 }
 
@@ -162,29 +268,62 @@ async fn identifiers_and_offices_the_recipient_cannot_use_are_unmappable() {
     // INPS accepts only the codice fiscale.
     let mut m = referral("cpi-modena", "CPI-MO-01", "036023");
     m["subject"]["identifiers"] = json!([{"scheme": "ch.ahvn13", "value": "756.1234.5678.97"}]);
-    rejected(&gw, "cpi-modena", &bytes(&m), "unmappable-identifier", "/subject/identifiers", "identifierScheme").await;
+    rejected(
+        &gw,
+        "cpi-modena",
+        &bytes(&m),
+        "unmappable-identifier",
+        "/subject/identifiers",
+        "identifierScheme",
+    )
+    .await;
     // INPS has no office for Turin.
     let m = referral("cpi-modena", "CPI-MO-01", "001272");
-    rejected(&gw, "cpi-modena", &bytes(&m), "unmappable-identifier", "/payload/office", "officeCode").await;
+    rejected(
+        &gw,
+        "cpi-modena",
+        &bytes(&m),
+        "unmappable-identifier",
+        "/payload/office",
+        "officeCode",
+    )
+    .await;
     gw.stop().await;
 }
 
 #[tokio::test]
 async fn a_poison_message_does_not_block_the_messages_behind_it() {
     let gw = Gateway::start().await;
-    let mut bodies = vec![b"\xff\xfe not even utf-8".to_vec(), b"{\"deep\":".repeat(5000)];
-    let valid: Vec<Value> = (0..20).map(|_| referral("cpi-modena", "CPI-MO-01", "036023")).collect();
+    let mut bodies = vec![
+        b"\xff\xfe not even utf-8".to_vec(),
+        b"{\"deep\":".repeat(5000),
+    ];
+    let valid: Vec<Value> = (0..20)
+        .map(|_| referral("cpi-modena", "CPI-MO-01", "036023"))
+        .collect();
     bodies.extend(valid.iter().map(bytes));
     common::publish_many(&gw.url, &gw.queues.inbound("cpi-modena"), &bodies).await;
     let out = gw.take(&gw.queues.outbound("inps"), 20).await;
     assert_eq!(out.len(), 20);
-    let mut got: Vec<String> = out.iter().map(|m| m.json()["message_id"].as_str().unwrap().to_string()).collect();
-    let mut want: Vec<String> = valid.iter().map(|m| m["message_id"].as_str().unwrap().to_string()).collect();
+    let mut got: Vec<String> = out
+        .iter()
+        .map(|m| m.json()["message_id"].as_str().unwrap().to_string())
+        .collect();
+    let mut want: Vec<String> = valid
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_string())
+        .collect();
     got.sort();
     want.sort();
     assert_eq!(got, want);
     assert_eq!(gw.take(&gw.queues.rejected("cpi-modena"), 2).await.len(), 2);
-    assert_eq!(gw.take(&gw.queues.receipts("cpi-modena"), 22).await.len(), 22);
-    assert_eq!(common::depth(&gw.url, &gw.queues.inbound("cpi-modena")).await, 0);
+    assert_eq!(
+        gw.take(&gw.queues.receipts("cpi-modena"), 22).await.len(),
+        22
+    );
+    assert_eq!(
+        common::depth(&gw.url, &gw.queues.inbound("cpi-modena")).await,
+        0
+    );
     gw.stop().await;
 }

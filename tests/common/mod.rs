@@ -77,7 +77,11 @@ impl Gateway {
         let directory = Arc::new(directory);
         let shutdown = CancellationToken::new();
         let status = Status::default();
-        let task = tokio::spawn(ponte::gateway::run(directory.clone(), shutdown.clone(), status.clone()));
+        let task = tokio::spawn(ponte::gateway::run(
+            directory.clone(),
+            shutdown.clone(),
+            status.clone(),
+        ));
         tokio::time::timeout(Duration::from_secs(30), status.ready())
             .await
             .expect("gateway ready within 30 s");
@@ -117,7 +121,8 @@ impl Gateway {
 
     /// Publishes `message` to `partner`'s inbound queue.
     pub async fn send(&self, partner: &str, message: &Value) {
-        self.send_raw(partner, &serde_json::to_vec(message).unwrap()).await;
+        self.send_raw(partner, &serde_json::to_vec(message).unwrap())
+            .await;
     }
 
     pub async fn send_raw(&self, partner: &str, body: &[u8]) {
@@ -139,7 +144,11 @@ impl Gateway {
     /// Asserts that nothing more arrives on `queue` within a short wait.
     pub async fn assert_empty(&self, queue: &str) {
         let extra = drain(&self.url, queue, 1, Duration::from_millis(500)).await;
-        assert!(extra.is_empty(), "{queue} should be empty, got {:?}", extra[0].text());
+        assert!(
+            extra.is_empty(),
+            "{queue} should be empty, got {:?}",
+            extra[0].text()
+        );
     }
 
     async fn assert_empty_owned(&self, queue: String) {
@@ -152,8 +161,17 @@ impl Gateway {
         self.send_raw(partner, body).await;
         let receipt = self.receipt(partner).await;
         let parked = self.take(&self.queues.rejected(partner), 1).await;
-        assert_eq!(parked.len(), 1, "the original is parked in {}", self.queues.rejected(partner));
-        let checks = self.directory.partners.keys().map(|p| self.assert_empty_owned(self.queues.outbound(p)));
+        assert_eq!(
+            parked.len(),
+            1,
+            "the original is parked in {}",
+            self.queues.rejected(partner)
+        );
+        let checks = self
+            .directory
+            .partners
+            .keys()
+            .map(|p| self.assert_empty_owned(self.queues.outbound(p)));
         futures_util::future::join_all(checks).await;
         (receipt, parked.into_iter().next().unwrap())
     }
@@ -168,7 +186,8 @@ pub struct Message {
 
 impl Message {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -192,7 +211,10 @@ pub async fn connect(url: &str) -> Connection {
 pub async fn publish_many(url: &str, queue: &str, bodies: &[Vec<u8>]) {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     // The gateway declares its queues; declaring here too lets a test publish before it starts.
     declare(&channel, queue).await;
     let mut pending = Vec::with_capacity(bodies.len());
@@ -202,7 +224,13 @@ pub async fn publish_many(url: &str, queue: &str, bodies: &[Vec<u8>]) {
             .with_content_type("application/json".into());
         pending.push(
             channel
-                .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties)
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
                 .await
                 .unwrap(),
         );
@@ -220,7 +248,10 @@ pub async fn publish_many(url: &str, queue: &str, bodies: &[Vec<u8>]) {
 
 async fn declare(channel: &lapin::Channel, queue: &str) {
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("classic".into()));
+    arguments.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("classic".into()),
+    );
     channel
         .queue_declare(
             queue.into(),
@@ -240,7 +271,10 @@ pub async fn drain(url: &str, queue: &str, count: usize, wait: Duration) -> Vec<
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
     declare(&channel, queue).await;
-    channel.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+    channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await
+        .unwrap();
     let mut consumer = channel
         .basic_consume(
             queue.into(),
@@ -316,7 +350,12 @@ impl PrivateBroker {
 
     pub fn script(&self, command: &str) {
         let status = Command::new(repo().join("scripts/broker.sh"))
-            .args([command, &self.name, &self.port.to_string(), self.dir.to_str().unwrap()])
+            .args([
+                command,
+                &self.name,
+                &self.port.to_string(),
+                self.dir.to_str().unwrap(),
+            ])
             .status()
             .expect("scripts/broker.sh runs");
         assert!(status.success(), "broker.sh {command} failed");
