@@ -13,6 +13,8 @@ rm -rf "$dir"
 scripts/broker.sh start test "$port" "$dir"
 trap 'scripts/broker.sh stop test "$port" "$dir"' EXIT
 export TEST_BROKER_URL="amqp://guest:guest@127.0.0.1:$port/%2f"
+# Tests that change broker policies run rabbitmqctl against this node with these arguments.
+export TEST_BROKER_NODE="test $port $PWD/$dir"
 
 echo "test.sh: loading deploy/definitions.json into the test broker" >&2
 scripts/broker.sh ctl test "$port" "$dir" import_definitions "$PWD/deploy/definitions.json" >/dev/null

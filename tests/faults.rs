@@ -255,3 +255,41 @@ async fn broker_stopped_and_started_mid_load_loses_nothing() {
     }
     assert_eq!(depth(&url, &queues.inbound("cpi-modena")).await, 0);
 }
+
+#[tokio::test]
+async fn a_nacked_copy_is_retried_never_rejected() {
+    let gw = Gateway::start().await;
+    let out = gw.queues.outbound("inps");
+    // A full queue that refuses new messages makes the broker nack every publish to it.
+    let policy = format!("full-{}", gw.queues.prefix);
+    let pattern = format!("^{}$", out.replace('.', "\\."));
+    common::shared_broker_ctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &policy,
+        &pattern,
+        r#"{"max-length": 0, "overflow": "reject-publish"}"#,
+    ]);
+    let sent = referral("cpi-modena", "CPI-MO-01", "036023");
+    gw.send("cpi-modena", &sent).await;
+    // While the broker refuses the copy, the message is neither delivered, nor answered, nor
+    // parked: it waits to be tried again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    gw.assert_empty(&gw.queues.receipts("cpi-modena")).await;
+    gw.assert_empty(&gw.queues.rejected("cpi-modena")).await;
+    common::shared_broker_ctl(&["clear_policy", &policy]);
+    let delivered = gw.take(&out, 1).await;
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(id_of(&delivered[0].json()), id_of(&sent));
+    let receipts = drain(
+        &gw.url,
+        &gw.queues.receipts("cpi-modena"),
+        2,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(receipts.len(), 1, "exactly one receipt");
+    assert_eq!(receipts[0].json()["payload"]["code"], "delivered");
+    gw.stop().await;
+}

@@ -324,6 +324,22 @@ pub async fn depth(url: &str, queue: &str) -> u32 {
     q.message_count()
 }
 
+/// Runs `rabbitmqctl ARGS` against the shared test broker (`TEST_BROKER_NODE`, set by
+/// `scripts/test.sh`).
+pub fn shared_broker_ctl(args: &[&str]) {
+    let node =
+        std::env::var("TEST_BROKER_NODE").expect("TEST_BROKER_NODE is set by scripts/test.sh");
+    let node: Vec<&str> = node.split(' ').collect();
+    let status = Command::new(repo().join("scripts/broker.sh"))
+        .arg("ctl")
+        .args(&node)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("scripts/broker.sh runs");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
 /// A RabbitMQ node of the test's own, for tests that stop or kill the broker.
 pub struct PrivateBroker {
     pub name: String,
