@@ -104,6 +104,8 @@ async fn session(
             channel: confirming_channel(&publishing).await?,
             queues: queues.clone(),
             confirm_timeout_secs: directory.settings.broker.publish_timeout_secs,
+            positive_receipts: directory.partners[partner].receipts
+                == crate::partner::Receipts::All,
             reconnect: session_stop.clone(),
         });
         let consume = consuming.create_channel().await?;

@@ -30,6 +30,20 @@ struct PartnerFile {
     identifier_schemes: Vec<String>,
     #[serde(default)]
     offices: Vec<OfficeFile>,
+    #[serde(default)]
+    receipts: Receipts,
+}
+
+/// Which receipts a partner gets. Every rejection is always answered; a partner that trusts
+/// "no news is good news" can switch off positive receipts, which halves the broker's publishes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Receipts {
+    /// A receipt for every message (the default).
+    #[default]
+    All,
+    /// Receipts only for rejected messages.
+    Rejections,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +65,7 @@ pub struct Partner {
     /// Schemes this partner accepts in `subject.identifiers`, in its preferred order.
     pub identifier_schemes: Vec<String>,
     pub offices: Vec<Office>,
+    pub receipts: Receipts,
     /// Competent office code by ISTAT municipality code.
     office_by_municipality: HashMap<String, String>,
 }
@@ -174,6 +189,7 @@ impl Partner {
                     municipalities: o.municipalities,
                 })
                 .collect(),
+            receipts: raw.receipts,
             office_by_municipality,
         })
     }

@@ -201,7 +201,8 @@ impl Settings {
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("_")
-                    .separator("__"),
+                    .separator("__")
+                    .source(Some(settings_variables())),
             );
         for (key, value) in overrides {
             builder = match builder.set_override(*key, *value) {
@@ -265,6 +266,19 @@ impl Settings {
         }
         Ok(uri)
     }
+}
+
+/// The environment variables that address a setting: `PONTE_<SECTION>__<KEY>`. Others that
+/// merely start with `PONTE_` (`PONTE_CONFIG_DIR`, scripts' own variables) are not settings and
+/// must not trip the unknown-key check.
+fn settings_variables() -> std::collections::HashMap<String, String> {
+    let prefix = format!("{ENV_PREFIX}_");
+    std::env::vars()
+        .filter(|(k, _)| {
+            k.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.contains("__"))
+        })
+        .collect()
 }
 
 fn url_has_password(url: &str) -> bool {

@@ -25,6 +25,8 @@ pub struct Settler {
     pub channel: Channel,
     pub queues: Queues,
     pub confirm_timeout_secs: u64,
+    /// Whether the partner of this flow wants a receipt for delivered messages too.
+    pub positive_receipts: bool,
     /// Cancelled to make the gateway reconnect and redeclare its topology, when a failure says
     /// the connection or the topology is not what it should be.
     pub reconnect: CancellationToken,
@@ -69,11 +71,13 @@ pub async fn delivered(
             .await?;
             recipients.push(recipient);
         }
-        let names: Vec<&str> = recipients.iter().map(String::as_str).collect();
-        let receipt = receipt::build(inbound.answered(), Code::Delivered, &names, &[]);
-        let queue = settler.queues.receipts(&inbound.partner);
-        let confirm = publish_receipt(&settler, &queue, &receipt, &inbound).await?;
-        confirmed(confirm, &queue, settler.confirm_timeout_secs).await?;
+        if settler.positive_receipts {
+            let names: Vec<&str> = recipients.iter().map(String::as_str).collect();
+            let receipt = receipt::build(inbound.answered(), Code::Delivered, &names, &[]);
+            let queue = settler.queues.receipts(&inbound.partner);
+            let confirm = publish_receipt(&settler, &queue, &receipt, &inbound).await?;
+            confirmed(confirm, &queue, settler.confirm_timeout_secs).await?;
+        }
         Ok::<_, BrokerError>(recipients)
     }
     .await;

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Ponte's benchmark: Ponte side by side with a RabbitMQ Shovel on the same broker, same run.
+# Starts a private RabbitMQ (with the shovel plugin) on 127.0.0.1:5691, builds Ponte in release
+# mode and runs the scenarios below, printing each row and appending it to
+# target/bench/results.csv (latency samples: target/bench/latency-*.csv).
+#
+#   bench/run.sh           the full matrix (about half an hour on 2 cores)
+#   bench/run.sh --quick   a 2,000-message smoke of the base row (what CI runs)
+#   bench/run.sh --only NAME   one row of the matrix
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port=${PONTE_BENCH_BROKER_PORT:-5691}
+dir=target/bench-broker
+mode=full
+only=""
+case "${1:-}" in
+--quick) mode=quick ;;
+--only) only=${2:?row name} ;;
+esac
+
+PONTE_BROKER_PLUGINS=rabbitmq_shovel scripts/broker.sh start bench "$port" "$dir"
+if [ "${PONTE_BENCH_KEEP_BROKER:-}" != 1 ]; then
+    trap 'scripts/broker.sh stop bench "$port" "$dir"' EXIT
+fi
+
+profile=release
+[ "$mode" = quick ] && profile=dev
+if [ "$profile" = release ]; then
+    cargo build --release --locked --bins
+    bin=target/release
+else
+    cargo build --locked --bins
+    bin=target/debug
+fi
+mkdir -p target/bench
+csv=target/bench/results.csv
+[ -z "$only" ] && rm -f "$csv"
+
+row() {
+    local name=$1
+    shift
+    if [ -n "$only" ] && [ "$only" != "$name" ]; then return; fi
+    "$bin/ponte-bench" --url "amqp://guest:guest@127.0.0.1:$port/%2f" --node "bench $port $PWD/$dir" \
+        --ponte "$bin/ponte" --csv "$csv" --scenario "$name" "$@"
+}
+
+if [ "$mode" = quick ]; then
+    row smoke --messages 2000 --latency-secs 2
+else
+    row base --messages 100000 --latency-secs 20
+    row base-receipts --messages 100000 --receipts on
+    row size-16k --messages 20000 --size 16384
+    row size-256k --messages 2000 --size 262144
+    row partners-100 --messages 100000 --partners 100
+    row partners-1000 --messages 100000 --partners 1000
+    row backlog-1m --messages 1000000 --no-shovel
+fi
+echo
+column -s, -t <"$csv"

@@ -1,0 +1,801 @@
+//! `ponte-bench`: measures Ponte against the broker's own message pump (a RabbitMQ Shovel) on
+//! the same broker in the same run. Run it through `bench/run.sh`, which starts the broker.
+//!
+//! For one scenario (messages, partners, size, positive receipts) it:
+//! 1. moves N pre-loaded messages from one queue to another with a shovel (`ack-mode`
+//!    `on-confirm`): the rate the broker alone sustains;
+//! 2. pre-loads the same kind of load (demo referrals and benefit-status messages, 5% invalid in
+//!    varied ways) into the partners' inbound queues, starts `ponte run` and measures the drain:
+//!    steady-state rate (10%–90% of the outputs), the process's CPU time per message and its
+//!    peak RSS, and its start-up time;
+//! 3. optionally offers messages at a fixed rate (half the measured maximum) with an open-loop
+//!    publisher and records each delivered copy's end-to-end latency.
+//!
+//! It prints one row and appends it to a CSV file. It never fails on a timing.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use ponte::broker::Queues;
+use ponte::directory::Directory;
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Ponte throughput, CPU, memory and latency against a RabbitMQ shovel")]
+struct Args {
+    /// AMQP URL of the benchmark broker (with credentials).
+    #[arg(long)]
+    url: String,
+    /// `scripts/broker.sh ctl` arguments of that broker: "NAME PORT DIR".
+    #[arg(long)]
+    node: String,
+    /// Messages to pre-load.
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Configured partners (at least 4: the demo institutions, plus generated employment centres).
+    #[arg(long, default_value_t = 4)]
+    partners: usize,
+    /// Approximate size of a message in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Positive receipts (a receipt for every delivered message) on or off.
+    #[arg(long, default_value = "off")]
+    receipts: String,
+    /// Skip the shovel run (its rate is then reported as empty).
+    #[arg(long)]
+    no_shovel: bool,
+    /// Also measure latency at half the maximum rate, for this many seconds.
+    #[arg(long, default_value_t = 0)]
+    latency_secs: u64,
+    /// The ponte binary to measure.
+    #[arg(long, default_value = "target/release/ponte")]
+    ponte: PathBuf,
+    /// CSV file the row is appended to.
+    #[arg(long, default_value = "target/bench/results.csv")]
+    csv: PathBuf,
+    /// Name of this row.
+    #[arg(long, default_value = "base")]
+    scenario: String,
+    /// Where to write the generated configuration and latency samples.
+    #[arg(long, default_value = "target/bench")]
+    work: PathBuf,
+}
+
+/// One row of results.
+#[derive(Debug, Default)]
+struct Row {
+    shovel_rate: Option<f64>,
+    ponte_rate: f64,
+    cpu_us: f64,
+    peak_rss_mib: f64,
+    startup_ms: f64,
+    latency: Option<(f64, f64, f64, usize, f64)>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.partners >= 4, "--partners must be at least 4");
+    std::fs::create_dir_all(&args.work)?;
+    let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let config = write_config(&args, &prefix)?;
+    let directory = Directory::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let load = Load::generate(&directory, args.messages, args.size);
+    eprintln!(
+        "bench {}: {} messages ({} invalid), {} partners, ~{} bytes, receipts {}, {} expected outputs",
+        args.scenario,
+        args.messages,
+        load.invalid,
+        args.partners,
+        load.mean_size(),
+        args.receipts,
+        load.expected_outputs
+    );
+    let connection = connect(&args.url).await?;
+    let mut row = Row::default();
+    if !args.no_shovel {
+        row.shovel_rate = Some(shovel(&args, &connection, &load).await?);
+    }
+    drain_with_ponte(&args, &config, &directory, &connection, &load, &mut row).await?;
+    if args.latency_secs > 0 {
+        let rate = row.ponte_rate / 2.0;
+        row.latency = Some(latency(&args, &config, &directory, rate).await?);
+    }
+    cleanup(&connection, &directory).await;
+    report(&args, &load, &row)?;
+    Ok(())
+}
+
+/// Writes a configuration with the demo institutions plus generated employment centres.
+fn write_config(args: &Args, prefix: &str) -> Result<PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = args.work.join(format!("config-{}", args.scenario));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("partners"))?;
+    // Large-message rows need room in the free-text field; everything else is the real schema.
+    let schemas = dir.join("schemas");
+    copy_dir(&repo.join("schemas"), &schemas)?;
+    let referral = schemas.join("referral/1.0.json");
+    let mut schema: Value = serde_json::from_str(&std::fs::read_to_string(&referral)?)?;
+    schema["properties"]["payload"]["properties"]["notes"]["maxLength"] =
+        json!(args.size.max(2000) * 2);
+    std::fs::write(&referral, serde_json::to_vec_pretty(&schema)?)?;
+    std::fs::write(
+        dir.join("ponte.toml"),
+        format!(
+            "[broker]\nprefix = \"{prefix}\"\nprefetch = 200\n\n[limits]\nmax_message_bytes = {}\n\n[log]\nlevel = \"warn,ponte::gateway=info\"\n\n[paths]\nschemas = \"schemas\"\n",
+            (args.size * 4).max(1024 * 1024)
+        ),
+    )?;
+    let receipts = if args.receipts == "on" {
+        "all"
+    } else {
+        "rejections"
+    };
+    for name in ["inps", "cpi-modena", "cpi-bologna", "comune-modena"] {
+        let text =
+            std::fs::read_to_string(repo.join("config/partners").join(format!("{name}.toml")))?;
+        let mut text = text.replacen("\n", &format!("\nreceipts = \"{receipts}\"\n"), 1);
+        if name == "inps" && args.partners > 4 {
+            let extra: Vec<String> = (1..=args.partners - 4).map(bench_municipality).collect();
+            text.push_str(&format!(
+                "\n[[offices]]\ncode = \"3900\"\nmunicipalities = {extra:?}\n"
+            ));
+        }
+        std::fs::write(dir.join("partners").join(format!("{name}.toml")), text)?;
+    }
+    let mut cpis = vec!["cpi-modena".to_string(), "cpi-bologna".to_string()];
+    for i in 1..=args.partners - 4 {
+        let id = bench_cpi(i);
+        std::fs::write(
+            dir.join("partners").join(format!("{id}.toml")),
+            format!(
+                "id = \"{id}\"\nname = \"Benchmark employment centre {i}\"\nkind = \"cpi\"\nreceipts = \"{receipts}\"\nmay_send = [\"referral\"]\nmay_receive = [\"benefit-status\", \"referral\"]\nidentifier_schemes = [\"it.cf\"]\n\n[[offices]]\ncode = \"CPI-B-{i:04}\"\nmunicipalities = [\"{}\"]\n",
+                bench_municipality(i)
+            ),
+        )?;
+        cpis.push(id);
+    }
+    let routes = std::fs::read_to_string(repo.join("config/routes.toml"))?.replace(
+        "from = [\"cpi-modena\", \"cpi-bologna\"]",
+        &format!("from = {cpis:?}"),
+    );
+    std::fs::write(dir.join("routes.toml"), routes)?;
+    Ok(dir)
+}
+
+fn bench_cpi(i: usize) -> String {
+    format!("cpi-bench-{i:04}")
+}
+
+fn bench_municipality(i: usize) -> String {
+    format!("09{i:04}")
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The generated messages, by the partner that sends them.
+struct Load {
+    by_sender: Vec<(String, Vec<Vec<u8>>)>,
+    invalid: usize,
+    expected_outputs: usize,
+    bytes: usize,
+    count: usize,
+}
+
+impl Load {
+    fn generate(directory: &Directory, count: usize, size: usize) -> Load {
+        let cpis: Vec<(&str, &str, &str)> = directory
+            .partners
+            .values()
+            .filter(|p| p.kind == "cpi")
+            .flat_map(|p| {
+                p.offices.iter().flat_map(move |o| {
+                    o.municipalities
+                        .iter()
+                        .map(move |m| (p.id.as_str(), o.code.as_str(), m.as_str()))
+                })
+            })
+            .collect();
+        let mut by_sender: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+        let (mut invalid, mut expected, mut bytes) = (0, 0, 0);
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for i in 0..count {
+            let (cpi, office, municipality) = cpis[(next() % cpis.len() as u64) as usize];
+            let roll = next() % 100;
+            let (sender, mut message, outputs) = if roll < 60 {
+                let mut m = referral(cpi, office, municipality);
+                let base = serde_json::to_vec(&m).unwrap().len();
+                // Referrals carry the padding for the whole mix, so the mean is about `size`.
+                m["payload"]["notes"] =
+                    json!("n".repeat((size * 5 / 4).saturating_sub(base + 12).max(1)));
+                (cpi.to_string(), m, 1)
+            } else {
+                let adi = roll >= 88;
+                let m = benefit_status(if adi { "adi" } else { "naspi" }, municipality);
+                let fan_out = adi && directory.competent("comune", municipality).is_some();
+                ("inps".to_string(), m, if fan_out { 2 } else { 1 })
+            };
+            // 5% invalid, in varied ways.
+            let body = if i % 20 == 7 {
+                invalid += 1;
+                expected += 1;
+                match (i / 20) % 6 {
+                    0 => {
+                        message["subject"]["identifiers"][0]["value"] = json!("RSSMRA85T10A562T");
+                        serde_json::to_vec(&message).unwrap()
+                    }
+                    1 => b"this is not JSON".to_vec(),
+                    2 => {
+                        message["sender"] = json!("someone-else");
+                        serde_json::to_vec(&message).unwrap()
+                    }
+                    3 => {
+                        message["type"] = json!("pension-claim");
+                        serde_json::to_vec(&message).unwrap()
+                    }
+                    4 => {
+                        message["payload"].as_object_mut().unwrap().remove("office");
+                        serde_json::to_vec(&message).unwrap()
+                    }
+                    _ => {
+                        let mut b = serde_json::to_vec(&message).unwrap();
+                        let at = b.len() / 2;
+                        b[at] = 0xff;
+                        b
+                    }
+                }
+            } else {
+                expected += outputs;
+                serde_json::to_vec(&message).unwrap()
+            };
+            bytes += body.len();
+            by_sender.entry(sender).or_default().push(body);
+        }
+        let mut by_sender: Vec<_> = by_sender.into_iter().collect();
+        by_sender.sort_by(|a, b| a.0.cmp(&b.0));
+        Load {
+            by_sender,
+            invalid,
+            expected_outputs: expected,
+            bytes,
+            count,
+        }
+    }
+
+    fn mean_size(&self) -> usize {
+        self.bytes / self.count.max(1)
+    }
+}
+
+fn referral(sender: &str, office: &str, municipality: &str) -> Value {
+    json!({
+        "message_id": uuid::Uuid::new_v4().to_string(),
+        "type": "referral",
+        "version": "1.0",
+        "sender": sender,
+        "sent_at": "2026-11-23T09:15:00+01:00",
+        "subject": {"identifiers": [{"scheme": "it.cf", "value": "RSSMRA85T10A562S"}]},
+        "payload": {
+            "referral_id": "REF-2026-000123",
+            "reason": "non-compliance",
+            "office": office,
+            "municipality": municipality,
+            "legal_basis": "D.Lgs. 150/2015 art. 21",
+            "consent": {"given": true, "reference": "CONS-2026-77"},
+            "urgency": "normal",
+            "requested_services": ["orientamento", "formazione"],
+            "notes": ""
+        }
+    })
+}
+
+fn benefit_status(benefit: &str, municipality: &str) -> Value {
+    json!({
+        "message_id": uuid::Uuid::new_v4().to_string(),
+        "type": "benefit-status",
+        "version": "1.0",
+        "sender": "inps",
+        "sent_at": "2026-11-23T10:02:00+01:00",
+        "subject": {"identifiers": [{"scheme": "it.cf", "value": "BNCGVN70A41F257X"}]},
+        "payload": {
+            "benefit": benefit,
+            "application_id": "APP-2026-004471",
+            "status": "suspended",
+            "effective_date": "2026-12-01",
+            "office": "3600",
+            "municipality": municipality,
+            "reason_code": "NC-01",
+            "amount": {"value": 512.5, "currency": "EUR"}
+        }
+    })
+}
+
+async fn connect(url: &str) -> Result<Connection> {
+    Ok(Connection::connect(url, ConnectionProperties::default()).await?)
+}
+
+async fn declare(channel: &Channel, queue: &str) -> Result<u32> {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("classic".into()),
+    );
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await?;
+    Ok(q.message_count())
+}
+
+/// Publishes persistent messages with confirms pipelined in windows.
+async fn preload(connection: &Connection, queue: &str, bodies: &[Vec<u8>]) -> Result<()> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    declare(&channel, queue).await?;
+    let mut pending = std::collections::VecDeque::new();
+    for body in bodies {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        pending.push_back(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await?,
+        );
+        if pending.len() >= 1000 {
+            while pending.len() > 500 {
+                pending.pop_front().unwrap().await?;
+            }
+        }
+    }
+    for c in pending {
+        c.await?;
+    }
+    channel.close(200, "preloaded".into()).await?;
+    Ok(())
+}
+
+fn ctl(node: &str, args: &[&str]) -> Result<()> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let node: Vec<&str> = node.split(' ').collect();
+    let status = Command::new(repo.join("scripts/broker.sh"))
+        .arg("ctl")
+        .args(&node)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("rabbitmqctl {args:?} failed");
+    }
+    Ok(())
+}
+
+/// Measures the steady-state rate at which `progress` goes from 10% to 90% of `total`.
+async fn steady_rate(
+    total: usize,
+    limit: Duration,
+    mut progress: impl AsyncFnMut() -> Result<usize>,
+) -> Result<f64> {
+    let start = Instant::now();
+    let (mut t10, mut t90) = (None, None);
+    let (lo, hi) = (total / 10, total * 9 / 10);
+    loop {
+        let done = progress().await?;
+        let now = start.elapsed();
+        if t10.is_none() && done >= lo {
+            t10 = Some((now, done));
+        }
+        if done >= hi && t90.is_none() {
+            t90 = Some((now, done));
+        }
+        if done >= total {
+            break;
+        }
+        if now > limit {
+            bail!("only {done} of {total} after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ((a, da), (b, db)) = (t10.unwrap(), t90.unwrap());
+    let span = (b - a).as_secs_f64();
+    Ok(if span > 0.0 {
+        (db - da) as f64 / span
+    } else {
+        f64::NAN
+    })
+}
+
+async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<f64> {
+    let src = format!("bench-shovel-{}.src", args.scenario);
+    let dst = format!("bench-shovel-{}.dst", args.scenario);
+    let channel = connection.create_channel().await?;
+    for q in [&src, &dst] {
+        let _ = channel
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
+    let channel = connection.create_channel().await?;
+    declare(&channel, &dst).await?;
+    let all: Vec<Vec<u8>> = load
+        .by_sender
+        .iter()
+        .flat_map(|(_, b)| b.iter().cloned())
+        .collect();
+    preload(connection, &src, &all).await?;
+    let definition = json!({
+        "src-protocol": "amqp091", "src-uri": "amqp://", "src-queue": src,
+        "dest-protocol": "amqp091", "dest-uri": "amqp://", "dest-queue": dst,
+        "ack-mode": "on-confirm", "src-delete-after": "never"
+    });
+    let name = format!("bench-{}", args.scenario);
+    ctl(
+        &args.node,
+        &["set_parameter", "shovel", &name, &definition.to_string()],
+    )?;
+    let rate = steady_rate(all.len(), Duration::from_secs(1800), async || {
+        Ok(declare(&channel, &dst).await? as usize)
+    })
+    .await;
+    ctl(&args.node, &["clear_parameter", "shovel", &name])?;
+    for q in [&src, &dst] {
+        let _ = channel
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
+    let rate = rate?;
+    eprintln!("  shovel: {rate:.0} msg/s");
+    Ok(rate)
+}
+
+/// Starts `ponte run` and returns it once it logs that it is ready, with the start-up time.
+fn start_ponte(args: &Args, config: &Path) -> Result<(Child, Duration)> {
+    let started = Instant::now();
+    let mut child = Command::new(&args.ponte)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("PONTE_BROKER__URL", &args.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", args.ponte.display()))?;
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+        {
+            if line.contains("gateway ready")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(());
+            }
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("  ponte: {line}");
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .context("ponte did not become ready")?;
+    Ok((child, started.elapsed()))
+}
+
+fn stop_ponte(mut child: Child) -> Result<()> {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("ponte exited with {status}");
+    }
+    Ok(())
+}
+
+/// User + system CPU seconds and peak RSS (MiB) of a process, from /proc.
+fn usage(pid: u32) -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    Ok((cpu, hwm / 1024.0))
+}
+
+async fn output_count(channel: &Channel, queues: &[String]) -> Result<usize> {
+    let mut total = 0;
+    for q in queues {
+        total += declare(channel, q).await? as usize;
+    }
+    Ok(total)
+}
+
+async fn drain_with_ponte(
+    args: &Args,
+    config: &Path,
+    directory: &Directory,
+    connection: &Connection,
+    load: &Load,
+    row: &mut Row,
+) -> Result<()> {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    let channel = connection.create_channel().await?;
+    ponte::broker::declare_topology(&channel, directory).await?;
+    for (sender, bodies) in &load.by_sender {
+        preload(connection, &queues.inbound(sender), bodies).await?;
+    }
+    let outputs: Vec<String> = directory
+        .partners
+        .keys()
+        .flat_map(|p| [queues.outbound(p), queues.rejected(p)])
+        .collect();
+    let (child, startup) = start_ponte(args, config)?;
+    row.startup_ms = startup.as_secs_f64() * 1000.0;
+    let pid = child.id();
+    let (cpu_before, _) = usage(pid)?;
+    let rate = steady_rate(
+        load.expected_outputs,
+        Duration::from_secs(3600),
+        async || output_count(&channel, &outputs).await,
+    )
+    .await?;
+    // Outputs counted; give the last acknowledgements a moment, then read the process's usage.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (cpu_after, rss) = usage(pid)?;
+    stop_ponte(child)?;
+    row.ponte_rate = rate * load.count as f64 / load.expected_outputs as f64;
+    row.cpu_us = (cpu_after - cpu_before) / load.count as f64 * 1e6;
+    row.peak_rss_mib = rss;
+    eprintln!(
+        "  ponte: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB, ready in {:.0} ms",
+        row.ponte_rate, row.cpu_us, row.peak_rss_mib, row.startup_ms
+    );
+    for q in &outputs {
+        channel
+            .queue_purge(q.as_str().into(), Default::default())
+            .await?;
+    }
+    for p in directory.partners.keys() {
+        channel
+            .queue_purge(queues.receipts(p).as_str().into(), Default::default())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Offers valid messages at `rate` per second for `args.latency_secs` and measures, for each
+/// delivered copy, the time from publish to arrival in the recipient's queue.
+async fn latency(
+    args: &Args,
+    config: &Path,
+    directory: &Directory,
+    rate: f64,
+) -> Result<(f64, f64, f64, usize, f64)> {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    let (child, _) = start_ponte(args, config)?;
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
+    let samples: Arc<Mutex<Vec<f64>>> = Default::default();
+    let consumer_connection = connect(&args.url).await?;
+    let mut consumers = Vec::new();
+    for p in directory.partners.keys() {
+        let channel = consumer_connection.create_channel().await?;
+        let mut consumer = channel
+            .basic_consume(
+                queues.outbound(p).as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let (sent, samples) = (sent.clone(), samples.clone());
+        consumers.push(tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let at = Instant::now();
+                if let Some(id) = d.properties.message_id().as_ref()
+                    && let Some(t0) = sent.lock().unwrap().get(id.as_str())
+                {
+                    samples
+                        .lock()
+                        .unwrap()
+                        .push((at - *t0).as_secs_f64() * 1000.0);
+                }
+            }
+        }));
+    }
+    // Open loop: each message is published at its scheduled time, whatever happened before.
+    let load = Load::generate(
+        directory,
+        (rate * args.latency_secs as f64) as usize,
+        args.size,
+    );
+    let mut schedule: Vec<(String, Vec<u8>)> = Vec::new();
+    for (sender, bodies) in &load.by_sender {
+        for b in bodies {
+            schedule.push((sender.clone(), b.clone()));
+        }
+    }
+    // Interleave senders as they would arrive.
+    schedule.sort_by_key(|(_, b)| {
+        let mut h = 0u64;
+        for x in b.iter().take(64) {
+            h = h.wrapping_mul(31).wrapping_add(u64::from(*x));
+        }
+        h
+    });
+    let publisher = connect(&args.url).await?;
+    let channel = publisher.create_channel().await?;
+    let start = Instant::now();
+    let mut offered = 0usize;
+    for (i, (sender, body)) in schedule.iter().enumerate() {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let id = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v["message_id"].as_str().map(String::from))
+            .unwrap_or_default();
+        sent.lock().unwrap().insert(id, Instant::now());
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        let _ = channel
+            .basic_publish(
+                "".into(),
+                queues.inbound(sender).as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await?;
+        offered += 1;
+    }
+    let offered_rate = offered as f64 / start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_ponte(child)?;
+    for c in consumers {
+        c.abort();
+    }
+    let mut samples = samples.lock().unwrap().clone();
+    samples.sort_by(f64::total_cmp);
+    if samples.is_empty() {
+        bail!("no latency samples");
+    }
+    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    let path = args.work.join(format!("latency-{}.csv", args.scenario));
+    let mut f = std::fs::File::create(&path)?;
+    writeln!(f, "latency_ms")?;
+    for s in &samples {
+        writeln!(f, "{s:.3}")?;
+    }
+    let result = (
+        pick(0.5),
+        pick(0.99),
+        *samples.last().unwrap(),
+        samples.len(),
+        offered_rate,
+    );
+    eprintln!(
+        "  latency at {offered_rate:.0} msg/s offered: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} copies; samples in {})",
+        result.0,
+        result.1,
+        result.2,
+        result.3,
+        path.display()
+    );
+    Ok(result)
+}
+
+async fn cleanup(connection: &Connection, directory: &Directory) {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    if let Ok(channel) = connection.create_channel().await {
+        for p in directory.partners.keys() {
+            for q in queues.of_partner(p) {
+                let _ = channel
+                    .queue_delete(q.as_str().into(), Default::default())
+                    .await;
+            }
+            let _ = channel
+                .exchange_delete(queues.inbound(p).as_str().into(), Default::default())
+                .await;
+        }
+    }
+}
+
+fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
+    let fmt = |v: Option<f64>, d: usize| v.map_or(String::new(), |v| format!("{v:.d$}"));
+    let ratio = row.shovel_rate.map(|s| row.ponte_rate / s);
+    let (p50, p99, max, offered) = match row.latency {
+        Some((a, b, c, _, r)) => (Some(a), Some(b), Some(c), Some(r)),
+        None => (None, None, None, None),
+    };
+    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms";
+    let line = format!(
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{}",
+        args.scenario,
+        load.count,
+        args.partners,
+        load.mean_size(),
+        args.receipts,
+        fmt(row.shovel_rate, 0),
+        row.ponte_rate,
+        fmt(ratio, 3),
+        row.cpu_us,
+        row.peak_rss_mib,
+        row.startup_ms,
+        fmt(offered, 0),
+        fmt(p50, 2),
+        fmt(p99, 2),
+        fmt(max, 2)
+    );
+    if let Some(parent) = args.csv.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let new = !args.csv.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.csv)?;
+    if new {
+        writeln!(f, "{header}")?;
+    }
+    writeln!(f, "{line}")?;
+    println!("{header}\n{line}");
+    Ok(())
+}
