@@ -73,6 +73,64 @@ impl Queues {
     }
 }
 
+/// Every configured partner's queue names, computed once so the hot path never formats them.
+#[derive(Debug)]
+pub struct QueueNames {
+    by_partner: std::collections::HashMap<String, PartnerQueues>,
+}
+
+#[derive(Debug)]
+struct PartnerQueues {
+    id: std::sync::Arc<str>,
+    inbound: String,
+    outbound: String,
+    receipts: String,
+    rejected: String,
+}
+
+impl QueueNames {
+    pub fn new<'a>(queues: &Queues, partners: impl IntoIterator<Item = &'a str>) -> Self {
+        let by_partner = partners
+            .into_iter()
+            .map(|p| {
+                let names = PartnerQueues {
+                    id: p.into(),
+                    inbound: queues.inbound(p),
+                    outbound: queues.outbound(p),
+                    receipts: queues.receipts(p),
+                    rejected: queues.rejected(p),
+                };
+                (p.to_string(), names)
+            })
+            .collect();
+        Self { by_partner }
+    }
+
+    fn get(&self, partner: &str) -> &PartnerQueues {
+        self.by_partner
+            .get(partner)
+            .unwrap_or_else(|| panic!("{partner} is not a configured partner"))
+    }
+
+    pub fn inbound(&self, partner: &str) -> &str {
+        &self.get(partner).inbound
+    }
+    pub fn outbound(&self, partner: &str) -> &str {
+        &self.get(partner).outbound
+    }
+    /// The partner's shared id and its outbound queue.
+    pub fn outbound_entry(&self, partner: &str) -> (std::sync::Arc<str>, &str) {
+        let q = self.get(partner);
+        (q.id.clone(), &q.outbound)
+    }
+    pub fn receipts(&self, partner: &str) -> &str {
+        &self.get(partner).receipts
+    }
+    pub fn rejected(&self, partner: &str) -> &str {
+        &self.get(partner).rejected
+    }
+}
+
 /// Opens a connection. lapin's automatic recovery stays off: the gateway's own supervisor
 /// reconnects, redeclares and resumes, so every step of recovery is visible and tested.
 pub async fn connect(directory: &Directory, name: &str) -> Result<Connection, BrokerError> {

@@ -8,10 +8,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::broker::{BrokerError, Queues, confirming_channel, connect, declare_topology};
+use crate::broker::{
+    BrokerError, QueueNames, Queues, confirming_channel, connect, declare_topology,
+};
 use crate::directory::Directory;
 use crate::receive::Flow;
 use crate::settle::Settler;
@@ -91,32 +92,27 @@ async fn session(
     let _ = setup.close(200, "topology declared".into()).await;
     *delay = Duration::from_millis(200);
 
-    let queues = Queues::new(&directory.settings.broker.prefix);
+    let queues = Arc::new(QueueNames::new(
+        &Queues::new(&directory.settings.broker.prefix),
+        directory.partners.keys().map(String::as_str),
+    ));
     let session_stop = shutdown.child_token();
-    let in_flight = TaskTracker::new();
     let mut flows = JoinSet::new();
-    // Dropping the last handle of a channel closes it, and an acknowledgement needs the channel
-    // its message arrived on: the session holds every consuming channel until in-flight
-    // messages have settled, even after their flow has ended.
-    let mut consuming_channels = Vec::with_capacity(directory.partners.len());
-    for partner in directory.partners.keys() {
+    for partner in directory.partners.values() {
         let settler = Arc::new(Settler {
             channel: confirming_channel(&publishing).await?,
             queues: queues.clone(),
             confirm_timeout_secs: directory.settings.broker.publish_timeout_secs,
-            positive_receipts: directory.partners[partner].receipts
-                == crate::partner::Receipts::All,
+            positive_receipts: partner.receipts == crate::partner::Receipts::All,
             reconnect: session_stop.clone(),
         });
-        let consume = consuming.create_channel().await?;
-        consuming_channels.push(consume.clone());
         let flow = Flow {
             directory: directory.clone(),
             partner: partner.clone(),
-            consume,
+            consume: consuming.create_channel().await?,
             settler,
         };
-        flows.spawn(flow.run(session_stop.clone(), in_flight.clone()));
+        flows.spawn(flow.run(session_stop.clone()));
     }
     status.ready.send_replace(true);
     info!(
@@ -141,15 +137,9 @@ async fn session(
         session_stop.cancel();
     }
     status.ready.send_replace(false);
-    // Let what is in flight settle (acks need the channels open); bounded by the confirm timeout.
-    in_flight.close();
-    let grace = Duration::from_secs(directory.settings.broker.publish_timeout_secs + 5);
-    if tokio::time::timeout(grace, in_flight.wait()).await.is_err() {
-        warn!("in-flight messages did not settle in time; the broker will redeliver them");
-    }
+    // Every flow has settled what it had in flight (or failed, leaving it to the broker).
     let _ = consuming.close(200, "ponte stopping".into()).await;
     let _ = publishing.close(200, "ponte stopping".into()).await;
-    drop(consuming_channels);
     match failure {
         Some(error) => Err(error),
         None => Ok(()),

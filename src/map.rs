@@ -8,8 +8,8 @@ use crate::partner::Partner;
 use crate::rejection::{Code, FieldError, Rejection};
 
 /// The envelope as `recipient` will receive it.
-pub fn for_recipient(envelope: &Value, recipient: &Partner) -> Result<Value, Rejection> {
-    let mut out = envelope.clone();
+pub fn for_recipient(envelope: Value, recipient: &Partner) -> Result<Value, Rejection> {
+    let mut out = envelope;
     out["recipient"] = Value::String(recipient.id.clone());
     translate_office(&mut out, recipient)?;
     reduce_identifiers(&mut out, recipient)?;
@@ -102,18 +102,18 @@ mod tests {
     #[test]
     fn office_is_translated_and_the_senders_code_kept() {
         let d = demo();
-        let out = for_recipient(&referral("036005"), &d.partners["inps"]).unwrap();
+        let out = for_recipient(referral("036005"), &d.partners["inps"]).unwrap();
         assert_eq!(out["recipient"], "inps");
         assert_eq!(out["payload"]["office"], "3600");
         assert_eq!(out["payload"]["sender_office"], "CPI-MO-02");
-        let out = for_recipient(&referral("037006"), &d.partners["inps"]).unwrap();
+        let out = for_recipient(referral("037006"), &d.partners["inps"]).unwrap();
         assert_eq!(out["payload"]["office"], "3700");
     }
 
     #[test]
     fn the_senders_local_identifier_is_never_passed_on() {
         let d = demo();
-        let out = for_recipient(&referral("036005"), &d.partners["inps"]).unwrap();
+        let out = for_recipient(referral("036005"), &d.partners["inps"]).unwrap();
         assert_eq!(
             out["subject"]["identifiers"],
             json!([{"scheme": "it.cf", "value": "RSSMRA85T10A562S"}])
@@ -123,7 +123,7 @@ mod tests {
     #[test]
     fn no_office_for_the_municipality_is_unmappable() {
         let d = demo();
-        let r = for_recipient(&referral("001272"), &d.partners["inps"]).unwrap_err();
+        let r = for_recipient(referral("001272"), &d.partners["inps"]).unwrap_err();
         assert_eq!(r.code, Code::UnmappableIdentifier);
         assert_eq!(r.errors[0].path, "/payload/office");
     }
@@ -133,7 +133,7 @@ mod tests {
         let d = demo();
         let mut m = referral("036005");
         m["subject"]["identifiers"] = json!([{"scheme": "ch.ahvn13", "value": "756.1234.5678.97"}]);
-        let r = for_recipient(&m, &d.partners["inps"]).unwrap_err();
+        let r = for_recipient(m, &d.partners["inps"]).unwrap_err();
         assert_eq!(r.code, Code::UnmappableIdentifier);
         assert_eq!(r.errors[0].path, "/subject/identifiers");
     }

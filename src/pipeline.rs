@@ -47,31 +47,48 @@ pub fn process(directory: &Directory, owner: &Partner, body: &[u8]) -> Verdict {
         }
     };
     let field = |name: &str| envelope.get(name).and_then(Value::as_str).map(String::from);
+    let (message_id, message_type, correlation_id) =
+        (field("message_id"), field("type"), field("correlation_id"));
     Verdict {
-        message_id: field("message_id"),
-        message_type: field("type"),
-        correlation_id: field("correlation_id"),
-        outcome: copies(directory, owner, &envelope),
+        outcome: copies(
+            directory,
+            owner,
+            envelope,
+            message_type.as_deref().unwrap_or_default(),
+        ),
+        message_id,
+        message_type,
+        correlation_id,
     }
 }
 
 fn copies(
     directory: &Directory,
     owner: &Partner,
-    envelope: &Value,
+    envelope: Value,
+    message_type: &str,
 ) -> Result<Vec<Copy>, Rejection> {
-    directory.schemas.validate(envelope)?;
-    let message_type = envelope["type"].as_str().unwrap_or_default();
-    check_sender(envelope, owner)?;
+    directory.schemas.validate(&envelope)?;
+    check_sender(&envelope, owner)?;
     check_may_send(owner, message_type)?;
-    let targets = recipients(envelope, message_type, owner, directory)?;
+    let targets = recipients(&envelope, message_type, owner, directory)?;
     for recipient in &targets {
         check_may_receive(recipient, message_type)?;
     }
+    // Every recipient but the last gets a clone; the last gets the envelope itself.
+    let last = targets.len() - 1;
+    let mut envelope = Some(envelope);
     targets
         .into_iter()
-        .map(|recipient| {
-            let mapped = for_recipient(envelope, recipient)?;
+        .enumerate()
+        .map(|(i, recipient)| {
+            let source = if i == last {
+                envelope.take()
+            } else {
+                envelope.clone()
+            };
+            let source = source.expect("the envelope is only taken by the last recipient");
+            let mapped = for_recipient(source, recipient)?;
             Ok(Copy {
                 recipient: recipient.id.clone(),
                 body: serde_json::to_vec(&mapped).expect("a JSON value always serializes"),

@@ -1,48 +1,48 @@
 //! Receive: one flow per partner consumes that partner's inbound queue, runs the pipeline on
-//! each message, publishes what the verdict asks for and hands the pending confirms to `settle`.
-//! Prefetch bounds how many messages a flow has in flight.
+//! each message, publishes what the verdict asks for, and settles messages in arrival order as
+//! their confirms come in. Prefetch bounds how many messages a flow has in flight.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, message::Delivery};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::broker::BrokerError;
 use crate::deliver::{Labels, properties, publish};
 use crate::directory::Directory;
+use crate::partner::Partner;
 use crate::pipeline::process;
-use crate::settle::{self, Inbound, Settler};
+use crate::settle::{self, Acknowledger, Inbound, Settled, Settler};
 
 /// One partner's inbound flow.
 pub struct Flow {
     pub directory: Arc<Directory>,
-    pub partner: String,
+    pub partner: Partner,
     /// Channel the inbound queue is consumed on.
     pub consume: Channel,
     pub settler: Arc<Settler>,
 }
 
+type Settling = FuturesOrdered<futures_util::future::BoxFuture<'static, Settled>>;
+
 impl Flow {
-    /// Consumes until `stop` is cancelled (returns `Ok`) or the broker fails (returns the error).
-    pub async fn run(
-        self,
-        stop: CancellationToken,
-        in_flight: TaskTracker,
-    ) -> Result<(), BrokerError> {
-        let queue = self.settler.queues.inbound(&self.partner);
+    /// Consumes until `stop` is cancelled (settles what is in flight, returns `Ok`) or the broker
+    /// fails (returns the error; unacknowledged messages go back to the queue).
+    pub async fn run(self, stop: CancellationToken) -> Result<(), BrokerError> {
+        let queue = self.settler.queues.inbound(&self.partner.id).to_string();
         self.consume
             .basic_qos(
                 self.directory.settings.broker.prefetch,
                 BasicQosOptions::default(),
             )
             .await?;
-        let tag = format!("ponte-{}", self.partner);
+        let tag = format!("ponte-{}", self.partner.id);
         let mut consumer = self
             .consume
             .basic_consume(
@@ -53,54 +53,76 @@ impl Flow {
             )
             .await?;
         debug!(%queue, "consuming");
+        let owner: Arc<str> = Arc::from(self.partner.id.as_str());
+        let mut settling: Settling = FuturesOrdered::new();
+        let mut acks = Acknowledger::default();
         loop {
-            let delivery = tokio::select! {
+            tokio::select! {
                 biased;
-                () = stop.cancelled() => {
-                    // Stop taking new messages; those already received but not yet handled are
-                    // returned by the broker when the channel closes.
-                    let _ = self.consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                    return Ok(());
+                () = stop.cancelled() => break,
+                Some(settled) = settling.next(), if !settling.is_empty() => {
+                    acks.settle(settled, &self.settler).await;
+                    // Take every other message whose confirms are already in, then ack the run.
+                    while let Some(Some(settled)) = settling.next().now_or_never() {
+                        acks.settle(settled, &self.settler).await;
+                    }
+                    acks.flush().await;
                 }
-                next = consumer.next() => next,
-            };
-            match delivery {
-                Some(Ok(delivery)) => self.handle(delivery, &in_flight).await?,
-                Some(Err(error)) => return Err(error.into()),
-                None if stop.is_cancelled() => return Ok(()),
-                None => return Err(BrokerError::ConsumerCancelled { queue }),
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => settling.push_back(self.handle(delivery, &owner).await?),
+                    Some(Err(error)) => return Err(error.into()),
+                    None => return Err(BrokerError::ConsumerCancelled { queue }),
+                },
             }
         }
+        // Stop taking new messages; those received but not yet handled go back to the queue
+        // when the channel closes. Settle what is in flight.
+        let _ = self
+            .consume
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        while let Some(settled) = settling.next().await {
+            acks.settle(settled, &self.settler).await;
+        }
+        acks.flush().await;
+        // Close the channel here rather than by dropping it, so it is not still closing when the
+        // connection closes.
+        let _ = self.consume.close(200, "flow stopped".into()).await;
+        let _ = self.settler.channel.close(200, "flow stopped".into()).await;
+        Ok(())
     }
 
-    async fn handle(&self, delivery: Delivery, in_flight: &TaskTracker) -> Result<(), BrokerError> {
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        owner: &Arc<str>,
+    ) -> Result<futures_util::future::BoxFuture<'static, Settled>, BrokerError> {
         let received = Instant::now();
-        let owner = &self.directory.partners[&self.partner];
-        let verdict = process(&self.directory, owner, &delivery.data);
+        let verdict = process(&self.directory, &self.partner, &delivery.data);
         let inbound = Inbound {
-            acker: delivery.acker.clone(),
-            partner: self.partner.clone(),
-            message_id: verdict.message_id.clone(),
-            message_type: verdict.message_type.clone(),
+            acker: delivery.acker,
+            partner: owner.clone(),
+            message_id: verdict.message_id,
+            message_type: verdict.message_type,
             received,
             redelivered: delivery.redelivered,
         };
         let settler = self.settler.clone();
-        match verdict.outcome {
+        Ok(match verdict.outcome {
             Ok(copies) => {
                 let labels = Labels {
-                    message_id: verdict.message_id.as_deref(),
+                    message_id: inbound.message_id.as_deref(),
                     correlation_id: verdict.correlation_id.as_deref(),
-                    message_type: verdict.message_type.as_deref(),
+                    message_type: inbound.message_type.as_deref(),
                 };
                 let mut pending = Vec::with_capacity(copies.len());
                 for copy in copies {
-                    let queue = settler.queues.outbound(&copy.recipient);
+                    let (recipient, queue) = settler.queues.outbound_entry(&copy.recipient);
                     let confirm =
-                        publish(&settler.channel, &queue, &copy.body, properties(&labels)).await?;
-                    pending.push((copy.recipient, confirm));
+                        publish(&settler.channel, queue, &copy.body, properties(&labels)).await?;
+                    pending.push((recipient, confirm));
                 }
-                in_flight.spawn(settle::delivered(settler, inbound, pending));
+                settle::delivered(settler, inbound, pending).boxed()
             }
             Err(rejection) => {
                 let confirms = settle::publish_rejection(
@@ -108,12 +130,11 @@ impl Flow {
                     &inbound,
                     &rejection,
                     &delivery.data,
-                    delivery.properties.clone(),
+                    delivery.properties,
                 )
                 .await?;
-                in_flight.spawn(settle::rejected(settler, inbound, rejection.code, confirms));
+                settle::rejected(settler, inbound, rejection.code, confirms).boxed()
             }
-        }
-        Ok(())
+        })
     }
 }

@@ -1,6 +1,8 @@
-//! Settle: once the broker has confirmed every copy, the sender's receipt is published and the
-//! inbound message acknowledged; a rejected message is acknowledged once its parked original and
-//! its receipt are confirmed. Any broker failure on the way hands the message back instead.
+//! Settle: once the broker has confirmed every copy (and the receipt, when the partner wants one
+//! for deliveries), the inbound message is acknowledged; a rejected message once its parked
+//! original and its receipt are confirmed. Each flow settles its messages in arrival order and
+//! acknowledges runs of them with one `multiple` ack. Any broker failure on the way hands the
+//! message back instead: it is requeued, never rejected.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,20 +12,20 @@ use lapin::{Acker, Channel, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::{BrokerError, Queues};
+use crate::broker::{BrokerError, QueueNames};
 use crate::deliver::{Labels, confirmed, properties, publish};
 use crate::receipt::{self, Answered};
 use crate::rejection::{Code, Rejection};
 
-/// How long a message handed back after a transient failure waits before it is requeued, so a
-/// broker in trouble is not hammered with the same message in a tight loop.
+/// How long a flow pauses before requeueing a message the broker refused (nack), so a broker
+/// that refuses everything is not hammered with the same message in a tight loop.
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 
 /// What every settlement of one flow shares.
 #[derive(Debug)]
 pub struct Settler {
     pub channel: Channel,
-    pub queues: Queues,
+    pub queues: Arc<QueueNames>,
     pub confirm_timeout_secs: u64,
     /// Whether the partner of this flow wants a receipt for delivered messages too.
     pub positive_receipts: bool,
@@ -37,7 +39,7 @@ pub struct Settler {
 pub struct Inbound {
     pub acker: Acker,
     /// The partner whose queue it arrived on.
-    pub partner: String,
+    pub partner: Arc<str>,
     pub message_id: Option<String>,
     pub message_type: Option<String>,
     pub received: Instant,
@@ -54,51 +56,48 @@ impl Inbound {
     }
 }
 
-/// Settles a message whose copies were published: awaits their confirms, then receipt, then ack.
+/// A message whose confirms are all in: ready to be acknowledged, or to be handed back.
+#[derive(Debug)]
+pub struct Settled {
+    pub inbound: Inbound,
+    pub result: Result<Outcome, BrokerError>,
+}
+
+/// How a settled message ended, for its log line.
+#[derive(Debug)]
+pub enum Outcome {
+    Delivered { recipients: Vec<Arc<str>> },
+    Rejected { code: Code },
+}
+
+/// Awaits the confirms of a message's copies, then publishes and awaits its receipt.
 pub async fn delivered(
     settler: Arc<Settler>,
     inbound: Inbound,
-    copies: Vec<(String, PublisherConfirm)>,
-) {
+    copies: Vec<(Arc<str>, PublisherConfirm)>,
+) -> Settled {
     let result = async {
         let mut recipients = Vec::with_capacity(copies.len());
         for (recipient, confirm) in copies {
             confirmed(
                 confirm,
-                &settler.queues.outbound(&recipient),
+                settler.queues.outbound(&recipient),
                 settler.confirm_timeout_secs,
             )
             .await?;
             recipients.push(recipient);
         }
         if settler.positive_receipts {
-            let names: Vec<&str> = recipients.iter().map(String::as_str).collect();
+            let names: Vec<&str> = recipients.iter().map(|r| &**r).collect();
             let receipt = receipt::build(inbound.answered(), Code::Delivered, &names, &[]);
             let queue = settler.queues.receipts(&inbound.partner);
-            let confirm = publish_receipt(&settler, &queue, &receipt, &inbound).await?;
-            confirmed(confirm, &queue, settler.confirm_timeout_secs).await?;
+            let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
+            confirmed(confirm, queue, settler.confirm_timeout_secs).await?;
         }
-        Ok::<_, BrokerError>(recipients)
+        Ok(Outcome::Delivered { recipients })
     }
     .await;
-    match result {
-        Ok(recipients) => {
-            if ack(&inbound).await {
-                info!(
-                    message_id = inbound.message_id.as_deref().unwrap_or(""),
-                    r#type = inbound.message_type.as_deref().unwrap_or(""),
-                    sender = %inbound.partner,
-                    recipients = %recipients.join(","),
-                    outcome = "delivered",
-                    code = Code::Delivered.as_str(),
-                    latency_ms = inbound.received.elapsed().as_secs_f64() * 1000.0,
-                    redelivered = inbound.redelivered,
-                    "message delivered"
-                );
-            }
-        }
-        Err(error) => hand_back(&settler, inbound, error).await,
-    }
+    Settled { inbound, result }
 }
 
 /// Publishes what a rejection needs (the parked original and the receipt) and returns the
@@ -117,65 +116,48 @@ pub async fn publish_rejection(
             ("x-ponte-code", rejection.code.as_str().to_string()),
             ("x-ponte-reason", rejection.reason().to_string()),
             ("x-ponte-errors", errors),
-            ("x-ponte-partner", inbound.partner.clone()),
+            ("x-ponte-partner", inbound.partner.to_string()),
             ("x-ponte-rejected-at", receipt::now_rfc3339()),
         ],
     );
     let park = publish(
         &settler.channel,
-        &settler.queues.rejected(&inbound.partner),
+        settler.queues.rejected(&inbound.partner),
         original,
         parked,
     )
     .await?;
     let receipt = receipt::build(inbound.answered(), rejection.code, &[], &rejection.errors);
     let queue = settler.queues.receipts(&inbound.partner);
-    let answer = publish_receipt(settler, &queue, &receipt, inbound).await?;
+    let answer = publish_receipt(settler, queue, &receipt, inbound).await?;
     Ok([park, answer])
 }
 
-/// Settles a rejected message: once the parked original and the receipt are confirmed, ack.
+/// Awaits the confirms of a rejected message's parked original and receipt.
 pub async fn rejected(
     settler: Arc<Settler>,
     inbound: Inbound,
     code: Code,
     confirms: [PublisherConfirm; 2],
-) {
+) -> Settled {
     let [park, answer] = confirms;
     let result = async {
         confirmed(
             park,
-            &settler.queues.rejected(&inbound.partner),
+            settler.queues.rejected(&inbound.partner),
             settler.confirm_timeout_secs,
         )
         .await?;
         confirmed(
             answer,
-            &settler.queues.receipts(&inbound.partner),
+            settler.queues.receipts(&inbound.partner),
             settler.confirm_timeout_secs,
         )
-        .await
+        .await?;
+        Ok(Outcome::Rejected { code })
     }
     .await;
-    match result {
-        Ok(()) => {
-            if ack(&inbound).await {
-                // A message refused for its content is routine for the gateway: INFO, not ERROR.
-                info!(
-                    message_id = inbound.message_id.as_deref().unwrap_or(""),
-                    r#type = inbound.message_type.as_deref().unwrap_or(""),
-                    sender = %inbound.partner,
-                    recipients = "",
-                    outcome = "rejected",
-                    code = code.as_str(),
-                    latency_ms = inbound.received.elapsed().as_secs_f64() * 1000.0,
-                    redelivered = inbound.redelivered,
-                    "message rejected"
-                );
-            }
-        }
-        Err(error) => hand_back(&settler, inbound, error).await,
-    }
+    Settled { inbound, result }
 }
 
 async fn publish_receipt(
@@ -193,25 +175,79 @@ async fn publish_receipt(
     publish(&settler.channel, queue, &receipt.body, properties(&labels)).await
 }
 
-async fn ack(inbound: &Inbound) -> bool {
-    let acked = match inbound.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err("the channel it arrived on is closed".to_string()),
-        Err(error) => Err(error.to_string()),
-    };
-    match acked {
-        Ok(()) => true,
-        Err(error) => {
-            // Everything was published and confirmed; the broker will redeliver the message and
-            // its recipients may see it twice. They deduplicate on message_id.
-            warn!(
-                message_id = inbound.message_id.as_deref().unwrap_or(""),
-                sender = %inbound.partner,
-                %error,
-                "could not acknowledge a settled message; it will be redelivered"
-            );
-            false
+/// Acknowledges settled messages of one flow in arrival order, one `multiple` ack per run.
+#[derive(Debug, Default)]
+pub struct Acknowledger {
+    /// The newest settled message not yet acknowledged; acking it with `multiple` acks all
+    /// earlier ones of the channel too.
+    pending: Option<Acker>,
+    count: usize,
+}
+
+impl Acknowledger {
+    /// Takes the next settled message, in arrival order. A failure first acknowledges the run
+    /// before it, then hands the failed message back.
+    pub async fn settle(&mut self, settled: Settled, settler: &Settler) {
+        match settled.result {
+            Ok(outcome) => {
+                log_outcome(&settled.inbound, &outcome);
+                self.pending = Some(settled.inbound.acker);
+                self.count += 1;
+            }
+            Err(error) => {
+                self.flush().await;
+                hand_back(settler, settled.inbound, error).await;
+            }
         }
+    }
+
+    /// Sends the ack for the run collected so far.
+    pub async fn flush(&mut self) {
+        let Some(acker) = self.pending.take() else {
+            return;
+        };
+        let count = std::mem::take(&mut self.count);
+        let acked = match acker.ack(BasicAckOptions { multiple: true }).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the channel they arrived on is closed".to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = acked {
+            // Everything was published and confirmed; the broker will redeliver these messages
+            // and their recipients may see them twice. They deduplicate on message_id.
+            warn!(count, %error, "could not acknowledge settled messages; they will be redelivered");
+        }
+    }
+}
+
+fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
+    let latency_ms = inbound.received.elapsed().as_secs_f64() * 1000.0;
+    let message_id = inbound.message_id.as_deref().unwrap_or("");
+    let message_type = inbound.message_type.as_deref().unwrap_or("");
+    match outcome {
+        Outcome::Delivered { recipients } => info!(
+            message_id,
+            r#type = message_type,
+            sender = &*inbound.partner,
+            recipients = %recipients.join(","),
+            outcome = "delivered",
+            code = Code::Delivered.as_str(),
+            latency_ms,
+            redelivered = inbound.redelivered,
+            "message delivered"
+        ),
+        // A message refused for its content is routine for the gateway: INFO, not ERROR.
+        Outcome::Rejected { code } => info!(
+            message_id,
+            r#type = message_type,
+            sender = &*inbound.partner,
+            recipients = "",
+            outcome = "rejected",
+            code = code.as_str(),
+            latency_ms,
+            redelivered = inbound.redelivered,
+            "message rejected"
+        ),
     }
 }
 
@@ -221,15 +257,18 @@ async fn hand_back(settler: &Settler, inbound: Inbound, error: BrokerError) {
     warn!(
         message_id = inbound.message_id.as_deref().unwrap_or(""),
         r#type = inbound.message_type.as_deref().unwrap_or(""),
-        sender = %inbound.partner,
+        sender = &*inbound.partner,
         outcome = "retry",
         %error,
         "broker failure while settling; the message goes back to its queue"
     );
-    if !matches!(error, BrokerError::Nacked) {
+    if matches!(error, BrokerError::Nacked) {
+        // The broker is up but refuses: slow this flow down before trying again.
+        tokio::time::sleep(REQUEUE_DELAY).await;
+    } else {
+        // The connection or the topology is broken: start a new session.
         settler.reconnect.cancel();
     }
-    tokio::time::sleep(REQUEUE_DELAY).await;
     let _ = inbound
         .acker
         .nack(BasicNackOptions {

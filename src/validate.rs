@@ -205,19 +205,20 @@ impl SchemaSet {
                 ),
             ));
         };
-        let errors: Vec<FieldError> = schema
-            .validator
-            .iter_errors(envelope)
-            .take(Rejection::MAX_ERRORS)
-            .map(|e| {
-                FieldError::new(
-                    e.instance_path().as_str(),
-                    e.kind().keyword(),
-                    e.masked().to_string(),
-                )
-            })
-            .collect();
-        if !errors.is_empty() {
+        // Most messages are valid: the plain check is cheaper than collecting errors.
+        if !schema.validator.is_valid(envelope) {
+            let errors: Vec<FieldError> = schema
+                .validator
+                .iter_errors(envelope)
+                .take(Rejection::MAX_ERRORS)
+                .map(|e| {
+                    FieldError::new(
+                        e.instance_path().as_str(),
+                        e.kind().keyword(),
+                        e.masked().to_string(),
+                    )
+                })
+                .collect();
             return Err(Rejection::new(Code::SchemaViolation, errors));
         }
         let owned: Vec<FieldError> = schema
