@@ -695,15 +695,17 @@ async fn latency(
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
-        let _ = channel
-            .basic_publish(
-                "".into(),
-                queues.inbound(sender).as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
-            .await?;
+        drop(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queues.inbound(sender).as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await?,
+        );
         offered += 1;
     }
     let offered_rate = offered as f64 / start.elapsed().as_secs_f64();

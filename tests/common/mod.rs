@@ -349,6 +349,11 @@ pub struct PrivateBroker {
 
 impl PrivateBroker {
     pub fn start() -> PrivateBroker {
+        Self::start_with_plugins("")
+    }
+
+    /// Starts a node with these plugins enabled (comma-separated, e.g. `rabbitmq_shovel`).
+    pub fn start_with_plugins(plugins: &str) -> PrivateBroker {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let port = 20000 + (u16::from_str_radix(&id[..4], 16).unwrap() % 9000);
         let broker = PrivateBroker {
@@ -356,7 +361,17 @@ impl PrivateBroker {
             port,
             dir: repo().join("target/test-brokers").join(&id[..8]),
         };
-        broker.script("start");
+        let status = Command::new(repo().join("scripts/broker.sh"))
+            .args([
+                "start",
+                &broker.name,
+                &broker.port.to_string(),
+                broker.dir.to_str().unwrap(),
+            ])
+            .env("PONTE_BROKER_PLUGINS", plugins)
+            .status()
+            .expect("scripts/broker.sh runs");
+        assert!(status.success(), "broker.sh start failed");
         broker
     }
 
