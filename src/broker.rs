@@ -25,6 +25,8 @@ pub enum BrokerError {
     ConfirmTimeout(u64),
     #[error("the broker refused a publish (nack)")]
     Nacked,
+    #[error("a flow ended abnormally")]
+    FlowPanicked,
     #[error("the consumer on {queue} was cancelled by the broker")]
     ConsumerCancelled { queue: String },
 }
@@ -167,6 +169,7 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
                 ExchangeKind::Fanout,
                 ExchangeDeclareOptions {
                     durable: true,
+                    nowait: true,
                     ..Default::default()
                 },
                 FieldTable::default(),
@@ -178,6 +181,7 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
                     queue.into(),
                     QueueDeclareOptions {
                         durable: true,
+                        nowait: true,
                         ..Default::default()
                     },
                     arguments.clone(),
@@ -189,7 +193,22 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
                 inbound.as_str().into(),
                 inbound.as_str().into(),
                 "".into(),
-                QueueBindOptions::default(),
+                QueueBindOptions { nowait: true },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    // The declarations above are sent without waiting for each answer (thousands of round trips
+    // for a large directory); the broker handles a channel's methods in order and closes the
+    // channel on the first that fails, so one synchronous call at the end confirms them all.
+    if let Some(last) = directory.partners.keys().next_back() {
+        channel
+            .queue_declare(
+                queues.inbound(last).into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;

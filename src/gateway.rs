@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use futures_util::future::try_join_all;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -14,6 +15,7 @@ use crate::broker::{
     BrokerError, QueueNames, Queues, confirming_channel, connect, declare_topology,
 };
 use crate::directory::Directory;
+use crate::partner::{Partner, Receipts};
 use crate::receive::Flow;
 use crate::settle::Settler;
 
@@ -75,6 +77,11 @@ pub async fn run(directory: Arc<Directory>, shutdown: CancellationToken, status:
     info!("gateway stopped");
 }
 
+/// Partners whose flows share one pair of connections. lapin checks every channel of a
+/// connection for flow control on each frame it writes, so thousands of channels on one
+/// connection make every frame slow; small groups keep that check short.
+const PARTNERS_PER_CONNECTION: usize = 64;
+
 /// One connected period: returns `Ok` when asked to stop (or to reconnect), `Err` when the
 /// broker failed.
 async fn session(
@@ -83,13 +90,11 @@ async fn session(
     status: &Status,
     delay: &mut Duration,
 ) -> Result<(), BrokerError> {
-    // Consuming and publishing use separate connections, so flow control that blocks the
-    // publishing connection never stops acknowledgements from going out.
-    let consuming = connect(directory, "ponte consume").await?;
-    let publishing = connect(directory, "ponte publish").await?;
-    let setup = publishing.create_channel().await?;
-    declare_topology(&setup, directory).await?;
+    let setup = connect(directory, "ponte setup").await?;
+    let channel = setup.create_channel().await?;
+    declare_topology(&channel, directory).await?;
     let _ = setup.close(200, "topology declared".into()).await;
+    tracing::debug!("topology declared");
     *delay = Duration::from_millis(200);
 
     let queues = Arc::new(QueueNames::new(
@@ -97,52 +102,112 @@ async fn session(
         directory.partners.keys().map(String::as_str),
     ));
     let session_stop = shutdown.child_token();
+    let partners: Vec<&Partner> = directory.partners.values().collect();
+    let mut connections = Vec::new();
     let mut flows = JoinSet::new();
-    for partner in directory.partners.values() {
-        let settler = Arc::new(Settler {
-            channel: confirming_channel(&publishing).await?,
-            queues: queues.clone(),
-            confirm_timeout_secs: directory.settings.broker.publish_timeout_secs,
-            positive_receipts: partner.receipts == crate::partner::Receipts::All,
-            reconnect: session_stop.clone(),
-        });
-        let flow = Flow {
-            directory: directory.clone(),
-            partner: partner.clone(),
-            consume: consuming.create_channel().await?,
-            settler,
-        };
-        flows.spawn(flow.run(session_stop.clone()));
+    let (ready_tx, mut ready_rx) = mpsc::channel::<()>(partners.len().max(1));
+    // Open every group's connections and channels concurrently: start-up time is then a few
+    // round trips, not one per channel.
+    let groups = try_join_all(partners.chunks(PARTNERS_PER_CONNECTION).enumerate().map(
+        |(group, members)| async move {
+            // Consuming and publishing use separate connections, so flow control that blocks a
+            // publishing connection never stops acknowledgements from going out.
+            let consuming = connect(directory, &format!("ponte consume {group}")).await?;
+            let publishing = connect(directory, &format!("ponte publish {group}")).await?;
+            let opened = try_join_all(members.iter().map(|partner| {
+                let (consuming, publishing) = (&consuming, &publishing);
+                async move {
+                    let consume = consuming.create_channel().await?;
+                    let publish = confirming_channel(publishing).await?;
+                    Ok::<_, BrokerError>((*partner, consume, publish))
+                }
+            }))
+            .await?;
+            Ok::<_, BrokerError>((consuming, publishing, opened))
+        },
+    ))
+    .await?;
+    let prefetch = directory
+        .settings
+        .broker
+        .prefetch_per_partner(partners.len());
+    for (consuming, publishing, opened) in groups {
+        for (partner, consume, publish) in opened {
+            let settler = Arc::new(Settler {
+                channel: publish,
+                queues: queues.clone(),
+                confirm_timeout_secs: directory.settings.broker.publish_timeout_secs,
+                positive_receipts: partner.receipts == Receipts::All,
+                reconnect: session_stop.clone(),
+            });
+            let flow = Flow {
+                directory: directory.clone(),
+                partner: partner.clone(),
+                consume,
+                prefetch,
+                settler,
+            };
+            flows.spawn(flow.run(session_stop.clone(), ready_tx.clone()));
+        }
+        connections.push(consuming);
+        connections.push(publishing);
     }
-    status.ready.send_replace(true);
-    info!(
-        partners = directory.partners.len(),
-        prefix = %directory.settings.broker.prefix,
-        "gateway ready"
+    drop(ready_tx);
+    tracing::debug!(
+        connections = connections.len(),
+        "channels open; waiting for every flow to consume"
     );
 
+    // Ready once every flow consumes; a flow that fails first ends the session.
+    let mut consuming_flows = 0;
     let mut failure = None;
-    while let Some(ended) = flows.join_next().await {
-        let error = match ended {
-            Ok(Ok(())) => continue,
-            Ok(Err(error)) => error,
-            Err(panic) => {
-                warn!(%panic, "a flow ended abnormally");
-                continue;
-            }
-        };
-        if failure.is_none() {
-            failure = Some(error);
+    while consuming_flows < partners.len() && failure.is_none() {
+        tokio::select! {
+            Some(()) = ready_rx.recv() => consuming_flows += 1,
+            Some(ended) = flows.join_next() => failure = flow_failure(ended),
+            () = session_stop.cancelled() => break,
         }
+    }
+    if failure.is_none() && consuming_flows == partners.len() {
+        status.ready.send_replace(true);
+        info!(
+            partners = partners.len(),
+            connections = connections.len(),
+            prefix = %directory.settings.broker.prefix,
+            "gateway ready"
+        );
+    }
+    if failure.is_some() {
         session_stop.cancel();
+    }
+    while let Some(ended) = flows.join_next().await {
+        if let Some(error) = flow_failure(ended) {
+            failure.get_or_insert(error);
+            session_stop.cancel();
+        }
     }
     status.ready.send_replace(false);
     // Every flow has settled what it had in flight (or failed, leaving it to the broker).
-    let _ = consuming.close(200, "ponte stopping".into()).await;
-    let _ = publishing.close(200, "ponte stopping".into()).await;
+    for connection in connections {
+        let _ = connection.close(200, "ponte stopping".into()).await;
+    }
     match failure {
         Some(error) => Err(error),
         None => Ok(()),
+    }
+}
+
+fn flow_failure(
+    ended: Result<Result<(), BrokerError>, tokio::task::JoinError>,
+) -> Option<BrokerError> {
+    match ended {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error),
+        Err(panic) => {
+            // A bug, not a broker failure: restart the session so the partner's flow resumes.
+            warn!(%panic, "a flow ended abnormally");
+            Some(BrokerError::FlowPanicked)
+        }
     }
 }
 

@@ -26,6 +26,8 @@ pub struct Flow {
     pub partner: Partner,
     /// Channel the inbound queue is consumed on.
     pub consume: Channel,
+    /// Unacknowledged messages the broker may push to this flow.
+    pub prefetch: u16,
     pub settler: Arc<Settler>,
 }
 
@@ -34,7 +36,11 @@ type Settling = FuturesOrdered<futures_util::future::BoxFuture<'static, Settled>
 impl Flow {
     /// Consumes until `stop` is cancelled (settles what is in flight, returns `Ok`) or the broker
     /// fails (returns the error; unacknowledged messages go back to the queue).
-    pub async fn run(self, stop: CancellationToken) -> Result<(), BrokerError> {
+    pub async fn run(
+        self,
+        stop: CancellationToken,
+        ready: tokio::sync::mpsc::Sender<()>,
+    ) -> Result<(), BrokerError> {
         let queue = self.settler.queues.inbound(&self.partner.id).to_string();
         self.consume
             .basic_qos(
@@ -53,6 +59,8 @@ impl Flow {
             )
             .await?;
         debug!(%queue, "consuming");
+        let _ = ready.send(()).await;
+        drop(ready);
         let owner: Arc<str> = Arc::from(self.partner.id.as_str());
         let mut settling: Settling = FuturesOrdered::new();
         let mut acks = Acknowledger::default();

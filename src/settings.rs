@@ -37,6 +37,13 @@ pub struct BrokerSettings {
     /// Unacknowledged inbound messages the broker may push per partner queue. Bounds memory and
     /// the number of publisher confirms in flight per flow.
     pub prefetch: u16,
+    /// Unacknowledged inbound messages across all partners: with many partners, each flow's
+    /// prefetch shrinks so that the total stays under this, which bounds memory.
+    pub max_in_flight: u32,
+    /// Largest AMQP frame, in bytes; larger messages are split into several frames. The client
+    /// keeps buffers of 32 frames per connection, so this sets the memory each connection costs
+    /// (32 KiB: 2 MiB per connection).
+    pub frame_max: u32,
     /// How long a publish may wait for the broker's confirm before the message is treated as a
     /// transient failure and handed back to its queue.
     pub publish_timeout_secs: u64,
@@ -53,10 +60,21 @@ impl Default for BrokerSettings {
             password: None,
             prefix: "ponte".into(),
             prefetch: 200,
+            max_in_flight: 10_000,
+            frame_max: 32 * 1024,
             publish_timeout_secs: 30,
             queue_type: QueueType::Classic,
             max_reconnect_delay_secs: 10,
         }
+    }
+}
+
+impl BrokerSettings {
+    /// Each flow's prefetch: `prefetch`, or less when `partners` flows at that prefetch would
+    /// exceed `max_in_flight`. Never below 1.
+    pub fn prefetch_per_partner(&self, partners: usize) -> u16 {
+        let share = self.max_in_flight as usize / partners.max(1);
+        share.clamp(1, usize::from(self.prefetch)) as u16
     }
 }
 
@@ -246,6 +264,12 @@ impl Settings {
         if self.broker.prefetch == 0 {
             errors.push("broker.prefetch must be at least 1".into());
         }
+        if self.broker.frame_max < 4096 {
+            errors.push("broker.frame_max must be at least 4096 (AMQP's minimum)".into());
+        }
+        if self.broker.max_in_flight == 0 {
+            errors.push("broker.max_in_flight must be at least 1".into());
+        }
         if self.broker.publish_timeout_secs == 0 {
             errors.push("broker.publish_timeout_secs must be at least 1".into());
         }
@@ -263,6 +287,9 @@ impl Settings {
         let mut uri: lapin::uri::AMQPUri = self.broker.url.parse()?;
         if let Some(password) = &self.broker.password {
             uri.authority.userinfo.password = password.clone();
+        }
+        if uri.query.frame_max.is_none() {
+            uri.query.frame_max = Some(self.broker.frame_max);
         }
         Ok(uri)
     }
@@ -300,6 +327,15 @@ fn is_prefix(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefetch_shrinks_with_many_partners_to_bound_memory() {
+        let broker = BrokerSettings::default();
+        assert_eq!(broker.prefetch_per_partner(4), 200);
+        assert_eq!(broker.prefetch_per_partner(100), 100);
+        assert_eq!(broker.prefetch_per_partner(1000), 10);
+        assert_eq!(broker.prefetch_per_partner(100_000), 1);
+    }
 
     #[test]
     fn password_in_url_is_detected() {

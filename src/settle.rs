@@ -182,6 +182,9 @@ pub struct Acknowledger {
     /// earlier ones of the channel too.
     pending: Option<Acker>,
     count: usize,
+    /// When this flow last paused for a refusing broker: one pause per interval, not one per
+    /// refused message, or a full queue would stall the flow for a second per message.
+    last_pause: Option<Instant>,
 }
 
 impl Acknowledger {
@@ -196,7 +199,14 @@ impl Acknowledger {
             }
             Err(error) => {
                 self.flush().await;
-                hand_back(settler, settled.inbound, error).await;
+                let pause = matches!(error, BrokerError::Nacked)
+                    && self
+                        .last_pause
+                        .is_none_or(|at| at.elapsed() >= REQUEUE_DELAY);
+                if pause {
+                    self.last_pause = Some(Instant::now());
+                }
+                hand_back(settler, settled.inbound, error, pause).await;
             }
         }
     }
@@ -253,7 +263,7 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
 
 /// A transient failure: the message is neither acknowledged nor rejected; it goes back to its
 /// queue and is processed again.
-async fn hand_back(settler: &Settler, inbound: Inbound, error: BrokerError) {
+async fn hand_back(settler: &Settler, inbound: Inbound, error: BrokerError, pause: bool) {
     warn!(
         message_id = inbound.message_id.as_deref().unwrap_or(""),
         r#type = inbound.message_type.as_deref().unwrap_or(""),
@@ -264,7 +274,9 @@ async fn hand_back(settler: &Settler, inbound: Inbound, error: BrokerError) {
     );
     if matches!(error, BrokerError::Nacked) {
         // The broker is up but refuses: slow this flow down before trying again.
-        tokio::time::sleep(REQUEUE_DELAY).await;
+        if pause {
+            tokio::time::sleep(REQUEUE_DELAY).await;
+        }
     } else {
         // The connection or the topology is broken: start a new session.
         settler.reconnect.cancel();

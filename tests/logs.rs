@@ -1,0 +1,113 @@
+//! What ops see: one structured INFO event per message outcome, in JSON when configured, with
+//! the fields to find a message by — and never a person identifier or payload content.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{broker_url, publish_many, random_prefix, referral, repo};
+use ponte::broker::Queues;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data() {
+    let url = broker_url();
+    let prefix = random_prefix();
+    let queues = Queues::new(&prefix);
+    let good = referral("cpi-modena", "CPI-MO-01", "036023");
+    let mut bad = referral("cpi-modena", "CPI-MO-01", "036023");
+    bad["subject"]["identifiers"] = json!([{"scheme": "it.cf", "value": "BNCGVN70A41F257Q"}]);
+    let bodies = [&good, &bad].map(|m| serde_json::to_vec(m).unwrap());
+    publish_many(&url, &queues.inbound("cpi-modena"), &bodies).await;
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ponte"))
+        .args(["run", "--config"])
+        .arg(repo().join("config"))
+        .env("PONTE_BROKER__URL", &url)
+        .env("PONTE_BROKER__PREFIX", &prefix)
+        .env("PONTE_LOG__FORMAT", "json")
+        .env("PONTE_LOG__LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let delivered = common::drain(&url, &queues.outbound("inps"), 1, Duration::from_secs(20)).await;
+    assert_eq!(delivered.len(), 1);
+    let receipts = common::drain(
+        &url,
+        &queues.receipts("cpi-modena"),
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(receipts.len(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let lines = reader.join().unwrap();
+
+    let events: Vec<Value> = lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect();
+    let outcomes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e.get("outcome").is_some())
+        .collect();
+    assert_eq!(outcomes.len(), 2, "{lines:#?}");
+    for (event, sent, outcome, code) in [
+        (
+            outcomes
+                .iter()
+                .find(|e| e["outcome"] == "delivered")
+                .unwrap(),
+            &good,
+            "delivered",
+            "delivered",
+        ),
+        (
+            outcomes
+                .iter()
+                .find(|e| e["outcome"] == "rejected")
+                .unwrap(),
+            &bad,
+            "rejected",
+            "schema-violation",
+        ),
+    ] {
+        assert_eq!(event["level"], "INFO");
+        assert_eq!(event["message_id"], sent["message_id"]);
+        assert_eq!(event["type"], "referral");
+        assert_eq!(event["sender"], "cpi-modena");
+        assert_eq!(event["outcome"], outcome);
+        assert_eq!(event["code"], code);
+        assert!(event["latency_ms"].as_f64().is_some());
+    }
+    assert_eq!(
+        outcomes
+            .iter()
+            .find(|e| e["outcome"] == "delivered")
+            .unwrap()["recipients"],
+        "inps"
+    );
+    let all = lines.join("\n");
+    for secret in [
+        "RSSMRA85T10A562S",
+        "BNCGVN70A41F257Q",
+        "REF-2026-0001",
+        "D.Lgs.",
+    ] {
+        assert!(!all.contains(secret), "{secret} appears in the logs");
+    }
+}
