@@ -160,7 +160,7 @@ pub async fn confirming_channel(connection: &Connection) -> Result<Channel, Brok
 /// queue.)
 pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Result<(), BrokerError> {
     let queues = Queues::new(&directory.settings.broker.prefix);
-    let arguments = queue_arguments(directory.settings.broker.queue_type);
+    let queue_type = directory.settings.broker.queue_type;
     for partner in directory.partners.keys() {
         let inbound = queues.inbound(partner);
         channel
@@ -176,17 +176,7 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
             )
             .await?;
         for queue in queues.of_partner(partner) {
-            channel
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        nowait: true,
-                        ..Default::default()
-                    },
-                    arguments.clone(),
-                )
-                .await?;
+            declare_queue(channel, &queue, queue_type, false).await?;
         }
         channel
             .queue_bind(
@@ -247,6 +237,27 @@ pub fn definitions(directory: &Directory, vhost: &str) -> Value {
         "exchanges": exchanges,
         "bindings": bindings
     })
+}
+
+/// Declares one durable queue of `queue_type`, as the topology has it. With `wait` the broker's
+/// answer (holding the queue's message count) is awaited; without, the declaration is only sent.
+pub async fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    queue_type: QueueType,
+    wait: bool,
+) -> Result<lapin::Queue, BrokerError> {
+    Ok(channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                nowait: !wait,
+                ..Default::default()
+            },
+            queue_arguments(queue_type),
+        )
+        .await?)
 }
 
 fn queue_arguments(queue_type: QueueType) -> FieldTable {

@@ -77,9 +77,10 @@ impl Directory {
                     push(&main_file, m);
                 }
                 // Check the rest anyway, so that one run reports as much as it can.
-                let mut settings = Settings::default_for_check();
-                settings.paths = Settings::paths_only(dir);
-                settings
+                Settings {
+                    paths: Settings::paths_only(dir),
+                    ..Default::default()
+                }
             }
         };
         let schema_dir = dir.join(&settings.paths.schemas);
@@ -172,16 +173,5 @@ impl Directory {
             .get(kind)?
             .get(municipality)
             .and_then(|id| self.partners.get(id))
-    }
-}
-
-impl Settings {
-    fn default_for_check() -> Settings {
-        Settings {
-            broker: Default::default(),
-            limits: Default::default(),
-            log: Default::default(),
-            paths: Default::default(),
-        }
     }
 }

@@ -11,7 +11,7 @@ pub const ENV_PREFIX: &str = "PONTE";
 
 /// Everything the main file configures. Unknown keys are errors, so a typo never silently falls
 /// back to a default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     #[serde(default)]

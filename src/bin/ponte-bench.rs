@@ -23,13 +23,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use ponte::broker::Queues;
 use ponte::directory::Directory;
+use ponte::settings::QueueType;
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug, Clone)]
@@ -346,21 +345,7 @@ async fn connect(url: &str) -> Result<Connection> {
 }
 
 async fn declare(channel: &Channel, queue: &str) -> Result<u32> {
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("classic".into()),
-    );
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await?;
+    let q = ponte::broker::declare_queue(channel, queue, QueueType::Classic, true).await?;
     Ok(q.message_count())
 }
 

@@ -247,20 +247,7 @@ pub async fn publish_many(url: &str, queue: &str, bodies: &[Vec<u8>]) {
 }
 
 async fn declare(channel: &lapin::Channel, queue: &str) {
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("classic".into()),
-    );
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
+    ponte::broker::declare_queue(channel, queue, ponte::settings::QueueType::Classic, true)
         .await
         .unwrap();
 }
