@@ -1,10 +1,277 @@
-//! Authorize: the sender is the partner that owns the queue the message arrived on, it may send
-//! this type, and every recipient may receive it.
+//! Authorize: the sender is the partner that owns the queue the message arrived on, and the
+//! authorization matrix (`config/authorization.toml`) allows this sender to send this type and
+//! version to every recipient, for this purpose. Anything the matrix does not allow is refused.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::partner::Partner;
 use crate::rejection::{Code, FieldError, Rejection};
+use crate::validate::SchemaSet;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatrixFile {
+    #[serde(default)]
+    allow: Vec<AllowFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowFile {
+    from: Vec<String>,
+    #[serde(rename = "type")]
+    message_type: String,
+    /// MAJOR versions allowed; absent: every version the schemas define.
+    #[serde(default)]
+    versions: Vec<String>,
+    to: Vec<String>,
+    /// The purposes this is allowed for: JSON pointer → accepted values, all must hold.
+    #[serde(default)]
+    when: BTreeMap<String, Vec<String>>,
+}
+
+/// One rule of the matrix: these senders may send this type to these recipients.
+#[derive(Debug, Clone)]
+pub struct Allow {
+    pub from: BTreeSet<String>,
+    pub message_type: String,
+    /// MAJOR versions; empty means all.
+    pub versions: BTreeSet<String>,
+    pub to: BTreeSet<String>,
+    pub when: BTreeMap<String, Vec<String>>,
+}
+
+impl Allow {
+    fn covers(&self, sender: &str, message_type: &str, version: &str, recipient: &str) -> bool {
+        self.message_type == message_type
+            && self.from.contains(sender)
+            && self.to.contains(recipient)
+            && (self.versions.is_empty() || self.versions.contains(major(version)))
+    }
+
+    fn purpose_holds(&self, envelope: &Value) -> bool {
+        conditions_hold(&self.when, envelope)
+    }
+}
+
+/// Whether every `pointer → values` condition holds for `envelope`.
+pub fn conditions_hold(when: &BTreeMap<String, Vec<String>>, envelope: &Value) -> bool {
+    when.iter().all(|(pointer, values)| {
+        envelope
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .is_some_and(|v| values.iter().any(|x| x == v))
+    })
+}
+
+fn major(version: &str) -> &str {
+    version.split('.').next().unwrap_or(version)
+}
+
+/// Who may send which type (and version) to whom, and for what.
+#[derive(Debug, Default)]
+pub struct Matrix {
+    pub rules: Vec<Allow>,
+}
+
+impl Matrix {
+    /// Reads `authorization.toml` and checks it against the partners and schemas.
+    pub fn load(
+        text: &str,
+        partners: &BTreeMap<String, Partner>,
+        schemas: &SchemaSet,
+    ) -> Result<Matrix, Vec<String>> {
+        let raw: MatrixFile = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let mut errors = Vec::new();
+        let mut rules = Vec::new();
+        for (i, rule) in raw.allow.into_iter().enumerate() {
+            let at = format!("allow #{} ({})", i + 1, rule.message_type);
+            if !schemas.has_type(&rule.message_type)
+                || crate::validate::GATEWAY_TYPES.contains(&rule.message_type.as_str())
+            {
+                errors.push(format!(
+                    "{at}: no schema defines a message type {:?} that partners send",
+                    rule.message_type
+                ));
+            }
+            let majors: BTreeSet<&str> = schemas
+                .versions(&rule.message_type)
+                .map(|(v, _)| major(v))
+                .collect();
+            for v in &rule.versions {
+                if !majors.contains(v.as_str()) {
+                    errors.push(format!(
+                        "{at}: versions: {v:?} is not a MAJOR version of {} the schemas define",
+                        rule.message_type
+                    ));
+                }
+            }
+            for (field, ids) in [("from", &rule.from), ("to", &rule.to)] {
+                if ids.is_empty() {
+                    errors.push(format!("{at}: {field}: at least one partner is needed"));
+                }
+                for id in ids {
+                    if !partners.contains_key(id) {
+                        errors.push(format!("{at}: {field}: unknown partner {id:?}"));
+                    }
+                }
+            }
+            for pointer in rule.when.keys() {
+                if schemas.field(&rule.message_type, pointer).is_none() {
+                    errors.push(format!(
+                        "{at}: when: {} has no field {pointer:?}",
+                        rule.message_type
+                    ));
+                }
+            }
+            rules.push(Allow {
+                from: rule.from.into_iter().collect(),
+                message_type: rule.message_type,
+                versions: rule.versions.into_iter().collect(),
+                to: rule.to.into_iter().collect(),
+                when: rule.when,
+            });
+        }
+        for p in partners.values() {
+            let receives = rules.iter().any(|r| r.to.contains(&p.id));
+            if receives && p.identifier_schemes.is_empty() {
+                errors.push(format!(
+                    "{}: receives messages but accepts no identifier scheme (identifier_schemes in its partner file)",
+                    p.id
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(Matrix { rules })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Whether some rule lets `sender` send `message_type` to anyone.
+    pub fn may_send(&self, sender: &str, message_type: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.message_type == message_type && r.from.contains(sender))
+    }
+
+    /// Whether some rule lets `sender` send `message_type` to `recipient`, for any purpose.
+    pub fn may_ever_send(&self, sender: &str, message_type: &str, recipient: &str) -> bool {
+        self.rules.iter().any(|r| {
+            r.message_type == message_type && r.from.contains(sender) && r.to.contains(recipient)
+        })
+    }
+
+    /// Whether this message may go from `sender` to `recipient`.
+    pub fn allows(&self, sender: &str, recipient: &str, envelope: &Value) -> bool {
+        let field = |name: &str| envelope.get(name).and_then(Value::as_str).unwrap_or("");
+        let (message_type, version) = (field("type"), field("version"));
+        self.rules.iter().any(|r| {
+            r.covers(sender, message_type, version, recipient) && r.purpose_holds(envelope)
+        })
+    }
+
+    /// The matrix as a table an auditor can read: one line per sender, type and recipient, with
+    /// the versions, the purposes and the payload fields withheld from the recipient.
+    pub fn render(&self, partners: &BTreeMap<String, Partner>, schemas: &SchemaSet) -> String {
+        let mut rows: Vec<[String; 6]> = Vec::new();
+        for rule in &self.rules {
+            for from in &rule.from {
+                for to in &rule.to {
+                    let versions = if rule.versions.is_empty() {
+                        "all".to_string()
+                    } else {
+                        rule.versions.iter().cloned().collect::<Vec<_>>().join(",")
+                    };
+                    let when = if rule.when.is_empty() {
+                        "any".to_string()
+                    } else {
+                        rule.when
+                            .iter()
+                            .map(|(p, v)| format!("{p} in [{}]", v.join(",")))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    };
+                    let fields = partners
+                        .get(to)
+                        .and_then(|p| p.fields.get(&rule.message_type))
+                        .map_or("all".to_string(), |allowed| {
+                            let withheld = withheld(schemas, &rule.message_type, allowed);
+                            if withheld.is_empty() {
+                                "all".to_string()
+                            } else {
+                                format!("all but {}", withheld.join(","))
+                            }
+                        });
+                    rows.push([
+                        from.clone(),
+                        rule.message_type.clone(),
+                        versions,
+                        to.clone(),
+                        when,
+                        fields,
+                    ]);
+                }
+            }
+        }
+        rows.sort();
+        let header = [
+            "FROM",
+            "TYPE",
+            "VERSIONS",
+            "TO",
+            "PURPOSE",
+            "PAYLOAD FIELDS",
+        ]
+        .map(String::from);
+        let mut widths = header.clone().map(|h| h.len());
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let mut out = String::new();
+        for row in std::iter::once(&header).chain(&rows) {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i + 1 == row.len() {
+                    line.push_str(cell);
+                } else {
+                    let _ = write!(line, "{cell:<w$}  ", w = widths[i]);
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The payload fields of `message_type` (any version) a recipient with the field list `allowed`
+/// does not receive: the outermost ones only.
+fn withheld(schemas: &SchemaSet, message_type: &str, allowed: &[String]) -> Vec<String> {
+    let related = |a: &str, b: &str| {
+        a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+    };
+    let mut out: Vec<String> = Vec::new();
+    let fields: BTreeSet<&String> = schemas
+        .versions(message_type)
+        .flat_map(|(_, s)| s.fields.keys())
+        .filter(|p| p.starts_with("/payload/"))
+        .collect();
+    for field in fields {
+        let covered = allowed.iter().any(|a| related(field, a));
+        let inside_withheld = out.iter().any(|w| field.starts_with(&format!("{w}/")));
+        if !covered && !inside_withheld {
+            out.push(field.clone());
+        }
+    }
+    out
+}
 
 /// The `sender` field must name the queue's owner: a partner's broker user can write only to its
 /// own inbound queue, so this is what proves who sent the message.
@@ -26,8 +293,12 @@ pub fn check_sender(envelope: &Value, owner: &Partner) -> Result<(), Rejection> 
     Ok(())
 }
 
-pub fn check_may_send(sender: &Partner, message_type: &str) -> Result<(), Rejection> {
-    if !sender.may_send.contains(message_type) {
+pub fn check_may_send(
+    matrix: &Matrix,
+    sender: &Partner,
+    message_type: &str,
+) -> Result<(), Rejection> {
+    if !matrix.may_send(&sender.id, message_type) {
         return Err(Rejection::one(
             Code::NotAuthorized,
             FieldError::new(
@@ -40,21 +311,34 @@ pub fn check_may_send(sender: &Partner, message_type: &str) -> Result<(), Reject
     Ok(())
 }
 
-pub fn check_may_receive(recipient: &Partner, message_type: &str) -> Result<(), Rejection> {
-    if !recipient.may_receive.contains(message_type) {
-        return Err(Rejection::one(
-            Code::NotAuthorized,
+/// Every recipient must be allowed by the matrix for this message (type, version, purpose).
+pub fn check_recipients(
+    matrix: &Matrix,
+    sender: &Partner,
+    recipients: &[&Partner],
+    envelope: &Value,
+) -> Result<(), Rejection> {
+    let refused: Vec<FieldError> = recipients
+        .iter()
+        .filter(|r| !matrix.allows(&sender.id, &r.id, envelope))
+        .map(|r| {
             FieldError::new(
                 "/recipient",
                 "authorization",
                 format!(
-                    "{} is not authorized to receive {message_type}",
-                    recipient.id
+                    "{} is not authorized to send this {} to {} (authorization matrix)",
+                    sender.id,
+                    envelope.get("type").and_then(Value::as_str).unwrap_or(""),
+                    r.id
                 ),
-            ),
-        ));
+            )
+        })
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(Rejection::new(Code::NotAuthorized, refused))
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -87,21 +371,71 @@ mod tests {
     }
 
     #[test]
-    fn rights_come_from_the_partner_files() {
+    fn the_matrix_allows_by_sender_type_recipient_version_and_purpose() {
         let d = demo();
-        assert!(check_may_send(&d.partners["inps"], "benefit-status").is_ok());
+        let m = &d.matrix;
+        assert!(check_may_send(m, &d.partners["inps"], "benefit-status").is_ok());
         assert_eq!(
-            check_may_send(&d.partners["inps"], "referral")
+            check_may_send(m, &d.partners["inps"], "referral")
                 .unwrap_err()
                 .code,
             Code::NotAuthorized
         );
-        assert!(check_may_receive(&d.partners["comune-modena"], "benefit-status").is_ok());
-        assert_eq!(
-            check_may_receive(&d.partners["comune-modena"], "referral")
-                .unwrap_err()
-                .code,
-            Code::NotAuthorized
-        );
+        let benefit = |b: &str, version: &str| json!({"type": "benefit-status", "version": version, "payload": {"benefit": b}});
+        // Inclusion benefits may go to the comune, unemployment benefits may not.
+        assert!(m.allows("inps", "comune-modena", &benefit("adi", "1.0")));
+        assert!(!m.allows("inps", "comune-modena", &benefit("naspi", "1.0")));
+        assert!(m.allows("inps", "cpi-modena", &benefit("naspi", "1.0")));
+        // Only the MAJOR versions listed.
+        assert!(!m.allows("inps", "cpi-modena", &benefit("naspi", "2.0")));
+        // Never the other way round.
+        assert!(!m.allows("cpi-modena", "inps", &benefit("naspi", "1.0")));
+        let r = check_recipients(
+            m,
+            &d.partners["inps"],
+            &[&d.partners["cpi-modena"], &d.partners["comune-modena"]],
+            &benefit("naspi", "1.0"),
+        )
+        .unwrap_err();
+        assert_eq!(r.code, Code::NotAuthorized);
+        assert_eq!(r.errors.len(), 1);
+        assert!(r.errors[0].message.contains("comune-modena"));
+    }
+
+    #[test]
+    fn matrix_mistakes_are_all_reported() {
+        let d = demo();
+        let text = r#"
+            [[allow]]
+            from = ["inps", "nobody"]
+            type = "pension-claim"
+            to = []
+
+            [[allow]]
+            from = ["inps"]
+            type = "benefit-status"
+            versions = ["7"]
+            to = ["cpi-modena"]
+            when = { "/payload/colour" = ["red"] }
+        "#;
+        let errors = Matrix::load(text, &d.partners, &d.schemas).unwrap_err();
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+    }
+
+    #[test]
+    fn the_printed_matrix_names_every_pair_and_what_is_withheld() {
+        let d = demo();
+        let table = d.matrix.render(&d.partners, &d.schemas);
+        let line = |from: &str, to: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(from) && l.contains(&format!(" {to} ")))
+                .unwrap_or_else(|| panic!("no line {from} -> {to} in\n{table}"))
+                .to_string()
+        };
+        assert!(line("cpi-modena", "inps").ends_with("all but /payload/health"));
+        assert!(line("inps", "comune-modena").contains("/payload/benefit in [adi,sfl]"));
+        assert!(line("inps", "osservatorio-er").contains("/payload/application_id"));
+        assert!(!table.contains("comune-modena  benefit-status"));
     }
 }

@@ -1,14 +1,20 @@
 //! Directory: all configuration, loaded and checked once in two phases (each file on its own,
 //! then the files against each other), collecting every error with its file before refusing.
-//! The result is immutable and shared by reference with every flow.
+//! The result is immutable and shared by reference with every flow, except the code tables,
+//! which a reload swaps as a whole.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
+use crate::authorize::Matrix;
 use crate::partner::Partner;
 use crate::route::{Route, load_routes};
 use crate::settings::{MAIN_FILE, Settings};
+use crate::tables::Tables;
 use crate::validate::SchemaSet;
 
 /// Everything the gateway is configured with.
@@ -19,8 +25,9 @@ pub struct Directory {
     /// By partner id, in a stable order (logs, topology, `ponte check` output).
     pub partners: BTreeMap<String, Partner>,
     pub routes: Vec<Route>,
-    /// kind → municipality → the one partner of that kind competent for it.
-    competence: HashMap<String, HashMap<String, String>>,
+    pub matrix: Matrix,
+    /// The code tables in force; [`Directory::reload_tables`] replaces them.
+    pub tables: ArcSwap<Tables>,
     pub config_dir: PathBuf,
 }
 
@@ -88,7 +95,7 @@ impl Directory {
         for e in schema_errors {
             push(&e.file, e.message);
         }
-        let known_types: BTreeSet<String> = schemas.types().map(String::from).collect();
+        let env = |name: &str| std::env::var(name).ok();
 
         let partner_dir = dir.join(&settings.paths.partners);
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&partner_dir) {
@@ -104,7 +111,7 @@ impl Directory {
         files.sort();
         let mut partners = BTreeMap::new();
         for file in &files {
-            match Partner::load(file, &known_types) {
+            match Partner::load(file, &schemas, &env) {
                 Ok(p) => {
                     partners.insert(p.id.clone(), p);
                 }
@@ -119,30 +126,23 @@ impl Directory {
             push(&partner_dir, "no partner files (*.toml) found".into());
         }
 
-        // Competence must be unambiguous: one partner of a kind per municipality.
-        let mut competence: HashMap<String, HashMap<String, String>> = HashMap::new();
-        for p in partners.values() {
-            let by_municipality = competence.entry(p.kind.clone()).or_default();
-            for office in &p.offices {
-                for m in &office.municipalities {
-                    if let Some(other) = by_municipality.get(m) {
-                        push(
-                            &partner_dir.join(format!("{}.toml", p.id)),
-                            format!(
-                                "municipality {m} is already covered by {other}, also of kind {}; competence must be unambiguous",
-                                p.kind
-                            ),
-                        );
-                    } else {
-                        by_municipality.insert(m.clone(), p.id.clone());
-                    }
+        let matrix_file = dir.join(&settings.paths.authorization);
+        let matrix = match std::fs::read_to_string(&matrix_file) {
+            Ok(text) => Matrix::load(&text, &partners, &schemas).unwrap_or_else(|messages| {
+                for m in messages {
+                    push(&matrix_file, m);
                 }
+                Matrix::default()
+            }),
+            Err(e) => {
+                push(&matrix_file, format!("cannot read: {e}"));
+                Matrix::default()
             }
-        }
+        };
 
         let routes_file = dir.join(&settings.paths.routes);
         let routes = match std::fs::read_to_string(&routes_file) {
-            Ok(text) => load_routes(&text, &partners).unwrap_or_else(|messages| {
+            Ok(text) => load_routes(&text, &partners, &matrix).unwrap_or_else(|messages| {
                 for m in messages {
                     push(&routes_file, m);
                 }
@@ -154,6 +154,12 @@ impl Directory {
             }
         };
 
+        let tables = Tables::load(&dir.join(&settings.paths.tables), &partners, &schemas)
+            .unwrap_or_else(|table_errors| {
+                errors.extend(table_errors);
+                Tables::default()
+            });
+
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -162,16 +168,20 @@ impl Directory {
             schemas,
             partners,
             routes,
-            competence,
+            matrix,
+            tables: ArcSwap::from_pointee(tables),
             config_dir: dir.to_path_buf(),
         })
     }
 
-    /// The partner of `kind` competent for `municipality`.
-    pub fn competent(&self, kind: &str, municipality: &str) -> Option<&Partner> {
-        self.competence
-            .get(kind)?
-            .get(municipality)
-            .and_then(|id| self.partners.get(id))
+    /// Reads the code tables again and puts them in force if they are valid; otherwise keeps
+    /// the tables in force and returns every error. Messages being mapped finish with the
+    /// tables they started with.
+    pub fn reload_tables(&self) -> Result<Arc<Tables>, ConfigErrors> {
+        let dir = self.config_dir.join(&self.settings.paths.tables);
+        let tables =
+            Arc::new(Tables::load(&dir, &self.partners, &self.schemas).map_err(ConfigErrors)?);
+        self.tables.store(tables.clone());
+        Ok(tables)
     }
 }

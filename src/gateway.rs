@@ -16,6 +16,7 @@ use crate::broker::{
 };
 use crate::directory::Directory;
 use crate::partner::{Partner, Receipts};
+use crate::pipeline::Pipeline;
 use crate::receive::Flow;
 use crate::settle::Settler;
 
@@ -48,12 +49,13 @@ impl Status {
 
 /// Runs the gateway until `shutdown` is cancelled. Broker failures are never fatal: the gateway
 /// keeps reconnecting, so it may also be started before the broker.
-pub async fn run(directory: Arc<Directory>, shutdown: CancellationToken, status: Status) {
+pub async fn run(pipeline: Arc<Pipeline>, shutdown: CancellationToken, status: Status) {
+    let directory = &pipeline.directory;
     let max_delay = Duration::from_secs(directory.settings.broker.max_reconnect_delay_secs.max(1));
     let mut delay = Duration::from_millis(200);
     let mut reconnects: u64 = 0;
     while !shutdown.is_cancelled() {
-        let result = session(&directory, &shutdown, &status, &mut delay).await;
+        let result = session(&pipeline, &shutdown, &status, &mut delay).await;
         status.ready.send_replace(false);
         if shutdown.is_cancelled() {
             break;
@@ -85,11 +87,12 @@ const PARTNERS_PER_CONNECTION: usize = 64;
 /// One connected period: returns `Ok` when asked to stop (or to reconnect), `Err` when the
 /// broker failed.
 async fn session(
-    directory: &Arc<Directory>,
+    pipeline: &Arc<Pipeline>,
     shutdown: &CancellationToken,
     status: &Status,
     delay: &mut Duration,
 ) -> Result<(), BrokerError> {
+    let directory: &Directory = &pipeline.directory;
     let setup = connect(directory, "ponte setup").await?;
     let channel = setup.create_channel().await?;
     declare_topology(&channel, directory).await?;
@@ -141,7 +144,7 @@ async fn session(
                 reconnect: session_stop.clone(),
             });
             let flow = Flow {
-                directory: directory.clone(),
+                pipeline: pipeline.clone(),
                 partner: partner.clone(),
                 consume,
                 prefetch,

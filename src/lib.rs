@@ -8,7 +8,9 @@
 //!
 //! Configuration, loaded once and shared immutably:
 //! - [`settings`]: the main file and environment overrides.
-//! - [`partner`]: one file per institution: rights, identifier schemes, offices.
+//! - [`partner`]: one file per institution: identifier schemes, field lists, look-up service.
+//! - [`authorize`]'s matrix: who may send which type to whom, for what.
+//! - [`tables`]: offices and codes per partner, swapped whole on reload.
 //! - [`directory`]: everything loaded and cross-checked, all errors at once.
 //! - [`broker`]: connections, queue names and topology.
 //!
@@ -17,14 +19,16 @@
 //! - [`decode`]: size and depth limits, UTF-8, JSON.
 //! - [`validate`]: the schema of its (type, version), compiled once at start-up, with
 //!   [`identifiers`] checking check characters and digits.
-//! - [`authorize`]: sender equals queue owner, may send, recipients may receive.
+//! - [`authorize`]: sender equals queue owner; the matrix allows every recipient.
 //! - [`route`]: named recipient or routing rules (competence by municipality, fan-out).
-//! - [`map`]: the recipient's competent office and identifier schemes.
+//! - [`store`]: the person and case crosswalks, in an embedded SQLite file.
+//! - [`map`]: per recipient: its office, codes, identifiers (crosswalk, [`resolve`] look-up
+//!   service, pseudonyms), its case reference, and only the fields it may receive.
 //! - [`deliver`]: persistent, mandatory publishes with pending confirms.
 //! - [`settle`]: confirms awaited, receipt ([`receipt`]) published, inbound acked; or the
 //!   original parked with its [`rejection`] reason.
 //!
-//! [`pipeline`] strings the pure steps together; [`gateway`] supervises connections, reconnects
+//! [`pipeline`] strings the deciding steps together; [`gateway`] supervises connections, reconnects
 //! and shutdown; [`client`] is the partner side used by `ponte send` and the tests.
 
 pub mod authorize;
@@ -41,8 +45,11 @@ pub mod pipeline;
 pub mod receipt;
 pub mod receive;
 pub mod rejection;
+pub mod resolve;
 pub mod route;
 pub mod settings;
 pub mod settle;
+pub mod store;
+pub mod tables;
 pub mod telemetry;
 pub mod validate;

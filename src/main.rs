@@ -41,6 +41,15 @@ enum Command {
     Check {
         /// Configuration folder (overrides --config).
         dir: Option<PathBuf>,
+        /// Also print the authorization matrix: who may send what to whom, for what, and which
+        /// payload fields each recipient receives.
+        #[arg(long)]
+        matrix: bool,
+    },
+    /// Load a partner's own person ids into the crosswalk from a CSV file (scheme,value,local).
+    Crosswalk {
+        #[command(subcommand)]
+        action: CrosswalkAction,
     },
     /// Publish a message file to a partner's inbound queue, as that partner.
     Send {
@@ -74,6 +83,17 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CrosswalkAction {
+    /// Add or replace the partner's ids listed in FILE (header: scheme,value,local).
+    Import {
+        /// The partner whose own ids these are.
+        #[arg(long)]
+        partner: String,
+        file: PathBuf,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum QueueKind {
     Out,
@@ -100,17 +120,30 @@ async fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { dir } => {
+        Command::Check { dir, matrix } => {
             let dir = dir.unwrap_or(cli.config);
             match Directory::load(&dir) {
                 Ok(directory) => {
+                    let tables = directory.tables.load();
                     println!(
-                        "{}: configuration is valid: {} partners, {} routes, message types: {}",
+                        "{}: configuration is valid: {} partners, {} routes, {} authorization rules, {} office rows, {} code rows, message types: {}",
                         dir.display(),
                         directory.partners.len(),
                         directory.routes.len(),
+                        directory.matrix.rules.len(),
+                        tables.office_rows,
+                        tables.code_rows,
                         directory.schemas.types().collect::<Vec<_>>().join(", ")
                     );
+                    if matrix {
+                        println!();
+                        print!(
+                            "{}",
+                            directory
+                                .matrix
+                                .render(&directory.partners, &directory.schemas)
+                        );
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(errors) => {
@@ -122,9 +155,33 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => {
             let directory = load(&cli.config).context("refusing to start")?;
             ponte::telemetry::init(&directory.settings.log);
+            let pipeline = Arc::new(
+                ponte::pipeline::Pipeline::open(Arc::new(directory))
+                    .context("refusing to start")?,
+            );
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
-            ponte::gateway::run(Arc::new(directory), shutdown, Default::default()).await;
+            tokio::spawn(reload_on_hangup(pipeline.directory.clone()));
+            tokio::spawn(prune_daily(pipeline.clone()));
+            ponte::gateway::run(pipeline, shutdown, Default::default()).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crosswalk {
+            action: CrosswalkAction::Import { partner, file },
+        } => {
+            let directory = load(&cli.config)?;
+            anyhow::ensure!(
+                directory.partners.contains_key(&partner),
+                "no partner {partner:?} is configured"
+            );
+            let rows = read_crosswalk(&file)?;
+            let store = ponte::store::SqliteStore::open(&ponte::pipeline::store_dir(&directory))?;
+            use ponte::store::Crosswalk as _;
+            let n = store.import_local_ids(&partner, &rows)?;
+            println!(
+                "{n} person ids of {partner} imported from {}",
+                file.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Send { partner, files } => {
@@ -180,6 +237,77 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{} message(s) from {name}", taken.len());
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Reads a crosswalk CSV (header `scheme,value,local`), refusing the whole file on any bad row.
+fn read_crosswalk(file: &std::path::Path) -> anyhow::Result<Vec<(String, String, String)>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Row {
+        scheme: String,
+        value: String,
+        local: String,
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(file)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let mut rows = Vec::new();
+    for (i, row) in reader.deserialize::<Row>().enumerate() {
+        let row = row.with_context(|| format!("{}: row {}", file.display(), i + 1))?;
+        anyhow::ensure!(
+            ponte::partner::SHARED_SCHEMES.contains(&row.scheme.as_str()),
+            "{}: row {}: scheme must be one of {}",
+            file.display(),
+            i + 1,
+            ponte::partner::SHARED_SCHEMES.join(", ")
+        );
+        anyhow::ensure!(
+            !row.local.is_empty() && row.local.len() <= 64 && !row.value.is_empty(),
+            "{}: row {}: value and local must be 1 to 64 characters",
+            file.display(),
+            i + 1
+        );
+        rows.push((row.scheme, row.value, row.local));
+    }
+    Ok(rows)
+}
+
+/// Reloads the code tables on SIGHUP; invalid tables are reported and the old ones kept.
+async fn reload_on_hangup(directory: Arc<Directory>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hangup.recv().await.is_some() {
+        match directory.reload_tables() {
+            Ok(tables) => tracing::info!(
+                offices = tables.office_rows,
+                codes = tables.code_rows,
+                "code tables reloaded"
+            ),
+            Err(errors) => {
+                for e in &errors.0 {
+                    tracing::error!(file = %e.file.display(), error = %e.message, "code table error");
+                }
+                tracing::error!(
+                    errors = errors.0.len(),
+                    "code tables not reloaded; the previous tables stay in force"
+                );
+            }
+        }
+    }
+}
+
+/// Forgets crosswalk message records past their retention, at start and once a day.
+async fn prune_daily(pipeline: Arc<ponte::pipeline::Pipeline>) {
+    let retention =
+        Duration::from_secs(pipeline.directory.settings.store.message_retention_days * 24 * 3600);
+    loop {
+        match pipeline.store.prune(retention) {
+            Ok(n) => tracing::debug!(pruned = n, "crosswalk message records pruned"),
+            Err(error) => tracing::error!(%error, "cannot prune the crosswalk"),
+        }
+        tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
     }
 }
 

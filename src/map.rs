@@ -1,91 +1,391 @@
-//! Map: each recipient gets the envelope in its own terms: `recipient` set, the office code
-//! translated to the recipient's office competent for the municipality (the sender's code kept
-//! in the gateway-owned `sender_office`), and only the identifier schemes it accepts.
+//! Map: each recipient gets the envelope in its own terms, and only what it may see:
+//! - `recipient` set, and `recipient_reference`: its own reference for the case, when the case
+//!   crosswalk knows one;
+//! - the office code translated to the recipient's office competent for the municipality (the
+//!   sender's code kept in the gateway-owned `sender_office`), and codes the recipient has its own
+//!   names for translated through its code table;
+//! - person identifiers in the schemes it accepts, in its preferred order: shared ones as they
+//!   are, its own person id (`local`) from the crosswalk or its look-up service, or keyed
+//!   pseudonyms; the sender's own `local` id is never passed on;
+//! - the payload cut down to the fields it may receive.
 
-use serde_json::{Value, json};
+use hmac::{Hmac, Mac};
+use serde_json::{Map, Value, json};
+use sha2::Sha256;
 
-use crate::partner::Partner;
+use crate::partner::{Partner, SHARED_SCHEMES, Secret};
 use crate::rejection::{Code, FieldError, Rejection};
+use crate::resolve::{Resolved, Resolvers};
+use crate::store::Crosswalk;
+use crate::tables::Tables;
 
-/// The envelope as `recipient` will receive it.
-pub fn for_recipient(envelope: Value, recipient: &Partner) -> Result<Value, Rejection> {
+/// What mapping needs besides the message and the recipient.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub tables: &'a Tables,
+    pub store: &'a dyn Crosswalk,
+    pub resolvers: &'a Resolvers,
+}
+
+/// Why a copy could not be made.
+#[derive(Debug)]
+pub enum Unmapped {
+    /// This recipient cannot receive this message: refused for it, with the field that failed.
+    Refused(Rejection),
+    /// A service mapping depends on is unavailable now: the message is tried again later.
+    Later(String),
+}
+
+impl From<Rejection> for Unmapped {
+    fn from(r: Rejection) -> Self {
+        Unmapped::Refused(r)
+    }
+}
+
+/// The envelope as `recipient` will receive it. `reference` is the recipient's own reference
+/// for the case, from the case crosswalk.
+pub async fn for_recipient(
+    envelope: Value,
+    message_type: &str,
+    recipient: &Partner,
+    reference: Option<String>,
+    context: Context<'_>,
+) -> Result<Value, Unmapped> {
     let mut out = envelope;
     out["recipient"] = Value::String(recipient.id.clone());
-    translate_office(&mut out, recipient)?;
-    reduce_identifiers(&mut out, recipient)?;
+    if let Some(reference) = reference {
+        out["recipient_reference"] = Value::String(reference);
+    }
+    let mut errors = Vec::new();
+    translate_office(&mut out, recipient, context.tables, &mut errors);
+    translate_codes(
+        &mut out,
+        message_type,
+        recipient,
+        context.tables,
+        &mut errors,
+    );
+    if let Err(unmapped) = map_identifiers(&mut out, recipient, context).await {
+        match unmapped {
+            Unmapped::Refused(r) => errors.extend(r.errors),
+            later => return Err(later),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Unmapped::Refused(Rejection::new(
+            Code::UnmappableIdentifier,
+            errors,
+        )));
+    }
+    if let Some(fields) = recipient.fields.get(message_type) {
+        minimize(&mut out, fields);
+    }
     Ok(out)
 }
 
-fn translate_office(envelope: &mut Value, recipient: &Partner) -> Result<(), Rejection> {
+fn translate_office(
+    envelope: &mut Value,
+    recipient: &Partner,
+    tables: &Tables,
+    errors: &mut Vec<FieldError>,
+) {
     // A recipient without offices (say, a national body with one desk) keeps the sender's code.
-    if recipient.offices.is_empty() {
-        return Ok(());
+    if !tables.has_offices(&recipient.id) {
+        return;
     }
     let Some(payload) = envelope.get_mut("payload").and_then(Value::as_object_mut) else {
-        return Ok(());
+        return;
     };
     let Some(sender_office) = payload.get("office").cloned() else {
-        return Ok(());
+        return;
     };
     let municipality = payload
         .get("municipality")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let Some(office) = recipient.office_for(municipality) else {
-        return Err(Rejection::one(
-            Code::UnmappableIdentifier,
-            FieldError::new(
-                "/payload/office",
-                "officeCode",
-                format!(
-                    "{} has no office competent for municipality {municipality}",
-                    recipient.id
-                ),
+    let Some(office) = tables.office_for(&recipient.id, municipality) else {
+        errors.push(FieldError::new(
+            "/payload/office",
+            "officeCode",
+            format!(
+                "{} has no office competent for municipality {municipality}",
+                recipient.id
             ),
         ));
+        return;
     };
     payload.insert("office".into(), json!(office));
     payload.insert("sender_office".into(), sender_office);
-    Ok(())
 }
 
-fn reduce_identifiers(envelope: &mut Value, recipient: &Partner) -> Result<(), Rejection> {
+fn translate_codes(
+    envelope: &mut Value,
+    message_type: &str,
+    recipient: &Partner,
+    tables: &Tables,
+    errors: &mut Vec<FieldError>,
+) {
+    let Some(codes) = tables.codes(&recipient.id, message_type) else {
+        return;
+    };
+    for (pointer, table) in codes {
+        let Some(value) = envelope.pointer_mut(pointer) else {
+            continue;
+        };
+        let Some(shared) = value.as_str() else {
+            continue;
+        };
+        match table.get(shared) {
+            Some(own) => *value = Value::String(own.clone()),
+            None => errors.push(FieldError::new(
+                pointer.as_str(),
+                "codeTable",
+                format!(
+                    "{} has no code of its own for {shared:?} (tables/codes.csv)",
+                    recipient.id
+                ),
+            )),
+        }
+    }
+}
+
+/// `recipient`'s keyed pseudonym of the shared identifier `(scheme, value)`: the hex HMAC-SHA256
+/// of `scheme:value` under the recipient's key. Stable for one person and one key; without the
+/// key, neither reversible nor comparable with another partner's pseudonyms.
+pub fn pseudonym(key: &Secret, scheme: &str, value: &str) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(key.expose()).expect("HMAC accepts keys of any length");
+    mac.update(scheme.as_bytes());
+    mac.update(b":");
+    mac.update(value.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+async fn map_identifiers(
+    envelope: &mut Value,
+    recipient: &Partner,
+    context: Context<'_>,
+) -> Result<(), Unmapped> {
     let Some(identifiers) = envelope
         .pointer_mut("/subject/identifiers")
         .and_then(Value::as_array_mut)
     else {
         return Ok(());
     };
-    // A `local` identifier is the sender's own registry number: meaningless to anyone else.
-    identifiers.retain(|id| {
-        let scheme = id.get("scheme").and_then(Value::as_str).unwrap_or("");
-        scheme != "local" && recipient.accepts_scheme(scheme)
-    });
-    if identifiers.is_empty() {
-        return Err(Rejection::one(
-            Code::UnmappableIdentifier,
-            FieldError::new(
-                "/subject/identifiers",
+    let shared: Vec<(String, String)> = identifiers
+        .iter()
+        .filter_map(|id| {
+            let scheme = id.get("scheme")?.as_str()?;
+            let value = id.get("value")?.as_str()?;
+            SHARED_SCHEMES
+                .contains(&scheme)
+                .then(|| (scheme.to_string(), value.to_string()))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut unavailable = None;
+    let mut local_missing = false;
+    for scheme in &recipient.identifier_schemes {
+        match scheme.as_str() {
+            "pseudonym" => {
+                let key = recipient
+                    .pseudonym_key
+                    .as_ref()
+                    .expect("a pseudonymous partner is loaded with its key");
+                for (scheme, value) in &shared {
+                    let id = json!({"scheme": "pseudonym", "value": pseudonym(key, scheme, value)});
+                    if !out.contains(&id) {
+                        out.push(id);
+                    }
+                }
+            }
+            "local" => match local_id(recipient, &shared, context).await {
+                Ok(Some(local)) => out.push(json!({"scheme": "local", "value": local})),
+                Ok(None) => local_missing = true,
+                Err(Unmapped::Later(why)) => unavailable = Some(why),
+                Err(refused) => return Err(refused),
+            },
+            wanted => out.extend(
+                shared
+                    .iter()
+                    .filter(|(s, _)| s == wanted)
+                    .map(|(s, v)| json!({"scheme": s, "value": v})),
+            ),
+        }
+    }
+    if out.is_empty() {
+        // Only wait for a look-up service when nothing else the recipient accepts is there.
+        if let Some(why) = unavailable {
+            return Err(Unmapped::Later(why));
+        }
+        let (keyword, message) = if local_missing {
+            (
+                "crosswalk",
+                format!(
+                    "no person id of {} is known for this person (crosswalk{})",
+                    recipient.id,
+                    if recipient.resolver.is_some() {
+                        ", look-up service"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        } else {
+            (
                 "identifierScheme",
                 format!(
                     "none of the person's identifiers is in a scheme {} accepts ({})",
                     recipient.id,
                     recipient.identifier_schemes.join(", ")
                 ),
-            ),
-        ));
+            )
+        };
+        return Err(Unmapped::Refused(Rejection::one(
+            Code::UnmappableIdentifier,
+            FieldError::new("/subject/identifiers", keyword, message),
+        )));
     }
+    *identifiers = out;
     Ok(())
+}
+
+/// The recipient's own person id for any of the shared identifiers: the crosswalk first, then
+/// its look-up service.
+async fn local_id(
+    recipient: &Partner,
+    shared: &[(String, String)],
+    context: Context<'_>,
+) -> Result<Option<String>, Unmapped> {
+    for (scheme, value) in shared {
+        let known = context
+            .store
+            .local_id(&recipient.id, scheme, value)
+            .map_err(|e| Unmapped::Later(e.to_string()))?;
+        if known.is_some() {
+            return Ok(known);
+        }
+    }
+    let Some(resolver) = context.resolvers.get(&recipient.id) else {
+        return Ok(None);
+    };
+    for (scheme, value) in shared {
+        match resolver.local_id(scheme, value).await {
+            Resolved::Found(local) => return Ok(Some(local)),
+            Resolved::Unknown => {}
+            Resolved::Unavailable(why) => return Err(Unmapped::Later(why)),
+        }
+    }
+    Ok(None)
+}
+
+/// Keeps, of the payload, only the fields at `allowed` (pointers under `/payload/`).
+fn minimize(envelope: &mut Value, allowed: &[String]) {
+    let Some(payload) = envelope.get_mut("payload") else {
+        return;
+    };
+    let full = payload.take();
+    let mut kept = Value::Object(Map::new());
+    for pointer in allowed {
+        let inner = &pointer["/payload".len()..];
+        if let Some(value) = full.pointer(inner) {
+            insert_at(&mut kept, inner, value.clone());
+        }
+    }
+    *payload = kept;
+}
+
+/// Sets the value at `pointer` (object keys only) inside `root`, creating objects on the way.
+fn insert_at(root: &mut Value, pointer: &str, value: Value) {
+    let keys: Vec<String> = pointer
+        .split('/')
+        .skip(1)
+        .map(|k| k.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    let Some((last, parents)) = keys.split_last() else {
+        return;
+    };
+    let mut at = root;
+    for key in parents {
+        let Some(object) = at.as_object_mut() else {
+            return;
+        };
+        at = object
+            .entry(key.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+    if let Some(object) = at.as_object_mut() {
+        object.insert(last.clone(), value);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::directory::Directory;
+    use crate::partner::Partner;
+    use crate::store::{MessageCase, SqliteStore};
 
-    fn demo() -> Directory {
-        Directory::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap()
+    struct Fixture {
+        directory: Directory,
+        store: SqliteStore,
+        resolvers: Resolvers,
+        dir: std::path::PathBuf,
     }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let directory =
+                Directory::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config"))
+                    .unwrap();
+            let dir = std::env::temp_dir().join(format!("ponte-map-{}", uuid::Uuid::new_v4()));
+            Fixture {
+                directory,
+                store: SqliteStore::open(&dir).unwrap(),
+                resolvers: Resolvers::default(),
+                dir,
+            }
+        }
+
+        fn partner(&self, id: &str) -> &Partner {
+            &self.directory.partners[id]
+        }
+
+        async fn map(&self, m: Value, recipient: &str) -> Result<Value, Unmapped> {
+            self.map_for(m, self.partner(recipient), None).await
+        }
+
+        async fn map_for(
+            &self,
+            m: Value,
+            recipient: &Partner,
+            reference: Option<String>,
+        ) -> Result<Value, Unmapped> {
+            let tables = self.directory.tables.load();
+            let t = m["type"].as_str().unwrap().to_string();
+            let context = Context {
+                tables: &tables,
+                store: &self.store,
+                resolvers: &self.resolvers,
+            };
+            for_recipient(m, &t, recipient, reference, context).await
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn refused(r: Result<Value, Unmapped>) -> Rejection {
+        match r {
+            Err(Unmapped::Refused(r)) => r,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    const CF: &str = "RSSMRA85T10A562S";
 
     fn referral(municipality: &str) -> Value {
         json!({
@@ -93,48 +393,180 @@ mod tests {
             "sender": "cpi-modena",
             "subject": {"identifiers": [
                 {"scheme": "local", "value": "P-1"},
-                {"scheme": "it.cf", "value": "RSSMRA85T10A562S"}
+                {"scheme": "it.cf", "value": CF}
             ]},
-            "payload": {"office": "CPI-MO-02", "municipality": municipality}
+            "payload": {
+                "referral_id": "CPI-7", "reason": "did-registered", "office": "CPI-MO-02",
+                "municipality": municipality, "notes": "call in the morning",
+                "health": {"work_limitations": "no lifting", "disability_percentage": 46}
+            }
         })
     }
 
-    #[test]
-    fn office_is_translated_and_the_senders_code_kept() {
-        let d = demo();
-        let out = for_recipient(referral("036005"), &d.partners["inps"]).unwrap();
+    fn benefit(benefit: &str) -> Value {
+        json!({
+            "type": "benefit-status",
+            "sender": "inps",
+            "subject": {"identifiers": [{"scheme": "it.cf", "value": CF}]},
+            "payload": {
+                "benefit": benefit, "application_id": "APP-9", "status": "approved",
+                "effective_date": "2026-12-01", "office": "3600", "municipality": "036023",
+                "amount": {"value": 500, "currency": "EUR"}
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn office_is_translated_and_the_senders_code_kept() {
+        let f = Fixture::new();
+        let out = f.map(referral("036005"), "inps").await.unwrap();
         assert_eq!(out["recipient"], "inps");
         assert_eq!(out["payload"]["office"], "3600");
         assert_eq!(out["payload"]["sender_office"], "CPI-MO-02");
-        let out = for_recipient(referral("037006"), &d.partners["inps"]).unwrap();
+        let out = f.map(referral("037006"), "inps").await.unwrap();
         assert_eq!(out["payload"]["office"], "3700");
     }
 
-    #[test]
-    fn the_senders_local_identifier_is_never_passed_on() {
-        let d = demo();
-        let out = for_recipient(referral("036005"), &d.partners["inps"]).unwrap();
+    #[tokio::test]
+    async fn the_senders_local_identifier_is_never_passed_on() {
+        let f = Fixture::new();
+        let out = f.map(referral("036005"), "inps").await.unwrap();
         assert_eq!(
             out["subject"]["identifiers"],
-            json!([{"scheme": "it.cf", "value": "RSSMRA85T10A562S"}])
+            json!([{"scheme": "it.cf", "value": CF}])
         );
     }
 
-    #[test]
-    fn no_office_for_the_municipality_is_unmappable() {
-        let d = demo();
-        let r = for_recipient(referral("001272"), &d.partners["inps"]).unwrap_err();
+    #[tokio::test]
+    async fn no_office_for_the_municipality_is_unmappable() {
+        let f = Fixture::new();
+        let r = refused(f.map(referral("001272"), "inps").await);
         assert_eq!(r.code, Code::UnmappableIdentifier);
         assert_eq!(r.errors[0].path, "/payload/office");
     }
 
-    #[test]
-    fn no_accepted_identifier_is_unmappable() {
-        let d = demo();
+    #[tokio::test]
+    async fn no_accepted_identifier_is_unmappable() {
+        let f = Fixture::new();
         let mut m = referral("036005");
         m["subject"]["identifiers"] = json!([{"scheme": "ch.ahvn13", "value": "756.1234.5678.97"}]);
-        let r = for_recipient(m, &d.partners["inps"]).unwrap_err();
+        let r = refused(f.map(m, "inps").await);
         assert_eq!(r.code, Code::UnmappableIdentifier);
         assert_eq!(r.errors[0].path, "/subject/identifiers");
+        assert_eq!(r.errors[0].keyword, "identifierScheme");
+    }
+
+    #[tokio::test]
+    async fn codes_are_translated_through_the_recipients_table() {
+        let f = Fixture::new();
+        let out = f.map(referral("036005"), "inps").await.unwrap();
+        assert_eq!(out["payload"]["reason"], "R01");
+        // A code missing from a table the recipient has for that field is unmappable.
+        let r = refused(f.map(benefit("naspi"), "comune-modena").await);
+        assert!(
+            r.errors
+                .iter()
+                .any(|e| e.path == "/payload/benefit" && e.keyword == "codeTable"),
+            "{r:?}"
+        );
+        // Partners without a table keep the shared codes.
+        let out = f.map(benefit("naspi"), "cpi-modena").await.unwrap();
+        assert_eq!(out["payload"]["benefit"], "naspi");
+    }
+
+    #[tokio::test]
+    async fn a_partner_with_its_own_person_ids_gets_them_from_the_crosswalk() {
+        let f = Fixture::new();
+        // Unknown to the crosswalk: refused for the comune, saying where it looked.
+        let r = refused(f.map(benefit("adi"), "comune-modena").await);
+        assert_eq!(r.errors[0].path, "/subject/identifiers");
+        assert_eq!(r.errors[0].keyword, "crosswalk");
+        assert!(!r.errors[0].message.contains(CF), "identifier leaked");
+        // The comune's own message with both ids teaches the crosswalk.
+        f.store
+            .record(&MessageCase {
+                message_id: "m1",
+                sender: "comune-modena",
+                reference: None,
+                correlation_id: None,
+                recipients: &["cpi-modena"],
+                local_ids: &[("it.cf", CF, "ANA-042")],
+            })
+            .unwrap();
+        let out = f.map(benefit("adi"), "comune-modena").await.unwrap();
+        assert_eq!(
+            out["subject"]["identifiers"],
+            json!([{"scheme": "local", "value": "ANA-042"}])
+        );
+        assert_eq!(out["payload"]["benefit"], "ASS-INCL");
+    }
+
+    #[tokio::test]
+    async fn a_pseudonymous_partner_gets_only_a_stable_keyed_pseudonym() {
+        let f = Fixture::new();
+        let a = f.map(benefit("naspi"), "osservatorio-er").await.unwrap();
+        let b = f.map(benefit("sfl"), "osservatorio-er").await.unwrap();
+        let ids = &a["subject"]["identifiers"];
+        assert_eq!(ids.as_array().unwrap().len(), 1);
+        assert_eq!(ids[0]["scheme"], "pseudonym");
+        let value = ids[0]["value"].as_str().unwrap();
+        assert_eq!(value.len(), 64);
+        assert!(!a.to_string().contains(CF), "the codice fiscale leaked");
+        // The same person gives the same pseudonym in every message.
+        assert_eq!(b["subject"]["identifiers"], a["subject"]["identifiers"]);
+        // Another partner with another key gets another, unrelated pseudonym.
+        let mut other = f.partner("osservatorio-er").clone();
+        other.id = "istat".into();
+        other.pseudonym_key = Some(Secret::new("a-different-key-for-another-research-partner"));
+        let c = f.map_for(benefit("naspi"), &other, None).await.unwrap();
+        assert_ne!(c["subject"]["identifiers"][0]["value"], ids[0]["value"]);
+        // And another person, another pseudonym under the same key.
+        let mut m = benefit("naspi");
+        m["subject"]["identifiers"][0]["value"] = json!("BNCGVN70A41F257X");
+        let d = f.map(m, "osservatorio-er").await.unwrap();
+        assert_ne!(d["subject"]["identifiers"][0]["value"], ids[0]["value"]);
+    }
+
+    #[tokio::test]
+    async fn a_recipient_receives_only_the_fields_it_may() {
+        let f = Fixture::new();
+        let out = f.map(referral("036005"), "inps").await.unwrap();
+        assert!(out["payload"].get("health").is_none(), "{out}");
+        assert_eq!(out["payload"]["notes"], "call in the morning");
+        assert_eq!(out["payload"]["referral_id"], "CPI-7");
+        let out = f.map(benefit("naspi"), "osservatorio-er").await.unwrap();
+        let mut kept: Vec<&String> = out["payload"].as_object().unwrap().keys().collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            [
+                "amount",
+                "benefit",
+                "effective_date",
+                "municipality",
+                "status"
+            ]
+        );
+        // A partner without a field list gets everything.
+        let mut m = referral("036023");
+        m["sender"] = json!("comune-modena");
+        let out = f.map(m, "cpi-modena").await.unwrap();
+        assert_eq!(out["payload"]["health"]["disability_percentage"], 46);
+    }
+
+    #[tokio::test]
+    async fn the_recipients_case_reference_is_added() {
+        let f = Fixture::new();
+        let out = f
+            .map_for(
+                benefit("naspi"),
+                f.partner("cpi-modena"),
+                Some("CPI-7".into()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out["recipient_reference"], "CPI-7");
+        let out = f.map(benefit("naspi"), "cpi-modena").await.unwrap();
+        assert!(out.get("recipient_reference").is_none());
     }
 }

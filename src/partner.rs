@@ -1,17 +1,31 @@
 //! Partners: the institutions Ponte connects, one configuration file each under
-//! `config/partners/`, saying what a partner may send and receive, which person identifier
-//! schemes it accepts, and which of its offices is competent for which municipality.
+//! `config/partners/`, saying which person identifier schemes a partner accepts, which fields of
+//! each message type it may receive, and how its own person ids are found. Who may send what to
+//! whom is in the authorization matrix; offices and codes are in the code tables.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Identifier schemes the wire contract defines.
-pub const SCHEMES: &[&str] = &["it.cf", "ch.ahvn13", "local"];
+use crate::validate::SchemaSet;
+
+/// Identifier schemes a partner may accept. `it.cf` and `ch.ahvn13` are shared; `local` is the
+/// partner's own person id, found through the crosswalk; `pseudonym` is a keyed pseudonym of the
+/// shared identifiers, for partners that may not know who the person is.
+pub const SCHEMES: &[&str] = &["it.cf", "ch.ahvn13", "local", "pseudonym"];
+
+/// Schemes every partner understands in the same way.
+pub const SHARED_SCHEMES: &[&str] = &["it.cf", "ch.ahvn13"];
 
 /// The sender id of messages Ponte itself produces (receipts); no partner may use it.
 pub const GATEWAY_ID: &str = "ponte";
+
+/// Shortest pseudonym key accepted, in bytes.
+const MIN_KEY_BYTES: usize = 32;
 
 /// A partner as written in its file. Unknown keys are errors.
 #[derive(Debug, Deserialize)]
@@ -23,13 +37,15 @@ struct PartnerFile {
     /// "the competent partner of kind X".
     kind: String,
     #[serde(default)]
-    may_send: Vec<String>,
-    #[serde(default)]
-    may_receive: Vec<String>,
-    #[serde(default)]
     identifier_schemes: Vec<String>,
+    /// Environment variable holding the key of this partner's pseudonyms.
+    pseudonym_key_env: Option<String>,
+    /// Remote look-up of this partner's own person ids, for identifiers the crosswalk lacks.
+    resolver: Option<ResolverSettings>,
+    /// Per message type, the JSON pointers under `/payload` this partner may receive; the rest of
+    /// the payload is removed before delivery. A type not listed is delivered whole.
     #[serde(default)]
-    offices: Vec<OfficeFile>,
+    fields: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     receipts: Receipts,
 }
@@ -46,12 +62,56 @@ pub enum Receipts {
     Rejections,
 }
 
-#[derive(Debug, Deserialize)]
+/// A partner's look-up service for its own person ids.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OfficeFile {
-    code: String,
-    #[serde(default)]
-    municipalities: Vec<String>,
+pub struct ResolverSettings {
+    /// `https://…` (plain `http://` only on a loopback address).
+    pub url: String,
+    #[serde(default = "default_resolver_timeout")]
+    pub timeout_ms: u64,
+    /// Answers kept in memory, at most.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: u64,
+    /// How long an answer is kept.
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl_secs: u64,
+}
+
+fn default_resolver_timeout() -> u64 {
+    2000
+}
+fn default_cache_entries() -> u64 {
+    10_000
+}
+fn default_cache_ttl() -> u64 {
+    3600
+}
+
+impl ResolverSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// Key material that never shows in logs or debug output.
+#[derive(Clone)]
+pub struct Secret(Arc<[u8]>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Secret {
+        Secret(bytes.into().into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
 }
 
 /// A configured partner, checked and immutable.
@@ -60,44 +120,41 @@ pub struct Partner {
     pub id: String,
     pub name: String,
     pub kind: String,
-    pub may_send: BTreeSet<String>,
-    pub may_receive: BTreeSet<String>,
     /// Schemes this partner accepts in `subject.identifiers`, in its preferred order.
     pub identifier_schemes: Vec<String>,
-    pub offices: Vec<Office>,
+    pub pseudonym_key: Option<Secret>,
+    pub pseudonym_key_env: Option<String>,
+    pub resolver: Option<ResolverSettings>,
+    /// Per message type, the payload fields it may receive (absent: all).
+    pub fields: BTreeMap<String, Vec<String>>,
     pub receipts: Receipts,
-    /// Competent office code by ISTAT municipality code.
-    office_by_municipality: HashMap<String, String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Office {
-    pub code: String,
-    pub municipalities: Vec<String>,
 }
 
 impl Partner {
-    /// The partner's office competent for `municipality`, if it has one.
-    pub fn office_for(&self, municipality: &str) -> Option<&str> {
-        self.office_by_municipality
-            .get(municipality)
-            .map(String::as_str)
-    }
-
-    /// Whether this partner is competent for `municipality` at all.
-    pub fn is_competent_for(&self, municipality: &str) -> bool {
-        self.office_by_municipality.contains_key(municipality)
-    }
-
     pub fn accepts_scheme(&self, scheme: &str) -> bool {
         self.identifier_schemes.iter().any(|s| s == scheme)
     }
 
-    /// Reads one partner file; `known_types` are the message types the schemas define. Returns
-    /// every problem found in the file.
-    pub fn load(file: &Path, known_types: &BTreeSet<String>) -> Result<Partner, Vec<String>> {
+    /// Reads one partner file, checking field lists against `schemas`; `env` reads the
+    /// environment (for pseudonym keys). Returns every problem found in the file.
+    pub fn load(
+        file: &Path,
+        schemas: &SchemaSet,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Partner, Vec<String>> {
         let text = std::fs::read_to_string(file).map_err(|e| vec![format!("cannot read: {e}")])?;
-        let raw: PartnerFile = toml::from_str(&text).map_err(|e| vec![e.to_string()])?;
+        let raw: PartnerFile = toml::from_str(&text).map_err(|e| {
+            let mut message = e.to_string();
+            for moved in ["may_send", "may_receive"] {
+                if message.contains(&format!("`{moved}`")) {
+                    message.push_str(" (rights are in authorization.toml)");
+                }
+            }
+            if message.contains("`offices`") {
+                message.push_str(" (offices are in tables/offices.csv)");
+            }
+            vec![message]
+        })?;
         let mut errors = Vec::new();
         if !is_partner_id(&raw.id) {
             errors.push(format!(
@@ -120,18 +177,7 @@ impl Partner {
         if !is_partner_id(&raw.kind) {
             errors.push(format!("kind {:?} must match [a-z][a-z0-9-]*", raw.kind));
         }
-        for (field, types) in [
-            ("may_send", &raw.may_send),
-            ("may_receive", &raw.may_receive),
-        ] {
-            for t in types {
-                if crate::validate::GATEWAY_TYPES.contains(&t.as_str()) {
-                    errors.push(format!("{field}: {t:?} is produced by the gateway only"));
-                } else if !known_types.contains(t) {
-                    errors.push(format!("{field}: no schema defines message type {t:?}"));
-                }
-            }
-        }
+        let mut seen = BTreeSet::new();
         for scheme in &raw.identifier_schemes {
             if !SCHEMES.contains(&scheme.as_str()) {
                 errors.push(format!(
@@ -139,34 +185,74 @@ impl Partner {
                     SCHEMES.join(", ")
                 ));
             }
-        }
-        if !raw.may_receive.is_empty() && raw.identifier_schemes.is_empty() {
-            errors.push("identifier_schemes: a partner that receives messages must accept at least one scheme".into());
-        }
-        let mut office_by_municipality = HashMap::new();
-        let mut codes = BTreeSet::new();
-        for office in &raw.offices {
-            if !is_office_code(&office.code) {
-                errors.push(format!(
-                    "offices: code {:?} is not a valid office code",
-                    office.code
-                ));
+            if !seen.insert(scheme) {
+                errors.push(format!("identifier_schemes: {scheme:?} is listed twice"));
             }
-            if !codes.insert(office.code.clone()) {
-                errors.push(format!("offices: code {:?} is listed twice", office.code));
+        }
+        let pseudonymous = raw.identifier_schemes.iter().any(|s| s == "pseudonym");
+        if pseudonymous && raw.identifier_schemes.len() > 1 {
+            errors.push(
+                "identifier_schemes: a partner that receives pseudonyms may not receive any other scheme"
+                    .into(),
+            );
+        }
+        let pseudonym_key = match (&raw.pseudonym_key_env, pseudonymous) {
+            (None, true) => {
+                errors.push(
+                    "pseudonym_key_env: a partner that receives pseudonyms needs the name of the environment variable holding its key".into(),
+                );
+                None
             }
-            for m in &office.municipalities {
-                if m.len() != 6 || !m.bytes().all(|b| b.is_ascii_digit()) {
+            (Some(_), false) => {
+                errors.push("pseudonym_key_env: set only for a partner whose identifier_schemes is [\"pseudonym\"]".into());
+                None
+            }
+            (Some(name), true) => match env(name) {
+                Some(key) if key.len() >= MIN_KEY_BYTES => Some(Secret(key.into_bytes().into())),
+                Some(_) => {
                     errors.push(format!(
-                        "offices: {:?} is not a six-digit ISTAT municipality code (office {})",
-                        m, office.code
+                        "pseudonym_key_env: the key in {name} must be at least {MIN_KEY_BYTES} bytes"
                     ));
-                } else if let Some(other) =
-                    office_by_municipality.insert(m.clone(), office.code.clone())
-                {
+                    None
+                }
+                None => {
                     errors.push(format!(
-                        "offices: municipality {m} is assigned to both {other} and {}",
-                        office.code
+                        "pseudonym_key_env: environment variable {name} is not set"
+                    ));
+                    None
+                }
+            },
+            (None, false) => None,
+        };
+        if let Some(resolver) = &raw.resolver {
+            if !raw.identifier_schemes.iter().any(|s| s == "local") {
+                errors.push(
+                    "resolver: only a partner that accepts the \"local\" scheme looks up its own ids"
+                        .into(),
+                );
+            }
+            if let Err(e) = check_resolver_url(&resolver.url) {
+                errors.push(format!("resolver.url: {e}"));
+            }
+            if resolver.timeout_ms == 0 || resolver.cache_entries == 0 {
+                errors.push("resolver: timeout_ms and cache_entries must be at least 1".into());
+            }
+        }
+        for (message_type, pointers) in &raw.fields {
+            if !schemas.has_type(message_type) {
+                errors.push(format!(
+                    "fields: no schema defines message type {message_type:?}"
+                ));
+                continue;
+            }
+            for pointer in pointers {
+                if !pointer.starts_with("/payload/") {
+                    errors.push(format!(
+                        "fields.{message_type}: {pointer:?} must point under /payload/ (the envelope is always delivered)"
+                    ));
+                } else if schemas.field(message_type, pointer).is_none() {
+                    errors.push(format!(
+                        "fields.{message_type}: {message_type} has no field {pointer:?}"
                     ));
                 }
             }
@@ -178,20 +264,30 @@ impl Partner {
             id: raw.id,
             name: raw.name,
             kind: raw.kind,
-            may_send: raw.may_send.into_iter().collect(),
-            may_receive: raw.may_receive.into_iter().collect(),
             identifier_schemes: raw.identifier_schemes,
-            offices: raw
-                .offices
-                .into_iter()
-                .map(|o| Office {
-                    code: o.code,
-                    municipalities: o.municipalities,
-                })
-                .collect(),
+            pseudonym_key,
+            pseudonym_key_env: raw.pseudonym_key_env,
+            resolver: raw.resolver,
+            fields: raw.fields,
             receipts: raw.receipts,
-            office_by_municipality,
         })
+    }
+}
+
+/// A look-up service must be reached over TLS; plain HTTP only on the local machine.
+fn check_resolver_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let loopback = matches!(
+        parsed.host(),
+        Some(url::Host::Ipv4(ip)) if ip.is_loopback()
+    ) || matches!(parsed.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback())
+        || parsed.host_str() == Some("localhost");
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(format!(
+            "{url:?} must be https:// (http:// only on a loopback address)"
+        )),
     }
 }
 
@@ -201,11 +297,4 @@ pub fn is_partner_id(s: &str) -> bool {
         && s.starts_with(|c: char| c.is_ascii_lowercase())
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-}
-
-fn is_office_code(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }

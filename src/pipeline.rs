@@ -1,21 +1,49 @@
-//! Pipeline: the pure part of handling one inbound message — decode → validate → authorize →
-//! route → map — with no broker in sight. Its verdict says what to publish; `settle` does it.
+//! Pipeline: everything that decides what happens to one inbound message — decode → validate →
+//! authorize → route → record in the crosswalk → map for each recipient — with no broker in
+//! sight. Its verdict says what to publish; `settle` does it.
+
+use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::authorize::{check_may_receive, check_may_send, check_sender};
+use crate::authorize::{check_may_send, check_recipients, check_sender};
 use crate::decode::{DecodeLimits, decode};
 use crate::directory::Directory;
-use crate::map::for_recipient;
-use crate::partner::Partner;
-use crate::rejection::Rejection;
+use crate::map::{Context, Unmapped, for_recipient};
+use crate::partner::{Partner, SHARED_SCHEMES};
+use crate::rejection::{Code, FieldError, Rejection};
+use crate::resolve::Resolvers;
 use crate::route::recipients;
+use crate::store::{Crosswalk, MessageCase, SqliteStore};
 
 /// One recipient's copy of a message, serialized.
 #[derive(Debug, Clone)]
 pub struct Copy {
     pub recipient: String,
     pub body: Vec<u8>,
+}
+
+/// A recipient the message could not be mapped for, while others may still receive it.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub recipient: String,
+    pub rejection: Rejection,
+}
+
+/// What happens to the message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Deliver these copies; `refused` lists recipients that get none (the receipt says so).
+    Deliver {
+        copies: Vec<Copy>,
+        refused: Vec<Refused>,
+    },
+    /// Nobody receives it: parked with its reason.
+    Reject(Rejection),
+    /// Cannot be decided now (the store or a look-up service is unavailable): back to its queue,
+    /// to be tried again.
+    Retry(String),
 }
 
 /// What the pipeline decided about one message.
@@ -25,74 +53,183 @@ pub struct Verdict {
     pub message_id: Option<String>,
     pub message_type: Option<String>,
     pub correlation_id: Option<String>,
-    /// The copies to deliver, or why the message is refused.
-    pub outcome: Result<Vec<Copy>, Rejection>,
+    pub outcome: Outcome,
 }
 
-/// Runs every step for a message that arrived on `owner`'s inbound queue.
-pub fn process(directory: &Directory, owner: &Partner, body: &[u8]) -> Verdict {
-    let limits = DecodeLimits {
-        max_bytes: directory.settings.limits.max_message_bytes,
-        max_depth: directory.settings.limits.max_depth,
-    };
-    let envelope = match decode(body, limits) {
-        Ok(e) => e,
-        Err(rejection) => {
-            return Verdict {
-                message_id: None,
-                message_type: None,
-                correlation_id: None,
-                outcome: Err(rejection),
-            };
-        }
-    };
-    let field = |name: &str| envelope.get(name).and_then(Value::as_str).map(String::from);
-    let (message_id, message_type, correlation_id) =
-        (field("message_id"), field("type"), field("correlation_id"));
-    Verdict {
-        outcome: copies(
+/// The configuration and the services mapping uses.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub directory: Arc<Directory>,
+    pub store: Arc<dyn Crosswalk>,
+    pub resolvers: Resolvers,
+}
+
+impl Pipeline {
+    pub fn new(directory: Arc<Directory>, store: Arc<dyn Crosswalk>) -> anyhow::Result<Pipeline> {
+        let resolvers = Resolvers::new(directory.partners.values())
+            .map_err(|e| anyhow::anyhow!("look-up service client: {e}"))?;
+        Ok(Pipeline {
             directory,
-            owner,
-            envelope,
-            message_type.as_deref().unwrap_or_default(),
-        ),
-        message_id,
-        message_type,
-        correlation_id,
+            store,
+            resolvers,
+        })
     }
-}
 
-fn copies(
-    directory: &Directory,
-    owner: &Partner,
-    envelope: Value,
-    message_type: &str,
-) -> Result<Vec<Copy>, Rejection> {
-    directory.schemas.validate(&envelope)?;
-    check_sender(&envelope, owner)?;
-    check_may_send(owner, message_type)?;
-    let targets = recipients(&envelope, message_type, owner, directory)?;
-    for recipient in &targets {
-        check_may_receive(recipient, message_type)?;
+    /// With the embedded store in the configured data folder.
+    pub fn open(directory: Arc<Directory>) -> anyhow::Result<Pipeline> {
+        let store = SqliteStore::open(&store_dir(&directory))?;
+        Self::new(directory, Arc::new(store))
     }
-    // Every recipient but the last gets a clone; the last gets the envelope itself.
-    let last = targets.len() - 1;
-    let mut envelope = Some(envelope);
-    targets
-        .into_iter()
-        .enumerate()
-        .map(|(i, recipient)| {
+
+    /// Runs every step for a message that arrived on `owner`'s inbound queue.
+    pub async fn process(&self, owner: &Partner, body: &[u8]) -> Verdict {
+        let settings = &self.directory.settings;
+        let limits = DecodeLimits {
+            max_bytes: settings.limits.max_message_bytes,
+            max_depth: settings.limits.max_depth,
+        };
+        let envelope = match decode(body, limits) {
+            Ok(e) => e,
+            Err(rejection) => {
+                return Verdict {
+                    message_id: None,
+                    message_type: None,
+                    correlation_id: None,
+                    outcome: Outcome::Reject(rejection),
+                };
+            }
+        };
+        let field = |name: &str| envelope.get(name).and_then(Value::as_str).map(String::from);
+        let (message_id, message_type, correlation_id) =
+            (field("message_id"), field("type"), field("correlation_id"));
+        let outcome = match self.copies(owner, envelope).await {
+            Ok(outcome) => outcome,
+            Err(rejection) => Outcome::Reject(rejection),
+        };
+        Verdict {
+            message_id,
+            message_type,
+            correlation_id,
+            outcome,
+        }
+    }
+
+    async fn copies(&self, owner: &Partner, envelope: Value) -> Result<Outcome, Rejection> {
+        let directory = &*self.directory;
+        let schema = directory.schemas.validate(&envelope)?;
+        let message_type = envelope["type"].as_str().unwrap_or_default().to_string();
+        check_sender(&envelope, owner)?;
+        check_may_send(&directory.matrix, owner, &message_type)?;
+        // One snapshot of the tables for the whole message, whatever a reload does meanwhile.
+        let tables = directory.tables.load_full();
+        let targets = recipients(&envelope, &message_type, owner, directory, &tables)?;
+        check_recipients(&directory.matrix, owner, &targets, &envelope)?;
+
+        let names: Vec<&str> = targets.iter().map(|p| p.id.as_str()).collect();
+        let references = match self.record(&envelope, schema.case_reference.as_deref(), &names) {
+            Ok(r) => r,
+            Err(why) => return Ok(Outcome::Retry(why)),
+        };
+        let context = Context {
+            tables: &tables,
+            store: &*self.store,
+            resolvers: &self.resolvers,
+        };
+        let mut copies = Vec::with_capacity(targets.len());
+        let mut refused = Vec::new();
+        // Every recipient but the last gets a clone; the last gets the envelope itself.
+        let last = targets.len() - 1;
+        let mut envelope = Some(envelope);
+        for (i, (recipient, reference)) in targets.into_iter().zip(references).enumerate() {
             let source = if i == last {
                 envelope.take()
             } else {
                 envelope.clone()
             };
             let source = source.expect("the envelope is only taken by the last recipient");
-            let mapped = for_recipient(source, recipient)?;
-            Ok(Copy {
-                recipient: recipient.id.clone(),
-                body: serde_json::to_vec(&mapped).expect("a JSON value always serializes"),
+            match for_recipient(source, &message_type, recipient, reference, context).await {
+                Ok(mapped) => copies.push(Copy {
+                    recipient: recipient.id.clone(),
+                    body: serde_json::to_vec(&mapped).expect("a JSON value always serializes"),
+                }),
+                Err(Unmapped::Refused(rejection)) => refused.push(Refused {
+                    recipient: recipient.id.clone(),
+                    rejection,
+                }),
+                Err(Unmapped::Later(why)) => return Ok(Outcome::Retry(why)),
+            }
+        }
+        if copies.is_empty() {
+            return Err(merged(refused));
+        }
+        Ok(Outcome::Deliver { copies, refused })
+    }
+
+    /// Records the message in the crosswalks and returns each recipient's own case reference.
+    fn record(
+        &self,
+        envelope: &Value,
+        reference_pointer: Option<&str>,
+        recipients: &[&str],
+    ) -> Result<Vec<Option<String>>, String> {
+        let text = |pointer: &str| envelope.pointer(pointer).and_then(Value::as_str);
+        let identifiers = envelope
+            .pointer("/subject/identifiers")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let scheme_values = identifiers
+            .iter()
+            .filter_map(|id| Some((id.get("scheme")?.as_str()?, id.get("value")?.as_str()?)));
+        // The sender's own person id next to shared ones teaches the crosswalk.
+        let local_ids: Vec<(&str, &str, &str)> =
+            match scheme_values.clone().find(|(scheme, _)| *scheme == "local") {
+                Some((_, local)) => scheme_values
+                    .filter(|(scheme, _)| SHARED_SCHEMES.contains(scheme))
+                    .map(|(scheme, value)| (scheme, value, local))
+                    .collect(),
+                None => Vec::new(),
+            };
+        let message = MessageCase {
+            message_id: text("/message_id").unwrap_or_default(),
+            sender: text("/sender").unwrap_or_default(),
+            reference: reference_pointer.and_then(text),
+            correlation_id: text("/correlation_id"),
+            recipients,
+            local_ids: &local_ids,
+        };
+        self.store.record(&message).map_err(|e| e.to_string())
+    }
+}
+
+/// The data folder, resolved against the configuration folder.
+pub fn store_dir(directory: &Directory) -> std::path::PathBuf {
+    let dir: &Path = &directory.settings.store.dir;
+    directory.config_dir.join(dir)
+}
+
+/// One rejection for a message no recipient could receive: the first recipient's code, and
+/// every recipient's errors, each naming its recipient.
+fn merged(refused: Vec<Refused>) -> Rejection {
+    let code = refused
+        .first()
+        .map_or(Code::UnmappableIdentifier, |r| r.rejection.code);
+    let errors: Vec<FieldError> = if refused.len() == 1 {
+        refused
+            .into_iter()
+            .flat_map(|r| r.rejection.errors)
+            .collect()
+    } else {
+        refused
+            .into_iter()
+            .flat_map(|r| {
+                let recipient = r.recipient;
+                r.rejection.errors.into_iter().map(move |mut e| {
+                    e.message = format!("{recipient}: {}", e.message);
+                    e
+                })
             })
-        })
-        .collect()
+            .collect()
+    };
+    Rejection::new(code, errors)
 }

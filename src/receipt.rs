@@ -33,6 +33,16 @@ struct ReceiptPayload<'a> {
     message_type: Option<&'a str>,
     recipients: &'a [&'a str],
     errors: &'a [FieldError],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    undelivered: &'a [Undelivered<'a>],
+}
+
+/// A recipient a message was not delivered to while others received it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Undelivered<'a> {
+    pub recipient: &'a str,
+    pub code: Code,
+    pub errors: &'a [FieldError],
 }
 
 /// What a receipt answers.
@@ -54,12 +64,14 @@ pub struct Receipt {
 }
 
 /// Builds the receipt for `answered` with `code`; `recipients` are the partners whose copy the
-/// broker confirmed, `errors` explain a rejection.
+/// broker confirmed, `errors` explain a rejection, `undelivered` lists the recipients of a
+/// partly delivered message that got no copy (then `code` is the first of their codes).
 pub fn build(
     answered: Answered<'_>,
     code: Code,
     recipients: &[&str],
     errors: &[FieldError],
+    undelivered: &[Undelivered<'_>],
 ) -> Receipt {
     let correlation_id = answered.message_id.filter(|id| Uuid::parse_str(id).is_ok());
     let message_id = match correlation_id {
@@ -80,13 +92,16 @@ pub fn build(
         payload: ReceiptPayload {
             status: if code == Code::Delivered {
                 "delivered"
-            } else {
+            } else if recipients.is_empty() {
                 "rejected"
+            } else {
+                "partial"
             },
             code,
             message_type: answered.message_type,
             recipients,
             errors,
+            undelivered,
         },
     };
     Receipt {
@@ -122,7 +137,7 @@ mod tests {
 
     #[test]
     fn delivered_receipt_follows_its_schema() {
-        let r = build(ANSWERED, Code::Delivered, &["inps"], &[]);
+        let r = build(ANSWERED, Code::Delivered, &["inps"], &[], &[]);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");
         assert_eq!(v["correlation_id"], ANSWERED.message_id.unwrap());
@@ -139,7 +154,7 @@ mod tests {
             "enum",
             "value is not one of …",
         )];
-        let r = build(ANSWERED, Code::SchemaViolation, &[], &errors);
+        let r = build(ANSWERED, Code::SchemaViolation, &[], &errors, &[]);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");
         assert_eq!(v["payload"]["status"], "rejected");
@@ -149,11 +164,45 @@ mod tests {
     }
 
     #[test]
+    fn partial_receipt_lists_who_got_nothing_and_why() {
+        let errors = [FieldError::new(
+            "/subject/identifiers",
+            "crosswalk",
+            "no person id …",
+        )];
+        let undelivered = [Undelivered {
+            recipient: "comune-modena",
+            code: Code::UnmappableIdentifier,
+            errors: &errors,
+        }];
+        let r = build(
+            ANSWERED,
+            Code::UnmappableIdentifier,
+            &["cpi-modena"],
+            &[],
+            &undelivered,
+        );
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");
+        assert_eq!(v["payload"]["status"], "partial");
+        assert_eq!(v["payload"]["recipients"][0], "cpi-modena");
+        assert_eq!(v["payload"]["undelivered"][0]["recipient"], "comune-modena");
+        assert_eq!(
+            v["payload"]["undelivered"][0]["code"],
+            "unmappable-identifier"
+        );
+        assert_eq!(
+            v["payload"]["undelivered"][0]["errors"][0]["keyword"],
+            "crosswalk"
+        );
+    }
+
+    #[test]
     fn same_message_same_outcome_gives_the_same_receipt_id() {
-        let a = build(ANSWERED, Code::Delivered, &["inps"], &[]);
-        let b = build(ANSWERED, Code::Delivered, &["inps"], &[]);
+        let a = build(ANSWERED, Code::Delivered, &["inps"], &[], &[]);
+        let b = build(ANSWERED, Code::Delivered, &["inps"], &[], &[]);
         assert_eq!(a.message_id, b.message_id);
-        let other = build(ANSWERED, Code::NoRoute, &[], &[]);
+        let other = build(ANSWERED, Code::NoRoute, &[], &[], &[]);
         assert_ne!(a.message_id, other.message_id);
     }
 
@@ -163,7 +212,7 @@ mod tests {
             message_id: Some("not-a-uuid"),
             ..ANSWERED
         };
-        let r = build(answered, Code::SchemaViolation, &[], &[]);
+        let r = build(answered, Code::SchemaViolation, &[], &[], &[]);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert!(v.get("correlation_id").is_none());
         assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");

@@ -15,14 +15,13 @@ use tracing::debug;
 
 use crate::broker::BrokerError;
 use crate::deliver::{Labels, properties, publish};
-use crate::directory::Directory;
 use crate::partner::Partner;
-use crate::pipeline::process;
-use crate::settle::{self, Acknowledger, Inbound, Settled, Settler};
+use crate::pipeline::{Outcome, Pipeline};
+use crate::settle::{self, Acknowledger, Inbound, Partial, Settled, Settler};
 
 /// One partner's inbound flow.
 pub struct Flow {
-    pub directory: Arc<Directory>,
+    pub pipeline: Arc<Pipeline>,
     pub partner: Partner,
     /// Channel the inbound queue is consumed on.
     pub consume: Channel,
@@ -43,10 +42,7 @@ impl Flow {
     ) -> Result<(), BrokerError> {
         let queue = self.settler.queues.inbound(&self.partner.id).to_string();
         self.consume
-            .basic_qos(
-                self.directory.settings.broker.prefetch,
-                BasicQosOptions::default(),
-            )
+            .basic_qos(self.prefetch, BasicQosOptions::default())
             .await?;
         let tag = format!("ponte-{}", self.partner.id);
         let mut consumer = self
@@ -106,7 +102,7 @@ impl Flow {
         owner: &Arc<str>,
     ) -> Result<futures_util::future::BoxFuture<'static, Settled>, BrokerError> {
         let received = Instant::now();
-        let verdict = process(&self.directory, &self.partner, &delivery.data);
+        let verdict = self.pipeline.process(&self.partner, &delivery.data).await;
         let inbound = Inbound {
             acker: delivery.acker,
             partner: owner.clone(),
@@ -117,7 +113,7 @@ impl Flow {
         };
         let settler = self.settler.clone();
         Ok(match verdict.outcome {
-            Ok(copies) => {
+            Outcome::Deliver { copies, refused } => {
                 let labels = Labels {
                     message_id: inbound.message_id.as_deref(),
                     correlation_id: verdict.correlation_id.as_deref(),
@@ -130,9 +126,26 @@ impl Flow {
                         publish(&settler.channel, queue, &copy.body, properties(&labels)).await?;
                     pending.push((recipient, confirm));
                 }
-                settle::delivered(settler, inbound, pending).boxed()
+                let partial = match refused.first() {
+                    None => None,
+                    Some(first) => {
+                        let names: Vec<&str> =
+                            refused.iter().map(|r| r.recipient.as_str()).collect();
+                        let parked = settle::park(
+                            &settler,
+                            &inbound,
+                            &first.rejection,
+                            &delivery.data,
+                            delivery.properties,
+                            &names,
+                        )
+                        .await?;
+                        Some(Partial { refused, parked })
+                    }
+                };
+                settle::delivered(settler, inbound, pending, partial).boxed()
             }
-            Err(rejection) => {
+            Outcome::Reject(rejection) => {
                 let confirms = settle::publish_rejection(
                     &settler,
                     &inbound,
@@ -143,6 +156,7 @@ impl Flow {
                 .await?;
                 settle::rejected(settler, inbound, rejection.code, confirms).boxed()
             }
+            Outcome::Retry(why) => futures_util::future::ready(settle::later(inbound, why)).boxed(),
         })
     }
 }

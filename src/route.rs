@@ -8,9 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::authorize::{Matrix, conditions_hold};
 use crate::directory::Directory;
 use crate::partner::Partner;
 use crate::rejection::{Code, FieldError, Rejection};
+use crate::tables::Tables;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,19 +71,16 @@ impl Route {
     fn matches(&self, message_type: &str, sender: &str, envelope: &Value) -> bool {
         self.message_type == message_type
             && self.from.contains(sender)
-            && self.when.iter().all(|(pointer, values)| {
-                envelope
-                    .pointer(pointer)
-                    .and_then(Value::as_str)
-                    .is_some_and(|v| values.iter().any(|x| x == v))
-            })
+            && conditions_hold(&self.when, envelope)
     }
 }
 
-/// Reads `routes.toml` and checks it against the partners; returns every problem found.
+/// Reads `routes.toml` and checks it against the partners and the authorization matrix (a rule
+/// whose messages the matrix would always refuse is a mistake); returns every problem found.
 pub fn load_routes(
     text: &str,
     partners: &BTreeMap<String, Partner>,
+    matrix: &Matrix,
 ) -> Result<Vec<Route>, Vec<String>> {
     let raw: RoutesFile = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
     let mut errors = Vec::new();
@@ -94,15 +93,23 @@ pub fn load_routes(
             errors.push(format!("{at}: the name is used twice"));
         }
         for sender in &r.from {
-            match partners.get(sender) {
-                None => errors.push(format!("{at}: from: unknown partner {sender:?}")),
-                Some(p) if !p.may_send.contains(&r.message_type) => errors.push(format!(
-                    "{at}: from: {sender} may not send {} (add it to its may_send)",
+            if !partners.contains_key(sender) {
+                errors.push(format!("{at}: from: unknown partner {sender:?}"));
+            } else if !matrix.may_send(sender, &r.message_type) {
+                errors.push(format!(
+                    "{at}: from: {sender} may not send {} (authorization.toml)",
                     r.message_type
-                )),
-                Some(_) => {}
+                ));
             }
         }
+        let unauthorized = |to: &str| {
+            r.from
+                .iter()
+                .filter(|from| partners.contains_key(*from))
+                .filter(|from| !matrix.may_ever_send(from, &r.message_type, to))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
         for pointer in r.when.keys().chain(std::iter::once(&r.municipality)) {
             if !pointer.starts_with('/') {
                 errors.push(format!(
@@ -115,23 +122,32 @@ pub fn load_routes(
         }
         for target in &r.to {
             match target {
-                Target::Partner { partner } => match partners.get(partner) {
-                    None => errors.push(format!("{at}: to: unknown partner {partner:?}")),
-                    Some(p) if !p.may_receive.contains(&r.message_type) => errors.push(format!(
-                        "{at}: to: {partner} may not receive {} (add it to its may_receive)",
-                        r.message_type
-                    )),
-                    Some(_) => {}
-                },
+                Target::Partner { partner } => {
+                    if !partners.contains_key(partner) {
+                        errors.push(format!("{at}: to: unknown partner {partner:?}"));
+                    } else {
+                        let refused = unauthorized(partner);
+                        if !refused.is_empty() {
+                            errors.push(format!(
+                                "{at}: to: {} may not send {} to {partner} (authorization.toml)",
+                                refused.join(", "),
+                                r.message_type
+                            ));
+                        }
+                    }
+                }
                 Target::Competent { competent, .. } => {
                     if !kinds.contains(competent.as_str()) {
                         errors.push(format!("{at}: to: no partner is of kind {competent:?}"));
                     }
                     for p in partners.values().filter(|p| &p.kind == competent) {
-                        if !p.may_receive.contains(&r.message_type) {
+                        let refused = unauthorized(&p.id);
+                        if !refused.is_empty() {
                             errors.push(format!(
-                                "{at}: to: {} (kind {competent}) may not receive {}",
-                                p.id, r.message_type
+                                "{at}: to: {} may not send {} to {} (kind {competent}; authorization.toml)",
+                                refused.join(", "),
+                                r.message_type,
+                                p.id
                             ));
                         }
                     }
@@ -160,6 +176,7 @@ pub fn recipients<'a>(
     message_type: &str,
     sender: &Partner,
     directory: &'a Directory,
+    tables: &Tables,
 ) -> Result<Vec<&'a Partner>, Rejection> {
     let partners = &directory.partners;
     if let Some(named) = envelope.get("recipient").and_then(Value::as_str) {
@@ -213,7 +230,9 @@ pub fn recipients<'a>(
                 competent,
                 optional,
             } => {
-                let found = municipality.and_then(|m| directory.competent(competent, m));
+                let found = municipality
+                    .and_then(|m| tables.competent(competent, m))
+                    .and_then(|id| partners.get(id));
                 if found.is_none() && !optional {
                     return Err(Rejection::one(
                         Code::NoRoute,
@@ -263,7 +282,7 @@ mod tests {
 
     fn route(d: &Directory, sender: &str, message: Value) -> Result<Vec<String>, Rejection> {
         let t = message["type"].as_str().unwrap().to_string();
-        recipients(&message, &t, &d.partners[sender], d)
+        recipients(&message, &t, &d.partners[sender], d, &d.tables.load())
             .map(|r| r.iter().map(|p| p.id.clone()).collect())
     }
 
@@ -276,11 +295,11 @@ mod tests {
         let d = demo();
         assert_eq!(
             route(&d, "inps", benefit("naspi", "036005")).unwrap(),
-            ["cpi-modena"]
+            ["cpi-modena", "osservatorio-er"]
         );
         assert_eq!(
             route(&d, "inps", benefit("naspi", "037032")).unwrap(),
-            ["cpi-bologna"]
+            ["cpi-bologna", "osservatorio-er"]
         );
     }
 
@@ -289,11 +308,11 @@ mod tests {
         let d = demo();
         assert_eq!(
             route(&d, "inps", benefit("adi", "036023")).unwrap(),
-            ["cpi-modena", "comune-modena"]
+            ["cpi-modena", "comune-modena", "osservatorio-er"]
         );
         assert_eq!(
             route(&d, "inps", benefit("sfl", "036005")).unwrap(),
-            ["cpi-modena"]
+            ["cpi-modena", "osservatorio-er"]
         );
     }
 
@@ -354,7 +373,7 @@ mod tests {
             when = { "payload/reason" = ["x"] }
             to = [{ partner = "cpi-modena" }, { competent = "asl" }]
         "#;
-        let errors = load_routes(text, &d.partners).unwrap_err();
-        assert_eq!(errors.len(), 4, "{errors:#?}");
+        let errors = load_routes(text, &d.partners, &d.matrix).unwrap_err();
+        assert_eq!(errors.len(), 5, "{errors:#?}");
     }
 }

@@ -22,6 +22,29 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub paths: Paths,
+    #[serde(default)]
+    pub store: StoreSettings,
+}
+
+/// The embedded store: person and case crosswalks (and what later needs to survive restarts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// Data folder, relative to the configuration folder; holds `ponte.db`. Created with
+    /// owner-only permissions: it holds person identifiers.
+    pub dir: PathBuf,
+    /// How long the case crosswalk remembers a message, so that a later answer to it can be
+    /// linked; the links between references themselves are kept.
+    pub message_retention_days: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            dir: "../data".into(),
+            message_retention_days: 400,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,6 +166,10 @@ pub struct Paths {
     pub schemas: PathBuf,
     pub partners: PathBuf,
     pub routes: PathBuf,
+    /// The authorization matrix: who may send which type to whom, for what.
+    pub authorization: PathBuf,
+    /// Code tables (`offices.csv`, `codes.csv`), reloaded on SIGHUP.
+    pub tables: PathBuf,
 }
 
 impl Default for Paths {
@@ -151,6 +178,8 @@ impl Default for Paths {
             schemas: "../schemas".into(),
             partners: "partners".into(),
             routes: "routes.toml".into(),
+            authorization: "authorization.toml".into(),
+            tables: "tables".into(),
         }
     }
 }

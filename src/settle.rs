@@ -14,7 +14,8 @@ use tracing::{info, warn};
 
 use crate::broker::{BrokerError, QueueNames};
 use crate::deliver::{Labels, confirmed, properties, publish};
-use crate::receipt::{self, Answered};
+use crate::pipeline::Refused;
+use crate::receipt::{self, Answered, Undelivered};
 use crate::rejection::{Code, Rejection};
 
 /// How long a flow pauses before requeueing a message the broker refused (nack), so a broker
@@ -60,21 +61,54 @@ impl Inbound {
 #[derive(Debug)]
 pub struct Settled {
     pub inbound: Inbound,
-    pub result: Result<Outcome, BrokerError>,
+    pub result: Result<Outcome, HandBack>,
+}
+
+/// Why a message goes back to its queue instead of being acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum HandBack {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The pipeline could not decide now (store or look-up service unavailable).
+    #[error("{0}")]
+    Later(String),
 }
 
 /// How a settled message ended, for its log line.
 #[derive(Debug)]
 pub enum Outcome {
-    Delivered { recipients: Vec<Arc<str>> },
-    Rejected { code: Code },
+    /// Delivered to `recipients`; `refused` got no copy (a partly delivered message).
+    Delivered {
+        recipients: Vec<Arc<str>>,
+        refused: Vec<(String, Code)>,
+    },
+    Rejected {
+        code: Code,
+    },
 }
 
-/// Awaits the confirms of a message's copies, then publishes and awaits its receipt.
+/// A partly delivered message: who got nothing and why, and the confirm of its parked original.
+#[derive(Debug)]
+pub struct Partial {
+    pub refused: Vec<Refused>,
+    pub parked: PublisherConfirm,
+}
+
+/// A message that goes back to its queue without anything published.
+pub fn later(inbound: Inbound, why: String) -> Settled {
+    Settled {
+        inbound,
+        result: Err(HandBack::Later(why)),
+    }
+}
+
+/// Awaits the confirms of a message's copies (and, for a partly delivered one, of its parked
+/// original), then publishes and awaits its receipt.
 pub async fn delivered(
     settler: Arc<Settler>,
     inbound: Inbound,
     copies: Vec<(Arc<str>, PublisherConfirm)>,
+    partial: Option<Partial>,
 ) -> Settled {
     let result = async {
         let mut recipients = Vec::with_capacity(copies.len());
@@ -87,17 +121,76 @@ pub async fn delivered(
             .await?;
             recipients.push(recipient);
         }
-        if settler.positive_receipts {
-            let names: Vec<&str> = recipients.iter().map(|r| &**r).collect();
-            let receipt = receipt::build(inbound.answered(), Code::Delivered, &names, &[]);
+        let names: Vec<&str> = recipients.iter().map(|r| &**r).collect();
+        let refused = match partial {
+            Some(partial) => {
+                confirmed(
+                    partial.parked,
+                    settler.queues.rejected(&inbound.partner),
+                    settler.confirm_timeout_secs,
+                )
+                .await?;
+                partial.refused
+            }
+            None => Vec::new(),
+        };
+        // A partly delivered message is always answered: the sender must learn who got nothing.
+        if settler.positive_receipts || !refused.is_empty() {
+            let undelivered: Vec<Undelivered<'_>> = refused
+                .iter()
+                .map(|r| Undelivered {
+                    recipient: &r.recipient,
+                    code: r.rejection.code,
+                    errors: &r.rejection.errors,
+                })
+                .collect();
+            let code = undelivered.first().map_or(Code::Delivered, |u| u.code);
+            let receipt = receipt::build(inbound.answered(), code, &names, &[], &undelivered);
             let queue = settler.queues.receipts(&inbound.partner);
             let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
             confirmed(confirm, queue, settler.confirm_timeout_secs).await?;
         }
-        Ok(Outcome::Delivered { recipients })
+        Ok(Outcome::Delivered {
+            recipients,
+            refused: refused
+                .into_iter()
+                .map(|r| (r.recipient, r.rejection.code))
+                .collect(),
+        })
     }
     .await;
     Settled { inbound, result }
+}
+
+/// Parks the original of a message in its sender's rejected queue with the reason in headers;
+/// `recipients` names those it was refused for when others still received it.
+pub async fn park(
+    settler: &Settler,
+    inbound: &Inbound,
+    rejection: &Rejection,
+    original: &[u8],
+    original_properties: lapin::BasicProperties,
+    recipients: &[&str],
+) -> Result<PublisherConfirm, BrokerError> {
+    let errors = serde_json::to_string(&rejection.errors).expect("errors always serialize");
+    let mut headers = vec![
+        ("x-ponte-code", rejection.code.as_str().to_string()),
+        ("x-ponte-reason", rejection.reason().to_string()),
+        ("x-ponte-errors", errors),
+        ("x-ponte-partner", inbound.partner.to_string()),
+        ("x-ponte-rejected-at", receipt::now_rfc3339()),
+    ];
+    if !recipients.is_empty() {
+        headers.push(("x-ponte-recipients", recipients.join(",")));
+    }
+    let parked = crate::deliver::with_headers(original_properties, &headers);
+    publish(
+        &settler.channel,
+        settler.queues.rejected(&inbound.partner),
+        original,
+        parked,
+    )
+    .await
 }
 
 /// Publishes what a rejection needs (the parked original and the receipt) and returns the
@@ -109,25 +202,22 @@ pub async fn publish_rejection(
     original: &[u8],
     original_properties: lapin::BasicProperties,
 ) -> Result<[PublisherConfirm; 2], BrokerError> {
-    let errors = serde_json::to_string(&rejection.errors).expect("errors always serialize");
-    let parked = crate::deliver::with_headers(
-        original_properties,
-        &[
-            ("x-ponte-code", rejection.code.as_str().to_string()),
-            ("x-ponte-reason", rejection.reason().to_string()),
-            ("x-ponte-errors", errors),
-            ("x-ponte-partner", inbound.partner.to_string()),
-            ("x-ponte-rejected-at", receipt::now_rfc3339()),
-        ],
-    );
-    let park = publish(
-        &settler.channel,
-        settler.queues.rejected(&inbound.partner),
+    let park = park(
+        settler,
+        inbound,
+        rejection,
         original,
-        parked,
+        original_properties,
+        &[],
     )
     .await?;
-    let receipt = receipt::build(inbound.answered(), rejection.code, &[], &rejection.errors);
+    let receipt = receipt::build(
+        inbound.answered(),
+        rejection.code,
+        &[],
+        &rejection.errors,
+        &[],
+    );
     let queue = settler.queues.receipts(&inbound.partner);
     let answer = publish_receipt(settler, queue, &receipt, inbound).await?;
     Ok([park, answer])
@@ -199,10 +289,12 @@ impl Acknowledger {
             }
             Err(error) => {
                 self.flush().await;
-                let pause = matches!(error, BrokerError::Nacked)
-                    && self
-                        .last_pause
-                        .is_none_or(|at| at.elapsed() >= REQUEUE_DELAY);
+                let pause = matches!(
+                    error,
+                    HandBack::Broker(BrokerError::Nacked) | HandBack::Later(_)
+                ) && self
+                    .last_pause
+                    .is_none_or(|at| at.elapsed() >= REQUEUE_DELAY);
                 if pause {
                     self.last_pause = Some(Instant::now());
                 }
@@ -235,7 +327,10 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
     let message_id = inbound.message_id.as_deref().unwrap_or("");
     let message_type = inbound.message_type.as_deref().unwrap_or("");
     match outcome {
-        Outcome::Delivered { recipients } => info!(
+        Outcome::Delivered {
+            recipients,
+            refused,
+        } if refused.is_empty() => info!(
             message_id,
             r#type = message_type,
             sender = &*inbound.partner,
@@ -245,6 +340,21 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
             latency_ms,
             redelivered = inbound.redelivered,
             "message delivered"
+        ),
+        Outcome::Delivered {
+            recipients,
+            refused,
+        } => info!(
+            message_id,
+            r#type = message_type,
+            sender = &*inbound.partner,
+            recipients = %recipients.join(","),
+            refused = %refused.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>().join(","),
+            outcome = "partial",
+            code = refused[0].1.as_str(),
+            latency_ms,
+            redelivered = inbound.redelivered,
+            "message delivered to some recipients; refused for the others"
         ),
         // A message refused for its content is routine for the gateway: INFO, not ERROR.
         Outcome::Rejected { code } => info!(
@@ -263,17 +373,32 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
 
 /// A transient failure: the message is neither acknowledged nor rejected; it goes back to its
 /// queue and is processed again.
-async fn hand_back(settler: &Settler, inbound: Inbound, error: BrokerError, pause: bool) {
-    warn!(
-        message_id = inbound.message_id.as_deref().unwrap_or(""),
-        r#type = inbound.message_type.as_deref().unwrap_or(""),
-        sender = &*inbound.partner,
-        outcome = "retry",
-        %error,
-        "broker failure while settling; the message goes back to its queue"
-    );
-    if matches!(error, BrokerError::Nacked) {
-        // The broker is up but refuses: slow this flow down before trying again.
+async fn hand_back(settler: &Settler, inbound: Inbound, error: HandBack, pause: bool) {
+    let message_id = inbound.message_id.as_deref().unwrap_or("");
+    let message_type = inbound.message_type.as_deref().unwrap_or("");
+    match &error {
+        HandBack::Later(why) => tracing::error!(
+            message_id,
+            r#type = message_type,
+            sender = &*inbound.partner,
+            outcome = "retry",
+            error = %why,
+            "cannot map the message now; it goes back to its queue and is tried again"
+        ),
+        HandBack::Broker(error) => warn!(
+            message_id,
+            r#type = message_type,
+            sender = &*inbound.partner,
+            outcome = "retry",
+            %error,
+            "broker failure while settling; the message goes back to its queue"
+        ),
+    }
+    if matches!(
+        error,
+        HandBack::Broker(BrokerError::Nacked) | HandBack::Later(_)
+    ) {
+        // The broker or a service is up but refuses: slow this flow down before trying again.
         if pause {
             tokio::time::sleep(REQUEUE_DELAY).await;
         }

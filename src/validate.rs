@@ -26,6 +26,12 @@ pub struct TypeSchema {
     /// JSON pointers of properties marked `"readOnly": true`: the gateway fills them in on
     /// delivery and refuses them from senders.
     pub gateway_owned: Vec<String>,
+    /// Every property the schema itself declares, by instance pointer, with its allowed string
+    /// values when it is an enum: what code tables and field lists are checked against.
+    pub fields: BTreeMap<String, Option<Vec<String>>>,
+    /// Pointer of the property marked `"x-case-reference": true`: the sender's own reference
+    /// for the case, which the case crosswalk links across partners.
+    pub case_reference: Option<String>,
     pub file: PathBuf,
 }
 
@@ -142,13 +148,38 @@ impl SchemaSet {
                 .build(schema);
             match compiled {
                 Ok(validator) => {
-                    let mut gateway_owned = Vec::new();
-                    collect_read_only(schema, "", &mut gateway_owned);
+                    let mut fields = BTreeMap::new();
+                    collect_fields(schema, "", &mut fields);
+                    let annotated = |keyword: &str| {
+                        fields
+                            .keys()
+                            .filter(|p| {
+                                schema
+                                    .pointer(&schema_pointer(p))
+                                    .and_then(|s| s.get(keyword))
+                                    == Some(&Value::Bool(true))
+                            })
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    };
+                    let gateway_owned = annotated("readOnly");
+                    let mut references = annotated("x-case-reference");
+                    if references.len() > 1 {
+                        errors.push(SchemaError {
+                            file: file.clone(),
+                            message: format!(
+                                "only one property may be the case reference (x-case-reference), found {}",
+                                references.join(", ")
+                            ),
+                        });
+                    }
                     set.types.entry(type_name).or_default().insert(
                         version,
                         TypeSchema {
                             validator,
                             gateway_owned,
+                            fields,
+                            case_reference: references.pop(),
                             file,
                         },
                     );
@@ -245,6 +276,36 @@ impl SchemaSet {
             .is_some_and(|s| s.validator.is_valid(message))
     }
 
+    /// Every version of `type_name`.
+    pub fn versions(&self, type_name: &str) -> impl Iterator<Item = (&str, &TypeSchema)> {
+        self.types
+            .get(type_name)
+            .into_iter()
+            .flatten()
+            .map(|(v, s)| (v.as_str(), s))
+    }
+
+    /// Whether some version of `type_name` declares the property at `pointer`; with the union
+    /// of its enum values over the versions when it is an enum in all of them.
+    pub fn field(&self, type_name: &str, pointer: &str) -> Option<Option<Vec<String>>> {
+        let mut found: Option<Option<Vec<String>>> = None;
+        for (_, schema) in self.versions(type_name) {
+            if let Some(values) = schema.fields.get(pointer) {
+                found = Some(match (found, values) {
+                    (None, v) => v.clone(),
+                    (Some(Some(mut a)), Some(b)) => {
+                        let new: Vec<String> =
+                            b.iter().filter(|x| !a.contains(x)).cloned().collect();
+                        a.extend(new);
+                        Some(a)
+                    }
+                    _ => None,
+                });
+            }
+        }
+        found
+    }
+
     fn type_list(&self) -> String {
         self.types
             .keys()
@@ -281,18 +342,33 @@ fn is_version(s: &str) -> bool {
 }
 
 /// Walks the schema's own `properties` (not through `$ref`) and records the instance pointer of
-/// every property marked `readOnly`.
-fn collect_read_only(schema: &Value, prefix: &str, out: &mut Vec<String>) {
+/// every property, with its string values when it is an enum.
+fn collect_fields(schema: &Value, prefix: &str, out: &mut BTreeMap<String, Option<Vec<String>>>) {
     let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
         return;
     };
     for (name, sub) in properties {
         let pointer = format!("{prefix}/{}", name.replace('~', "~0").replace('/', "~1"));
-        if sub.get("readOnly") == Some(&Value::Bool(true)) {
-            out.push(pointer.clone());
-        }
-        collect_read_only(sub, &pointer, out);
+        let values = sub.get("enum").and_then(Value::as_array).map(|values| {
+            values
+                .iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        });
+        out.insert(pointer.clone(), values);
+        collect_fields(sub, &pointer, out);
     }
+}
+
+/// The pointer into the schema document of the property at instance pointer `instance`
+/// (`/payload/reason` → `/properties/payload/properties/reason`).
+fn schema_pointer(instance: &str) -> String {
+    instance
+        .split('/')
+        .skip(1)
+        .map(|part| format!("/properties/{part}"))
+        .collect()
 }
 
 /// Serves `$ref` targets from the schema files already read; refuses everything else, so a

@@ -26,29 +26,33 @@ fn broken_config() -> tempdir::Dir {
             repo().join("schemas")
         ),
     );
-    let demo =
-        |name: &str| std::fs::read_to_string(repo().join("config/partners").join(name)).unwrap();
+    let demo = |name: &str| std::fs::read_to_string(repo().join("config").join(name)).unwrap();
+    for partner in ["inps", "cpi-modena", "cpi-bologna", "osservatorio-er"] {
+        let file = format!("partners/{partner}.toml");
+        write(d, &file, &demo(&file));
+    }
     write(
         d,
-        "partners/inps.toml",
-        &demo("inps.toml").replace(
-            "may_send = [\"benefit-status\"]",
-            "may_send = [\"benefit-status\", \"pension-claim\"]",
-        ),
+        "partners/comune.toml",
+        &demo("partners/comune-modena.toml"),
     );
-    write(d, "partners/cpi-modena.toml", &demo("cpi-modena.toml"));
-    write(
-        d,
-        "partners/cpi-bologna.toml",
-        &demo("cpi-bologna.toml").replace("\"037032\"", "\"036005\""),
-    );
-    write(d, "partners/comune.toml", &demo("comune-modena.toml"));
     write(d, "partners/broken.toml", "id = \n");
-    let routes = std::fs::read_to_string(repo().join("config/routes.toml")).unwrap();
+    write(
+        d,
+        "authorization.toml",
+        &(demo("authorization.toml")
+            + "\n[[allow]]\nfrom = [\"inps\"]\ntype = \"pension-claim\"\nto = [\"cpi-modena\"]\n"),
+    );
+    write(
+        d,
+        "tables/offices.csv",
+        &(demo("tables/offices.csv") + "cpi-bologna,CPI-BO-09,036005\n"),
+    );
+    write(d, "tables/codes.csv", &demo("tables/codes.csv"));
     write(
         d,
         "routes.toml",
-        &routes.replace(
+        &demo("routes.toml").replace(
             "to = [{ partner = \"inps\" }]",
             "to = [{ partner = \"inail\" }]",
         ),
@@ -92,7 +96,74 @@ fn demo_configuration_is_valid() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("4 partners"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 partners"));
+}
+
+#[test]
+fn check_prints_the_authorization_matrix_for_auditors() {
+    let out = ponte(&["check", repo().join("config").to_str().unwrap(), "--matrix"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("FROM"))
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // One row per sender and recipient of the demo matrix.
+    assert_eq!(rows.len(), 8, "{stdout}");
+    let row = |from: &str, to: &str| {
+        rows.iter()
+            .find(|r| r[0] == from && r[3] == to)
+            .unwrap_or_else(|| panic!("no {from} -> {to} row in\n{stdout}"))
+    };
+    assert_eq!(row("cpi-modena", "inps")[1], "referral");
+    assert_eq!(row("cpi-modena", "inps").last(), Some(&"/payload/health"));
+    assert_eq!(row("inps", "comune-modena")[4], "/payload/benefit");
+    assert!(!rows.iter().any(|r| r[0] == "inps" && r[1] == "referral"));
+}
+
+#[test]
+fn a_partner_file_with_rights_says_where_they_moved() {
+    let dir = tempdir::Dir::new();
+    let d = dir.path();
+    for file in [
+        "ponte.toml",
+        "routes.toml",
+        "authorization.toml",
+        "tables/offices.csv",
+    ] {
+        write(
+            d,
+            file,
+            &std::fs::read_to_string(repo().join("config").join(file)).unwrap(),
+        );
+    }
+    write(
+        d,
+        "ponte.toml",
+        &format!("[paths]\nschemas = {:?}\n", repo().join("schemas")),
+    );
+    for partner in [
+        "inps",
+        "cpi-modena",
+        "cpi-bologna",
+        "comune-modena",
+        "osservatorio-er",
+    ] {
+        let file = format!("partners/{partner}.toml");
+        let mut text = std::fs::read_to_string(repo().join("config").join(&file)).unwrap();
+        if partner == "inps" {
+            text = text.replacen("\n", "\nmay_send = [\"benefit-status\"]\n", 1);
+        }
+        write(d, &file, &text);
+    }
+    let out = ponte(&["check", d.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        report.contains("rights are in authorization.toml"),
+        "{report}"
+    );
 }
 
 #[test]
@@ -105,12 +176,12 @@ fn check_reports_every_error_with_its_file() {
     let expect = [
         ("ponte.toml", "password"),
         ("ponte.toml", "prefech"),
-        ("partners/inps.toml", "pension-claim"),
+        ("authorization.toml", "pension-claim"),
         ("partners/comune.toml", "must equal the file name"),
         ("partners/broken.toml", "TOML parse error"),
         (
-            "partners/cpi-modena.toml",
-            "036005 is already covered by cpi-bologna",
+            "tables/offices.csv",
+            "municipality 036005 is already covered by cpi-modena",
         ),
         ("routes.toml", "inail"),
     ];
@@ -161,5 +232,5 @@ fn deploy_definitions_match_the_demo_topology() {
         generated, committed,
         "deploy/definitions.json is stale: regenerate it with `ponte definitions > deploy/definitions.json`"
     );
-    assert_eq!(committed["queues"].as_array().unwrap().len(), 4 * 5);
+    assert_eq!(committed["queues"].as_array().unwrap().len(), 5 * 5);
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -60,11 +60,7 @@ async fn sigterm_settles_in_flight_messages_and_acks_nothing_early() {
     publish_many(&url, &queues.inbound("cpi-modena"), &bodies).await;
     println!("published {TOTAL} in {:?}", t0.elapsed());
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ponte"))
-        .args(["run", "--config"])
-        .arg(repo().join("config"))
-        .env("PONTE_BROKER__URL", &url)
-        .env("PONTE_BROKER__PREFIX", &prefix)
+    let mut child = common::ponte_run(&repo().join("config"), &url, &prefix)
         .env("PONTE_LOG__LEVEL", "warn")
         .stdout(Stdio::null())
         .spawn()

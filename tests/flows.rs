@@ -107,12 +107,22 @@ async fn naspi_status_goes_to_the_competent_cpi_only() {
 }
 
 #[tokio::test]
-async fn inclusion_benefit_fans_out_to_cpi_and_comune() {
+async fn inclusion_benefit_fans_out_to_cpi_comune_and_observatory() {
     let gw = Gateway::start().await;
+    // The comune knows the person by its registry number.
+    gw.pipeline
+        .store
+        .import_local_ids(
+            "comune-modena",
+            &[("it.cf".into(), "BNCGVN70A41F257X".into(), "ANA-0042".into())],
+        )
+        .unwrap();
     let sent = benefit_status("adi", "036023");
     gw.send("inps", &sent).await;
     let cpi = gw.take(&gw.queues.outbound("cpi-modena"), 1).await[0].json();
     let comune = gw.take(&gw.queues.outbound("comune-modena"), 1).await[0].json();
+    let observatory = gw.take(&gw.queues.outbound("osservatorio-er"), 1).await[0].json();
+    assert_eq!(observatory["message_id"], sent["message_id"]);
     assert_eq!(cpi["message_id"], sent["message_id"]);
     assert_eq!(comune["message_id"], sent["message_id"]);
     assert_eq!(cpi["recipient"], "cpi-modena");
@@ -122,20 +132,20 @@ async fn inclusion_benefit_fans_out_to_cpi_and_comune() {
     let receipt = gw.receipt("inps").await;
     assert_eq!(
         receipt["payload"]["recipients"],
-        json!(["cpi-modena", "comune-modena"])
+        json!(["cpi-modena", "comune-modena", "osservatorio-er"])
     );
     gw.stop().await;
 }
 
 #[tokio::test]
-async fn inclusion_benefit_without_a_competent_comune_goes_to_the_cpi_alone() {
+async fn inclusion_benefit_without_a_competent_comune_goes_to_the_cpi_and_observatory() {
     let gw = Gateway::start().await;
     gw.send("inps", &benefit_status("sfl", "037032")).await;
     let cpi = gw.take(&gw.queues.outbound("cpi-bologna"), 1).await[0].json();
     assert_eq!(cpi["payload"]["office"], "CPI-BO-02");
     assert_eq!(
         gw.receipt("inps").await["payload"]["recipients"],
-        json!(["cpi-bologna"])
+        json!(["cpi-bologna", "osservatorio-er"])
     );
     gw.assert_empty(&gw.queues.outbound("comune-modena")).await;
     gw.stop().await;

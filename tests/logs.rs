@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::{broker_url, publish_many, random_prefix, referral, repo};
@@ -12,7 +12,7 @@ use ponte::broker::Queues;
 use serde_json::{Value, json};
 
 #[tokio::test]
-async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data() {
+async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data_or_keys() {
     let url = broker_url();
     let prefix = random_prefix();
     let queues = Queues::new(&prefix);
@@ -21,12 +21,16 @@ async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data() {
     bad["subject"]["identifiers"] = json!([{"scheme": "it.cf", "value": "BNCGVN70A41F257Q"}]);
     let bodies = [&good, &bad].map(|m| serde_json::to_vec(m).unwrap());
     publish_many(&url, &queues.inbound("cpi-modena"), &bodies).await;
+    // An inclusion benefit: pseudonymized for the observatory, unmappable for the comune.
+    let partial = common::benefit_status("adi", "036023");
+    publish_many(
+        &url,
+        &queues.inbound("inps"),
+        &[serde_json::to_vec(&partial).unwrap()],
+    )
+    .await;
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ponte"))
-        .args(["run", "--config"])
-        .arg(repo().join("config"))
-        .env("PONTE_BROKER__URL", &url)
-        .env("PONTE_BROKER__PREFIX", &prefix)
+    let mut child = common::ponte_run(&repo().join("config"), &url, &prefix)
         .env("PONTE_LOG__FORMAT", "json")
         .env("PONTE_LOG__LEVEL", "info")
         .env_remove("RUST_LOG")
@@ -50,6 +54,8 @@ async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data() {
     )
     .await;
     assert_eq!(receipts.len(), 2);
+    let receipts = common::drain(&url, &queues.receipts("inps"), 1, Duration::from_secs(20)).await;
+    assert_eq!(receipts.len(), 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
@@ -65,7 +71,11 @@ async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data() {
         .iter()
         .filter(|e| e.get("outcome").is_some())
         .collect();
-    assert_eq!(outcomes.len(), 2, "{lines:#?}");
+    assert_eq!(outcomes.len(), 3, "{lines:#?}");
+    let partly = outcomes.iter().find(|e| e["outcome"] == "partial").unwrap();
+    assert_eq!(partly["level"], "INFO");
+    assert_eq!(partly["refused"], "comune-modena");
+    assert_eq!(partly["code"], "unmappable-identifier");
     for (event, sent, outcome, code) in [
         (
             outcomes
@@ -102,11 +112,21 @@ async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data() {
         "inps"
     );
     let all = lines.join("\n");
+    let key = std::env::var("PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER").unwrap();
+    let pseudonym = ponte::map::pseudonym(
+        &ponte::partner::Secret::new(key.clone()),
+        "it.cf",
+        "BNCGVN70A41F257X",
+    );
     for secret in [
         "RSSMRA85T10A562S",
         "BNCGVN70A41F257Q",
+        "BNCGVN70A41F257X",
         "REF-2026-0001",
+        "APP-2026-4471",
         "D.Lgs.",
+        &key,
+        &pseudonym,
     ] {
         assert!(!all.contains(secret), "{secret} appears in the logs");
     }

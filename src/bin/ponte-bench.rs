@@ -134,7 +134,7 @@ fn write_config(args: &Args, prefix: &str) -> Result<PathBuf> {
     std::fs::write(
         dir.join("ponte.toml"),
         format!(
-            "[broker]\nprefix = \"{prefix}\"\nprefetch = 200\n\n[limits]\nmax_message_bytes = {}\n\n[log]\nlevel = \"warn,ponte::gateway=info\"\n\n[paths]\nschemas = \"schemas\"\n",
+            "[broker]\nprefix = \"{prefix}\"\nprefetch = 200\n\n[limits]\nmax_message_bytes = {}\n\n[log]\nlevel = \"warn,ponte::gateway=info\"\n\n[paths]\nschemas = \"schemas\"\n\n[store]\ndir = \"data\"\n",
             (args.size * 4).max(1024 * 1024)
         ),
     )?;
@@ -143,35 +143,56 @@ fn write_config(args: &Args, prefix: &str) -> Result<PathBuf> {
     } else {
         "rejections"
     };
-    for name in ["inps", "cpi-modena", "cpi-bologna", "comune-modena"] {
-        let text =
-            std::fs::read_to_string(repo.join("config/partners").join(format!("{name}.toml")))?;
-        let mut text = text.replacen("\n", &format!("\nreceipts = \"{receipts}\"\n"), 1);
-        if name == "inps" && args.partners > 4 {
-            let extra: Vec<String> = (1..=args.partners - 4).map(bench_municipality).collect();
-            text.push_str(&format!(
-                "\n[[offices]]\ncode = \"3900\"\nmunicipalities = {extra:?}\n"
-            ));
-        }
-        std::fs::write(dir.join("partners").join(format!("{name}.toml")), text)?;
+    for entry in std::fs::read_dir(repo.join("config/partners"))? {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        let mut text: String = text
+            .lines()
+            .filter(|l| !l.starts_with("receipts"))
+            .map(|l| {
+                // The benchmark's comune takes the codice fiscale: its registry numbers would
+                // need a crosswalk filled for a hundred thousand generated people.
+                if l == "identifier_schemes = [\"local\"]" {
+                    "identifier_schemes = [\"it.cf\"]\n"
+                } else {
+                    l
+                }
+                .to_string()
+                    + "\n"
+            })
+            .collect();
+        text = text.replacen("\n", &format!("\nreceipts = \"{receipts}\"\n"), 1);
+        std::fs::write(dir.join("partners").join(path.file_name().unwrap()), text)?;
     }
     let mut cpis = vec!["cpi-modena".to_string(), "cpi-bologna".to_string()];
+    let mut offices = std::fs::read_to_string(repo.join("config/tables/offices.csv"))?;
     for i in 1..=args.partners - 4 {
         let id = bench_cpi(i);
         std::fs::write(
             dir.join("partners").join(format!("{id}.toml")),
             format!(
-                "id = \"{id}\"\nname = \"Benchmark employment centre {i}\"\nkind = \"cpi\"\nreceipts = \"{receipts}\"\nmay_send = [\"referral\"]\nmay_receive = [\"benefit-status\", \"referral\"]\nidentifier_schemes = [\"it.cf\"]\n\n[[offices]]\ncode = \"CPI-B-{i:04}\"\nmunicipalities = [\"{}\"]\n",
-                bench_municipality(i)
+                "id = \"{id}\"\nname = \"Benchmark employment centre {i}\"\nkind = \"cpi\"\nreceipts = \"{receipts}\"\nidentifier_schemes = [\"it.cf\"]\n"
             ),
         )?;
+        let municipality = bench_municipality(i);
+        offices.push_str(&format!(
+            "inps,3900,{municipality}\n{id},CPI-B-{i:04},{municipality}\n"
+        ));
         cpis.push(id);
     }
-    let routes = std::fs::read_to_string(repo.join("config/routes.toml"))?.replace(
-        "from = [\"cpi-modena\", \"cpi-bologna\"]",
-        &format!("from = {cpis:?}"),
-    );
-    std::fs::write(dir.join("routes.toml"), routes)?;
+    std::fs::create_dir_all(dir.join("tables"))?;
+    std::fs::write(dir.join("tables/offices.csv"), offices)?;
+    std::fs::copy(
+        repo.join("config/tables/codes.csv"),
+        dir.join("tables/codes.csv"),
+    )?;
+    let demo_cpis = "[\"cpi-modena\", \"cpi-bologna\"]";
+    let all_cpis = format!("{cpis:?}");
+    for file in ["routes.toml", "authorization.toml"] {
+        let text =
+            std::fs::read_to_string(repo.join("config").join(file))?.replace(demo_cpis, &all_cpis);
+        std::fs::write(dir.join(file), text)?;
+    }
     Ok(dir)
 }
 
@@ -208,18 +229,19 @@ struct Load {
 
 impl Load {
     fn generate(directory: &Directory, count: usize, size: usize) -> Load {
-        let cpis: Vec<(&str, &str, &str)> = directory
+        let tables = directory.tables.load();
+        let mut cpis: Vec<(&str, &str, &str)> = directory
             .partners
             .values()
             .filter(|p| p.kind == "cpi")
             .flat_map(|p| {
-                p.offices.iter().flat_map(move |o| {
-                    o.municipalities
-                        .iter()
-                        .map(move |m| (p.id.as_str(), o.code.as_str(), m.as_str()))
-                })
+                tables
+                    .offices_of(&p.id)
+                    .map(move |(m, o)| (p.id.as_str(), o, m))
             })
             .collect();
+        // Offices come from a hash map: sort them so that every run sends the same load.
+        cpis.sort();
         let mut by_sender: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
         let (mut invalid, mut expected, mut bytes) = (0, 0, 0);
         let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -242,8 +264,9 @@ impl Load {
             } else {
                 let adi = roll >= 88;
                 let m = benefit_status(if adi { "adi" } else { "naspi" }, municipality);
-                let fan_out = adi && directory.competent("comune", municipality).is_some();
-                ("inps".to_string(), m, if fan_out { 2 } else { 1 })
+                // The competent CPI, the observatory, and for inclusion benefits the comune.
+                let comune = adi && tables.competent("comune", municipality).is_some();
+                ("inps".to_string(), m, if comune { 3 } else { 2 })
             };
             // 5% invalid, in varied ways.
             let body = if i % 20 == 7 {

@@ -18,6 +18,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use ponte::broker::Queues;
 use ponte::directory::Directory;
 use ponte::gateway::Status;
+use ponte::pipeline::Pipeline;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -41,15 +42,22 @@ pub fn directory(url: &str, prefix: &str) -> Directory {
     directory_from(&repo().join("config"), url, prefix)
 }
 
+/// The data folder of the test using `prefix`.
+pub fn data_dir(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ponte-data-{prefix}"))
+}
+
 pub fn directory_from(config: &Path, url: &str, prefix: &str) -> Directory {
     let schemas = repo().join("schemas");
     let schemas = schemas.to_str().unwrap();
+    let data = data_dir(prefix);
     Directory::load_with_overrides(
         config,
         &[
             ("broker.url", url),
             ("broker.prefix", prefix),
             ("paths.schemas", schemas),
+            ("store.dir", data.to_str().unwrap()),
             ("broker.publish_timeout_secs", "10"),
             ("broker.max_reconnect_delay_secs", "1"),
         ],
@@ -57,9 +65,64 @@ pub fn directory_from(config: &Path, url: &str, prefix: &str) -> Directory {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The `ponte run` binary on the configuration in `config`, with the test's broker, prefix and
+/// data folder.
+pub fn ponte_run(config: &Path, url: &str, prefix: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ponte"));
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("PONTE_BROKER__URL", url)
+        .env("PONTE_BROKER__PREFIX", prefix)
+        .env("PONTE_STORE__DIR", data_dir(prefix));
+    command
+}
+
+/// A copy of the demo configuration in a fresh folder (schemas stay where they are), for tests
+/// that change it; `change` edits the copy.
+pub fn config_copy(change: impl FnOnce(&Path)) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ponte-config-{}", uuid::Uuid::new_v4()));
+    copy_dir(&repo().join("config"), &dir);
+    let main = dir.join("ponte.toml");
+    let text = std::fs::read_to_string(&main).unwrap().replace(
+        "schemas = \"../schemas\"",
+        &format!("schemas = {:?}", repo().join("schemas")),
+    );
+    std::fs::write(&main, text).unwrap();
+    change(&dir);
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Deletes every queue of the configuration's partners under its prefix.
+pub async fn delete_queues(directory: &Directory) {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    let connection = connect(&directory.settings.broker.url).await;
+    let channel = connection.create_channel().await.unwrap();
+    for partner in directory.partners.keys() {
+        for queue in queues.of_partner(partner) {
+            let _ = channel.queue_delete(queue.into(), Default::default()).await;
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
 /// A gateway running inside the test process.
 pub struct Gateway {
     pub directory: Arc<Directory>,
+    pub pipeline: Arc<Pipeline>,
     pub queues: Queues,
     pub url: String,
     pub status: Status,
@@ -75,10 +138,16 @@ impl Gateway {
 
     pub async fn start_with(directory: Directory) -> Gateway {
         let directory = Arc::new(directory);
+        let pipeline = Arc::new(Pipeline::open(directory.clone()).expect("store opens"));
+        Self::start_pipeline(pipeline).await
+    }
+
+    pub async fn start_pipeline(pipeline: Arc<Pipeline>) -> Gateway {
+        let directory = pipeline.directory.clone();
         let shutdown = CancellationToken::new();
         let status = Status::default();
         let task = tokio::spawn(ponte::gateway::run(
-            directory.clone(),
+            pipeline.clone(),
             shutdown.clone(),
             status.clone(),
         ));
@@ -89,6 +158,7 @@ impl Gateway {
             queues: Queues::new(&directory.settings.broker.prefix),
             url: directory.settings.broker.url.clone(),
             directory,
+            pipeline,
             status,
             shutdown,
             task,
@@ -105,18 +175,12 @@ impl Gateway {
         (self.queues, self.url)
     }
 
-    /// Stops the gateway and deletes the test's queues.
+    /// Stops the gateway and deletes the test's queues and data folder.
     pub async fn stop(self) {
-        let partners: Vec<String> = self.directory.partners.keys().cloned().collect();
-        let (queues, url) = self.stop_keeping_queues().await;
-        let connection = connect(&url).await;
-        let channel = connection.create_channel().await.unwrap();
-        for partner in &partners {
-            for queue in queues.of_partner(partner) {
-                let _ = channel.queue_delete(queue.into(), Default::default()).await;
-            }
-        }
-        let _ = connection.close(200, "done".into()).await;
+        let directory = self.directory.clone();
+        self.stop_keeping_queues().await;
+        delete_queues(&directory).await;
+        let _ = std::fs::remove_dir_all(ponte::pipeline::store_dir(&directory));
     }
 
     /// Publishes `message` to `partner`'s inbound queue.
