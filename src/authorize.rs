@@ -79,13 +79,18 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// Reads `authorization.toml` and checks it against the partners and schemas.
+    /// Reads `authorization.toml` and checks it against the partners and schemas. The matrix
+    /// comes back even with errors, so that the routes can still be checked against it and one
+    /// run reports the real mistakes rather than their consequences.
     pub fn load(
         text: &str,
         partners: &BTreeMap<String, Partner>,
         schemas: &SchemaSet,
-    ) -> Result<Matrix, Vec<String>> {
-        let raw: MatrixFile = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+    ) -> (Matrix, Vec<String>) {
+        let raw: MatrixFile = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => return (Matrix::default(), vec![e.to_string()]),
+        };
         let mut errors = Vec::new();
         let mut rules = Vec::new();
         for (i, rule) in raw.allow.into_iter().enumerate() {
@@ -145,11 +150,7 @@ impl Matrix {
                 ));
             }
         }
-        if errors.is_empty() {
-            Ok(Matrix { rules })
-        } else {
-            Err(errors)
-        }
+        (Matrix { rules }, errors)
     }
 
     /// Whether some rule lets `sender` send `message_type` to anyone.
@@ -418,7 +419,7 @@ mod tests {
             to = ["cpi-modena"]
             when = { "/payload/colour" = ["red"] }
         "#;
-        let errors = Matrix::load(text, &d.partners, &d.schemas).unwrap_err();
+        let (_, errors) = Matrix::load(text, &d.partners, &d.schemas);
         assert_eq!(errors.len(), 5, "{errors:#?}");
     }
 

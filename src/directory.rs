@@ -128,12 +128,13 @@ impl Directory {
 
         let matrix_file = dir.join(&settings.paths.authorization);
         let matrix = match std::fs::read_to_string(&matrix_file) {
-            Ok(text) => Matrix::load(&text, &partners, &schemas).unwrap_or_else(|messages| {
+            Ok(text) => {
+                let (matrix, messages) = Matrix::load(&text, &partners, &schemas);
                 for m in messages {
                     push(&matrix_file, m);
                 }
-                Matrix::default()
-            }),
+                matrix
+            }
             Err(e) => {
                 push(&matrix_file, format!("cannot read: {e}"));
                 Matrix::default()

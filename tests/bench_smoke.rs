@@ -60,3 +60,31 @@ fn a_small_benchmark_run_produces_every_figure() {
     }
     assert!(work.join("latency-smoke.csv").exists());
 }
+
+#[test]
+fn the_mapping_benchmark_prints_a_cost_for_every_demo_message() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench-mapping"))
+        .args(["--iterations", "50"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().rev().take(4).collect())
+        .collect();
+    // Per row, from the right: pipeline µs, validate µs, copies, bytes.
+    let copies: Vec<&str> = rows.iter().map(|r| r[2]).collect();
+    assert_eq!(copies, ["1", "2", "2", "3", "0"], "{stdout}");
+    for row in &rows {
+        for figure in &row[..2] {
+            let value: f64 = figure.parse().unwrap();
+            assert!(value > 0.0, "{stdout}");
+        }
+    }
+}
