@@ -19,6 +19,8 @@ case "${1:-}" in
 --only) only=${2:?row name} ;;
 esac
 
+# The demo configuration's statistics partner needs its pseudonym key (demo only).
+export PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER=${PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER:-demo-only-pseudonym-key-never-use-for-real-data}
 PONTE_BROKER_PLUGINS=rabbitmq_shovel scripts/broker.sh start bench "$port" "$dir"
 if [ "${PONTE_BENCH_KEEP_BROKER:-}" != 1 ]; then
     trap 'scripts/broker.sh stop bench "$port" "$dir"' EXIT

@@ -163,7 +163,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             tokio::spawn(stop_on_signal(shutdown.clone()));
             tokio::spawn(reload_on_hangup(pipeline.directory.clone()));
             tokio::spawn(prune_daily(pipeline.clone()));
-            ponte::gateway::run(pipeline, shutdown, Default::default()).await;
+            ponte::gateway::run(pipeline.clone(), shutdown, Default::default()).await;
+            pipeline.store.flush().context("saving the crosswalk")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Crosswalk {

@@ -110,6 +110,11 @@ impl Inner {
     }
 }
 
+/// Adds or replaces one of a partner's own person ids.
+const UPSERT_PERSON: &str = "INSERT INTO person (partner, scheme, value, local, updated_at)
+     VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT (partner, scheme, value) DO UPDATE SET local = excluded.local, updated_at = excluded.updated_at";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS person (
     partner TEXT NOT NULL,
@@ -119,21 +124,26 @@ CREATE TABLE IF NOT EXISTS person (
     updated_at INTEGER NOT NULL,
     PRIMARY KEY (partner, scheme, value)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS message (
-    message_id TEXT PRIMARY KEY,
+-- Appended in arrival order (cheap), found by a small random key: 64 bits of the message id.
+CREATE TABLE IF NOT EXISTS sent_message (
+    seq INTEGER PRIMARY KEY,
+    key INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
     sender TEXT NOT NULL,
     reference TEXT,
     recipients TEXT NOT NULL,
     recorded_at INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS message_recorded_at ON message (recorded_at);
-CREATE TABLE IF NOT EXISTS case_reference (
+);
+CREATE INDEX IF NOT EXISTS sent_message_key ON sent_message (key);
+-- A case is a set of references, one or more per partner; created when an answer links two.
+CREATE TABLE IF NOT EXISTS case_link (
     partner TEXT NOT NULL,
     reference TEXT NOT NULL,
-    case_id TEXT NOT NULL,
+    case_id INTEGER NOT NULL,
     PRIMARY KEY (partner, reference)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS case_reference_case ON case_reference (case_id, partner, reference);
+CREATE INDEX IF NOT EXISTS case_link_case ON case_link (case_id, partner, reference);
+PRAGMA user_version = 1;
 ";
 
 impl SqliteStore {
@@ -155,7 +165,8 @@ impl SqliteStore {
         // process (not necessarily of the machine), without an fsync per message.
         connection
             .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
+                 PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -16384;",
             )
             .and_then(|()| connection.execute_batch(SCHEMA))
             .map_err(|e| error(e.to_string()))?;
@@ -164,11 +175,14 @@ impl SqliteStore {
             open: false,
             pending: 0,
         }));
+        // Checkpoints (copying the log into the database file, with an fsync) run on a
+        // connection of their own in the background, never inside a message's write.
+        let checkpoints = Connection::open(&path).map_err(|e| error(e.to_string()))?;
         let committer = Arc::downgrade(&inner);
         let shown = path.display().to_string();
         std::thread::Builder::new()
             .name("ponte-store".into())
-            .spawn(move || commit_periodically(committer, shown))
+            .spawn(move || commit_periodically(committer, checkpoints, shown))
             .map_err(|e| error(format!("cannot start the commit thread: {e}")))?;
         Ok(SqliteStore { path, inner })
     }
@@ -225,16 +239,25 @@ impl SqliteStore {
     }
 }
 
-/// Commits the open group transaction every [`COMMIT_EVERY`] until the store is dropped.
-fn commit_periodically(inner: Weak<Mutex<Inner>>, path: String) {
+/// Commits the open group transaction every [`COMMIT_EVERY`], and checkpoints the log about
+/// once a second, until the store is dropped.
+fn commit_periodically(inner: Weak<Mutex<Inner>>, checkpoints: Connection, path: String) {
+    let mut last_checkpoint = std::time::Instant::now();
     loop {
         std::thread::sleep(COMMIT_EVERY);
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let mut inner = inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(error) = inner.commit() {
+        let committed = inner.lock().unwrap_or_else(|p| p.into_inner()).commit();
+        drop(inner);
+        if let Err(error) = committed {
             tracing::error!(store = %path, %error, "cannot commit crosswalk records");
+        }
+        if last_checkpoint.elapsed() >= Duration::from_secs(1) {
+            last_checkpoint = std::time::Instant::now();
+            if let Err(error) = checkpoints.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+                tracing::warn!(store = %path, %error, "cannot checkpoint the store's log");
+            }
         }
     }
 }
@@ -253,20 +276,34 @@ fn now_secs() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The case of `(partner, reference)`, created when it has none yet.
-fn case_of(tx: &Connection, partner: &str, reference: &str) -> rusqlite::Result<String> {
-    let found: Option<String> = tx
-        .prepare_cached("SELECT case_id FROM case_reference WHERE partner = ?1 AND reference = ?2")?
+/// The 64-bit look-up key of a message id (its UUID's first half; the text is compared too).
+fn message_key(message_id: &str) -> i64 {
+    uuid::Uuid::parse_str(message_id).map_or_else(
+        |_| {
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(message_id.as_bytes());
+            i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+        },
+        |u| u.as_u64_pair().0 as i64,
+    )
+}
+
+/// The case `(partner, reference)` belongs to, if it was ever linked to another.
+fn case_of(tx: &Connection, partner: &str, reference: &str) -> rusqlite::Result<Option<i64>> {
+    tx.prepare_cached("SELECT case_id FROM case_link WHERE partner = ?1 AND reference = ?2")?
         .query_row(params![partner, reference], |r| r.get(0))
-        .optional()?;
-    if let Some(case) = found {
+        .optional()
+}
+
+/// The case of `(partner, reference)`, created when it has none yet.
+fn ensure_case(tx: &Connection, partner: &str, reference: &str) -> rusqlite::Result<i64> {
+    if let Some(case) = case_of(tx, partner, reference)? {
         return Ok(case);
     }
-    let case = uuid::Uuid::new_v4().to_string();
-    tx.prepare_cached(
-        "INSERT INTO case_reference (partner, reference, case_id) VALUES (?1, ?2, ?3)",
-    )?
-    .execute(params![partner, reference, case])?;
+    let case: i64 = tx
+        .prepare_cached("SELECT coalesce(max(case_id), 0) + 1 FROM case_link")?
+        .query_row([], |r| r.get(0))?;
+    tx.prepare_cached("INSERT INTO case_link (partner, reference, case_id) VALUES (?1, ?2, ?3)")?
+        .execute(params![partner, reference, case])?;
     Ok(case)
 }
 
@@ -275,24 +312,33 @@ impl Crosswalk for SqliteStore {
         self.write(|tx| {
             let now = now_secs();
             for (scheme, value, local) in m.local_ids {
-                tx.prepare_cached(
-                    "INSERT INTO person (partner, scheme, value, local, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (partner, scheme, value) DO UPDATE SET local = excluded.local, updated_at = excluded.updated_at",
-                )?
+                tx.prepare_cached(UPSERT_PERSON)?
                 .execute(params![m.sender, scheme, value, local, now])?;
             }
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO message (message_id, sender, reference, recipients, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO sent_message (key, message_id, sender, reference, recipients, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![m.message_id, m.sender, m.reference, m.recipients.join(","), now])?;
+            .execute(params![
+                message_key(m.message_id),
+                m.message_id,
+                m.sender,
+                m.reference,
+                m.recipients.join(","),
+                now
+            ])?;
             let Some(reference) = m.reference else {
                 return Ok(vec![None; m.recipients.len()]);
             };
-            let mut case = case_of(tx, m.sender, reference)?;
             if let Some(answered) = m.correlation_id {
                 let original: Option<(String, Option<String>, String)> = tx
-                    .prepare_cached("SELECT sender, reference, recipients FROM message WHERE message_id = ?1")?
-                    .query_row(params![answered], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .prepare_cached(
+                        "SELECT sender, reference, recipients FROM sent_message
+                         WHERE key = ?1 AND message_id = ?2",
+                    )?
+                    .query_row(params![message_key(answered), answered], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
                     .optional()?;
                 // Only an answer from a partner the original went to links the two cases: a
                 // partner cannot attach itself to someone else's case by guessing a message id.
@@ -300,21 +346,33 @@ impl Crosswalk for SqliteStore {
                     && sender != m.sender
                     && recipients.split(',').any(|r| r == m.sender)
                 {
-                    let theirs = case_of(tx, &sender, &original_reference)?;
-                    if theirs != case {
-                        tx.prepare_cached("UPDATE case_reference SET case_id = ?1 WHERE case_id = ?2")?
-                            .execute(params![theirs, case])?;
-                        case = theirs;
+                    let theirs = ensure_case(tx, &sender, &original_reference)?;
+                    match case_of(tx, m.sender, reference)? {
+                        Some(ours) if ours != theirs => {
+                            tx.prepare_cached("UPDATE case_link SET case_id = ?1 WHERE case_id = ?2")?
+                                .execute(params![theirs, ours])?;
+                        }
+                        Some(_) => {}
+                        None => {
+                            tx.prepare_cached(
+                                "INSERT INTO case_link (partner, reference, case_id) VALUES (?1, ?2, ?3)",
+                            )?
+                            .execute(params![m.sender, reference, theirs])?;
+                        }
                     }
                 }
             }
+            // Most messages belong to no linked case: one look-up and done.
+            let Some(case) = case_of(tx, m.sender, reference)? else {
+                return Ok(vec![None; m.recipients.len()]);
+            };
             let mut references = Vec::with_capacity(m.recipients.len());
             {
                 // The index on (case_id, partner, reference) yields the smallest reference first.
                 // (An ORDER BY ... LIMIT here made SQLite prepare the statement again on every
-                // call, a quarter of the pipeline's time.)
+                // call.)
                 let mut lookup = tx.prepare_cached(
-                    "SELECT reference FROM case_reference WHERE case_id = ?1 AND partner = ?2",
+                    "SELECT reference FROM case_link WHERE case_id = ?1 AND partner = ?2",
                 )?;
                 for recipient in m.recipients {
                     references.push(
@@ -352,11 +410,8 @@ impl Crosswalk for SqliteStore {
         self.write(|tx| {
             let now = now_secs();
             for (scheme, value, local) in rows {
-                tx.prepare_cached(
-                    "INSERT INTO person (partner, scheme, value, local, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (partner, scheme, value) DO UPDATE SET local = excluded.local, updated_at = excluded.updated_at",
-                )?
-                .execute(params![partner, scheme, value, local, now])?;
+                tx.prepare_cached(UPSERT_PERSON)?
+                    .execute(params![partner, scheme, value, local, now])?;
             }
             Ok(rows.len())
         })
@@ -366,7 +421,7 @@ impl Crosswalk for SqliteStore {
         let before = now_secs() - age.as_secs() as i64;
         self.write(|connection| {
             connection.execute(
-                "DELETE FROM message WHERE recorded_at < ?1",
+                "DELETE FROM sent_message WHERE recorded_at < ?1",
                 params![before],
             )
         })
