@@ -142,6 +142,7 @@ async fn session(
                 confirm_timeout_secs: directory.settings.broker.publish_timeout_secs,
                 positive_receipts: partner.receipts == Receipts::All,
                 reconnect: session_stop.clone(),
+                store: pipeline.store.clone(),
             });
             let flow = Flow {
                 pipeline: pipeline.clone(),

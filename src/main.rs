@@ -177,7 +177,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let rows = read_crosswalk(&file)?;
             let store = ponte::store::SqliteStore::open(&ponte::pipeline::store_dir(&directory))?;
-            use ponte::store::Crosswalk as _;
+            use ponte::store::Store as _;
             let n = store.import_local_ids(&partner, &rows)?;
             println!(
                 "{n} person ids of {partner} imported from {}",
@@ -299,13 +299,14 @@ async fn reload_on_hangup(directory: Arc<Directory>) {
     }
 }
 
-/// Forgets crosswalk message records past their retention, at start and once a day.
+/// Forgets crosswalk message records past their retention and delivered-message records past
+/// the duplicate window, at start and once a day.
 async fn prune_daily(pipeline: Arc<ponte::pipeline::Pipeline>) {
-    let retention =
-        Duration::from_secs(pipeline.directory.settings.store.message_retention_days * 24 * 3600);
+    let store = &pipeline.directory.settings.store;
+    let (retention, window) = (store.message_retention(), store.duplicate_window());
     loop {
-        match pipeline.store.prune(retention) {
-            Ok(n) => tracing::debug!(pruned = n, "crosswalk message records pruned"),
+        match pipeline.store.prune(retention, window) {
+            Ok(n) => tracing::debug!(pruned = n, "old message records pruned"),
             Err(error) => tracing::error!(%error, "cannot prune the crosswalk"),
         }
         tokio::time::sleep(Duration::from_secs(24 * 3600)).await;

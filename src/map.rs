@@ -16,14 +16,14 @@ use sha2::Sha256;
 use crate::partner::{Partner, SHARED_SCHEMES, Secret};
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::resolve::{Resolved, Resolvers};
-use crate::store::Crosswalk;
+use crate::store::Store;
 use crate::tables::Tables;
 
 /// What mapping needs besides the message and the recipient.
 #[derive(Clone, Copy)]
 pub struct Context<'a> {
     pub tables: &'a Tables,
-    pub store: &'a dyn Crosswalk,
+    pub store: &'a dyn Store,
     pub resolvers: &'a Resolvers,
 }
 

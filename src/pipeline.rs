@@ -15,7 +15,7 @@ use crate::partner::{Partner, SHARED_SCHEMES};
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::resolve::Resolvers;
 use crate::route::recipients;
-use crate::store::{Crosswalk, MessageCase, SqliteStore};
+use crate::store::{MessageCase, SqliteStore, Store};
 
 /// One recipient's copy of a message, serialized.
 #[derive(Debug, Clone)]
@@ -44,6 +44,9 @@ pub enum Outcome {
     /// Cannot be decided now (the store or a look-up service is unavailable): back to its queue,
     /// to be tried again.
     Retry(String),
+    /// A message the broker gives back (after a crash or lost connection) that was already
+    /// delivered to these recipients: not delivered again, only answered again.
+    AlreadyDelivered { recipients: Vec<String> },
 }
 
 /// What the pipeline decided about one message.
@@ -60,12 +63,12 @@ pub struct Verdict {
 #[derive(Debug)]
 pub struct Pipeline {
     pub directory: Arc<Directory>,
-    pub store: Arc<dyn Crosswalk>,
+    pub store: Arc<dyn Store>,
     pub resolvers: Resolvers,
 }
 
 impl Pipeline {
-    pub fn new(directory: Arc<Directory>, store: Arc<dyn Crosswalk>) -> anyhow::Result<Pipeline> {
+    pub fn new(directory: Arc<Directory>, store: Arc<dyn Store>) -> anyhow::Result<Pipeline> {
         let resolvers = Resolvers::new(directory.partners.values())
             .map_err(|e| anyhow::anyhow!("look-up service client: {e}"))?;
         Ok(Pipeline {
@@ -81,8 +84,9 @@ impl Pipeline {
         Self::new(directory, Arc::new(store))
     }
 
-    /// Runs every step for a message that arrived on `owner`'s inbound queue.
-    pub async fn process(&self, owner: &Partner, body: &[u8]) -> Verdict {
+    /// Runs every step for a message that arrived on `owner`'s inbound queue; `redelivered` is
+    /// the broker's flag (the message was handed out before and not acknowledged).
+    pub async fn process(&self, owner: &Partner, body: &[u8], redelivered: bool) -> Verdict {
         let settings = &self.directory.settings;
         let limits = DecodeLimits {
             max_bytes: settings.limits.max_message_bytes,
@@ -102,7 +106,7 @@ impl Pipeline {
         let field = |name: &str| envelope.get(name).and_then(Value::as_str).map(String::from);
         let (message_id, message_type, correlation_id) =
             (field("message_id"), field("type"), field("correlation_id"));
-        let outcome = match self.copies(owner, envelope).await {
+        let outcome = match self.copies(owner, envelope, redelivered).await {
             Ok(outcome) => outcome,
             Err(rejection) => Outcome::Reject(rejection),
         };
@@ -114,11 +118,49 @@ impl Pipeline {
         }
     }
 
-    async fn copies(&self, owner: &Partner, envelope: Value) -> Result<Outcome, Rejection> {
+    async fn copies(
+        &self,
+        owner: &Partner,
+        envelope: Value,
+        redelivered: bool,
+    ) -> Result<Outcome, Rejection> {
         let directory = &*self.directory;
         let schema = directory.schemas.validate(&envelope)?;
         let message_type = envelope["type"].as_str().unwrap_or_default().to_string();
         check_sender(&envelope, owner)?;
+        let message_id = envelope["message_id"].as_str().unwrap_or_default();
+        let window = directory.settings.store.duplicate_window();
+        match self.store.seen(&owner.id, message_id, window) {
+            Err(error) => return Ok(Outcome::Retry(error.to_string())),
+            // Given back by the broker after it went out: answer again, deliver nothing.
+            Ok(Some(seen)) if redelivered => {
+                return Ok(Outcome::AlreadyDelivered {
+                    recipients: seen.recipients,
+                });
+            }
+            Ok(Some(seen)) => {
+                let at = time::OffsetDateTime::from_unix_timestamp(seen.at)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default();
+                return Err(Rejection::one(
+                    Code::Duplicate,
+                    FieldError::new(
+                        "/message_id",
+                        "duplicate",
+                        format!(
+                            "{} already sent this message_id, delivered at {at} to {}; it is not delivered again",
+                            owner.id,
+                            seen.recipients.join(", ")
+                        ),
+                    ),
+                ));
+            }
+            Ok(None) => {}
+        }
         check_may_send(&directory.matrix, owner, &message_type)?;
         // One snapshot of the tables for the whole message, whatever a reload does meanwhile.
         let tables = directory.tables.load_full();

@@ -70,7 +70,7 @@ impl Flow {
                     while let Some(Some(settled)) = settling.next().now_or_never() {
                         acks.settle(settled, &self.settler).await;
                     }
-                    acks.flush().await;
+                    acks.flush(&self.settler).await;
                 }
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => settling.push_back(self.handle(delivery, &owner).await?),
@@ -88,7 +88,7 @@ impl Flow {
         while let Some(settled) = settling.next().await {
             acks.settle(settled, &self.settler).await;
         }
-        acks.flush().await;
+        acks.flush(&self.settler).await;
         // Close the channel here rather than by dropping it, so it is not still closing when the
         // connection closes.
         let _ = self.consume.close(200, "flow stopped".into()).await;
@@ -102,7 +102,10 @@ impl Flow {
         owner: &Arc<str>,
     ) -> Result<futures_util::future::BoxFuture<'static, Settled>, BrokerError> {
         let received = Instant::now();
-        let verdict = self.pipeline.process(&self.partner, &delivery.data).await;
+        let verdict = self
+            .pipeline
+            .process(&self.partner, &delivery.data, delivery.redelivered)
+            .await;
         let inbound = Inbound {
             acker: delivery.acker,
             partner: owner.clone(),
@@ -157,6 +160,9 @@ impl Flow {
                 settle::rejected(settler, inbound, rejection.code, confirms).boxed()
             }
             Outcome::Retry(why) => futures_util::future::ready(settle::later(inbound, why)).boxed(),
+            Outcome::AlreadyDelivered { recipients } => {
+                settle::already_delivered(settler, inbound, recipients).boxed()
+            }
         })
     }
 }

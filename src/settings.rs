@@ -36,6 +36,9 @@ pub struct StoreSettings {
     /// How long the case crosswalk remembers a message, so that a later answer to it can be
     /// linked; the links between references themselves are kept.
     pub message_retention_days: u64,
+    /// A message a sender publishes again (same `sender` and `message_id`) within this many days
+    /// of its delivery is not delivered again; the sender gets a `duplicate` receipt.
+    pub duplicate_window_days: u64,
 }
 
 impl Default for StoreSettings {
@@ -43,7 +46,18 @@ impl Default for StoreSettings {
         Self {
             dir: "../data".into(),
             message_retention_days: 400,
+            duplicate_window_days: 7,
         }
+    }
+}
+
+impl StoreSettings {
+    pub fn duplicate_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.duplicate_window_days * 24 * 3600)
+    }
+
+    pub fn message_retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.message_retention_days * 24 * 3600)
     }
 }
 

@@ -17,6 +17,7 @@ use crate::deliver::{Labels, confirmed, properties, publish};
 use crate::pipeline::Refused;
 use crate::receipt::{self, Answered, Undelivered};
 use crate::rejection::{Code, Rejection};
+use crate::store::Store;
 
 /// How long a flow pauses before requeueing a message the broker refused (nack), so a broker
 /// that refuses everything is not hammered with the same message in a tight loop.
@@ -33,6 +34,9 @@ pub struct Settler {
     /// Cancelled to make the gateway reconnect and redeclare its topology, when a failure says
     /// the connection or the topology is not what it should be.
     pub reconnect: CancellationToken,
+    /// Where delivered messages are remembered (duplicate detection); made durable before the
+    /// inbound acks.
+    pub store: Arc<dyn Store>,
 }
 
 /// The inbound message being settled.
@@ -85,6 +89,10 @@ pub enum Outcome {
     Rejected {
         code: Code,
     },
+    /// Given back by the broker after delivery: answered again, not delivered again.
+    AlreadyDelivered {
+        recipients: Vec<String>,
+    },
 }
 
 /// A partly delivered message: who got nothing and why, and the confirm of its parked original.
@@ -122,6 +130,14 @@ pub async fn delivered(
             recipients.push(recipient);
         }
         let names: Vec<&str> = recipients.iter().map(|r| &**r).collect();
+        // Remembered before the ack (the store is flushed first), so that the same message
+        // coming back is recognised and not delivered again.
+        if let Some(id) = &inbound.message_id {
+            settler
+                .store
+                .remember(&inbound.partner, id, &names)
+                .map_err(|e| HandBack::Later(e.to_string()))?;
+        }
         let refused = match partial {
             Some(partial) => {
                 confirmed(
@@ -157,6 +173,27 @@ pub async fn delivered(
                 .map(|r| (r.recipient, r.rejection.code))
                 .collect(),
         })
+    }
+    .await;
+    Settled { inbound, result }
+}
+
+/// Answers a message the broker gave back after it had been delivered: the same receipt again
+/// (same id, so the partner can drop it), nothing delivered.
+pub async fn already_delivered(
+    settler: Arc<Settler>,
+    inbound: Inbound,
+    recipients: Vec<String>,
+) -> Settled {
+    let result = async {
+        if settler.positive_receipts {
+            let names: Vec<&str> = recipients.iter().map(String::as_str).collect();
+            let receipt = receipt::build(inbound.answered(), Code::Delivered, &names, &[], &[]);
+            let queue = settler.queues.receipts(&inbound.partner);
+            let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
+            confirmed(confirm, queue, settler.confirm_timeout_secs).await?;
+        }
+        Ok(Outcome::AlreadyDelivered { recipients })
     }
     .await;
     Settled { inbound, result }
@@ -288,7 +325,7 @@ impl Acknowledger {
                 self.count += 1;
             }
             Err(error) => {
-                self.flush().await;
+                self.flush(settler).await;
                 let pause = matches!(
                     error,
                     HandBack::Broker(BrokerError::Nacked) | HandBack::Later(_)
@@ -303,12 +340,27 @@ impl Acknowledger {
         }
     }
 
-    /// Sends the ack for the run collected so far.
-    pub async fn flush(&mut self) {
+    /// Makes what the run recorded durable, then sends the ack for the run collected so far. If
+    /// the store cannot save, nothing is acknowledged: the run goes back to the queue.
+    pub async fn flush(&mut self, settler: &Settler) {
         let Some(acker) = self.pending.take() else {
             return;
         };
         let count = std::mem::take(&mut self.count);
+        if let Err(error) = settler.store.flush() {
+            tracing::error!(
+                count,
+                %error,
+                "cannot save the record of delivered messages; not acknowledging them, they go back to their queue"
+            );
+            let _ = acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: true,
+                })
+                .await;
+            return;
+        }
         let acked = match acker.ack(BasicAckOptions { multiple: true }).await {
             Ok(true) => Ok(()),
             Ok(false) => Err("the channel they arrived on is closed".to_string()),
@@ -355,6 +407,17 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
             latency_ms,
             redelivered = inbound.redelivered,
             "message delivered to some recipients; refused for the others"
+        ),
+        Outcome::AlreadyDelivered { recipients } => info!(
+            message_id,
+            r#type = message_type,
+            sender = &*inbound.partner,
+            recipients = %recipients.join(","),
+            outcome = "already-delivered",
+            code = Code::Delivered.as_str(),
+            latency_ms,
+            redelivered = inbound.redelivered,
+            "message given back by the broker was already delivered; not delivered again"
         ),
         // A message refused for its content is routine for the gateway: INFO, not ERROR.
         Outcome::Rejected { code } => info!(

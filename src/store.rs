@@ -48,8 +48,17 @@ pub struct MessageCase<'a> {
     pub local_ids: &'a [(&'a str, &'a str, &'a str)],
 }
 
-/// The crosswalks, as the pipeline uses them.
-pub trait Crosswalk: Send + Sync + std::fmt::Debug {
+/// When a message was delivered, and to whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Unix seconds.
+    pub at: i64,
+    pub recipients: Vec<String>,
+}
+
+/// What the gateway remembers, as the pipeline uses it: the crosswalks and the messages already
+/// delivered.
+pub trait Store: Send + Sync + std::fmt::Debug {
     /// Records `message` (its case reference, its recipients, the sender's local ids), links its
     /// case to the case of the message it answers when it answers one sent to its sender, and
     /// returns each recipient's own reference for the case (in `recipients` order).
@@ -71,8 +80,26 @@ pub trait Crosswalk: Send + Sync + std::fmt::Debug {
         rows: &[(String, String, String)],
     ) -> Result<usize, StoreError>;
 
-    /// Forgets message records older than `age` (case links stay); returns how many.
-    fn prune(&self, age: Duration) -> Result<usize, StoreError>;
+    /// Whether `sender`'s `message_id` was delivered within the last `window`.
+    fn seen(
+        &self,
+        sender: &str,
+        message_id: &str,
+        window: Duration,
+    ) -> Result<Option<Seen>, StoreError>;
+
+    /// Records that `sender`'s `message_id` was delivered to `recipients`. Durable at the next
+    /// [`Store::flush`], which comes before the inbound message is acknowledged.
+    fn remember(
+        &self,
+        sender: &str,
+        message_id: &str,
+        recipients: &[&str],
+    ) -> Result<(), StoreError>;
+
+    /// Forgets message records older than `age` (case links stay) and delivered-message records
+    /// older than `window`; returns how many.
+    fn prune(&self, age: Duration, window: Duration) -> Result<usize, StoreError>;
 
     /// Makes every write so far durable (used at shutdown).
     fn flush(&self) -> Result<(), StoreError>;
@@ -143,6 +170,16 @@ CREATE TABLE IF NOT EXISTS case_link (
     PRIMARY KEY (partner, reference)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS case_link_case ON case_link (case_id, partner, reference);
+-- Messages delivered, for duplicate detection; key: 64 bits of the message id.
+CREATE TABLE IF NOT EXISTS delivered (
+    seq INTEGER PRIMARY KEY,
+    key INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    delivered_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivered_key ON delivered (key);
 PRAGMA user_version = 1;
 ";
 
@@ -307,7 +344,7 @@ fn ensure_case(tx: &Connection, partner: &str, reference: &str) -> rusqlite::Res
     Ok(case)
 }
 
-impl Crosswalk for SqliteStore {
+impl Store for SqliteStore {
     fn record(&self, m: &MessageCase<'_>) -> Result<Vec<Option<String>>, StoreError> {
         self.write(|tx| {
             let now = now_secs();
@@ -417,13 +454,67 @@ impl Crosswalk for SqliteStore {
         })
     }
 
-    fn prune(&self, age: Duration) -> Result<usize, StoreError> {
-        let before = now_secs() - age.as_secs() as i64;
+    fn seen(
+        &self,
+        sender: &str,
+        message_id: &str,
+        window: Duration,
+    ) -> Result<Option<Seen>, StoreError> {
+        let since = now_secs() - window.as_secs() as i64;
+        self.read(|connection| {
+            connection
+                .prepare_cached(
+                    "SELECT delivered_at, recipients FROM delivered
+                     WHERE key = ?1 AND message_id = ?2 AND sender = ?3 AND delivered_at >= ?4",
+                )?
+                .query_row(
+                    params![message_key(message_id), message_id, sender, since],
+                    |r| {
+                        let recipients: String = r.get(1)?;
+                        Ok(Seen {
+                            at: r.get(0)?,
+                            recipients: recipients.split(',').map(String::from).collect(),
+                        })
+                    },
+                )
+                .optional()
+        })
+    }
+
+    fn remember(
+        &self,
+        sender: &str,
+        message_id: &str,
+        recipients: &[&str],
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO delivered (key, sender, message_id, recipients, delivered_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                message_key(message_id),
+                sender,
+                message_id,
+                recipients.join(","),
+                now_secs()
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn prune(&self, age: Duration, window: Duration) -> Result<usize, StoreError> {
+        let now = now_secs();
         self.write(|connection| {
-            connection.execute(
+            let messages = connection.execute(
                 "DELETE FROM sent_message WHERE recorded_at < ?1",
-                params![before],
-            )
+                params![now - age.as_secs() as i64],
+            )?;
+            let delivered = connection.execute(
+                "DELETE FROM delivered WHERE delivered_at < ?1",
+                params![now - window.as_secs() as i64],
+            )?;
+            Ok(messages + delivered)
         })
     }
 
@@ -540,6 +631,30 @@ mod tests {
             ))
             .unwrap();
         assert_eq!(refs, [Some("SS-1".to_string())]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_delivered_message_is_seen_within_the_window_and_after_reopening() {
+        let (s, dir) = store();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let id = "6f1c2a9e-8a4b-4c1e-9b7a-3d2f1e0c9b8a";
+        assert_eq!(s.seen("inps", id, week).unwrap(), None);
+        s.remember("inps", id, &["cpi-modena", "osservatorio-er"])
+            .unwrap();
+        let seen = s.seen("inps", id, week).unwrap().unwrap();
+        assert_eq!(seen.recipients, ["cpi-modena", "osservatorio-er"]);
+        // Another sender may use the same id.
+        assert_eq!(s.seen("cpi-modena", id, week).unwrap(), None);
+        s.flush().unwrap();
+        drop(s);
+        let s = SqliteStore::open(&dir).unwrap();
+        assert!(s.seen("inps", id, week).unwrap().is_some());
+        // Outside the window it is forgotten, and pruning removes it.
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(s.seen("inps", id, Duration::ZERO).unwrap(), None);
+        assert_eq!(s.prune(week, Duration::ZERO).unwrap(), 1);
+        assert_eq!(s.seen("inps", id, week).unwrap(), None);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -15,7 +15,7 @@ use clap::Parser;
 use ponte::decode::{DecodeLimits, decode};
 use ponte::directory::Directory;
 use ponte::pipeline::{Outcome, Pipeline};
-use ponte::store::{Crosswalk, SqliteStore};
+use ponte::store::{SqliteStore, Store};
 use serde_json::{Value, json};
 
 // The same allocator as the gateway, so the figures are the gateway's.
@@ -120,10 +120,10 @@ async fn main() -> Result<()> {
         let warm_up = (args.iterations / 10).max(1);
         let mut copies = 0;
         for _ in 0..warm_up {
-            let verdict = pipeline.process(owner, &case.body).await;
+            let verdict = pipeline.process(owner, &case.body, false).await;
             copies = match verdict.outcome {
                 Outcome::Deliver { copies, .. } => copies.len(),
-                Outcome::Reject(_) => 0,
+                Outcome::Reject(_) | Outcome::AlreadyDelivered { .. } => 0,
                 Outcome::Retry(why) => anyhow::bail!("{}: {why}", case.name),
             };
         }
@@ -135,7 +135,7 @@ async fn main() -> Result<()> {
         let validate = per_message(start.elapsed(), args.iterations);
         let start = Instant::now();
         for _ in 0..args.iterations {
-            std::hint::black_box(pipeline.process(owner, &case.body).await);
+            std::hint::black_box(pipeline.process(owner, &case.body, false).await);
         }
         let full = per_message(start.elapsed(), args.iterations);
         println!(
