@@ -29,6 +29,8 @@ pub enum BrokerError {
     FlowPanicked,
     #[error("the consumer on {queue} was cancelled by the broker")]
     ConsumerCancelled { queue: String },
+    #[error("the channel closed before the message could be acknowledged")]
+    ChannelClosed,
 }
 
 /// The queue names of one gateway installation (BRIEF.md: `<prefix>.in.<partner>` …).

@@ -4,10 +4,11 @@
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::{Acker, Connection};
 use serde_json::Value;
 
 use crate::broker::{BrokerError, Queues, confirming_channel, connect};
-use crate::deliver::{Labels, confirmed, header, properties, publish_to};
+use crate::deliver::{Labels, confirmed, header, properties, publish_to, with_headers};
 use crate::directory::Directory;
 
 /// Publishes each body to `partner`'s inbound exchange, as that partner's back office would, and
@@ -63,6 +64,137 @@ pub struct Taken {
     pub message_id: Option<String>,
 }
 
+impl Taken {
+    fn from_delivery(delivery: &lapin::message::Delivery) -> Taken {
+        let headers = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .map(|t| {
+                t.inner()
+                    .keys()
+                    .filter_map(|k| {
+                        let k = k.as_str();
+                        header(&delivery.properties, k).map(|v| (k.to_string(), v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The AMQP property when the publisher set one, else the envelope's own field.
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+            .or_else(|| {
+                serde_json::from_slice::<Value>(&delivery.data)
+                    .ok()?
+                    .get("message_id")?
+                    .as_str()
+                    .map(String::from)
+            });
+        Taken {
+            body: delivery.data.clone(),
+            headers,
+            message_id,
+        }
+    }
+
+    /// The value of one header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Every message of a queue, held unacknowledged: nothing is removed unless taken with
+/// [`Browse::remove`]; the rest go back to the queue, in their order, when the browse closes.
+pub struct Browse {
+    connection: Connection,
+    /// Held open: closing the channel gives the messages back to the queue.
+    _channel: lapin::Channel,
+    pub messages: Vec<(Acker, Taken)>,
+}
+
+/// Reads every message currently in `queue` without removing any.
+pub async fn browse(directory: &Directory, queue: &str) -> Result<Browse, BrokerError> {
+    let connection = connect(directory, "ponte browse").await?;
+    let channel = connection.create_channel().await?;
+    let mut messages = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await?
+    {
+        let taken = Taken::from_delivery(&message.delivery);
+        messages.push((message.delivery.acker, taken));
+    }
+    Ok(Browse {
+        connection,
+        _channel: channel,
+        messages,
+    })
+}
+
+impl Browse {
+    /// Removes the message at `index` from its queue for good.
+    pub async fn remove(&self, index: usize) -> Result<(), BrokerError> {
+        let acked = self.messages[index]
+            .0
+            .ack(BasicAckOptions::default())
+            .await?;
+        if acked {
+            Ok(())
+        } else {
+            Err(BrokerError::ChannelClosed)
+        }
+    }
+
+    /// Ends the browse: every message not removed goes back to its queue.
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "browsed".into()).await;
+    }
+}
+
+/// Publishes `body` to `partner`'s inbound exchange again as a replay (header `x-ponte-replay`,
+/// saying where it came from), and waits for the broker's confirm.
+pub async fn republish(
+    directory: &Directory,
+    partner: &str,
+    body: &[u8],
+    from: &str,
+) -> Result<(), BrokerError> {
+    let connection = connect(directory, "ponte replay").await?;
+    let channel = confirming_channel(&connection).await?;
+    let exchange = Queues::new(&directory.settings.broker.prefix).inbound(partner);
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let field = |name: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v.get(name))
+            .and_then(Value::as_str)
+    };
+    let labels = Labels {
+        message_id: field("message_id"),
+        correlation_id: field("correlation_id"),
+        message_type: field("type"),
+    };
+    let props = with_headers(properties(&labels), &[("x-ponte-replay", from.to_string())]);
+    let result = async {
+        let confirm = publish_to(&channel, &exchange, "", body, props).await?;
+        confirmed(
+            confirm,
+            &exchange,
+            directory.settings.broker.publish_timeout_secs,
+        )
+        .await
+    }
+    .await;
+    let _ = connection.close(200, "replayed".into()).await;
+    result
+}
+
 /// Takes (and acknowledges) up to `count` messages from `queue`, waiting up to `wait` for them.
 pub async fn take(
     directory: &Directory,
@@ -82,29 +214,7 @@ pub async fn take(
             Some(message) => {
                 let delivery = message.delivery;
                 delivery.acker.ack(BasicAckOptions::default()).await?;
-                let headers = delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .map(|t| {
-                        t.inner()
-                            .keys()
-                            .filter_map(|k| {
-                                let k = k.as_str();
-                                header(&delivery.properties, k).map(|v| (k.to_string(), v))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Taken {
-                    body: delivery.data,
-                    headers,
-                    message_id: delivery
-                        .properties
-                        .message_id()
-                        .as_ref()
-                        .map(|s| s.as_str().to_string()),
-                });
+                out.push(Taken::from_delivery(&delivery));
             }
             None if Instant::now() >= deadline => break,
             None => tokio::time::sleep(Duration::from_millis(50)).await,

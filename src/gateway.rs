@@ -182,10 +182,14 @@ async fn session(
         );
     }
     if failure.is_some() {
+        status.ready.send_replace(false);
         session_stop.cancel();
     }
     while let Some(ended) = flows.join_next().await {
         if let Some(error) = flow_failure(ended) {
+            // Not ready from the first failure on, not only once every flow has wound down
+            // (a flow may wait up to publish_timeout_secs for confirms that will never come).
+            status.ready.send_replace(false);
             failure.get_or_insert(error);
             session_stop.cancel();
         }

@@ -46,6 +46,11 @@ enum Command {
         #[arg(long)]
         matrix: bool,
     },
+    /// Inspect and replay the messages parked in a partner's rejected queue.
+    Rejected {
+        #[command(subcommand)]
+        action: RejectedAction,
+    },
     /// Load a partner's own person ids into the crosswalk from a CSV file (scheme,value,local).
     Crosswalk {
         #[command(subcommand)]
@@ -80,6 +85,28 @@ enum Command {
         /// Seconds to wait for messages to arrive.
         #[arg(long, default_value_t = 2)]
         wait: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum RejectedAction {
+    /// One line per parked message: message_id, code, when, reason.
+    List { partner: String },
+    /// One parked message in full, with its x-ponte-* headers.
+    Show { partner: String, message_id: String },
+    /// Send parked messages through the whole pipeline again. A message that would be refused
+    /// again by the configuration as it stands (unchanged and still wrong) stays parked and its
+    /// reason is printed; `--file` replaces it by a corrected version with the same message_id.
+    Replay {
+        partner: String,
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        message_id: Option<String>,
+        /// Every parked message of the partner.
+        #[arg(long)]
+        all: bool,
+        /// The corrected message to send instead of the parked one.
+        #[arg(long, requires = "message_id")]
+        file: Option<PathBuf>,
     },
 }
 
@@ -167,6 +194,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             pipeline.store.flush().context("saving the crosswalk")?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Rejected { action } => rejected(&cli.config, action).await,
         Command::Crosswalk {
             action: CrosswalkAction::Import { partner, file },
         } => {
@@ -239,6 +267,128 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `ponte rejected list|show|replay`.
+async fn rejected(config: &std::path::Path, action: RejectedAction) -> anyhow::Result<ExitCode> {
+    let directory = Arc::new(load(config)?);
+    let partner = match &action {
+        RejectedAction::List { partner }
+        | RejectedAction::Show { partner, .. }
+        | RejectedAction::Replay { partner, .. } => partner.clone(),
+    };
+    let Some(owner) = directory.partners.get(&partner).cloned() else {
+        anyhow::bail!("no partner {partner:?} is configured");
+    };
+    let queue = Queues::new(&directory.settings.broker.prefix).rejected(&partner);
+    let parked = ponte::client::browse(&directory, &queue).await?;
+    let id_of = |t: &ponte::client::Taken| t.message_id.clone().unwrap_or_default();
+    let result = match action {
+        RejectedAction::List { .. } => {
+            for (_, t) in &parked.messages {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    id_of(t),
+                    t.header("x-ponte-code").unwrap_or(""),
+                    t.header("x-ponte-rejected-at").unwrap_or(""),
+                    t.header("x-ponte-reason").unwrap_or("")
+                );
+            }
+            eprintln!("{} message(s) in {queue}", parked.messages.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        RejectedAction::Show { message_id, .. } => {
+            match parked.messages.iter().find(|(_, t)| id_of(t) == message_id) {
+                Some((_, t)) => {
+                    for (k, v) in &t.headers {
+                        println!("# {k}: {v}");
+                    }
+                    match serde_json::from_slice::<serde_json::Value>(&t.body) {
+                        Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+                        Err(_) => println!("{}", String::from_utf8_lossy(&t.body)),
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("no message {message_id} in {queue}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        RejectedAction::Replay {
+            message_id,
+            all,
+            file,
+            ..
+        } => {
+            let replacement = match &file {
+                Some(f) => {
+                    Some(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)
+                }
+                None => None,
+            };
+            let store = Arc::new(ponte::store::SqliteStore::open(
+                &ponte::pipeline::store_dir(&directory),
+            )?);
+            let pipeline = ponte::pipeline::Pipeline::new(directory.clone(), store)?;
+            let mut refused = 0;
+            let mut replayed = 0;
+            for (index, (_, t)) in parked.messages.iter().enumerate() {
+                let id = id_of(t);
+                if !all && message_id.as_deref() != Some(id.as_str()) {
+                    continue;
+                }
+                let body = replacement.as_deref().unwrap_or(&t.body);
+                if let Some(fixed) = &replacement {
+                    let fixed_id = serde_json::from_slice::<serde_json::Value>(fixed)
+                        .ok()
+                        .and_then(|v| {
+                            v.get("message_id")
+                                .and_then(|m| m.as_str())
+                                .map(String::from)
+                        });
+                    anyhow::ensure!(
+                        fixed_id.as_deref() == Some(id.as_str()),
+                        "the corrected message must keep the message_id {id}"
+                    );
+                }
+                if let Err(rejection) = pipeline.precheck(&owner, body) {
+                    refused += 1;
+                    let what = if replacement.is_some() {
+                        "corrected message"
+                    } else {
+                        "unchanged message"
+                    };
+                    let first = rejection.errors.first();
+                    eprintln!(
+                        "{id}: not replayed: the {what} would be rejected again: {} at {:?} ({}): {}",
+                        rejection.code,
+                        first.map_or("", |e| e.path.as_str()),
+                        first.map_or("", |e| e.keyword.as_str()),
+                        rejection.reason()
+                    );
+                    continue;
+                }
+                ponte::client::republish(&directory, &partner, body, &queue).await?;
+                parked.remove(index).await?;
+                replayed += 1;
+                println!(
+                    "{id}: replayed to {}",
+                    Queues::new(&directory.settings.broker.prefix).inbound(&partner)
+                );
+            }
+            if replayed == 0 && refused == 0 {
+                eprintln!("no matching message in {queue}");
+            }
+            Ok(if refused == 0 && (replayed > 0 || all) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    };
+    parked.close().await;
+    result
 }
 
 /// Reads a crosswalk CSV (header `scheme,value,local`), refusing the whole file on any bad row.

@@ -207,6 +207,25 @@ impl Pipeline {
         Ok(Outcome::Deliver { copies, refused })
     }
 
+    /// The steps that need nothing but the configuration — decode, validate, sender, matrix,
+    /// routing — for a message `owner` would send: what `ponte rejected replay` checks before
+    /// sending a parked message again, so that an unchanged one is refused with its reason.
+    pub fn precheck(&self, owner: &Partner, body: &[u8]) -> Result<(), Rejection> {
+        let directory = &*self.directory;
+        let limits = DecodeLimits {
+            max_bytes: directory.settings.limits.max_message_bytes,
+            max_depth: directory.settings.limits.max_depth,
+        };
+        let envelope = decode(body, limits)?;
+        directory.schemas.validate(&envelope)?;
+        let message_type = envelope["type"].as_str().unwrap_or_default();
+        check_sender(&envelope, owner)?;
+        check_may_send(&directory.matrix, owner, message_type)?;
+        let tables = directory.tables.load();
+        let targets = recipients(&envelope, message_type, owner, directory, &tables)?;
+        check_recipients(&directory.matrix, owner, &targets, &envelope)
+    }
+
     /// Records the message in the crosswalks and returns each recipient's own case reference.
     fn record(
         &self,

@@ -113,6 +113,7 @@ impl Flow {
             message_type: verdict.message_type,
             received,
             redelivered: delivery.redelivered,
+            replay: crate::deliver::header(&delivery.properties, "x-ponte-replay"),
         };
         let settler = self.settler.clone();
         Ok(match verdict.outcome {

@@ -49,6 +49,8 @@ pub struct Inbound {
     pub message_type: Option<String>,
     pub received: Instant,
     pub redelivered: bool,
+    /// Sent again by an operator (`ponte rejected replay`): from which queue.
+    pub replay: Option<String>,
 }
 
 impl Inbound {
@@ -391,6 +393,7 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
             code = Code::Delivered.as_str(),
             latency_ms,
             redelivered = inbound.redelivered,
+            replay = inbound.replay.as_deref().unwrap_or(""),
             "message delivered"
         ),
         Outcome::Delivered {
@@ -406,6 +409,7 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
             code = refused[0].1.as_str(),
             latency_ms,
             redelivered = inbound.redelivered,
+            replay = inbound.replay.as_deref().unwrap_or(""),
             "message delivered to some recipients; refused for the others"
         ),
         Outcome::AlreadyDelivered { recipients } => info!(
@@ -417,6 +421,7 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
             code = Code::Delivered.as_str(),
             latency_ms,
             redelivered = inbound.redelivered,
+            replay = inbound.replay.as_deref().unwrap_or(""),
             "message given back by the broker was already delivered; not delivered again"
         ),
         // A message refused for its content is routine for the gateway: INFO, not ERROR.
@@ -429,6 +434,7 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
             code = code.as_str(),
             latency_ms,
             redelivered = inbound.redelivered,
+            replay = inbound.replay.as_deref().unwrap_or(""),
             "message rejected"
         ),
     }
