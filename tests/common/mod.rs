@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -316,8 +316,8 @@ async fn declare(channel: &lapin::Channel, queue: &str) {
         .unwrap();
 }
 
-/// Consumes (auto-ack) up to `count` messages from `queue`, waiting at most `wait` overall and
-/// returning early once `count` arrived.
+/// Consumes (auto-ack) up to `count` messages from `queue`, returning once `count` arrived or
+/// once no message came for `wait` (so a long queue is read whole however busy the machine).
 pub async fn drain(url: &str, queue: &str, count: usize, wait: Duration) -> Vec<Message> {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
@@ -338,11 +338,9 @@ pub async fn drain(url: &str, queue: &str, count: usize, wait: Duration) -> Vec<
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + wait;
     let mut out = Vec::new();
     while out.len() < count {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, consumer.next()).await {
+        match tokio::time::timeout(wait, consumer.next()).await {
             Ok(Some(Ok(d))) => out.push(Message {
                 body: d.data,
                 properties: d.properties,
