@@ -22,30 +22,10 @@ pub async fn send(
     let connection = connect(directory, "ponte send").await?;
     let channel = confirming_channel(&connection).await?;
     let queue = Queues::new(&directory.settings.broker.prefix).inbound(partner);
+    let timeout = directory.settings.broker.publish_timeout_secs;
     let mut result = Ok(());
     for (index, body) in bodies.into_iter().enumerate() {
-        let parsed: Option<Value> = serde_json::from_slice(&body).ok();
-        let field = |name: &str| {
-            parsed
-                .as_ref()
-                .and_then(|v| v.get(name))
-                .and_then(Value::as_str)
-        };
-        let labels = Labels {
-            message_id: field("message_id"),
-            correlation_id: field("correlation_id"),
-            message_type: field("type"),
-        };
-        result = async {
-            let confirm = publish_to(&channel, &queue, "", &body, properties(&labels)).await?;
-            confirmed(
-                confirm,
-                &queue,
-                directory.settings.broker.publish_timeout_secs,
-            )
-            .await
-        }
-        .await;
+        result = publish_confirmed(&channel, &queue, &body, &[], timeout).await;
         if result.is_err() {
             break;
         }
@@ -53,6 +33,32 @@ pub async fn send(
     }
     let _ = connection.close(200, "sent".into()).await;
     result
+}
+
+/// Publishes one message body to `exchange` with the AMQP labels taken from the envelope itself
+/// (message_id, correlation_id, type) and `headers`, and waits for the broker's confirm.
+async fn publish_confirmed(
+    channel: &lapin::Channel,
+    exchange: &str,
+    body: &[u8],
+    headers: &[(&str, String)],
+    timeout_secs: u64,
+) -> Result<(), BrokerError> {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let field = |name: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v.get(name))
+            .and_then(Value::as_str)
+    };
+    let labels = Labels {
+        message_id: field("message_id"),
+        correlation_id: field("correlation_id"),
+        message_type: field("type"),
+    };
+    let props = with_headers(properties(&labels), headers);
+    let confirm = publish_to(channel, exchange, "", body, props).await?;
+    confirmed(confirm, exchange, timeout_secs).await
 }
 
 /// A message taken from a queue.
@@ -168,28 +174,13 @@ pub async fn republish(
     let connection = connect(directory, "ponte replay").await?;
     let channel = confirming_channel(&connection).await?;
     let exchange = Queues::new(&directory.settings.broker.prefix).inbound(partner);
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let field = |name: &str| {
-        parsed
-            .as_ref()
-            .and_then(|v| v.get(name))
-            .and_then(Value::as_str)
-    };
-    let labels = Labels {
-        message_id: field("message_id"),
-        correlation_id: field("correlation_id"),
-        message_type: field("type"),
-    };
-    let props = with_headers(properties(&labels), &[("x-ponte-replay", from.to_string())]);
-    let result = async {
-        let confirm = publish_to(&channel, &exchange, "", body, props).await?;
-        confirmed(
-            confirm,
-            &exchange,
-            directory.settings.broker.publish_timeout_secs,
-        )
-        .await
-    }
+    let result = publish_confirmed(
+        &channel,
+        &exchange,
+        body,
+        &[("x-ponte-replay", from.to_string())],
+        directory.settings.broker.publish_timeout_secs,
+    )
     .await;
     let _ = connection.close(200, "replayed".into()).await;
     result

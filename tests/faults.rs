@@ -43,21 +43,27 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> 
     }
 }
 
-#[tokio::test]
-async fn sigterm_settles_in_flight_messages_and_acks_nothing_early() {
-    const TOTAL: usize = 6000;
-    let url = broker_url();
-    let prefix = random_prefix();
-    let queues = Queues::new(&prefix);
-    let sent: Vec<Value> = (0..TOTAL)
+/// Publishes `total` valid referrals of cpi-modena to its inbound queue before any gateway runs.
+async fn preload_referrals(url: &str, queues: &Queues, total: usize) -> Vec<Value> {
+    let sent: Vec<Value> = (0..total)
         .map(|_| referral("cpi-modena", "CPI-MO-01", "036023"))
         .collect();
     let bodies: Vec<Vec<u8>> = sent
         .iter()
         .map(|m| serde_json::to_vec(m).unwrap())
         .collect();
+    publish_many(url, &queues.inbound("cpi-modena"), &bodies).await;
+    sent
+}
+
+#[tokio::test]
+async fn sigterm_settles_in_flight_messages_and_acks_nothing_early() {
+    const TOTAL: usize = 6000;
+    let url = broker_url();
+    let prefix = random_prefix();
+    let queues = Queues::new(&prefix);
     let t0 = Instant::now();
-    publish_many(&url, &queues.inbound("cpi-modena"), &bodies).await;
+    let sent = preload_referrals(&url, &queues, TOTAL).await;
     println!("published {TOTAL} in {:?}", t0.elapsed());
 
     let mut child = common::ponte_run(&repo().join("config"), &url, &prefix)
@@ -320,14 +326,7 @@ async fn gateway_killed_mid_load_and_started_again_loses_nothing_and_counts_dupl
     let url = broker_url();
     let prefix = random_prefix();
     let queues = Queues::new(&prefix);
-    let sent: Vec<Value> = (0..TOTAL)
-        .map(|_| referral("cpi-modena", "CPI-MO-01", "036023"))
-        .collect();
-    let bodies: Vec<Vec<u8>> = sent
-        .iter()
-        .map(|m| serde_json::to_vec(m).unwrap())
-        .collect();
-    publish_many(&url, &queues.inbound("cpi-modena"), &bodies).await;
+    let sent = preload_referrals(&url, &queues, TOTAL).await;
     let start = || {
         common::ponte_run(&repo().join("config"), &url, &prefix)
             .env("PONTE_LOG__LEVEL", "warn")
