@@ -64,10 +64,26 @@ impl Directory {
         Self::load_with_overrides(dir, &[])
     }
 
+    /// As [`Directory::load`], but without reading partners' keys from the environment: for the
+    /// tools that talk to the broker as a partner or an operator (`send`, `receive`, `rejected`,
+    /// `definitions`, `crosswalk`), which never map a message. Such a directory cannot run the
+    /// gateway ([`crate::pipeline::Pipeline::new`] refuses it).
+    pub fn load_without_secrets(dir: &Path) -> Result<Directory, ConfigErrors> {
+        Self::load_with(dir, &[], false)
+    }
+
     /// As [`Directory::load`], with settings overridden by dotted key (`broker.prefix`).
     pub fn load_with_overrides(
         dir: &Path,
         overrides: &[(&str, &str)],
+    ) -> Result<Directory, ConfigErrors> {
+        Self::load_with(dir, overrides, true)
+    }
+
+    fn load_with(
+        dir: &Path,
+        overrides: &[(&str, &str)],
+        secrets: bool,
     ) -> Result<Directory, ConfigErrors> {
         let mut errors = Vec::new();
         let mut push = |file: &Path, message: String| {
@@ -96,6 +112,7 @@ impl Directory {
             push(&e.file, e.message);
         }
         let env = |name: &str| std::env::var(name).ok();
+        let env: Option<crate::partner::EnvLookup<'_>> = if secrets { Some(&env) } else { None };
 
         let partner_dir = dir.join(&settings.paths.partners);
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&partner_dir) {
@@ -111,7 +128,7 @@ impl Directory {
         files.sort();
         let mut partners = BTreeMap::new();
         for file in &files {
-            match Partner::load(file, &schemas, &env) {
+            match Partner::load(file, &schemas, env) {
                 Ok(p) => {
                     partners.insert(p.id.clone(), p);
                 }

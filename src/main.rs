@@ -133,6 +133,11 @@ fn load(dir: &std::path::Path) -> anyhow::Result<Directory> {
     Directory::load(dir).map_err(|errors| anyhow::anyhow!("{errors}"))
 }
 
+/// For the partner and operator tools, which never map a message: no keys needed.
+fn load_for_tools(dir: &std::path::Path) -> anyhow::Result<Directory> {
+    Directory::load_without_secrets(dir).map_err(|errors| anyhow::anyhow!("{errors}"))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -198,7 +203,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Crosswalk {
             action: CrosswalkAction::Import { partner, file },
         } => {
-            let directory = load(&cli.config)?;
+            let directory = load_for_tools(&cli.config)?;
             anyhow::ensure!(
                 directory.partners.contains_key(&partner),
                 "no partner {partner:?} is configured"
@@ -214,7 +219,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Send { partner, files } => {
-            let directory = load(&cli.config)?;
+            let directory = load_for_tools(&cli.config)?;
             anyhow::ensure!(
                 directory.partners.contains_key(&partner),
                 "no partner {partner:?} is configured"
@@ -231,7 +236,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Definitions { vhost } => {
-            let directory = load(&cli.config)?;
+            let directory = load_for_tools(&cli.config)?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&ponte::broker::definitions(&directory, &vhost))?
@@ -244,7 +249,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             count,
             wait,
         } => {
-            let directory = load(&cli.config)?;
+            let directory = load_for_tools(&cli.config)?;
             let queues = Queues::new(&directory.settings.broker.prefix);
             let name = match queue {
                 QueueKind::Out => queues.outbound(&partner),
@@ -271,7 +276,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `ponte rejected list|show|replay`.
 async fn rejected(config: &std::path::Path, action: RejectedAction) -> anyhow::Result<ExitCode> {
-    let directory = Arc::new(load(config)?);
+    let directory = Arc::new(load_for_tools(config)?);
     let partner = match &action {
         RejectedAction::List { partner }
         | RejectedAction::Show { partner, .. }
@@ -327,10 +332,6 @@ async fn rejected(config: &std::path::Path, action: RejectedAction) -> anyhow::R
                 }
                 None => None,
             };
-            let store = Arc::new(ponte::store::SqliteStore::open(
-                &ponte::pipeline::store_dir(&directory),
-            )?);
-            let pipeline = ponte::pipeline::Pipeline::new(directory.clone(), store)?;
             let mut refused = 0;
             let mut replayed = 0;
             for (index, (_, t)) in parked.messages.iter().enumerate() {
@@ -352,7 +353,7 @@ async fn rejected(config: &std::path::Path, action: RejectedAction) -> anyhow::R
                         "the corrected message must keep the message_id {id}"
                     );
                 }
-                if let Err(rejection) = pipeline.precheck(&owner, body) {
+                if let Err(rejection) = ponte::pipeline::precheck(&directory, &owner, body) {
                     refused += 1;
                     let what = if replacement.is_some() {
                         "corrected message"

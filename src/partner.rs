@@ -24,6 +24,9 @@ pub const SHARED_SCHEMES: &[&str] = &["it.cf", "ch.ahvn13"];
 /// The sender id of messages Ponte itself produces (receipts); no partner may use it.
 pub const GATEWAY_ID: &str = "ponte";
 
+/// Reads one environment variable (tests and tools supply their own).
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// Shortest pseudonym key accepted, in bytes.
 const MIN_KEY_BYTES: usize = 32;
 
@@ -136,11 +139,12 @@ impl Partner {
     }
 
     /// Reads one partner file, checking field lists against `schemas`; `env` reads the
-    /// environment (for pseudonym keys). Returns every problem found in the file.
+    /// environment for pseudonym keys (`None`: keys are not read). Returns every problem found in
+    /// the file.
     pub fn load(
         file: &Path,
         schemas: &SchemaSet,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: Option<EnvLookup<'_>>,
     ) -> Result<Partner, Vec<String>> {
         let text = std::fs::read_to_string(file).map_err(|e| vec![format!("cannot read: {e}")])?;
         let raw: PartnerFile = toml::from_str(&text).map_err(|e| {
@@ -207,7 +211,8 @@ impl Partner {
                 errors.push("pseudonym_key_env: set only for a partner whose identifier_schemes is [\"pseudonym\"]".into());
                 None
             }
-            (Some(name), true) => match env(name) {
+            (Some(_), true) if env.is_none() => None,
+            (Some(name), true) => match env.and_then(|env| env(name)) {
                 Some(key) if key.len() >= MIN_KEY_BYTES => Some(Secret(key.into_bytes().into())),
                 Some(_) => {
                     errors.push(format!(

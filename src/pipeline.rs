@@ -69,6 +69,13 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(directory: Arc<Directory>, store: Arc<dyn Store>) -> anyhow::Result<Pipeline> {
+        if let Some(p) = directory
+            .partners
+            .values()
+            .find(|p| p.accepts_scheme("pseudonym") && p.pseudonym_key.is_none())
+        {
+            anyhow::bail!("{}: loaded without its pseudonym key", p.id);
+        }
         let resolvers = Resolvers::new(directory.partners.values())
             .map_err(|e| anyhow::anyhow!("look-up service client: {e}"))?;
         Ok(Pipeline {
@@ -207,25 +214,6 @@ impl Pipeline {
         Ok(Outcome::Deliver { copies, refused })
     }
 
-    /// The steps that need nothing but the configuration — decode, validate, sender, matrix,
-    /// routing — for a message `owner` would send: what `ponte rejected replay` checks before
-    /// sending a parked message again, so that an unchanged one is refused with its reason.
-    pub fn precheck(&self, owner: &Partner, body: &[u8]) -> Result<(), Rejection> {
-        let directory = &*self.directory;
-        let limits = DecodeLimits {
-            max_bytes: directory.settings.limits.max_message_bytes,
-            max_depth: directory.settings.limits.max_depth,
-        };
-        let envelope = decode(body, limits)?;
-        directory.schemas.validate(&envelope)?;
-        let message_type = envelope["type"].as_str().unwrap_or_default();
-        check_sender(&envelope, owner)?;
-        check_may_send(&directory.matrix, owner, message_type)?;
-        let tables = directory.tables.load();
-        let targets = recipients(&envelope, message_type, owner, directory, &tables)?;
-        check_recipients(&directory.matrix, owner, &targets, &envelope)
-    }
-
     /// Records the message in the crosswalks and returns each recipient's own case reference.
     fn record(
         &self,
@@ -261,6 +249,24 @@ impl Pipeline {
         };
         self.store.record(&message).map_err(|e| e.to_string())
     }
+}
+
+/// The steps that need nothing but the configuration — decode, validate, sender, matrix,
+/// routing — for a message `owner` would send: what `ponte rejected replay` checks before
+/// sending a parked message again, so that an unchanged one is refused with its reason.
+pub fn precheck(directory: &Directory, owner: &Partner, body: &[u8]) -> Result<(), Rejection> {
+    let limits = DecodeLimits {
+        max_bytes: directory.settings.limits.max_message_bytes,
+        max_depth: directory.settings.limits.max_depth,
+    };
+    let envelope = decode(body, limits)?;
+    directory.schemas.validate(&envelope)?;
+    let message_type = envelope["type"].as_str().unwrap_or_default();
+    check_sender(&envelope, owner)?;
+    check_may_send(&directory.matrix, owner, message_type)?;
+    let tables = directory.tables.load();
+    let targets = recipients(&envelope, message_type, owner, directory, &tables)?;
+    check_recipients(&directory.matrix, owner, &targets, &envelope)
 }
 
 /// The data folder, resolved against the configuration folder.

@@ -234,3 +234,34 @@ fn deploy_definitions_match_the_demo_topology() {
     );
     assert_eq!(committed["queues"].as_array().unwrap().len(), 5 * 5);
 }
+
+#[test]
+fn partner_keys_are_needed_to_run_and_check_but_not_by_the_tools() {
+    let config = repo().join("config");
+    let without_key = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ponte"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER")
+            .output()
+            .unwrap()
+    };
+    let check = without_key(&["check"]);
+    assert_eq!(check.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        report.contains("PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER is not set"),
+        "{report}"
+    );
+    let run = without_key(&["run"]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("refusing to start"));
+    // Acting as a partner or an operator needs no partner's key.
+    let definitions = without_key(&["definitions"]);
+    assert!(
+        definitions.status.success(),
+        "{}",
+        String::from_utf8_lossy(&definitions.stderr)
+    );
+}
