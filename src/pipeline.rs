@@ -34,10 +34,12 @@ pub struct Refused {
 /// What happens to the message.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Deliver these copies; `refused` lists recipients that get none (the receipt says so).
+    /// Deliver these copies; `refused` lists recipients that get none (the receipt says so);
+    /// `earlier` those an earlier attempt already delivered to.
     Deliver {
         copies: Vec<Copy>,
         refused: Vec<Refused>,
+        earlier: Vec<String>,
     },
     /// Nobody receives it: parked with its reason.
     Reject(Rejection),
@@ -137,8 +139,11 @@ impl Pipeline {
         check_sender(&envelope, owner)?;
         let message_id = envelope["message_id"].as_str().unwrap_or_default();
         let window = directory.settings.store.duplicate_window();
+        let mut earlier = Vec::new();
         match self.store.seen(&owner.id, message_id, window) {
             Err(error) => return Ok(Outcome::Retry(error.to_string())),
+            // Some copies went out before the broker refused another: send only the rest.
+            Ok(Some(seen)) if !seen.complete => earlier = seen.recipients,
             // Given back by the broker after it went out: answer again, deliver nothing.
             Ok(Some(seen)) if redelivered => {
                 return Ok(Outcome::AlreadyDelivered {
@@ -171,8 +176,14 @@ impl Pipeline {
         check_may_send(&directory.matrix, owner, &message_type)?;
         // One snapshot of the tables for the whole message, whatever a reload does meanwhile.
         let tables = directory.tables.load_full();
-        let targets = recipients(&envelope, &message_type, owner, directory, &tables)?;
+        let mut targets = recipients(&envelope, &message_type, owner, directory, &tables)?;
         check_recipients(&directory.matrix, owner, &targets, &envelope)?;
+        targets.retain(|t| !earlier.contains(&t.id));
+        if targets.is_empty() {
+            return Ok(Outcome::AlreadyDelivered {
+                recipients: earlier,
+            });
+        }
 
         let names: Vec<&str> = targets.iter().map(|p| p.id.as_str()).collect();
         let references = match self.record(&envelope, schema.case_reference.as_deref(), &names) {
@@ -208,10 +219,14 @@ impl Pipeline {
                 Err(Unmapped::Later(why)) => return Ok(Outcome::Retry(why)),
             }
         }
-        if copies.is_empty() {
+        if copies.is_empty() && earlier.is_empty() {
             return Err(merged(refused));
         }
-        Ok(Outcome::Deliver { copies, refused })
+        Ok(Outcome::Deliver {
+            copies,
+            refused,
+            earlier,
+        })
     }
 
     /// Records the message in the crosswalks and returns each recipient's own case reference.

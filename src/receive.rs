@@ -117,7 +117,11 @@ impl Flow {
         };
         let settler = self.settler.clone();
         Ok(match verdict.outcome {
-            Outcome::Deliver { copies, refused } => {
+            Outcome::Deliver {
+                copies,
+                refused,
+                earlier,
+            } => {
                 let labels = Labels {
                     message_id: inbound.message_id.as_deref(),
                     correlation_id: verdict.correlation_id.as_deref(),
@@ -147,7 +151,7 @@ impl Flow {
                         Some(Partial { refused, parked })
                     }
                 };
-                settle::delivered(settler, inbound, pending, partial).boxed()
+                settle::delivered(settler, inbound, pending, partial, earlier).boxed()
             }
             Outcome::Reject(rejection) => {
                 let confirms = settle::publish_rejection(

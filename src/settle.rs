@@ -113,31 +113,50 @@ pub fn later(inbound: Inbound, why: String) -> Settled {
 }
 
 /// Awaits the confirms of a message's copies (and, for a partly delivered one, of its parked
-/// original), then publishes and awaits its receipt.
+/// original), then publishes and awaits its receipt. `earlier` are the recipients an earlier
+/// attempt already delivered to (their copies are not sent again).
 pub async fn delivered(
     settler: Arc<Settler>,
     inbound: Inbound,
     copies: Vec<(Arc<str>, PublisherConfirm)>,
     partial: Option<Partial>,
+    earlier: Vec<String>,
 ) -> Settled {
     let result = async {
-        let mut recipients = Vec::with_capacity(copies.len());
+        let mut recipients: Vec<Arc<str>> = earlier.iter().map(|r| Arc::from(r.as_str())).collect();
+        let mut failure = None;
         for (recipient, confirm) in copies {
-            confirmed(
+            match confirmed(
                 confirm,
                 settler.queues.outbound(&recipient),
                 settler.confirm_timeout_secs,
             )
-            .await?;
-            recipients.push(recipient);
+            .await
+            {
+                Ok(()) => recipients.push(recipient),
+                Err(error) => {
+                    failure.get_or_insert(error);
+                }
+            }
         }
         let names: Vec<&str> = recipients.iter().map(|r| &**r).collect();
+        if let Some(error) = failure {
+            // Some copies went out: remember which, so that when the message comes back only
+            // the others are sent (the store is flushed before the message is given back).
+            if let Some(id) = &inbound.message_id
+                && !names.is_empty()
+                && let Err(store_error) = settler.store.remember(&inbound.partner, id, &names, false)
+            {
+                warn!(%store_error, "cannot record a partial delivery; its copies may go out again");
+            }
+            return Err(error.into());
+        }
         // Remembered before the ack (the store is flushed first), so that the same message
         // coming back is recognised and not delivered again.
         if let Some(id) = &inbound.message_id {
             settler
                 .store
-                .remember(&inbound.partner, id, &names)
+                .remember(&inbound.partner, id, &names, true)
                 .map_err(|e| HandBack::Later(e.to_string()))?;
         }
         let refused = match partial {

@@ -54,6 +54,9 @@ pub struct Seen {
     /// Unix seconds.
     pub at: i64,
     pub recipients: Vec<String>,
+    /// Every recipient got its copy; `false` while some copies are still to be delivered (one
+    /// was refused by the broker and the message went back to its queue).
+    pub complete: bool,
 }
 
 /// What the gateway remembers, as the pipeline uses it: the crosswalks and the messages already
@@ -88,13 +91,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         window: Duration,
     ) -> Result<Option<Seen>, StoreError>;
 
-    /// Records that `sender`'s `message_id` was delivered to `recipients`. Durable at the next
-    /// [`Store::flush`], which comes before the inbound message is acknowledged.
+    /// Records that `sender`'s `message_id` was delivered to `recipients` (all of them when
+    /// `complete`, else some so far), replacing an earlier record. Durable at the next
+    /// [`Store::flush`], which comes before the inbound message is acknowledged or given back.
     fn remember(
         &self,
         sender: &str,
         message_id: &str,
         recipients: &[&str],
+        complete: bool,
     ) -> Result<(), StoreError>;
 
     /// Forgets message records older than `age` (case links stay) and delivered-message records
@@ -171,16 +176,17 @@ CREATE TABLE IF NOT EXISTS case_link (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS case_link_case ON case_link (case_id, partner, reference);
 -- Messages delivered, for duplicate detection; key: 64 bits of the message id.
-CREATE TABLE IF NOT EXISTS delivered (
+CREATE TABLE IF NOT EXISTS delivery (
     seq INTEGER PRIMARY KEY,
     key INTEGER NOT NULL,
     sender TEXT NOT NULL,
     message_id TEXT NOT NULL,
     recipients TEXT NOT NULL,
+    complete INTEGER NOT NULL,
     delivered_at INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS delivered_key ON delivered (key);
-PRAGMA user_version = 1;
+CREATE UNIQUE INDEX IF NOT EXISTS delivery_id ON delivery (key, message_id, sender);
+PRAGMA user_version = 2;
 ";
 
 impl SqliteStore {
@@ -464,7 +470,7 @@ impl Store for SqliteStore {
         self.read(|connection| {
             connection
                 .prepare_cached(
-                    "SELECT delivered_at, recipients FROM delivered
+                    "SELECT delivered_at, recipients, complete FROM delivery
                      WHERE key = ?1 AND message_id = ?2 AND sender = ?3 AND delivered_at >= ?4",
                 )?
                 .query_row(
@@ -473,7 +479,12 @@ impl Store for SqliteStore {
                         let recipients: String = r.get(1)?;
                         Ok(Seen {
                             at: r.get(0)?,
-                            recipients: recipients.split(',').map(String::from).collect(),
+                            recipients: recipients
+                                .split(',')
+                                .filter(|r| !r.is_empty())
+                                .map(String::from)
+                                .collect(),
+                            complete: r.get(2)?,
                         })
                     },
                 )
@@ -486,17 +497,22 @@ impl Store for SqliteStore {
         sender: &str,
         message_id: &str,
         recipients: &[&str],
+        complete: bool,
     ) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.prepare_cached(
-                "INSERT INTO delivered (key, sender, message_id, recipients, delivered_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO delivery (key, sender, message_id, recipients, complete, delivered_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (key, message_id, sender) DO UPDATE SET
+                     recipients = excluded.recipients, complete = excluded.complete,
+                     delivered_at = excluded.delivered_at",
             )?
             .execute(params![
                 message_key(message_id),
                 sender,
                 message_id,
                 recipients.join(","),
+                complete,
                 now_secs()
             ])?;
             Ok(())
@@ -511,7 +527,7 @@ impl Store for SqliteStore {
                 params![now - age.as_secs() as i64],
             )?;
             let delivered = connection.execute(
-                "DELETE FROM delivered WHERE delivered_at < ?1",
+                "DELETE FROM delivery WHERE delivered_at < ?1",
                 params![now - window.as_secs() as i64],
             )?;
             Ok(messages + delivered)
@@ -640,10 +656,16 @@ mod tests {
         let week = Duration::from_secs(7 * 24 * 3600);
         let id = "6f1c2a9e-8a4b-4c1e-9b7a-3d2f1e0c9b8a";
         assert_eq!(s.seen("inps", id, week).unwrap(), None);
-        s.remember("inps", id, &["cpi-modena", "osservatorio-er"])
+        // Partly delivered first, then completely: the later record replaces the earlier one.
+        s.remember("inps", id, &["cpi-modena"], false).unwrap();
+        let seen = s.seen("inps", id, week).unwrap().unwrap();
+        assert_eq!(seen.recipients, ["cpi-modena"]);
+        assert!(!seen.complete);
+        s.remember("inps", id, &["cpi-modena", "osservatorio-er"], true)
             .unwrap();
         let seen = s.seen("inps", id, week).unwrap().unwrap();
         assert_eq!(seen.recipients, ["cpi-modena", "osservatorio-er"]);
+        assert!(seen.complete);
         // Another sender may use the same id.
         assert_eq!(s.seen("cpi-modena", id, week).unwrap(), None);
         s.flush().unwrap();

@@ -145,9 +145,9 @@ impl Store for Flaky {
         self.check()?;
         self.inner.seen(s, id, w)
     }
-    fn remember(&self, s: &str, id: &str, r: &[&str]) -> Result<(), StoreError> {
+    fn remember(&self, s: &str, id: &str, r: &[&str], complete: bool) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.remember(s, id, r)
+        self.inner.remember(s, id, r, complete)
     }
     fn prune(&self, a: Duration, w: Duration) -> Result<usize, StoreError> {
         self.inner.prune(a, w)

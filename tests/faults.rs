@@ -397,3 +397,43 @@ async fn gateway_killed_mid_load_and_started_again_loses_nothing_and_counts_dupl
     assert_eq!(depth(&url, &queues.rejected("cpi-modena")).await, 0);
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
+
+#[tokio::test]
+async fn a_fan_out_with_one_refused_copy_is_completed_without_repeating_the_others() {
+    let gw = Gateway::start().await;
+    // The observatory's queue refuses everything for a while; the CPI's accepts.
+    let out = gw.queues.outbound("osservatorio-er");
+    let policy = format!("full-{}", gw.queues.prefix);
+    let pattern = format!("^{}$", out.replace('.', "\\."));
+    common::shared_broker_ctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &policy,
+        &pattern,
+        r#"{"max-length": 0, "overflow": "reject-publish"}"#,
+    ]);
+    let sent = common::benefit_status("naspi", "036023");
+    gw.send("inps", &sent).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    gw.assert_empty(&gw.queues.receipts("inps")).await;
+    common::shared_broker_ctl(&["clear_policy", &policy]);
+    assert_eq!(gw.take(&out, 1).await.len(), 1);
+    // The message went back to its queue several times meanwhile; the CPI got its copy once.
+    let at_cpi = drain(
+        &gw.url,
+        &gw.queues.outbound("cpi-modena"),
+        10,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(at_cpi.len(), 1, "the CPI's copy was sent again");
+    assert_eq!(id_of(&at_cpi[0].json()), id_of(&sent));
+    let receipt = gw.receipt("inps").await;
+    assert_eq!(receipt["payload"]["code"], "delivered");
+    assert_eq!(
+        receipt["payload"]["recipients"],
+        serde_json::json!(["cpi-modena", "osservatorio-er"])
+    );
+    gw.stop().await;
+}
