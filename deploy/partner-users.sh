@@ -8,7 +8,7 @@
 #   RABBITMQCTL                   rabbitmqctl command line (default: rabbitmqctl)
 #   PREFIX / VHOST                queue prefix (default ponte) and virtual host (default /)
 #
-# usage: deploy/partner-users.sh inps cpi-modena cpi-bologna comune-modena
+# usage: deploy/partner-users.sh inps cpi-modena cpi-bologna comune-modena osservatorio-er
 set -euo pipefail
 ctl=${RABBITMQCTL:-rabbitmqctl}
 prefix=${PREFIX:-ponte}
