@@ -30,6 +30,14 @@ pub struct Flow {
     pub settler: Arc<Settler>,
 }
 
+/// Sleeps until `at` (never, without one; the select guard keeps that branch off then).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 type Settling = FuturesOrdered<futures_util::future::BoxFuture<'static, Settled>>;
 
 impl Flow {
@@ -66,10 +74,15 @@ impl Flow {
                 () = stop.cancelled() => break,
                 Some(settled) = settling.next(), if !settling.is_empty() => {
                     acks.settle(settled, &self.settler).await;
-                    // Take every other message whose confirms are already in, then ack the run.
+                    // Take every other message whose confirms are already in.
                     while let Some(Some(settled)) = settling.next().now_or_never() {
                         acks.settle(settled, &self.settler).await;
                     }
+                    if acks.full() {
+                        acks.flush(&self.settler).await;
+                    }
+                }
+                () = sleep_until(acks.due()), if acks.due().is_some() => {
                     acks.flush(&self.settler).await;
                 }
                 delivery = consumer.next() => match delivery {

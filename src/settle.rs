@@ -19,6 +19,12 @@ use crate::receipt::{self, Answered, Undelivered};
 use crate::rejection::{Code, Rejection};
 use crate::store::Store;
 
+/// Settled messages wait at most this long for their acknowledgement, so that a run of them
+/// shares one store commit and one ack frame...
+const ACK_DELAY: Duration = Duration::from_millis(5);
+/// ...unless this many are waiting.
+const ACK_BATCH: usize = 128;
+
 /// How long a flow pauses before requeueing a message the broker refused (nack), so a broker
 /// that refuses everything is not hammered with the same message in a tight loop.
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
@@ -330,6 +336,8 @@ pub struct Acknowledger {
     /// earlier ones of the channel too.
     pending: Option<Acker>,
     count: usize,
+    /// When the oldest message of the pending run was settled.
+    since: Option<Instant>,
     /// When this flow last paused for a refusing broker: one pause per interval, not one per
     /// refused message, or a full queue would stall the flow for a second per message.
     last_pause: Option<Instant>,
@@ -344,6 +352,7 @@ impl Acknowledger {
                 log_outcome(&settled.inbound, &outcome);
                 self.pending = Some(settled.inbound.acker);
                 self.count += 1;
+                self.since.get_or_insert_with(Instant::now);
             }
             Err(error) => {
                 self.flush(settler).await;
@@ -361,9 +370,22 @@ impl Acknowledger {
         }
     }
 
+    /// When the pending run is due to be acknowledged: a few milliseconds after its first
+    /// message settled, so that one store commit and one ack frame serve many messages.
+    pub fn due(&self) -> Option<tokio::time::Instant> {
+        self.since
+            .map(|since| tokio::time::Instant::from_std(since) + ACK_DELAY)
+    }
+
+    /// Whether the pending run is big enough to acknowledge now.
+    pub fn full(&self) -> bool {
+        self.count >= ACK_BATCH
+    }
+
     /// Makes what the run recorded durable, then sends the ack for the run collected so far. If
     /// the store cannot save, nothing is acknowledged: the run goes back to the queue.
     pub async fn flush(&mut self, settler: &Settler) {
+        self.since = None;
         let Some(acker) = self.pending.take() else {
             return;
         };

@@ -112,11 +112,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
 /// The crosswalks in one SQLite file.
 ///
-/// One write per message would cost a transaction per message (about 90 µs on the benchmark
-/// machine); writes are instead grouped into one transaction committed every 20 ms or 512
-/// writes, each write inside its own savepoint so that a failed one leaves no trace. A crash of
-/// the process can therefore forget the crosswalk records of its last 20 ms: later messages about
-/// those cases then arrive without the recipient's reference. No message is lost by it.
+/// One transaction per write would cost about 90 µs per message on the benchmark machine; writes
+/// are instead grouped into one transaction, each inside its own savepoint so that a failed one
+/// leaves no trace, committed before every run of acknowledgements ([`Store::flush`]), after 512
+/// writes, and at least every 20 ms. So a delivery is on disk before its message is
+/// acknowledged; a crash of the process can forget at most the crosswalk links of its last
+/// moments (later messages about those cases then arrive without the recipient's reference).
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
