@@ -13,6 +13,15 @@ pub struct DecodeLimits {
     pub max_depth: usize,
 }
 
+impl From<&crate::settings::Limits> for DecodeLimits {
+    fn from(limits: &crate::settings::Limits) -> Self {
+        DecodeLimits {
+            max_bytes: limits.max_message_bytes,
+            max_depth: limits.max_depth,
+        }
+    }
+}
+
 /// Turns a message body into the envelope: a JSON value that is always an object.
 pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
     if body.len() > limits.max_bytes {

@@ -77,8 +77,8 @@ pub async fn for_recipient(
             errors,
         )));
     }
-    if let Some(fields) = recipient.fields.get(message_type) {
-        minimize(&mut out, fields);
+    if let Some(paths) = recipient.field_paths.get(message_type) {
+        minimize(&mut out, paths);
     }
     Ok(out)
 }
@@ -279,29 +279,24 @@ async fn local_id(
     Ok(None)
 }
 
-/// Keeps, of the payload, only the fields at `allowed` (pointers under `/payload/`).
-fn minimize(envelope: &mut Value, allowed: &[String]) {
+/// Keeps, of the payload, only the fields at `allowed` (each the keys of a path below it).
+fn minimize(envelope: &mut Value, allowed: &[Vec<String>]) {
     let Some(payload) = envelope.get_mut("payload") else {
         return;
     };
     let full = payload.take();
     let mut kept = Value::Object(Map::new());
-    for pointer in allowed {
-        let inner = &pointer["/payload".len()..];
-        if let Some(value) = full.pointer(inner) {
-            insert_at(&mut kept, inner, value.clone());
+    for keys in allowed {
+        let found = keys.iter().try_fold(&full, |at, key| at.get(key));
+        if let Some(value) = found {
+            insert_at(&mut kept, keys, value.clone());
         }
     }
     *payload = kept;
 }
 
-/// Sets the value at `pointer` (object keys only) inside `root`, creating objects on the way.
-fn insert_at(root: &mut Value, pointer: &str, value: Value) {
-    let keys: Vec<String> = pointer
-        .split('/')
-        .skip(1)
-        .map(|k| k.replace("~1", "/").replace("~0", "~"))
-        .collect();
+/// Sets the value at the path `keys` inside `root`, creating objects on the way.
+fn insert_at(root: &mut Value, keys: &[String], value: Value) {
     let Some((last, parents)) = keys.split_last() else {
         return;
     };

@@ -128,8 +128,10 @@ pub struct Partner {
     pub pseudonym_key: Option<Secret>,
     pub pseudonym_key_env: Option<String>,
     pub resolver: Option<ResolverSettings>,
-    /// Per message type, the payload fields it may receive (absent: all).
+    /// Per message type, the payload fields it may receive (absent: all), as written.
     pub fields: BTreeMap<String, Vec<String>>,
+    /// The same, each as its keys below `payload`, unescaped once here rather than per message.
+    pub field_paths: BTreeMap<String, Vec<Vec<String>>>,
     pub receipts: Receipts,
 }
 
@@ -273,10 +275,29 @@ impl Partner {
             pseudonym_key,
             pseudonym_key_env: raw.pseudonym_key_env,
             resolver: raw.resolver,
+            field_paths: raw
+                .fields
+                .iter()
+                .map(|(t, pointers)| {
+                    (
+                        t.clone(),
+                        pointers.iter().map(|p| payload_keys(p)).collect(),
+                    )
+                })
+                .collect(),
             fields: raw.fields,
             receipts: raw.receipts,
         })
     }
+}
+
+/// The object keys of a JSON pointer below `/payload` (`/payload/consent/given` → consent, given).
+fn payload_keys(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(2)
+        .map(|k| k.replace("~1", "/").replace("~0", "~"))
+        .collect()
 }
 
 /// A look-up service must be reached over TLS; plain HTTP only on the local machine.

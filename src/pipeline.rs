@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::authorize::{check_may_send, check_recipients, check_sender};
-use crate::decode::{DecodeLimits, decode};
+use crate::decode::decode;
 use crate::directory::Directory;
 use crate::map::{Context, Unmapped, for_recipient};
 use crate::partner::{Partner, SHARED_SCHEMES};
@@ -16,6 +16,7 @@ use crate::rejection::{Code, FieldError, Rejection};
 use crate::resolve::Resolvers;
 use crate::route::recipients;
 use crate::store::{MessageCase, SqliteStore, Store};
+use crate::tables::Tables;
 
 /// One recipient's copy of a message, serialized.
 #[derive(Debug, Clone)]
@@ -96,12 +97,7 @@ impl Pipeline {
     /// Runs every step for a message that arrived on `owner`'s inbound queue; `redelivered` is
     /// the broker's flag (the message was handed out before and not acknowledged).
     pub async fn process(&self, owner: &Partner, body: &[u8], redelivered: bool) -> Verdict {
-        let settings = &self.directory.settings;
-        let limits = DecodeLimits {
-            max_bytes: settings.limits.max_message_bytes,
-            max_depth: settings.limits.max_depth,
-        };
-        let envelope = match decode(body, limits) {
+        let envelope = match decode(body, (&self.directory.settings.limits).into()) {
             Ok(e) => e,
             Err(rejection) => {
                 return Verdict {
@@ -173,11 +169,9 @@ impl Pipeline {
             }
             Ok(None) => {}
         }
-        check_may_send(&directory.matrix, owner, &message_type)?;
         // One snapshot of the tables for the whole message, whatever a reload does meanwhile.
         let tables = directory.tables.load_full();
-        let mut targets = recipients(&envelope, &message_type, owner, directory, &tables)?;
-        check_recipients(&directory.matrix, owner, &targets, &envelope)?;
+        let mut targets = authorized_recipients(directory, owner, &envelope, &tables)?;
         targets.retain(|t| !earlier.contains(&t.id));
         if targets.is_empty() {
             return Ok(Outcome::AlreadyDelivered {
@@ -270,18 +264,25 @@ impl Pipeline {
 /// routing — for a message `owner` would send: what `ponte rejected replay` checks before
 /// sending a parked message again, so that an unchanged one is refused with its reason.
 pub fn precheck(directory: &Directory, owner: &Partner, body: &[u8]) -> Result<(), Rejection> {
-    let limits = DecodeLimits {
-        max_bytes: directory.settings.limits.max_message_bytes,
-        max_depth: directory.settings.limits.max_depth,
-    };
-    let envelope = decode(body, limits)?;
+    let envelope = decode(body, (&directory.settings.limits).into())?;
     directory.schemas.validate(&envelope)?;
-    let message_type = envelope["type"].as_str().unwrap_or_default();
     check_sender(&envelope, owner)?;
+    authorized_recipients(directory, owner, &envelope, &directory.tables.load()).map(|_| ())
+}
+
+/// The recipients of a valid message from `owner`, once the matrix allows it to send this type
+/// to each of them for this purpose.
+fn authorized_recipients<'a>(
+    directory: &'a Directory,
+    owner: &Partner,
+    envelope: &Value,
+    tables: &Tables,
+) -> Result<Vec<&'a Partner>, Rejection> {
+    let message_type = envelope["type"].as_str().unwrap_or_default();
     check_may_send(&directory.matrix, owner, message_type)?;
-    let tables = directory.tables.load();
-    let targets = recipients(&envelope, message_type, owner, directory, &tables)?;
-    check_recipients(&directory.matrix, owner, &targets, &envelope)
+    let targets = recipients(envelope, message_type, owner, directory, tables)?;
+    check_recipients(&directory.matrix, owner, &targets, envelope)?;
+    Ok(targets)
 }
 
 /// The data folder, resolved against the configuration folder.

@@ -418,67 +418,57 @@ impl Acknowledger {
 }
 
 fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
-    let latency_ms = inbound.received.elapsed().as_secs_f64() * 1000.0;
-    let message_id = inbound.message_id.as_deref().unwrap_or("");
-    let message_type = inbound.message_type.as_deref().unwrap_or("");
-    match outcome {
+    let join = |names: &mut dyn Iterator<Item = &str>| names.collect::<Vec<_>>().join(",");
+    let (outcome, code, recipients, refused, text) = match outcome {
         Outcome::Delivered {
             recipients,
             refused,
-        } if refused.is_empty() => info!(
-            message_id,
-            r#type = message_type,
-            sender = &*inbound.partner,
-            recipients = %recipients.join(","),
-            outcome = "delivered",
-            code = Code::Delivered.as_str(),
-            latency_ms,
-            redelivered = inbound.redelivered,
-            replay = inbound.replay.as_deref().unwrap_or(""),
-            "message delivered"
+        } if refused.is_empty() => (
+            "delivered",
+            Code::Delivered,
+            join(&mut recipients.iter().map(|r| &**r)),
+            String::new(),
+            "message delivered",
         ),
         Outcome::Delivered {
             recipients,
             refused,
-        } => info!(
-            message_id,
-            r#type = message_type,
-            sender = &*inbound.partner,
-            recipients = %recipients.join(","),
-            refused = %refused.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>().join(","),
-            outcome = "partial",
-            code = refused[0].1.as_str(),
-            latency_ms,
-            redelivered = inbound.redelivered,
-            replay = inbound.replay.as_deref().unwrap_or(""),
-            "message delivered to some recipients; refused for the others"
+        } => (
+            "partial",
+            refused[0].1,
+            join(&mut recipients.iter().map(|r| &**r)),
+            join(&mut refused.iter().map(|(r, _)| r.as_str())),
+            "message delivered to some recipients; refused for the others",
         ),
-        Outcome::AlreadyDelivered { recipients } => info!(
-            message_id,
-            r#type = message_type,
-            sender = &*inbound.partner,
-            recipients = %recipients.join(","),
-            outcome = "already-delivered",
-            code = Code::Delivered.as_str(),
-            latency_ms,
-            redelivered = inbound.redelivered,
-            replay = inbound.replay.as_deref().unwrap_or(""),
-            "message given back by the broker was already delivered; not delivered again"
+        Outcome::AlreadyDelivered { recipients } => (
+            "already-delivered",
+            Code::Delivered,
+            recipients.join(","),
+            String::new(),
+            "message given back by the broker was already delivered; not delivered again",
         ),
         // A message refused for its content is routine for the gateway: INFO, not ERROR.
-        Outcome::Rejected { code } => info!(
-            message_id,
-            r#type = message_type,
-            sender = &*inbound.partner,
-            recipients = "",
-            outcome = "rejected",
-            code = code.as_str(),
-            latency_ms,
-            redelivered = inbound.redelivered,
-            replay = inbound.replay.as_deref().unwrap_or(""),
-            "message rejected"
+        Outcome::Rejected { code } => (
+            "rejected",
+            *code,
+            String::new(),
+            String::new(),
+            "message rejected",
         ),
-    }
+    };
+    info!(
+        message_id = inbound.message_id.as_deref().unwrap_or(""),
+        r#type = inbound.message_type.as_deref().unwrap_or(""),
+        sender = &*inbound.partner,
+        recipients = %recipients,
+        refused = %refused,
+        outcome,
+        code = code.as_str(),
+        latency_ms = inbound.received.elapsed().as_secs_f64() * 1000.0,
+        redelivered = inbound.redelivered,
+        replay = inbound.replay.as_deref().unwrap_or(""),
+        "{text}"
+    );
 }
 
 /// A transient failure: the message is neither acknowledged nor rejected; it goes back to its

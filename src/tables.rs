@@ -28,8 +28,8 @@ pub struct Tables {
     offices: HashMap<String, HashMap<String, String>>,
     /// kind → municipality → the one partner of that kind competent for it.
     competence: HashMap<String, HashMap<String, String>>,
-    /// (partner, type) → the partner's own codes.
-    codes: HashMap<(String, String), CodeMap>,
+    /// partner → type → the partner's own codes.
+    codes: HashMap<String, HashMap<String, CodeMap>>,
     /// Rows loaded, for the log line of a reload.
     pub office_rows: usize,
     pub code_rows: usize,
@@ -88,8 +88,7 @@ impl Tables {
 
     /// `partner`'s own codes for messages of `message_type`.
     pub fn codes(&self, partner: &str, message_type: &str) -> Option<&CodeMap> {
-        self.codes
-            .get(&(partner.to_string(), message_type.to_string()))
+        self.codes.get(partner)?.get(message_type)
     }
 
     /// Reads and checks every table in `dir`. A missing file is an empty table; any other file
@@ -222,7 +221,9 @@ impl Tables {
             }
             let codes = tables
                 .codes
-                .entry((row.partner.clone(), row.message_type.clone()))
+                .entry(row.partner.clone())
+                .or_default()
+                .entry(row.message_type.clone())
                 .or_default()
                 .entry(row.field.clone())
                 .or_default();

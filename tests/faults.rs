@@ -282,13 +282,11 @@ async fn broker_fault_mid_load(how: &str) {
     assert_eq!(depth(&url, &queues.inbound("cpi-modena")).await, 0);
 }
 
-#[tokio::test]
-async fn a_nacked_copy_is_retried_never_rejected() {
-    let gw = Gateway::start().await;
-    let out = gw.queues.outbound("inps");
-    // A full queue that refuses new messages makes the broker nack every publish to it.
+/// Makes the broker nack every publish to `queue` (a full queue that refuses new messages), until
+/// the returned policy is cleared.
+fn refuse_publishes(gw: &Gateway, queue: &str) -> String {
     let policy = format!("full-{}", gw.queues.prefix);
-    let pattern = format!("^{}$", out.replace('.', "\\."));
+    let pattern = format!("^{}$", queue.replace('.', "\\."));
     common::shared_broker_ctl(&[
         "set_policy",
         "--apply-to",
@@ -297,6 +295,14 @@ async fn a_nacked_copy_is_retried_never_rejected() {
         &pattern,
         r#"{"max-length": 0, "overflow": "reject-publish"}"#,
     ]);
+    policy
+}
+
+#[tokio::test]
+async fn a_nacked_copy_is_retried_never_rejected() {
+    let gw = Gateway::start().await;
+    let out = gw.queues.outbound("inps");
+    let policy = refuse_publishes(&gw, &out);
     let sent = referral("cpi-modena", "CPI-MO-01", "036023");
     gw.send("cpi-modena", &sent).await;
     // While the broker refuses the copy, the message is neither delivered, nor answered, nor
@@ -403,16 +409,7 @@ async fn a_fan_out_with_one_refused_copy_is_completed_without_repeating_the_othe
     let gw = Gateway::start().await;
     // The observatory's queue refuses everything for a while; the CPI's accepts.
     let out = gw.queues.outbound("osservatorio-er");
-    let policy = format!("full-{}", gw.queues.prefix);
-    let pattern = format!("^{}$", out.replace('.', "\\."));
-    common::shared_broker_ctl(&[
-        "set_policy",
-        "--apply-to",
-        "queues",
-        &policy,
-        &pattern,
-        r#"{"max-length": 0, "overflow": "reject-publish"}"#,
-    ]);
+    let policy = refuse_publishes(&gw, &out);
     let sent = common::benefit_status("naspi", "036023");
     gw.send("inps", &sent).await;
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -107,10 +107,7 @@ async fn main() -> Result<()> {
         &[("it.cf".into(), cf, "ANA-2026-0042".into())],
     )?;
     let pipeline = Pipeline::new(directory.clone(), store)?;
-    let limits = DecodeLimits {
-        max_bytes: directory.settings.limits.max_message_bytes,
-        max_depth: directory.settings.limits.max_depth,
-    };
+    let limits = DecodeLimits::from(&directory.settings.limits);
     println!(
         "{:<62} {:>5} {:>8} {:>14} {:>14}",
         "message", "bytes", "copies", "validate µs", "pipeline µs"
