@@ -65,6 +65,15 @@ impl Queues {
     pub fn dead_letters(&self, partner: &str) -> String {
         format!("{}.dlq.{partner}", self.prefix)
     }
+    /// Copies waiting to be tried again after `delay_ms` (a delay queue: messages expire into
+    /// the redelivery queue).
+    pub fn retry(&self, delay_ms: u64) -> String {
+        format!("{}.retry.{delay_ms}ms", self.prefix)
+    }
+    /// Copies whose wait in a delay queue is over, consumed by Ponte to try them again.
+    pub fn redeliver(&self) -> String {
+        format!("{}.redeliver", self.prefix)
+    }
     /// All five queues of a partner.
     pub fn of_partner(&self, partner: &str) -> [String; 5] {
         [
@@ -163,7 +172,7 @@ pub async fn confirming_channel(connection: &Connection) -> Result<Channel, Brok
 pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Result<(), BrokerError> {
     let queues = Queues::new(&directory.settings.broker.prefix);
     let queue_type = directory.settings.broker.queue_type;
-    for partner in directory.partners.keys() {
+    for (partner, settings) in &directory.partners {
         let inbound = queues.inbound(partner);
         channel
             .exchange_declare(
@@ -177,8 +186,13 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
                 FieldTable::default(),
             )
             .await?;
+        let outbound = queues.outbound(partner);
         for queue in queues.of_partner(partner) {
-            declare_queue(channel, &queue, queue_type, false).await?;
+            let mut arguments = queue_arguments(queue_type);
+            if queue == outbound {
+                outbound_arguments(&mut arguments, settings);
+            }
+            declare_queue_with(channel, &queue, arguments, false).await?;
         }
         channel
             .queue_bind(
@@ -189,6 +203,9 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
                 FieldTable::default(),
             )
             .await?;
+    }
+    for (queue, arguments) in retry_queues(directory) {
+        declare_queue_with(channel, &queue, arguments, false).await?;
     }
     // The declarations above are sent without waiting for each answer (thousands of round trips
     // for a large directory); the broker handles a channel's methods in order and closes the
@@ -212,15 +229,34 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
 /// for teams that pre-provision brokers. `deploy/definitions.json` is this for the demo.
 pub fn definitions(directory: &Directory, vhost: &str) -> Value {
     let queues = Queues::new(&directory.settings.broker.prefix);
-    let queue_type = directory.settings.broker.queue_type.as_str();
     let mut q = Vec::new();
     let mut exchanges = Vec::new();
     let mut bindings = Vec::new();
-    for partner in directory.partners.keys() {
+    let as_json = |arguments: &FieldTable| -> Value {
+        arguments
+            .inner()
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
+                    AMQPValue::LongLongInt(n) => json!(n),
+                    other => json!(format!("{other:?}")),
+                };
+                (k.to_string(), v)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    for (partner, settings) in &directory.partners {
+        let outbound = queues.outbound(partner);
         for queue in queues.of_partner(partner) {
+            let mut arguments = queue_arguments(directory.settings.broker.queue_type);
+            if queue == outbound {
+                outbound_arguments(&mut arguments, settings);
+            }
             q.push(json!({
                 "name": queue, "vhost": vhost, "durable": true, "auto_delete": false,
-                "arguments": {"x-queue-type": queue_type}
+                "arguments": as_json(&arguments)
             }));
         }
         let inbound = queues.inbound(partner);
@@ -231,6 +267,12 @@ pub fn definitions(directory: &Directory, vhost: &str) -> Value {
         bindings.push(json!({
             "source": inbound, "vhost": vhost, "destination": inbound,
             "destination_type": "queue", "routing_key": "", "arguments": {}
+        }));
+    }
+    for (queue, arguments) in retry_queues(directory) {
+        q.push(json!({
+            "name": queue, "vhost": vhost, "durable": true, "auto_delete": false,
+            "arguments": as_json(&arguments)
         }));
     }
     json!({
@@ -249,6 +291,62 @@ pub async fn declare_queue(
     queue_type: QueueType,
     wait: bool,
 ) -> Result<lapin::Queue, BrokerError> {
+    declare_queue_with(channel, queue, queue_arguments(queue_type), wait).await
+}
+
+/// The delay queues (one per wait of the backoff, each dead-lettering into the redelivery queue
+/// when a message's time is up) and the redelivery queue, with their arguments.
+pub fn retry_queues(directory: &Directory) -> Vec<(String, FieldTable)> {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    let queue_type = directory.settings.broker.queue_type;
+    let mut all: Vec<(String, FieldTable)> = directory
+        .settings
+        .delivery
+        .delays_ms()
+        .into_iter()
+        .map(|delay| {
+            let mut arguments = queue_arguments(queue_type);
+            arguments.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay as i64),
+            );
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(queues.redeliver().as_str().into()),
+            );
+            (queues.retry(delay), arguments)
+        })
+        .collect();
+    all.push((queues.redeliver(), queue_arguments(queue_type)));
+    all
+}
+
+/// An HTTP partner's outbound queue is Ponte's own buffer: bounded, and refusing (rather than
+/// dropping) what does not fit, so a slow endpoint pushes copies into the delay queues.
+fn outbound_arguments(arguments: &mut FieldTable, partner: &crate::partner::Partner) {
+    if let Some(http) = &partner.http {
+        arguments.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(i64::from(http.max_queued)),
+        );
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+    }
+}
+
+/// Declares one durable queue with `arguments` (see [`declare_queue`]).
+pub async fn declare_queue_with(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+    wait: bool,
+) -> Result<lapin::Queue, BrokerError> {
     Ok(channel
         .queue_declare(
             queue.into(),
@@ -257,7 +355,7 @@ pub async fn declare_queue(
                 nowait: !wait,
                 ..Default::default()
             },
-            queue_arguments(queue_type),
+            arguments,
         )
         .await?)
 }

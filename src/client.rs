@@ -25,7 +25,7 @@ pub async fn send(
     let timeout = directory.settings.broker.publish_timeout_secs;
     let mut result = Ok(());
     for (index, body) in bodies.into_iter().enumerate() {
-        result = publish_confirmed(&channel, &queue, &body, &[], timeout).await;
+        result = publish_confirmed(&channel, &queue, "", &body, &[], timeout).await;
         if result.is_err() {
             break;
         }
@@ -35,11 +35,13 @@ pub async fn send(
     result
 }
 
-/// Publishes one message body to `exchange` with the AMQP labels taken from the envelope itself
-/// (message_id, correlation_id, type) and `headers`, and waits for the broker's confirm.
+/// Publishes one message body to `exchange` (with `routing_key`) with the AMQP labels taken from
+/// the envelope itself (message_id, correlation_id, type) and `headers`, and waits for the
+/// broker's confirm.
 async fn publish_confirmed(
     channel: &lapin::Channel,
     exchange: &str,
+    routing_key: &str,
     body: &[u8],
     headers: &[(&str, String)],
     timeout_secs: u64,
@@ -57,7 +59,7 @@ async fn publish_confirmed(
         message_type: field("type"),
     };
     let props = with_headers(properties(&labels), headers);
-    let confirm = publish_to(channel, exchange, "", body, props).await?;
+    let confirm = publish_to(channel, exchange, routing_key, body, props).await?;
     confirmed(confirm, exchange, timeout_secs).await
 }
 
@@ -177,8 +179,32 @@ pub async fn republish(
     let result = publish_confirmed(
         &channel,
         &exchange,
+        "",
         body,
         &[("x-ponte-replay", from.to_string())],
+        directory.settings.broker.publish_timeout_secs,
+    )
+    .await;
+    let _ = connection.close(200, "replayed".into()).await;
+    result
+}
+
+/// Puts a dead-lettered copy in the redelivery queue with `headers` (its sender and recipient,
+/// attempts reset), so the gateway tries it again; waits for the broker's confirm.
+pub async fn redeliver(
+    directory: &Directory,
+    body: &[u8],
+    headers: &[(&str, String)],
+) -> Result<(), BrokerError> {
+    let connection = connect(directory, "ponte replay").await?;
+    let channel = confirming_channel(&connection).await?;
+    let queue = Queues::new(&directory.settings.broker.prefix).redeliver();
+    let result = publish_confirmed(
+        &channel,
+        "",
+        &queue,
+        body,
+        headers,
         directory.settings.broker.publish_timeout_secs,
     )
     .await;

@@ -14,7 +14,9 @@ use tracing::{info, warn};
 use crate::broker::{
     BrokerError, QueueNames, Queues, confirming_channel, connect, declare_topology,
 };
+use crate::courier::{Courier, http_partners};
 use crate::directory::Directory;
+use crate::redeliver::Redeliverer;
 use crate::partner::{Partner, Receipts};
 use crate::pipeline::Pipeline;
 use crate::receive::Flow;
@@ -143,6 +145,8 @@ async fn session(
                 positive_receipts: partner.receipts == Receipts::All,
                 reconnect: session_stop.clone(),
                 store: pipeline.store.clone(),
+                delivery: directory.settings.delivery.clone(),
+                names: Queues::new(&directory.settings.broker.prefix),
             });
             let flow = Flow {
                 pipeline: pipeline.clone(),
@@ -156,6 +160,33 @@ async fn session(
         connections.push(consuming);
         connections.push(publishing);
     }
+    // The redelivery flow and the HTTP couriers share one more pair of connections.
+    let retry_consuming = connect(directory, "ponte retry consume").await?;
+    let retry_publishing = connect(directory, "ponte retry publish").await?;
+    let names = Queues::new(&directory.settings.broker.prefix);
+    let timeout_secs = directory.settings.broker.publish_timeout_secs;
+    let redeliverer = Redeliverer {
+        directory: pipeline.directory.clone(),
+        consume: retry_consuming.create_channel().await?,
+        publish: confirming_channel(&retry_publishing).await?,
+    };
+    flows.spawn(redeliverer.run(session_stop.clone(), ready_tx.clone()));
+    let mut expected = partners.len() + 1;
+    for partner in http_partners(&directory.partners) {
+        let courier = Courier::new(
+            partner,
+            directory.settings.delivery.clone(),
+            names.clone(),
+            retry_consuming.create_channel().await?,
+            confirming_channel(&retry_publishing).await?,
+            timeout_secs,
+        )
+        .map_err(|e| BrokerError::Url(format!("{}: http: {e}", partner.id)))?;
+        flows.spawn(courier.run(session_stop.clone(), ready_tx.clone()));
+        expected += 1;
+    }
+    connections.push(retry_consuming);
+    connections.push(retry_publishing);
     drop(ready_tx);
     tracing::debug!(
         connections = connections.len(),
@@ -165,14 +196,14 @@ async fn session(
     // Ready once every flow consumes; a flow that fails first ends the session.
     let mut consuming_flows = 0;
     let mut failure = None;
-    while consuming_flows < partners.len() && failure.is_none() {
+    while consuming_flows < expected && failure.is_none() {
         tokio::select! {
             Some(()) = ready_rx.recv() => consuming_flows += 1,
             Some(ended) = flows.join_next() => failure = flow_failure(ended),
             () = session_stop.cancelled() => break,
         }
     }
-    if failure.is_none() && consuming_flows == partners.len() {
+    if failure.is_none() && consuming_flows == expected {
         status.ready.send_replace(true);
         info!(
             partners = partners.len(),

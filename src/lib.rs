@@ -34,6 +34,7 @@
 pub mod authorize;
 pub mod broker;
 pub mod client;
+pub mod courier;
 pub mod decode;
 pub mod deliver;
 pub mod directory;
@@ -44,8 +45,10 @@ pub mod partner;
 pub mod pipeline;
 pub mod receipt;
 pub mod receive;
+pub mod redeliver;
 pub mod rejection;
 pub mod resolve;
+pub mod retry;
 pub mod route;
 pub mod settings;
 pub mod settle;

@@ -49,7 +49,13 @@ enum Command {
     /// Inspect and replay the messages parked in a partner's rejected queue.
     Rejected {
         #[command(subcommand)]
-        action: RejectedAction,
+        action: ParkedAction,
+    },
+    /// Inspect and replay the copies for a partner that were dead-lettered after retries (or
+    /// refused by its HTTP endpoint).
+    Dlq {
+        #[command(subcommand)]
+        action: ParkedAction,
     },
     /// Load a partner's own person ids into the crosswalk from a CSV file (scheme,value,local).
     Crosswalk {
@@ -89,14 +95,16 @@ enum Command {
 }
 
 #[derive(Subcommand)]
-enum RejectedAction {
+enum ParkedAction {
     /// One line per parked message: message_id, code, when, reason.
     List { partner: String },
     /// One parked message in full, with its x-ponte-* headers.
     Show { partner: String, message_id: String },
-    /// Send parked messages through the whole pipeline again. A message that would be refused
-    /// again by the configuration as it stands (unchanged and still wrong) stays parked and its
-    /// reason is printed; `--file` replaces it by a corrected version with the same message_id.
+    /// Send parked messages again. A rejected message goes through the whole pipeline again; one
+    /// that would be refused again by the configuration as it stands (unchanged and still wrong)
+    /// stays parked and its reason is printed; `--file` replaces it by a corrected version with
+    /// the same message_id. A dead letter is delivered to its recipient again, with fresh
+    /// attempts, if the sender may still send it that type.
     Replay {
         partner: String,
         #[arg(long, required_unless_present = "all", conflicts_with = "all")]
@@ -199,7 +207,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             pipeline.store.flush().context("saving the crosswalk")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rejected { action } => rejected(&cli.config, action).await,
+        Command::Rejected { action } => parked(&cli.config, Parked::Rejected, action).await,
+        Command::Dlq { action } => parked(&cli.config, Parked::DeadLetters, action).await,
         Command::Crosswalk {
             action: CrosswalkAction::Import { partner, file },
         } => {
@@ -274,35 +283,62 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `ponte rejected list|show|replay`.
-async fn rejected(config: &std::path::Path, action: RejectedAction) -> anyhow::Result<ExitCode> {
+/// The queues of parked messages ops can inspect and replay.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parked {
+    /// `<prefix>.rejected.<partner>`: originals the partner sent that were refused.
+    Rejected,
+    /// `<prefix>.dlq.<partner>`: copies for the partner given up after retries.
+    DeadLetters,
+}
+
+/// `ponte rejected|dlq list|show|replay`.
+async fn parked(
+    config: &std::path::Path,
+    kind: Parked,
+    action: ParkedAction,
+) -> anyhow::Result<ExitCode> {
     let directory = Arc::new(load_for_tools(config)?);
     let partner = match &action {
-        RejectedAction::List { partner }
-        | RejectedAction::Show { partner, .. }
-        | RejectedAction::Replay { partner, .. } => partner.clone(),
+        ParkedAction::List { partner }
+        | ParkedAction::Show { partner, .. }
+        | ParkedAction::Replay { partner, .. } => partner.clone(),
     };
     let Some(owner) = directory.partners.get(&partner).cloned() else {
         anyhow::bail!("no partner {partner:?} is configured");
     };
-    let queue = Queues::new(&directory.settings.broker.prefix).rejected(&partner);
+    if let ParkedAction::Replay { file: Some(_), .. } = &action {
+        anyhow::ensure!(
+            kind == Parked::Rejected,
+            "--file corrects a rejected message; a dead letter is replayed as it was mapped"
+        );
+    }
+    let names = Queues::new(&directory.settings.broker.prefix);
+    let (queue, at_header) = match kind {
+        Parked::Rejected => (names.rejected(&partner), "x-ponte-rejected-at"),
+        Parked::DeadLetters => (names.dead_letters(&partner), "x-ponte-dead-lettered-at"),
+    };
     let parked = ponte::client::browse(&directory, &queue).await?;
     let id_of = |t: &ponte::client::Taken| t.message_id.clone().unwrap_or_default();
     let result = match action {
-        RejectedAction::List { .. } => {
+        ParkedAction::List { .. } => {
             for (_, t) in &parked.messages {
+                let attempts = match t.header(ponte::retry::ATTEMPTS) {
+                    Some(n) => format!("{n} attempt(s), from {}: ", t.header(ponte::retry::SENDER).unwrap_or("?")),
+                    None => String::new(),
+                };
                 println!(
-                    "{}\t{}\t{}\t{}",
+                    "{}\t{}\t{}\t{attempts}{}",
                     id_of(t),
                     t.header("x-ponte-code").unwrap_or(""),
-                    t.header("x-ponte-rejected-at").unwrap_or(""),
+                    t.header(at_header).unwrap_or(""),
                     t.header("x-ponte-reason").unwrap_or("")
                 );
             }
             eprintln!("{} message(s) in {queue}", parked.messages.len());
             Ok(ExitCode::SUCCESS)
         }
-        RejectedAction::Show { message_id, .. } => {
+        ParkedAction::Show { message_id, .. } => {
             match parked.messages.iter().find(|(_, t)| id_of(t) == message_id) {
                 Some((_, t)) => {
                     for (k, v) in &t.headers {
@@ -320,7 +356,7 @@ async fn rejected(config: &std::path::Path, action: RejectedAction) -> anyhow::R
                 }
             }
         }
-        RejectedAction::Replay {
+        ParkedAction::Replay {
             message_id,
             all,
             file,
@@ -352,6 +388,20 @@ async fn rejected(config: &std::path::Path, action: RejectedAction) -> anyhow::R
                         fixed_id.as_deref() == Some(id.as_str()),
                         "the corrected message must keep the message_id {id}"
                     );
+                }
+                if kind == Parked::DeadLetters {
+                    match replay_dead_letter(&directory, &partner, t, &queue).await? {
+                        Ok(()) => {
+                            parked.remove(index).await?;
+                            replayed += 1;
+                            println!("{id}: replayed to {partner}");
+                        }
+                        Err(why) => {
+                            refused += 1;
+                            eprintln!("{id}: not replayed: {why}");
+                        }
+                    }
+                    continue;
                 }
                 if let Err(rejection) = ponte::pipeline::precheck(&directory, &owner, body) {
                     refused += 1;
@@ -390,6 +440,41 @@ async fn rejected(config: &std::path::Path, action: RejectedAction) -> anyhow::R
     };
     parked.close().await;
     result
+}
+
+/// Sends a dead-lettered copy to its recipient again through the redelivery queue, with fresh
+/// attempts, if its sender may still send that type to the recipient. The inner error says why
+/// not.
+async fn replay_dead_letter(
+    directory: &Directory,
+    recipient: &str,
+    letter: &ponte::client::Taken,
+    queue: &str,
+) -> anyhow::Result<Result<(), String>> {
+    let Some(sender) = letter.header(ponte::retry::SENDER) else {
+        return Ok(Err("it does not say which partner sent it (x-ponte-sender)".into()));
+    };
+    let message_type = serde_json::from_slice::<serde_json::Value>(&letter.body)
+        .ok()
+        .and_then(|v| v.get("type")?.as_str().map(String::from))
+        .unwrap_or_default();
+    if !directory.partners.contains_key(sender) {
+        return Ok(Err(format!("its sender {sender} is no longer a configured partner")));
+    }
+    if !directory.matrix.may_ever_send(sender, &message_type, recipient) {
+        return Ok(Err(format!(
+            "authorization.toml no longer lets {sender} send {message_type} to {recipient}"
+        )));
+    }
+    let headers = [
+        (ponte::retry::SENDER, sender.to_string()),
+        (ponte::retry::RECIPIENT, recipient.to_string()),
+        (ponte::retry::ATTEMPTS, "0".to_string()),
+        (ponte::retry::FIRST_ATTEMPT, ponte::retry::now_ms().to_string()),
+        (ponte::retry::REPLAY, queue.to_string()),
+    ];
+    ponte::client::redeliver(directory, &letter.body, &headers).await?;
+    Ok(Ok(()))
 }
 
 /// Reads a crosswalk CSV (header `scheme,value,local`), refusing the whole file on any bad row.

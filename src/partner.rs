@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +45,8 @@ struct PartnerFile {
     pseudonym_key_env: Option<String>,
     /// Remote look-up of this partner's own person ids, for identifiers the crosswalk lacks.
     resolver: Option<ResolverSettings>,
+    /// Deliver to this partner by HTTPS POST instead of letting it consume its outbound queue.
+    http: Option<HttpSettings>,
     /// Per message type, the JSON pointers under `/payload` this partner may receive; the rest of
     /// the payload is removed before delivery. A type not listed is delivered whole.
     #[serde(default)]
@@ -79,6 +81,41 @@ pub struct ResolverSettings {
     /// How long an answer is kept.
     #[serde(default = "default_cache_ttl")]
     pub cache_ttl_secs: u64,
+}
+
+/// A partner that receives by HTTPS: Ponte consumes the partner's outbound queue itself and
+/// POSTs each copy, in order, to `url`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `https://…` (plain `http://` only on a loopback address).
+    pub url: String,
+    /// How long one POST may take, connection included.
+    #[serde(default = "default_http_timeout")]
+    pub timeout_ms: u64,
+    /// PEM file of extra certificate authorities to trust for this endpoint (besides the
+    /// system's), relative to the partner file.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file holding Ponte's client certificate chain and its private key, for endpoints that
+    /// require mutual TLS; relative to the partner file.
+    pub client_identity_file: Option<PathBuf>,
+    /// Copies waiting in the partner's outbound queue, at most. When it is full, further copies
+    /// wait in the broker's delay queues, so a slow endpoint never grows the gateway's memory.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u32,
+}
+
+fn default_http_timeout() -> u64 {
+    10_000
+}
+fn default_max_queued() -> u32 {
+    100_000
+}
+
+impl HttpSettings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
 }
 
 fn default_resolver_timeout() -> u64 {
@@ -128,6 +165,8 @@ pub struct Partner {
     pub pseudonym_key: Option<Secret>,
     pub pseudonym_key_env: Option<String>,
     pub resolver: Option<ResolverSettings>,
+    /// Set for a partner that receives by HTTPS; paths are resolved against the partner folder.
+    pub http: Option<HttpSettings>,
     /// Per message type, the payload fields it may receive (absent: all), as written.
     pub fields: BTreeMap<String, Vec<String>>,
     /// The same, each as its keys below `payload`, unescaped once here rather than per message.
@@ -245,6 +284,27 @@ impl Partner {
                 errors.push("resolver: timeout_ms and cache_entries must be at least 1".into());
             }
         }
+        let http = raw.http.map(|mut http| {
+            if let Err(e) = check_resolver_url(&http.url) {
+                errors.push(format!("http.url: {e}"));
+            }
+            if http.timeout_ms == 0 || http.max_queued == 0 {
+                errors.push("http: timeout_ms and max_queued must be at least 1".into());
+            }
+            let folder = file.parent().unwrap_or(Path::new("."));
+            for (key, path) in [
+                ("ca_file", &mut http.ca_file),
+                ("client_identity_file", &mut http.client_identity_file),
+            ] {
+                if let Some(path) = path {
+                    *path = folder.join(&*path);
+                    if !path.is_file() {
+                        errors.push(format!("http.{key}: {} is not a readable file", path.display()));
+                    }
+                }
+            }
+            http
+        });
         for (message_type, pointers) in &raw.fields {
             if !schemas.has_type(message_type) {
                 errors.push(format!(
@@ -275,6 +335,7 @@ impl Partner {
             pseudonym_key,
             pseudonym_key_env: raw.pseudonym_key_env,
             resolver: raw.resolver,
+            http,
             field_paths: raw
                 .fields
                 .iter()
@@ -300,7 +361,8 @@ fn payload_keys(pointer: &str) -> Vec<String> {
         .collect()
 }
 
-/// A look-up service must be reached over TLS; plain HTTP only on the local machine.
+/// A partner's service (look-up or delivery endpoint) must be reached over TLS; plain HTTP only
+/// on the local machine.
 fn check_resolver_url(url: &str) -> Result<(), String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     let loopback = matches!(

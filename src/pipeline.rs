@@ -79,6 +79,11 @@ impl Pipeline {
         {
             anyhow::bail!("{}: loaded without its pseudonym key", p.id);
         }
+        for p in directory.partners.values() {
+            if let Some(http) = &p.http {
+                crate::courier::client(http).map_err(|e| anyhow::anyhow!("{}: http: {e}", p.id))?;
+            }
+        }
         let resolvers = Resolvers::new(directory.partners.values())
             .map_err(|e| anyhow::anyhow!("look-up service client: {e}"))?;
         Ok(Pipeline {

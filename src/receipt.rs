@@ -32,6 +32,10 @@ struct ReceiptPayload<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     message_type: Option<&'a str>,
     recipients: &'a [&'a str],
+    /// Recipients whose copy their queue could not take yet: it is being retried, and an
+    /// `undeliverable` receipt follows if it never gets through.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    retrying: &'a [&'a str],
     errors: &'a [FieldError],
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     undelivered: &'a [Undelivered<'a>],
@@ -64,21 +68,30 @@ pub struct Receipt {
 }
 
 /// Builds the receipt for `answered` with `code`; `recipients` are the partners whose copy the
-/// broker confirmed, `errors` explain a rejection, `undelivered` lists the recipients of a
-/// partly delivered message that got no copy (then `code` is the first of their codes).
+/// broker confirmed, `retrying` those whose copy waits for another attempt, `errors` explain a
+/// rejection, `undelivered` lists the recipients that got no copy (a partly delivered message,
+/// then `code` is the first of their codes; or a dead-lettered copy, code `undeliverable`).
 pub fn build(
     answered: Answered<'_>,
     code: Code,
     recipients: &[&str],
+    retrying: &[&str],
     errors: &[FieldError],
     undelivered: &[Undelivered<'_>],
 ) -> Receipt {
     let correlation_id = answered.message_id.filter(|id| Uuid::parse_str(id).is_ok());
     let message_id = match correlation_id {
-        Some(id) => Uuid::new_v5(
-            &RECEIPT_NAMESPACE,
-            format!("{}\n{id}\n{code}", answered.partner).as_bytes(),
-        ),
+        Some(id) => {
+            // Each dead-lettered recipient gets its own receipt, so its id names the recipient.
+            let mut name = format!("{}\n{id}\n{code}", answered.partner);
+            if code == Code::Undeliverable {
+                for u in undelivered {
+                    name.push('\n');
+                    name.push_str(u.recipient);
+                }
+            }
+            Uuid::new_v5(&RECEIPT_NAMESPACE, name.as_bytes())
+        }
         None => Uuid::new_v4(),
     };
     let envelope = ReceiptEnvelope {
@@ -92,6 +105,8 @@ pub fn build(
         payload: ReceiptPayload {
             status: if code == Code::Delivered {
                 "delivered"
+            } else if code == Code::Undeliverable {
+                "undeliverable"
             } else if recipients.is_empty() {
                 "rejected"
             } else {
@@ -100,6 +115,7 @@ pub fn build(
             code,
             message_type: answered.message_type,
             recipients,
+            retrying,
             errors,
             undelivered,
         },
@@ -137,7 +153,7 @@ mod tests {
 
     #[test]
     fn delivered_receipt_follows_its_schema() {
-        let r = build(ANSWERED, Code::Delivered, &["inps"], &[], &[]);
+        let r = build(ANSWERED, Code::Delivered, &["inps"], &[], &[], &[]);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");
         assert_eq!(v["correlation_id"], ANSWERED.message_id.unwrap());
@@ -154,7 +170,7 @@ mod tests {
             "enum",
             "value is not one of …",
         )];
-        let r = build(ANSWERED, Code::SchemaViolation, &[], &errors, &[]);
+        let r = build(ANSWERED, Code::SchemaViolation, &[], &[], &errors, &[]);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");
         assert_eq!(v["payload"]["status"], "rejected");
@@ -180,6 +196,7 @@ mod tests {
             Code::UnmappableIdentifier,
             &["cpi-modena"],
             &[],
+            &[],
             &undelivered,
         );
         let v: Value = serde_json::from_slice(&r.body).unwrap();
@@ -199,10 +216,10 @@ mod tests {
 
     #[test]
     fn same_message_same_outcome_gives_the_same_receipt_id() {
-        let a = build(ANSWERED, Code::Delivered, &["inps"], &[], &[]);
-        let b = build(ANSWERED, Code::Delivered, &["inps"], &[], &[]);
+        let a = build(ANSWERED, Code::Delivered, &["inps"], &[], &[], &[]);
+        let b = build(ANSWERED, Code::Delivered, &["inps"], &[], &[], &[]);
         assert_eq!(a.message_id, b.message_id);
-        let other = build(ANSWERED, Code::NoRoute, &[], &[], &[]);
+        let other = build(ANSWERED, Code::NoRoute, &[], &[], &[], &[]);
         assert_ne!(a.message_id, other.message_id);
     }
 
@@ -212,7 +229,7 @@ mod tests {
             message_id: Some("not-a-uuid"),
             ..ANSWERED
         };
-        let r = build(answered, Code::SchemaViolation, &[], &[], &[]);
+        let r = build(answered, Code::SchemaViolation, &[], &[], &[], &[]);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert!(v.get("correlation_id").is_none());
         assert!(schemas().is_valid("receipt", "1.0", &v), "{v}");

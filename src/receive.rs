@@ -17,7 +17,7 @@ use crate::broker::BrokerError;
 use crate::deliver::{Labels, properties, publish};
 use crate::partner::Partner;
 use crate::pipeline::{Outcome, Pipeline};
-use crate::settle::{self, Acknowledger, Inbound, Partial, Settled, Settler};
+use crate::settle::{self, Acknowledger, Inbound, Partial, Pending, Settled, Settler};
 
 /// One partner's inbound flow.
 pub struct Flow {
@@ -124,6 +124,7 @@ impl Flow {
             partner: owner.clone(),
             message_id: verdict.message_id,
             message_type: verdict.message_type,
+            correlation_id: verdict.correlation_id,
             received,
             redelivered: delivery.redelivered,
             replay: crate::deliver::header(&delivery.properties, "x-ponte-replay"),
@@ -137,7 +138,7 @@ impl Flow {
             } => {
                 let labels = Labels {
                     message_id: inbound.message_id.as_deref(),
-                    correlation_id: verdict.correlation_id.as_deref(),
+                    correlation_id: inbound.correlation_id.as_deref(),
                     message_type: inbound.message_type.as_deref(),
                 };
                 let mut pending = Vec::with_capacity(copies.len());
@@ -145,7 +146,11 @@ impl Flow {
                     let (recipient, queue) = settler.queues.outbound_entry(&copy.recipient);
                     let confirm =
                         publish(&settler.channel, queue, &copy.body, properties(&labels)).await?;
-                    pending.push((recipient, confirm));
+                    pending.push(Pending {
+                        recipient,
+                        body: copy.body,
+                        confirm,
+                    });
                 }
                 let partial = match refused.first() {
                     None => None,

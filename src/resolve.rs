@@ -41,14 +41,7 @@ static CRYPTO: Once = Once::new();
 
 impl Resolver {
     pub fn new(partner: &str, settings: &ResolverSettings) -> Result<Resolver, String> {
-        // reqwest uses the process-wide rustls provider; the gateway's TLS is ring throughout.
-        CRYPTO.call_once(|| {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        });
-        let client = reqwest::Client::builder()
-            .timeout(settings.timeout())
-            .connect_timeout(settings.timeout())
-            .user_agent(concat!("ponte/", env!("CARGO_PKG_VERSION")))
+        let client = http_client(settings.timeout())
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Resolver {
@@ -77,7 +70,7 @@ impl Resolver {
         let response = match sent {
             Ok(r) => r,
             // The error names the URL and the cause, never the identifier (it is in the body).
-            Err(e) => return Resolved::Unavailable(describe(&e)),
+            Err(e) => return Resolved::Unavailable(describe(&e, "look-up service")),
         };
         match response.status().as_u16() {
             200 => match response.json::<Answer>().await {
@@ -89,7 +82,7 @@ impl Resolver {
                     "look-up service of {} answered an empty or over-long id",
                     self.partner
                 )),
-                Err(e) => Resolved::Unavailable(describe(&e)),
+                Err(e) => Resolved::Unavailable(describe(&e, "look-up service")),
             },
             404 => Resolved::Unknown,
             status => Resolved::Unavailable(format!(
@@ -100,7 +93,20 @@ impl Resolver {
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
+/// An HTTP client for a partner's service: Ponte's user agent, `timeout` for the whole request
+/// and for connecting, TLS by rustls with the process-wide ring provider.
+pub fn http_client(timeout: Duration) -> reqwest::ClientBuilder {
+    CRYPTO.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .user_agent(concat!("ponte/", env!("CARGO_PKG_VERSION")))
+}
+
+/// What went wrong with a request to `service`, naming the URL and the cause, never the body.
+pub fn describe(e: &reqwest::Error, service: &str) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -110,7 +116,7 @@ fn describe(e: &reqwest::Error) -> String {
     } else {
         "request failed"
     };
-    let mut message = format!("look-up service {kind}");
+    let mut message = format!("{service} {kind}");
     if let Some(url) = e.url() {
         message.push_str(&format!(" ({})", url.as_str()));
     }

@@ -24,6 +24,60 @@ pub struct Settings {
     pub paths: Paths,
     #[serde(default)]
     pub store: StoreSettings,
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+}
+
+/// Retries of copies a recipient could not take, and when to give up on them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySettings {
+    /// Wait before the first retry; each later one waits twice as long (with jitter).
+    pub retry_initial_ms: u64,
+    /// Longest wait between two attempts.
+    pub retry_max_ms: u64,
+    /// Attempts (the first one included) after which a copy is dead-lettered.
+    pub max_attempts: u32,
+    /// Age after which a copy still not delivered is dead-lettered, whatever its attempts.
+    pub max_age_secs: u64,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            retry_initial_ms: 1000,
+            retry_max_ms: 300_000,
+            max_attempts: 10,
+            max_age_secs: 24 * 3600,
+        }
+    }
+}
+
+impl DeliverySettings {
+    /// The waits of the broker-side delay queues: the initial one, doubled until the longest.
+    pub fn delays_ms(&self) -> Vec<u64> {
+        let initial = self.retry_initial_ms.max(1);
+        let longest = self.retry_max_ms.max(initial);
+        let mut delays = vec![initial];
+        while let Some(&last) = delays.last()
+            && last < longest
+        {
+            delays.push((last * 2).min(longest));
+        }
+        delays
+    }
+
+    /// The wait after the `attempt`th failed attempt (1-based), before jitter.
+    pub fn delay_after(&self, attempt: u32) -> std::time::Duration {
+        let delays = self.delays_ms();
+        let index = (attempt.max(1) as usize - 1).min(delays.len() - 1);
+        std::time::Duration::from_millis(delays[index])
+    }
+
+    /// Whether a copy that has failed `attempts` times, first `age` ago, is given up.
+    pub fn exhausted(&self, attempts: u32, age: std::time::Duration) -> bool {
+        attempts >= self.max_attempts.max(1) || age.as_secs() >= self.max_age_secs
+    }
 }
 
 /// The embedded store: person and case crosswalks (and what later needs to survive restarts).
@@ -315,6 +369,13 @@ impl Settings {
         }
         if self.broker.publish_timeout_secs == 0 {
             errors.push("broker.publish_timeout_secs must be at least 1".into());
+        }
+        let d = &self.delivery;
+        if d.retry_initial_ms == 0 || d.max_attempts == 0 || d.retry_max_ms < d.retry_initial_ms {
+            errors.push(
+                "delivery: retry_initial_ms and max_attempts must be at least 1, retry_max_ms at least retry_initial_ms"
+                    .into(),
+            );
         }
         if self.limits.max_message_bytes == 0 || self.limits.max_depth == 0 {
             errors.push("limits.max_message_bytes and limits.max_depth must be at least 1".into());

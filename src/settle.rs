@@ -12,11 +12,13 @@ use lapin::{Acker, Channel, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::{BrokerError, QueueNames};
+use crate::broker::{BrokerError, QueueNames, Queues};
 use crate::deliver::{Labels, confirmed, properties, publish};
 use crate::pipeline::Refused;
 use crate::receipt::{self, Answered, Undelivered};
 use crate::rejection::{Code, Rejection};
+use crate::retry;
+use crate::settings::DeliverySettings;
 use crate::store::Store;
 
 /// Settled messages wait at most this long for their acknowledgement, so that a run of them
@@ -43,6 +45,9 @@ pub struct Settler {
     /// Where delivered messages are remembered (duplicate detection); made durable before the
     /// inbound acks.
     pub store: Arc<dyn Store>,
+    /// Retries of copies a recipient's queue refused.
+    pub delivery: DeliverySettings,
+    pub names: Queues,
 }
 
 /// The inbound message being settled.
@@ -53,6 +58,7 @@ pub struct Inbound {
     pub partner: Arc<str>,
     pub message_id: Option<String>,
     pub message_type: Option<String>,
+    pub correlation_id: Option<String>,
     pub received: Instant,
     pub redelivered: bool,
     /// Sent again by an operator (`ponte rejected replay`): from which queue.
@@ -89,9 +95,11 @@ pub enum HandBack {
 /// How a settled message ended, for its log line.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Delivered to `recipients`; `refused` got no copy (a partly delivered message).
+    /// Delivered to `recipients`; `retrying` wait in the delay queues for another attempt;
+    /// `refused` got no copy (a partly delivered message).
     Delivered {
         recipients: Vec<Arc<str>>,
+        retrying: Vec<Arc<str>>,
         refused: Vec<(String, Code)>,
     },
     Rejected {
@@ -101,6 +109,15 @@ pub enum Outcome {
     AlreadyDelivered {
         recipients: Vec<String>,
     },
+}
+
+/// One recipient's copy, published, awaiting its confirm; kept so that a copy the recipient's
+/// queue refuses can go to the delay queues.
+#[derive(Debug)]
+pub struct Pending {
+    pub recipient: Arc<str>,
+    pub body: Vec<u8>,
+    pub confirm: PublisherConfirm,
 }
 
 /// A partly delivered message: who got nothing and why, and the confirm of its parked original.
@@ -119,33 +136,46 @@ pub fn later(inbound: Inbound, why: String) -> Settled {
 }
 
 /// Awaits the confirms of a message's copies (and, for a partly delivered one, of its parked
-/// original), then publishes and awaits its receipt. `earlier` are the recipients an earlier
-/// attempt already delivered to (their copies are not sent again).
+/// original), then publishes and awaits its receipt. A copy the recipient's queue refuses (a
+/// nack: the queue is full) goes to the delay queues to be tried again, and the message counts
+/// as delivered to it. `earlier` are the recipients an earlier attempt already delivered to
+/// (their copies are not sent again).
 pub async fn delivered(
     settler: Arc<Settler>,
     inbound: Inbound,
-    copies: Vec<(Arc<str>, PublisherConfirm)>,
+    copies: Vec<Pending>,
     partial: Option<Partial>,
     earlier: Vec<String>,
 ) -> Settled {
     let result = async {
         let mut recipients: Vec<Arc<str>> = earlier.iter().map(|r| Arc::from(r.as_str())).collect();
+        let mut retrying: Vec<Arc<str>> = Vec::new();
         let mut failure = None;
-        for (recipient, confirm) in copies {
-            match confirmed(
-                confirm,
-                settler.queues.outbound(&recipient),
-                settler.confirm_timeout_secs,
-            )
-            .await
-            {
+        for Pending {
+            recipient,
+            body,
+            confirm,
+        } in copies
+        {
+            let queue = settler.queues.outbound(&recipient);
+            match confirmed(confirm, queue, settler.confirm_timeout_secs).await {
                 Ok(()) => recipients.push(recipient),
+                Err(BrokerError::Nacked) => match retry_later(&settler, &inbound, &recipient, &body).await {
+                    Ok(()) => retrying.push(recipient),
+                    Err(error) => {
+                        failure.get_or_insert(error);
+                    }
+                },
                 Err(error) => {
                     failure.get_or_insert(error);
                 }
             }
         }
-        let names: Vec<&str> = recipients.iter().map(|r| &**r).collect();
+        let names: Vec<&str> = recipients
+            .iter()
+            .chain(&retrying)
+            .map(|r| &**r)
+            .collect();
         if let Some(error) = failure {
             // Some copies went out: remember which, so that when the message comes back only
             // the others are sent (the store is flushed before the message is given back).
@@ -188,13 +218,23 @@ pub async fn delivered(
                 })
                 .collect();
             let code = undelivered.first().map_or(Code::Delivered, |u| u.code);
-            let receipt = receipt::build(inbound.answered(), code, &names, &[], &undelivered);
+            let reached: Vec<&str> = recipients.iter().map(|r| &**r).collect();
+            let waiting: Vec<&str> = retrying.iter().map(|r| &**r).collect();
+            let receipt = receipt::build(
+                inbound.answered(),
+                code,
+                &reached,
+                &waiting,
+                &[],
+                &undelivered,
+            );
             let queue = settler.queues.receipts(&inbound.partner);
             let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
             confirmed(confirm, queue, settler.confirm_timeout_secs).await?;
         }
         Ok(Outcome::Delivered {
             recipients,
+            retrying,
             refused: refused
                 .into_iter()
                 .map(|r| (r.recipient, r.rejection.code))
@@ -203,6 +243,49 @@ pub async fn delivered(
     }
     .await;
     Settled { inbound, result }
+}
+
+/// Puts a copy its recipient's queue refused in the first delay queue.
+async fn retry_later(
+    settler: &Settler,
+    inbound: &Inbound,
+    recipient: &str,
+    body: &[u8],
+) -> Result<(), BrokerError> {
+    let copy = retry::Copy {
+        sender: inbound.partner.to_string(),
+        recipient: recipient.to_string(),
+        message_id: inbound.message_id.clone(),
+        correlation_id: inbound.correlation_id.clone(),
+        message_type: inbound.message_type.clone(),
+        attempts: 1,
+        first_attempt_ms: retry::now_ms(),
+        replay: None,
+    };
+    let failure = retry::Failure::new(format!(
+        "{} refused the copy (queue full)",
+        settler.queues.outbound(recipient)
+    ));
+    let wait = retry::schedule(
+        &settler.channel,
+        &settler.names,
+        &settler.delivery,
+        &copy,
+        body,
+        &failure,
+        settler.confirm_timeout_secs,
+    )
+    .await?;
+    info!(
+        message_id = inbound.message_id.as_deref().unwrap_or(""),
+        sender = &*inbound.partner,
+        recipient,
+        attempts = 1,
+        retry_in_ms = wait.as_millis() as u64,
+        outcome = "retrying",
+        "the recipient's queue refused the copy; it is tried again later"
+    );
+    Ok(())
 }
 
 /// Answers a message the broker gave back after it had been delivered: the same receipt again
@@ -215,7 +298,8 @@ pub async fn already_delivered(
     let result = async {
         if settler.positive_receipts {
             let names: Vec<&str> = recipients.iter().map(String::as_str).collect();
-            let receipt = receipt::build(inbound.answered(), Code::Delivered, &names, &[], &[]);
+            let receipt =
+                receipt::build(inbound.answered(), Code::Delivered, &names, &[], &[], &[]);
             let queue = settler.queues.receipts(&inbound.partner);
             let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
             confirmed(confirm, queue, settler.confirm_timeout_secs).await?;
@@ -278,6 +362,7 @@ pub async fn publish_rejection(
     let receipt = receipt::build(
         inbound.answered(),
         rejection.code,
+        &[],
         &[],
         &rejection.errors,
         &[],
@@ -419,10 +504,15 @@ impl Acknowledger {
 
 fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
     let join = |names: &mut dyn Iterator<Item = &str>| names.collect::<Vec<_>>().join(",");
+    let retrying = match outcome {
+        Outcome::Delivered { retrying, .. } => join(&mut retrying.iter().map(|r| &**r)),
+        _ => String::new(),
+    };
     let (outcome, code, recipients, refused, text) = match outcome {
         Outcome::Delivered {
             recipients,
             refused,
+            ..
         } if refused.is_empty() => (
             "delivered",
             Code::Delivered,
@@ -433,6 +523,7 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
         Outcome::Delivered {
             recipients,
             refused,
+            ..
         } => (
             "partial",
             refused[0].1,
@@ -461,6 +552,7 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
         r#type = inbound.message_type.as_deref().unwrap_or(""),
         sender = &*inbound.partner,
         recipients = %recipients,
+        retrying = %retrying,
         refused = %refused,
         outcome,
         code = code.as_str(),

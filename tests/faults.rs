@@ -282,50 +282,6 @@ async fn broker_fault_mid_load(how: &str) {
     assert_eq!(depth(&url, &queues.inbound("cpi-modena")).await, 0);
 }
 
-/// Makes the broker nack every publish to `queue` (a full queue that refuses new messages), until
-/// the returned policy is cleared.
-fn refuse_publishes(gw: &Gateway, queue: &str) -> String {
-    let policy = format!("full-{}", gw.queues.prefix);
-    let pattern = format!("^{}$", queue.replace('.', "\\."));
-    common::shared_broker_ctl(&[
-        "set_policy",
-        "--apply-to",
-        "queues",
-        &policy,
-        &pattern,
-        r#"{"max-length": 0, "overflow": "reject-publish"}"#,
-    ]);
-    policy
-}
-
-#[tokio::test]
-async fn a_nacked_copy_is_retried_never_rejected() {
-    let gw = Gateway::start().await;
-    let out = gw.queues.outbound("inps");
-    let policy = refuse_publishes(&gw, &out);
-    let sent = referral("cpi-modena", "CPI-MO-01", "036023");
-    gw.send("cpi-modena", &sent).await;
-    // While the broker refuses the copy, the message is neither delivered, nor answered, nor
-    // parked: it waits to be tried again.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    gw.assert_empty(&gw.queues.receipts("cpi-modena")).await;
-    gw.assert_empty(&gw.queues.rejected("cpi-modena")).await;
-    common::shared_broker_ctl(&["clear_policy", &policy]);
-    let delivered = gw.take(&out, 1).await;
-    assert_eq!(delivered.len(), 1);
-    assert_eq!(id_of(&delivered[0].json()), id_of(&sent));
-    let receipts = drain(
-        &gw.url,
-        &gw.queues.receipts("cpi-modena"),
-        2,
-        Duration::from_secs(3),
-    )
-    .await;
-    assert_eq!(receipts.len(), 1, "exactly one receipt");
-    assert_eq!(receipts[0].json()["payload"]["code"], "delivered");
-    gw.stop().await;
-}
-
 #[tokio::test]
 async fn gateway_killed_mid_load_and_started_again_loses_nothing_and_counts_duplicates() {
     const TOTAL: usize = 10_000;
@@ -402,35 +358,4 @@ async fn gateway_killed_mid_load_and_started_again_loses_nothing_and_counts_dupl
     );
     assert_eq!(depth(&url, &queues.rejected("cpi-modena")).await, 0);
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
-}
-
-#[tokio::test]
-async fn a_fan_out_with_one_refused_copy_is_completed_without_repeating_the_others() {
-    let gw = Gateway::start().await;
-    // The observatory's queue refuses everything for a while; the CPI's accepts.
-    let out = gw.queues.outbound("osservatorio-er");
-    let policy = refuse_publishes(&gw, &out);
-    let sent = common::benefit_status("naspi", "036023");
-    gw.send("inps", &sent).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    gw.assert_empty(&gw.queues.receipts("inps")).await;
-    common::shared_broker_ctl(&["clear_policy", &policy]);
-    assert_eq!(gw.take(&out, 1).await.len(), 1);
-    // The message went back to its queue several times meanwhile; the CPI got its copy once.
-    let at_cpi = drain(
-        &gw.url,
-        &gw.queues.outbound("cpi-modena"),
-        10,
-        Duration::from_secs(2),
-    )
-    .await;
-    assert_eq!(at_cpi.len(), 1, "the CPI's copy was sent again");
-    assert_eq!(id_of(&at_cpi[0].json()), id_of(&sent));
-    let receipt = gw.receipt("inps").await;
-    assert_eq!(receipt["payload"]["code"], "delivered");
-    assert_eq!(
-        receipt["payload"]["recipients"],
-        serde_json::json!(["cpi-modena", "osservatorio-er"])
-    );
-    gw.stop().await;
 }

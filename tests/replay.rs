@@ -4,22 +4,8 @@
 
 mod common;
 
-use std::process::Output;
-
-use common::{Gateway, broker_url, depth, directory, random_prefix, referral, repo};
+use common::{Gateway, broker_url, depth, directory, ponte, random_prefix, referral};
 use serde_json::json;
-
-fn ponte(prefix: &str, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_ponte"))
-        .args(args)
-        .arg("--config")
-        .arg(repo().join("config"))
-        .env("PONTE_BROKER__URL", broker_url())
-        .env("PONTE_BROKER__PREFIX", prefix)
-        .env("PONTE_STORE__DIR", common::data_dir(prefix))
-        .output()
-        .unwrap()
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -48,25 +48,50 @@ pub fn data_dir(prefix: &str) -> PathBuf {
 }
 
 pub fn directory_from(config: &Path, url: &str, prefix: &str) -> Directory {
+    directory_with(config, url, prefix, &[])
+}
+
+/// The configuration in `config` for a test under `prefix`, with settings changed by `extra`
+/// (`("delivery.max_attempts", "3")`, …).
+pub fn directory_with(
+    config: &Path,
+    url: &str,
+    prefix: &str,
+    extra: &[(&str, &str)],
+) -> Directory {
     let schemas = repo().join("schemas");
     let schemas = schemas.to_str().unwrap();
     let data = data_dir(prefix);
-    Directory::load_with_overrides(
-        config,
-        &[
+    let mut overrides = vec![
             ("broker.url", url),
             ("broker.prefix", prefix),
             ("paths.schemas", schemas),
             ("store.dir", data.to_str().unwrap()),
             ("broker.publish_timeout_secs", "10"),
             ("broker.max_reconnect_delay_secs", "1"),
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+            // Retries in tests come back within a second.
+            ("delivery.retry_initial_ms", "200"),
+            ("delivery.retry_max_ms", "1000"),
+        ];
+    overrides.extend_from_slice(extra);
+    Directory::load_with_overrides(config, &overrides).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The `ponte run` binary on the configuration in `config`, with the test's broker, prefix and
 /// data folder.
+/// Runs a `ponte` tool command (not the gateway) against the shared broker under `prefix`.
+pub fn ponte(prefix: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ponte"))
+        .args(args)
+        .arg("--config")
+        .arg(repo().join("config"))
+        .env("PONTE_BROKER__URL", broker_url())
+        .env("PONTE_BROKER__PREFIX", prefix)
+        .env("PONTE_STORE__DIR", data_dir(prefix))
+        .output()
+        .unwrap()
+}
+
 pub fn ponte_run(config: &Path, url: &str, prefix: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ponte"));
     command
@@ -115,6 +140,9 @@ pub async fn delete_queues(directory: &Directory) {
         for queue in queues.of_partner(partner) {
             let _ = channel.queue_delete(queue.into(), Default::default()).await;
         }
+    }
+    for (queue, _) in ponte::broker::retry_queues(directory) {
+        let _ = channel.queue_delete(queue.into(), Default::default()).await;
     }
     let _ = connection.close(200, "done".into()).await;
 }
@@ -487,4 +515,20 @@ pub fn benefit_status(benefit: &str, municipality: &str) -> Value {
             "reason_code": "NC-01"
         }
     })
+}
+
+/// Makes the broker nack every publish to `queue` (a full queue that refuses new messages), until
+/// the returned policy is cleared.
+pub fn refuse_publishes(gw: &Gateway, queue: &str) -> String {
+    let policy = format!("full-{}", gw.queues.prefix);
+    let pattern = format!("^{}$", queue.replace('.', "\\."));
+    shared_broker_ctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &policy,
+        &pattern,
+        r#"{"max-length": 0, "overflow": "reject-publish"}"#,
+    ]);
+    policy
 }

@@ -1,0 +1,330 @@
+//! Courier: delivery to a partner that receives by HTTPS. Copies reach the partner's outbound
+//! queue as for any partner; the courier consumes that queue and POSTs each copy, one at a time
+//! and in queue order, to the partner's endpoint with an `Idempotency-Key` equal to the message
+//! id.
+//!
+//! - 2xx: delivered; the copy is acknowledged.
+//! - 408, 429, 5xx, a timeout or a connection failure: the endpoint is unavailable. The copy stays
+//!   in the broker, unacknowledged (a restart gives it back), and is tried again after a backoff
+//!   with jitter, or after the endpoint's `Retry-After`, capped at `delivery.retry_max_ms`.
+//!   Later copies wait behind it, so the partner receives every sender's messages in order.
+//!   Out of attempts or age, it is dead-lettered.
+//! - Any other status: the endpoint refuses this copy; it is dead-lettered at once with the
+//!   status and the start of the answer, and the sender gets an `undeliverable` receipt.
+//!
+//! Prefetch bounds what the courier holds; a slow endpoint only makes its own queue longer.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::broker::{BrokerError, Queues};
+use crate::deliver::header;
+use crate::partner::{HttpSettings, Partner};
+use crate::resolve::{describe, http_client};
+use crate::retry::{self, Failure};
+use crate::settings::DeliverySettings;
+
+/// Copies the broker hands the courier ahead of the one being posted.
+const PREFETCH: u16 = 16;
+
+/// What one POST came to.
+#[derive(Debug)]
+enum Posted {
+    Delivered(u16),
+    /// The endpoint cannot take it now; `retry_after` is what it asked for.
+    Unavailable {
+        failure: Failure,
+        retry_after: Option<Duration>,
+    },
+    /// The endpoint refuses this copy for good.
+    Refused(Failure),
+}
+
+pub struct Courier {
+    pub partner: Partner,
+    pub client: reqwest::Client,
+    pub url: reqwest::Url,
+    pub delivery: DeliverySettings,
+    pub names: Queues,
+    pub consume: Channel,
+    /// In confirm mode: dead letters and receipts.
+    pub publish: Channel,
+    pub timeout_secs: u64,
+}
+
+/// The envelope fields a courier needs from a copy.
+#[derive(Deserialize)]
+struct Head {
+    sender: String,
+}
+
+/// The HTTP client of a partner's endpoint, with its extra authorities and client certificate.
+pub fn client(settings: &HttpSettings) -> Result<reqwest::Client, String> {
+    let mut builder =
+        http_client(settings.timeout()).redirect(reqwest::redirect::Policy::none());
+    if let Some(file) = &settings.ca_file {
+        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{}: {e}", file.display()))?
+        {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    if let Some(file) = &settings.client_identity_file {
+        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let identity =
+            reqwest::Identity::from_pem(&pem).map_err(|e| format!("{}: {e}", file.display()))?;
+        builder = builder.identity(identity);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+impl Courier {
+    pub fn new(
+        partner: &Partner,
+        delivery: DeliverySettings,
+        names: Queues,
+        consume: Channel,
+        publish: Channel,
+        timeout_secs: u64,
+    ) -> Result<Courier, String> {
+        let settings = partner
+            .http
+            .as_ref()
+            .ok_or_else(|| format!("{} does not receive by HTTP", partner.id))?;
+        Ok(Courier {
+            partner: partner.clone(),
+            client: client(settings)?,
+            url: reqwest::Url::parse(&settings.url).map_err(|e| e.to_string())?,
+            delivery,
+            names,
+            consume,
+            publish,
+            timeout_secs,
+        })
+    }
+
+    pub async fn run(
+        self,
+        stop: CancellationToken,
+        ready: tokio::sync::mpsc::Sender<()>,
+    ) -> Result<(), BrokerError> {
+        let queue = self.names.outbound(&self.partner.id);
+        self.consume
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await?;
+        let tag = format!("ponte-courier-{}", self.partner.id);
+        let mut consumer = self
+            .consume
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = ready.send(()).await;
+        drop(ready);
+        let result = loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break Ok(()),
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => match self.handle(delivery, &stop).await {
+                        Ok(()) => {}
+                        Err(error) => break Err(error),
+                    },
+                    Some(Err(error)) => break Err(error.into()),
+                    None => break Err(BrokerError::ConsumerCancelled { queue }),
+                },
+            }
+        };
+        let _ = self
+            .consume
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        let _ = self.consume.close(200, "stopped".into()).await;
+        let _ = self.publish.close(200, "stopped".into()).await;
+        result
+    }
+
+    /// Posts one copy until it is delivered or dead-lettered, or the gateway stops (then it goes
+    /// back to the queue, in its place).
+    async fn handle(&self, delivery: Delivery, stop: &CancellationToken) -> Result<(), BrokerError> {
+        let properties = &delivery.properties;
+        let sender = serde_json::from_slice::<Head>(&delivery.data)
+            .map(|h| h.sender)
+            .unwrap_or_default();
+        let mut copy = retry::Copy {
+            sender,
+            recipient: self.partner.id.clone(),
+            message_id: properties.message_id().as_ref().map(|s| s.to_string()),
+            correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
+            message_type: properties.kind().as_ref().map(|s| s.to_string()),
+            attempts: 0,
+            // When Ponte put it in the queue (a timestamp in seconds).
+            first_attempt_ms: properties
+                .timestamp()
+                .map_or_else(retry::now_ms, |t| t.saturating_mul(1000)),
+            replay: header(properties, retry::REPLAY),
+        };
+        loop {
+            copy.attempts += 1;
+            let failure = match self.post(&delivery.data, copy.message_id.as_deref()).await {
+                Posted::Delivered(status) => {
+                    info!(
+                        message_id = copy.message_id.as_deref().unwrap_or(""),
+                        r#type = copy.message_type.as_deref().unwrap_or(""),
+                        sender = %copy.sender,
+                        recipient = %copy.recipient,
+                        attempts = copy.attempts,
+                        http_status = status,
+                        outcome = "delivered",
+                        code = "delivered",
+                        replay = copy.replay.as_deref().unwrap_or(""),
+                        "copy delivered to the partner's endpoint"
+                    );
+                    break;
+                }
+                Posted::Refused(failure) => Some(failure),
+                Posted::Unavailable {
+                    failure,
+                    retry_after,
+                } => {
+                    if self.delivery.exhausted(copy.attempts, copy.age()) {
+                        Some(failure)
+                    } else {
+                        let longest = Duration::from_millis(self.delivery.retry_max_ms);
+                        let wait = retry_after
+                            .unwrap_or_else(|| {
+                                retry::jitter(self.delivery.delay_after(copy.attempts))
+                            })
+                            .min(longest);
+                        info!(
+                            message_id = copy.message_id.as_deref().unwrap_or(""),
+                            sender = %copy.sender,
+                            recipient = %copy.recipient,
+                            attempts = copy.attempts,
+                            retry_in_ms = wait.as_millis() as u64,
+                            outcome = "retrying",
+                            reason = %failure.reason,
+                            "the partner's endpoint is unavailable; the copy is tried again later"
+                        );
+                        tokio::select! {
+                            () = stop.cancelled() => {
+                                delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await?;
+                                return Ok(());
+                            }
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                        None
+                    }
+                }
+            };
+            if let Some(failure) = failure {
+                retry::dead_letter(
+                    &self.publish,
+                    &self.names,
+                    &copy,
+                    &delivery.data,
+                    &failure,
+                    self.timeout_secs,
+                )
+                .await?;
+                break;
+            }
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    async fn post(&self, body: &[u8], message_id: Option<&str>) -> Posted {
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_vec());
+        if let Some(id) = message_id {
+            request = request.header("Idempotency-Key", id);
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => {
+                return Posted::Unavailable {
+                    failure: Failure::new(describe(&e, "partner endpoint")),
+                    retry_after: None,
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        if response.status().is_success() {
+            return Posted::Delivered(status);
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(retry_after);
+        let text = response.text().await.unwrap_or_default();
+        let failure = Failure {
+            reason: format!("partner endpoint answered HTTP {status}"),
+            status: Some(status),
+            response: Some(retry::excerpt(&text)),
+        };
+        if matches!(status, 408 | 429) || (500..600).contains(&status) {
+            Posted::Unavailable {
+                failure,
+                retry_after,
+            }
+        } else {
+            Posted::Refused(failure)
+        }
+    }
+}
+
+/// A `Retry-After` value: seconds, or an HTTP date.
+fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Every courier of a directory, one per partner that receives by HTTP.
+pub fn http_partners(partners: &std::collections::BTreeMap<String, Partner>) -> Vec<&Partner> {
+    partners.values().filter(|p| p.http.is_some()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let wait = retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(wait > Duration::from_secs(100) && wait <= Duration::from_secs(120));
+        assert_eq!(retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,166 @@
+//! Redeliver: consumes `<prefix>.redeliver`, where copies land when their wait in a delay queue
+//! is over (and where `ponte dlq replay` puts dead letters), and tries each one again: into the
+//! recipient's outbound queue, with a publisher confirm. A refused copy goes to the next delay
+//! queue or, out of attempts, to the dead-letter queue. The redelivered copy is acknowledged only
+//! once whatever became of it is confirmed, so a crash leaves it in the queue.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
+use lapin::options::BasicQosOptions;
+use lapin::types::FieldTable;
+use lapin::Channel;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::broker::{BrokerError, Queues, declare_queue};
+use crate::deliver::{confirmed, publish};
+use crate::directory::Directory;
+use crate::retry::{self, Failure};
+
+/// Copies taken from the redelivery queue at a time.
+const PREFETCH: u16 = 32;
+
+pub struct Redeliverer {
+    pub directory: Arc<Directory>,
+    pub consume: Channel,
+    /// In confirm mode.
+    pub publish: Channel,
+}
+
+impl Redeliverer {
+    pub async fn run(
+        self,
+        stop: CancellationToken,
+        ready: tokio::sync::mpsc::Sender<()>,
+    ) -> Result<(), BrokerError> {
+        let names = Queues::new(&self.directory.settings.broker.prefix);
+        let queue = names.redeliver();
+        self.consume
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await?;
+        let tag = "ponte-redeliver";
+        let mut consumer = self
+            .consume
+            .basic_consume(
+                queue.as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = ready.send(()).await;
+        drop(ready);
+        let result = loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break Ok(()),
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => {
+                        if let Err(error) = self.handle(&names, delivery).await {
+                            break Err(error);
+                        }
+                    }
+                    Some(Err(error)) => break Err(error.into()),
+                    None => break Err(BrokerError::ConsumerCancelled { queue }),
+                },
+            }
+        };
+        let _ = self
+            .consume
+            .basic_cancel(tag.into(), BasicCancelOptions::default())
+            .await;
+        let _ = self.consume.close(200, "stopped".into()).await;
+        let _ = self.publish.close(200, "stopped".into()).await;
+        result
+    }
+
+    async fn handle(&self, names: &Queues, delivery: Delivery) -> Result<(), BrokerError> {
+        let timeout = self.directory.settings.broker.publish_timeout_secs;
+        let settings = &self.directory.settings.delivery;
+        let Some(mut copy) = retry::Copy::from_properties(&delivery.properties) else {
+            // Only the gateway writes here; a message without its bookkeeping cannot be placed.
+            error!(
+                queue = %names.redeliver(),
+                "a message without x-ponte-sender/x-ponte-recipient in the redelivery queue; dropped"
+            );
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    multiple: false,
+                })
+                .await?;
+            return Ok(());
+        };
+        if !self.directory.partners.contains_key(&copy.recipient) {
+            // Its queues may not exist any more: declare the dead-letter queue to keep the copy.
+            declare_queue(
+                &self.publish,
+                &names.dead_letters(&copy.recipient),
+                self.directory.settings.broker.queue_type,
+                true,
+            )
+            .await?;
+            let failure = Failure::new(format!(
+                "{} is no longer a configured partner",
+                copy.recipient
+            ));
+            retry::dead_letter(&self.publish, names, &copy, &delivery.data, &failure, timeout)
+                .await?;
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            return Ok(());
+        }
+        let outbound = names.outbound(&copy.recipient);
+        let sent = publish(
+            &self.publish,
+            &outbound,
+            &delivery.data,
+            copy.delivered_properties(),
+        )
+        .await?;
+        copy.attempts += 1;
+        match confirmed(sent, &outbound, timeout).await {
+            Ok(()) => info!(
+                message_id = copy.message_id.as_deref().unwrap_or(""),
+                r#type = copy.message_type.as_deref().unwrap_or(""),
+                sender = %copy.sender,
+                recipient = %copy.recipient,
+                attempts = copy.attempts,
+                outcome = "delivered",
+                code = "delivered",
+                replay = copy.replay.as_deref().unwrap_or(""),
+                "copy delivered on a later attempt"
+            ),
+            Err(BrokerError::Nacked) => {
+                let failure = Failure::new(format!("{outbound} refused the copy (queue full)"));
+                let wait = retry::after_failure(
+                    &self.publish,
+                    names,
+                    settings,
+                    &copy,
+                    &delivery.data,
+                    &failure,
+                    timeout,
+                )
+                .await?;
+                if let Some(wait) = wait {
+                    info!(
+                        message_id = copy.message_id.as_deref().unwrap_or(""),
+                        sender = %copy.sender,
+                        recipient = %copy.recipient,
+                        attempts = copy.attempts,
+                        retry_in_ms = wait.as_millis() as u64,
+                        outcome = "retrying",
+                        "the recipient's queue refused the copy again; it is tried again later"
+                    );
+                }
+            }
+            Err(other) => return Err(other),
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
