@@ -306,10 +306,7 @@ pub fn retry_queues(directory: &Directory) -> Vec<(String, FieldTable)> {
         .into_iter()
         .map(|delay| {
             let mut arguments = queue_arguments(queue_type);
-            arguments.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(delay as i64),
-            );
+            arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay as i64));
             arguments.insert(
                 "x-dead-letter-exchange".into(),
                 AMQPValue::LongString("".into()),

@@ -70,8 +70,7 @@ struct Head {
 
 /// The HTTP client of a partner's endpoint, with its extra authorities and client certificate.
 pub fn client(settings: &HttpSettings) -> Result<reqwest::Client, String> {
-    let mut builder =
-        http_client(settings.timeout()).redirect(reqwest::redirect::Policy::none());
+    let mut builder = http_client(settings.timeout()).redirect(reqwest::redirect::Policy::none());
     if let Some(file) = &settings.ca_file {
         let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
         for certificate in reqwest::Certificate::from_pem_bundle(&pem)
@@ -160,7 +159,11 @@ impl Courier {
 
     /// Posts one copy until it is delivered or dead-lettered, or the gateway stops (then it goes
     /// back to the queue, in its place).
-    async fn handle(&self, delivery: Delivery, stop: &CancellationToken) -> Result<(), BrokerError> {
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        stop: &CancellationToken,
+    ) -> Result<(), BrokerError> {
         let properties = &delivery.properties;
         let sender = serde_json::from_slice::<Head>(&delivery.data)
             .map(|h| h.sender)

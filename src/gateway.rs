@@ -16,10 +16,10 @@ use crate::broker::{
 };
 use crate::courier::{Courier, http_partners};
 use crate::directory::Directory;
-use crate::redeliver::Redeliverer;
 use crate::partner::{Partner, Receipts};
 use crate::pipeline::Pipeline;
 use crate::receive::Flow;
+use crate::redeliver::Redeliverer;
 use crate::settle::Settler;
 
 /// Observable state of a running gateway, for readiness probes and tests.

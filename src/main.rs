@@ -324,7 +324,10 @@ async fn parked(
         ParkedAction::List { .. } => {
             for (_, t) in &parked.messages {
                 let attempts = match t.header(ponte::retry::ATTEMPTS) {
-                    Some(n) => format!("{n} attempt(s), from {}: ", t.header(ponte::retry::SENDER).unwrap_or("?")),
+                    Some(n) => format!(
+                        "{n} attempt(s), from {}: ",
+                        t.header(ponte::retry::SENDER).unwrap_or("?")
+                    ),
                     None => String::new(),
                 };
                 println!(
@@ -452,16 +455,23 @@ async fn replay_dead_letter(
     queue: &str,
 ) -> anyhow::Result<Result<(), String>> {
     let Some(sender) = letter.header(ponte::retry::SENDER) else {
-        return Ok(Err("it does not say which partner sent it (x-ponte-sender)".into()));
+        return Ok(Err(
+            "it does not say which partner sent it (x-ponte-sender)".into(),
+        ));
     };
     let message_type = serde_json::from_slice::<serde_json::Value>(&letter.body)
         .ok()
         .and_then(|v| v.get("type")?.as_str().map(String::from))
         .unwrap_or_default();
     if !directory.partners.contains_key(sender) {
-        return Ok(Err(format!("its sender {sender} is no longer a configured partner")));
+        return Ok(Err(format!(
+            "its sender {sender} is no longer a configured partner"
+        )));
     }
-    if !directory.matrix.may_ever_send(sender, &message_type, recipient) {
+    if !directory
+        .matrix
+        .may_ever_send(sender, &message_type, recipient)
+    {
         return Ok(Err(format!(
             "authorization.toml no longer lets {sender} send {message_type} to {recipient}"
         )));
@@ -470,7 +480,10 @@ async fn replay_dead_letter(
         (ponte::retry::SENDER, sender.to_string()),
         (ponte::retry::RECIPIENT, recipient.to_string()),
         (ponte::retry::ATTEMPTS, "0".to_string()),
-        (ponte::retry::FIRST_ATTEMPT, ponte::retry::now_ms().to_string()),
+        (
+            ponte::retry::FIRST_ATTEMPT,
+            ponte::retry::now_ms().to_string(),
+        ),
         (ponte::retry::REPLAY, queue.to_string()),
     ];
     ponte::client::redeliver(directory, &letter.body, &headers).await?;

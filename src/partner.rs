@@ -299,7 +299,10 @@ impl Partner {
                 if let Some(path) = path {
                     *path = folder.join(&*path);
                     if !path.is_file() {
-                        errors.push(format!("http.{key}: {} is not a readable file", path.display()));
+                        errors.push(format!(
+                            "http.{key}: {} is not a readable file",
+                            path.display()
+                        ));
                     }
                 }
             }

@@ -7,11 +7,11 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
-use lapin::options::BasicQosOptions;
-use lapin::types::FieldTable;
 use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::BasicQosOptions;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
+use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -108,8 +108,15 @@ impl Redeliverer {
                 "{} is no longer a configured partner",
                 copy.recipient
             ));
-            retry::dead_letter(&self.publish, names, &copy, &delivery.data, &failure, timeout)
-                .await?;
+            retry::dead_letter(
+                &self.publish,
+                names,
+                &copy,
+                &delivery.data,
+                &failure,
+                timeout,
+            )
+            .await?;
             delivery.acker.ack(BasicAckOptions::default()).await?;
             return Ok(());
         }

@@ -153,7 +153,10 @@ pub async fn dead_letter(
     let mut headers = copy.headers(&failure.reason);
     headers.push(("x-ponte-code", Code::Undeliverable.as_str().to_string()));
     headers.push(("x-ponte-reason", excerpt(&failure.reason)));
-    headers.push(("x-ponte-first-attempt-at", rfc3339_ms(copy.first_attempt_ms)));
+    headers.push((
+        "x-ponte-first-attempt-at",
+        rfc3339_ms(copy.first_attempt_ms),
+    ));
     headers.push(("x-ponte-dead-lettered-at", receipt::now_rfc3339()));
     if let Some(status) = failure.status {
         headers.push(("x-ponte-http-status", status.to_string()));
@@ -311,7 +314,10 @@ mod tests {
         assert_eq!(read.attempts, 3);
         assert_eq!(read.first_attempt_ms, 1_700_000_000_000);
         assert_eq!(read.message_id.as_deref(), Some("m-1"));
-        assert_eq!(header(&properties, LAST_ERROR).as_deref(), Some("queue full"));
+        assert_eq!(
+            header(&properties, LAST_ERROR).as_deref(),
+            Some("queue full")
+        );
         assert!(copy.delivered_properties().headers().is_none());
     }
 }

@@ -45,8 +45,8 @@ async fn a_copy_its_queue_refuses_waits_in_the_broker_and_the_sender_moves_on() 
     // Both messages are answered at once: taken in charge, their copies being retried; the
     // inbound queue is not held back by the refusing recipient.
     let mut answered = Vec::new();
-    for _ in 0..2 {
-        let receipt = gw.receipt("cpi-modena").await;
+    for receipt in gw.take(&gw.queues.receipts("cpi-modena"), 2).await {
+        let receipt = receipt.json();
         answered.push(receipt["correlation_id"].as_str().unwrap().to_string());
         assert_eq!(receipt["payload"]["status"], "delivered");
         assert_eq!(receipt["payload"]["recipients"], json!([]));
@@ -70,7 +70,11 @@ async fn a_copy_its_queue_refuses_waits_in_the_broker_and_the_sender_moves_on() 
     for copy in &delivered {
         assert_eq!(copy.header("x-ponte-attempts"), None);
         assert_eq!(copy.json()["recipient"], "inps");
-        assert_eq!(copy.json()["payload"]["reason"], "R02");
+        assert_eq!(
+            copy.json()["payload"]["reason"],
+            "R01",
+            "mapped into INPS's code"
+        );
     }
     gw.assert_empty(&gw.queues.receipts("cpi-modena")).await;
     gw.stop().await;
@@ -131,7 +135,11 @@ async fn a_copy_out_of_attempts_is_dead_lettered_answered_undeliverable_and_repl
 
     // Ops see why, how many attempts and when.
     let list = ponte(&prefix, &["dlq", "list", "inps"]);
-    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
     let line = String::from_utf8_lossy(&list.stdout).into_owned();
     assert!(line.starts_with(&id_of(&sent)), "{line}");
     assert!(line.contains("\tundeliverable\t"), "{line}");
@@ -142,7 +150,11 @@ async fn a_copy_out_of_attempts_is_dead_lettered_answered_undeliverable_and_repl
     assert!(shown.contains("# x-ponte-attempts: 3"), "{shown}");
     assert!(shown.contains("# x-ponte-dead-lettered-at: "), "{shown}");
     assert!(shown.contains("\"recipient\": \"inps\""), "{shown}");
-    assert_eq!(depth(&gw.url, &dlq).await, 1, "show leaves the letter in place");
+    assert_eq!(
+        depth(&gw.url, &dlq).await,
+        1,
+        "show leaves the letter in place"
+    );
 
     // The queue is fixed; ops replay the letter and it is delivered.
     shared_broker_ctl(&["clear_policy", &policy]);

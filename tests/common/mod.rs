@@ -53,26 +53,21 @@ pub fn directory_from(config: &Path, url: &str, prefix: &str) -> Directory {
 
 /// The configuration in `config` for a test under `prefix`, with settings changed by `extra`
 /// (`("delivery.max_attempts", "3")`, …).
-pub fn directory_with(
-    config: &Path,
-    url: &str,
-    prefix: &str,
-    extra: &[(&str, &str)],
-) -> Directory {
+pub fn directory_with(config: &Path, url: &str, prefix: &str, extra: &[(&str, &str)]) -> Directory {
     let schemas = repo().join("schemas");
     let schemas = schemas.to_str().unwrap();
     let data = data_dir(prefix);
     let mut overrides = vec![
-            ("broker.url", url),
-            ("broker.prefix", prefix),
-            ("paths.schemas", schemas),
-            ("store.dir", data.to_str().unwrap()),
-            ("broker.publish_timeout_secs", "10"),
-            ("broker.max_reconnect_delay_secs", "1"),
-            // Retries in tests come back within a second.
-            ("delivery.retry_initial_ms", "200"),
-            ("delivery.retry_max_ms", "1000"),
-        ];
+        ("broker.url", url),
+        ("broker.prefix", prefix),
+        ("paths.schemas", schemas),
+        ("store.dir", data.to_str().unwrap()),
+        ("broker.publish_timeout_secs", "10"),
+        ("broker.max_reconnect_delay_secs", "1"),
+        // Retries in tests come back within a second.
+        ("delivery.retry_initial_ms", "200"),
+        ("delivery.retry_max_ms", "1000"),
+    ];
     overrides.extend_from_slice(extra);
     Directory::load_with_overrides(config, &overrides).unwrap_or_else(|e| panic!("{e}"))
 }
