@@ -76,10 +76,15 @@ pub fn directory_with(config: &Path, url: &str, prefix: &str, extra: &[(&str, &s
 /// data folder.
 /// Runs a `ponte` tool command (not the gateway) against the shared broker under `prefix`.
 pub fn ponte(prefix: &str, args: &[&str]) -> std::process::Output {
+    ponte_in(&repo().join("config"), prefix, args)
+}
+
+/// The same with the configuration in `config`.
+pub fn ponte_in(config: &Path, prefix: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ponte"))
         .args(args)
         .arg("--config")
-        .arg(repo().join("config"))
+        .arg(config)
         .env("PONTE_BROKER__URL", broker_url())
         .env("PONTE_BROKER__PREFIX", prefix)
         .env("PONTE_STORE__DIR", data_dir(prefix))
