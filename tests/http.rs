@@ -33,7 +33,11 @@ struct Endpoint {
 
 type Shared = Arc<Mutex<Endpoint>>;
 
-async fn receive(State(endpoint): State<Shared>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
+async fn receive(
+    State(endpoint): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
     let mut e = endpoint.lock().unwrap();
     let (status, retry_after) = e.answer.unwrap_or((200, None));
     let key = headers
@@ -117,9 +121,11 @@ async fn an_endpoint_down_for_a_while_gets_everything_in_order_and_amqp_partners
 
     // Baseline: the endpoint is up.
     let (before, baseline) = send_statuses(&gw, N).await;
-    wait_until("the baseline reaches the endpoint", Duration::from_secs(10), || {
-        endpoint.lock().unwrap().requests.len() == N
-    })
+    wait_until(
+        "the baseline reaches the endpoint",
+        Duration::from_secs(10),
+        || endpoint.lock().unwrap().requests.len() == N,
+    )
     .await;
 
     // The endpoint answers 503 (asking for a 1 s pause): the CPI's copies go on meanwhile.
@@ -151,31 +157,41 @@ async fn an_endpoint_down_for_a_while_gets_everything_in_order_and_amqp_partners
     gw.assert_empty(&gw.queues.outbound("cpi-modena")).await;
 
     endpoint.lock().unwrap().answer = None;
-    wait_until("the endpoint receives everything after it recovers", Duration::from_secs(20), || {
-        endpoint
-            .lock()
-            .unwrap()
-            .requests
-            .iter()
-            .filter(|r| r.3 == 200)
-            .count()
-            == 2 * N
-    })
+    wait_until(
+        "the endpoint receives everything after it recovers",
+        Duration::from_secs(20),
+        || {
+            endpoint
+                .lock()
+                .unwrap()
+                .requests
+                .iter()
+                .filter(|r| r.3 == 200)
+                .count()
+                == 2 * N
+        },
+    )
     .await;
-    let e = endpoint.lock().unwrap();
+    let requests = endpoint.lock().unwrap().requests.clone();
     let delivered: Vec<&(Instant, Option<String>, Value, u16)> =
-        e.requests.iter().filter(|r| r.3 == 200).collect();
+        requests.iter().filter(|r| r.3 == 200).collect();
     let expected: Vec<String> = before.iter().chain(&during).map(id_of).collect();
     let got: Vec<String> = delivered.iter().map(|r| id_of(&r.2)).collect();
     assert_eq!(got, expected, "each copy once, in the order INPS sent them");
     for (_, key, body, _) in &delivered {
-        assert_eq!(key.as_deref(), Some(id_of(body).as_str()), "Idempotency-Key");
+        assert_eq!(
+            key.as_deref(),
+            Some(id_of(body).as_str()),
+            "Idempotency-Key"
+        );
         assert_eq!(body["recipient"], "osservatorio-er");
         let scheme = &body["subject"]["identifiers"][0]["scheme"];
         assert_eq!(scheme, "pseudonym", "mapped for the observatory");
     }
-    drop(e);
-    assert_eq!(depth(&gw.url, &gw.queues.dead_letters("osservatorio-er")).await, 0);
+    assert_eq!(
+        depth(&gw.url, &gw.queues.dead_letters("osservatorio-er")).await,
+        0
+    );
     gw.stop().await;
 }
 
@@ -199,12 +215,24 @@ async fn an_endpoint_refusing_a_copy_gets_it_dead_lettered_then_replayed_after_t
         receipt["payload"]["undelivered"][0]["recipient"],
         "osservatorio-er"
     );
-    assert_eq!(endpoint.lock().unwrap().requests.len(), 1, "one attempt only");
+    assert_eq!(
+        endpoint.lock().unwrap().requests.len(),
+        1,
+        "one attempt only"
+    );
 
     wait_until_depth(&gw, &dlq).await;
-    let show = ponte_in(&config, &prefix, &["dlq", "show", "osservatorio-er", &id_of(&sent)]);
+    let show = ponte_in(
+        &config,
+        &prefix,
+        &["dlq", "show", "osservatorio-er", &id_of(&sent)],
+    );
     let shown = String::from_utf8_lossy(&show.stdout).into_owned();
-    assert!(show.status.success(), "{}", String::from_utf8_lossy(&show.stderr));
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
     assert!(shown.contains("# x-ponte-http-status: 400"), "{shown}");
     assert!(shown.contains("# x-ponte-attempts: 1"), "{shown}");
     assert!(shown.contains("# x-ponte-sender: inps"), "{shown}");
@@ -218,22 +246,29 @@ async fn an_endpoint_refusing_a_copy_gets_it_dead_lettered_then_replayed_after_t
     let replay = ponte_in(
         &config,
         &prefix,
-        &["dlq", "replay", "osservatorio-er", "--message-id", &id_of(&sent)],
+        &[
+            "dlq",
+            "replay",
+            "osservatorio-er",
+            "--message-id",
+            &id_of(&sent),
+        ],
     );
     assert!(
         replay.status.success(),
         "{}",
         String::from_utf8_lossy(&replay.stderr)
     );
-    wait_until("the replayed copy is delivered", Duration::from_secs(10), || {
-        endpoint.lock().unwrap().requests.iter().any(|r| r.3 == 200)
-    })
+    wait_until(
+        "the replayed copy is delivered",
+        Duration::from_secs(10),
+        || endpoint.lock().unwrap().requests.iter().any(|r| r.3 == 200),
+    )
     .await;
-    let e = endpoint.lock().unwrap();
-    let delivered: Vec<_> = e.requests.iter().filter(|r| r.3 == 200).collect();
+    let requests = endpoint.lock().unwrap().requests.clone();
+    let delivered: Vec<_> = requests.iter().filter(|r| r.3 == 200).collect();
     assert_eq!(delivered.len(), 1);
     assert_eq!(id_of(&delivered[0].2), id_of(&sent));
-    drop(e);
     assert_eq!(depth(&gw.url, &dlq).await, 0);
     gw.stop().await;
 }
