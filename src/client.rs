@@ -166,13 +166,19 @@ impl Browse {
 }
 
 /// Publishes `body` to `partner`'s inbound exchange again as a replay (header `x-ponte-replay`,
-/// saying where it came from), and waits for the broker's confirm.
+/// saying where it came from; `only`, for a partly delivered message, names the recipients it is
+/// replayed for), and waits for the broker's confirm.
 pub async fn republish(
     directory: &Directory,
     partner: &str,
     body: &[u8],
     from: &str,
+    only: Option<&str>,
 ) -> Result<(), BrokerError> {
+    let mut headers = vec![("x-ponte-replay", from.to_string())];
+    if let Some(only) = only {
+        headers.push((crate::deliver::REPLAY_FOR, only.to_string()));
+    }
     let connection = connect(directory, "ponte replay").await?;
     let channel = confirming_channel(&connection).await?;
     let exchange = Queues::new(&directory.settings.broker.prefix).inbound(partner);
@@ -181,7 +187,7 @@ pub async fn republish(
         &exchange,
         "",
         body,
-        &[("x-ponte-replay", from.to_string())],
+        &headers,
         directory.settings.broker.publish_timeout_secs,
     )
     .await;

@@ -8,6 +8,10 @@ use lapin::{BasicProperties, Channel, PublisherConfirm};
 
 use crate::broker::BrokerError;
 
+/// Header of a parked message replayed by ops for only some recipients (comma-separated): those a
+/// partly delivered message was refused for.
+pub const REPLAY_FOR: &str = "x-ponte-replay-for";
+
 /// AMQP delivery mode that makes the broker write the message to disk.
 const PERSISTENT: u8 = 2;
 

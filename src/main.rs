@@ -423,7 +423,9 @@ async fn parked(
                     );
                     continue;
                 }
-                ponte::client::republish(&directory, &partner, body, &queue).await?;
+                // A partly delivered message goes again only to those it was refused for.
+                let only = t.header("x-ponte-recipients");
+                ponte::client::republish(&directory, &partner, body, &queue, only).await?;
                 parked.remove(index).await?;
                 replayed += 1;
                 println!(

@@ -102,6 +102,19 @@ impl Pipeline {
     /// Runs every step for a message that arrived on `owner`'s inbound queue; `redelivered` is
     /// the broker's flag (the message was handed out before and not acknowledged).
     pub async fn process(&self, owner: &Partner, body: &[u8], redelivered: bool) -> Verdict {
+        self.process_for(owner, body, redelivered, None).await
+    }
+
+    /// The same, for a message replayed by an operator only for `only` (the recipients a partly
+    /// delivered message was refused for): those who already received it are not sent it again,
+    /// and it is not refused as a duplicate.
+    pub async fn process_for(
+        &self,
+        owner: &Partner,
+        body: &[u8],
+        redelivered: bool,
+        only: Option<&[String]>,
+    ) -> Verdict {
         let envelope = match decode(body, (&self.directory.settings.limits).into()) {
             Ok(e) => e,
             Err(rejection) => {
@@ -116,7 +129,7 @@ impl Pipeline {
         let field = |name: &str| envelope.get(name).and_then(Value::as_str).map(String::from);
         let (message_id, message_type, correlation_id) =
             (field("message_id"), field("type"), field("correlation_id"));
-        let outcome = match self.copies(owner, envelope, redelivered).await {
+        let outcome = match self.copies(owner, envelope, redelivered, only).await {
             Ok(outcome) => outcome,
             Err(rejection) => Outcome::Reject(rejection),
         };
@@ -133,6 +146,7 @@ impl Pipeline {
         owner: &Partner,
         envelope: Value,
         redelivered: bool,
+        only: Option<&[String]>,
     ) -> Result<Outcome, Rejection> {
         let directory = &*self.directory;
         let schema = directory.schemas.validate(&envelope)?;
@@ -143,6 +157,8 @@ impl Pipeline {
         let mut earlier = Vec::new();
         match self.store.seen(&owner.id, message_id, window) {
             Err(error) => return Ok(Outcome::Retry(error.to_string())),
+            // Replayed for the recipients it was refused for: the others already have it.
+            Ok(Some(seen)) if only.is_some() => earlier = seen.recipients,
             // Some copies went out before the broker refused another: send only the rest.
             Ok(Some(seen)) if !seen.complete => earlier = seen.recipients,
             // Given back by the broker after it went out: answer again, deliver nothing.
@@ -177,7 +193,8 @@ impl Pipeline {
         // One snapshot of the tables for the whole message, whatever a reload does meanwhile.
         let tables = directory.tables.load_full();
         let mut targets = authorized_recipients(directory, owner, &envelope, &tables)?;
-        targets.retain(|t| !earlier.contains(&t.id));
+        targets
+            .retain(|t| !earlier.contains(&t.id) && only.is_none_or(|only| only.contains(&t.id)));
         if targets.is_empty() {
             return Ok(Outcome::AlreadyDelivered {
                 recipients: earlier,

@@ -115,9 +115,18 @@ impl Flow {
         owner: &Arc<str>,
     ) -> Result<futures_util::future::BoxFuture<'static, Settled>, BrokerError> {
         let received = Instant::now();
+        // A partly delivered message replayed by ops goes only to those it was refused for.
+        let only: Option<Vec<String>> =
+            crate::deliver::header(&delivery.properties, crate::deliver::REPLAY_FOR)
+                .map(|names| names.split(',').map(String::from).collect());
         let verdict = self
             .pipeline
-            .process(&self.partner, &delivery.data, delivery.redelivered)
+            .process_for(
+                &self.partner,
+                &delivery.data,
+                delivery.redelivered,
+                only.as_deref(),
+            )
             .await;
         let inbound = Inbound {
             acker: delivery.acker,

@@ -232,7 +232,12 @@ fn deploy_definitions_match_the_demo_topology() {
         generated, committed,
         "deploy/definitions.json is stale: regenerate it with `ponte definitions > deploy/definitions.json`"
     );
-    assert_eq!(committed["queues"].as_array().unwrap().len(), 5 * 5);
+    // Five queues per partner, ten delay queues (1 s doubling to 256 s, then 300 s) and the
+    // redelivery queue.
+    assert_eq!(
+        committed["queues"].as_array().unwrap().len(),
+        5 * 5 + 10 + 1
+    );
 }
 
 #[test]

@@ -100,3 +100,67 @@ async fn a_rejected_message_is_inspected_refused_unchanged_and_replayed_correcte
     let _ = std::fs::remove_dir_all(&dir);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_partly_delivered_message_is_replayed_only_to_the_recipient_it_was_refused_for() {
+    let prefix = random_prefix();
+    let gw = Gateway::start_with(directory(&broker_url(), &prefix)).await;
+    // The comune does not know this person yet: its copy is refused, the others go out.
+    let mut sent = common::benefit_status("adi", "036023");
+    sent["subject"]["identifiers"] = json!([{"scheme": "it.cf", "value": "BNCGVN70A41F257X"}]);
+    gw.send("inps", &sent).await;
+    assert_eq!(gw.take(&gw.queues.outbound("cpi-modena"), 1).await.len(), 1);
+    assert_eq!(
+        gw.take(&gw.queues.outbound("osservatorio-er"), 1)
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(gw.receipt("inps").await["payload"]["status"], "partial");
+    let rejected = gw.queues.rejected("inps");
+    for _ in 0..50 {
+        if depth(&gw.url, &rejected).await == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(depth(&gw.url, &rejected).await, 1, "the original is parked");
+
+    // Ops teach the crosswalk the comune's registry number, then replay the parked original.
+    let csv = common::repo().join("examples/comune-modena-registry.csv");
+    let import = ponte(
+        &prefix,
+        &[
+            "crosswalk",
+            "import",
+            "--partner",
+            "comune-modena",
+            csv.to_str().unwrap(),
+        ],
+    );
+    assert!(import.status.success(), "{}", text(&import.stderr));
+    let id = sent["message_id"].as_str().unwrap();
+    let replay = ponte(&prefix, &["rejected", "replay", "inps", "--message-id", id]);
+    assert!(replay.status.success(), "{}", text(&replay.stderr));
+
+    let at_comune = gw.take(&gw.queues.outbound("comune-modena"), 1).await;
+    assert_eq!(at_comune.len(), 1);
+    let copy = at_comune[0].json();
+    assert_eq!(copy["message_id"], sent["message_id"]);
+    assert_eq!(
+        copy["subject"]["identifiers"],
+        json!([{"scheme": "local", "value": "ANA-2026-0042"}])
+    );
+    let receipt = gw.receipt("inps").await;
+    assert_eq!(receipt["payload"]["status"], "delivered");
+    assert_eq!(
+        receipt["payload"]["recipients"],
+        json!(["cpi-modena", "osservatorio-er", "comune-modena"])
+    );
+    // Those who had it already do not get it twice.
+    gw.assert_empty(&gw.queues.outbound("cpi-modena")).await;
+    gw.assert_empty(&gw.queues.outbound("osservatorio-er"))
+        .await;
+    assert_eq!(depth(&gw.url, &rejected).await, 0);
+    gw.stop().await;
+}
