@@ -2,7 +2,8 @@
 //! gateway declares (idempotently) before it consumes.
 
 use lapin::options::{
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -364,4 +365,73 @@ fn queue_arguments(queue_type: QueueType) -> FieldTable {
         AMQPValue::LongString(queue_type.as_str().into()),
     );
     arguments
+}
+
+/// Consumes `queue` on `channel` under `tag`, with at most `prefetch` unacknowledged messages.
+pub async fn consume(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> Result<lapin::Consumer, BrokerError> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    Ok(channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?)
+}
+
+/// Stops consuming under `tag`, then closes a flow's channels itself rather than by dropping
+/// them, so they are not still closing when their connection closes.
+pub async fn stop_consuming(consume: &Channel, publish: &Channel, tag: &str) {
+    let _ = consume
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await;
+    let _ = consume.close(200, "flow stopped".into()).await;
+    let _ = publish.close(200, "flow stopped".into()).await;
+}
+
+/// A flow that handles one message of `queue` at a time: consumes, says it is `ready`, hands each
+/// message to `handle` until `stop` or a broker failure, then stops consuming and closes its
+/// channels. Messages not acknowledged by then go back to the queue.
+pub async fn one_at_a_time<Handled>(
+    channels: (&Channel, &Channel),
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+    stop: &tokio_util::sync::CancellationToken,
+    ready: tokio::sync::mpsc::Sender<()>,
+    mut handle: impl FnMut(lapin::message::Delivery) -> Handled,
+) -> Result<(), BrokerError>
+where
+    Handled: Future<Output = Result<(), BrokerError>>,
+{
+    use futures_util::StreamExt;
+    let (consuming, publishing) = channels;
+    let mut consumer = consume(consuming, queue, tag, prefetch).await?;
+    let _ = ready.send(()).await;
+    drop(ready);
+    let result = loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break Ok(()),
+            delivery = consumer.next() => match delivery {
+                Some(Ok(delivery)) => {
+                    if let Err(error) = handle(delivery).await {
+                        break Err(error);
+                    }
+                }
+                Some(Err(error)) => break Err(error.into()),
+                None => break Err(BrokerError::ConsumerCancelled { queue: queue.to_string() }),
+            },
+        }
+    };
+    stop_consuming(consuming, publishing, tag).await;
+    result
 }

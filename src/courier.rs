@@ -16,18 +16,14 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::broker::{BrokerError, Queues};
+use crate::broker::{BrokerError, Queues, one_at_a_time};
 use crate::deliver::header;
 use crate::partner::{HttpSettings, Partner};
 use crate::resolve::{describe, http_client};
@@ -119,42 +115,17 @@ impl Courier {
         ready: tokio::sync::mpsc::Sender<()>,
     ) -> Result<(), BrokerError> {
         let queue = self.names.outbound(&self.partner.id);
-        self.consume
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await?;
         let tag = format!("ponte-courier-{}", self.partner.id);
-        let mut consumer = self
-            .consume
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = ready.send(()).await;
-        drop(ready);
-        let result = loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break Ok(()),
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => match self.handle(delivery, &stop).await {
-                        Ok(()) => {}
-                        Err(error) => break Err(error),
-                    },
-                    Some(Err(error)) => break Err(error.into()),
-                    None => break Err(BrokerError::ConsumerCancelled { queue }),
-                },
-            }
-        };
-        let _ = self
-            .consume
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
-        let _ = self.consume.close(200, "stopped".into()).await;
-        let _ = self.publish.close(200, "stopped".into()).await;
-        result
+        one_at_a_time(
+            (&self.consume, &self.publish),
+            &queue,
+            &tag,
+            PREFETCH,
+            &stop,
+            ready,
+            |delivery| self.handle(delivery, &stop),
+        )
+        .await
     }
 
     /// Posts one copy until it is delivered or dead-lettered, or the gateway stops (then it goes

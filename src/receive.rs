@@ -7,13 +7,12 @@ use std::time::Instant;
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicCancelOptions;
 use lapin::{Channel, message::Delivery};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, consume, stop_consuming};
 use crate::deliver::{Labels, properties, publish};
 use crate::partner::Partner;
 use crate::pipeline::{Outcome, Pipeline};
@@ -49,19 +48,8 @@ impl Flow {
         ready: tokio::sync::mpsc::Sender<()>,
     ) -> Result<(), BrokerError> {
         let queue = self.settler.queues.inbound(&self.partner.id).to_string();
-        self.consume
-            .basic_qos(self.prefetch, BasicQosOptions::default())
-            .await?;
         let tag = format!("ponte-{}", self.partner.id);
-        let mut consumer = self
-            .consume
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = consume(&self.consume, &queue, &tag, self.prefetch).await?;
         debug!(%queue, "consuming");
         let _ = ready.send(()).await;
         drop(ready);
@@ -102,10 +90,7 @@ impl Flow {
             acks.settle(settled, &self.settler).await;
         }
         acks.flush(&self.settler).await;
-        // Close the channel here rather than by dropping it, so it is not still closing when the
-        // connection closes.
-        let _ = self.consume.close(200, "flow stopped".into()).await;
-        let _ = self.settler.channel.close(200, "flow stopped".into()).await;
+        stop_consuming(&self.consume, &self.settler.channel, &tag).await;
         Ok(())
     }
 

@@ -6,16 +6,13 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::BasicQosOptions;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::broker::{BrokerError, Queues, declare_queue};
+use crate::broker::{BrokerError, Queues, declare_queue, one_at_a_time};
 use crate::deliver::{confirmed, publish};
 use crate::directory::Directory;
 use crate::retry::{self, Failure};
@@ -37,44 +34,16 @@ impl Redeliverer {
         ready: tokio::sync::mpsc::Sender<()>,
     ) -> Result<(), BrokerError> {
         let names = Queues::new(&self.directory.settings.broker.prefix);
-        let queue = names.redeliver();
-        self.consume
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await?;
-        let tag = "ponte-redeliver";
-        let mut consumer = self
-            .consume
-            .basic_consume(
-                queue.as_str().into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = ready.send(()).await;
-        drop(ready);
-        let result = loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break Ok(()),
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
-                        if let Err(error) = self.handle(&names, delivery).await {
-                            break Err(error);
-                        }
-                    }
-                    Some(Err(error)) => break Err(error.into()),
-                    None => break Err(BrokerError::ConsumerCancelled { queue }),
-                },
-            }
-        };
-        let _ = self
-            .consume
-            .basic_cancel(tag.into(), BasicCancelOptions::default())
-            .await;
-        let _ = self.consume.close(200, "stopped".into()).await;
-        let _ = self.publish.close(200, "stopped".into()).await;
-        result
+        one_at_a_time(
+            (&self.consume, &self.publish),
+            &names.redeliver(),
+            "ponte-redeliver",
+            PREFETCH,
+            &stop,
+            ready,
+            |delivery| self.handle(&names, delivery),
+        )
+        .await
     }
 
     async fn handle(&self, names: &Queues, delivery: Delivery) -> Result<(), BrokerError> {
