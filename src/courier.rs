@@ -14,6 +14,7 @@
 //!
 //! Prefetch bounds what the courier holds; a slow endpoint only makes its own queue longer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::Channel;
@@ -25,6 +26,7 @@ use tracing::info;
 
 use crate::broker::{BrokerError, Queues, one_at_a_time};
 use crate::deliver::header;
+use crate::journal::Journal;
 use crate::partner::{HttpSettings, Partner};
 use crate::resolve::{describe, http_client};
 use crate::retry::{self, Failure};
@@ -56,6 +58,7 @@ pub struct Courier {
     /// In confirm mode: dead letters and receipts.
     pub publish: Channel,
     pub timeout_secs: u64,
+    pub journal: Arc<Journal>,
 }
 
 /// The envelope fields a courier needs from a copy.
@@ -92,6 +95,7 @@ impl Courier {
         consume: Channel,
         publish: Channel,
         timeout_secs: u64,
+        journal: Arc<Journal>,
     ) -> Result<Courier, String> {
         let settings = partner
             .http
@@ -106,6 +110,7 @@ impl Courier {
             consume,
             publish,
             timeout_secs,
+            journal,
         })
     }
 
@@ -156,6 +161,8 @@ impl Courier {
             copy.attempts += 1;
             let failure = match self.post(&delivery.data, copy.message_id.as_deref()).await {
                 Posted::Delivered(status) => {
+                    self.journal
+                        .record(copy.event("delivered", &format!("HTTP {status}")));
                     info!(
                         message_id = copy.message_id.as_deref().unwrap_or(""),
                         r#type = copy.message_type.as_deref().unwrap_or(""),
@@ -184,6 +191,7 @@ impl Courier {
                                 retry::jitter(self.delivery.delay_after(copy.attempts))
                             })
                             .min(longest);
+                        self.journal.record(copy.event("retrying", &failure.reason));
                         info!(
                             message_id = copy.message_id.as_deref().unwrap_or(""),
                             sender = %copy.sender,
@@ -206,15 +214,14 @@ impl Courier {
                 }
             };
             if let Some(failure) = failure {
-                retry::dead_letter(
-                    &self.publish,
-                    &self.names,
-                    &copy,
-                    &delivery.data,
-                    &failure,
-                    self.timeout_secs,
-                )
-                .await?;
+                let outbox = retry::Outbox {
+                    channel: &self.publish,
+                    journal: &self.journal,
+                    queues: &self.names,
+                    settings: &self.delivery,
+                    timeout_secs: self.timeout_secs,
+                };
+                retry::dead_letter(outbox, &copy, &delivery.data, &failure).await?;
                 break;
             }
         }

@@ -147,6 +147,7 @@ async fn session(
                 store: pipeline.store.clone(),
                 delivery: directory.settings.delivery.clone(),
                 names: Queues::new(&directory.settings.broker.prefix),
+                journal: pipeline.journal.clone(),
             });
             let flow = Flow {
                 pipeline: pipeline.clone(),
@@ -169,6 +170,7 @@ async fn session(
         directory: pipeline.directory.clone(),
         consume: retry_consuming.create_channel().await?,
         publish: confirming_channel(&retry_publishing).await?,
+        journal: pipeline.journal.clone(),
     };
     flows.spawn(redeliverer.run(session_stop.clone(), ready_tx.clone()));
     let mut expected = partners.len() + 1;
@@ -180,6 +182,7 @@ async fn session(
             retry_consuming.create_channel().await?,
             confirming_channel(&retry_publishing).await?,
             timeout_secs,
+            pipeline.journal.clone(),
         )
         .map_err(|e| BrokerError::Url(format!("{}: http: {e}", partner.id)))?;
         flows.spawn(courier.run(session_stop.clone(), ready_tx.clone()));

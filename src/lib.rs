@@ -40,6 +40,7 @@ pub mod deliver;
 pub mod directory;
 pub mod gateway;
 pub mod identifiers;
+pub mod journal;
 pub mod map;
 pub mod partner;
 pub mod pipeline;

@@ -57,6 +57,15 @@ enum Command {
         #[command(subcommand)]
         action: ParkedAction,
     },
+    /// Query the delivery log: every step of every message, newest last. `ponte log verify`
+    /// checks its hash chain.
+    #[command(args_conflicts_with_subcommands = true)]
+    Log {
+        #[command(subcommand)]
+        action: Option<LogAction>,
+        #[command(flatten)]
+        query: LogQuery,
+    },
     /// Load a partner's own person ids into the crosswalk from a CSV file (scheme,value,local).
     Crosswalk {
         #[command(subcommand)]
@@ -116,6 +125,45 @@ enum ParkedAction {
         #[arg(long, requires = "message_id")]
         file: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum LogAction {
+    /// Check the hash chain of the delivery log; names the first record altered or removed.
+    Verify,
+}
+
+#[derive(clap::Args)]
+struct LogQuery {
+    #[arg(long)]
+    message_id: Option<String>,
+    #[arg(long)]
+    correlation_id: Option<String>,
+    #[arg(long)]
+    sender: Option<String>,
+    #[arg(long)]
+    recipient: Option<String>,
+    /// A receipt code (delivered, schema-violation, undeliverable, ...).
+    #[arg(long)]
+    code: Option<String>,
+    /// delivered, partial, rejected, already-delivered, handed-back, retrying, dead-lettered.
+    #[arg(long)]
+    step: Option<String>,
+    /// From: RFC 3339 time, a date (YYYY-MM-DD, UTC), or an age such as 90m, 2h, 1d.
+    #[arg(long)]
+    since: Option<String>,
+    /// Until: the same forms.
+    #[arg(long)]
+    until: Option<String>,
+    /// Newest records to show, at most.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Keep printing new records as they are written.
+    #[arg(long)]
+    follow: bool,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +253,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             tokio::spawn(prune_daily(pipeline.clone()));
             ponte::gateway::run(pipeline.clone(), shutdown, Default::default()).await;
             pipeline.store.flush().context("saving the crosswalk")?;
+            pipeline.journal.flush();
             Ok(ExitCode::SUCCESS)
         }
         Command::Rejected { action } => parked(&cli.config, Parked::Rejected, action).await,
@@ -244,6 +293,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Log { action, query } => log(&cli.config, action, query).await,
         Command::Definitions { vhost } => {
             let directory = load_for_tools(&cli.config)?;
             println!(
@@ -550,6 +600,61 @@ async fn reload_on_hangup(directory: Arc<Directory>) {
     }
 }
 
+/// `ponte log [filters] | ponte log verify`.
+async fn log(
+    config: &std::path::Path,
+    action: Option<LogAction>,
+    q: LogQuery,
+) -> anyhow::Result<ExitCode> {
+    use ponte::journal::{Filter, Reader, parse_time};
+    let directory = load_for_tools(config)?;
+    let reader =
+        Reader::open(&ponte::pipeline::store_dir(&directory)).map_err(anyhow::Error::msg)?;
+    if let Some(LogAction::Verify) = action {
+        return Ok(match reader.verify()? {
+            Ok(n) => {
+                println!("delivery log intact: {n} record(s) chained");
+                ExitCode::SUCCESS
+            }
+            Err(broken) => {
+                println!("delivery log BROKEN: {broken}");
+                ExitCode::FAILURE
+            }
+        });
+    }
+    let time = |t: &Option<String>| t.as_deref().map(parse_time).transpose();
+    let mut filter = Filter {
+        message_id: q.message_id,
+        correlation_id: q.correlation_id,
+        sender: q.sender,
+        recipient: q.recipient,
+        code: q.code,
+        step: q.step,
+        since_ms: time(&q.since).map_err(anyhow::Error::msg)?,
+        until_ms: time(&q.until).map_err(anyhow::Error::msg)?,
+        after_seq: None,
+        limit: q.limit,
+    };
+    loop {
+        for record in reader.query(&filter)? {
+            if q.json {
+                println!("{}", serde_json::to_string(&record)?);
+            } else {
+                println!("{}", record.line());
+            }
+            filter.after_seq = Some(record.seq);
+        }
+        if !q.follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if filter.after_seq.is_none() {
+            filter.after_seq = Some(0);
+        }
+        filter.limit = 10_000;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Forgets crosswalk message records past their retention and delivered-message records past
 /// the duplicate window, at start and once a day.
 async fn prune_daily(pipeline: Arc<ponte::pipeline::Pipeline>) {
@@ -559,6 +664,17 @@ async fn prune_daily(pipeline: Arc<ponte::pipeline::Pipeline>) {
         match pipeline.store.prune(retention, window) {
             Ok(n) => tracing::debug!(pruned = n, "old message records pruned"),
             Err(error) => tracing::error!(%error, "cannot prune the crosswalk"),
+        }
+        let log = ponte::journal::Reader::open(&ponte::pipeline::store_dir(&pipeline.directory))
+            .map_err(|e| e.to_string())
+            .and_then(|reader| {
+                reader
+                    .prune(store.log_retention())
+                    .map_err(|e| e.to_string())
+            });
+        match log {
+            Ok(n) => tracing::debug!(pruned = n, "old delivery log records pruned"),
+            Err(error) => tracing::error!(%error, "cannot prune the delivery log"),
         }
         tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
     }

@@ -68,6 +68,8 @@ pub struct Pipeline {
     pub directory: Arc<Directory>,
     pub store: Arc<dyn Store>,
     pub resolvers: Resolvers,
+    /// The delivery log, in the data folder.
+    pub journal: Arc<crate::journal::Journal>,
 }
 
 impl Pipeline {
@@ -86,10 +88,13 @@ impl Pipeline {
         }
         let resolvers = Resolvers::new(directory.partners.values())
             .map_err(|e| anyhow::anyhow!("look-up service client: {e}"))?;
+        let journal = crate::journal::Journal::open(&store_dir(&directory))
+            .map_err(|e| anyhow::anyhow!("delivery log: {e}"))?;
         Ok(Pipeline {
             directory,
             store,
             resolvers,
+            journal: Arc::new(journal),
         })
     }
 

@@ -15,6 +15,7 @@ use tracing::{error, info};
 use crate::broker::{BrokerError, Queues, declare_queue, one_at_a_time};
 use crate::deliver::{confirmed, publish};
 use crate::directory::Directory;
+use crate::journal::Journal;
 use crate::retry::{self, Failure};
 
 /// Copies taken from the redelivery queue at a time.
@@ -25,6 +26,7 @@ pub struct Redeliverer {
     pub consume: Channel,
     /// In confirm mode.
     pub publish: Channel,
+    pub journal: Arc<Journal>,
 }
 
 impl Redeliverer {
@@ -46,9 +48,18 @@ impl Redeliverer {
         .await
     }
 
+    fn outbox<'a>(&'a self, names: &'a Queues) -> retry::Outbox<'a> {
+        retry::Outbox {
+            channel: &self.publish,
+            journal: &self.journal,
+            queues: names,
+            settings: &self.directory.settings.delivery,
+            timeout_secs: self.directory.settings.broker.publish_timeout_secs,
+        }
+    }
+
     async fn handle(&self, names: &Queues, delivery: Delivery) -> Result<(), BrokerError> {
         let timeout = self.directory.settings.broker.publish_timeout_secs;
-        let settings = &self.directory.settings.delivery;
         let Some(mut copy) = retry::Copy::from_properties(&delivery.properties) else {
             // Only the gateway writes here; a message without its bookkeeping cannot be placed.
             error!(
@@ -77,15 +88,7 @@ impl Redeliverer {
                 "{} is no longer a configured partner",
                 copy.recipient
             ));
-            retry::dead_letter(
-                &self.publish,
-                names,
-                &copy,
-                &delivery.data,
-                &failure,
-                timeout,
-            )
-            .await?;
+            retry::dead_letter(self.outbox(names), &copy, &delivery.data, &failure).await?;
             delivery.acker.ack(BasicAckOptions::default()).await?;
             return Ok(());
         }
@@ -99,7 +102,9 @@ impl Redeliverer {
         .await?;
         copy.attempts += 1;
         match confirmed(sent, &outbound, timeout).await {
-            Ok(()) => info!(
+            Ok(()) => {
+                self.journal.record(copy.event("delivered", ""));
+                info!(
                 message_id = copy.message_id.as_deref().unwrap_or(""),
                 r#type = copy.message_type.as_deref().unwrap_or(""),
                 sender = %copy.sender,
@@ -109,19 +114,13 @@ impl Redeliverer {
                 code = "delivered",
                 replay = copy.replay.as_deref().unwrap_or(""),
                 "copy delivered on a later attempt"
-            ),
+                )
+            }
             Err(BrokerError::Nacked) => {
                 let failure = Failure::new(format!("{outbound} refused the copy (queue full)"));
-                let wait = retry::after_failure(
-                    &self.publish,
-                    names,
-                    settings,
-                    &copy,
-                    &delivery.data,
-                    &failure,
-                    timeout,
-                )
-                .await?;
+                let wait =
+                    retry::after_failure(self.outbox(names), &copy, &delivery.data, &failure)
+                        .await?;
                 if let Some(wait) = wait {
                     info!(
                         message_id = copy.message_id.as_deref().unwrap_or(""),

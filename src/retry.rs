@@ -18,6 +18,7 @@ use tracing::warn;
 
 use crate::broker::{BrokerError, Queues};
 use crate::deliver::{Labels, confirmed, header, properties, publish, with_headers};
+use crate::journal::{Event, Journal};
 use crate::receipt::{self, Answered, Undelivered};
 use crate::rejection::{Code, FieldError};
 use crate::settings::DeliverySettings;
@@ -79,6 +80,34 @@ impl Copy {
         properties(&self.labels())
     }
 
+    /// A delivery-log record of `step` for this copy, with `why`.
+    pub fn event(&self, step: &str, why: &str) -> Event {
+        let mut detail = format!("attempts: {}", self.attempts);
+        if !why.is_empty() {
+            detail.push_str("; ");
+            detail.push_str(&excerpt(why));
+        }
+        if let Some(from) = &self.replay {
+            detail.push_str(&format!("; replay from {from}"));
+        }
+        Event {
+            message_id: self.message_id.clone().unwrap_or_default(),
+            correlation_id: self.correlation_id.clone().unwrap_or_default(),
+            sender: self.sender.clone(),
+            recipients: self.recipient.clone(),
+            message_type: self.message_type.clone().unwrap_or_default(),
+            code: if step == "dead-lettered" {
+                Code::Undeliverable.as_str().to_string()
+            } else if step == "delivered" {
+                Code::Delivered.as_str().to_string()
+            } else {
+                String::new()
+            },
+            detail,
+            ..Event::now(step)
+        }
+    }
+
     /// How long ago the first attempt was made.
     pub fn age(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.first_attempt_ms))
@@ -119,16 +148,31 @@ impl Failure {
     }
 }
 
+/// Where retried and given-up copies go: the channel (in confirm mode) that publishes them, the
+/// queue names and retry settings, and the delivery log.
+#[derive(Clone, Copy)]
+pub struct Outbox<'a> {
+    pub channel: &'a Channel,
+    pub journal: &'a Journal,
+    pub queues: &'a Queues,
+    pub settings: &'a DeliverySettings,
+    pub timeout_secs: u64,
+}
+
 /// Puts `body` in the delay queue for its next attempt and returns once the broker confirmed.
 pub async fn schedule(
-    channel: &Channel,
-    queues: &Queues,
-    settings: &DeliverySettings,
+    outbox: Outbox<'_>,
     copy: &Copy,
     body: &[u8],
     failure: &Failure,
-    timeout_secs: u64,
 ) -> Result<Duration, BrokerError> {
+    let Outbox {
+        channel,
+        queues,
+        settings,
+        timeout_secs,
+        ..
+    } = outbox;
     let delay = settings.delay_after(copy.attempts);
     let queue = queues.retry(delay.as_millis() as u64);
     let wait = jitter(delay);
@@ -143,13 +187,18 @@ pub async fn schedule(
 /// when, then sends the sender an `undeliverable` receipt for that recipient. Returns once the
 /// broker confirmed both.
 pub async fn dead_letter(
-    channel: &Channel,
-    queues: &Queues,
+    outbox: Outbox<'_>,
     copy: &Copy,
     body: &[u8],
     failure: &Failure,
-    timeout_secs: u64,
 ) -> Result<(), BrokerError> {
+    let Outbox {
+        channel,
+        journal,
+        queues,
+        timeout_secs,
+        ..
+    } = outbox;
     let mut headers = copy.headers(&failure.reason);
     headers.push(("x-ponte-code", Code::Undeliverable.as_str().to_string()));
     headers.push(("x-ponte-reason", excerpt(&failure.reason)));
@@ -204,6 +253,7 @@ pub async fn dead_letter(
     let answer = publish(channel, &receipts, &receipt.body, properties(&labels)).await?;
     confirmed(parked, &dlq, timeout_secs).await?;
     confirmed(answer, &receipts, timeout_secs).await?;
+    journal.record(copy.event("dead-lettered", &failure.reason));
     warn!(
         message_id = copy.message_id.as_deref().unwrap_or(""),
         r#type = copy.message_type.as_deref().unwrap_or(""),
@@ -222,19 +272,19 @@ pub async fn dead_letter(
 /// After a failed attempt: the next wait, or the dead-letter queue when the copy has used up
 /// its attempts or its age. Returns the wait when there is one.
 pub async fn after_failure(
-    channel: &Channel,
-    queues: &Queues,
-    settings: &DeliverySettings,
+    outbox: Outbox<'_>,
     copy: &Copy,
     body: &[u8],
     failure: &Failure,
-    timeout_secs: u64,
 ) -> Result<Option<Duration>, BrokerError> {
-    if settings.exhausted(copy.attempts, copy.age()) {
-        dead_letter(channel, queues, copy, body, failure, timeout_secs).await?;
+    if outbox.settings.exhausted(copy.attempts, copy.age()) {
+        dead_letter(outbox, copy, body, failure).await?;
         return Ok(None);
     }
-    let wait = schedule(channel, queues, settings, copy, body, failure, timeout_secs).await?;
+    let wait = schedule(outbox, copy, body, failure).await?;
+    outbox
+        .journal
+        .record(copy.event("retrying", &failure.reason));
     Ok(Some(wait))
 }
 

@@ -93,6 +93,8 @@ pub struct StoreSettings {
     /// A message a sender publishes again (same `sender` and `message_id`) within this many days
     /// of its delivery is not delivered again; the sender gets a `duplicate` receipt.
     pub duplicate_window_days: u64,
+    /// How long the delivery log keeps its records.
+    pub log_retention_days: u64,
 }
 
 impl Default for StoreSettings {
@@ -101,6 +103,7 @@ impl Default for StoreSettings {
             dir: "../data".into(),
             message_retention_days: 400,
             duplicate_window_days: 7,
+            log_retention_days: 400,
         }
     }
 }
@@ -108,6 +111,10 @@ impl Default for StoreSettings {
 impl StoreSettings {
     pub fn duplicate_window(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.duplicate_window_days * 24 * 3600)
+    }
+
+    pub fn log_retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.log_retention_days * 24 * 3600)
     }
 
     pub fn message_retention(&self) -> std::time::Duration {

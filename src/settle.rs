@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::broker::{BrokerError, QueueNames, Queues};
 use crate::deliver::{Labels, confirmed, properties, publish};
+use crate::journal::{Event, Journal};
 use crate::pipeline::Refused;
 use crate::receipt::{self, Answered, Undelivered};
 use crate::rejection::{Code, Rejection};
@@ -48,6 +49,21 @@ pub struct Settler {
     /// Retries of copies a recipient's queue refused.
     pub delivery: DeliverySettings,
     pub names: Queues,
+    /// The delivery log.
+    pub journal: Arc<Journal>,
+}
+
+impl Settler {
+    /// Where this flow's refused copies go.
+    pub fn outbox(&self) -> retry::Outbox<'_> {
+        retry::Outbox {
+            channel: &self.channel,
+            journal: &self.journal,
+            queues: &self.names,
+            settings: &self.delivery,
+            timeout_secs: self.confirm_timeout_secs,
+        }
+    }
 }
 
 /// The inbound message being settled.
@@ -266,16 +282,10 @@ async fn retry_later(
         "{} refused the copy (queue full)",
         settler.queues.outbound(recipient)
     ));
-    let wait = retry::schedule(
-        &settler.channel,
-        &settler.names,
-        &settler.delivery,
-        &copy,
-        body,
-        &failure,
-        settler.confirm_timeout_secs,
-    )
-    .await?;
+    let wait = retry::schedule(settler.outbox(), &copy, body, &failure).await?;
+    settler
+        .journal
+        .record(copy.event("retrying", &failure.reason));
     info!(
         message_id = inbound.message_id.as_deref().unwrap_or(""),
         sender = &*inbound.partner,
@@ -434,7 +444,7 @@ impl Acknowledger {
     pub async fn settle(&mut self, settled: Settled, settler: &Settler) {
         match settled.result {
             Ok(outcome) => {
-                log_outcome(&settled.inbound, &outcome);
+                log_outcome(&settled.inbound, &outcome, &settler.journal);
                 self.pending = Some(settled.inbound.acker);
                 self.count += 1;
                 self.since.get_or_insert_with(Instant::now);
@@ -502,7 +512,7 @@ impl Acknowledger {
     }
 }
 
-fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
+fn log_outcome(inbound: &Inbound, outcome: &Outcome, journal: &Journal) {
     let join = |names: &mut dyn Iterator<Item = &str>| names.collect::<Vec<_>>().join(",");
     let retrying = match outcome {
         Outcome::Delivered { retrying, .. } => join(&mut retrying.iter().map(|r| &**r)),
@@ -547,6 +557,31 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
             "message rejected",
         ),
     };
+    let latency_ms = inbound.received.elapsed().as_secs_f64() * 1000.0;
+    let mut detail = Vec::new();
+    if !retrying.is_empty() {
+        detail.push(format!("retrying: {retrying}"));
+    }
+    if !refused.is_empty() {
+        detail.push(format!("refused for: {refused}"));
+    }
+    if let Some(from) = &inbound.replay {
+        detail.push(format!("replay from {from}"));
+    }
+    if inbound.redelivered {
+        detail.push("redelivered by the broker".into());
+    }
+    journal.record(Event {
+        message_id: inbound.message_id.clone().unwrap_or_default(),
+        correlation_id: inbound.correlation_id.clone().unwrap_or_default(),
+        sender: inbound.partner.to_string(),
+        recipients: recipients.clone(),
+        message_type: inbound.message_type.clone().unwrap_or_default(),
+        code: code.as_str().to_string(),
+        latency_ms: Some(latency_ms),
+        detail: detail.join("; "),
+        ..Event::now(outcome)
+    });
     info!(
         message_id = inbound.message_id.as_deref().unwrap_or(""),
         r#type = inbound.message_type.as_deref().unwrap_or(""),
@@ -556,7 +591,7 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
         refused = %refused,
         outcome,
         code = code.as_str(),
-        latency_ms = inbound.received.elapsed().as_secs_f64() * 1000.0,
+        latency_ms,
         redelivered = inbound.redelivered,
         replay = inbound.replay.as_deref().unwrap_or(""),
         "{text}"
@@ -568,6 +603,14 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome) {
 async fn hand_back(settler: &Settler, inbound: Inbound, error: HandBack, pause: bool) {
     let message_id = inbound.message_id.as_deref().unwrap_or("");
     let message_type = inbound.message_type.as_deref().unwrap_or("");
+    settler.journal.record(Event {
+        message_id: message_id.to_string(),
+        correlation_id: inbound.correlation_id.clone().unwrap_or_default(),
+        sender: inbound.partner.to_string(),
+        message_type: message_type.to_string(),
+        detail: error.to_string(),
+        ..Event::now("handed-back")
+    });
     match &error {
         HandBack::Later(why) => tracing::error!(
             message_id,

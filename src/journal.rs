@@ -1,0 +1,602 @@
+//! Journal: the delivery log. Every step of every message — its outcome when settled (delivered,
+//! partial, rejected, given back already delivered), a hand-back to its queue, a copy sent to the
+//! delay queues, delivered on a later attempt, dead-lettered, and whether it was a replay — is
+//! one record with time, message_id, correlation_id, sender, recipients, type, code, latency and
+//! a short detail. Never the payload, never a person identifier.
+//!
+//! Records live in `log.db` in the data folder, written by one thread in batches so that the
+//! message path only hands a record over. The log is tamper-evident in the manner of X-Road's
+//! message log: each record stores the SHA-256 of its own fields and of the previous record's
+//! hash, so altering or removing a record breaks the chain from there on; `ponte log verify`
+//! names the first record where it breaks. Retention removes the oldest records; the chain is
+//! then verified from the oldest record kept.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// Records waiting for the writer, at most; beyond that, recording waits (never drops).
+const QUEUE: usize = 65_536;
+/// The writer commits at least this often.
+const BATCH_EVERY: Duration = Duration::from_millis(50);
+
+/// The hash before the first record.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS event (
+    seq INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    recipients TEXT NOT NULL,
+    type TEXT NOT NULL,
+    code TEXT NOT NULL,
+    latency_ms REAL,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_message ON event (message_id);
+CREATE INDEX IF NOT EXISTS event_correlation ON event (correlation_id) WHERE correlation_id <> '';
+CREATE INDEX IF NOT EXISTS event_sender ON event (sender, seq);
+CREATE INDEX IF NOT EXISTS event_code ON event (code, seq);
+CREATE INDEX IF NOT EXISTS event_at ON event (at_ms);
+";
+
+/// One step of one message.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Event {
+    /// Unix time in milliseconds.
+    pub at_ms: i64,
+    /// `delivered`, `partial`, `rejected`, `already-delivered`, `handed-back`, `retrying`,
+    /// `dead-lettered`.
+    pub step: String,
+    pub message_id: String,
+    pub correlation_id: String,
+    pub sender: String,
+    /// Comma-separated.
+    pub recipients: String,
+    #[serde(rename = "type")]
+    pub message_type: String,
+    pub code: String,
+    /// From receipt to settlement, for outcomes.
+    pub latency_ms: Option<f64>,
+    /// Attempts, a reason, where a replay came from: what the step needs to be understood.
+    pub detail: String,
+}
+
+impl Event {
+    pub fn now(step: &str) -> Event {
+        Event {
+            at_ms: now_ms(),
+            step: step.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// The hash chaining this record to the previous one.
+    fn hash(&self, seq: i64, prev: &str) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            prev,
+            &seq.to_string(),
+            &self.at_ms.to_string(),
+            &self.step,
+            &self.message_id,
+            &self.correlation_id,
+            &self.sender,
+            &self.recipients,
+            &self.message_type,
+            &self.code,
+            &self
+                .latency_ms
+                .map(|l| format!("{l:.3}"))
+                .unwrap_or_default(),
+            &self.detail,
+        ] {
+            h.update(part.as_bytes());
+            h.update([0u8]);
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// A record as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Logged {
+    pub seq: i64,
+    /// RFC 3339.
+    pub at: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+impl Logged {
+    /// One line for people: time, step, code, who to whom, type, ids, latency, detail.
+    pub fn line(&self) -> String {
+        let e = &self.event;
+        let mut line = format!(
+            "{}  {:<17} {:<22} {} -> {}  {}  {}",
+            self.at,
+            e.step,
+            e.code,
+            e.sender,
+            if e.recipients.is_empty() {
+                "-"
+            } else {
+                &e.recipients
+            },
+            e.message_type,
+            e.message_id
+        );
+        if !e.correlation_id.is_empty() {
+            line.push_str(&format!(" (answers {})", e.correlation_id));
+        }
+        if let Some(ms) = e.latency_ms {
+            line.push_str(&format!("  {ms:.1} ms"));
+        }
+        if !e.detail.is_empty() {
+            line.push_str(&format!("  [{}]", e.detail));
+        }
+        line
+    }
+}
+
+/// A time for `ponte log --since/--until`: RFC 3339, a date (`YYYY-MM-DD`, midnight UTC), or an
+/// age before now (`30s`, `90m`, `2h`, `1d`). Unix milliseconds.
+pub fn parse_time(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let bad = || format!("{text:?}: expected RFC 3339, YYYY-MM-DD, or an age like 90m, 2h, 1d");
+    if let Ok(t) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    if let Ok(d) = time::Date::parse(
+        text,
+        time::macros::format_description!("[year]-[month]-[day]"),
+    ) {
+        return Ok(d.midnight().assume_utc().unix_timestamp() * 1000);
+    }
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = text.split_at(split);
+    let n: i64 = n.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    Ok(now_ms() - n * seconds * 1000)
+}
+
+enum Command {
+    Record(Event),
+    Flush(SyncSender<()>),
+}
+
+/// The writing end of the delivery log.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    tx: SyncSender<Command>,
+}
+
+fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = Connection::open(path)?;
+    connection.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+    )?;
+    connection.execute_batch(SCHEMA)?;
+    Ok(connection)
+}
+
+impl Journal {
+    /// Opens (creating if needed) `log.db` in `dir` and starts its writer.
+    pub fn open(dir: &Path) -> Result<Journal, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join("log.db");
+        let connection = open_connection(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let last: Option<(i64, String)> = connection
+            .query_row(
+                "SELECT seq, hash FROM event ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let shown = path.display().to_string();
+        std::thread::Builder::new()
+            .name("ponte-journal".into())
+            .spawn(move || write(connection, rx, last, shown))
+            .map_err(|e| e.to_string())?;
+        Ok(Journal { path, tx })
+    }
+
+    /// Hands a record to the writer (waits only if the writer is far behind).
+    pub fn record(&self, event: Event) {
+        let _ = self.tx.send(Command::Record(event));
+    }
+
+    /// Returns once every record handed over so far is written.
+    pub fn flush(&self) {
+        let (done, wait) = sync_channel(1);
+        if self.tx.send(Command::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn write(
+    mut connection: Connection,
+    rx: Receiver<Command>,
+    last: Option<(i64, String)>,
+    path: String,
+) {
+    let (mut seq, mut prev) = last.unwrap_or((0, GENESIS.to_string()));
+    loop {
+        let first = match rx.recv() {
+            Ok(command) => command,
+            Err(_) => return,
+        };
+        let mut batch = vec![first];
+        let deadline = std::time::Instant::now() + BATCH_EVERY;
+        while batch.len() < 4096 {
+            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok(command) => {
+                    let flush = matches!(command, Command::Flush(_));
+                    batch.push(command);
+                    if flush {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let (mut next_seq, mut next_prev) = (seq, prev.clone());
+        let written = (|| {
+            let tx = connection.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO event (seq, at_ms, step, message_id, correlation_id, sender,
+                     recipients, type, code, latency_ms, detail, prev_hash, hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                )?;
+                for command in &batch {
+                    if let Command::Record(e) = command {
+                        next_seq += 1;
+                        let hash = e.hash(next_seq, &next_prev);
+                        insert.execute(params![
+                            next_seq,
+                            e.at_ms,
+                            e.step,
+                            e.message_id,
+                            e.correlation_id,
+                            e.sender,
+                            e.recipients,
+                            e.message_type,
+                            e.code,
+                            e.latency_ms,
+                            e.detail,
+                            next_prev,
+                            hash
+                        ])?;
+                        next_prev = hash;
+                    }
+                }
+            }
+            tx.commit()
+        })();
+        match written {
+            Ok(()) => (seq, prev) = (next_seq, next_prev),
+            Err(error) => tracing::error!(log = %path, %error, "cannot write the delivery log"),
+        }
+        for command in batch {
+            if let Command::Flush(done) = command {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// What `ponte log` asks for; every field set narrows the answer.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub sender: Option<String>,
+    pub recipient: Option<String>,
+    pub code: Option<String>,
+    pub step: Option<String>,
+    /// Unix milliseconds, inclusive.
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Only records after this sequence number (for `--follow`).
+    pub after_seq: Option<i64>,
+    pub limit: usize,
+}
+
+/// Reads the delivery log in `dir`.
+pub struct Reader {
+    connection: Connection,
+}
+
+impl Reader {
+    pub fn open(dir: &Path) -> Result<Reader, String> {
+        let path = dir.join("log.db");
+        if !path.exists() {
+            return Err(format!(
+                "{}: no delivery log (the gateway has not run with this data folder)",
+                path.display()
+            ));
+        }
+        let connection = open_connection(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Reader { connection })
+    }
+
+    /// The newest `filter.limit` records matching `filter`, oldest first.
+    pub fn query(&self, filter: &Filter) -> rusqlite::Result<Vec<Logged>> {
+        let mut clauses = Vec::new();
+        let mut values: Vec<rusqlite::types::Value> = Vec::new();
+        let mut text = |clause: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                values.push(v.clone().into());
+                clauses.push(clause.replace('?', &format!("?{}", values.len())));
+            }
+        };
+        text("message_id = ?", &filter.message_id);
+        text("correlation_id = ?", &filter.correlation_id);
+        text("sender = ?", &filter.sender);
+        text("code = ?", &filter.code);
+        text("step = ?", &filter.step);
+        text(
+            "(',' || recipients || ',') LIKE ('%,' || ? || ',%')",
+            &filter.recipient,
+        );
+        for (clause, value) in [
+            ("at_ms >= ?", filter.since_ms),
+            ("at_ms <= ?", filter.until_ms),
+            ("seq > ?", filter.after_seq),
+        ] {
+            if let Some(v) = value {
+                values.push(v.into());
+                clauses.push(clause.replace('?', &format!("?{}", values.len())));
+            }
+        }
+        let condition = if clauses.is_empty() {
+            "1".to_string()
+        } else {
+            clauses.join(" AND ")
+        };
+        let sql = format!(
+            "SELECT seq, at_ms, step, message_id, correlation_id, sender, recipients, type, code,
+             latency_ms, detail FROM event WHERE {condition} ORDER BY seq DESC LIMIT {}",
+            filter.limit.max(1)
+        );
+        let mut statement = self.connection.prepare(&sql)?;
+        let rows = statement.query_map(rusqlite::params_from_iter(values), |r| {
+            let at_ms: i64 = r.get(1)?;
+            Ok(Logged {
+                seq: r.get(0)?,
+                at: rfc3339(at_ms),
+                event: Event {
+                    at_ms,
+                    step: r.get(2)?,
+                    message_id: r.get(3)?,
+                    correlation_id: r.get(4)?,
+                    sender: r.get(5)?,
+                    recipients: r.get(6)?,
+                    message_type: r.get(7)?,
+                    code: r.get(8)?,
+                    latency_ms: r.get(9)?,
+                    detail: r.get(10)?,
+                },
+            })
+        })?;
+        let mut out: Vec<Logged> = rows.collect::<rusqlite::Result<_>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Checks the hash chain from the oldest record kept: `Ok(records checked)`, or the first
+    /// record that was altered, or after which records were removed.
+    pub fn verify(&self) -> rusqlite::Result<Result<u64, String>> {
+        let mut statement = self.connection.prepare(
+            "SELECT seq, at_ms, step, message_id, correlation_id, sender, recipients, type, code,
+             latency_ms, detail, prev_hash, hash FROM event ORDER BY seq",
+        )?;
+        let mut rows = statement.query([])?;
+        let mut checked = 0u64;
+        let mut previous: Option<(i64, String)> = None;
+        while let Some(r) = rows.next()? {
+            let seq: i64 = r.get(0)?;
+            let event = Event {
+                at_ms: r.get(1)?,
+                step: r.get(2)?,
+                message_id: r.get(3)?,
+                correlation_id: r.get(4)?,
+                sender: r.get(5)?,
+                recipients: r.get(6)?,
+                message_type: r.get(7)?,
+                code: r.get(8)?,
+                latency_ms: r.get(9)?,
+                detail: r.get(10)?,
+            };
+            let prev_hash: String = r.get(11)?;
+            let hash: String = r.get(12)?;
+            if let Some((prev_seq, prev_stored)) = &previous {
+                if seq != prev_seq + 1 || &prev_hash != prev_stored {
+                    return Ok(Err(format!(
+                        "record {seq}: the record before it (after {prev_seq}) was removed or altered"
+                    )));
+                }
+            } else if seq == 1 && prev_hash != GENESIS {
+                return Ok(Err("record 1: does not start the chain".into()));
+            }
+            if event.hash(seq, &prev_hash) != hash {
+                return Ok(Err(format!(
+                    "record {seq} (message {}) was altered: its hash does not match its contents",
+                    event.message_id
+                )));
+            }
+            previous = Some((seq, hash));
+            checked += 1;
+        }
+        Ok(Ok(checked))
+    }
+
+    /// Removes records older than `age`; the chain is then verified from the oldest one kept.
+    pub fn prune(&self, age: Duration) -> rusqlite::Result<usize> {
+        self.connection.execute(
+            "DELETE FROM event WHERE at_ms < ?1",
+            params![now_ms() - age.as_millis() as i64],
+        )
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ponte-journal-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn event(id: &str, step: &str) -> Event {
+        Event {
+            message_id: id.into(),
+            sender: "inps".into(),
+            recipients: "cpi-modena,osservatorio-er".into(),
+            message_type: "benefit-status".into(),
+            code: "delivered".into(),
+            latency_ms: Some(1.5),
+            ..Event::now(step)
+        }
+    }
+
+    #[test]
+    fn records_are_found_by_their_fields_and_the_chain_verifies() {
+        let dir = dir();
+        let journal = Journal::open(&dir).unwrap();
+        for i in 0..10 {
+            journal.record(event(&format!("m-{i}"), "delivered"));
+        }
+        journal.record(Event {
+            correlation_id: "m-3".into(),
+            ..event("m-answer", "rejected")
+        });
+        journal.flush();
+        let reader = Reader::open(&dir).unwrap();
+        let found = reader
+            .query(&Filter {
+                message_id: Some("m-4".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].event.recipients, "cpi-modena,osservatorio-er");
+        let to_observatory = reader
+            .query(&Filter {
+                recipient: Some("osservatorio-er".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(to_observatory.len(), 11);
+        let none = reader
+            .query(&Filter {
+                recipient: Some("osservatorio".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(none.is_empty(), "a recipient matches whole names only");
+        let answer = reader
+            .query(&Filter {
+                correlation_id: Some("m-3".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(answer[0].event.message_id, "m-answer");
+        assert_eq!(reader.verify().unwrap(), Ok(11));
+
+        // The chain continues across a restart of the writer.
+        drop(journal);
+        let journal = Journal::open(&dir).unwrap();
+        journal.record(event("m-after", "delivered"));
+        journal.flush();
+        assert_eq!(reader.verify().unwrap(), Ok(12));
+    }
+
+    #[test]
+    fn times_are_read_in_three_forms() {
+        assert_eq!(
+            parse_time("2026-11-23T08:00:00Z").unwrap(),
+            1_795_420_800_000
+        );
+        assert_eq!(parse_time("2026-11-23").unwrap(), 1_795_392_000_000);
+        let two_hours_ago = parse_time("2h").unwrap();
+        assert!((now_ms() - 7_200_000 - two_hours_ago).abs() < 1000);
+        assert!(parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn an_altered_or_removed_record_is_named() {
+        let dir = dir();
+        let journal = Journal::open(&dir).unwrap();
+        for i in 0..5 {
+            journal.record(event(&format!("m-{i}"), "delivered"));
+        }
+        journal.flush();
+        let reader = Reader::open(&dir).unwrap();
+        reader
+            .connection
+            .execute("UPDATE event SET code = 'rejected' WHERE seq = 3", [])
+            .unwrap();
+        let broken = reader.verify().unwrap().unwrap_err();
+        assert!(broken.starts_with("record 3 "), "{broken}");
+        reader
+            .connection
+            .execute("UPDATE event SET code = 'delivered' WHERE seq = 3", [])
+            .unwrap();
+        assert_eq!(reader.verify().unwrap(), Ok(5));
+        reader
+            .connection
+            .execute("DELETE FROM event WHERE seq = 2", [])
+            .unwrap();
+        let broken = reader.verify().unwrap().unwrap_err();
+        assert!(broken.starts_with("record 3:"), "{broken}");
+    }
+}
