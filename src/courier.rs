@@ -192,6 +192,8 @@ impl Courier {
                             })
                             .min(longest);
                         self.journal.record(copy.event("retrying", &failure.reason));
+                        metrics::counter!("ponte_retries_total", "recipient" => copy.recipient.clone())
+                            .increment(1);
                         info!(
                             message_id = copy.message_id.as_deref().unwrap_or(""),
                             sender = %copy.sender,

@@ -63,6 +63,7 @@ pub async fn run(pipeline: Arc<Pipeline>, shutdown: CancellationToken, status: S
             break;
         }
         reconnects += 1;
+        metrics::counter!("ponte_broker_reconnects_total").increment(1);
         match result {
             Ok(()) => warn!(reconnects, "restarting the broker session"),
             Err(error) => warn!(

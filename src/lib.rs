@@ -42,6 +42,7 @@ pub mod gateway;
 pub mod identifiers;
 pub mod journal;
 pub mod map;
+pub mod ops;
 pub mod partner;
 pub mod pipeline;
 pub mod receipt;

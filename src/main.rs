@@ -243,6 +243,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => {
             let directory = load(&cli.config).context("refusing to start")?;
             ponte::telemetry::init(&directory.settings.log);
+            ponte::ops::metrics();
             let pipeline = Arc::new(
                 ponte::pipeline::Pipeline::open(Arc::new(directory))
                     .context("refusing to start")?,
@@ -251,7 +252,20 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             tokio::spawn(stop_on_signal(shutdown.clone()));
             tokio::spawn(reload_on_hangup(pipeline.directory.clone()));
             tokio::spawn(prune_daily(pipeline.clone()));
-            ponte::gateway::run(pipeline.clone(), shutdown, Default::default()).await;
+            let status = ponte::gateway::Status::default();
+            let listen = pipeline.directory.settings.ops.listen.clone();
+            if !listen.is_empty() {
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .with_context(|| format!("ops.listen {listen}"))?;
+                let ops = ponte::ops::serve(listener, pipeline.clone(), status.clone());
+                tokio::spawn(async move {
+                    if let Err(error) = ops.await {
+                        tracing::error!(%error, "ops endpoints stopped");
+                    }
+                });
+            }
+            ponte::gateway::run(pipeline.clone(), shutdown, status).await;
             pipeline.store.flush().context("saving the crosswalk")?;
             pipeline.journal.flush();
             Ok(ExitCode::SUCCESS)

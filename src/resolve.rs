@@ -57,6 +57,18 @@ impl Resolver {
 
     /// The partner's own id for `(scheme, value)`.
     pub async fn local_id(&self, scheme: &str, value: &str) -> Resolved {
+        let resolved = self.ask(scheme, value).await;
+        let result = match &resolved {
+            Resolved::Found(_) => "found",
+            Resolved::Unknown => "unknown",
+            Resolved::Unavailable(_) => "unavailable",
+        };
+        metrics::counter!("ponte_lookups_total", "partner" => self.partner.clone(), "result" => result)
+            .increment(1);
+        resolved
+    }
+
+    async fn ask(&self, scheme: &str, value: &str) -> Resolved {
         let key = (scheme.to_string(), value.to_string());
         if let Some(local) = self.cache.get(&key) {
             return Resolved::Found(local);

@@ -180,6 +180,7 @@ pub async fn schedule(
         .with_expiration(ShortString::from(wait.as_millis().to_string()));
     let confirm = publish(channel, &queue, body, properties).await?;
     confirmed(confirm, &queue, timeout_secs).await?;
+    metrics::counter!("ponte_retries_total", "recipient" => copy.recipient.clone()).increment(1);
     Ok(wait)
 }
 
@@ -254,6 +255,8 @@ pub async fn dead_letter(
     confirmed(parked, &dlq, timeout_secs).await?;
     confirmed(answer, &receipts, timeout_secs).await?;
     journal.record(copy.event("dead-lettered", &failure.reason));
+    metrics::counter!("ponte_dead_letters_total", "recipient" => copy.recipient.clone())
+        .increment(1);
     warn!(
         message_id = copy.message_id.as_deref().unwrap_or(""),
         r#type = copy.message_type.as_deref().unwrap_or(""),

@@ -26,6 +26,24 @@ pub struct Settings {
     pub store: StoreSettings,
     #[serde(default)]
     pub delivery: DeliverySettings,
+    #[serde(default)]
+    pub ops: OpsSettings,
+}
+
+/// The ops endpoints (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsSettings {
+    /// Address to serve them on; loopback by default; empty to switch them off.
+    pub listen: String,
+}
+
+impl Default for OpsSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
 /// Retries of copies a recipient could not take, and when to give up on them.

@@ -174,7 +174,10 @@ pub async fn delivered(
         } in copies
         {
             let queue = settler.queues.outbound(&recipient);
-            match confirmed(confirm, queue, settler.confirm_timeout_secs).await {
+            let confirmation = confirmed(confirm, queue, settler.confirm_timeout_secs).await;
+            metrics::gauge!("ponte_copies_in_flight", "recipient" => recipient.to_string())
+                .decrement(1);
+            match confirmation {
                 Ok(()) => recipients.push(recipient),
                 Err(BrokerError::Nacked) => match retry_later(&settler, &inbound, &recipient, &body).await {
                     Ok(()) => retrying.push(recipient),
@@ -571,6 +574,20 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome, journal: &Journal) {
     if inbound.redelivered {
         detail.push("redelivered by the broker".into());
     }
+    // An unknown type is whatever the sender wrote: not a label (it would grow without bound).
+    let type_label = match code {
+        Code::UnknownType => "",
+        _ => inbound.message_type.as_deref().unwrap_or(""),
+    };
+    metrics::counter!(
+        "ponte_messages_total",
+        "sender" => inbound.partner.to_string(),
+        "type" => type_label.to_string(),
+        "outcome" => outcome,
+        "code" => code.as_str()
+    )
+    .increment(1);
+    metrics::histogram!("ponte_latency_seconds").record(latency_ms / 1000.0);
     journal.record(Event {
         message_id: inbound.message_id.clone().unwrap_or_default(),
         correlation_id: inbound.correlation_id.clone().unwrap_or_default(),
@@ -603,6 +620,8 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome, journal: &Journal) {
 async fn hand_back(settler: &Settler, inbound: Inbound, error: HandBack, pause: bool) {
     let message_id = inbound.message_id.as_deref().unwrap_or("");
     let message_type = inbound.message_type.as_deref().unwrap_or("");
+    metrics::counter!("ponte_handed_back_total", "sender" => inbound.partner.to_string())
+        .increment(1);
     settler.journal.record(Event {
         message_id: message_id.to_string(),
         correlation_id: inbound.correlation_id.clone().unwrap_or_default(),

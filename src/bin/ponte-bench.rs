@@ -507,6 +507,7 @@ fn start_ponte(args: &Args, config: &Path) -> Result<(Child, Duration)> {
         .args(["run", "--config"])
         .arg(config)
         .env("PONTE_BROKER__URL", &args.url)
+        .env("PONTE_OPS__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

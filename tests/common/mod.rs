@@ -99,7 +99,9 @@ pub fn ponte_run(config: &Path, url: &str, prefix: &str) -> Command {
         .arg(config)
         .env("PONTE_BROKER__URL", url)
         .env("PONTE_BROKER__PREFIX", prefix)
-        .env("PONTE_STORE__DIR", data_dir(prefix));
+        .env("PONTE_STORE__DIR", data_dir(prefix))
+        // Many gateways run at once: each gets a port of its own for its ops endpoints.
+        .env("PONTE_OPS__LISTEN", "127.0.0.1:0");
     command
 }
 

@@ -1,0 +1,95 @@
+//! Ops endpoints, served on `ops.listen` (loopback by default):
+//!
+//! - `GET /metrics`: Prometheus text format. `ponte_messages_total{sender,type,outcome,code}`,
+//!   `ponte_latency_seconds` (receipt to settlement, histogram), `ponte_copies_in_flight
+//!   {recipient}` (copies published and not yet confirmed), `ponte_retries_total{recipient}`,
+//!   `ponte_dead_letters_total{recipient}`, `ponte_handed_back_total{sender}`,
+//!   `ponte_broker_reconnects_total`, `ponte_lookups_total{partner,result}`, `ponte_ready`.
+//! - `GET /healthz`: 200 while the process runs (liveness).
+//! - `GET /readyz`: 200 when connected to the broker with the topology declared and every flow
+//!   consuming, the store writable and the configuration loaded; else 503 with the reasons
+//!   (readiness).
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::gateway::Status;
+use crate::pipeline::Pipeline;
+
+/// Latency buckets, in seconds: a gateway's work is milliseconds; queues make it seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide metrics recorder (once) and returns its handle.
+pub fn metrics() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("ponte_latency_seconds".into()),
+                LATENCY_BUCKETS,
+            )
+            .expect("the buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder (a test harness) may already be installed; the handle still renders.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+#[derive(Clone)]
+struct Ops {
+    pipeline: Arc<Pipeline>,
+    status: Status,
+}
+
+/// The ops endpoints' router.
+pub fn router(pipeline: Arc<Pipeline>, status: Status) -> Router {
+    metrics();
+    Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(Ops { pipeline, status })
+}
+
+/// Serves the ops endpoints on `listener` until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    pipeline: Arc<Pipeline>,
+    status: Status,
+) -> std::io::Result<()> {
+    tracing::info!(address = %listener.local_addr()?, "ops endpoints listening: /metrics /healthz /readyz");
+    axum::serve(listener, router(pipeline, status)).await
+}
+
+async fn render(State(ops): State<Ops>) -> String {
+    metrics::gauge!("ponte_ready").set(if ops.status.is_ready() { 1.0 } else { 0.0 });
+    metrics().render()
+}
+
+async fn ready(State(ops): State<Ops>) -> (StatusCode, String) {
+    let mut problems = Vec::new();
+    if !ops.status.is_ready() {
+        problems.push("not connected to the broker with every flow consuming".to_string());
+    }
+    if let Err(error) = ops.pipeline.store.flush() {
+        problems.push(format!("store not writable: {error}"));
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
+        )
+    }
+}

@@ -1,0 +1,160 @@
+//! The ops endpoints of a running `ponte run`: metrics count exactly what was sent, `/healthz`
+//! answers while the process lives, and `/readyz` turns not-ready while the broker is stopped and
+//! ready again once it is back.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{PrivateBroker, broker_url, publish_many, random_prefix, referral, repo};
+use ponte::broker::Queues;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(url: &str, prefix: &str, port: u16) -> Child {
+    common::ponte_run(&repo().join("config"), url, prefix)
+        .env("PONTE_OPS__LISTEN", format!("127.0.0.1:{port}"))
+        .env("PONTE_BROKER__MAX_RECONNECT_DELAY_SECS", "1")
+        .env("PONTE_LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn stop(mut child: Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let client = ponte::resolve::http_client(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.unwrap_or_default()))
+}
+
+async fn wait_for(what: &str, within: Duration, port: u16, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some((s, body)) = get(port, path).await
+            && s == status
+        {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The sum of a metric's samples whose labels contain every one of `labels`.
+fn total(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_the_messages_sent_and_the_probes_answer() {
+    let (url, prefix, port) = (broker_url(), random_prefix(), free_port());
+    let child = start(&url, &prefix, port);
+    wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
+    assert_eq!(get(port, "/healthz").await.unwrap().0, 200);
+
+    let queues = Queues::new(&prefix);
+    let mut bodies: Vec<Vec<u8>> = (0..5)
+        .map(|_| serde_json::to_vec(&referral("cpi-modena", "CPI-MO-01", "036023")).unwrap())
+        .collect();
+    bodies.push(b"not json".to_vec());
+    let mut wrong = referral("cpi-modena", "CPI-MO-01", "036023");
+    wrong["payload"]["reason"] = "because".into();
+    bodies.push(serde_json::to_vec(&wrong).unwrap());
+    publish_many(&url, &queues.inbound("cpi-modena"), &bodies).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let (_, metrics) = get(port, "/metrics").await.unwrap();
+        if total(&metrics, "ponte_latency_seconds_count", &[]) >= 7.0 {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seven messages settled:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let messages = "ponte_messages_total";
+    let sender = "sender=\"cpi-modena\"";
+    assert_eq!(
+        total(&metrics, messages, &[sender, "outcome=\"delivered\""]),
+        5.0
+    );
+    assert_eq!(
+        total(
+            &metrics,
+            messages,
+            &[sender, "type=\"referral\"", "code=\"delivered\""]
+        ),
+        5.0
+    );
+    assert_eq!(total(&metrics, messages, &["code=\"invalid-json\""]), 1.0);
+    assert_eq!(
+        total(&metrics, messages, &["code=\"schema-violation\""]),
+        1.0
+    );
+    assert_eq!(total(&metrics, messages, &[]), 7.0);
+    assert_eq!(total(&metrics, "ponte_latency_seconds_count", &[]), 7.0);
+    assert_eq!(
+        total(&metrics, "ponte_copies_in_flight", &["recipient=\"inps\""]),
+        0.0
+    );
+    assert_eq!(total(&metrics, "ponte_ready", &[]), 1.0);
+    assert!(
+        metrics.contains("# TYPE ponte_latency_seconds histogram"),
+        "{metrics}"
+    );
+    stop(child);
+    common::delete_queues(&common::directory(&url, &prefix)).await;
+}
+
+#[tokio::test]
+async fn readyz_is_not_ready_while_the_broker_is_stopped_and_ready_again_after() {
+    let broker = PrivateBroker::start();
+    let (prefix, port) = (random_prefix(), free_port());
+    let child = start(&broker.url(), &prefix, port);
+    wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
+
+    broker.script("stop");
+    let why = wait_for("not ready", Duration::from_secs(30), port, "/readyz", 503).await;
+    assert!(why.contains("broker"), "{why}");
+    assert_eq!(
+        get(port, "/healthz").await.unwrap().0,
+        200,
+        "alive all along"
+    );
+
+    broker.script("start");
+    wait_for("ready again", Duration::from_secs(60), port, "/readyz", 200).await;
+    let (_, metrics) = get(port, "/metrics").await.unwrap();
+    assert!(
+        total(&metrics, "ponte_broker_reconnects_total", &[]) >= 1.0,
+        "{metrics}"
+    );
+    stop(child);
+}
