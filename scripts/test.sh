@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# Runs Ponte's whole test suite: starts a private RabbitMQ on loopback (installing Debian's
-# rabbitmq-server if it is missing) with a fresh data folder, checks that the deploy/
+# Runs Ponte's whole test suite: installs what the tests drive if it is missing (Chromium,
+# systemd-analyze), starts a private RabbitMQ on loopback (installing Debian's rabbitmq-server if
+# it is missing) with a fresh data folder, checks that the deploy/
 # definitions file loads into it, runs every unit and integration test against it with
 # cargo-nextest (each test under its own queue prefix), and stops the broker again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The console's end-to-end test drives Debian's Chromium; the deploy test runs systemd-analyze.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "test.sh: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 
 port=${PONTE_TEST_BROKER_PORT:-5681}
 dir=target/test-broker

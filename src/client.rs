@@ -246,3 +246,71 @@ pub async fn take(
     let _ = connection.close(200, "done".into()).await;
     Ok(out)
 }
+
+/// Sends a dead-lettered copy to its recipient again through the redelivery queue, with fresh
+/// attempts, if its sender may still send that type to the recipient. The inner error says why
+/// not.
+pub async fn replay_dead_letter(
+    directory: &Directory,
+    recipient: &str,
+    letter: &Taken,
+    queue: &str,
+) -> Result<Result<(), String>, BrokerError> {
+    use crate::retry;
+    let Some(sender) = letter.header(retry::SENDER) else {
+        return Ok(Err(
+            "it does not say which partner sent it (x-ponte-sender)".into(),
+        ));
+    };
+    let message_type = serde_json::from_slice::<Value>(&letter.body)
+        .ok()
+        .and_then(|v| v.get("type")?.as_str().map(String::from))
+        .unwrap_or_default();
+    if !directory.partners.contains_key(sender) {
+        return Ok(Err(format!(
+            "its sender {sender} is no longer a configured partner"
+        )));
+    }
+    if !directory
+        .matrix
+        .may_ever_send(sender, &message_type, recipient)
+    {
+        return Ok(Err(format!(
+            "authorization.toml no longer lets {sender} send {message_type} to {recipient}"
+        )));
+    }
+    let headers = [
+        (retry::SENDER, sender.to_string()),
+        (retry::RECIPIENT, recipient.to_string()),
+        (retry::ATTEMPTS, "0".to_string()),
+        (retry::FIRST_ATTEMPT, retry::now_ms().to_string()),
+        (retry::REPLAY, queue.to_string()),
+    ];
+    redeliver(directory, &letter.body, &headers).await?;
+    Ok(Ok(()))
+}
+
+/// Messages ready in each of `queues` (0 for a queue that does not exist).
+pub async fn depths(directory: &Directory, queues: &[String]) -> Result<Vec<u32>, BrokerError> {
+    let connection = connect(directory, "ponte console").await?;
+    let mut out = Vec::with_capacity(queues.len());
+    for queue in queues {
+        // A passive declare of a missing queue closes the channel: one channel per queue.
+        let channel = connection.create_channel().await?;
+        let depth = channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .map_or(0, |q| q.message_count());
+        out.push(depth);
+        let _ = channel.close(200, "counted".into()).await;
+    }
+    let _ = connection.close(200, "counted".into()).await;
+    Ok(out)
+}

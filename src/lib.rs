@@ -34,6 +34,7 @@
 pub mod authorize;
 pub mod broker;
 pub mod client;
+pub mod console;
 pub mod courier;
 pub mod decode;
 pub mod deliver;

@@ -457,7 +457,8 @@ async fn parked(
                     );
                 }
                 if kind == Parked::DeadLetters {
-                    match replay_dead_letter(&directory, &partner, t, &queue).await? {
+                    match ponte::client::replay_dead_letter(&directory, &partner, t, &queue).await?
+                    {
                         Ok(()) => {
                             parked.remove(index).await?;
                             replayed += 1;
@@ -509,51 +510,6 @@ async fn parked(
     };
     parked.close().await;
     result
-}
-
-/// Sends a dead-lettered copy to its recipient again through the redelivery queue, with fresh
-/// attempts, if its sender may still send that type to the recipient. The inner error says why
-/// not.
-async fn replay_dead_letter(
-    directory: &Directory,
-    recipient: &str,
-    letter: &ponte::client::Taken,
-    queue: &str,
-) -> anyhow::Result<Result<(), String>> {
-    let Some(sender) = letter.header(ponte::retry::SENDER) else {
-        return Ok(Err(
-            "it does not say which partner sent it (x-ponte-sender)".into(),
-        ));
-    };
-    let message_type = serde_json::from_slice::<serde_json::Value>(&letter.body)
-        .ok()
-        .and_then(|v| v.get("type")?.as_str().map(String::from))
-        .unwrap_or_default();
-    if !directory.partners.contains_key(sender) {
-        return Ok(Err(format!(
-            "its sender {sender} is no longer a configured partner"
-        )));
-    }
-    if !directory
-        .matrix
-        .may_ever_send(sender, &message_type, recipient)
-    {
-        return Ok(Err(format!(
-            "authorization.toml no longer lets {sender} send {message_type} to {recipient}"
-        )));
-    }
-    let headers = [
-        (ponte::retry::SENDER, sender.to_string()),
-        (ponte::retry::RECIPIENT, recipient.to_string()),
-        (ponte::retry::ATTEMPTS, "0".to_string()),
-        (
-            ponte::retry::FIRST_ATTEMPT,
-            ponte::retry::now_ms().to_string(),
-        ),
-        (ponte::retry::REPLAY, queue.to_string()),
-    ];
-    ponte::client::redeliver(directory, &letter.body, &headers).await?;
-    Ok(Ok(()))
 }
 
 /// Reads a crosswalk CSV (header `scheme,value,local`), refusing the whole file on any bad row.

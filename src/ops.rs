@@ -9,6 +9,7 @@
 //! - `GET /readyz`: 200 when connected to the broker with the topology declared and every flow
 //!   consuming, the store writable and the configuration loaded; else 503 with the reasons
 //!   (readiness).
+//! - `/`, `/journey`, `POST /dlq/replay`: the console (see `console`).
 
 use std::sync::{Arc, OnceLock};
 
@@ -54,11 +55,17 @@ struct Ops {
 /// The ops endpoints' router.
 pub fn router(pipeline: Arc<Pipeline>, status: Status) -> Router {
     metrics();
+    let console = Router::new()
+        .route("/", get(crate::console::home))
+        .route("/journey", get(crate::console::journey))
+        .route("/dlq/replay", axum::routing::post(crate::console::replay))
+        .with_state(pipeline.clone());
     Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(Ops { pipeline, status })
+        .merge(console)
 }
 
 /// Serves the ops endpoints on `listener` until the process ends.
