@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS event (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS event_message ON event (message_id);
-CREATE INDEX IF NOT EXISTS event_correlation ON event (correlation_id) WHERE correlation_id <> '';
+CREATE INDEX IF NOT EXISTS event_correlation ON event (correlation_id);
 CREATE INDEX IF NOT EXISTS event_sender ON event (sender, seq);
 CREATE INDEX IF NOT EXISTS event_code ON event (code, seq);
 CREATE INDEX IF NOT EXISTS event_at ON event (at_ms);

@@ -88,3 +88,27 @@ fn the_mapping_benchmark_prints_a_cost_for_every_demo_message() {
         }
     }
 }
+
+#[test]
+fn the_delivery_log_benchmark_writes_queries_and_verifies() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench-log"))
+        .arg("2000")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("wrote 2000 records"), "{stdout}");
+    assert!(stdout.contains("--message-id"), "{stdout}");
+    assert!(
+        stdout.contains("(1 records)"),
+        "the message is found: {stdout}"
+    );
+    assert!(
+        stdout.contains("(Ok(2000))"),
+        "the chain verifies: {stdout}"
+    );
+}

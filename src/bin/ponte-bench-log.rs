@@ -1,0 +1,134 @@
+//! Benchmark of the delivery log: writes N records (default 1,000,000) the way the gateway does,
+//! then times the queries ops run (`ponte log --message-id`, `--correlation-id`, `--sender
+//! --code`, `--recipient`, a time range) and `ponte log verify`. Prints figures; never fails on
+//! a timing.
+//!
+//! `cargo run --release --bin ponte-bench-log [-- N]`
+
+use std::time::Instant;
+
+use ponte::journal::{Event, Filter, Journal, Reader, now_ms};
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = std::env::temp_dir().join(format!("ponte-bench-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let senders = ["inps", "cpi-modena", "cpi-bologna", "comune-modena"];
+    let codes = [
+        "delivered",
+        "delivered",
+        "delivered",
+        "schema-violation",
+        "no-route",
+    ];
+    let start_ms = now_ms() - n as i64;
+    let started = Instant::now();
+    let journal = Journal::open(&dir).expect("the log opens");
+    for i in 0..n {
+        let code = codes[i % codes.len()];
+        journal.record(Event {
+            at_ms: start_ms + i as i64,
+            step: if code == "delivered" {
+                "delivered"
+            } else {
+                "rejected"
+            }
+            .into(),
+            message_id: format!("00000000-0000-4000-8000-{i:012}"),
+            correlation_id: if i % 10 == 0 {
+                format!("00000000-0000-4000-8000-{:012}", i / 2)
+            } else {
+                String::new()
+            },
+            sender: senders[i % senders.len()].into(),
+            recipients: if code == "delivered" {
+                "cpi-modena,osservatorio-er".into()
+            } else {
+                String::new()
+            },
+            message_type: "benefit-status".into(),
+            code: code.into(),
+            latency_ms: Some(1.5),
+            detail: String::new(),
+        });
+    }
+    journal.flush();
+    let wrote = started.elapsed();
+    println!(
+        "wrote {n} records in {:.1} s ({:.1} µs each, one writer thread in batches)",
+        wrote.as_secs_f64(),
+        wrote.as_secs_f64() * 1e6 / n as f64
+    );
+    let reader = Reader::open(&dir).expect("the log reads");
+    let time = |name: &str, filter: Filter| {
+        let started = Instant::now();
+        let found = reader.query(&filter).expect("the query runs");
+        println!(
+            "{name:<44} {:>8.1} ms  ({} records)",
+            started.elapsed().as_secs_f64() * 1000.0,
+            found.len()
+        );
+    };
+    let middle = format!("00000000-0000-4000-8000-{:012}", n / 2);
+    time(
+        "--message-id",
+        Filter {
+            message_id: Some(middle.clone()),
+            limit: 100,
+            ..Default::default()
+        },
+    );
+    time(
+        "--correlation-id",
+        Filter {
+            correlation_id: Some(format!("00000000-0000-4000-8000-{:012}", n / 4)),
+            limit: 100,
+            ..Default::default()
+        },
+    );
+    time(
+        "--sender cpi-modena --code schema-violation",
+        Filter {
+            sender: Some("cpi-modena".into()),
+            code: Some("schema-violation".into()),
+            limit: 100,
+            ..Default::default()
+        },
+    );
+    time(
+        "--recipient osservatorio-er (newest 100)",
+        Filter {
+            recipient: Some("osservatorio-er".into()),
+            limit: 100,
+            ..Default::default()
+        },
+    );
+    time(
+        "--recipient comune-modena (none: full scan)",
+        Filter {
+            recipient: Some("comune-modena".into()),
+            limit: 100,
+            ..Default::default()
+        },
+    );
+    time(
+        "--since/--until (one minute, newest 100)",
+        Filter {
+            since_ms: Some(start_ms + n as i64 / 2),
+            until_ms: Some(start_ms + n as i64 / 2 + 60_000),
+            limit: 100,
+            ..Default::default()
+        },
+    );
+    let started = Instant::now();
+    let verified = reader.verify().expect("verify runs");
+    println!(
+        "{:<44} {:>8.1} ms  ({verified:?})",
+        "verify",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
