@@ -75,6 +75,10 @@ impl Queues {
     pub fn redeliver(&self) -> String {
         format!("{}.redeliver", self.prefix)
     }
+    /// Topic exchange receiving every delivery-log record, when `log.events_exchange` is on.
+    pub fn events(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
     /// All five queues of a partner.
     pub fn of_partner(&self, partner: &str) -> [String; 5] {
         [
@@ -208,6 +212,20 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
     for (queue, arguments) in retry_queues(directory) {
         declare_queue_with(channel, &queue, arguments, false).await?;
     }
+    if directory.settings.log.events_exchange {
+        channel
+            .exchange_declare(
+                queues.events().as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    nowait: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+    }
     // The declarations above are sent without waiting for each answer (thousands of round trips
     // for a large directory); the broker handles a channel's methods in order and closes the
     // channel on the first that fails, so one synchronous call at the end confirms them all.
@@ -274,6 +292,12 @@ pub fn definitions(directory: &Directory, vhost: &str) -> Value {
         q.push(json!({
             "name": queue, "vhost": vhost, "durable": true, "auto_delete": false,
             "arguments": as_json(&arguments)
+        }));
+    }
+    if directory.settings.log.events_exchange {
+        exchanges.push(json!({
+            "name": queues.events(), "vhost": vhost, "type": "topic", "durable": true,
+            "auto_delete": false, "internal": false, "arguments": {}
         }));
     }
     json!({
@@ -433,5 +457,52 @@ where
         }
     };
     stop_consuming(consuming, publishing, tag).await;
+    result
+}
+
+/// Publishes every delivery-log record to the events exchange until `stop`: JSON, persistent,
+/// routing key `<step>.<sender>`, without confirms (best effort: the delivery log is the record).
+pub async fn publish_events(
+    channel: Channel,
+    exchange: String,
+    mut events: tokio::sync::broadcast::Receiver<crate::journal::Event>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), BrokerError> {
+    use tokio::sync::broadcast::error::RecvError;
+    let result = loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => break Ok(()),
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(event) => {
+                let body = serde_json::to_vec(&event).expect("an event always serializes");
+                let key = format!("{}.{}", event.step, event.sender);
+                let properties = lapin::BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_type("ponte-event".into());
+                if let Err(error) = channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        key.as_str().into(),
+                        lapin::options::BasicPublishOptions::default(),
+                        &body,
+                        properties,
+                    )
+                    .await
+                {
+                    break Err(error.into());
+                }
+            }
+            Err(RecvError::Lagged(lost)) => tracing::warn!(
+                lost,
+                exchange = %exchange,
+                "events exchange publisher fell behind; these records are only in the delivery log"
+            ),
+            Err(RecvError::Closed) => break Ok(()),
+        }
+    };
+    let _ = channel.close(200, "events stopped".into()).await;
     result
 }

@@ -189,6 +189,14 @@ async fn session(
         flows.spawn(courier.run(session_stop.clone(), ready_tx.clone()));
         expected += 1;
     }
+    if directory.settings.log.events_exchange {
+        flows.spawn(crate::broker::publish_events(
+            retry_publishing.create_channel().await?,
+            names.events(),
+            pipeline.journal.subscribe(),
+            session_stop.clone(),
+        ));
+    }
     connections.push(retry_consuming);
     connections.push(retry_publishing);
     drop(ready_tx);

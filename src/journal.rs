@@ -21,6 +21,8 @@ use sha2::{Digest, Sha256};
 
 /// Records waiting for the writer, at most; beyond that, recording waits (never drops).
 const QUEUE: usize = 65_536;
+/// Records held for a slow events publisher before it starts losing the oldest.
+const EVENTS: usize = 16_384;
 /// The writer commits at least this often.
 const BATCH_EVERY: Duration = Duration::from_millis(50);
 
@@ -187,6 +189,9 @@ enum Command {
 pub struct Journal {
     path: PathBuf,
     tx: SyncSender<Command>,
+    /// Records for the events exchange, when someone listens; best effort (the log is the
+    /// record), so a listener that falls behind loses the oldest and is told how many.
+    events: tokio::sync::broadcast::Sender<Event>,
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
@@ -218,12 +223,24 @@ impl Journal {
             .name("ponte-journal".into())
             .spawn(move || write(connection, rx, last, shown))
             .map_err(|e| e.to_string())?;
-        Ok(Journal { path, tx })
+        Ok(Journal {
+            path,
+            tx,
+            events: tokio::sync::broadcast::Sender::new(EVENTS),
+        })
     }
 
     /// Hands a record to the writer (waits only if the writer is far behind).
     pub fn record(&self, event: Event) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(event.clone());
+        }
         let _ = self.tx.send(Command::Record(event));
+    }
+
+    /// Every record from now on, for publishing elsewhere.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events.subscribe()
     }
 
     /// Returns once every record handed over so far is written.

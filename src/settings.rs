@@ -234,6 +234,9 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// A `tracing` filter (`info`, `ponte=debug,lapin=warn`); `RUST_LOG` overrides it.
     pub level: String,
+    /// Also publish every delivery-log record, as JSON, to the topic exchange
+    /// `<prefix>.events` (routing key `<step>.<sender>`), for an organisation's own log system.
+    pub events_exchange: bool,
 }
 
 impl Default for LogSettings {
@@ -241,6 +244,7 @@ impl Default for LogSettings {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            events_exchange: false,
         }
     }
 }

@@ -162,3 +162,90 @@ async fn a_messages_journey_is_queried_and_the_log_proves_it_was_not_altered() {
     common::delete_queues(&directory(&broker_url(), &prefix)).await;
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
+
+#[tokio::test]
+async fn every_step_is_also_published_to_the_events_exchange_when_asked() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
+    let prefix = random_prefix();
+    let config = common::repo().join("config");
+    let url = broker_url();
+    let gw = Gateway::start_with(common::directory_with(
+        &config,
+        &url,
+        &prefix,
+        &[("log.events_exchange", "true")],
+    ))
+    .await;
+    // An organisation's log system binds a queue of its own to the exchange.
+    let connection = common::connect(&url).await;
+    let channel = connection.create_channel().await.unwrap();
+    let feed = format!("{prefix}.my-log-system");
+    channel
+        .queue_declare(
+            feed.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            feed.as_str().into(),
+            gw.queues.events().as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let delivered = referral("cpi-modena", "CPI-MO-01", "036023");
+    gw.send("cpi-modena", &delivered).await;
+    let mut wrong = referral("cpi-modena", "CPI-MO-01", "036023");
+    wrong["payload"]["reason"] = json!("because");
+    gw.send("cpi-modena", &wrong).await;
+
+    let events = common::drain(&url, &feed, 2, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 2);
+    let mut seen: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            let v = e.json();
+            (
+                v["message_id"].as_str().unwrap().to_string(),
+                v["step"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let mut expected = vec![
+        (
+            delivered["message_id"].as_str().unwrap().to_string(),
+            "delivered".to_string(),
+        ),
+        (
+            wrong["message_id"].as_str().unwrap().to_string(),
+            "rejected".to_string(),
+        ),
+    ];
+    expected.sort();
+    assert_eq!(seen, expected);
+    for event in &events {
+        let text = event.text();
+        assert!(
+            !text.contains("RSSMRA85T10A562S"),
+            "no person identifier: {text}"
+        );
+        assert!(!text.contains("payload"), "no payload: {text}");
+    }
+    channel
+        .queue_delete(feed.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    gw.stop().await;
+}
