@@ -104,6 +104,8 @@ struct PartnerQueues {
     outbound: String,
     receipts: String,
     rejected: String,
+    /// Copies published to this partner and not yet confirmed (`ponte_copies_in_flight`).
+    in_flight: metrics::Gauge,
 }
 
 impl QueueNames {
@@ -117,6 +119,7 @@ impl QueueNames {
                     outbound: queues.outbound(p),
                     receipts: queues.receipts(p),
                     rejected: queues.rejected(p),
+                    in_flight: metrics::gauge!("ponte_copies_in_flight", "recipient" => p.to_string()),
                 };
                 (p.to_string(), names)
             })
@@ -143,6 +146,10 @@ impl QueueNames {
     }
     pub fn receipts(&self, partner: &str) -> &str {
         &self.get(partner).receipts
+    }
+    /// The gauge of `partner`'s copies awaiting their confirm.
+    pub fn in_flight(&self, partner: &str) -> &metrics::Gauge {
+        &self.get(partner).in_flight
     }
     pub fn rejected(&self, partner: &str) -> &str {
         &self.get(partner).rejected

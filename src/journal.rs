@@ -20,7 +20,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 /// Records waiting for the writer, at most; beyond that, recording waits (never drops).
-const QUEUE: usize = 65_536;
+const QUEUE: usize = 16_384;
 /// Records held for a slow events publisher before it starts losing the oldest.
 const EVENTS: usize = 16_384;
 /// The writer commits at least this often.
@@ -48,8 +48,6 @@ CREATE TABLE IF NOT EXISTS event (
 CREATE INDEX IF NOT EXISTS event_message ON event (message_id);
 CREATE INDEX IF NOT EXISTS event_correlation ON event (correlation_id);
 CREATE INDEX IF NOT EXISTS event_sender ON event (sender, seq);
-CREATE INDEX IF NOT EXISTS event_code ON event (code, seq);
-CREATE INDEX IF NOT EXISTS event_at ON event (at_ms);
 ";
 
 /// One step of one message.
@@ -191,7 +189,7 @@ pub struct Journal {
     tx: SyncSender<Command>,
     /// Records for the events exchange, when someone listens; best effort (the log is the
     /// record), so a listener that falls behind loses the oldest and is told how many.
-    events: tokio::sync::broadcast::Sender<Event>,
+    events: std::sync::OnceLock<tokio::sync::broadcast::Sender<Event>>,
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
@@ -226,21 +224,25 @@ impl Journal {
         Ok(Journal {
             path,
             tx,
-            events: tokio::sync::broadcast::Sender::new(EVENTS),
+            events: std::sync::OnceLock::new(),
         })
     }
 
     /// Hands a record to the writer (waits only if the writer is far behind).
     pub fn record(&self, event: Event) {
-        if self.events.receiver_count() > 0 {
-            let _ = self.events.send(event.clone());
+        if let Some(events) = self.events.get()
+            && events.receiver_count() > 0
+        {
+            let _ = events.send(event.clone());
         }
         let _ = self.tx.send(Command::Record(event));
     }
 
     /// Every record from now on, for publishing elsewhere.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
-        self.events.subscribe()
+        self.events
+            .get_or_init(|| tokio::sync::broadcast::Sender::new(EVENTS))
+            .subscribe()
     }
 
     /// Returns once every record handed over so far is written.

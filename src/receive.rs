@@ -140,8 +140,7 @@ impl Flow {
                     let (recipient, queue) = settler.queues.outbound_entry(&copy.recipient);
                     let confirm =
                         publish(&settler.channel, queue, &copy.body, properties(&labels)).await?;
-                    metrics::gauge!("ponte_copies_in_flight", "recipient" => recipient.to_string())
-                        .increment(1);
+                    settler.queues.in_flight(&recipient).increment(1);
                     pending.push(Pending {
                         recipient,
                         body: copy.body,

@@ -4,6 +4,7 @@
 //! acknowledges runs of them with one `multiple` ack. Any broker failure on the way hands the
 //! message back instead: it is requeued, never rejected.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -127,6 +128,20 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The outcome's name and code, as logs and metrics label it.
+    fn label(&self) -> (&'static str, Code) {
+        match self {
+            Outcome::Delivered { refused, .. } if refused.is_empty() => {
+                ("delivered", Code::Delivered)
+            }
+            Outcome::Delivered { refused, .. } => ("partial", refused[0].1),
+            Outcome::AlreadyDelivered { .. } => ("already-delivered", Code::Delivered),
+            Outcome::Rejected { code } => ("rejected", *code),
+        }
+    }
+}
+
 /// One recipient's copy, published, awaiting its confirm; kept so that a copy the recipient's
 /// queue refuses can go to the delay queues.
 #[derive(Debug)]
@@ -175,8 +190,7 @@ pub async fn delivered(
         {
             let queue = settler.queues.outbound(&recipient);
             let confirmation = confirmed(confirm, queue, settler.confirm_timeout_secs).await;
-            metrics::gauge!("ponte_copies_in_flight", "recipient" => recipient.to_string())
-                .decrement(1);
+            settler.queues.in_flight(&recipient).decrement(1);
             match confirmation {
                 Ok(()) => recipients.push(recipient),
                 Err(BrokerError::Nacked) => match retry_later(&settler, &inbound, &recipient, &body).await {
@@ -439,6 +453,52 @@ pub struct Acknowledger {
     /// When this flow last paused for a refusing broker: one pause per interval, not one per
     /// refused message, or a full queue would stall the flow for a second per message.
     last_pause: Option<Instant>,
+    metrics: FlowMetrics,
+}
+
+/// This flow's outcome counters and latency histogram, registered once and kept, so counting a
+/// message costs no label formatting or registry look-up.
+#[derive(Default)]
+struct FlowMetrics {
+    /// By outcome and code, then by message type.
+    messages: HashMap<(&'static str, Code), HashMap<String, metrics::Counter>>,
+    latency: Option<metrics::Histogram>,
+}
+
+impl std::fmt::Debug for FlowMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FlowMetrics")
+    }
+}
+
+impl FlowMetrics {
+    fn count(&mut self, inbound: &Inbound, outcome: &Outcome) {
+        let (outcome, code) = outcome.label();
+        // An unknown type is whatever the sender wrote: not a label (it would grow without
+        // bound).
+        let message_type = match code {
+            Code::UnknownType => "",
+            _ => inbound.message_type.as_deref().unwrap_or(""),
+        };
+        let by_type = self.messages.entry((outcome, code)).or_default();
+        match by_type.get(message_type) {
+            Some(counter) => counter.increment(1),
+            None => {
+                let counter = metrics::counter!(
+                    "ponte_messages_total",
+                    "sender" => inbound.partner.to_string(),
+                    "type" => message_type.to_string(),
+                    "outcome" => outcome,
+                    "code" => code.as_str()
+                );
+                counter.increment(1);
+                by_type.insert(message_type.to_string(), counter);
+            }
+        }
+        self.latency
+            .get_or_insert_with(|| metrics::histogram!("ponte_latency_seconds"))
+            .record(inbound.received.elapsed().as_secs_f64());
+    }
 }
 
 impl Acknowledger {
@@ -447,6 +507,7 @@ impl Acknowledger {
     pub async fn settle(&mut self, settled: Settled, settler: &Settler) {
         match settled.result {
             Ok(outcome) => {
+                self.metrics.count(&settled.inbound, &outcome);
                 log_outcome(&settled.inbound, &outcome, &settler.journal);
                 self.pending = Some(settled.inbound.acker);
                 self.count += 1;
@@ -521,45 +582,30 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome, journal: &Journal) {
         Outcome::Delivered { retrying, .. } => join(&mut retrying.iter().map(|r| &**r)),
         _ => String::new(),
     };
-    let (outcome, code, recipients, refused, text) = match outcome {
-        Outcome::Delivered {
-            recipients,
-            refused,
-            ..
-        } if refused.is_empty() => (
-            "delivered",
-            Code::Delivered,
-            join(&mut recipients.iter().map(|r| &**r)),
-            String::new(),
-            "message delivered",
-        ),
+    let (label, code) = outcome.label();
+    let (recipients, refused, text) = match outcome {
         Outcome::Delivered {
             recipients,
             refused,
             ..
         } => (
-            "partial",
-            refused[0].1,
             join(&mut recipients.iter().map(|r| &**r)),
             join(&mut refused.iter().map(|(r, _)| r.as_str())),
-            "message delivered to some recipients; refused for the others",
+            if refused.is_empty() {
+                "message delivered"
+            } else {
+                "message delivered to some recipients; refused for the others"
+            },
         ),
         Outcome::AlreadyDelivered { recipients } => (
-            "already-delivered",
-            Code::Delivered,
             recipients.join(","),
             String::new(),
             "message given back by the broker was already delivered; not delivered again",
         ),
         // A message refused for its content is routine for the gateway: INFO, not ERROR.
-        Outcome::Rejected { code } => (
-            "rejected",
-            *code,
-            String::new(),
-            String::new(),
-            "message rejected",
-        ),
+        Outcome::Rejected { .. } => (String::new(), String::new(), "message rejected"),
     };
+    let outcome = label;
     let latency_ms = inbound.received.elapsed().as_secs_f64() * 1000.0;
     let mut detail = Vec::new();
     if !retrying.is_empty() {
@@ -574,20 +620,6 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome, journal: &Journal) {
     if inbound.redelivered {
         detail.push("redelivered by the broker".into());
     }
-    // An unknown type is whatever the sender wrote: not a label (it would grow without bound).
-    let type_label = match code {
-        Code::UnknownType => "",
-        _ => inbound.message_type.as_deref().unwrap_or(""),
-    };
-    metrics::counter!(
-        "ponte_messages_total",
-        "sender" => inbound.partner.to_string(),
-        "type" => type_label.to_string(),
-        "outcome" => outcome,
-        "code" => code.as_str()
-    )
-    .increment(1);
-    metrics::histogram!("ponte_latency_seconds").record(latency_ms / 1000.0);
     journal.record(Event {
         message_id: inbound.message_id.clone().unwrap_or_default(),
         correlation_id: inbound.correlation_id.clone().unwrap_or_default(),
