@@ -42,6 +42,17 @@ pub fn metrics() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder (a test harness) may already be installed; the handle still renders.
         let _ = metrics::set_global_recorder(recorder);
+        // Histogram samples are kept raw until folded into buckets: fold them every few seconds
+        // whether or not anyone scrapes, so memory stays flat.
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("ponte-metrics".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
         handle
     })
 }

@@ -73,7 +73,7 @@ async fn ops_filter_open_a_journey_and_replay_a_dead_letter_in_the_browser() {
     let (prefix, port) = (random_prefix(), free_port());
     let url = broker_url();
     let queues = Queues::new(&prefix);
-    let mut child = start(&prefix, port);
+    let child = common::Running(Some(start(&prefix, port)));
     let base = format!("http://127.0.0.1:{port}");
     let client = ponte::resolve::http_client(Duration::from_secs(2))
         .build()
@@ -248,7 +248,6 @@ async fn ops_filter_open_a_journey_and_replay_a_dead_letter_in_the_browser() {
     assert_eq!(delivered.len(), 1);
     assert_eq!(depth(&url, &dlq).await, 0);
 
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    child.stop();
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }

@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{PrivateBroker, broker_url, publish_many, random_prefix, referral, repo};
+use common::{PrivateBroker, Running, broker_url, publish_many, random_prefix, referral, repo};
 use ponte::broker::Queues;
 
 fn free_port() -> u16 {
@@ -18,19 +18,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(url: &str, prefix: &str, port: u16) -> Child {
-    common::ponte_run(&repo().join("config"), url, prefix)
+fn start(url: &str, prefix: &str, port: u16) -> Running {
+    let child = common::ponte_run(&repo().join("config"), url, prefix)
         .env("PONTE_OPS__LISTEN", format!("127.0.0.1:{port}"))
         .env("PONTE_BROKER__MAX_RECONNECT_DELAY_SECS", "1")
         .env("PONTE_LOG__LEVEL", "warn")
         .stdout(Stdio::null())
         .spawn()
-        .unwrap()
-}
-
-fn stop(mut child: Child) {
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+        .unwrap();
+    Running(Some(child))
 }
 
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -129,7 +125,7 @@ async fn metrics_count_the_messages_sent_and_the_probes_answer() {
         metrics.contains("# TYPE ponte_latency_seconds histogram"),
         "{metrics}"
     );
-    stop(child);
+    child.stop();
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }
 
@@ -156,5 +152,5 @@ async fn readyz_is_not_ready_while_the_broker_is_stopped_and_ready_again_after()
         total(&metrics, "ponte_broker_reconnects_total", &[]) >= 1.0,
         "{metrics}"
     );
-    stop(child);
+    child.stop();
 }

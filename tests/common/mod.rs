@@ -419,6 +419,28 @@ pub fn shared_broker_ctl(args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
+/// A `ponte` process that is killed if the test ends without stopping it (a failed assertion),
+/// so no gateway outlives its test.
+pub struct Running(pub Option<std::process::Child>);
+
+impl Running {
+    /// SIGTERM, then waits: the gateway must stop cleanly (exit 0).
+    pub fn stop(mut self) {
+        let mut child = self.0.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success(), "ponte exits 0 on SIGTERM");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A RabbitMQ node of the test's own, for tests that stop or kill the broker.
 pub struct PrivateBroker {
     pub name: String,
