@@ -406,22 +406,11 @@ impl Reader {
         );
         let mut statement = self.connection.prepare(&sql)?;
         let rows = statement.query_map(rusqlite::params_from_iter(values), |r| {
-            let at_ms: i64 = r.get(1)?;
+            let event = event_of(r)?;
             Ok(Logged {
                 seq: r.get(0)?,
-                at: rfc3339(at_ms),
-                event: Event {
-                    at_ms,
-                    step: r.get(2)?,
-                    message_id: r.get(3)?,
-                    correlation_id: r.get(4)?,
-                    sender: r.get(5)?,
-                    recipients: r.get(6)?,
-                    message_type: r.get(7)?,
-                    code: r.get(8)?,
-                    latency_ms: r.get(9)?,
-                    detail: r.get(10)?,
-                },
+                at: rfc3339(event.at_ms),
+                event,
             })
         })?;
         let mut out: Vec<Logged> = rows.collect::<rusqlite::Result<_>>()?;
@@ -441,18 +430,7 @@ impl Reader {
         let mut previous: Option<(i64, String)> = None;
         while let Some(r) = rows.next()? {
             let seq: i64 = r.get(0)?;
-            let event = Event {
-                at_ms: r.get(1)?,
-                step: r.get(2)?,
-                message_id: r.get(3)?,
-                correlation_id: r.get(4)?,
-                sender: r.get(5)?,
-                recipients: r.get(6)?,
-                message_type: r.get(7)?,
-                code: r.get(8)?,
-                latency_ms: r.get(9)?,
-                detail: r.get(10)?,
-            };
+            let event = event_of(r)?;
             let prev_hash: String = r.get(11)?;
             let hash: String = r.get(12)?;
             if let Some((prev_seq, prev_stored)) = &previous {
@@ -485,13 +463,31 @@ impl Reader {
     }
 }
 
+/// The event of a row selected as `seq, at_ms, step, message_id, correlation_id, sender,
+/// recipients, type, code, latency_ms, detail, …`.
+fn event_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    Ok(Event {
+        at_ms: r.get(1)?,
+        step: r.get(2)?,
+        message_id: r.get(3)?,
+        correlation_id: r.get(4)?,
+        sender: r.get(5)?,
+        recipients: r.get(6)?,
+        message_type: r.get(7)?,
+        code: r.get(8)?,
+        latency_ms: r.get(9)?,
+        detail: r.get(10)?,
+    })
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn rfc3339(ms: i64) -> String {
+/// Unix milliseconds as RFC 3339.
+pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {

@@ -205,7 +205,7 @@ pub async fn dead_letter(
     headers.push(("x-ponte-reason", excerpt(&failure.reason)));
     headers.push((
         "x-ponte-first-attempt-at",
-        rfc3339_ms(copy.first_attempt_ms),
+        crate::journal::rfc3339(copy.first_attempt_ms as i64),
     ));
     headers.push(("x-ponte-dead-lettered-at", receipt::now_rfc3339()));
     if let Some(status) = failure.status {
@@ -301,16 +301,6 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn rfc3339_ms(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }
 
 /// The first characters of `text`, on one line.
