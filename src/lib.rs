@@ -27,9 +27,14 @@
 //! - [`deliver`]: persistent, mandatory publishes with pending confirms.
 //! - [`settle`]: confirms awaited, receipt ([`receipt`]) published, inbound acked; or the
 //!   original parked with its [`rejection`] reason.
+//! - [`retry`]: a copy its recipient could not take waits in the broker's delay queues;
+//!   [`redeliver`] tries it again; out of attempts it is dead-lettered. [`courier`] POSTs the
+//!   copies of partners that receive by HTTP.
+//! - [`journal`]: every step recorded in the hash-chained delivery log.
 //!
 //! [`pipeline`] strings the deciding steps together; [`gateway`] supervises connections, reconnects
-//! and shutdown; [`client`] is the partner side used by `ponte send` and the tests.
+//! and shutdown; [`ops`] serves metrics, probes and the [`console`]; [`client`] is the partner
+//! and operator side used by `ponte send`, `ponte rejected|dlq` and the tests.
 
 pub mod authorize;
 pub mod broker;
