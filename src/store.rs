@@ -7,7 +7,7 @@
 //!   `application_id`, …) name the same case, learnt when a message answers an earlier one
 //!   (`correlation_id`).
 //!
-//! [`Crosswalk`] is the interface; [`SqliteStore`] keeps it in one SQLite file in the data
+//! [`Store`] is the interface; [`SqliteStore`] keeps it in one SQLite file in the data
 //! folder. Several gateway instances sharing one crosswalk would implement the trait on a shared
 //! database instead.
 
