@@ -7,8 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The console's end-to-end test drives Debian's Chromium; the deploy test runs systemd-analyze.
+# The console's end-to-end test drives Debian's Chromium; the deploy test runs systemd-analyze;
+# everything runs against Debian's RabbitMQ. What is missing is installed in one go.
 missing=()
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
