@@ -182,14 +182,11 @@ pub async fn confirming_channel(connection: &Connection) -> Result<Channel, Brok
 /// proof of origin. (The default exchange would let any user that may write to it reach any
 /// queue.)
 pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Result<(), BrokerError> {
-    let queues = Queues::new(&directory.settings.broker.prefix);
-    let queue_type = directory.settings.broker.queue_type;
-    for (partner, settings) in &directory.partners {
-        let inbound = queues.inbound(partner);
+    for (exchange, kind) in exchanges(directory) {
         channel
             .exchange_declare(
-                inbound.as_str().into(),
-                ExchangeKind::Fanout,
+                exchange.as_str().into(),
+                kind,
                 ExchangeDeclareOptions {
                     durable: true,
                     nowait: true,
@@ -198,37 +195,19 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
                 FieldTable::default(),
             )
             .await?;
-        let outbound = queues.outbound(partner);
-        for queue in queues.of_partner(partner) {
-            let mut arguments = queue_arguments(queue_type);
-            if queue == outbound {
-                outbound_arguments(&mut arguments, settings);
-            }
-            declare_queue_with(channel, &queue, arguments, false).await?;
-        }
+    }
+    for (queue, arguments) in all_queues(directory) {
+        declare_queue_with(channel, &queue, arguments, false).await?;
+    }
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    for partner in directory.partners.keys() {
+        let inbound = queues.inbound(partner);
         channel
             .queue_bind(
                 inbound.as_str().into(),
                 inbound.as_str().into(),
                 "".into(),
                 QueueBindOptions { nowait: true },
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    for (queue, arguments) in retry_queues(directory) {
-        declare_queue_with(channel, &queue, arguments, false).await?;
-    }
-    if directory.settings.log.events_exchange {
-        channel
-            .exchange_declare(
-                queues.events().as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    nowait: true,
-                    ..Default::default()
-                },
                 FieldTable::default(),
             )
             .await?;
@@ -256,7 +235,7 @@ pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Resul
 pub fn definitions(directory: &Directory, vhost: &str) -> Value {
     let queues = Queues::new(&directory.settings.broker.prefix);
     let mut q = Vec::new();
-    let mut exchanges = Vec::new();
+    let mut exchanges_json = Vec::new();
     let mut bindings = Vec::new();
     let as_json = |arguments: &FieldTable| -> Value {
         arguments
@@ -273,44 +252,33 @@ pub fn definitions(directory: &Directory, vhost: &str) -> Value {
             .collect::<serde_json::Map<_, _>>()
             .into()
     };
-    for (partner, settings) in &directory.partners {
-        let outbound = queues.outbound(partner);
-        for queue in queues.of_partner(partner) {
-            let mut arguments = queue_arguments(directory.settings.broker.queue_type);
-            if queue == outbound {
-                outbound_arguments(&mut arguments, settings);
-            }
-            q.push(json!({
-                "name": queue, "vhost": vhost, "durable": true, "auto_delete": false,
-                "arguments": as_json(&arguments)
-            }));
-        }
-        let inbound = queues.inbound(partner);
-        exchanges.push(json!({
-            "name": inbound, "vhost": vhost, "type": "fanout", "durable": true,
-            "auto_delete": false, "internal": false, "arguments": {}
-        }));
-        bindings.push(json!({
-            "source": inbound, "vhost": vhost, "destination": inbound,
-            "destination_type": "queue", "routing_key": "", "arguments": {}
-        }));
-    }
-    for (queue, arguments) in retry_queues(directory) {
+    for (queue, arguments) in all_queues(directory) {
         q.push(json!({
             "name": queue, "vhost": vhost, "durable": true, "auto_delete": false,
             "arguments": as_json(&arguments)
         }));
     }
-    if directory.settings.log.events_exchange {
-        exchanges.push(json!({
-            "name": queues.events(), "vhost": vhost, "type": "topic", "durable": true,
+    for (exchange, kind) in exchanges(directory) {
+        let kind = match kind {
+            ExchangeKind::Topic => "topic",
+            _ => "fanout",
+        };
+        exchanges_json.push(json!({
+            "name": exchange, "vhost": vhost, "type": kind, "durable": true,
             "auto_delete": false, "internal": false, "arguments": {}
+        }));
+    }
+    for partner in directory.partners.keys() {
+        let inbound = queues.inbound(partner);
+        bindings.push(json!({
+            "source": inbound, "vhost": vhost, "destination": inbound,
+            "destination_type": "queue", "routing_key": "", "arguments": {}
         }));
     }
     json!({
         "vhosts": [{"name": vhost}],
         "queues": q,
-        "exchanges": exchanges,
+        "exchanges": exchanges_json,
         "bindings": bindings
     })
 }
@@ -324,6 +292,40 @@ pub async fn declare_queue(
     wait: bool,
 ) -> Result<lapin::Queue, BrokerError> {
     declare_queue_with(channel, queue, queue_arguments(queue_type), wait).await
+}
+
+/// Every queue of the topology with its arguments: each partner's five, then the retry queues.
+fn all_queues(directory: &Directory) -> Vec<(String, FieldTable)> {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    let queue_type = directory.settings.broker.queue_type;
+    let mut all = Vec::new();
+    for (partner, settings) in &directory.partners {
+        let outbound = queues.outbound(partner);
+        for queue in queues.of_partner(partner) {
+            let mut arguments = queue_arguments(queue_type);
+            if queue == outbound {
+                outbound_arguments(&mut arguments, settings);
+            }
+            all.push((queue, arguments));
+        }
+    }
+    all.extend(retry_queues(directory));
+    all
+}
+
+/// Every exchange of the topology: each partner's inbound fanout exchange, and the events
+/// exchange when it is switched on.
+fn exchanges(directory: &Directory) -> Vec<(String, ExchangeKind)> {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    let mut all: Vec<(String, ExchangeKind)> = directory
+        .partners
+        .keys()
+        .map(|p| (queues.inbound(p), ExchangeKind::Fanout))
+        .collect();
+    if directory.settings.log.events_exchange {
+        all.push((queues.events(), ExchangeKind::Topic));
+    }
+    all
 }
 
 /// The delay queues (one per wait of the backoff, each dead-lettering into the redelivery queue

@@ -48,10 +48,42 @@ enum Posted {
     Refused(Failure),
 }
 
-pub struct Courier {
-    pub partner: Partner,
+/// A partner's endpoint, with its client built once at start-up.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
     pub client: reqwest::Client,
     pub url: reqwest::Url,
+}
+
+impl Endpoint {
+    /// The endpoint of `settings`: its URL and a client with its timeout, extra authorities and
+    /// client certificate.
+    pub fn new(settings: &HttpSettings) -> Result<Endpoint, String> {
+        Ok(Endpoint {
+            client: client(settings)?,
+            url: reqwest::Url::parse(&settings.url).map_err(|e| e.to_string())?,
+        })
+    }
+}
+
+/// Every HTTP partner's endpoint, by partner id.
+pub fn endpoints(
+    partners: &std::collections::BTreeMap<String, Partner>,
+) -> Result<std::collections::BTreeMap<String, Endpoint>, String> {
+    partners
+        .values()
+        .filter_map(|p| Some((p, p.http.as_ref()?)))
+        .map(|(p, http)| {
+            let endpoint = Endpoint::new(http).map_err(|e| format!("{}: http: {e}", p.id))?;
+            Ok((p.id.clone(), endpoint))
+        })
+        .collect()
+}
+
+pub struct Courier {
+    /// The partner delivered to.
+    pub partner: String,
+    pub endpoint: Endpoint,
     pub delivery: DeliverySettings,
     pub names: Queues,
     pub consume: Channel,
@@ -68,7 +100,7 @@ struct Head {
 }
 
 /// The HTTP client of a partner's endpoint, with its extra authorities and client certificate.
-pub fn client(settings: &HttpSettings) -> Result<reqwest::Client, String> {
+fn client(settings: &HttpSettings) -> Result<reqwest::Client, String> {
     let mut builder = http_client(settings.timeout()).redirect(reqwest::redirect::Policy::none());
     if let Some(file) = &settings.ca_file {
         let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -88,39 +120,13 @@ pub fn client(settings: &HttpSettings) -> Result<reqwest::Client, String> {
 }
 
 impl Courier {
-    pub fn new(
-        partner: &Partner,
-        delivery: DeliverySettings,
-        names: Queues,
-        consume: Channel,
-        publish: Channel,
-        timeout_secs: u64,
-        journal: Arc<Journal>,
-    ) -> Result<Courier, String> {
-        let settings = partner
-            .http
-            .as_ref()
-            .ok_or_else(|| format!("{} does not receive by HTTP", partner.id))?;
-        Ok(Courier {
-            partner: partner.clone(),
-            client: client(settings)?,
-            url: reqwest::Url::parse(&settings.url).map_err(|e| e.to_string())?,
-            delivery,
-            names,
-            consume,
-            publish,
-            timeout_secs,
-            journal,
-        })
-    }
-
     pub async fn run(
         self,
         stop: CancellationToken,
         ready: tokio::sync::mpsc::Sender<()>,
     ) -> Result<(), BrokerError> {
-        let queue = self.names.outbound(&self.partner.id);
-        let tag = format!("ponte-courier-{}", self.partner.id);
+        let queue = self.names.outbound(&self.partner);
+        let tag = format!("ponte-courier-{}", self.partner);
         one_at_a_time(
             (&self.consume, &self.publish),
             &queue,
@@ -146,7 +152,7 @@ impl Courier {
             .unwrap_or_default();
         let mut copy = retry::Copy {
             sender,
-            recipient: self.partner.id.clone(),
+            recipient: self.partner.clone(),
             message_id: properties.message_id().as_ref().map(|s| s.to_string()),
             correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
             message_type: properties.kind().as_ref().map(|s| s.to_string()),
@@ -191,19 +197,7 @@ impl Courier {
                                 retry::jitter(self.delivery.delay_after(copy.attempts))
                             })
                             .min(longest);
-                        self.journal.record(copy.event("retrying", &failure.reason));
-                        metrics::counter!("ponte_retries_total", "recipient" => copy.recipient.clone())
-                            .increment(1);
-                        info!(
-                            message_id = copy.message_id.as_deref().unwrap_or(""),
-                            sender = %copy.sender,
-                            recipient = %copy.recipient,
-                            attempts = copy.attempts,
-                            retry_in_ms = wait.as_millis() as u64,
-                            outcome = "retrying",
-                            reason = %failure.reason,
-                            "the partner's endpoint is unavailable; the copy is tried again later"
-                        );
+                        retry::note_retry(&self.journal, &copy, &failure, wait);
                         tokio::select! {
                             () = stop.cancelled() => {
                                 delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await?;
@@ -233,8 +227,9 @@ impl Courier {
 
     async fn post(&self, body: &[u8], message_id: Option<&str>) -> Posted {
         let mut request = self
+            .endpoint
             .client
-            .post(self.url.clone())
+            .post(self.endpoint.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_vec());
         if let Some(id) = message_id {
@@ -286,11 +281,6 @@ fn retry_after(value: &str) -> Option<Duration> {
         at.duration_since(std::time::SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
-}
-
-/// Every courier of a directory, one per partner that receives by HTTP.
-pub fn http_partners(partners: &std::collections::BTreeMap<String, Partner>) -> Vec<&Partner> {
-    partners.values().filter(|p| p.http.is_some()).collect()
 }
 
 #[cfg(test)]

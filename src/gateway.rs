@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::broker::{
     BrokerError, QueueNames, Queues, confirming_channel, connect, declare_topology,
 };
-use crate::courier::{Courier, http_partners};
+use crate::courier::Courier;
 use crate::directory::Directory;
 use crate::partner::{Partner, Receipts};
 use crate::pipeline::Pipeline;
@@ -175,17 +175,17 @@ async fn session(
     };
     flows.spawn(redeliverer.run(session_stop.clone(), ready_tx.clone()));
     let mut expected = partners.len() + 1;
-    for partner in http_partners(&directory.partners) {
-        let courier = Courier::new(
-            partner,
-            directory.settings.delivery.clone(),
-            names.clone(),
-            retry_consuming.create_channel().await?,
-            confirming_channel(&retry_publishing).await?,
+    for (partner, endpoint) in &pipeline.endpoints {
+        let courier = Courier {
+            partner: partner.clone(),
+            endpoint: endpoint.clone(),
+            delivery: directory.settings.delivery.clone(),
+            names: names.clone(),
+            consume: retry_consuming.create_channel().await?,
+            publish: confirming_channel(&retry_publishing).await?,
             timeout_secs,
-            pipeline.journal.clone(),
-        )
-        .map_err(|e| BrokerError::Url(format!("{}: http: {e}", partner.id)))?;
+            journal: pipeline.journal.clone(),
+        };
         flows.spawn(courier.run(session_stop.clone(), ready_tx.clone()));
         expected += 1;
     }

@@ -68,6 +68,8 @@ pub struct Pipeline {
     pub directory: Arc<Directory>,
     pub store: Arc<dyn Store>,
     pub resolvers: Resolvers,
+    /// The endpoints of partners that receive by HTTP, by partner id.
+    pub endpoints: std::collections::BTreeMap<String, crate::courier::Endpoint>,
     /// The delivery log, in the data folder.
     pub journal: Arc<crate::journal::Journal>,
 }
@@ -81,11 +83,8 @@ impl Pipeline {
         {
             anyhow::bail!("{}: loaded without its pseudonym key", p.id);
         }
-        for p in directory.partners.values() {
-            if let Some(http) = &p.http {
-                crate::courier::client(http).map_err(|e| anyhow::anyhow!("{}: http: {e}", p.id))?;
-            }
-        }
+        let endpoints =
+            crate::courier::endpoints(&directory.partners).map_err(anyhow::Error::msg)?;
         let resolvers = Resolvers::new(directory.partners.values())
             .map_err(|e| anyhow::anyhow!("look-up service client: {e}"))?;
         let journal = crate::journal::Journal::open(&store_dir(&directory))
@@ -94,6 +93,7 @@ impl Pipeline {
             directory,
             store,
             resolvers,
+            endpoints,
             journal: Arc::new(journal),
         })
     }

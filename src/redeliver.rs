@@ -118,20 +118,7 @@ impl Redeliverer {
             }
             Err(BrokerError::Nacked) => {
                 let failure = Failure::new(format!("{outbound} refused the copy (queue full)"));
-                let wait =
-                    retry::after_failure(self.outbox(names), &copy, &delivery.data, &failure)
-                        .await?;
-                if let Some(wait) = wait {
-                    info!(
-                        message_id = copy.message_id.as_deref().unwrap_or(""),
-                        sender = %copy.sender,
-                        recipient = %copy.recipient,
-                        attempts = copy.attempts,
-                        retry_in_ms = wait.as_millis() as u64,
-                        outcome = "retrying",
-                        "the recipient's queue refused the copy again; it is tried again later"
-                    );
-                }
+                retry::after_failure(self.outbox(names), &copy, &delivery.data, &failure).await?;
             }
             Err(other) => return Err(other),
         }

@@ -165,7 +165,7 @@ pub async fn schedule(
     copy: &Copy,
     body: &[u8],
     failure: &Failure,
-) -> Result<Duration, BrokerError> {
+) -> Result<(), BrokerError> {
     let Outbox {
         channel,
         queues,
@@ -180,8 +180,8 @@ pub async fn schedule(
         .with_expiration(ShortString::from(wait.as_millis().to_string()));
     let confirm = publish(channel, &queue, body, properties).await?;
     confirmed(confirm, &queue, timeout_secs).await?;
-    metrics::counter!("ponte_retries_total", "recipient" => copy.recipient.clone()).increment(1);
-    Ok(wait)
+    note_retry(outbox.journal, copy, failure, wait);
+    Ok(())
 }
 
 /// Gives up on a copy: parks it in `<prefix>.dlq.<recipient>` with why, how many attempts and
@@ -272,23 +272,36 @@ pub async fn dead_letter(
     Ok(())
 }
 
-/// After a failed attempt: the next wait, or the dead-letter queue when the copy has used up
-/// its attempts or its age. Returns the wait when there is one.
+/// After a failed attempt: the next delay queue, or the dead-letter queue when the copy has used
+/// up its attempts or its age.
 pub async fn after_failure(
     outbox: Outbox<'_>,
     copy: &Copy,
     body: &[u8],
     failure: &Failure,
-) -> Result<Option<Duration>, BrokerError> {
+) -> Result<(), BrokerError> {
     if outbox.settings.exhausted(copy.attempts, copy.age()) {
-        dead_letter(outbox, copy, body, failure).await?;
-        return Ok(None);
+        dead_letter(outbox, copy, body, failure).await
+    } else {
+        schedule(outbox, copy, body, failure).await
     }
-    let wait = schedule(outbox, copy, body, failure).await?;
-    outbox
-        .journal
-        .record(copy.event("retrying", &failure.reason));
-    Ok(Some(wait))
+}
+
+/// Records that `copy` failed and is tried again after `wait`: in the delivery log, the retry
+/// counter and the log.
+pub fn note_retry(journal: &Journal, copy: &Copy, failure: &Failure, wait: Duration) {
+    journal.record(copy.event("retrying", &failure.reason));
+    metrics::counter!("ponte_retries_total", "recipient" => copy.recipient.clone()).increment(1);
+    tracing::info!(
+        message_id = copy.message_id.as_deref().unwrap_or(""),
+        sender = %copy.sender,
+        recipient = %copy.recipient,
+        attempts = copy.attempts,
+        retry_in_ms = wait.as_millis() as u64,
+        outcome = "retrying",
+        reason = %failure.reason,
+        "the copy could not be delivered now; it is tried again later"
+    );
 }
 
 /// A wait between half of `delay` and all of it, so that copies that failed together do not come

@@ -299,19 +299,7 @@ async fn retry_later(
         "{} refused the copy (queue full)",
         settler.queues.outbound(recipient)
     ));
-    let wait = retry::schedule(settler.outbox(), &copy, body, &failure).await?;
-    settler
-        .journal
-        .record(copy.event("retrying", &failure.reason));
-    info!(
-        message_id = inbound.message_id.as_deref().unwrap_or(""),
-        sender = &*inbound.partner,
-        recipient,
-        attempts = 1,
-        retry_in_ms = wait.as_millis() as u64,
-        outcome = "retrying",
-        "the recipient's queue refused the copy; it is tried again later"
-    );
+    retry::schedule(settler.outbox(), &copy, body, &failure).await?;
     Ok(())
 }
 

@@ -63,16 +63,10 @@ fn a_small_benchmark_run_produces_every_figure() {
 
 #[test]
 fn the_mapping_benchmark_prints_a_cost_for_every_demo_message() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench-mapping"))
-        .args(["--iterations", "50"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = printed(
+        env!("CARGO_BIN_EXE_ponte-bench-mapping"),
+        &["--iterations", "50"],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     let rows: Vec<Vec<&str>> = stdout
         .lines()
         .skip(1)
@@ -91,16 +85,7 @@ fn the_mapping_benchmark_prints_a_cost_for_every_demo_message() {
 
 #[test]
 fn the_delivery_log_benchmark_writes_queries_and_verifies() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench-log"))
-        .arg("2000")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = printed(env!("CARGO_BIN_EXE_ponte-bench-log"), &["2000"]);
     assert!(stdout.starts_with("wrote 2000 records"), "{stdout}");
     assert!(stdout.contains("--message-id"), "{stdout}");
     assert!(
@@ -111,4 +96,18 @@ fn the_delivery_log_benchmark_writes_queries_and_verifies() {
         stdout.contains("(Ok(2000))"),
         "the chain verifies: {stdout}"
     );
+}
+
+/// What a benchmark binary prints, once it has succeeded.
+fn printed(binary: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(binary)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

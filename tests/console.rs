@@ -15,14 +15,6 @@ use ponte::broker::Queues;
 
 const TOKEN: &str = "console-test-token-1234";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(prefix: &str, port: u16) -> Child {
     common::ponte_run(&repo().join("config"), &broker_url(), prefix)
         .env("PONTE_OPS__LISTEN", format!("127.0.0.1:{port}"))
@@ -48,6 +40,15 @@ fn browser() -> Browser {
     .expect("headless Chromium starts")
 }
 
+/// The step column of the records the page shows, top to bottom.
+fn steps(tab: &Tab) -> Vec<String> {
+    tab.wait_for_elements("tr.record td.step")
+        .unwrap()
+        .iter()
+        .map(|e| e.get_inner_text().unwrap())
+        .collect()
+}
+
 /// Waits until the page shows `text`, reloading `url` between looks.
 fn wait_for_text(tab: &Tab, url: &str, text: &str, within: Duration) -> String {
     let deadline = Instant::now() + within;
@@ -70,7 +71,7 @@ fn wait_for_text(tab: &Tab, url: &str, text: &str, within: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ops_filter_open_a_journey_and_replay_a_dead_letter_in_the_browser() {
-    let (prefix, port) = (random_prefix(), free_port());
+    let (prefix, port) = (random_prefix(), common::free_port());
     let url = broker_url();
     let queues = Queues::new(&prefix);
     let child = common::Running(Some(start(&prefix, port)));
@@ -114,11 +115,8 @@ async fn ops_filter_open_a_journey_and_replay_a_dead_letter_in_the_browser() {
     )
     .await;
     let dlq = queues.dead_letters("inps");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while depth(&url, &dlq).await != 1 {
-        assert!(Instant::now() < deadline, "the copy is dead-lettered");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // The copy is dead-lettered.
+    common::wait_for_depth(&url, &dlq, 1, Duration::from_secs(20)).await;
     common::shared_broker_ctl(&["clear_policy", &policy]);
 
     // Without the token, a replay is refused.
@@ -173,13 +171,7 @@ async fn ops_filter_open_a_journey_and_replay_a_dead_letter_in_the_browser() {
                 std::thread::sleep(Duration::from_millis(100));
             }
             tab.wait_until_navigated().unwrap();
-            let steps: Vec<String> = tab
-                .wait_for_elements("tr.record td.step")
-                .unwrap()
-                .iter()
-                .map(|e| e.get_inner_text().unwrap())
-                .collect();
-            assert_eq!(steps, ["rejected"]);
+            assert_eq!(steps(&tab), ["rejected"]);
 
             // Open that message's journey.
             tab.wait_for_element("a.journey").unwrap().click().unwrap();
@@ -228,13 +220,7 @@ async fn ops_filter_open_a_journey_and_replay_a_dead_letter_in_the_browser() {
                 Duration::from_secs(10),
             );
             assert!(journey.contains(&letter_id));
-            let steps: Vec<String> = tab
-                .wait_for_elements("tr.record td.step")
-                .unwrap()
-                .iter()
-                .map(|e| e.get_inner_text().unwrap())
-                .collect();
-            steps
+            steps(&tab)
         }
     })
     .await

@@ -89,12 +89,13 @@ async fn a_messages_journey_is_queried_and_the_log_proves_it_was_not_altered() {
     std::fs::write(&file, serde_json::to_vec(&fixed).unwrap()).unwrap();
     // The parked copy was taken above; park it again the way the gateway does, by sending it.
     gw.send("cpi-modena", &wrong).await;
-    for _ in 0..50 {
-        if common::depth(&gw.url, &gw.queues.rejected("cpi-modena")).await == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_for_depth(
+        &gw.url,
+        &gw.queues.rejected("cpi-modena"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
     let replay = ponte(
         &prefix,
         &[

@@ -79,16 +79,6 @@ async fn start() -> (Gateway, Shared, std::path::PathBuf, String) {
     (gw, endpoint, config, prefix)
 }
 
-async fn wait_until_depth(gw: &Gateway, queue: &str) {
-    for _ in 0..100 {
-        if depth(&gw.url, queue).await == 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("nothing arrived in {queue}");
-}
-
 fn id_of(v: &Value) -> String {
     v["message_id"].as_str().unwrap().to_string()
 }
@@ -230,7 +220,7 @@ async fn an_endpoint_refusing_a_copy_gets_it_dead_lettered_then_replayed_after_t
         "one attempt only"
     );
 
-    wait_until_depth(&gw, &dlq).await;
+    common::wait_for_depth(&gw.url, &dlq, 1, Duration::from_secs(10)).await;
     let show = ponte_in(
         &config,
         &prefix,

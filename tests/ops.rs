@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 use common::{PrivateBroker, Running, broker_url, publish_many, random_prefix, referral, repo};
 use ponte::broker::Queues;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(url: &str, prefix: &str, port: u16) -> Running {
     let child = common::ponte_run(&repo().join("config"), url, prefix)
         .env("PONTE_OPS__LISTEN", format!("127.0.0.1:{port}"))
@@ -68,7 +60,7 @@ fn total(metrics: &str, name: &str, labels: &[&str]) -> f64 {
 
 #[tokio::test]
 async fn metrics_count_the_messages_sent_and_the_probes_answer() {
-    let (url, prefix, port) = (broker_url(), random_prefix(), free_port());
+    let (url, prefix, port) = (broker_url(), random_prefix(), common::free_port());
     let child = start(&url, &prefix, port);
     wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
     assert_eq!(get(port, "/healthz").await.unwrap().0, 200);
@@ -132,7 +124,7 @@ async fn metrics_count_the_messages_sent_and_the_probes_answer() {
 #[tokio::test]
 async fn readyz_is_not_ready_while_the_broker_is_stopped_and_ready_again_after() {
     let broker = PrivateBroker::start();
-    let (prefix, port) = (random_prefix(), free_port());
+    let (prefix, port) = (random_prefix(), common::free_port());
     let child = start(&broker.url(), &prefix, port);
     wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
 

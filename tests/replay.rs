@@ -118,13 +118,8 @@ async fn a_partly_delivered_message_is_replayed_only_to_the_recipient_it_was_ref
     );
     assert_eq!(gw.receipt("inps").await["payload"]["status"], "partial");
     let rejected = gw.queues.rejected("inps");
-    for _ in 0..50 {
-        if depth(&gw.url, &rejected).await == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(depth(&gw.url, &rejected).await, 1, "the original is parked");
+    // The original is parked.
+    common::wait_for_depth(&gw.url, &rejected, 1, std::time::Duration::from_secs(5)).await;
 
     // Ops teach the crosswalk the comune's registry number, then replay the parked original.
     let csv = common::repo().join("examples/comune-modena-registry.csv");

@@ -9,23 +9,12 @@ use std::time::Duration;
 
 use common::{
     Gateway, benefit_status, broker_url, depth, directory_with, drain, ponte, random_prefix,
-    referral, refuse_publishes, repo, shared_broker_ctl,
+    referral, refuse_publishes, repo, shared_broker_ctl, wait_for_depth,
 };
 use serde_json::{Value, json};
 
 fn id_of(v: &Value) -> String {
     v["message_id"].as_str().unwrap().to_string()
-}
-
-async fn wait_for_depth(gw: &Gateway, queue: &str, n: u32, within: Duration) {
-    let deadline = std::time::Instant::now() + within;
-    while depth(&gw.url, queue).await != n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{queue} did not reach {n} messages within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -121,7 +110,7 @@ async fn a_copy_out_of_attempts_is_dead_lettered_answered_undeliverable_and_repl
     assert_eq!(first["payload"]["retrying"], json!(["inps"]));
 
     let dlq = gw.queues.dead_letters("inps");
-    wait_for_depth(&gw, &dlq, 1, Duration::from_secs(15)).await;
+    wait_for_depth(&gw.url, &dlq, 1, Duration::from_secs(15)).await;
     let receipt = gw.receipt("cpi-modena").await;
     assert_eq!(receipt["correlation_id"], sent["message_id"]);
     assert_eq!(receipt["payload"]["status"], "undeliverable");

@@ -382,6 +382,27 @@ pub async fn drain(url: &str, queue: &str, count: usize, wait: Duration) -> Vec<
     out
 }
 
+/// Waits until `queue` holds `n` ready messages; fails the test after `within`.
+pub async fn wait_for_depth(url: &str, queue: &str, n: u32, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while depth(url, queue).await != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queue} did not reach {n} messages within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A loopback port free at the time of asking, for a process the test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Number of ready messages in `queue` (0 while it does not exist yet).
 pub async fn depth(url: &str, queue: &str) -> u32 {
     let connection = connect(url).await;
