@@ -81,6 +81,9 @@ struct Row {
     peak_rss_mib: f64,
     startup_ms: f64,
     latency: Option<(f64, f64, f64, usize, f64)>,
+    /// The broker's own CPU per message while the shovel, then Ponte, moved the load.
+    shovel_broker_us: Option<f64>,
+    ponte_broker_us: f64,
 }
 
 #[tokio::main]
@@ -105,7 +108,9 @@ async fn main() -> Result<()> {
     let connection = connect(&args.url).await?;
     let mut row = Row::default();
     if !args.no_shovel {
-        row.shovel_rate = Some(shovel(&args, &connection, &load).await?);
+        let (rate, broker) = shovel(&args, &connection, &load).await?;
+        row.shovel_rate = Some(rate);
+        row.shovel_broker_us = Some(broker * 1e6);
     }
     drain_with_ponte(&args, &config, &directory, &connection, &load, &mut row).await?;
     if args.latency_secs > 0 {
@@ -423,12 +428,15 @@ fn ctl(node: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Measures the steady-state rate at which `progress` goes from 10% to 90% of `total`.
+/// The steady-state rate at which `progress` reaches `total` (between 10 % and 90 % of it, so
+/// start-up and the tail are left out), and the broker's CPU seconds per unit of progress over
+/// that same window.
 async fn steady_rate(
+    node: &str,
     total: usize,
     limit: Duration,
     mut progress: impl AsyncFnMut() -> Result<usize>,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let start = Instant::now();
     let (mut t10, mut t90) = (None, None);
     let (lo, hi) = (total / 10, total * 9 / 10);
@@ -436,10 +444,10 @@ async fn steady_rate(
         let done = progress().await?;
         let now = start.elapsed();
         if t10.is_none() && done >= lo {
-            t10 = Some((now, done));
+            t10 = Some((now, done, broker_cpu(node)?));
         }
         if done >= hi && t90.is_none() {
-            t90 = Some((now, done));
+            t90 = Some((now, done, broker_cpu(node)?));
         }
         if done >= total {
             break;
@@ -449,16 +457,18 @@ async fn steady_rate(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let ((a, da), (b, db)) = (t10.unwrap(), t90.unwrap());
+    let ((a, da, ca), (b, db, cb)) = (t10.unwrap(), t90.unwrap());
     let span = (b - a).as_secs_f64();
-    Ok(if span > 0.0 {
-        (db - da) as f64 / span
+    let moved = (db - da) as f64;
+    Ok(if span > 0.0 && moved > 0.0 {
+        (moved / span, (cb - ca) / moved)
     } else {
-        f64::NAN
+        (f64::NAN, f64::NAN)
     })
 }
 
-async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<f64> {
+/// The shovel's steady rate and the broker's CPU seconds per message meanwhile.
+async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64)> {
     let src = format!("bench-shovel-{}.src", args.scenario);
     let dst = format!("bench-shovel-{}.dst", args.scenario);
     let channel = connection.create_channel().await?;
@@ -485,9 +495,12 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<f64
         &args.node,
         &["set_parameter", "shovel", &name, &definition.to_string()],
     )?;
-    let rate = steady_rate(all.len(), Duration::from_secs(1800), async || {
-        Ok(declare(&channel, &dst).await? as usize)
-    })
+    let rate = steady_rate(
+        &args.node,
+        all.len(),
+        Duration::from_secs(1800),
+        async || Ok(declare(&channel, &dst).await? as usize),
+    )
     .await;
     ctl(&args.node, &["clear_parameter", "shovel", &name])?;
     for q in [&src, &dst] {
@@ -495,9 +508,12 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<f64
             .queue_delete(q.as_str().into(), Default::default())
             .await;
     }
-    let rate = rate?;
-    eprintln!("  shovel: {rate:.0} msg/s");
-    Ok(rate)
+    let (rate, broker) = rate?;
+    eprintln!(
+        "  shovel: {rate:.0} msg/s (broker {:.1} µs CPU/msg)",
+        broker * 1e6
+    );
+    Ok((rate, broker))
 }
 
 /// Starts `ponte run` and returns it once it logs that it is ready, with the start-up time.
@@ -542,6 +558,16 @@ fn stop_ponte(mut child: Child) -> Result<()> {
         bail!("ponte exited with {status}");
     }
     Ok(())
+}
+
+/// User + system CPU seconds of the broker node (`--node`'s folder holds its pid file).
+fn broker_cpu(node: &str) -> Result<f64> {
+    let dir = node
+        .split_whitespace()
+        .nth(2)
+        .context("--node: NAME PORT DIR")?;
+    let pid = std::fs::read_to_string(Path::new(dir).join("node.pid"))?;
+    Ok(usage(pid.trim().parse()?)?.0)
 }
 
 /// User + system CPU seconds and peak RSS (MiB) of a process, from /proc.
@@ -595,7 +621,8 @@ async fn drain_with_ponte(
     row.startup_ms = startup.as_secs_f64() * 1000.0;
     let pid = child.id();
     let (cpu_before, _) = usage(pid)?;
-    let rate = steady_rate(
+    let (rate, broker) = steady_rate(
+        &args.node,
         load.expected_outputs,
         Duration::from_secs(3600),
         async || output_count(&channel, &outputs).await,
@@ -604,13 +631,15 @@ async fn drain_with_ponte(
     // Outputs counted; give the last acknowledgements a moment, then read the process's usage.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (cpu_after, rss) = usage(pid)?;
+    // Progress counts outputs (copies and parked originals); the broker's cost is per message.
+    row.ponte_broker_us = broker * load.expected_outputs as f64 / load.count as f64 * 1e6;
     stop_ponte(child)?;
     row.ponte_rate = rate * load.count as f64 / load.expected_outputs as f64;
     row.cpu_us = (cpu_after - cpu_before) / load.count as f64 * 1e6;
     row.peak_rss_mib = rss;
     eprintln!(
-        "  ponte: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB, ready in {:.0} ms",
-        row.ponte_rate, row.cpu_us, row.peak_rss_mib, row.startup_ms
+        "  ponte: {:.0} msg/s, {:.1} µs CPU/msg (broker {:.1}), peak RSS {:.1} MiB, ready in {:.0} ms",
+        row.ponte_rate, row.cpu_us, row.ponte_broker_us, row.peak_rss_mib, row.startup_ms
     );
     for q in &outputs {
         channel
@@ -776,9 +805,9 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         Some((a, b, c, _, r)) => (Some(a), Some(b), Some(c), Some(r)),
         None => (None, None, None, None),
     };
-    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms";
+    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg";
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1}",
         args.scenario,
         load.count,
         args.partners,
@@ -793,7 +822,9 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         fmt(offered, 0),
         fmt(p50, 2),
         fmt(p99, 2),
-        fmt(max, 2)
+        fmt(max, 2),
+        fmt(row.shovel_broker_us, 1),
+        row.ponte_broker_us
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
