@@ -55,6 +55,10 @@ struct Args {
     /// Skip the shovel run (its rate is then reported as empty).
     #[arg(long)]
     no_shovel: bool,
+    /// Also move the load with a no-op AMQP forwarder (consume, publish with confirms, ack in
+    /// batches; no validation): what any client-side gateway costs the broker.
+    #[arg(long)]
+    forwarder: bool,
     /// Also measure latency at half the maximum rate, for this many seconds.
     #[arg(long, default_value_t = 0)]
     latency_secs: u64,
@@ -84,6 +88,8 @@ struct Row {
     /// The broker's own CPU per message while the shovel, then Ponte, moved the load.
     shovel_broker_us: Option<f64>,
     ponte_broker_us: f64,
+    /// The no-op forwarder: its rate, the broker's and its own CPU per message.
+    forwarder: Option<(f64, f64, f64)>,
 }
 
 #[tokio::main]
@@ -111,6 +117,9 @@ async fn main() -> Result<()> {
         let (rate, broker) = shovel(&args, &connection, &load).await?;
         row.shovel_rate = Some(rate);
         row.shovel_broker_us = Some(broker * 1e6);
+    }
+    if args.forwarder {
+        row.forwarder = Some(forwarder(&args, &connection, &load).await?);
     }
     drain_with_ponte(&args, &config, &directory, &connection, &load, &mut row).await?;
     if args.latency_secs > 0 {
@@ -469,22 +478,7 @@ async fn steady_rate(
 
 /// The shovel's steady rate and the broker's CPU seconds per message meanwhile.
 async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64)> {
-    let src = format!("bench-shovel-{}.src", args.scenario);
-    let dst = format!("bench-shovel-{}.dst", args.scenario);
-    let channel = connection.create_channel().await?;
-    for q in [&src, &dst] {
-        let _ = channel
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
-    let channel = connection.create_channel().await?;
-    declare(&channel, &dst).await?;
-    let all: Vec<Vec<u8>> = load
-        .by_sender
-        .iter()
-        .flat_map(|(_, b)| b.iter().cloned())
-        .collect();
-    preload(connection, &src, &all).await?;
+    let (src, dst) = side_queues(args, connection, load, "shovel").await?;
     let definition = json!({
         "src-protocol": "amqp091", "src-uri": "amqp://", "src-queue": src,
         "dest-protocol": "amqp091", "dest-uri": "amqp://", "dest-queue": dst,
@@ -495,25 +489,129 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f6
         &args.node,
         &["set_parameter", "shovel", &name, &definition.to_string()],
     )?;
-    let rate = steady_rate(
-        &args.node,
-        all.len(),
-        Duration::from_secs(1800),
-        async || Ok(declare(&channel, &dst).await? as usize),
-    )
-    .await;
+    let rate = drained(args, connection, &dst, load.count).await;
     ctl(&args.node, &["clear_parameter", "shovel", &name])?;
-    for q in [&src, &dst] {
-        let _ = channel
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
+    delete_queues(connection, &[&src, &dst]).await?;
     let (rate, broker) = rate?;
     eprintln!(
         "  shovel: {rate:.0} msg/s (broker {:.1} µs CPU/msg)",
         broker * 1e6
     );
     Ok((rate, broker))
+}
+
+/// The no-op forwarder's steady rate, the broker's CPU seconds per message and its own.
+async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64, f64)> {
+    let (src, dst) = side_queues(args, connection, load, "forwarder").await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(forward(args.url.clone(), src.clone(), dst.clone(), stop.clone()));
+    let (cpu_before, _) = usage(std::process::id())?;
+    let rate = drained(args, connection, &dst, load.count).await;
+    let (cpu_after, _) = usage(std::process::id())?;
+    stop.cancel();
+    task.await??;
+    delete_queues(connection, &[&src, &dst]).await?;
+    let (rate, broker) = rate?;
+    // The benchmark's own polling runs in this process too: a small overestimate.
+    let own = (cpu_after - cpu_before) / load.count as f64;
+    eprintln!(
+        "  no-op forwarder: {rate:.0} msg/s (broker {:.1} µs CPU/msg, forwarder {:.1})",
+        broker * 1e6,
+        own * 1e6
+    );
+    Ok((rate, broker, own))
+}
+
+/// Consumes `src` with Ponte's prefetch, publishes each message to `dst` with a confirm, and
+/// acknowledges confirmed runs with one `multiple` ack, until `stop`.
+async fn forward(
+    url: String,
+    src: String,
+    dst: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    use futures_util::FutureExt;
+    let connection = connect(&url).await?;
+    let inbound = connection.create_channel().await?;
+    let outbound = connection.create_channel().await?;
+    outbound
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut consumer = ponte::broker::consume(&inbound, &src, "bench-forwarder", 200).await?;
+    let mut confirms = futures_util::stream::FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            Some(first) = confirms.next(), if !confirms.is_empty() => {
+                let (mut acker, confirmed): (lapin::Acker, lapin::Result<_>) = first;
+                confirmed?;
+                while let Some(Some((next, confirmed))) = confirms.next().now_or_never() {
+                    confirmed?;
+                    acker = next;
+                }
+                acker.ack(lapin::options::BasicAckOptions { multiple: true }).await?;
+            }
+            delivery = consumer.next() => {
+                let delivery = delivery.context("consumer ended")??;
+                let confirm = outbound
+                    .basic_publish(
+                        "".into(),
+                        dst.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &delivery.data,
+                        delivery.properties.clone(),
+                    )
+                    .await?;
+                let acker = delivery.acker;
+                confirms.push_back(async move { (acker, confirm.await) });
+            }
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// A source queue holding the whole load and an empty destination, for a side-by-side mover.
+async fn side_queues(
+    args: &Args,
+    connection: &Connection,
+    load: &Load,
+    mover: &str,
+) -> Result<(String, String)> {
+    let src = format!("bench-{mover}-{}.src", args.scenario);
+    let dst = format!("bench-{mover}-{}.dst", args.scenario);
+    delete_queues(connection, &[&src, &dst]).await?;
+    let channel = connection.create_channel().await?;
+    declare(&channel, &dst).await?;
+    let all: Vec<Vec<u8>> = load
+        .by_sender
+        .iter()
+        .flat_map(|(_, b)| b.iter().cloned())
+        .collect();
+    preload(connection, &src, &all).await?;
+    Ok((src, dst))
+}
+
+/// The steady rate at which `total` messages arrive in `dst`, and the broker's CPU meanwhile.
+async fn drained(
+    args: &Args,
+    connection: &Connection,
+    dst: &str,
+    total: usize,
+) -> Result<(f64, f64)> {
+    let channel = connection.create_channel().await?;
+    steady_rate(&args.node, total, Duration::from_secs(1800), async || {
+        Ok(declare(&channel, dst).await? as usize)
+    })
+    .await
+}
+
+async fn delete_queues(connection: &Connection, queues: &[&str]) -> Result<()> {
+    let channel = connection.create_channel().await?;
+    for q in queues {
+        let _ = channel.queue_delete((*q).into(), Default::default()).await;
+    }
+    Ok(())
 }
 
 /// Starts `ponte run` and returns it once it logs that it is ready, with the start-up time.
@@ -805,9 +903,9 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         Some((a, b, c, _, r)) => (Some(a), Some(b), Some(c), Some(r)),
         None => (None, None, None, None),
     };
-    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg";
+    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg";
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -824,7 +922,10 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         fmt(p99, 2),
         fmt(max, 2),
         fmt(row.shovel_broker_us, 1),
-        row.ponte_broker_us
+        row.ponte_broker_us,
+        fmt(row.forwarder.map(|f| f.0), 0),
+        fmt(row.forwarder.map(|f| f.1 * 1e6), 1),
+        fmt(row.forwarder.map(|f| f.2 * 1e6), 1)
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
