@@ -23,8 +23,10 @@ use sha2::{Digest, Sha256};
 const QUEUE: usize = 16_384;
 /// Records held for a slow events publisher before it starts losing the oldest.
 const EVENTS: usize = 16_384;
-/// The writer commits at least this often.
+/// The writer gathers records this long after the first of a batch arrives...
 const BATCH_EVERY: Duration = Duration::from_millis(50);
+/// ...and writes at most this many in one transaction.
+const BATCH_MAX: usize = 8192;
 
 /// The hash before the first record.
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -270,17 +272,15 @@ fn write(
             Ok(command) => command,
             Err(_) => return,
         };
+        // Let the batch gather rather than waking for each record (a wake-up per message costs
+        // more than writing it), unless someone waits for the log to be written.
+        if !matches!(first, Command::Flush(_)) {
+            std::thread::sleep(BATCH_EVERY);
+        }
         let mut batch = vec![first];
-        let deadline = std::time::Instant::now() + BATCH_EVERY;
-        while batch.len() < 4096 {
-            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-                Ok(command) => {
-                    let flush = matches!(command, Command::Flush(_));
-                    batch.push(command);
-                    if flush {
-                        break;
-                    }
-                }
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(command) => batch.push(command),
                 Err(_) => break,
             }
         }

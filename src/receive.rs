@@ -55,7 +55,8 @@ impl Flow {
         drop(ready);
         let owner: Arc<str> = Arc::from(self.partner.id.as_str());
         let mut settling: Settling = FuturesOrdered::new();
-        let mut acks = Acknowledger::default();
+        let mut acks = Acknowledger::new(&self.settler);
+        let mut commits = self.settler.store.commits();
         loop {
             tokio::select! {
                 biased;
@@ -73,6 +74,9 @@ impl Flow {
                 () = sleep_until(acks.due()), if acks.due().is_some() => {
                     acks.flush(&self.settler).await;
                 }
+                Ok(()) = commits.changed(), if acks.uncommitted() => {
+                    acks.ack_committed().await;
+                }
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => settling.push_back(self.handle(delivery, &owner).await?),
                     Some(Err(error)) => return Err(error.into()),
@@ -89,7 +93,7 @@ impl Flow {
         while let Some(settled) = settling.next().await {
             acks.settle(settled, &self.settler).await;
         }
-        acks.flush(&self.settler).await;
+        acks.finish(&self.settler).await;
         stop_consuming(&self.consume, &self.settler.channel, &tag).await;
         Ok(())
     }

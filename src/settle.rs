@@ -4,7 +4,7 @@
 //! acknowledges runs of them with one `multiple` ack. Any broker failure on the way hands the
 //! message back instead: it is requeued, never rejected.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use crate::receipt::{self, Answered, Undelivered};
 use crate::rejection::{Code, Rejection};
 use crate::retry;
 use crate::settings::DeliverySettings;
-use crate::store::Store;
+use crate::store::{Committed, Store};
 
 /// Settled messages wait at most this long for their acknowledgement, so that a run of them
 /// shares one store commit and one ack frame...
@@ -211,7 +211,7 @@ pub async fn delivered(
             .collect();
         if let Some(error) = failure {
             // Some copies went out: remember which, so that when the message comes back only
-            // the others are sent (the store is flushed before the message is given back).
+            // the others are sent.
             if let Some(id) = &inbound.message_id
                 && !names.is_empty()
                 && let Err(store_error) = settler.store.remember(&inbound.partner, id, &names, false)
@@ -220,7 +220,7 @@ pub async fn delivered(
             }
             return Err(error.into());
         }
-        // Remembered before the ack (the store is flushed first), so that the same message
+        // Remembered before the ack (which waits for the store's commit), so that the same message
         // coming back is recognised and not delivered again.
         if let Some(id) = &inbound.message_id {
             settler
@@ -429,8 +429,10 @@ async fn publish_receipt(
     publish(&settler.channel, queue, &receipt.body, properties(&labels)).await
 }
 
-/// Acknowledges settled messages of one flow in arrival order, one `multiple` ack per run.
-#[derive(Debug, Default)]
+/// Acknowledges settled messages of one flow in arrival order, one `multiple` ack per run, once
+/// the store has committed what the run recorded (the store commits on its own thread every few
+/// milliseconds; a flow never waits for a commit, it acknowledges when one has happened).
+#[derive(Debug)]
 pub struct Acknowledger {
     /// The newest settled message not yet acknowledged; acking it with `multiple` acks all
     /// earlier ones of the channel too.
@@ -438,10 +440,21 @@ pub struct Acknowledger {
     count: usize,
     /// When the oldest message of the pending run was settled.
     since: Option<Instant>,
+    /// Closed runs waiting for the store's commit, oldest first.
+    uncommitted: VecDeque<Run>,
+    commits: tokio::sync::watch::Receiver<Committed>,
     /// When this flow last paused for a refusing broker: one pause per interval, not one per
     /// refused message, or a full queue would stall the flow for a second per message.
     last_pause: Option<Instant>,
     metrics: FlowMetrics,
+}
+
+/// Settled messages up to `acker`, acknowledged once the store's commits reach `written`.
+#[derive(Debug)]
+struct Run {
+    acker: Acker,
+    count: usize,
+    written: u64,
 }
 
 /// This flow's outcome counters and latency histogram, registered once and kept, so counting a
@@ -517,8 +530,25 @@ impl Acknowledger {
         }
     }
 
+    pub fn new(settler: &Settler) -> Acknowledger {
+        Acknowledger {
+            pending: None,
+            count: 0,
+            since: None,
+            uncommitted: VecDeque::new(),
+            commits: settler.store.commits(),
+            last_pause: None,
+            metrics: FlowMetrics::default(),
+        }
+    }
+
+    /// Whether closed runs wait for the store's next commit.
+    pub fn uncommitted(&self) -> bool {
+        !self.uncommitted.is_empty()
+    }
+
     /// When the pending run is due to be acknowledged: a few milliseconds after its first
-    /// message settled, so that one store commit and one ack frame serve many messages.
+    /// message settled, so that one ack frame serves many messages.
     pub fn due(&self) -> Option<tokio::time::Instant> {
         self.since
             .map(|since| tokio::time::Instant::from_std(since) + ACK_DELAY)
@@ -529,38 +559,84 @@ impl Acknowledger {
         self.count >= ACK_BATCH
     }
 
-    /// Makes what the run recorded durable, then sends the ack for the run collected so far. If
-    /// the store cannot save, nothing is acknowledged: the run goes back to the queue.
+    /// Closes the run collected so far; it is acknowledged as soon as the store has committed
+    /// what it recorded (at once if that has happened already).
     pub async fn flush(&mut self, settler: &Settler) {
         self.since = None;
-        let Some(acker) = self.pending.take() else {
-            return;
-        };
-        let count = std::mem::take(&mut self.count);
-        if let Err(error) = settler.store.flush() {
-            tracing::error!(
-                count,
-                %error,
-                "cannot save the record of delivered messages; not acknowledging them, they go back to their queue"
-            );
-            let _ = acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: true,
-                })
-                .await;
-            return;
+        if let Some(acker) = self.pending.take() {
+            self.uncommitted.push_back(Run {
+                acker,
+                count: std::mem::take(&mut self.count),
+                written: settler.store.written(),
+            });
         }
-        let acked = match acker.ack(BasicAckOptions { multiple: true }).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("the channel they arrived on is closed".to_string()),
-            Err(error) => Err(error.to_string()),
-        };
-        if let Err(error) = acked {
-            // Everything was published and confirmed; the broker will redeliver these messages
-            // and their recipients may see them twice. They deduplicate on message_id.
-            warn!(count, %error, "could not acknowledge settled messages; they will be redelivered");
+        self.ack_committed().await;
+    }
+
+    /// Acknowledges the closed runs the store's commits cover. If a commit failed, nothing
+    /// waiting is known to be saved: those runs go back to the queue instead.
+    pub async fn ack_committed(&mut self) {
+        let committed = self.commits.borrow_and_update().clone();
+        match committed {
+            Ok(written) => {
+                let (mut last, mut count) = (None, 0);
+                while self
+                    .uncommitted
+                    .front()
+                    .is_some_and(|r| r.written <= written)
+                {
+                    let run = self.uncommitted.pop_front().expect("just looked");
+                    count += run.count;
+                    last = Some(run.acker);
+                }
+                if let Some(acker) = last {
+                    ack_run(acker, count).await;
+                }
+            }
+            Err(error) => {
+                let count: usize = self.uncommitted.iter().map(|r| r.count).sum();
+                let Some(run) = self.uncommitted.pop_back() else {
+                    return;
+                };
+                self.uncommitted.clear();
+                tracing::error!(
+                    count,
+                    %error,
+                    "cannot save the record of delivered messages; not acknowledging them, they go back to their queue"
+                );
+                let _ = run
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: true,
+                    })
+                    .await;
+            }
         }
+    }
+
+    /// At the end of a flow: closes the run, commits the store now and acknowledges.
+    pub async fn finish(&mut self, settler: &Settler) {
+        self.flush(settler).await;
+        if self.uncommitted() {
+            if let Err(error) = settler.store.flush() {
+                tracing::error!(%error, "cannot save the record of delivered messages");
+            }
+            self.ack_committed().await;
+        }
+    }
+}
+
+async fn ack_run(acker: Acker, count: usize) {
+    let acked = match acker.ack(BasicAckOptions { multiple: true }).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the channel they arrived on is closed".to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    if let Err(error) = acked {
+        // Everything was published and confirmed; the broker will redeliver these messages
+        // and their recipients may see them twice. They deduplicate on message_id.
+        warn!(count, %error, "could not acknowledge settled messages; they will be redelivered");
     }
 }
 

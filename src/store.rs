@@ -12,13 +12,15 @@
 //! database instead.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Writes are grouped into one transaction committed at least this often...
-const COMMIT_EVERY: Duration = Duration::from_millis(20);
+/// Writes are grouped into one transaction committed at least this often (inbound messages are
+/// acknowledged once their writes are committed)...
+const COMMIT_EVERY: Duration = Duration::from_millis(5);
 /// ...or after this many writes, whichever comes first.
 const COMMIT_AFTER: usize = 512;
 /// The store's write-ahead log is cut back once it holds this many pages (64 MiB).
@@ -108,22 +110,35 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// older than `window`; returns how many.
     fn prune(&self, age: Duration, window: Duration) -> Result<usize, StoreError>;
 
-    /// Makes every write so far durable (used at shutdown).
+    /// Makes every write so far durable now (at shutdown, and where nothing else commits).
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// How many writes were made so far: [`Store::commits`] reaches this number once they are
+    /// durable.
+    fn written(&self) -> u64;
+
+    /// The number of writes made durable so far, updated at every commit (the store commits
+    /// on its own, every few milliseconds); an error when a commit failed.
+    fn commits(&self) -> tokio::sync::watch::Receiver<Committed>;
 }
+
+/// Writes made durable so far, or why the last commit failed.
+pub type Committed = Result<u64, String>;
 
 /// The crosswalks in one SQLite file.
 ///
 /// One transaction per write would cost about 90 µs per message on the benchmark machine; writes
-/// are instead grouped into one transaction, each inside its own savepoint so that a failed one
-/// leaves no trace, committed before every run of acknowledgements ([`Store::flush`]), after 512
-/// writes, and at least every 20 ms. So a delivery is on disk before its message is
+/// are instead grouped into one transaction (a write of several statements inside its own
+/// savepoint, so that a failed one leaves no trace), committed by the store's own thread every
+/// 5 ms, or after 512 writes. Flows acknowledge a run of messages only once a commit covers
+/// what the run recorded ([`Store::commits`]), so a delivery is on disk before its message is
 /// acknowledged; a crash of the process can forget at most the crosswalk links of its last
 /// moments (later messages about those cases then arrive without the recipient's reference).
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
     inner: Arc<Mutex<Inner>>,
+    written: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -132,14 +147,33 @@ struct Inner {
     /// A transaction is open, holding `pending` writes.
     open: bool,
     pending: usize,
+    /// Writes so far (shared: flows read it without taking the lock).
+    written: Arc<AtomicU64>,
+    /// Told the writes made durable at every commit.
+    commits: tokio::sync::watch::Sender<Committed>,
 }
 
 impl Inner {
     fn commit(&mut self) -> rusqlite::Result<()> {
         if self.open {
-            self.connection.execute_batch("COMMIT")?;
+            if let Err(error) = self.connection.execute_batch("COMMIT") {
+                let _ = self.commits.send_replace(Err(error.to_string()));
+                return Err(error);
+            }
             self.open = false;
             self.pending = 0;
+            let _ = self
+                .commits
+                .send_replace(Ok(self.written.load(Ordering::SeqCst)));
+        }
+        Ok(())
+    }
+
+    fn wrote(&mut self) -> rusqlite::Result<()> {
+        self.pending += 1;
+        self.written.fetch_add(1, Ordering::SeqCst);
+        if self.pending >= COMMIT_AFTER {
+            self.commit()?;
         }
         Ok(())
     }
@@ -247,10 +281,13 @@ impl SqliteStore {
             )
             .and_then(|()| migrate(&mut connection))
             .map_err(|e| error(e.to_string()))?;
+        let written = Arc::new(AtomicU64::new(0));
         let inner = Arc::new(Mutex::new(Inner {
             connection,
             open: false,
             pending: 0,
+            written: written.clone(),
+            commits: tokio::sync::watch::Sender::new(Ok(0)),
         }));
         // Checkpoints (copying the log into the database file, with an fsync) run on a
         // connection of their own in the background, never inside a message's write.
@@ -261,7 +298,11 @@ impl SqliteStore {
             .name("ponte-store".into())
             .spawn(move || commit_periodically(committer, checkpoints, shown, log_limit))
             .map_err(|e| error(format!("cannot start the commit thread: {e}")))?;
-        Ok(SqliteStore { path, inner })
+        Ok(SqliteStore {
+            path,
+            inner,
+            written,
+        })
     }
 
     fn error(&self, e: impl std::fmt::Display) -> StoreError {
@@ -295,10 +336,7 @@ impl SqliteStore {
             match f(&inner.connection) {
                 Ok(value) => {
                     run("RELEASE write")?;
-                    inner.pending += 1;
-                    if inner.pending >= COMMIT_AFTER {
-                        inner.commit()?;
-                    }
+                    inner.wrote()?;
                     Ok(value)
                 }
                 Err(e) => {
@@ -324,10 +362,7 @@ impl SqliteStore {
                 inner.open = true;
             }
             let value = f(&inner.connection)?;
-            inner.pending += 1;
-            if inner.pending >= COMMIT_AFTER {
-                inner.commit()?;
-            }
+            inner.wrote()?;
             Ok(value)
         })();
         result.map_err(|e| self.error(e))
@@ -662,6 +697,14 @@ impl Store for SqliteStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.lock().commit().map_err(|e| self.error(e))
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    fn commits(&self) -> tokio::sync::watch::Receiver<Committed> {
+        self.lock().commits.subscribe()
     }
 }
 

@@ -156,6 +156,12 @@ impl Store for Flaky {
         self.check()?;
         self.inner.flush()
     }
+    fn written(&self) -> u64 {
+        self.inner.written()
+    }
+    fn commits(&self) -> tokio::sync::watch::Receiver<ponte::store::Committed> {
+        self.inner.commits()
+    }
 }
 
 #[tokio::test]

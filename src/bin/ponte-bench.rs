@@ -504,7 +504,12 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f6
 async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64, f64)> {
     let (src, dst) = side_queues(args, connection, load, "forwarder").await?;
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(forward(args.url.clone(), src.clone(), dst.clone(), stop.clone()));
+    let task = tokio::spawn(forward(
+        args.url.clone(),
+        src.clone(),
+        dst.clone(),
+        stop.clone(),
+    ));
     let (cpu_before, _) = usage(std::process::id())?;
     let rate = drained(args, connection, &dst, load.count).await;
     let (cpu_after, _) = usage(std::process::id())?;
