@@ -768,7 +768,9 @@ async fn latency(
     let queues = Queues::new(&directory.settings.broker.prefix);
     let (child, _) = start_ponte(args, config)?;
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
-    let samples: Arc<Mutex<Vec<f64>>> = Default::default();
+    // (sent, latency) in milliseconds, sent counted from `start`.
+    let samples: Arc<Mutex<Vec<(f64, f64)>>> = Default::default();
+    let start = Instant::now();
     let consumer_connection = connect(&args.url).await?;
     let mut consumers = Vec::new();
     for p in directory.partners.keys() {
@@ -791,10 +793,10 @@ async fn latency(
                 if let Some(id) = d.properties.message_id().as_ref()
                     && let Some(t0) = sent.lock().unwrap().get(id.as_str())
                 {
-                    samples
-                        .lock()
-                        .unwrap()
-                        .push((at - *t0).as_secs_f64() * 1000.0);
+                    samples.lock().unwrap().push((
+                        (*t0 - start).as_secs_f64() * 1000.0,
+                        (at - *t0).as_secs_f64() * 1000.0,
+                    ));
                 }
             }
         }));
@@ -855,18 +857,21 @@ async fn latency(
     for c in consumers {
         c.abort();
     }
-    let mut samples = samples.lock().unwrap().clone();
-    samples.sort_by(f64::total_cmp);
-    if samples.is_empty() {
+    let mut timed = samples.lock().unwrap().clone();
+    if timed.is_empty() {
         bail!("no latency samples");
     }
-    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    // In sending order, so that a slow moment shows where it happened.
+    timed.sort_by(|a, b| a.0.total_cmp(&b.0));
     let path = args.work.join(format!("latency-{}.csv", args.scenario));
     let mut f = std::fs::File::create(&path)?;
-    writeln!(f, "latency_ms")?;
-    for s in &samples {
-        writeln!(f, "{s:.3}")?;
+    writeln!(f, "sent_ms,latency_ms")?;
+    for (sent, latency) in &timed {
+        writeln!(f, "{sent:.1},{latency:.3}")?;
     }
+    let mut samples: Vec<f64> = timed.iter().map(|(_, l)| *l).collect();
+    samples.sort_by(f64::total_cmp);
+    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
     let result = (
         pick(0.5),
         pick(0.99),
