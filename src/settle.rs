@@ -23,8 +23,8 @@ use crate::retry;
 use crate::settings::DeliverySettings;
 use crate::store::{Committed, Store};
 
-/// Settled messages wait at most this long for their acknowledgement, so that a run of them
-/// shares one store commit and one ack frame...
+/// Settled messages wait at most this long before their run is closed, so that a run of them
+/// shares one ack frame (sent once the store's commit covers the run)...
 const ACK_DELAY: Duration = Duration::from_millis(5);
 /// ...unless this many are waiting.
 const ACK_BATCH: usize = 128;

@@ -96,8 +96,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Option<Seen>, StoreError>;
 
     /// Records that `sender`'s `message_id` was delivered to `recipients` (all of them when
-    /// `complete`, else some so far), replacing an earlier record. Durable at the next
-    /// [`Store::flush`], which comes before the inbound message is acknowledged or given back.
+    /// `complete`, else some so far), replacing an earlier record. Durable at the next commit
+    /// ([`Store::commits`]), which the inbound message's acknowledgement waits for.
     fn remember(
         &self,
         sender: &str,
@@ -327,37 +327,26 @@ impl SqliteStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs one write inside its own savepoint of the open group transaction.
+    /// Runs one write inside its own savepoint of the open group transaction, so that a write
+    /// of several statements that fails leaves no trace.
     fn write<T>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let mut inner = self.lock();
-        let result = (|| {
-            if !inner.open {
-                inner.connection.execute_batch("BEGIN")?;
-                inner.open = true;
-            }
-            let run = |sql: &str| inner.connection.prepare_cached(sql)?.execute([]);
+        self.write_one(|connection| {
+            let run = |sql: &str| connection.prepare_cached(sql)?.execute([]);
             run("SAVEPOINT write")?;
-            match f(&inner.connection) {
-                Ok(value) => {
-                    run("RELEASE write")?;
-                    inner.wrote()?;
-                    Ok(value)
-                }
-                Err(e) => {
-                    run("ROLLBACK TO write")?;
-                    run("RELEASE write")?;
-                    Err(e)
-                }
+            let result = f(connection);
+            if result.is_err() {
+                run("ROLLBACK TO write")?;
             }
-        })();
-        result.map_err(|e| self.error(e))
+            run("RELEASE write")?;
+            result
+        })
     }
 
     /// Runs a write whose only change is its last statement (one statement is atomic by itself:
-    /// no savepoint needed).
+    /// no savepoint needed) in the open group transaction.
     fn write_one<T>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
