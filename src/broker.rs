@@ -1,6 +1,7 @@
 //! Broker: connecting to RabbitMQ, the queue names of the wire contract, and the topology the
 //! gateway declares (idempotently) before it consumes.
 
+use futures_util::future::try_join_all;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -181,52 +182,87 @@ pub async fn confirming_channel(connection: &Connection) -> Result<Channel, Brok
 /// to its own inbound exchange and nowhere else — which is what makes "sender = queue owner" a
 /// proof of origin. (The default exchange would let any user that may write to it reach any
 /// queue.)
-pub async fn declare_topology(channel: &Channel, directory: &Directory) -> Result<(), BrokerError> {
-    for (exchange, kind) in exchanges(directory) {
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                kind,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    nowait: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    for (queue, arguments) in all_queues(directory) {
-        declare_queue_with(channel, &queue, arguments, false).await?;
-    }
-    let queues = Queues::new(&directory.settings.broker.prefix);
-    for partner in directory.partners.keys() {
-        let inbound = queues.inbound(partner);
-        channel
-            .queue_bind(
-                inbound.as_str().into(),
-                inbound.as_str().into(),
-                "".into(),
-                QueueBindOptions { nowait: true },
-                FieldTable::default(),
-            )
-            .await?;
-    }
-    // The declarations above are sent without waiting for each answer (thousands of round trips
-    // for a large directory); the broker handles a channel's methods in order and closes the
-    // channel on the first that fails, so one synchronous call at the end confirms them all.
-    if let Some(last) = directory.partners.keys().next_back() {
-        channel
-            .queue_declare(
-                queues.inbound(last).into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-    }
+pub async fn declare_topology(
+    connection: &Connection,
+    directory: &Directory,
+) -> Result<(), BrokerError> {
+    let partners: Vec<&crate::partner::Partner> = directory.partners.values().collect();
+    let per_channel = partners.len().div_ceil(DECLARING_CHANNELS).max(1);
+    let shared = async {
+        let channel = connection.create_channel().await?;
+        if directory.settings.log.events_exchange {
+            let events = Queues::new(&directory.settings.broker.prefix).events();
+            declare_exchange(&channel, &events, ExchangeKind::Topic).await?;
+        }
+        for (queue, arguments) in retry_queues(directory) {
+            declare_queue_with(&channel, &queue, arguments, true).await?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        Ok::<_, BrokerError>(())
+    };
+    let partners = try_join_all(partners.chunks(per_channel).map(|chunk| async move {
+        let channel = connection.create_channel().await?;
+        let queues = Queues::new(&directory.settings.broker.prefix);
+        for partner in chunk {
+            let inbound = queues.inbound(&partner.id);
+            declare_exchange(&channel, &inbound, ExchangeKind::Fanout).await?;
+            for (queue, arguments) in partner_queues(directory, partner) {
+                declare_queue_with(&channel, &queue, arguments, false).await?;
+            }
+            channel
+                .queue_bind(
+                    inbound.as_str().into(),
+                    inbound.as_str().into(),
+                    "".into(),
+                    QueueBindOptions { nowait: true },
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        // The declarations above are sent without waiting for each answer (thousands of round
+        // trips for a large directory); the broker handles a channel's methods in order and
+        // closes the channel on the first that fails, so one synchronous call at the end
+        // confirms them all.
+        if let Some(last) = chunk.last() {
+            channel
+                .queue_declare(
+                    queues.inbound(&last.id).into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        Ok::<_, BrokerError>(())
+    }));
+    tokio::try_join!(shared, partners)?;
+    Ok(())
+}
+
+/// Channels a directory's topology is declared on at once: the broker handles each channel in
+/// a process of its own, so thousands of declarations are spread over its cores.
+const DECLARING_CHANNELS: usize = 4;
+
+async fn declare_exchange(
+    channel: &Channel,
+    exchange: &str,
+    kind: ExchangeKind,
+) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                nowait: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
     Ok(())
 }
 
@@ -296,21 +332,33 @@ pub async fn declare_queue(
 
 /// Every queue of the topology with its arguments: each partner's five, then the retry queues.
 fn all_queues(directory: &Directory) -> Vec<(String, FieldTable)> {
-    let queues = Queues::new(&directory.settings.broker.prefix);
-    let queue_type = directory.settings.broker.queue_type;
-    let mut all = Vec::new();
-    for (partner, settings) in &directory.partners {
-        let outbound = queues.outbound(partner);
-        for queue in queues.of_partner(partner) {
-            let mut arguments = queue_arguments(queue_type);
-            if queue == outbound {
-                outbound_arguments(&mut arguments, settings);
-            }
-            all.push((queue, arguments));
-        }
-    }
+    let mut all: Vec<_> = directory
+        .partners
+        .values()
+        .flat_map(|partner| partner_queues(directory, partner))
+        .collect();
     all.extend(retry_queues(directory));
     all
+}
+
+/// A partner's five queues with their arguments.
+fn partner_queues(
+    directory: &Directory,
+    partner: &crate::partner::Partner,
+) -> impl Iterator<Item = (String, FieldTable)> {
+    let queues = Queues::new(&directory.settings.broker.prefix);
+    let queue_type = directory.settings.broker.queue_type;
+    let outbound = queues.outbound(&partner.id);
+    queues
+        .of_partner(&partner.id)
+        .into_iter()
+        .map(move |queue| {
+            let mut arguments = queue_arguments(queue_type);
+            if queue == outbound {
+                outbound_arguments(&mut arguments, partner);
+            }
+            (queue, arguments)
+        })
 }
 
 /// Every exchange of the topology: each partner's inbound fanout exchange, and the events

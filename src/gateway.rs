@@ -96,13 +96,15 @@ async fn session(
     delay: &mut Duration,
 ) -> Result<(), BrokerError> {
     let directory: &Directory = &pipeline.directory;
-    let setup = connect(directory, "ponte setup").await?;
-    let channel = setup.create_channel().await?;
-    declare_topology(&channel, directory).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
-    tracing::debug!("topology declared");
-    *delay = Duration::from_millis(200);
-
+    // The topology is declared while the flows' connections and channels open (flows start
+    // consuming only once both are done): start-up is the longer of the two, not their sum.
+    let topology = async {
+        let setup = connect(directory, "ponte setup").await?;
+        declare_topology(&setup, directory).await?;
+        let _ = setup.close(200, "topology declared".into()).await;
+        tracing::debug!("topology declared");
+        Ok::<_, BrokerError>(())
+    };
     let queues = Arc::new(QueueNames::new(
         &Queues::new(&directory.settings.broker.prefix),
         directory.partners.keys().map(String::as_str),
@@ -112,14 +114,19 @@ async fn session(
     let mut connections = Vec::new();
     let mut flows = JoinSet::new();
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(partners.len().max(1));
+    let started = watch::Sender::new(false);
     // Open every group's connections and channels concurrently: start-up time is then a few
     // round trips, not one per channel.
     let groups = try_join_all(partners.chunks(PARTNERS_PER_CONNECTION).enumerate().map(
         |(group, members)| async move {
             // Consuming and publishing use separate connections, so flow control that blocks a
             // publishing connection never stops acknowledgements from going out.
-            let consuming = connect(directory, &format!("ponte consume {group}")).await?;
-            let publishing = connect(directory, &format!("ponte publish {group}")).await?;
+            let names = (
+                format!("ponte consume {group}"),
+                format!("ponte publish {group}"),
+            );
+            let (consuming, publishing) =
+                tokio::try_join!(connect(directory, &names.0), connect(directory, &names.1))?;
             let opened = try_join_all(members.iter().map(|partner| {
                 let (consuming, publishing) = (&consuming, &publishing);
                 async move {
@@ -131,8 +138,9 @@ async fn session(
             .await?;
             Ok::<_, BrokerError>((consuming, publishing, opened))
         },
-    ))
-    .await?;
+    ));
+    let ((), groups) = tokio::try_join!(topology, groups)?;
+    *delay = Duration::from_millis(200);
     let prefetch = directory
         .settings
         .broker
@@ -156,6 +164,7 @@ async fn session(
                 consume,
                 prefetch,
                 settler,
+                started: started.subscribe(),
             };
             flows.spawn(flow.run(session_stop.clone(), ready_tx.clone()));
         }
@@ -163,8 +172,10 @@ async fn session(
         connections.push(publishing);
     }
     // The redelivery flow and the HTTP couriers share one more pair of connections.
-    let retry_consuming = connect(directory, "ponte retry consume").await?;
-    let retry_publishing = connect(directory, "ponte retry publish").await?;
+    let (retry_consuming, retry_publishing) = tokio::try_join!(
+        connect(directory, "ponte retry consume"),
+        connect(directory, "ponte retry publish"),
+    )?;
     let names = Queues::new(&directory.settings.broker.prefix);
     let timeout_secs = directory.settings.broker.publish_timeout_secs;
     let redeliverer = Redeliverer {
@@ -216,6 +227,7 @@ async fn session(
         }
     }
     if failure.is_none() && consuming_flows == expected {
+        started.send_replace(true);
         status.ready.send_replace(true);
         info!(
             partners = partners.len(),

@@ -27,6 +27,10 @@ pub struct Flow {
     /// Unacknowledged messages the broker may push to this flow.
     pub prefetch: u16,
     pub settler: Arc<Settler>,
+    /// Turns true once every flow of the session consumes. A flow handles nothing before: with
+    /// a backlog, the first partners' messages would otherwise take the CPU while the others'
+    /// consumers are still being set up (start-up with a thousand partners).
+    pub started: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Sleeps until `at` (never, without one; the select guard keeps that branch off then).
@@ -53,6 +57,11 @@ impl Flow {
         debug!(%queue, "consuming");
         let _ = ready.send(()).await;
         drop(ready);
+        let mut started = self.started.clone();
+        tokio::select! {
+            () = stop.cancelled() => {}
+            _ = started.wait_for(|started| *started) => {}
+        }
         let owner: Arc<str> = Arc::from(self.partner.id.as_str());
         let mut settling: Settling = FuturesOrdered::new();
         let mut acks = Acknowledger::new(&self.settler);
