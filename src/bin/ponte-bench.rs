@@ -9,7 +9,8 @@
 //!    steady-state rate (10%–90% of the outputs), the process's CPU time per message and its
 //!    peak RSS, and its start-up time;
 //! 3. optionally offers messages at a fixed rate (half the measured maximum) with an open-loop
-//!    publisher and records each delivered copy's end-to-end latency.
+//!    publisher and records each delivered copy's end-to-end latency; then offers the same rate
+//!    to a shovel between two empty queues: the latency the broker alone gives on this machine.
 //!
 //! It prints one row and appends it to a CSV file. It never fails on a timing.
 
@@ -84,7 +85,9 @@ struct Row {
     cpu_us: f64,
     peak_rss_mib: f64,
     startup_ms: f64,
-    latency: Option<(f64, f64, f64, usize, f64)>,
+    latency: Option<Latency>,
+    /// The shovel's latency at the same offered rate.
+    shovel_latency: Option<Latency>,
     /// The broker's own CPU per message while the shovel, then Ponte, moved the load.
     shovel_broker_us: Option<f64>,
     ponte_broker_us: f64,
@@ -125,6 +128,9 @@ async fn main() -> Result<()> {
     if args.latency_secs > 0 {
         let rate = row.ponte_rate / 2.0;
         row.latency = Some(latency(&args, &config, &directory, rate).await?);
+        if !args.no_shovel {
+            row.shovel_latency = Some(shovel_latency(&args, &connection, &directory, rate).await?);
+        }
     }
     cleanup(&connection, &directory).await;
     report(&args, &load, &row)?;
@@ -233,6 +239,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// The generated messages, by the partner that sends them.
+#[derive(Default)]
 struct Load {
     by_sender: Vec<(String, Vec<Vec<u8>>)>,
     invalid: usize,
@@ -479,16 +486,8 @@ async fn steady_rate(
 /// The shovel's steady rate and the broker's CPU seconds per message meanwhile.
 async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64)> {
     let (src, dst) = side_queues(args, connection, load, "shovel").await?;
-    let definition = json!({
-        "src-protocol": "amqp091", "src-uri": "amqp://", "src-queue": src,
-        "dest-protocol": "amqp091", "dest-uri": "amqp://", "dest-queue": dst,
-        "ack-mode": "on-confirm", "src-delete-after": "never"
-    });
     let name = format!("bench-{}", args.scenario);
-    ctl(
-        &args.node,
-        &["set_parameter", "shovel", &name, &definition.to_string()],
-    )?;
+    set_shovel(args, &name, &src, &dst)?;
     let rate = drained(args, connection, &dst, load.count).await;
     ctl(&args.node, &["clear_parameter", "shovel", &name])?;
     delete_queues(connection, &[&src, &dst]).await?;
@@ -498,6 +497,19 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f6
         broker * 1e6
     );
     Ok((rate, broker))
+}
+
+/// Starts a dynamic shovel `name` moving `src` to `dst`, acknowledging on confirm.
+fn set_shovel(args: &Args, name: &str, src: &str, dst: &str) -> Result<()> {
+    let definition = json!({
+        "src-protocol": "amqp091", "src-uri": "amqp://", "src-queue": src,
+        "dest-protocol": "amqp091", "dest-uri": "amqp://", "dest-queue": dst,
+        "ack-mode": "on-confirm", "src-delete-after": "never"
+    });
+    ctl(
+        &args.node,
+        &["set_parameter", "shovel", name, &definition.to_string()],
+    )
 }
 
 /// The no-op forwarder's steady rate, the broker's CPU seconds per message and its own.
@@ -710,8 +722,8 @@ async fn drain_with_ponte(
     row: &mut Row,
 ) -> Result<()> {
     let queues = Queues::new(&directory.settings.broker.prefix);
+    ponte::broker::declare_topology(connection, directory).await?;
     let channel = connection.create_channel().await?;
-    ponte::broker::declare_topology(&channel, directory).await?;
     for (sender, bodies) in &load.by_sender {
         preload(connection, &queues.inbound(sender), bodies).await?;
     }
@@ -757,27 +769,96 @@ async fn drain_with_ponte(
     Ok(())
 }
 
-/// Offers valid messages at `rate` per second for `args.latency_secs` and measures, for each
-/// delivered copy, the time from publish to arrival in the recipient's queue.
-async fn latency(
-    args: &Args,
-    config: &Path,
-    directory: &Directory,
-    rate: f64,
-) -> Result<(f64, f64, f64, usize, f64)> {
+/// Ponte's end-to-end latency at `rate`: from a sender's publish to the copy's arrival in a
+/// recipient's outbound queue.
+async fn latency(args: &Args, config: &Path, directory: &Directory, rate: f64) -> Result<Latency> {
     let queues = Queues::new(&directory.settings.broker.prefix);
     let (child, _) = start_ponte(args, config)?;
+    let load = Load::generate(
+        directory,
+        (rate * args.latency_secs as f64) as usize,
+        args.size,
+    );
+    let schedule: Vec<(String, Vec<u8>)> = load
+        .by_sender
+        .iter()
+        .flat_map(|(sender, bodies)| bodies.iter().map(|b| (queues.inbound(sender), b.clone())))
+        .collect();
+    let outputs: Vec<String> = directory
+        .partners
+        .keys()
+        .map(|p| queues.outbound(p))
+        .collect();
+    let timed = time_through(args, &args.scenario, schedule, &outputs, rate).await;
+    stop_ponte(child)?;
+    timed
+}
+
+/// The shovel's latency at the same `rate` (publish into its source queue, arrival in its
+/// destination): what the broker alone gives on this machine, the floor under Ponte's.
+async fn shovel_latency(
+    args: &Args,
+    connection: &Connection,
+    directory: &Directory,
+    rate: f64,
+) -> Result<Latency> {
+    let load = Load::generate(
+        directory,
+        (rate * args.latency_secs as f64) as usize,
+        args.size,
+    );
+    let (src, dst) = side_queues(args, connection, &Load::default(), "shovel-latency").await?;
+    let name = format!("bench-latency-{}", args.scenario);
+    set_shovel(args, &name, &src, &dst)?;
+    let schedule = load
+        .by_sender
+        .iter()
+        .flat_map(|(_, bodies)| bodies.iter().map(|b| (src.clone(), b.clone())))
+        .collect();
+    let timed = time_through(
+        args,
+        &format!("{}-shovel", args.scenario),
+        schedule,
+        std::slice::from_ref(&dst),
+        rate,
+    )
+    .await;
+    ctl(&args.node, &["clear_parameter", "shovel", &name])?;
+    delete_queues(connection, &[&src, &dst]).await?;
+    timed
+}
+
+/// End-to-end latency figures at a fixed offered rate, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    offered: f64,
+}
+
+/// Publishes `schedule` (queue, body) open loop at `rate`, in an order that interleaves the
+/// senders, and times each message from its publish until a consumer of one of `outputs`
+/// receives it (matched by message id). Samples go to `latency-<name>.csv` in sending order,
+/// so that a slow moment shows where it happened.
+async fn time_through(
+    args: &Args,
+    name: &str,
+    mut schedule: Vec<(String, Vec<u8>)>,
+    outputs: &[String],
+    rate: f64,
+) -> Result<Latency> {
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
     // (sent, latency) in milliseconds, sent counted from `start`.
     let samples: Arc<Mutex<Vec<(f64, f64)>>> = Default::default();
     let start = Instant::now();
     let consumer_connection = connect(&args.url).await?;
     let mut consumers = Vec::new();
-    for p in directory.partners.keys() {
+    for queue in outputs {
         let channel = consumer_connection.create_channel().await?;
         let mut consumer = channel
             .basic_consume(
-                queues.outbound(p).as_str().into(),
+                queue.as_str().into(),
                 "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
@@ -801,18 +882,6 @@ async fn latency(
             }
         }));
     }
-    // Open loop: each message is published at its scheduled time, whatever happened before.
-    let load = Load::generate(
-        directory,
-        (rate * args.latency_secs as f64) as usize,
-        args.size,
-    );
-    let mut schedule: Vec<(String, Vec<u8>)> = Vec::new();
-    for (sender, bodies) in &load.by_sender {
-        for b in bodies {
-            schedule.push((sender.clone(), b.clone()));
-        }
-    }
     // Interleave senders as they would arrive.
     schedule.sort_by_key(|(_, b)| {
         let mut h = 0u64;
@@ -825,7 +894,8 @@ async fn latency(
     let channel = publisher.create_channel().await?;
     let start = Instant::now();
     let mut offered = 0usize;
-    for (i, (sender, body)) in schedule.iter().enumerate() {
+    // Open loop: each message is published at its scheduled time, whatever happened before.
+    for (i, (queue, body)) in schedule.iter().enumerate() {
         let due = start + Duration::from_secs_f64(i as f64 / rate);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
@@ -834,15 +904,16 @@ async fn latency(
             .ok()
             .and_then(|v| v["message_id"].as_str().map(String::from))
             .unwrap_or_default();
-        sent.lock().unwrap().insert(id, Instant::now());
+        sent.lock().unwrap().insert(id.clone(), Instant::now());
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
+            .with_message_id(id.into())
             .with_content_type("application/json".into());
         drop(
             channel
                 .basic_publish(
                     "".into(),
-                    queues.inbound(sender).as_str().into(),
+                    queue.as_str().into(),
                     BasicPublishOptions::default(),
                     body,
                     properties,
@@ -853,17 +924,17 @@ async fn latency(
     }
     let offered_rate = offered as f64 / start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop_ponte(child)?;
     for c in consumers {
         c.abort();
     }
+    let _ = publisher.close(200, "done".into()).await;
+    let _ = consumer_connection.close(200, "done".into()).await;
     let mut timed = samples.lock().unwrap().clone();
     if timed.is_empty() {
         bail!("no latency samples");
     }
-    // In sending order, so that a slow moment shows where it happened.
     timed.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let path = args.work.join(format!("latency-{}.csv", args.scenario));
+    let path = args.work.join(format!("latency-{name}.csv"));
     let mut f = std::fs::File::create(&path)?;
     writeln!(f, "sent_ms,latency_ms")?;
     for (sent, latency) in &timed {
@@ -872,19 +943,18 @@ async fn latency(
     let mut samples: Vec<f64> = timed.iter().map(|(_, l)| *l).collect();
     samples.sort_by(f64::total_cmp);
     let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    let result = (
-        pick(0.5),
-        pick(0.99),
-        *samples.last().unwrap(),
-        samples.len(),
-        offered_rate,
-    );
+    let result = Latency {
+        p50: pick(0.5),
+        p99: pick(0.99),
+        max: *samples.last().unwrap(),
+        offered: offered_rate,
+    };
     eprintln!(
-        "  latency at {offered_rate:.0} msg/s offered: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} copies; samples in {})",
-        result.0,
-        result.1,
-        result.2,
-        result.3,
+        "  {name} latency at {offered_rate:.0} msg/s offered: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} copies; samples in {})",
+        result.p50,
+        result.p99,
+        result.max,
+        samples.len(),
         path.display()
     );
     Ok(result)
@@ -909,13 +979,11 @@ async fn cleanup(connection: &Connection, directory: &Directory) {
 fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
     let fmt = |v: Option<f64>, d: usize| v.map_or(String::new(), |v| format!("{v:.d$}"));
     let ratio = row.shovel_rate.map(|s| row.ponte_rate / s);
-    let (p50, p99, max, offered) = match row.latency {
-        Some((a, b, c, _, r)) => (Some(a), Some(b), Some(c), Some(r)),
-        None => (None, None, None, None),
-    };
-    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg";
+    let latency = |pick: fn(&Latency) -> f64| row.latency.as_ref().map(pick);
+    let shovel_latency = |pick: fn(&Latency) -> f64| row.shovel_latency.as_ref().map(pick);
+    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms";
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -927,15 +995,18 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         row.cpu_us,
         row.peak_rss_mib,
         row.startup_ms,
-        fmt(offered, 0),
-        fmt(p50, 2),
-        fmt(p99, 2),
-        fmt(max, 2),
+        fmt(latency(|l| l.offered), 0),
+        fmt(latency(|l| l.p50), 2),
+        fmt(latency(|l| l.p99), 2),
+        fmt(latency(|l| l.max), 2),
         fmt(row.shovel_broker_us, 1),
         row.ponte_broker_us,
         fmt(row.forwarder.map(|f| f.0), 0),
         fmt(row.forwarder.map(|f| f.1 * 1e6), 1),
-        fmt(row.forwarder.map(|f| f.2 * 1e6), 1)
+        fmt(row.forwarder.map(|f| f.2 * 1e6), 1),
+        fmt(shovel_latency(|l| l.p50), 2),
+        fmt(shovel_latency(|l| l.p99), 2),
+        fmt(shovel_latency(|l| l.max), 2)
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
