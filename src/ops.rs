@@ -4,7 +4,9 @@
 //!   `ponte_latency_seconds` (receipt to settlement, histogram), `ponte_copies_in_flight
 //!   {recipient}` (copies published and not yet confirmed), `ponte_retries_total{recipient}`,
 //!   `ponte_dead_letters_total{recipient}`, `ponte_handed_back_total{sender}`,
-//!   `ponte_broker_reconnects_total`, `ponte_lookups_total{partner,result}`, `ponte_ready`.
+//!   `ponte_broker_reconnects_total`, `ponte_lookups_total{partner,result}`, `ponte_ready`,
+//!   `ponte_store_wait_seconds` (how long each use of the store waited for its connection,
+//!   histogram: where a busy disk shows on the message path).
 //! - `GET /healthz`: 200 while the process runs (liveness).
 //! - `GET /readyz`: 200 when connected to the broker with the topology declared and every flow
 //!   consuming, the store writable and the configuration loaded; else 503 with the reasons
@@ -27,6 +29,12 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Store wait buckets, in seconds: nothing most of the time, a commit's length when it
+/// coincides, tens of milliseconds when the disk is busy.
+const STORE_WAIT_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_1, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide metrics recorder (once) and returns its handle.
@@ -36,6 +44,11 @@ pub fn metrics() -> &'static PrometheusHandle {
             .set_buckets_for_metric(
                 Matcher::Full("ponte_latency_seconds".into()),
                 LATENCY_BUCKETS,
+            )
+            .expect("the buckets are not empty")
+            .set_buckets_for_metric(
+                Matcher::Full("ponte_store_wait_seconds".into()),
+                STORE_WAIT_BUCKETS,
             )
             .expect("the buckets are not empty")
             .build_recorder();

@@ -139,6 +139,7 @@ pub struct SqliteStore {
     path: PathBuf,
     inner: Arc<Mutex<Inner>>,
     written: Arc<AtomicU64>,
+    waits: metrics::Histogram,
 }
 
 #[derive(Debug)]
@@ -309,6 +310,7 @@ impl SqliteStore {
             path,
             inner,
             written,
+            waits: metrics::histogram!("ponte_store_wait_seconds"),
         })
     }
 
@@ -319,12 +321,19 @@ impl SqliteStore {
         }
     }
 
+    /// Takes the connection, recording how long that took in `ponte_store_wait_seconds`: the
+    /// store's own thread holds it while it commits, and a commit waits for the disk when the
+    /// disk is busy (fsyncs), so this is where a slow disk shows up on the message path.
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        let asked = std::time::Instant::now();
         // A write that panicked stays inside its savepoint, which the next write's transaction
         // handling rolls back with it; the lock is safe to take over.
-        self.inner
+        let inner = self
+            .inner
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.waits.record(asked.elapsed());
+        inner
     }
 
     /// Runs one write inside its own savepoint of the open group transaction, so that a write

@@ -25,6 +25,9 @@ const METRICS: &[&str] = &[
     "ponte_broker_reconnects_total",
     "ponte_lookups_total",
     "ponte_ready",
+    "ponte_store_wait_seconds_bucket",
+    "ponte_store_wait_seconds_count",
+    "ponte_store_wait_seconds_sum",
 ];
 
 fn read(path: &str) -> String {

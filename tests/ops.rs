@@ -117,6 +117,15 @@ async fn metrics_count_the_messages_sent_and_the_probes_answer() {
         metrics.contains("# TYPE ponte_latency_seconds histogram"),
         "{metrics}"
     );
+    // Each delivered message looked for a duplicate and recorded its case, then its delivery.
+    assert!(
+        total(&metrics, "ponte_store_wait_seconds_count", &[]) >= 15.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE ponte_store_wait_seconds histogram"),
+        "{metrics}"
+    );
     child.stop();
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }
