@@ -126,10 +126,16 @@ async fn main() -> Result<()> {
     }
     drain_with_ponte(&args, &config, &directory, &connection, &load, &mut row).await?;
     if args.latency_secs > 0 {
+        // The same messages, at the same rate, through Ponte and then through the shovel.
         let rate = row.ponte_rate / 2.0;
-        row.latency = Some(latency(&args, &config, &directory, rate).await?);
+        let offered = Load::generate(
+            &directory,
+            (rate * args.latency_secs as f64) as usize,
+            args.size,
+        );
+        row.latency = Some(latency(&args, &config, &directory, &offered, rate).await?);
         if !args.no_shovel {
-            row.shovel_latency = Some(shovel_latency(&args, &connection, &directory, rate).await?);
+            row.shovel_latency = Some(shovel_latency(&args, &connection, &offered, rate).await?);
         }
     }
     cleanup(&connection, &directory).await;
@@ -771,14 +777,15 @@ async fn drain_with_ponte(
 
 /// Ponte's end-to-end latency at `rate`: from a sender's publish to the copy's arrival in a
 /// recipient's outbound queue.
-async fn latency(args: &Args, config: &Path, directory: &Directory, rate: f64) -> Result<Latency> {
+async fn latency(
+    args: &Args,
+    config: &Path,
+    directory: &Directory,
+    load: &Load,
+    rate: f64,
+) -> Result<Latency> {
     let queues = Queues::new(&directory.settings.broker.prefix);
     let (child, _) = start_ponte(args, config)?;
-    let load = Load::generate(
-        directory,
-        (rate * args.latency_secs as f64) as usize,
-        args.size,
-    );
     let schedule: Vec<(String, Vec<u8>)> = load
         .by_sender
         .iter()
@@ -799,14 +806,9 @@ async fn latency(args: &Args, config: &Path, directory: &Directory, rate: f64) -
 async fn shovel_latency(
     args: &Args,
     connection: &Connection,
-    directory: &Directory,
+    load: &Load,
     rate: f64,
 ) -> Result<Latency> {
-    let load = Load::generate(
-        directory,
-        (rate * args.latency_secs as f64) as usize,
-        args.size,
-    );
     let (src, dst) = side_queues(args, connection, &Load::default(), "shovel-latency").await?;
     let name = format!("bench-latency-{}", args.scenario);
     set_shovel(args, &name, &src, &dst)?;
