@@ -11,18 +11,25 @@
 //! folder. Several gateway instances sharing one crosswalk would implement the trait on a shared
 //! database instead.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Writes are grouped into one transaction committed at least this often (inbound messages are
-/// acknowledged once their writes are committed)...
+/// Writes are grouped into one transaction committed this long after its first write (inbound
+/// messages are acknowledged once their writes are committed)...
 const COMMIT_EVERY: Duration = Duration::from_millis(5);
 /// ...or after this many writes, whichever comes first.
 const COMMIT_AFTER: usize = 512;
+/// Writes handed to the writer and not yet applied, at most; beyond that, writing waits.
+const QUEUE: usize = 16_384;
+/// How long a read waits for a recent write it depends on to be committed before giving up.
+const WAIT_AT_MOST: Duration = Duration::from_secs(10);
 /// The store's write-ahead log is cut back once it holds this many pages (64 MiB).
 const LOG_LIMIT_FRAMES: i64 = 16384;
 
@@ -125,58 +132,220 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 /// Writes made durable so far, or why the last commit failed.
 pub type Committed = Result<u64, String>;
 
-/// The crosswalks in one SQLite file.
+/// The crosswalks in one SQLite file, written behind the message path.
 ///
-/// One transaction per write would cost about 90 µs per message on the benchmark machine; writes
-/// are instead grouped into one transaction (a write of several statements inside its own
-/// savepoint, so that a failed one leaves no trace), committed by the store's own thread every
-/// 5 ms, or after 512 writes. Flows acknowledge a run of messages only once a commit covers
-/// what the run recorded ([`Store::commits`]), so a delivery is on disk before its message is
-/// acknowledged; a crash of the process can forget at most the crosswalk links of its last
-/// moments (later messages about those cases then arrive without the recipient's reference).
+/// The message path never waits for the disk. Look-ups run on a reading connection (in WAL
+/// mode a reader never waits for the writer, nor for a commit's writes or a checkpoint's
+/// fsyncs); writes are handed to the store's own thread, which applies them in order on the
+/// writing connection and commits them as one transaction 5 ms after the first (or after 512
+/// writes): one transaction per write would cost about 90 µs per message on the benchmark
+/// machine. Flows acknowledge a run of messages only once a commit covers what the run
+/// recorded ([`Store::commits`]), so a delivery is on disk before its message is acknowledged;
+/// a crash of the process can forget at most the crosswalk links of its last moments (later
+/// messages about those cases then arrive without the recipient's reference).
+///
+/// A look-up must still see every write handed over before it, committed or not (the same
+/// message sent again at once, an answer to a message recorded a moment ago, a case just
+/// linked). Each write marks the keys it will change (a message id, a person id, a case
+/// reference, a case); a look-up that reads a marked key waits until that write is committed
+/// and reads again. Messages rarely touch what the last few milliseconds wrote, so the wait is
+/// rare; `ponte_store_wait_seconds` shows it.
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
-    inner: Arc<Mutex<Inner>>,
-    written: Arc<AtomicU64>,
+    front: Arc<Mutex<Front>>,
+    shared: Arc<Shared>,
+    /// Writes handed over so far (flows read it without taking the lock).
+    written: AtomicU64,
+    writer: Option<std::thread::JoinHandle<()>>,
     waits: metrics::Histogram,
 }
 
+/// What the message path holds: the reading connection, the keys that writes not yet committed
+/// will change, and the way to the writer. Writes are numbered and handed over under this lock,
+/// so the writer applies them in the order of their numbers.
 #[derive(Debug)]
-struct Inner {
-    connection: Connection,
-    /// A transaction is open, holding `pending` writes.
-    open: bool,
-    pending: usize,
-    /// Writes so far (shared: flows read it without taking the lock).
-    written: Arc<AtomicU64>,
-    /// Told the writes made durable at every commit.
-    commits: tokio::sync::watch::Sender<Committed>,
+struct Front {
+    reader: Connection,
+    /// Hash of a key → the number of the last write that changes it.
+    marked: HashMap<u64, u64>,
+    written: u64,
+    writer: SyncSender<Op>,
 }
 
-impl Inner {
-    fn commit(&mut self) -> rusqlite::Result<()> {
-        if self.open {
-            if let Err(error) = self.connection.execute_batch("COMMIT") {
-                let _ = self.commits.send_replace(Err(error.to_string()));
-                return Err(error);
-            }
-            self.open = false;
-            self.pending = 0;
-            let _ = self
-                .commits
-                .send_replace(Ok(self.written.load(Ordering::SeqCst)));
+/// What a look-up depends on.
+#[derive(Hash)]
+enum Key<'a> {
+    /// Every row of a message id (by its 64-bit look-up key).
+    Message(i64),
+    /// A partner's own person id for a shared identifier: `(partner, scheme, value)`.
+    Person(&'a str, &'a str, &'a str),
+    /// The case a partner's reference belongs to.
+    Reference(&'a str, &'a str),
+    /// The references of a case.
+    Case(i64),
+}
+
+impl Key<'_> {
+    fn hash(&self) -> u64 {
+        let mut hasher = std::hash::DefaultHasher::new();
+        Hash::hash(self, &mut hasher);
+        hasher.finish()
+    }
+}
+
+/// Why a look-up stopped: the database failed, or it read a key a write not yet committed
+/// changes (the number of that write).
+enum Stop {
+    Sql(rusqlite::Error),
+    Until(u64),
+}
+
+impl From<rusqlite::Error> for Stop {
+    fn from(error: rusqlite::Error) -> Stop {
+        Stop::Sql(error)
+    }
+}
+
+impl Front {
+    /// Whether `key` reads as the writes committed so far (`durable`) leave it.
+    fn settled(&self, key: &Key<'_>, durable: u64) -> Result<(), Stop> {
+        match self.marked.get(&key.hash()) {
+            Some(&write) if write > durable => Err(Stop::Until(write)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Hands `write` to the writer, marking `keys` as changed by it; returns its number.
+    fn hand_over(&mut self, write: Write, keys: &[u64], durable: u64) -> rusqlite::Result<u64> {
+        // Never blocks the message path: a writer that far behind is a store that fails.
+        self.writer
+            .try_send(Op::Write(write))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => rusqlite::Error::InvalidParameterName(format!(
+                    "the store's writer is {QUEUE} writes behind"
+                )),
+                TrySendError::Disconnected(_) => writer_gone(),
+            })?;
+        self.written += 1;
+        if self.marked.len() >= 4096 {
+            self.marked.retain(|_, write| *write > durable);
+        }
+        for key in keys {
+            self.marked.insert(*key, self.written);
+        }
+        Ok(self.written)
+    }
+}
+
+fn writer_gone() -> rusqlite::Error {
+    rusqlite::Error::InvalidParameterName("the store's writer has stopped".into())
+}
+
+/// What the store's thread shares: the writes made durable so far, for the message path (which
+/// waits on it) and for flows (which watch it to acknowledge).
+#[derive(Debug)]
+struct Shared {
+    /// The store is being dropped: the writer stops trying again a write that fails.
+    stopping: AtomicBool,
+    /// The number of the last write committed.
+    committed: Mutex<u64>,
+    changed: Condvar,
+    watch: tokio::sync::watch::Sender<Committed>,
+}
+
+impl Shared {
+    fn committed(&self) -> u64 {
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn advance(&self, to: u64) {
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = to;
+        self.changed.notify_all();
+        let _ = self.watch.send_replace(Ok(to));
+    }
+
+    fn fail(&self, error: String) {
+        let _ = self.watch.send_replace(Err(error));
+    }
+
+    /// Waits until write `number` is committed.
+    fn wait_for(&self, number: u64) -> Result<(), String> {
+        let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        let (committed, timeout) = self
+            .changed
+            .wait_timeout_while(committed, WAIT_AT_MOST, |committed| *committed < number)
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() && *committed < number {
+            return Err(format!(
+                "a recent write was not committed within {} s",
+                WAIT_AT_MOST.as_secs()
+            ));
         }
         Ok(())
     }
+}
 
-    fn wrote(&mut self) -> rusqlite::Result<()> {
-        self.pending += 1;
-        self.written.fetch_add(1, Ordering::SeqCst);
-        if self.pending >= COMMIT_AFTER {
-            self.commit()?;
+/// What the store's thread is asked to do.
+enum Op {
+    Write(Write),
+    /// Commit now, and say whether that worked.
+    Flush(SyncSender<Result<(), String>>),
+    /// Commit, then start the log over (it has grown past its bound).
+    CutLog(i64),
+    Stop,
+}
+
+/// One write, applied in its own savepoint of the open group transaction.
+enum Write {
+    Record(Recorded),
+    Remember {
+        sender: String,
+        message_id: String,
+        delivered: String,
+        complete: bool,
+        at: i64,
+    },
+    Import {
+        partner: String,
+        rows: Vec<(String, String, String)>,
+        /// Told how many rows, once applied.
+        done: SyncSender<usize>,
+    },
+    Prune {
+        age: i64,
+        window: i64,
+        /// Told how many rows, once applied.
+        done: SyncSender<usize>,
+    },
+}
+
+/// A [`MessageCase`] handed to the writer.
+struct Recorded {
+    message_id: String,
+    sender: String,
+    reference: Option<String>,
+    correlation_id: Option<String>,
+    recipients: Vec<String>,
+    local_ids: Vec<(String, String, String)>,
+    at: i64,
+}
+
+impl Recorded {
+    fn of(m: &MessageCase<'_>) -> Recorded {
+        Recorded {
+            message_id: m.message_id.to_string(),
+            sender: m.sender.to_string(),
+            reference: m.reference.map(String::from),
+            correlation_id: m.correlation_id.map(String::from),
+            recipients: m.recipients.iter().map(|r| r.to_string()).collect(),
+            local_ids: m
+                .local_ids
+                .iter()
+                .map(|(s, v, l)| (s.to_string(), v.to_string(), l.to_string()))
+                .collect(),
+            at: now_secs(),
         }
-        Ok(())
     }
 }
 
@@ -271,45 +440,63 @@ impl SqliteStore {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
-        let mut connection = Connection::open(&path).map_err(|e| error(e.to_string()))?;
-        // WAL: readers never wait for the writer; NORMAL: a commit survives a crash of the
-        // process (not necessarily of the machine), without an fsync per message. The log is
-        // checkpointed by the commit thread.
-        connection
-            .execute_batch(
+        let connect = || -> rusqlite::Result<Connection> {
+            let connection = Connection::open(&path)?;
+            // WAL: readers never wait for the writer; NORMAL: a commit survives a crash of the
+            // process (not necessarily of the machine), without an fsync per message. The log
+            // is checkpointed by a thread of its own.
+            connection.execute_batch(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
                  PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -8192;",
-            )
-            .and_then(|()| migrate(&mut connection))
+            )?;
+            Ok(connection)
+        };
+        let mut writing = connect().map_err(|e| error(e.to_string()))?;
+        migrate(&mut writing)
             // When the log starts over, its file is cut back to the same bound.
             .and_then(|()| {
-                connection.execute_batch(&format!(
+                writing.execute_batch(&format!(
                     "PRAGMA journal_size_limit = {}",
                     log_limit.saturating_mul(4096)
                 ))
             })
             .map_err(|e| error(e.to_string()))?;
-        let written = Arc::new(AtomicU64::new(0));
-        let inner = Arc::new(Mutex::new(Inner {
-            connection,
-            open: false,
-            pending: 0,
-            written: written.clone(),
-            commits: tokio::sync::watch::Sender::new(Ok(0)),
+        let reader = connect().map_err(|e| error(e.to_string()))?;
+        let checkpoints = connect().map_err(|e| error(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            stopping: AtomicBool::new(false),
+            committed: Mutex::new(0),
+            changed: Condvar::new(),
+            watch: tokio::sync::watch::Sender::new(Ok(0)),
+        });
+        let (to_writer, ops) = sync_channel(QUEUE);
+        let shown = path.display().to_string();
+        let writer = {
+            let (shared, shown) = (shared.clone(), shown.clone());
+            std::thread::Builder::new()
+                .name("ponte-store".into())
+                .spawn(move || write_behind(writing, ops, &shared, &shown))
+                .map_err(|e| error(format!("cannot start the writer thread: {e}")))?
+        };
+        let front = Arc::new(Mutex::new(Front {
+            reader,
+            marked: HashMap::new(),
+            written: 0,
+            writer: to_writer,
         }));
         // Checkpoints (copying the log into the database file, with an fsync) run on a
-        // connection of their own in the background, never inside a message's write.
-        let checkpoints = Connection::open(&path).map_err(|e| error(e.to_string()))?;
-        let committer = Arc::downgrade(&inner);
-        let shown = path.display().to_string();
+        // connection of their own, beside both the writer and the message path.
+        let weak = Arc::downgrade(&front);
         std::thread::Builder::new()
-            .name("ponte-store".into())
-            .spawn(move || commit_periodically(committer, checkpoints, shown, log_limit))
-            .map_err(|e| error(format!("cannot start the commit thread: {e}")))?;
+            .name("ponte-checkpoint".into())
+            .spawn(move || checkpoint_periodically(weak, checkpoints, shown, log_limit))
+            .map_err(|e| error(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(SqliteStore {
             path,
-            inner,
-            written,
+            front,
+            shared,
+            written: AtomicU64::new(0),
+            writer: Some(writer),
             waits: metrics::histogram!("ponte_store_wait_seconds"),
         })
     }
@@ -321,109 +508,237 @@ impl SqliteStore {
         }
     }
 
-    /// Takes the connection, recording how long that took in `ponte_store_wait_seconds`: the
-    /// store's own thread holds it while it commits, and a commit waits for the disk when the
-    /// disk is busy (fsyncs), so this is where a slow disk shows up on the message path.
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        let asked = std::time::Instant::now();
-        // A write that panicked stays inside its savepoint, which the next write's transaction
-        // handling rolls back with it; the lock is safe to take over.
-        let inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.waits.record(asked.elapsed());
-        inner
+    fn lock_front(&self) -> MutexGuard<'_, Front> {
+        // Nothing under this lock leaves the front half-changed: safe to take over.
+        self.front.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs one write inside its own savepoint of the open group transaction, so that a write
-    /// of several statements that fails leaves no trace.
-    fn write<T>(
+    /// Runs `f` with the front (reading connection, marked keys) and the number of the last
+    /// committed write. When `f` reads a key a write not yet committed changes, it stops; it is
+    /// run again once that write is committed. How long all that waited beyond `f`'s own work is
+    /// recorded in `ponte_store_wait_seconds`: the lock (other flows' look-ups), and the rare
+    /// wait for a commit.
+    fn front<T>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+        mut f: impl FnMut(&mut Front, u64) -> Result<T, Stop>,
     ) -> Result<T, StoreError> {
-        self.write_one(|connection| {
-            let run = |sql: &str| connection.prepare_cached(sql)?.execute([]);
-            run("SAVEPOINT write")?;
-            let result = f(connection);
-            if result.is_err() {
-                run("ROLLBACK TO write")?;
+        let mut waited = Duration::ZERO;
+        loop {
+            let durable = self.shared.committed();
+            let asked = Instant::now();
+            let mut front = self.lock_front();
+            waited += asked.elapsed();
+            let result = f(&mut front, durable);
+            drop(front);
+            match result {
+                Ok(value) => {
+                    self.waits.record(waited);
+                    return Ok(value);
+                }
+                Err(Stop::Sql(e)) => return Err(self.error(e)),
+                Err(Stop::Until(write)) => {
+                    let since = Instant::now();
+                    self.shared.wait_for(write).map_err(|e| self.error(e))?;
+                    waited += since.elapsed();
+                }
             }
-            run("RELEASE write")?;
-            result
+        }
+    }
+
+    /// Hands `write` over, marking `keys`.
+    fn hand_over(&self, write: Write, keys: &[u64]) -> Result<u64, StoreError> {
+        let mut write = Some(write);
+        self.front(|front, durable| {
+            let write = write
+                .take()
+                .expect("a hand-over never waits, so it runs once");
+            Ok(front.hand_over(write, keys, durable)?)
         })
     }
 
-    /// Runs a write whose only change is its last statement (one statement is atomic by itself:
-    /// no savepoint needed) in the open group transaction.
-    fn write_one<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let mut inner = self.lock();
-        let result = (|| -> rusqlite::Result<T> {
-            if !inner.open {
-                inner.connection.execute_batch("BEGIN")?;
-                inner.open = true;
-            }
-            let value = f(&inner.connection)?;
-            inner.wrote()?;
-            Ok(value)
-        })();
-        result.map_err(|e| self.error(e))
+    /// Counts write `number` as made (numbers are taken in order, but may be counted out of it).
+    fn written_now(&self, number: u64) {
+        self.written.fetch_max(number, Ordering::SeqCst);
     }
 
+    /// The writer's answer to a request, within [`WAIT_AT_MOST`].
+    fn answer<T>(&self, outcome: &Receiver<T>) -> Result<T, StoreError> {
+        outcome.recv_timeout(WAIT_AT_MOST).map_err(|e| match e {
+            RecvTimeoutError::Timeout => self.error(format!(
+                "the store's writer did not answer within {} s",
+                WAIT_AT_MOST.as_secs()
+            )),
+            RecvTimeoutError::Disconnected => self.error(writer_gone()),
+        })
+    }
+
+    #[cfg(test)]
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        f(&self.lock().connection).map_err(|e| self.error(e))
+        f(&self.lock_front().reader).map_err(|e| self.error(e))
     }
 }
 
-/// Commits the open group transaction every [`COMMIT_EVERY`], and checkpoints the log about
-/// once a second, until the store is dropped.
+/// The store's thread: applies the writes handed over, in order, in one group transaction, and
+/// commits the group [`COMMIT_EVERY`] after its first write (or after [`COMMIT_AFTER`] writes),
+/// until the store is dropped.
+///
+/// A write or a commit that fails rolls the group back; the group is then written again, and
+/// again, until it is saved (see [`save`]): a write handed over is never counted as committed
+/// unless it is, so no message is acknowledged on a write that was lost.
+fn write_behind(connection: Connection, ops: Receiver<Op>, shared: &Shared, path: &str) {
+    let (mut applied, mut group): (u64, Option<Group>) = (0, None);
+    loop {
+        let op = match &group {
+            Some(open) => match ops
+                .recv_timeout((open.since + COMMIT_EVERY).saturating_duration_since(Instant::now()))
+            {
+                Ok(op) => Some(op),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(Op::Stop),
+            },
+            None => Some(ops.recv().unwrap_or(Op::Stop)),
+        };
+        let commit = |group: &mut Option<Group>, applied: u64| {
+            save(&connection, group, Ok(()), applied, shared, path)
+        };
+        match op {
+            None => {
+                let _ = commit(&mut group, applied);
+            }
+            Some(Op::Write(write)) => {
+                applied += 1;
+                let open = group.get_or_insert_with(|| Group {
+                    since: Instant::now(),
+                    writes: Vec::new(),
+                });
+                let begun = match open.writes.is_empty() {
+                    true => connection.execute_batch("BEGIN IMMEDIATE"),
+                    false => Ok(()),
+                };
+                let done = begun.and_then(|()| apply(&connection, &write));
+                open.writes.push(write);
+                if done.is_err() {
+                    let _ = save(&connection, &mut group, done, applied, shared, path);
+                } else if open.writes.len() >= COMMIT_AFTER {
+                    let _ = commit(&mut group, applied);
+                }
+            }
+            Some(Op::Flush(done)) => {
+                let _ = done.send(commit(&mut group, applied));
+            }
+            Some(Op::CutLog(frames)) => {
+                // Writes wait while the last frames are copied, so that the next write starts
+                // the log over: a pause of about one fsync.
+                let started = Instant::now();
+                let cut = commit(&mut group, applied)
+                    .and_then(|()| checkpoint(&connection, "RESTART").map_err(|e| e.to_string()));
+                match cut {
+                    Ok(_) => {
+                        tracing::debug!(store = %path, frames, held_ms = started.elapsed().as_millis() as u64, "store log cut back")
+                    }
+                    Err(error) => {
+                        tracing::warn!(store = %path, %error, "cannot checkpoint the store's log")
+                    }
+                }
+            }
+            Some(Op::Stop) => {
+                let _ = commit(&mut group, applied);
+                return;
+            }
+        }
+        if group
+            .as_ref()
+            .is_some_and(|open| open.since.elapsed() >= COMMIT_EVERY)
+        {
+            let _ = commit(&mut group, applied);
+        }
+    }
+}
+
+/// The open group transaction.
+struct Group {
+    since: Instant,
+    /// Kept until committed, to be written again if the group fails.
+    writes: Vec<Write>,
+}
+
+/// Commits the open group, whose last write came out as `outcome`: on success, tells everyone that the first `applied` writes are saved; on failure, reports it on
+/// [`Store::commits`] (flows give back the messages waiting for it), rolls the group back and
+/// writes it again after a pause, until it commits. Gives up only when the store is being
+/// dropped (the writes are then lost, and so are the acknowledgements that waited for them).
+fn save(
+    connection: &Connection,
+    group: &mut Option<Group>,
+    outcome: rusqlite::Result<()>,
+    applied: u64,
+    shared: &Shared,
+    path: &str,
+) -> Result<(), String> {
+    let Some(open) = group.take() else {
+        return Ok(());
+    };
+    let mut outcome = outcome.and_then(|()| connection.execute_batch("COMMIT"));
+    let mut pause = Duration::from_millis(50);
+    while let Err(error) = outcome {
+        let _ = connection.execute_batch("ROLLBACK");
+        shared.fail(error.to_string());
+        if shared.stopping.load(Ordering::SeqCst) {
+            tracing::error!(store = %path, %error, writes = open.writes.len(), "cannot save crosswalk records; stopping without them");
+            return Err(error.to_string());
+        }
+        tracing::error!(store = %path, %error, writes = open.writes.len(), "cannot save crosswalk records; trying again");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(1));
+        outcome = connection
+            .execute_batch("BEGIN IMMEDIATE")
+            .and_then(|()| open.writes.iter().try_for_each(|w| apply(connection, w)))
+            .and_then(|()| connection.execute_batch("COMMIT"));
+    }
+    shared.advance(applied);
+    Ok(())
+}
+
+/// Runs `PRAGMA wal_checkpoint(mode)`; returns the number of frames in the log.
+fn checkpoint(connection: &Connection, mode: &str) -> rusqlite::Result<i64> {
+    connection.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1))
+}
+
+/// Checkpoints the log about once a second, until the store is dropped.
 ///
 /// A checkpoint copies the log into the database file, beside the writer; the log starts over
 /// only when a write begins after *every* frame was copied, which under steady traffic never
 /// happens (new commits keep arriving), so the log would grow without bound. Once it holds more
-/// than `log_limit` frames, writes are held while the last few frames are copied, so that the
-/// next write starts the log over (its file keeps its size and is written from the start): a
-/// pause of about one fsync, once per `log_limit` frames written (several seconds apart at the
-/// benchmark's full rate; never at low traffic, where the log starts over on its own). The
-/// log's file is cut back to `log_limit` pages when it starts over.
-fn commit_periodically(
-    inner: Weak<Mutex<Inner>>,
-    checkpoints: Connection,
+/// than `log_limit` frames, the writer is asked to cut it back ([`Op::CutLog`]): once per
+/// `log_limit` frames written (several seconds apart at the benchmark's full rate; never at low
+/// traffic, where the log starts over on its own). The log's file is cut back to `log_limit`
+/// pages when it starts over.
+fn checkpoint_periodically(
+    front: Weak<Mutex<Front>>,
+    connection: Connection,
     path: String,
     log_limit: i64,
 ) {
-    let mut last_checkpoint = std::time::Instant::now();
-    let checkpoint = |mode: &str| -> rusqlite::Result<i64> {
-        checkpoints.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1))
-    };
     loop {
-        std::thread::sleep(COMMIT_EVERY);
-        let Some(inner) = inner.upgrade() else {
+        std::thread::sleep(Duration::from_secs(1));
+        if front.strong_count() == 0 {
             return;
-        };
-        let committed = inner.lock().unwrap_or_else(|p| p.into_inner()).commit();
-        if let Err(error) = committed {
-            tracing::error!(store = %path, %error, "cannot commit crosswalk records");
         }
-        if last_checkpoint.elapsed() >= Duration::from_secs(1) {
-            last_checkpoint = std::time::Instant::now();
-            let done = checkpoint("PASSIVE").and_then(|frames| {
-                if frames <= log_limit {
-                    return Ok(());
-                }
-                let started = std::time::Instant::now();
-                let mut held = inner.lock().unwrap_or_else(|p| p.into_inner());
-                held.commit()?;
-                checkpoint("RESTART")?;
-                drop(held);
-                tracing::debug!(store = %path, frames, held_ms = started.elapsed().as_millis() as u64, "store log cut back");
-                Ok(())
-            });
-            if let Err(error) = done {
-                tracing::warn!(store = %path, %error, "cannot checkpoint the store's log");
+        match checkpoint(&connection, "PASSIVE") {
+            Ok(frames) if frames > log_limit => {
+                let Some(front) = front.upgrade() else {
+                    return;
+                };
+                let writer = front
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .writer
+                    .clone();
+                drop(front);
+                let _ = writer.send(Op::CutLog(frames));
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(store = %path, %error, "cannot checkpoint the store's log")
             }
         }
     }
@@ -431,10 +746,186 @@ fn commit_periodically(
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        if let Err(error) = self.lock().commit() {
-            tracing::error!(store = %self.path.display(), %error, "cannot commit crosswalk records");
+        // The writer commits what it holds and stops.
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.lock_front().writer.send(Op::Stop);
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
     }
+}
+
+/// Applies one write (inside the open group transaction). Import and prune are answered here.
+fn apply(connection: &Connection, write: &Write) -> rusqlite::Result<()> {
+    match write {
+        Write::Record(m) => apply_record(connection, m),
+        Write::Remember {
+            sender,
+            message_id,
+            delivered,
+            complete,
+            at,
+        } => apply_remember(connection, sender, message_id, delivered, *complete, *at),
+        Write::Import {
+            partner,
+            rows,
+            done,
+        } => {
+            import(connection, partner, rows)?;
+            let _ = done.try_send(rows.len());
+            Ok(())
+        }
+        Write::Prune { age, window, done } => {
+            let _ = done.try_send(prune(connection, *age, *window)?);
+            Ok(())
+        }
+    }
+}
+
+fn import(
+    connection: &Connection,
+    partner: &str,
+    rows: &[(String, String, String)],
+) -> rusqlite::Result<()> {
+    let now = now_secs();
+    for (scheme, value, local) in rows {
+        connection
+            .prepare_cached(UPSERT_PERSON)?
+            .execute(params![partner, scheme, value, local, now])?;
+    }
+    Ok(())
+}
+
+fn prune(connection: &Connection, age: i64, window: i64) -> rusqlite::Result<usize> {
+    // A message past its retention goes, unless it still counts for duplicates...
+    let messages = connection.execute(
+        "DELETE FROM message WHERE recorded_at < ?1
+         AND (delivered_at IS NULL OR delivered_at < ?2)",
+        params![age, window],
+    )?;
+    // ...and a delivery past the window no longer does.
+    let delivered = connection.execute(
+        "UPDATE message SET delivered = NULL, complete = 0, delivered_at = NULL
+         WHERE delivered_at < ?1",
+        params![window],
+    )?;
+    Ok(messages + delivered)
+}
+
+fn apply_remember(
+    connection: &Connection,
+    sender: &str,
+    message_id: &str,
+    delivered: &str,
+    complete: bool,
+    at: i64,
+) -> rusqlite::Result<()> {
+    let key = message_key(message_id);
+    match find(connection, key, message_id, sender)? {
+        Some((seq, _)) => connection
+            .prepare_cached(
+                "UPDATE message SET delivered = ?1, complete = ?2, delivered_at = ?3
+                 WHERE seq = ?4",
+            )?
+            .execute(params![delivered, complete, at, seq])?,
+        None => connection
+            .prepare_cached(
+                "INSERT INTO message (key, message_id, sender, recipients, recorded_at,
+                                      delivered, complete, delivered_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?4, ?6, ?5)",
+            )?
+            .execute(params![key, message_id, sender, delivered, at, complete])?,
+    };
+    Ok(())
+}
+
+/// Records a message: its sender's local ids, its row (recipients, reference), and the link of
+/// its case to the case of the message it answers.
+fn apply_record(tx: &Connection, m: &Recorded) -> rusqlite::Result<()> {
+    for (scheme, value, local) in &m.local_ids {
+        tx.prepare_cached(UPSERT_PERSON)?
+            .execute(params![m.sender, scheme, value, local, m.at])?;
+    }
+    let key = message_key(&m.message_id);
+    match find(tx, key, &m.message_id, &m.sender)? {
+        // Processed again (given back, or replayed for some recipients): the reference may
+        // have been corrected; everyone it was ever meant for stays listed, so that each of
+        // them may still answer it.
+        Some((seq, earlier)) => {
+            let mut all: Vec<&str> = earlier.split(',').filter(|r| !r.is_empty()).collect();
+            for r in &m.recipients {
+                if !all.contains(&r.as_str()) {
+                    all.push(r);
+                }
+            }
+            tx.prepare_cached(
+                "UPDATE message SET reference = ?1, recipients = ?2, recorded_at = ?3
+                 WHERE seq = ?4",
+            )?
+            .execute(params![m.reference, all.join(","), m.at, seq])?;
+        }
+        None => {
+            tx.prepare_cached(
+                "INSERT INTO message (key, message_id, sender, reference, recipients, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                key,
+                m.message_id,
+                m.sender,
+                m.reference,
+                m.recipients.join(","),
+                m.at
+            ])?;
+        }
+    }
+    let (Some(reference), Some(answered)) = (&m.reference, &m.correlation_id) else {
+        return Ok(());
+    };
+    let Some(original) = original(tx, answered, &m.sender)? else {
+        return Ok(());
+    };
+    let theirs = ensure_case(tx, &original.0, &original.1)?;
+    match case_of(tx, &m.sender, reference)? {
+        Some(ours) if ours != theirs => {
+            tx.prepare_cached("UPDATE case_link SET case_id = ?1 WHERE case_id = ?2")?
+                .execute(params![theirs, ours])?;
+        }
+        Some(_) => {}
+        None => {
+            tx.prepare_cached(
+                "INSERT INTO case_link (partner, reference, case_id) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![m.sender, reference, theirs])?;
+        }
+    }
+    Ok(())
+}
+
+/// The sender and reference of the message `answered`, when `answerer` may link its case to
+/// it: only an answer from a partner the original went to links the two cases, so that a
+/// partner cannot attach itself to someone else's case by guessing a message id.
+fn original(
+    tx: &Connection,
+    answered: &str,
+    answerer: &str,
+) -> rusqlite::Result<Option<(String, String)>> {
+    let original: Option<(String, Option<String>, String)> = tx
+        .prepare_cached(
+            "SELECT sender, reference, recipients FROM message WHERE key = ?1 AND message_id = ?2",
+        )?
+        .query_row(params![message_key(answered), answered], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    Ok(match original {
+        Some((sender, Some(reference), recipients))
+            if sender != answerer && recipients.split(',').any(|r| r == answerer) =>
+        {
+            Some((sender, reference))
+        }
+        _ => None,
+    })
 }
 
 fn now_secs() -> i64 {
@@ -492,102 +983,33 @@ fn ensure_case(tx: &Connection, partner: &str, reference: &str) -> rusqlite::Res
 
 impl Store for SqliteStore {
     fn record(&self, m: &MessageCase<'_>) -> Result<Vec<Option<String>>, StoreError> {
-        self.write(|tx| {
-            let now = now_secs();
+        let (number, references) = self.front(|front, durable| {
+            let reader = &front.reader;
+            let mut keys = vec![Key::Message(message_key(m.message_id)).hash()];
+            // A person id already known as it is changes nothing a look-up reads.
             for (scheme, value, local) in m.local_ids {
-                tx.prepare_cached(UPSERT_PERSON)?
-                .execute(params![m.sender, scheme, value, local, now])?;
-            }
-            let key = message_key(m.message_id);
-            match find(tx, key, m.message_id, m.sender)? {
-                // Processed again (given back, or replayed for some recipients): the reference
-                // may have been corrected; everyone it was ever meant for stays listed, so that
-                // each of them may still answer it.
-                Some((seq, earlier)) => {
-                    let mut all: Vec<&str> = earlier.split(',').filter(|r| !r.is_empty()).collect();
-                    for r in m.recipients {
-                        if !all.contains(r) {
-                            all.push(r);
-                        }
-                    }
-                    tx.prepare_cached(
-                        "UPDATE message SET reference = ?1, recipients = ?2, recorded_at = ?3
-                         WHERE seq = ?4",
-                    )?
-                    .execute(params![m.reference, all.join(","), now, seq])?;
-                }
-                None => {
-                    tx.prepare_cached(
-                        "INSERT INTO message (key, message_id, sender, reference, recipients, recorded_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    )?
-                    .execute(params![
-                        key,
-                        m.message_id,
-                        m.sender,
-                        m.reference,
-                        m.recipients.join(","),
-                        now
-                    ])?;
+                let key = Key::Person(m.sender, scheme, value);
+                let known = match front.settled(&key, durable) {
+                    Ok(()) => local_id(reader, m.sender, scheme, value)?,
+                    Err(_) => None,
+                };
+                if known.as_deref() != Some(*local) {
+                    keys.push(key.hash());
                 }
             }
-            let Some(reference) = m.reference else {
-                return Ok(vec![None; m.recipients.len()]);
+            let references = match m.reference {
+                None => vec![None; m.recipients.len()],
+                Some(reference) => {
+                    let (references, changed) = references(front, durable, m, reference)?;
+                    keys.extend(changed);
+                    references
+                }
             };
-            if let Some(answered) = m.correlation_id {
-                let original: Option<(String, Option<String>, String)> = tx
-                    .prepare_cached(
-                        "SELECT sender, reference, recipients FROM message
-                         WHERE key = ?1 AND message_id = ?2",
-                    )?
-                    .query_row(params![message_key(answered), answered], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                    .optional()?;
-                // Only an answer from a partner the original went to links the two cases: a
-                // partner cannot attach itself to someone else's case by guessing a message id.
-                if let Some((sender, Some(original_reference), recipients)) = original
-                    && sender != m.sender
-                    && recipients.split(',').any(|r| r == m.sender)
-                {
-                    let theirs = ensure_case(tx, &sender, &original_reference)?;
-                    match case_of(tx, m.sender, reference)? {
-                        Some(ours) if ours != theirs => {
-                            tx.prepare_cached("UPDATE case_link SET case_id = ?1 WHERE case_id = ?2")?
-                                .execute(params![theirs, ours])?;
-                        }
-                        Some(_) => {}
-                        None => {
-                            tx.prepare_cached(
-                                "INSERT INTO case_link (partner, reference, case_id) VALUES (?1, ?2, ?3)",
-                            )?
-                            .execute(params![m.sender, reference, theirs])?;
-                        }
-                    }
-                }
-            }
-            // Most messages belong to no linked case: one look-up and done.
-            let Some(case) = case_of(tx, m.sender, reference)? else {
-                return Ok(vec![None; m.recipients.len()]);
-            };
-            let mut references = Vec::with_capacity(m.recipients.len());
-            {
-                // The index on (case_id, partner, reference) yields the smallest reference first.
-                // (An ORDER BY ... LIMIT here made SQLite prepare the statement again on every
-                // call.)
-                let mut lookup = tx.prepare_cached(
-                    "SELECT reference FROM case_link WHERE case_id = ?1 AND partner = ?2",
-                )?;
-                for recipient in m.recipients {
-                    references.push(
-                        lookup
-                            .query_row(params![case, recipient], |r| r.get(0))
-                            .optional()?,
-                    );
-                }
-            }
-            Ok(references)
-        })
+            let number = front.hand_over(Write::Record(Recorded::of(m)), &keys, durable)?;
+            Ok((number, references))
+        })?;
+        self.written_now(number);
+        Ok(references)
     }
 
     fn local_id(
@@ -596,13 +1018,9 @@ impl Store for SqliteStore {
         scheme: &str,
         value: &str,
     ) -> Result<Option<String>, StoreError> {
-        self.read(|connection| {
-            connection
-                .prepare_cached(
-                    "SELECT local FROM person WHERE partner = ?1 AND scheme = ?2 AND value = ?3",
-                )?
-                .query_row(params![partner, scheme, value], |r| r.get(0))
-                .optional()
+        self.front(|front, durable| {
+            front.settled(&Key::Person(partner, scheme, value), durable)?;
+            Ok(local_id(&front.reader, partner, scheme, value)?)
         })
     }
 
@@ -611,14 +1029,18 @@ impl Store for SqliteStore {
         partner: &str,
         rows: &[(String, String, String)],
     ) -> Result<usize, StoreError> {
-        self.write(|tx| {
-            let now = now_secs();
-            for (scheme, value, local) in rows {
-                tx.prepare_cached(UPSERT_PERSON)?
-                    .execute(params![partner, scheme, value, local, now])?;
-            }
-            Ok(rows.len())
-        })
+        let keys: Vec<u64> = rows
+            .iter()
+            .map(|(scheme, value, _)| Key::Person(partner, scheme, value).hash())
+            .collect();
+        let (done, outcome) = sync_channel(1);
+        let write = Write::Import {
+            partner: partner.to_string(),
+            rows: rows.to_vec(),
+            done,
+        };
+        self.written_now(self.hand_over(write, &keys)?);
+        self.answer(&outcome)
     }
 
     fn seen(
@@ -628,28 +1050,29 @@ impl Store for SqliteStore {
         window: Duration,
     ) -> Result<Option<Seen>, StoreError> {
         let since = now_secs() - window.as_secs() as i64;
-        self.read(|connection| {
-            connection
+        let key = message_key(message_id);
+        self.front(|front, durable| {
+            front.settled(&Key::Message(key), durable)?;
+            let seen = front
+                .reader
                 .prepare_cached(
                     "SELECT delivered_at, delivered, complete FROM message
                      WHERE key = ?1 AND message_id = ?2 AND sender = ?3 AND delivered_at >= ?4",
                 )?
-                .query_row(
-                    params![message_key(message_id), message_id, sender, since],
-                    |r| {
-                        let recipients: String = r.get(1)?;
-                        Ok(Seen {
-                            at: r.get(0)?,
-                            recipients: recipients
-                                .split(',')
-                                .filter(|r| !r.is_empty())
-                                .map(String::from)
-                                .collect(),
-                            complete: r.get(2)?,
-                        })
-                    },
-                )
-                .optional()
+                .query_row(params![key, message_id, sender, since], |r| {
+                    let recipients: String = r.get(1)?;
+                    Ok(Seen {
+                        at: r.get(0)?,
+                        recipients: recipients
+                            .split(',')
+                            .filter(|r| !r.is_empty())
+                            .map(String::from)
+                            .collect(),
+                        complete: r.get(2)?,
+                    })
+                })
+                .optional()?;
+            Ok(seen)
         })
     }
 
@@ -660,50 +1083,40 @@ impl Store for SqliteStore {
         recipients: &[&str],
         complete: bool,
     ) -> Result<(), StoreError> {
-        let key = message_key(message_id);
-        let (delivered, now) = (recipients.join(","), now_secs());
-        self.write_one(|tx| {
-            match find(tx, key, message_id, sender)? {
-                Some((seq, _)) => tx
-                    .prepare_cached(
-                        "UPDATE message SET delivered = ?1, complete = ?2, delivered_at = ?3
-                         WHERE seq = ?4",
-                    )?
-                    .execute(params![delivered, complete, now, seq])?,
-                None => tx
-                    .prepare_cached(
-                        "INSERT INTO message (key, message_id, sender, recipients, recorded_at,
-                                              delivered, complete, delivered_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?4, ?6, ?5)",
-                    )?
-                    .execute(params![key, message_id, sender, delivered, now, complete])?,
-            };
-            Ok(())
-        })
+        let write = Write::Remember {
+            sender: sender.to_string(),
+            message_id: message_id.to_string(),
+            delivered: recipients.join(","),
+            complete,
+            at: now_secs(),
+        };
+        let key = Key::Message(message_key(message_id)).hash();
+        self.written_now(self.hand_over(write, &[key])?);
+        Ok(())
     }
 
     fn prune(&self, age: Duration, window: Duration) -> Result<usize, StoreError> {
         let now = now_secs();
-        self.write(|connection| {
-            let (age, window) = (now - age.as_secs() as i64, now - window.as_secs() as i64);
-            // A message past its retention goes, unless it still counts for duplicates...
-            let messages = connection.execute(
-                "DELETE FROM message WHERE recorded_at < ?1
-                 AND (delivered_at IS NULL OR delivered_at < ?2)",
-                params![age, window],
-            )?;
-            // ...and a delivery past the window no longer does.
-            let delivered = connection.execute(
-                "UPDATE message SET delivered = NULL, complete = 0, delivered_at = NULL
-                 WHERE delivered_at < ?1",
-                params![window],
-            )?;
-            Ok(messages + delivered)
-        })
+        let (done, outcome) = sync_channel(1);
+        let write = Write::Prune {
+            age: now - age.as_secs() as i64,
+            window: now - window.as_secs() as i64,
+            done,
+        };
+        self.written_now(self.hand_over(write, &[])?);
+        let pruned = self.answer(&outcome)?;
+        // Pruning marks no key: look-ups see it once committed, which is now.
+        self.flush()?;
+        Ok(pruned)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.lock().commit().map_err(|e| self.error(e))
+        let (done, outcome) = sync_channel(1);
+        let writer = self.lock_front().writer.clone();
+        writer
+            .send(Op::Flush(done))
+            .map_err(|_| self.error(writer_gone()))?;
+        self.answer(&outcome)?.map_err(|e| self.error(e))
     }
 
     fn written(&self) -> u64 {
@@ -711,8 +1124,87 @@ impl Store for SqliteStore {
     }
 
     fn commits(&self) -> tokio::sync::watch::Receiver<Committed> {
-        self.lock().commits.subscribe()
+        self.shared.watch.subscribe()
     }
+}
+
+/// Each recipient's own reference for the case of `m` (whose sender's reference is
+/// `reference`), as it will be once `m` is recorded; and the keys recording it will change.
+fn references(
+    front: &Front,
+    durable: u64,
+    m: &MessageCase<'_>,
+    reference: &str,
+) -> Result<(Vec<Option<String>>, Vec<u64>), Stop> {
+    let reader = &front.reader;
+    let mut changed = Vec::new();
+    front.settled(&Key::Reference(m.sender, reference), durable)?;
+    let ours = case_of(reader, m.sender, reference)?;
+    if let Some(case) = ours {
+        front.settled(&Key::Case(case), durable)?;
+    }
+    // The cases whose references count, and references about to join them.
+    let mut cases: Vec<i64> = ours.into_iter().collect();
+    let mut joining: Vec<(String, String)> = Vec::new();
+    if let Some(answered) = m.correlation_id {
+        front.settled(&Key::Message(message_key(answered)), durable)?;
+        if let Some((sender, their_reference)) = original(reader, answered, m.sender)? {
+            // Answering links the two cases (see `apply_record`).
+            front.settled(&Key::Reference(&sender, &their_reference), durable)?;
+            if let Some(theirs) = case_of(reader, &sender, &their_reference)? {
+                front.settled(&Key::Case(theirs), durable)?;
+                cases.push(theirs);
+            }
+            changed.extend(cases.iter().map(|case| Key::Case(*case).hash()));
+            changed.push(Key::Reference(&sender, &their_reference).hash());
+            changed.push(Key::Reference(m.sender, reference).hash());
+            joining.push((sender, their_reference));
+            joining.push((m.sender.to_string(), reference.to_string()));
+        }
+    }
+    if cases.is_empty() && joining.is_empty() {
+        // Most messages belong to no linked case: one look-up and done.
+        return Ok((vec![None; m.recipients.len()], changed));
+    }
+    // The index on (case_id, partner, reference) yields each case's smallest reference first;
+    // the smallest of all wins. (An ORDER BY ... LIMIT here made SQLite prepare the statement
+    // again on every call.)
+    let mut lookup = reader
+        .prepare_cached("SELECT reference FROM case_link WHERE case_id = ?1 AND partner = ?2")?;
+    let mut references = Vec::with_capacity(m.recipients.len());
+    for recipient in m.recipients {
+        let mut smallest: Option<String> = joining
+            .iter()
+            .filter(|(partner, _)| partner == recipient)
+            .map(|(_, reference)| reference.clone())
+            .min();
+        for case in &cases {
+            let found: Option<String> = lookup
+                .query_row(params![case, recipient], |r| r.get(0))
+                .optional()?;
+            if let Some(found) = found
+                && smallest.as_ref().is_none_or(|s| found < *s)
+            {
+                smallest = Some(found);
+            }
+        }
+        references.push(smallest);
+    }
+    Ok((references, changed))
+}
+
+fn local_id(
+    reader: &Connection,
+    partner: &str,
+    scheme: &str,
+    value: &str,
+) -> rusqlite::Result<Option<String>> {
+    reader
+        .prepare_cached(
+            "SELECT local FROM person WHERE partner = ?1 AND scheme = ?2 AND value = ?3",
+        )?
+        .query_row(params![partner, scheme, value], |r| r.get(0))
+        .optional()
 }
 
 #[cfg(test)]
@@ -945,11 +1437,49 @@ mod tests {
             .record(&message("m2", "inps", "APP-9", Some("m1"), &["cpi-modena"]))
             .unwrap();
         assert_eq!(refs, [Some("CPI-7".to_string())]);
+        s.flush().unwrap();
         let rows: i64 = s
             .read(|c| c.query_row("SELECT count(*) FROM message", [], |r| r.get(0)))
             .unwrap();
         assert_eq!(rows, 3);
         drop(s);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn look_ups_do_not_wait_for_a_stalled_writer_unless_they_read_what_it_holds() {
+        let (s, dir) = store();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        s.record(&message("m1", "cpi-modena", "CPI-7", None, &["inps"]))
+            .unwrap();
+        s.flush().unwrap();
+        // Another process holds the database's write lock: the store's writer stalls.
+        let other = Connection::open(dir.join("ponte.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut commits = s.commits();
+        let before = commits.borrow_and_update().clone();
+        // Messages go on being recorded and looked up meanwhile...
+        let refs = s
+            .record(&message("m2", "inps", "APP-9", Some("m1"), &["cpi-modena"]))
+            .unwrap();
+        assert_eq!(refs, [Some("CPI-7".to_string())]);
+        assert_eq!(s.seen("cpi-modena", "m1", week).unwrap(), None);
+        s.remember("inps", "m2", &["cpi-modena"], true).unwrap();
+        // ...while nothing is committed.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(*commits.borrow_and_update(), before);
+        assert!(s.written() > before.clone().unwrap());
+        // A look-up of what the writer holds waits for it and sees it.
+        std::thread::scope(|scope| {
+            let seen = scope.spawn(|| s.seen("inps", "m2", week));
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!seen.is_finished(), "read m2 before it was committed");
+            other.execute_batch("COMMIT").unwrap();
+            let seen = seen.join().unwrap().unwrap().unwrap();
+            assert_eq!(seen.recipients, ["cpi-modena"]);
+        });
+        s.flush().unwrap();
+        assert_eq!(*commits.borrow_and_update(), Ok(s.written()));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
