@@ -5,8 +5,8 @@
 //!   {recipient}` (copies published and not yet confirmed), `ponte_retries_total{recipient}`,
 //!   `ponte_dead_letters_total{recipient}`, `ponte_handed_back_total{sender}`,
 //!   `ponte_broker_reconnects_total`, `ponte_lookups_total{partner,result}`, `ponte_ready`,
-//!   `ponte_store_wait_seconds` (how long each use of the store waited for its connection,
-//!   histogram: where a busy disk shows on the message path).
+//!   `ponte_store_wait_seconds` (how long each use of the store waited, histogram: for its
+//!   reading connection, and for a write it reads, made a moment before, to be committed).
 //! - `GET /healthz`: 200 while the process runs (liveness).
 //! - `GET /readyz`: 200 when connected to the broker with the topology declared and every flow
 //!   consuming, the store writable and the configuration loaded; else 503 with the reasons
