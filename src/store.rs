@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{
+    Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel,
+};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -586,52 +588,100 @@ impl SqliteStore {
 /// again, until it is saved (see [`save`]): a write handed over is never counted as committed
 /// unless it is, so no message is acknowledged on a write that was lost.
 fn write_behind(connection: Connection, ops: Receiver<Op>, shared: &Shared, path: &str) {
-    let (mut applied, mut group): (u64, Option<Group>) = (0, None);
+    let mut writer = Writer {
+        connection,
+        group: None,
+        applied: 0,
+        shared,
+        path,
+    };
     loop {
-        let op = match &group {
-            Some(open) => match ops
-                .recv_timeout((open.since + COMMIT_EVERY).saturating_duration_since(Instant::now()))
-            {
-                Ok(op) => Some(op),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => Some(Op::Stop),
-            },
-            None => Some(ops.recv().unwrap_or(Op::Stop)),
-        };
-        let commit = |group: &mut Option<Group>, applied: u64| {
-            save(&connection, group, Ok(()), applied, shared, path)
-        };
-        match op {
-            None => {
-                let _ = commit(&mut group, applied);
+        // Idle, the first write wakes the thread and opens a group...
+        if !writer.handle(ops.recv().unwrap_or(Op::Stop)) {
+            return;
+        }
+        // ...and what arrives while it is open is taken when it is due: one wake-up per group
+        // rather than one per write (two per message).
+        while let Some(since) = writer.group.as_ref().map(|open| open.since) {
+            std::thread::sleep((since + COMMIT_EVERY).saturating_duration_since(Instant::now()));
+            loop {
+                let op = match ops.try_recv() {
+                    Ok(op) => op,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => Op::Stop,
+                };
+                if !writer.handle(op) {
+                    return;
+                }
             }
-            Some(Op::Write(write)) => {
-                applied += 1;
-                let open = group.get_or_insert_with(|| Group {
+            let _ = writer.commit();
+        }
+    }
+}
+
+/// The store's thread's state.
+struct Writer<'a> {
+    connection: Connection,
+    group: Option<Group>,
+    /// Writes taken from the queue so far (committed or in the open group).
+    applied: u64,
+    shared: &'a Shared,
+    path: &'a str,
+}
+
+impl Writer<'_> {
+    fn commit(&mut self) -> Result<(), String> {
+        save(
+            &self.connection,
+            &mut self.group,
+            Ok(()),
+            self.applied,
+            self.shared,
+            self.path,
+        )
+    }
+
+    /// Carries out one request; `false` once asked to stop.
+    fn handle(&mut self, op: Op) -> bool {
+        match op {
+            Op::Write(write) => {
+                self.applied += 1;
+                let open = self.group.get_or_insert_with(|| Group {
                     since: Instant::now(),
                     writes: Vec::new(),
                 });
                 let begun = match open.writes.is_empty() {
-                    true => connection.execute_batch("BEGIN IMMEDIATE"),
+                    true => self.connection.execute_batch("BEGIN IMMEDIATE"),
                     false => Ok(()),
                 };
-                let done = begun.and_then(|()| apply(&connection, &write));
+                let done = begun.and_then(|()| apply(&self.connection, &write));
                 open.writes.push(write);
+                let full = open.writes.len() >= COMMIT_AFTER;
                 if done.is_err() {
-                    let _ = save(&connection, &mut group, done, applied, shared, path);
-                } else if open.writes.len() >= COMMIT_AFTER {
-                    let _ = commit(&mut group, applied);
+                    let (group, applied) = (&mut self.group, self.applied);
+                    let _ = save(
+                        &self.connection,
+                        group,
+                        done,
+                        applied,
+                        self.shared,
+                        self.path,
+                    );
+                } else if full {
+                    let _ = self.commit();
                 }
             }
-            Some(Op::Flush(done)) => {
-                let _ = done.send(commit(&mut group, applied));
+            Op::Flush(done) => {
+                let _ = done.send(self.commit());
             }
-            Some(Op::CutLog(frames)) => {
+            Op::CutLog(frames) => {
                 // Writes wait while the last frames are copied, so that the next write starts
                 // the log over: a pause of about one fsync.
                 let started = Instant::now();
-                let cut = commit(&mut group, applied)
-                    .and_then(|()| checkpoint(&connection, "RESTART").map_err(|e| e.to_string()));
+                let cut = self.commit().and_then(|()| {
+                    checkpoint(&self.connection, "RESTART").map_err(|e| e.to_string())
+                });
+                let path = self.path;
                 match cut {
                     Ok(_) => {
                         tracing::debug!(store = %path, frames, held_ms = started.elapsed().as_millis() as u64, "store log cut back")
@@ -641,17 +691,12 @@ fn write_behind(connection: Connection, ops: Receiver<Op>, shared: &Shared, path
                     }
                 }
             }
-            Some(Op::Stop) => {
-                let _ = commit(&mut group, applied);
-                return;
+            Op::Stop => {
+                let _ = self.commit();
+                return false;
             }
         }
-        if group
-            .as_ref()
-            .is_some_and(|open| open.since.elapsed() >= COMMIT_EVERY)
-        {
-            let _ = commit(&mut group, applied);
-        }
+        true
     }
 }
 
