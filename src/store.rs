@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{
     Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel,
 };
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -157,8 +157,8 @@ pub struct SqliteStore {
     path: PathBuf,
     front: Arc<Mutex<Front>>,
     shared: Arc<Shared>,
-    /// Writes handed over so far (flows read it without taking the lock).
-    written: AtomicU64,
+    /// Writes handed over so far: numbered under the front's lock, read by flows without it.
+    written: Arc<AtomicU64>,
     writer: Option<std::thread::JoinHandle<()>>,
     waits: metrics::Histogram,
 }
@@ -171,7 +171,7 @@ struct Front {
     reader: Connection,
     /// Hash of a key → the number of the last write that changes it.
     marked: HashMap<u64, u64>,
-    written: u64,
+    written: Arc<AtomicU64>,
     writer: SyncSender<Op>,
 }
 
@@ -229,14 +229,14 @@ impl Front {
                 )),
                 TrySendError::Disconnected(_) => writer_gone(),
             })?;
-        self.written += 1;
+        let number = self.written.fetch_add(1, Ordering::SeqCst) + 1;
         if self.marked.len() >= 4096 {
             self.marked.retain(|_, write| *write > durable);
         }
         for key in keys {
-            self.marked.insert(*key, self.written);
+            self.marked.insert(*key, number);
         }
-        Ok(self.written)
+        Ok(number)
     }
 }
 
@@ -298,7 +298,7 @@ enum Op {
     Stop,
 }
 
-/// One write, applied in its own savepoint of the open group transaction.
+/// One write, applied in the open group transaction (written again if the group fails).
 enum Write {
     Record(Recorded),
     Remember {
@@ -480,24 +480,26 @@ impl SqliteStore {
                 .spawn(move || write_behind(writing, ops, &shared, &shown))
                 .map_err(|e| error(format!("cannot start the writer thread: {e}")))?
         };
-        let front = Arc::new(Mutex::new(Front {
-            reader,
-            marked: HashMap::new(),
-            written: 0,
-            writer: to_writer,
-        }));
+        let written = Arc::new(AtomicU64::new(0));
         // Checkpoints (copying the log into the database file, with an fsync) run on a
         // connection of their own, beside both the writer and the message path.
-        let weak = Arc::downgrade(&front);
+        let (checkpointing, to_cut) = (shared.clone(), to_writer.clone());
         std::thread::Builder::new()
             .name("ponte-checkpoint".into())
-            .spawn(move || checkpoint_periodically(weak, checkpoints, shown, log_limit))
+            .spawn(move || {
+                checkpoint_periodically(&checkpointing, &to_cut, checkpoints, &shown, log_limit)
+            })
             .map_err(|e| error(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(SqliteStore {
             path,
-            front,
+            front: Arc::new(Mutex::new(Front {
+                reader,
+                marked: HashMap::new(),
+                written: written.clone(),
+                writer: to_writer,
+            })),
             shared,
-            written: AtomicU64::new(0),
+            written,
             writer: Some(writer),
             waits: metrics::histogram!("ponte_store_wait_seconds"),
         })
@@ -548,19 +550,15 @@ impl SqliteStore {
     }
 
     /// Hands `write` over, marking `keys`.
-    fn hand_over(&self, write: Write, keys: &[u64]) -> Result<u64, StoreError> {
+    fn hand_over(&self, write: Write, keys: &[u64]) -> Result<(), StoreError> {
         let mut write = Some(write);
         self.front(|front, durable| {
             let write = write
                 .take()
                 .expect("a hand-over never waits, so it runs once");
-            Ok(front.hand_over(write, keys, durable)?)
+            front.hand_over(write, keys, durable)?;
+            Ok(())
         })
-    }
-
-    /// Counts write `number` as made (numbers are taken in order, but may be counted out of it).
-    fn written_now(&self, number: u64) {
-        self.written.fetch_max(number, Ordering::SeqCst);
     }
 
     /// The writer's answer to a request, within [`WAIT_AT_MOST`].
@@ -631,14 +629,39 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     fn commit(&mut self) -> Result<(), String> {
-        save(
-            &self.connection,
-            &mut self.group,
-            Ok(()),
-            self.applied,
-            self.shared,
-            self.path,
-        )
+        self.save(Ok(()))
+    }
+
+    /// Commits the open group, whose last write came out as `outcome`: on success, tells
+    /// everyone that the first `applied` writes are saved; on failure, reports it on
+    /// [`Store::commits`] (flows give back the messages waiting for it), rolls the group back
+    /// and writes it again after a pause, until it commits. Gives up only when the store is
+    /// being dropped (the writes are then lost, and so are the acknowledgements that waited for
+    /// them).
+    fn save(&mut self, outcome: rusqlite::Result<()>) -> Result<(), String> {
+        let Some(open) = self.group.take() else {
+            return Ok(());
+        };
+        let (connection, path) = (&self.connection, self.path);
+        let mut outcome = outcome.and_then(|()| connection.execute_batch("COMMIT"));
+        let mut pause = Duration::from_millis(50);
+        while let Err(error) = outcome {
+            let _ = connection.execute_batch("ROLLBACK");
+            self.shared.fail(error.to_string());
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                tracing::error!(store = %path, %error, writes = open.writes.len(), "cannot save crosswalk records; stopping without them");
+                return Err(error.to_string());
+            }
+            tracing::error!(store = %path, %error, writes = open.writes.len(), "cannot save crosswalk records; trying again");
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(1));
+            outcome = connection
+                .execute_batch("BEGIN IMMEDIATE")
+                .and_then(|()| open.writes.iter().try_for_each(|w| apply(connection, w)))
+                .and_then(|()| connection.execute_batch("COMMIT"));
+        }
+        self.shared.advance(self.applied);
+        Ok(())
     }
 
     /// Carries out one request; `false` once asked to stop.
@@ -658,15 +681,7 @@ impl Writer<'_> {
                 open.writes.push(write);
                 let full = open.writes.len() >= COMMIT_AFTER;
                 if done.is_err() {
-                    let (group, applied) = (&mut self.group, self.applied);
-                    let _ = save(
-                        &self.connection,
-                        group,
-                        done,
-                        applied,
-                        self.shared,
-                        self.path,
-                    );
+                    let _ = self.save(done);
                 } else if full {
                     let _ = self.commit();
                 }
@@ -707,42 +722,6 @@ struct Group {
     writes: Vec<Write>,
 }
 
-/// Commits the open group, whose last write came out as `outcome`: on success, tells everyone that the first `applied` writes are saved; on failure, reports it on
-/// [`Store::commits`] (flows give back the messages waiting for it), rolls the group back and
-/// writes it again after a pause, until it commits. Gives up only when the store is being
-/// dropped (the writes are then lost, and so are the acknowledgements that waited for them).
-fn save(
-    connection: &Connection,
-    group: &mut Option<Group>,
-    outcome: rusqlite::Result<()>,
-    applied: u64,
-    shared: &Shared,
-    path: &str,
-) -> Result<(), String> {
-    let Some(open) = group.take() else {
-        return Ok(());
-    };
-    let mut outcome = outcome.and_then(|()| connection.execute_batch("COMMIT"));
-    let mut pause = Duration::from_millis(50);
-    while let Err(error) = outcome {
-        let _ = connection.execute_batch("ROLLBACK");
-        shared.fail(error.to_string());
-        if shared.stopping.load(Ordering::SeqCst) {
-            tracing::error!(store = %path, %error, writes = open.writes.len(), "cannot save crosswalk records; stopping without them");
-            return Err(error.to_string());
-        }
-        tracing::error!(store = %path, %error, writes = open.writes.len(), "cannot save crosswalk records; trying again");
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_secs(1));
-        outcome = connection
-            .execute_batch("BEGIN IMMEDIATE")
-            .and_then(|()| open.writes.iter().try_for_each(|w| apply(connection, w)))
-            .and_then(|()| connection.execute_batch("COMMIT"));
-    }
-    shared.advance(applied);
-    Ok(())
-}
-
 /// Runs `PRAGMA wal_checkpoint(mode)`; returns the number of frames in the log.
 fn checkpoint(connection: &Connection, mode: &str) -> rusqlite::Result<i64> {
     connection.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1))
@@ -758,28 +737,22 @@ fn checkpoint(connection: &Connection, mode: &str) -> rusqlite::Result<i64> {
 /// traffic, where the log starts over on its own). The log's file is cut back to `log_limit`
 /// pages when it starts over.
 fn checkpoint_periodically(
-    front: Weak<Mutex<Front>>,
+    shared: &Shared,
+    writer: &SyncSender<Op>,
     connection: Connection,
-    path: String,
+    path: &str,
     log_limit: i64,
 ) {
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        if front.strong_count() == 0 {
+        if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
         match checkpoint(&connection, "PASSIVE") {
             Ok(frames) if frames > log_limit => {
-                let Some(front) = front.upgrade() else {
+                if writer.send(Op::CutLog(frames)).is_err() {
                     return;
-                };
-                let writer = front
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .writer
-                    .clone();
-                drop(front);
-                let _ = writer.send(Op::CutLog(frames));
+                }
             }
             Ok(_) => {}
             Err(error) => {
@@ -1028,7 +1001,7 @@ fn ensure_case(tx: &Connection, partner: &str, reference: &str) -> rusqlite::Res
 
 impl Store for SqliteStore {
     fn record(&self, m: &MessageCase<'_>) -> Result<Vec<Option<String>>, StoreError> {
-        let (number, references) = self.front(|front, durable| {
+        self.front(|front, durable| {
             let reader = &front.reader;
             let mut keys = vec![Key::Message(message_key(m.message_id)).hash()];
             // A person id already known as it is changes nothing a look-up reads.
@@ -1050,11 +1023,9 @@ impl Store for SqliteStore {
                     references
                 }
             };
-            let number = front.hand_over(Write::Record(Recorded::of(m)), &keys, durable)?;
-            Ok((number, references))
-        })?;
-        self.written_now(number);
-        Ok(references)
+            front.hand_over(Write::Record(Recorded::of(m)), &keys, durable)?;
+            Ok(references)
+        })
     }
 
     fn local_id(
@@ -1084,7 +1055,7 @@ impl Store for SqliteStore {
             rows: rows.to_vec(),
             done,
         };
-        self.written_now(self.hand_over(write, &keys)?);
+        self.hand_over(write, &keys)?;
         self.answer(&outcome)
     }
 
@@ -1136,7 +1107,7 @@ impl Store for SqliteStore {
             at: now_secs(),
         };
         let key = Key::Message(message_key(message_id)).hash();
-        self.written_now(self.hand_over(write, &[key])?);
+        self.hand_over(write, &[key])?;
         Ok(())
     }
 
@@ -1148,7 +1119,7 @@ impl Store for SqliteStore {
             window: now - window.as_secs() as i64,
             done,
         };
-        self.written_now(self.hand_over(write, &[])?);
+        self.hand_over(write, &[])?;
         let pruned = self.answer(&outcome)?;
         // Pruning marks no key: look-ups see it once committed, which is now.
         self.flush()?;
