@@ -1167,13 +1167,18 @@ fn references(
         if let Some((sender, their_reference)) = original(reader, answered, m.sender)? {
             // Answering links the two cases (see `apply_record`).
             front.settled(&Key::Reference(&sender, &their_reference), durable)?;
-            if let Some(theirs) = case_of(reader, &sender, &their_reference)? {
+            let theirs = case_of(reader, &sender, &their_reference)?;
+            if let Some(theirs) = theirs {
                 front.settled(&Key::Case(theirs), durable)?;
                 cases.push(theirs);
             }
-            changed.extend(cases.iter().map(|case| Key::Case(*case).hash()));
-            changed.push(Key::Reference(&sender, &their_reference).hash());
-            changed.push(Key::Reference(m.sender, reference).hash());
+            // Both references in one case already (a case's later answers to the same
+            // original): recording links nothing, and the next look-up need not wait for it.
+            if ours.is_none() || ours != theirs {
+                changed.extend(cases.iter().map(|case| Key::Case(*case).hash()));
+                changed.push(Key::Reference(&sender, &their_reference).hash());
+                changed.push(Key::Reference(m.sender, reference).hash());
+            }
             joining.push((sender, their_reference));
             joining.push((m.sender.to_string(), reference.to_string()));
         }
@@ -1496,6 +1501,36 @@ mod tests {
         });
         s.flush().unwrap();
         assert_eq!(*commits.borrow_and_update(), Ok(s.written()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_later_answer_in_a_linked_case_does_not_hold_up_the_case_s_next_message() {
+        let (s, dir) = store();
+        s.record(&message("m1", "cpi-modena", "CPI-7", None, &["inps"]))
+            .unwrap();
+        s.record(&message("m2", "inps", "APP-9", Some("m1"), &["cpi-modena"]))
+            .unwrap();
+        s.flush().unwrap();
+        // The writer stalls behind another process's write lock.
+        let other = Connection::open(dir.join("ponte.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // INPS answers the same referral again (a later status of the case): nothing new to link.
+        let refs = s
+            .record(&message("m3", "inps", "APP-9", Some("m1"), &["cpi-modena"]))
+            .unwrap();
+        assert_eq!(refs, [Some("CPI-7".to_string())]);
+        // The CPI's next message about the case gets INPS's reference without waiting for it.
+        std::thread::scope(|scope| {
+            let next =
+                scope.spawn(|| s.record(&message("m4", "cpi-modena", "CPI-7", None, &["inps"])));
+            std::thread::sleep(Duration::from_millis(300));
+            let finished = next.is_finished();
+            other.execute_batch("COMMIT").unwrap();
+            assert!(finished, "waited for a record that links nothing new");
+            assert_eq!(next.join().unwrap().unwrap(), [Some("APP-9".to_string())]);
+        });
+        s.flush().unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 
