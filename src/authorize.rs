@@ -61,8 +61,7 @@ impl Allow {
 /// Whether every `pointer → values` condition holds for `envelope`.
 pub fn conditions_hold(when: &BTreeMap<String, Vec<String>>, envelope: &Value) -> bool {
     when.iter().all(|(pointer, values)| {
-        envelope
-            .pointer(pointer)
+        crate::decode::pointer(envelope, pointer)
             .and_then(Value::as_str)
             .is_some_and(|v| values.iter().any(|x| x == v))
     })

@@ -1,5 +1,8 @@
 //! Decode: the raw AMQP body becomes a JSON object, or a rejection saying why it cannot: too many
-//! bytes, nested too deep, not UTF-8, not JSON, or not an object.
+//! bytes, nested too deep, not UTF-8, not JSON, or not an object. Also the JSON Pointers the
+//! configuration uses to reach into an envelope.
+
+use std::borrow::Cow;
 
 use serde_json::Value;
 
@@ -114,6 +117,55 @@ fn first_offset_deeper_than(body: &[u8], max_depth: usize) -> Option<usize> {
     None
 }
 
+/// The value `pointer` (RFC 6901) names in `value`, as `Value::pointer`, without allocating:
+/// serde_json's own makes a new string of every token, and the pipeline follows several
+/// pointers per message.
+pub fn pointer<'a>(value: &'a Value, pointer: &str) -> Option<&'a Value> {
+    if pointer.is_empty() {
+        return Some(value);
+    }
+    pointer
+        .strip_prefix('/')?
+        .split('/')
+        .try_fold(value, |target, token| match target {
+            Value::Object(map) => map.get(unescape(token).as_ref()),
+            Value::Array(list) => index(token).and_then(|i| list.get(i)),
+            _ => None,
+        })
+}
+
+/// [`pointer`], for changing the value.
+pub fn pointer_mut<'a>(value: &'a mut Value, pointer: &str) -> Option<&'a mut Value> {
+    if pointer.is_empty() {
+        return Some(value);
+    }
+    pointer
+        .strip_prefix('/')?
+        .split('/')
+        .try_fold(value, |target, token| match target {
+            Value::Object(map) => map.get_mut(unescape(token).as_ref()),
+            Value::Array(list) => index(token).and_then(|i| list.get_mut(i)),
+            _ => None,
+        })
+}
+
+/// A pointer token's name: `~1` stands for `/` and `~0` for `~`.
+fn unescape(token: &str) -> Cow<'_, str> {
+    if token.contains('~') {
+        Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+    } else {
+        Cow::Borrowed(token)
+    }
+}
+
+/// A pointer token as an array index: digits, without a sign or a leading zero.
+fn index(token: &str) -> Option<usize> {
+    if token.starts_with('+') || (token.starts_with('0') && token.len() > 1) {
+        return None;
+    }
+    token.parse().ok()
+}
+
 fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -128,6 +180,38 @@ fn json_kind(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pointers_name_what_serde_json_s_own_do() {
+        let mut envelope = serde_json::json!({
+            "subject": {"identifiers": [{"scheme": "it.cf", "value": "X"}, {"scheme": "local"}]},
+            "a/b": {"m~n": 1},
+            "": {"": 2},
+            "list": [10, 11]
+        });
+        for p in [
+            "",
+            "/subject/identifiers/0/scheme",
+            "/subject/identifiers/1",
+            "/subject/identifiers/2",
+            "/subject/identifiers/01",
+            "/subject/identifiers/+1",
+            "/subject/identifiers/-",
+            "/a~1b/m~0n",
+            "/a/b",
+            "//",
+            "/",
+            "/list/1",
+            "/list/1/x",
+            "subject",
+            "/missing",
+        ] {
+            assert_eq!(pointer(&envelope, p), envelope.pointer(p), "{p}");
+        }
+        *pointer_mut(&mut envelope, "/a~1b/m~0n").unwrap() = serde_json::json!(3);
+        assert_eq!(envelope["a/b"]["m~n"], 3);
+        assert!(pointer_mut(&mut envelope, "/list/2").is_none());
+    }
 
     const LIMITS: DecodeLimits = DecodeLimits {
         max_bytes: 1024,

@@ -13,6 +13,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
+use crate::decode::pointer_mut;
 use crate::partner::{Partner, SHARED_SCHEMES, Secret};
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::resolve::{Resolved, Resolvers};
@@ -129,7 +130,7 @@ fn translate_codes(
         return;
     };
     for (pointer, table) in codes {
-        let Some(value) = envelope.pointer_mut(pointer) else {
+        let Some(value) = pointer_mut(envelope, pointer) else {
             continue;
         };
         let Some(shared) = value.as_str() else {
@@ -166,9 +167,8 @@ async fn map_identifiers(
     recipient: &Partner,
     context: Context<'_>,
 ) -> Result<(), Unmapped> {
-    let Some(identifiers) = envelope
-        .pointer_mut("/subject/identifiers")
-        .and_then(Value::as_array_mut)
+    let Some(identifiers) =
+        pointer_mut(envelope, "/subject/identifiers").and_then(Value::as_array_mut)
     else {
         return Ok(());
     };

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::authorize::{check_may_send, check_recipients, check_sender};
-use crate::decode::decode;
+use crate::decode::{decode, pointer};
 use crate::directory::Directory;
 use crate::map::{Context, Unmapped, for_recipient};
 use crate::partner::{Partner, SHARED_SCHEMES};
@@ -257,9 +257,8 @@ impl Pipeline {
         reference_pointer: Option<&str>,
         recipients: &[&str],
     ) -> Result<Vec<Option<String>>, String> {
-        let text = |pointer: &str| envelope.pointer(pointer).and_then(Value::as_str);
-        let identifiers = envelope
-            .pointer("/subject/identifiers")
+        let text = |p: &str| pointer(envelope, p).and_then(Value::as_str);
+        let identifiers = pointer(envelope, "/subject/identifiers")
             .and_then(Value::as_array)
             .map(Vec::as_slice)
             .unwrap_or_default();

@@ -219,9 +219,8 @@ pub fn recipients<'a>(
             ),
         ));
     };
-    let municipality = envelope
-        .pointer(&route.municipality)
-        .and_then(Value::as_str);
+    let municipality =
+        crate::decode::pointer(envelope, &route.municipality).and_then(Value::as_str);
     let mut out: Vec<&Partner> = Vec::new();
     for target in &route.to {
         let found = match target {

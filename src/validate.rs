@@ -255,7 +255,7 @@ impl SchemaSet {
         let owned: Vec<FieldError> = schema
             .gateway_owned
             .iter()
-            .filter(|p| envelope.pointer(p).is_some())
+            .filter(|p| crate::decode::pointer(envelope, p).is_some())
             .map(|p| {
                 FieldError::new(
                     p.as_str(),
