@@ -63,6 +63,10 @@ struct Args {
     /// Also measure latency at half the maximum rate, for this many seconds.
     #[arg(long, default_value_t = 0)]
     latency_secs: u64,
+    /// Offer this rate (messages/s) for the latency measurement instead of half the measured
+    /// maximum: to compare two builds at the same load.
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// The ponte binary to measure.
     #[arg(long, default_value = "target/release/ponte")]
     ponte: PathBuf,
@@ -127,7 +131,7 @@ async fn main() -> Result<()> {
     drain_with_ponte(&args, &config, &directory, &connection, &load, &mut row).await?;
     if args.latency_secs > 0 {
         // The same messages, at the same rate, through Ponte and then through the shovel.
-        let rate = row.ponte_rate / 2.0;
+        let rate = args.latency_rate.unwrap_or(row.ponte_rate / 2.0);
         let offered = Load::generate(
             &directory,
             (rate * args.latency_secs as f64) as usize,
@@ -137,6 +141,13 @@ async fn main() -> Result<()> {
         if !args.no_shovel {
             row.shovel_latency = Some(shovel_latency(&args, &connection, &offered, rate).await?);
         }
+        let mut series = vec![("Ponte", row.latency.as_ref().unwrap(), "#c0392b")];
+        if let Some(shovel) = &row.shovel_latency {
+            series.push(("shovel", shovel, "#2471a3"));
+        }
+        let path = args.work.join(format!("latency-{}.svg", args.scenario));
+        std::fs::write(&path, percentile_plot(&series, rate))?;
+        eprintln!("  latency by percentile: {}", path.display());
     }
     cleanup(&connection, &directory).await;
     report(&args, &load, &row)?;
@@ -831,12 +842,14 @@ async fn shovel_latency(
 }
 
 /// End-to-end latency figures at a fixed offered rate, in milliseconds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Latency {
     p50: f64,
     p99: f64,
     max: f64,
     offered: f64,
+    /// Every copy's latency in milliseconds, smallest first.
+    sorted: Vec<f64>,
 }
 
 /// Publishes `schedule` (queue, body) open loop at `rate`, in an order that interleaves the
@@ -950,6 +963,7 @@ async fn time_through(
         p99: pick(0.99),
         max: *samples.last().unwrap(),
         offered: offered_rate,
+        sorted: samples.clone(),
     };
     eprintln!(
         "  {name} latency at {offered_rate:.0} msg/s offered: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} copies; samples in {})",
@@ -960,6 +974,100 @@ async fn time_through(
         path.display()
     );
     Ok(result)
+}
+
+/// An SVG of latency by percentile (the x axis stretches the tail: 90%, 99%, 99.9% are equally
+/// far apart), one line per series, with the 10 ms p99 target marked. Written by hand: a
+/// plotting crate would need the system's fonts to lay out its labels.
+fn percentile_plot(series: &[(&str, &Latency, &str)], rate: f64) -> String {
+    use std::fmt::Write as _;
+    let (width, height) = (720.0, 420.0);
+    let (left, right, top, bottom) = (60.0, 20.0, 40.0, 50.0);
+    let n = series
+        .iter()
+        .map(|(_, l, _)| l.sorted.len())
+        .max()
+        .unwrap_or(1);
+    // Up to the percentile the samples resolve: 99.9% needs a thousand of them.
+    let nines = (n as f64).log10().floor().clamp(1.0, 5.0);
+    let highest = series.iter().map(|(_, l, _)| l.max).fold(10.0, f64::max);
+    let step = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]
+        .into_iter()
+        .find(|s| highest / s <= 8.0)
+        .unwrap_or(2000.0);
+    let top_ms = (highest / step).ceil() * step;
+    let x = |nine: f64| left + nine / nines * (width - left - right);
+    let y = |ms: f64| height - bottom - ms / top_ms * (height - top - bottom);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{left}" y="20" font-size="14">End-to-end latency by percentile at {rate:.0} msg/s offered</text>
+"#
+    );
+    let mut ms = 0.0;
+    while ms <= top_ms {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{ms} ms</text>"##,
+            width - right,
+            left - 6.0,
+            y(ms) + 4.0,
+            y = y(ms)
+        );
+        ms += step;
+    }
+    for nine in 0..=nines as usize {
+        let label = match nine {
+            0 => "0%".to_string(),
+            k => format!("{}%", 100.0 - 100.0 / 10f64.powi(k as i32)),
+        };
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{top}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{label}</text>"##,
+            height - bottom,
+            height - bottom + 18.0,
+            x = x(nine as f64)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#888" stroke-dasharray="6 4"/><text x="{}" y="{:.1}" text-anchor="end" fill="#666">p99 target</text>"##,
+        width - right,
+        width - right - 4.0,
+        y(10.0) - 4.0,
+        y = y(10.0)
+    );
+    for (i, (name, latency, colour)) in series.iter().enumerate() {
+        let sorted = &latency.sorted;
+        let points: Vec<String> = (0..=400)
+            .map(|k| {
+                let nine = nines * f64::from(k) / 400.0;
+                let p = 1.0 - 10f64.powf(-nine);
+                let at = ((p * sorted.len() as f64) as usize).min(sorted.len() - 1);
+                format!("{:.1},{:.1}", x(nine), y(sorted[at]))
+            })
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/><text x="{}" y="{}" fill="{colour}">{name}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} copies)</text>"#,
+            points.join(" "),
+            left + 10.0,
+            top + 16.0 + 16.0 * i as f64,
+            latency.p50,
+            latency.p99,
+            latency.max,
+            sorted.len()
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">percentile</text></svg>"#,
+        (width + left) / 2.0,
+        height - 8.0
+    );
+    svg
 }
 
 async fn cleanup(connection: &Connection, directory: &Directory) {
