@@ -1,6 +1,8 @@
 //! Deliver: publishing copies, receipts and parked originals, persistent and `mandatory`, on a
-//! channel in confirm mode. Publishing returns at once with a pending confirm, so many messages
-//! are in flight per channel; `settle` awaits the confirms.
+//! channel in confirm mode. Publishing returns once the frames are written, with a pending
+//! confirm, so many messages are in flight per channel; `settle` awaits the confirms. Copies
+//! do not even wait for the write ([`Publishing`]): a flow goes on to its next message while
+//! the connection's I/O thread writes the frames of several messages at once.
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
@@ -83,6 +85,43 @@ pub async fn publish_to(
             properties,
         )
         .await?)
+}
+
+/// A copy handed to the channel: numbered for its confirm and queued for the socket, in the order
+/// the copies were started. What is left — the write, then the confirm — is awaited by whoever
+/// settles the message, so a flow takes its next message without waiting for the socket.
+pub struct Publishing(futures_util::future::BoxFuture<'static, (Published, Vec<u8>)>);
+
+type Published = Result<PublisherConfirm, BrokerError>;
+
+impl Publishing {
+    /// Queues `body` for `queue` (through the default exchange, `mandatory`): lapin numbers a
+    /// publish and queues its frames at its first poll, before it waits for the write, so one
+    /// poll here keeps the copies in the order they are started. A channel that is closed
+    /// already is an error at once, as with [`publish`].
+    pub async fn start(
+        channel: &Channel,
+        queue: &str,
+        body: Vec<u8>,
+        properties: BasicProperties,
+    ) -> Result<Publishing, BrokerError> {
+        let channel = channel.clone();
+        let queue = queue.to_string();
+        let mut publishing = Box::pin(async move {
+            let published = publish(&channel, &queue, &body, properties).await;
+            (published, body)
+        });
+        Ok(match futures_util::poll!(publishing.as_mut()) {
+            std::task::Poll::Ready((Err(error), _)) => return Err(error),
+            std::task::Poll::Ready(done) => Publishing(Box::pin(std::future::ready(done))),
+            std::task::Poll::Pending => Publishing(publishing),
+        })
+    }
+
+    /// Waits for the write; returns the pending confirm (or why it cannot come) and the body.
+    pub async fn written(self) -> (Published, Vec<u8>) {
+        self.0.await
+    }
 }
 
 /// Waits for a confirm. A nack, a message returned as unroutable, or silence beyond the timeout

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::broker::{BrokerError, consume, stop_consuming};
-use crate::deliver::{Labels, properties, publish};
+use crate::deliver::{Labels, Publishing, properties};
 use crate::partner::Partner;
 use crate::pipeline::{Outcome, Pipeline};
 use crate::settle::{self, Acknowledger, Inbound, Partial, Pending, Settled, Settler};
@@ -151,13 +151,13 @@ impl Flow {
                 let mut pending = Vec::with_capacity(copies.len());
                 for copy in copies {
                     let (recipient, queue) = settler.queues.outbound_entry(&copy.recipient);
-                    let confirm =
-                        publish(&settler.channel, queue, &copy.body, properties(&labels)).await?;
+                    let publishing =
+                        Publishing::start(&settler.channel, queue, copy.body, properties(&labels))
+                            .await?;
                     settler.queues.in_flight(&recipient).increment(1);
                     pending.push(Pending {
                         recipient,
-                        body: copy.body,
-                        confirm,
+                        publishing,
                     });
                 }
                 let partial = match refused.first() {

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::{BrokerError, QueueNames, Queues};
-use crate::deliver::{Labels, confirmed, properties, publish};
+use crate::deliver::{Labels, Publishing, confirmed, properties, publish};
 use crate::journal::{Event, Journal};
 use crate::pipeline::Refused;
 use crate::receipt::{self, Answered, Undelivered};
@@ -142,13 +142,11 @@ impl Outcome {
     }
 }
 
-/// One recipient's copy, published, awaiting its confirm; kept so that a copy the recipient's
-/// queue refuses can go to the delay queues.
-#[derive(Debug)]
+/// One recipient's copy, handed to the channel, awaiting its write and its confirm; its body comes
+/// back with the write, so that a copy the recipient's queue refuses can go to the delay queues.
 pub struct Pending {
     pub recipient: Arc<str>,
-    pub body: Vec<u8>,
-    pub confirm: PublisherConfirm,
+    pub publishing: Publishing,
 }
 
 /// A partly delivered message: who got nothing and why, and the confirm of its parked original.
@@ -184,12 +182,15 @@ pub async fn delivered(
         let mut failure = None;
         for Pending {
             recipient,
-            body,
-            confirm,
+            publishing,
         } in copies
         {
             let queue = settler.queues.outbound(&recipient);
-            let confirmation = confirmed(confirm, queue, settler.confirm_timeout_secs).await;
+            let (published, body) = publishing.written().await;
+            let confirmation = match published {
+                Ok(confirm) => confirmed(confirm, queue, settler.confirm_timeout_secs).await,
+                Err(error) => Err(error),
+            };
             settler.queues.in_flight(&recipient).decrement(1);
             match confirmation {
                 Ok(()) => recipients.push(recipient),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Gateway, benefit_status, referral};
+use common::{Gateway, benefit_status, publish_many, referral};
 use serde_json::{Value, json};
 
 fn identifiers(m: &Value) -> &Value {
@@ -181,5 +181,31 @@ async fn identifiers_the_recipient_does_not_accept_are_dropped() {
         identifiers(&delivered),
         &json!([{"scheme": "it.cf", "value": "RSSMRA85T10A562S"}])
     );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_messages_reaches_every_recipient_in_the_order_it_was_sent() {
+    let gw = Gateway::start().await;
+    // A back office publishes 300 status changes at once; each goes to a CPI and the observatory.
+    let sent: Vec<Value> = (0..300).map(|_| benefit_status("sfl", "037032")).collect();
+    let bodies: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|m| serde_json::to_vec(m).unwrap())
+        .collect();
+    publish_many(&gw.url, &gw.queues.inbound("inps"), &bodies).await;
+    let ids: Vec<String> = sent
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_string())
+        .collect();
+    for recipient in ["cpi-bologna", "osservatorio-er"] {
+        let arrived: Vec<String> = gw
+            .take(&gw.queues.outbound(recipient), ids.len())
+            .await
+            .iter()
+            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .collect();
+        assert_eq!(arrived, ids, "{recipient} got the messages out of order");
+    }
     gw.stop().await;
 }
