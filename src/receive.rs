@@ -180,15 +180,15 @@ impl Flow {
                 settle::delivered(settler, inbound, pending, partial, earlier).boxed()
             }
             Outcome::Reject(rejection) => {
-                let confirms = settle::publish_rejection(
+                let publishing = settle::publish_rejection(
                     &settler,
                     &inbound,
                     &rejection,
-                    &delivery.data,
+                    delivery.data,
                     delivery.properties,
                 )
                 .await?;
-                settle::rejected(settler, inbound, rejection.code, confirms).boxed()
+                settle::rejected(settler, inbound, rejection.code, publishing).boxed()
             }
             Outcome::Retry(why) => futures_util::future::ready(settle::later(inbound, why)).boxed(),
             Outcome::AlreadyDelivered { recipients } => {

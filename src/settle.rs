@@ -336,6 +336,22 @@ pub async fn park(
     original_properties: lapin::BasicProperties,
     recipients: &[&str],
 ) -> Result<PublisherConfirm, BrokerError> {
+    publish(
+        &settler.channel,
+        settler.queues.rejected(&inbound.partner),
+        original,
+        parked_properties(inbound, rejection, original_properties, recipients),
+    )
+    .await
+}
+
+/// A parked original's properties: its own, and the rejection's reason in headers.
+fn parked_properties(
+    inbound: &Inbound,
+    rejection: &Rejection,
+    original_properties: lapin::BasicProperties,
+    recipients: &[&str],
+) -> lapin::BasicProperties {
     let errors = serde_json::to_string(&rejection.errors).expect("errors always serialize");
     let mut headers = vec![
         ("x-ponte-code", rejection.code.as_str().to_string()),
@@ -347,32 +363,23 @@ pub async fn park(
     if !recipients.is_empty() {
         headers.push(("x-ponte-recipients", recipients.join(",")));
     }
-    let parked = crate::deliver::with_headers(original_properties, &headers);
-    publish(
-        &settler.channel,
-        settler.queues.rejected(&inbound.partner),
-        original,
-        parked,
-    )
-    .await
+    crate::deliver::with_headers(original_properties, &headers)
 }
 
-/// Publishes what a rejection needs (the parked original and the receipt) and returns the
-/// pending confirms, in that order.
+/// Starts what a rejection needs (the parked original, then the receipt) without waiting for
+/// the socket, as copies are ([`Publishing`]); [`rejected`] awaits their writes and confirms.
 pub async fn publish_rejection(
     settler: &Settler,
     inbound: &Inbound,
     rejection: &Rejection,
-    original: &[u8],
+    original: Vec<u8>,
     original_properties: lapin::BasicProperties,
-) -> Result<[PublisherConfirm; 2], BrokerError> {
-    let park = park(
-        settler,
-        inbound,
-        rejection,
+) -> Result<[Publishing; 2], BrokerError> {
+    let park = Publishing::start(
+        &settler.channel,
+        settler.queues.rejected(&inbound.partner),
         original,
-        original_properties,
-        &[],
+        parked_properties(inbound, rejection, original_properties, &[]),
     )
     .await?;
     let receipt = receipt::build(
@@ -383,8 +390,19 @@ pub async fn publish_rejection(
         &rejection.errors,
         &[],
     );
-    let queue = settler.queues.receipts(&inbound.partner);
-    let answer = publish_receipt(settler, queue, &receipt, inbound).await?;
+    let id = receipt.message_id.to_string();
+    let labels = Labels {
+        message_id: Some(&id),
+        correlation_id: inbound.message_id.as_deref(),
+        message_type: Some("receipt"),
+    };
+    let answer = Publishing::start(
+        &settler.channel,
+        settler.queues.receipts(&inbound.partner),
+        receipt.body,
+        properties(&labels),
+    )
+    .await?;
     Ok([park, answer])
 }
 
@@ -393,22 +411,17 @@ pub async fn rejected(
     settler: Arc<Settler>,
     inbound: Inbound,
     code: Code,
-    confirms: [PublisherConfirm; 2],
+    publishing: [Publishing; 2],
 ) -> Settled {
-    let [park, answer] = confirms;
+    let [park, answer] = publishing;
     let result = async {
-        confirmed(
-            park,
-            settler.queues.rejected(&inbound.partner),
-            settler.confirm_timeout_secs,
-        )
-        .await?;
-        confirmed(
-            answer,
-            settler.queues.receipts(&inbound.partner),
-            settler.confirm_timeout_secs,
-        )
-        .await?;
+        for (publishing, queue) in [
+            (park, settler.queues.rejected(&inbound.partner)),
+            (answer, settler.queues.receipts(&inbound.partner)),
+        ] {
+            let confirm = publishing.written().await.0?;
+            confirmed(confirm, queue, settler.confirm_timeout_secs).await?;
+        }
         Ok(Outcome::Rejected { code })
     }
     .await;
