@@ -59,6 +59,14 @@ fn a_small_benchmark_run_produces_every_figure() {
         assert!(value > 0.0, "{name} = {value}");
     }
     assert!(work.join("latency-smoke.csv").exists());
+    // The plot has a line for Ponte and one for the shovel.
+    let plot = std::fs::read_to_string(work.join("latency-smoke.svg")).unwrap();
+    assert!(plot.starts_with("<svg"), "{plot}");
+    assert_eq!(plot.matches("<polyline").count(), 2, "{plot}");
+    assert!(
+        plot.contains(">Ponte: p50") && plot.contains(">shovel: p50"),
+        "{plot}"
+    );
 }
 
 #[test]
