@@ -118,9 +118,19 @@ impl Publishing {
         })
     }
 
-    /// Waits for the write; returns the pending confirm (or why it cannot come) and the body.
-    pub async fn written(self) -> (Published, Vec<u8>) {
-        self.0.await
+    /// Waits for the write and then for the confirm (as [`confirmed`]); returns the outcome and
+    /// the body, for a copy that must go elsewhere.
+    pub async fn confirmed(
+        self,
+        queue: &str,
+        timeout_secs: u64,
+    ) -> (Result<(), BrokerError>, Vec<u8>) {
+        let (published, body) = self.0.await;
+        let outcome = match published {
+            Ok(confirm) => confirmed(confirm, queue, timeout_secs).await,
+            Err(error) => Err(error),
+        };
+        (outcome, body)
     }
 }
 

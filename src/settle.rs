@@ -186,11 +186,9 @@ pub async fn delivered(
         } in copies
         {
             let queue = settler.queues.outbound(&recipient);
-            let (published, body) = publishing.written().await;
-            let confirmation = match published {
-                Ok(confirm) => confirmed(confirm, queue, settler.confirm_timeout_secs).await,
-                Err(error) => Err(error),
-            };
+            let (confirmation, body) = publishing
+                .confirmed(queue, settler.confirm_timeout_secs)
+                .await;
             settler.queues.in_flight(&recipient).decrement(1);
             match confirmation {
                 Ok(()) => recipients.push(recipient),
@@ -390,17 +388,12 @@ pub async fn publish_rejection(
         &rejection.errors,
         &[],
     );
-    let id = receipt.message_id.to_string();
-    let labels = Labels {
-        message_id: Some(&id),
-        correlation_id: inbound.message_id.as_deref(),
-        message_type: Some("receipt"),
-    };
+    let labelled = receipt_properties(&receipt, inbound);
     let answer = Publishing::start(
         &settler.channel,
         settler.queues.receipts(&inbound.partner),
         receipt.body,
-        properties(&labels),
+        labelled,
     )
     .await?;
     Ok([park, answer])
@@ -419,8 +412,10 @@ pub async fn rejected(
             (park, settler.queues.rejected(&inbound.partner)),
             (answer, settler.queues.receipts(&inbound.partner)),
         ] {
-            let confirm = publishing.written().await.0?;
-            confirmed(confirm, queue, settler.confirm_timeout_secs).await?;
+            publishing
+                .confirmed(queue, settler.confirm_timeout_secs)
+                .await
+                .0?;
         }
         Ok(Outcome::Rejected { code })
     }
@@ -434,13 +429,18 @@ async fn publish_receipt(
     receipt: &receipt::Receipt,
     inbound: &Inbound,
 ) -> Result<PublisherConfirm, BrokerError> {
+    let labelled = receipt_properties(receipt, inbound);
+    publish(&settler.channel, queue, &receipt.body, labelled).await
+}
+
+/// A receipt's properties: its own id, the answered message's as correlation id.
+fn receipt_properties(receipt: &receipt::Receipt, inbound: &Inbound) -> lapin::BasicProperties {
     let id = receipt.message_id.to_string();
-    let labels = Labels {
+    properties(&Labels {
         message_id: Some(&id),
         correlation_id: inbound.message_id.as_deref(),
         message_type: Some("receipt"),
-    };
-    publish(&settler.channel, queue, &receipt.body, properties(&labels)).await
+    })
 }
 
 /// Acknowledges settled messages of one flow in arrival order, one `multiple` ack per run, once
