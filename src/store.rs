@@ -34,6 +34,11 @@ const QUEUE: usize = 16_384;
 const WAIT_AT_MOST: Duration = Duration::from_secs(10);
 /// The store's write-ahead log is cut back once it holds this many pages (64 MiB).
 const LOG_LIMIT_FRAMES: i64 = 16384;
+/// How often the log is copied into the database file. Each copy ends in an fsync of what it
+/// wrote; a second's worth of pages made that fsync long enough (30–90 ms) for the broker's
+/// own fsyncs on the same disk to wait behind it, which delays its publisher confirms. A
+/// quarter of a second keeps each burst small.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// The store could not be read or written. The message at hand is handed back to its queue,
 /// never acknowledged on a guess.
@@ -727,7 +732,7 @@ fn checkpoint(connection: &Connection, mode: &str) -> rusqlite::Result<i64> {
     connection.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1))
 }
 
-/// Checkpoints the log about once a second, until the store is dropped.
+/// Checkpoints the log every [`CHECKPOINT_EVERY`], until the store is dropped.
 ///
 /// A checkpoint copies the log into the database file, beside the writer; the log starts over
 /// only when a write begins after *every* frame was copied, which under steady traffic never
@@ -744,7 +749,7 @@ fn checkpoint_periodically(
     log_limit: i64,
 ) {
     loop {
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(CHECKPOINT_EVERY);
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
