@@ -696,7 +696,6 @@ fn stop_ponte(mut child: Child) -> Result<()> {
     Ok(())
 }
 
-/// User + system CPU seconds of the broker node (`--node`'s folder holds its pid file).
 /// Waits (at most 30 s) until the broker uses less than 5% of a core over a second.
 async fn broker_at_rest(node: &str) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(30);
@@ -713,6 +712,7 @@ async fn broker_at_rest(node: &str) -> Result<()> {
     Ok(())
 }
 
+/// User + system CPU seconds of the broker node (`--node`'s folder holds its pid file).
 fn broker_cpu(node: &str) -> Result<f64> {
     let dir = node
         .split_whitespace()
