@@ -43,6 +43,32 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> 
     }
 }
 
+/// Waits until `probe` says done, for as long as what it reports keeps changing: a loaded
+/// machine may take minutes to drain, but a gateway that makes no progress for `stall` fails the
+/// test with the last state it reported.
+async fn wait_while_progressing(
+    what: &str,
+    stall: Duration,
+    mut probe: impl AsyncFnMut() -> (bool, String),
+) {
+    let mut last = String::new();
+    let mut since = Instant::now();
+    loop {
+        let (done, state) = probe().await;
+        if done {
+            return;
+        }
+        if state != last {
+            (last, since) = (state, Instant::now());
+        }
+        assert!(
+            since.elapsed() < stall,
+            "no progress for {stall:?} waiting for {what} ({last})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Publishes `total` valid referrals of cpi-modena to its inbound queue before any gateway runs.
 async fn preload_referrals(url: &str, queues: &Queues, total: usize) -> Vec<Value> {
     let sent: Vec<Value> = (0..total)
@@ -201,16 +227,23 @@ async fn broker_fault_mid_load(how: &str) {
     // The gateway reconnects by itself and finishes the work.
     let inbound = gw.queues.inbound("cpi-modena");
     let rejected_queue = gw.queues.rejected("cpi-modena");
-    wait_until(
-        "the inbound queue to drain",
-        Duration::from_secs(180),
-        async || {
+    let drained = async || {
+        let (waiting, delivered, parked) = (
+            depth(&url, &inbound).await,
+            depth(&url, &out_queue).await as usize,
+            depth(&url, &rejected_queue).await as usize,
+        );
+        let what = format!(
+            "ready: {}, inbound: {waiting}, delivered: {delivered}, parked: {parked}",
             gw.status.is_ready()
-                && depth(&url, &inbound).await == 0
-                && depth(&url, &out_queue).await as usize
-                    + depth(&url, &rejected_queue).await as usize
-                    >= VALID + INVALID
-        },
+        );
+        let done = gw.status.is_ready() && waiting == 0 && delivered + parked >= VALID + INVALID;
+        (done, what)
+    };
+    wait_while_progressing(
+        "the inbound queue to drain",
+        Duration::from_secs(90),
+        drained,
     )
     .await;
     // Let the last settlements finish, then stop the gateway so nothing is unacknowledged.

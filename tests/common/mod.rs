@@ -37,6 +37,16 @@ pub fn random_prefix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
+/// The in-process gateway's warnings and errors (or what `PONTE_TEST_LOG` asks for, e.g.
+/// `ponte=debug`) go to the test's output, which the test runner shows when the test fails.
+pub fn logs() {
+    let filter = std::env::var("PONTE_TEST_LOG").unwrap_or_else(|_| "ponte=warn".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
+
 /// The demo configuration pointed at `url` with its own queue prefix.
 pub fn directory(url: &str, prefix: &str) -> Directory {
     directory_from(&repo().join("config"), url, prefix)
@@ -173,6 +183,7 @@ impl Gateway {
     }
 
     pub async fn start_pipeline(pipeline: Arc<Pipeline>) -> Gateway {
+        logs();
         let directory = pipeline.directory.clone();
         let shutdown = CancellationToken::new();
         let status = Status::default();
