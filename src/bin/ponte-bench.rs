@@ -267,10 +267,25 @@ struct Load {
     expected_outputs: usize,
     bytes: usize,
     count: usize,
+    /// How many of the messages are referrals (the ones that carry the padding).
+    referrals: usize,
 }
 
 impl Load {
+    /// `count` messages whose mean size is about `size` bytes. Only referrals have a free-text
+    /// field to pad, and they are 60% of the mix: a first pass measures what the other messages
+    /// weigh, and the same messages (the generator is seeded) are made again with each
+    /// referral padded to make up the difference.
     fn generate(directory: &Directory, count: usize, size: usize) -> Load {
+        let trial = Self::padded(directory, count, size);
+        let referrals = trial.referrals.max(1);
+        let missing = (size * count) as i64 - trial.bytes as i64;
+        let referral_bytes = (size as i64 + missing / referrals as i64).max(0) as usize;
+        Self::padded(directory, count, referral_bytes)
+    }
+
+    /// `count` messages, each referral padded to about `referral_bytes`.
+    fn padded(directory: &Directory, count: usize, referral_bytes: usize) -> Load {
         let tables = directory.tables.load();
         let mut cpis: Vec<(&str, &str, &str)> = directory
             .partners
@@ -285,7 +300,7 @@ impl Load {
         // Offices come from a hash map: sort them so that every run sends the same load.
         cpis.sort();
         let mut by_sender: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
-        let (mut invalid, mut expected, mut bytes) = (0, 0, 0);
+        let (mut invalid, mut expected, mut bytes, mut referrals) = (0, 0, 0, 0);
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut next = || {
             rng ^= rng << 13;
@@ -299,9 +314,9 @@ impl Load {
             let (sender, mut message, outputs) = if roll < 60 {
                 let mut m = referral(cpi, office, municipality);
                 let base = serde_json::to_vec(&m).unwrap().len();
-                // Referrals carry the padding for the whole mix, so the mean is about `size`.
                 m["payload"]["notes"] =
-                    json!("n".repeat((size * 5 / 4).saturating_sub(base + 12).max(1)));
+                    json!("n".repeat(referral_bytes.saturating_sub(base + 12).max(1)));
+                referrals += 1;
                 (cpi.to_string(), m, 1)
             } else {
                 let adi = roll >= 88;
@@ -354,6 +369,7 @@ impl Load {
             expected_outputs: expected,
             bytes,
             count,
+            referrals,
         }
     }
 
