@@ -84,26 +84,27 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
     }
 }
 
-/// Scans the bytes once, outside strings, and returns the offset where the nesting of arrays and
-/// objects first exceeds `max_depth`. Cheaper than parsing, and runs before the parser so depth
-/// bombs never reach it.
+/// Scans the bytes once and returns the offset where the nesting of arrays and objects first
+/// exceeds `max_depth`. Cheaper than parsing, and runs before the parser so depth bombs never
+/// reach it. Most of a message's bytes are inside strings, which are skipped to their next
+/// quote or backslash at once rather than byte by byte.
 fn first_offset_deeper_than(body: &[u8], max_depth: usize) -> Option<usize> {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for (i, &b) in body.iter().enumerate() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
         match b {
-            b'"' => in_string = true,
+            b'"' => {
+                // To the closing quote, stepping over escaped characters.
+                i += 1;
+                loop {
+                    let at = i + memchr::memchr2(b'"', b'\\', body.get(i..)?)?;
+                    if body[at] == b'"' {
+                        i = at;
+                        break;
+                    }
+                    i = at + 2;
+                }
+            }
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max_depth {
@@ -113,6 +114,7 @@ fn first_offset_deeper_than(body: &[u8], max_depth: usize) -> Option<usize> {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     None
 }
@@ -248,6 +250,43 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf8_is_named_wherever_it_is() {
+        let deep = [
+            "{\"a\": \"\u{e9}\", \"b\": ",
+            &"[".repeat(40),
+            &"]".repeat(40),
+        ]
+        .concat();
+        let cases: [(&[u8], usize); 6] = [
+            // In a key, in a value after valid multi-byte text, outside any string.
+            (b"{\"\xc3\": 1}", 2),
+            (b"{\"a\": \"\xc3\xa9\xed\xa0\x80\"}", 9),
+            (b"{\"a\": \xff}", 6),
+            // A body that would also be refused for its syntax or its depth.
+            (b"{\"a\": \"\xe9\" ,,}", 7),
+            (&[deep.as_bytes(), b"\xff}"].concat(), deep.len()),
+            // Valid UTF-8 up to a truncated character at the end.
+            (b"{\"a\": \"\xe2\x82", 7),
+        ];
+        for (body, offset) in cases {
+            let r = decode(body, LIMITS).unwrap_err();
+            assert_eq!(
+                (r.code, r.errors[0].keyword.as_str()),
+                (Code::InvalidJson, "utf8"),
+                "{:?}: {}",
+                String::from_utf8_lossy(body),
+                r.errors[0].message
+            );
+            assert!(
+                r.errors[0].message.contains(&format!("offset {offset})")),
+                "{:?}: {}",
+                String::from_utf8_lossy(body),
+                r.errors[0].message
+            );
+        }
+    }
+
+    #[test]
     fn deep_nesting_is_too_large_without_parsing() {
         let body = format!("{}{}", "[".repeat(400), "]".repeat(400));
         assert_eq!(
@@ -256,6 +295,71 @@ mod tests {
         );
         let ok = format!("{{\"a\":{}{}}}", "[".repeat(7), "]".repeat(7));
         assert!(decode(ok.as_bytes(), LIMITS).is_ok());
+    }
+
+    /// The scan byte by byte, as it was written first: what the faster one must agree with.
+    fn deeper_byte_by_byte(body: &[u8], max_depth: usize) -> Option<usize> {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for (i, &b) in body.iter().enumerate() {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > max_depth {
+                        return Some(i);
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn the_depth_scan_finds_the_offset_a_byte_by_byte_scan_finds() {
+        let pieces: [&[u8]; 12] = [
+            b"{", b"}", b"[", b"]", b"\"", b"\\", b"\\\"", b"a", b"\\\\", b":", b",", b" ",
+        ];
+        // Every sequence of up to five pieces, then each behind a prefix that opens a string
+        // or sits two levels deep: escapes at the end, unterminated strings, quotes in strings.
+        let mut bodies: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..5 {
+            let longer: Vec<Vec<u8>> = bodies
+                .iter()
+                .filter(|b| b.len() < 10)
+                .flat_map(|b| pieces.iter().map(move |p| [b.as_slice(), p].concat()))
+                .collect();
+            bodies.extend(longer);
+            bodies.sort();
+            bodies.dedup();
+        }
+        let mut checked = 0;
+        for body in &bodies {
+            for prefix in [&b""[..], b"\"", b"[[", b"{\"k\":\"x\\\"\"}["] {
+                let body = [prefix, body.as_slice()].concat();
+                for max_depth in [0, 1, 2, 3] {
+                    assert_eq!(
+                        first_offset_deeper_than(&body, max_depth),
+                        deeper_byte_by_byte(&body, max_depth),
+                        "{:?} at depth {max_depth}",
+                        String::from_utf8_lossy(&body)
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 100_000, "{checked} cases");
     }
 
     #[test]
