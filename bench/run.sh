@@ -56,6 +56,7 @@ else
     row size-256k --messages 2000 --size 262144
     row partners-100 --messages 100000 --partners 100
     row partners-1000 --messages 100000 --partners 1000
+    row partners-1000-own --messages 100000 --partners 1000 --inps-prefetch 200
     row backlog-1m --messages 1000000 --no-shovel
 fi
 echo

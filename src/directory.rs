@@ -142,6 +142,20 @@ impl Directory {
         if files.is_empty() {
             push(&partner_dir, "no partner files (*.toml) found".into());
         }
+        let reserved: u32 = partners
+            .values()
+            .filter_map(|p| p.prefetch)
+            .map(u32::from)
+            .sum();
+        if reserved > settings.broker.max_in_flight {
+            push(
+                &partner_dir,
+                format!(
+                    "the partners' own prefetch add up to {reserved}, more than broker.max_in_flight ({})",
+                    settings.broker.max_in_flight
+                ),
+            );
+        }
 
         let matrix_file = dir.join(&settings.paths.authorization);
         let matrix = match std::fs::read_to_string(&matrix_file) {

@@ -2,6 +2,7 @@
 //! when the broker fails tears everything down and starts again with backoff; on shutdown stops
 //! consuming, waits for in-flight messages to settle, and returns.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,10 +142,12 @@ async fn session(
     ));
     let ((), groups) = tokio::try_join!(topology, groups)?;
     *delay = Duration::from_millis(200);
-    let prefetch = directory
-        .settings
-        .broker
-        .prefetch_per_partner(partners.len());
+    let own: Vec<Option<u16>> = partners.iter().map(|p| p.prefetch).collect();
+    let prefetches: HashMap<&str, u16> = partners
+        .iter()
+        .map(|p| p.id.as_str())
+        .zip(directory.settings.broker.prefetches(&own))
+        .collect();
     for (consuming, publishing, opened) in groups {
         for (partner, consume, publish) in opened {
             let settler = Arc::new(Settler {
@@ -162,7 +165,7 @@ async fn session(
                 pipeline: pipeline.clone(),
                 partner: partner.clone(),
                 consume,
-                prefetch,
+                prefetch: prefetches[partner.id.as_str()],
                 settler,
                 started: started.subscribe(),
             };

@@ -53,6 +53,10 @@ struct PartnerFile {
     fields: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     receipts: Receipts,
+    /// Messages of this partner's inbound queue the gateway may have in flight, reserved out of
+    /// `broker.max_in_flight` ahead of the even share of the other partners: for the few that
+    /// send most of the traffic when many partners are configured.
+    prefetch: Option<u16>,
 }
 
 /// Which receipts a partner gets. Every rejection is always answered; a partner that trusts
@@ -172,6 +176,8 @@ pub struct Partner {
     /// The same, each as its keys below `payload`, unescaped once here rather than per message.
     pub field_paths: BTreeMap<String, Vec<Vec<String>>>,
     pub receipts: Receipts,
+    /// This partner's own prefetch, when its file sets one (see [`crate::settings::BrokerSettings::prefetches`]).
+    pub prefetch: Option<u16>,
 }
 
 impl Partner {
@@ -218,6 +224,9 @@ impl Partner {
                 "id {:?} must equal the file name ({stem}.toml)",
                 raw.id
             ));
+        }
+        if raw.prefetch == Some(0) {
+            errors.push("prefetch must be at least 1".into());
         }
         if !is_partner_id(&raw.kind) {
             errors.push(format!("kind {:?} must match [a-z][a-z0-9-]*", raw.kind));
@@ -351,6 +360,7 @@ impl Partner {
                 .collect(),
             fields: raw.fields,
             receipts: raw.receipts,
+            prefetch: raw.prefetch,
         })
     }
 }

@@ -186,11 +186,15 @@ impl Default for BrokerSettings {
 }
 
 impl BrokerSettings {
-    /// Each flow's prefetch: `prefetch`, or less when `partners` flows at that prefetch would
-    /// exceed `max_in_flight`. Never below 1.
-    pub fn prefetch_per_partner(&self, partners: usize) -> u16 {
-        let share = self.max_in_flight as usize / partners.max(1);
-        share.clamp(1, usize::from(self.prefetch)) as u16
+    /// Each flow's prefetch, in the order of `own` (the partners' own settings): a partner that
+    /// sets one has it; the others share the rest of `max_in_flight` evenly, each getting
+    /// `prefetch` or less when that many flows at `prefetch` would exceed it. Never below 1.
+    pub fn prefetches(&self, own: &[Option<u16>]) -> Vec<u16> {
+        let reserved: usize = own.iter().flatten().map(|p| usize::from(*p)).sum();
+        let others = own.iter().filter(|p| p.is_none()).count();
+        let share = (self.max_in_flight as usize).saturating_sub(reserved) / others.max(1);
+        let share = share.clamp(1, usize::from(self.prefetch)) as u16;
+        own.iter().map(|p| p.unwrap_or(share).max(1)).collect()
     }
 }
 
@@ -464,10 +468,29 @@ mod tests {
     #[test]
     fn prefetch_shrinks_with_many_partners_to_bound_memory() {
         let broker = BrokerSettings::default();
-        assert_eq!(broker.prefetch_per_partner(4), 200);
-        assert_eq!(broker.prefetch_per_partner(100), 100);
-        assert_eq!(broker.prefetch_per_partner(1000), 10);
-        assert_eq!(broker.prefetch_per_partner(100_000), 1);
+        assert_eq!(broker.prefetches(&[None; 4])[0], 200);
+        assert_eq!(broker.prefetches(&vec![None; 100])[0], 100);
+        assert_eq!(broker.prefetches(&vec![None; 1000])[0], 10);
+        assert_eq!(broker.prefetches(&vec![None; 100_000])[0], 1);
+    }
+
+    #[test]
+    fn a_partner_s_own_prefetch_is_reserved_before_the_others_share_the_rest() {
+        let broker = BrokerSettings::default();
+        // The national institute and a thousand employment centres.
+        let mut own = vec![None; 1001];
+        own[0] = Some(200);
+        let prefetches = broker.prefetches(&own);
+        assert_eq!(prefetches[0], 200);
+        assert!(
+            prefetches[1..].iter().all(|p| *p == 9),
+            "{:?}",
+            &prefetches[..3]
+        );
+        let total: usize = prefetches.iter().map(|p| usize::from(*p)).sum();
+        assert!(total <= broker.max_in_flight as usize, "{total}");
+        // Own settings beyond the budget leave the others one message each, never none.
+        assert_eq!(broker.prefetches(&[Some(20_000), None]), vec![20_000, 1]);
     }
 
     #[test]

@@ -29,7 +29,13 @@ fn broken_config() -> tempdir::Dir {
     let demo = |name: &str| std::fs::read_to_string(repo().join("config").join(name)).unwrap();
     for partner in ["inps", "cpi-modena", "cpi-bologna", "osservatorio-er"] {
         let file = format!("partners/{partner}.toml");
-        write(d, &file, &demo(&file));
+        // A window of nothing, and one larger than broker.max_in_flight (10,000) all alone.
+        let prefetch = match partner {
+            "osservatorio-er" => "prefetch = 0\n",
+            "cpi-bologna" => "prefetch = 20000\n",
+            _ => "",
+        };
+        write(d, &file, &format!("{prefetch}{}", demo(&file)));
     }
     write(
         d,
@@ -184,6 +190,11 @@ fn check_reports_every_error_with_its_file() {
             "municipality 036005 is already covered by cpi-modena",
         ),
         ("routes.toml", "inail"),
+        (
+            "partners/osservatorio-er.toml",
+            "prefetch must be at least 1",
+        ),
+        ("partners", "more than broker.max_in_flight (10000)"),
     ];
     for (file, needle) in expect {
         let path = d.join(file);

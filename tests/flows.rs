@@ -209,3 +209,53 @@ async fn a_burst_of_messages_reaches_every_recipient_in_the_order_it_was_sent() 
     }
     gw.stop().await;
 }
+
+/// With many partners each flow's prefetch shrinks to share `broker.max_in_flight`; a partner
+/// that sends most of the traffic can keep a window of its own.
+#[tokio::test]
+async fn a_partner_s_own_prefetch_is_reserved_and_the_others_share_the_rest() {
+    let config = common::config_copy(|dir| {
+        let file = dir.join("partners/inps.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        // Before the file's first table, so that it is a top-level key.
+        std::fs::write(&file, format!("prefetch = 150\n{text}")).unwrap();
+    });
+    let prefix = common::random_prefix();
+    let directory = common::directory_with(
+        &config,
+        &common::broker_url(),
+        &prefix,
+        &[("broker.max_in_flight", "170")],
+    );
+    let gw = Gateway::start_with(directory).await;
+    // What the broker grants each of this gateway's consumers.
+    let listed = common::shared_broker_ctl_output(&[
+        "list_consumers",
+        "-q",
+        "--no-table-headers",
+        "queue_name",
+        "prefetch_count",
+    ]);
+    let granted: std::collections::BTreeMap<String, u32> = listed
+        .lines()
+        .filter_map(|line| {
+            let (queue, prefetch) = line.split_once('\t')?;
+            let partner = queue.strip_prefix(&format!("{prefix}.in."))?;
+            Some((partner.to_string(), prefetch.trim().parse().ok()?))
+        })
+        .collect();
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&config);
+    // The other four share the 20 left: 5 each.
+    let expected: std::collections::BTreeMap<String, u32> = [
+        ("comune-modena", 5),
+        ("cpi-bologna", 5),
+        ("cpi-modena", 5),
+        ("inps", 150),
+        ("osservatorio-er", 5),
+    ]
+    .into_iter()
+    .map(|(p, n)| (p.to_string(), n))
+    .collect();
+    assert_eq!(granted, expected, "rabbitmqctl list_consumers:\n{listed}");
+}

@@ -50,6 +50,10 @@ struct Args {
     /// Approximate size of a message in bytes.
     #[arg(long, default_value_t = 1024)]
     size: usize,
+    /// The national institute's own prefetch (`prefetch` in its partner file), reserved out of
+    /// `broker.max_in_flight` before the other partners share the rest.
+    #[arg(long)]
+    inps_prefetch: Option<u16>,
     /// Positive receipts (a receipt for every delivered message) on or off.
     #[arg(long, default_value = "off")]
     receipts: String,
@@ -203,6 +207,11 @@ fn write_config(args: &Args, prefix: &str) -> Result<PathBuf> {
             })
             .collect();
         text = text.replacen("\n", &format!("\nreceipts = \"{receipts}\"\n"), 1);
+        if let Some(prefetch) = args.inps_prefetch
+            && path.file_stem().is_some_and(|stem| stem == "inps")
+        {
+            text = text.replacen("\n", &format!("\nprefetch = {prefetch}\n"), 1);
+        }
         std::fs::write(dir.join("partners").join(path.file_name().unwrap()), text)?;
     }
     let mut cpis = vec!["cpi-modena".to_string(), "cpi-bologna".to_string()];

@@ -438,17 +438,22 @@ pub async fn depth(url: &str, queue: &str) -> u32 {
 /// Runs `rabbitmqctl ARGS` against the shared test broker (`TEST_BROKER_NODE`, set by
 /// `scripts/test.sh`).
 pub fn shared_broker_ctl(args: &[&str]) {
+    shared_broker_ctl_output(args);
+}
+
+/// The same, returning what `rabbitmqctl` printed.
+pub fn shared_broker_ctl_output(args: &[&str]) -> String {
     let node =
         std::env::var("TEST_BROKER_NODE").expect("TEST_BROKER_NODE is set by scripts/test.sh");
     let node: Vec<&str> = node.split(' ').collect();
-    let status = Command::new(repo().join("scripts/broker.sh"))
+    let output = Command::new(repo().join("scripts/broker.sh"))
         .arg("ctl")
         .args(&node)
         .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()
+        .output()
         .expect("scripts/broker.sh runs");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
+    assert!(output.status.success(), "rabbitmqctl {args:?} failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// A `ponte` process that is killed if the test ends without stopping it (a failed assertion),
