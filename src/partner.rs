@@ -176,7 +176,8 @@ pub struct Partner {
     /// The same, each as its keys below `payload`, unescaped once here rather than per message.
     pub field_paths: BTreeMap<String, Vec<Vec<String>>>,
     pub receipts: Receipts,
-    /// This partner's own prefetch, when its file sets one (see [`crate::settings::BrokerSettings::prefetches`]).
+    /// This partner's own prefetch, when its file sets one (see
+    /// [`crate::settings::BrokerSettings::prefetches`]).
     pub prefetch: Option<u16>,
 }
 
