@@ -31,6 +31,11 @@ const BATCH_EVERY: Duration = Duration::from_millis(250);
 /// ...and writes at most this many in one transaction.
 const BATCH_MAX: usize = 8192;
 
+/// Pruning removes at most this many records per transaction: removing a day's records of a
+/// large log at once held the log's lock for seconds, and the writer gives up on a batch after
+/// waiting 5 s for it.
+const PRUNE_STEP: usize = 1000;
+
 /// The hash before the first record.
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -457,12 +462,31 @@ impl Reader {
         Ok(Ok(checked))
     }
 
-    /// Removes records older than `age`; the chain is then verified from the oldest one kept.
+    /// Removes the oldest records, up to the first one not older than `age`, so that the chain
+    /// stays whole and is verified from the oldest record kept (a record written while the
+    /// clock was set back stops pruning until it ages too). Goes by steps of [`PRUNE_STEP`]
+    /// records, one transaction each, so the writer goes on logging in between.
     pub fn prune(&self, age: Duration) -> rusqlite::Result<usize> {
-        self.connection.execute(
-            "DELETE FROM event WHERE at_ms < ?1",
-            params![now_ms() - age.as_millis() as i64],
-        )
+        let cutoff = now_ms() - age.as_millis() as i64;
+        let mut oldest = self
+            .connection
+            .prepare("SELECT seq, at_ms FROM event ORDER BY seq LIMIT ?1")?;
+        let mut pruned = 0;
+        loop {
+            let records: Vec<(i64, i64)> = oldest
+                .query_map(params![PRUNE_STEP as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let old = records.iter().take_while(|(_, at)| *at < cutoff).count();
+            let Some(&(last, _)) = old.checked_sub(1).and_then(|i| records.get(i)) else {
+                return Ok(pruned);
+            };
+            pruned += self
+                .connection
+                .execute("DELETE FROM event WHERE seq <= ?1", params![last])?;
+            if old < PRUNE_STEP {
+                return Ok(pruned);
+            }
+        }
     }
 }
 
@@ -616,5 +640,49 @@ mod tests {
             .unwrap();
         let broken = reader.verify().unwrap().unwrap_err();
         assert!(broken.starts_with("record 3:"), "{broken}");
+    }
+
+    #[test]
+    fn pruning_removes_the_old_records_in_chain_order_and_the_chain_still_verifies() {
+        let dir = dir();
+        let journal = Journal::open(&dir).unwrap();
+        let day = 24 * 3600 * 1000;
+        let at = |days_ago: i64, id: String| Event {
+            at_ms: now_ms() - days_ago * day,
+            ..event(&id, "delivered")
+        };
+        // More old records than one step removes, then one written while the clock was set a
+        // year back, between two recent ones, then more old-looking ones after it.
+        for i in 0..2500 {
+            journal.record(at(500, format!("old-{i}")));
+        }
+        journal.record(at(1, "recent-1".into()));
+        journal.record(at(500, "clock-set-back".into()));
+        journal.record(at(1, "recent-2".into()));
+        journal.flush();
+        let reader = Reader::open(&dir).unwrap();
+        assert_eq!(reader.verify().unwrap(), Ok(2503));
+
+        assert_eq!(
+            reader.prune(Duration::from_secs(400 * 24 * 3600)).unwrap(),
+            2500
+        );
+        let kept: Vec<String> = reader
+            .query(&Filter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.message_id)
+            .collect();
+        assert_eq!(kept, ["recent-1", "clock-set-back", "recent-2"]);
+        assert_eq!(reader.verify().unwrap(), Ok(3));
+        // Nothing older than the oldest record kept: nothing more to prune.
+        assert_eq!(
+            reader.prune(Duration::from_secs(400 * 24 * 3600)).unwrap(),
+            0
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -625,28 +625,47 @@ async fn log(
     }
 }
 
-/// Forgets crosswalk message records past their retention and delivered-message records past
-/// the duplicate window, at start and once a day.
+/// Forgets crosswalk message records past their retention (unless delivered within the
+/// duplicate window) and delivery log records past theirs, at start and once a day.
 async fn prune_daily(pipeline: Arc<ponte::pipeline::Pipeline>) {
-    let store = &pipeline.directory.settings.store;
-    let (retention, window) = (store.message_retention(), store.duplicate_window());
     loop {
-        match pipeline.store.prune(retention, window) {
-            Ok(n) => tracing::debug!(pruned = n, "old message records pruned"),
-            Err(error) => tracing::error!(%error, "cannot prune the crosswalk"),
-        }
-        let log = ponte::journal::Reader::open(&ponte::pipeline::store_dir(&pipeline.directory))
-            .map_err(|e| e.to_string())
-            .and_then(|reader| {
-                reader
-                    .prune(store.log_retention())
-                    .map_err(|e| e.to_string())
-            });
-        match log {
-            Ok(n) => tracing::debug!(pruned = n, "old delivery log records pruned"),
-            Err(error) => tracing::error!(%error, "cannot prune the delivery log"),
-        }
+        let pruning = pipeline.clone();
+        // Both go by steps, waiting on the store and the log in between: off the runtime's
+        // threads, which carry the messages meanwhile.
+        let _ = tokio::task::spawn_blocking(move || prune(&pruning)).await;
         tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+    }
+}
+
+fn prune(pipeline: &ponte::pipeline::Pipeline) {
+    let store = &pipeline.directory.settings.store;
+    let started = std::time::Instant::now();
+    match pipeline
+        .store
+        .prune(store.message_retention(), store.duplicate_window())
+    {
+        Ok(n) => tracing::info!(
+            pruned = n,
+            secs = started.elapsed().as_secs_f64(),
+            "old message records pruned"
+        ),
+        Err(error) => tracing::error!(%error, "cannot prune the crosswalk"),
+    }
+    let started = std::time::Instant::now();
+    let log = ponte::journal::Reader::open(&ponte::pipeline::store_dir(&pipeline.directory))
+        .map_err(|e| e.to_string())
+        .and_then(|reader| {
+            reader
+                .prune(store.log_retention())
+                .map_err(|e| e.to_string())
+        });
+    match log {
+        Ok(n) => tracing::info!(
+            pruned = n,
+            secs = started.elapsed().as_secs_f64(),
+            "old delivery log records pruned"
+        ),
+        Err(error) => tracing::error!(%error, "cannot prune the delivery log"),
     }
 }
 

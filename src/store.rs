@@ -34,6 +34,10 @@ const QUEUE: usize = 16_384;
 const WAIT_AT_MOST: Duration = Duration::from_secs(10);
 /// The store's write-ahead log is cut back once it holds this many pages (64 MiB).
 const LOG_LIMIT_FRAMES: i64 = 16384;
+/// Pruning removes at most this many message records per write, so that commits (and the
+/// acknowledgements waiting for them) go on between its steps: a day's records of a large store
+/// removed in one transaction held the writer for seconds.
+const PRUNE_STEP: usize = 1000;
 /// How often the log is copied into the database file. Each copy ends in an fsync of what it
 /// wrote; a second's worth of pages made that fsync long enough (30–90 ms) for the broker's
 /// own fsyncs on the same disk to wait behind it, which delays its publisher confirms. A
@@ -120,8 +124,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         complete: bool,
     ) -> Result<(), StoreError>;
 
-    /// Forgets message records older than `age` (case links stay) and delivered-message records
-    /// older than `window`; returns how many.
+    /// Forgets message records older than `age` whose delivery, if any, is older than `window`
+    /// (case links stay); returns how many. A delivery older than `window` no longer counts
+    /// anyway: [`Store::seen`] looks within its own window.
     fn prune(&self, age: Duration, window: Duration) -> Result<usize, StoreError>;
 
     /// Makes every write so far durable now (at shutdown, and where nothing else commits).
@@ -319,6 +324,7 @@ enum Write {
         /// Told how many rows, once applied.
         done: SyncSender<usize>,
     },
+    /// One step of pruning: at most [`PRUNE_STEP`] records.
     Prune {
         age: i64,
         window: i64,
@@ -386,6 +392,8 @@ CREATE TABLE IF NOT EXISTS message (
     delivered_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS message_key ON message (key);
+-- Pruning finds the oldest records without reading the whole table; new records go at its end.
+CREATE INDEX IF NOT EXISTS message_recorded ON message (recorded_at);
 -- A case is a set of references, one or more per partner; created when an answer links two.
 CREATE TABLE IF NOT EXISTS case_link (
     partner TEXT NOT NULL,
@@ -421,6 +429,15 @@ DROP TABLE delivery;
 fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
     let tx = connection.transaction()?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let indexed: bool = tx.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'message_recorded'",
+        [],
+        |r| r.get(0),
+    )?;
+    if version >= 2 && !indexed {
+        // Stores from before pruning went by steps: a few seconds per ten million records.
+        tracing::info!("indexing the message records by time, once");
+    }
     tx.execute_batch(SCHEMA)?;
     if version == 2 {
         tx.execute_batch(FROM_VERSION_2)?;
@@ -819,20 +836,17 @@ fn import(
     Ok(())
 }
 
+/// Removes up to [`PRUNE_STEP`] message records past their retention (`recorded_at < age`),
+/// the oldest first, unless they still count for duplicates (delivered since `window`).
 fn prune(connection: &Connection, age: i64, window: i64) -> rusqlite::Result<usize> {
-    // A message past its retention goes, unless it still counts for duplicates...
-    let messages = connection.execute(
-        "DELETE FROM message WHERE recorded_at < ?1
-         AND (delivered_at IS NULL OR delivered_at < ?2)",
-        params![age, window],
-    )?;
-    // ...and a delivery past the window no longer does.
-    let delivered = connection.execute(
-        "UPDATE message SET delivered = NULL, complete = 0, delivered_at = NULL
-         WHERE delivered_at < ?1",
-        params![window],
-    )?;
-    Ok(messages + delivered)
+    connection
+        .prepare_cached(
+            "DELETE FROM message WHERE seq IN (
+                 SELECT seq FROM message
+                 WHERE recorded_at < ?1 AND (delivered_at IS NULL OR delivered_at < ?2)
+                 ORDER BY recorded_at LIMIT ?3)",
+        )?
+        .execute(params![age, window, PRUNE_STEP as i64])
 }
 
 fn apply_remember(
@@ -1118,14 +1132,19 @@ impl Store for SqliteStore {
 
     fn prune(&self, age: Duration, window: Duration) -> Result<usize, StoreError> {
         let now = now_secs();
-        let (done, outcome) = sync_channel(1);
-        let write = Write::Prune {
-            age: now - age.as_secs() as i64,
-            window: now - window.as_secs() as i64,
-            done,
-        };
-        self.hand_over(write, &[])?;
-        let pruned = self.answer(&outcome)?;
+        let (age, window) = (now - age.as_secs() as i64, now - window.as_secs() as i64);
+        let mut pruned = 0;
+        // One step per write, each behind the writes already handed over: messages go on
+        // being recorded and committed while a large backlog of old records goes.
+        loop {
+            let (done, outcome) = sync_channel(1);
+            self.hand_over(Write::Prune { age, window, done }, &[])?;
+            let step = self.answer(&outcome)?;
+            pruned += step;
+            if step < PRUNE_STEP {
+                break;
+            }
+        }
         // Pruning marks no key: look-ups see it once committed, which is now.
         self.flush()?;
         Ok(pruned)
@@ -1366,11 +1385,63 @@ mod tests {
         drop(s);
         let s = SqliteStore::open(&dir).unwrap();
         assert!(s.seen("inps", id, week).unwrap().is_some());
-        // Outside the window it is forgotten, and pruning removes it.
+        // Outside the window it is forgotten; pruning removes it once past its retention, not
+        // while its delivery still counts.
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(s.seen("inps", id, Duration::ZERO).unwrap(), None);
-        assert_eq!(s.prune(week, Duration::ZERO).unwrap(), 1);
+        assert_eq!(s.prune(Duration::ZERO, week).unwrap(), 0);
+        assert!(s.seen("inps", id, week).unwrap().is_some());
+        assert_eq!(s.prune(Duration::ZERO, Duration::ZERO).unwrap(), 1);
         assert_eq!(s.seen("inps", id, week).unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn pruning_removes_every_record_past_its_retention_and_keeps_the_rest() {
+        let (s, dir) = store();
+        let day = 24 * 3600;
+        let ids: Vec<String> = (0..2500).map(|i| format!("old-{i}")).collect();
+        for id in &ids {
+            s.record(&message(id, "cpi-modena", "CPI-1", None, &["inps"]))
+                .unwrap();
+        }
+        s.record(&message(
+            "old-but-delivered",
+            "inps",
+            "APP-1",
+            None,
+            &["cpi-modena"],
+        ))
+        .unwrap();
+        s.flush().unwrap();
+        // Recorded 500 days ago.
+        s.read(|c| {
+            c.execute(
+                "UPDATE message SET recorded_at = recorded_at - ?1",
+                [500 * day],
+            )
+        })
+        .unwrap();
+        // Delivered only now (a replay): it still counts for duplicates.
+        s.remember("inps", "old-but-delivered", &["cpi-modena"], true)
+            .unwrap();
+        s.record(&message("new", "inps", "APP-2", None, &["cpi-modena"]))
+            .unwrap();
+        s.flush().unwrap();
+
+        let year = Duration::from_secs(400 * day as u64);
+        let week = Duration::from_secs(7 * day as u64);
+        // More than one step's worth.
+        assert_eq!(s.prune(year, week).unwrap(), 2500);
+        let kept: Vec<String> = s
+            .read(|c| {
+                c.prepare("SELECT message_id FROM message ORDER BY seq")?
+                    .query_map([], |r| r.get(0))?
+                    .collect()
+            })
+            .unwrap();
+        assert_eq!(kept, ["old-but-delivered", "new"]);
+        assert_eq!(s.prune(year, week).unwrap(), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
