@@ -57,6 +57,11 @@ struct Args {
     /// Positive receipts (a receipt for every delivered message) on or off.
     #[arg(long, default_value = "off")]
     receipts: String,
+    /// Start Ponte on a data folder that already remembers this many past messages (crosswalk
+    /// records and delivery log records spread over the retention period), as after a year in
+    /// service, instead of an empty one.
+    #[arg(long, default_value_t = 0)]
+    history: usize,
     /// Skip the shovel run (its rate is then reported as empty).
     #[arg(long)]
     no_shovel: bool,
@@ -111,6 +116,15 @@ async fn main() -> Result<()> {
     let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let config = write_config(&args, &prefix)?;
     let directory = Directory::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.history > 0 {
+        let started = Instant::now();
+        fill_history(&ponte::pipeline::store_dir(&directory), args.history)?;
+        eprintln!(
+            "  history: {} past messages written in {:.0} s",
+            args.history,
+            started.elapsed().as_secs_f64()
+        );
+    }
     let load = Load::generate(&directory, args.messages, args.size);
     eprintln!(
         "bench {}: {} messages ({} invalid), {} partners, ~{} bytes, receipts {}, {} expected outputs",
@@ -159,6 +173,81 @@ async fn main() -> Result<()> {
     }
     cleanup(&connection, &directory).await;
     report(&args, &load, &row)?;
+    Ok(())
+}
+
+/// Fills the data folder with `n` past messages, the oldest a little younger than the retention
+/// (so pruning at start finds little): one crosswalk record and one delivery log record each,
+/// with random message ids, as the gateway would have left them. The log's hashes are
+/// placeholders (`ponte log verify` would refuse them); the gateway only chains on from the
+/// last one.
+fn fill_history(data: &Path, n: usize) -> Result<()> {
+    // The gateway's own layout, created by opening both.
+    drop(ponte::store::SqliteStore::open(data)?);
+    drop(ponte::journal::Journal::open(data).map_err(anyhow::Error::msg)?);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let span = 390 * 24 * 3600;
+    let senders = ["inps", "cpi-modena", "cpi-bologna", "comune-modena"];
+    let recipients = [
+        "cpi-modena,osservatorio-er",
+        "inps",
+        "inps",
+        "inps,cpi-modena",
+    ];
+    let bulk = |file: &str| -> Result<rusqlite::Connection> {
+        let connection = rusqlite::Connection::open(data.join(file))?;
+        connection
+            .execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -1000000; BEGIN;")?;
+        Ok(connection)
+    };
+    let store = bulk("ponte.db")?;
+    let log = bulk("log.db")?;
+    {
+        let mut message = store.prepare(
+            "INSERT INTO message (key, message_id, sender, reference, recipients, recorded_at,
+                                  delivered, complete, delivered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5, 1, ?6)",
+        )?;
+        let mut event = log.prepare(
+            "INSERT INTO event (seq, at_ms, step, message_id, correlation_id, sender, recipients,
+                                type, code, latency_ms, detail, prev_hash, hash)
+             VALUES (?1, ?2, 'delivered', ?3, ?4, ?5, ?6, 'referral', 'delivered', 12.5, '',
+                     ?7, ?7)",
+        )?;
+        let placeholder = "0".repeat(64);
+        let mut previous = uuid::Uuid::nil();
+        for i in 0..n {
+            let id = uuid::Uuid::new_v4();
+            let at = now.as_secs() as i64 - span + (span * i as i64) / n as i64;
+            let (sender, to) = (senders[i % 4], recipients[i % 4]);
+            message.execute(rusqlite::params![
+                id.as_u64_pair().0 as i64,
+                id.to_string(),
+                sender,
+                format!("REF-{i}"),
+                to,
+                at
+            ])?;
+            // A third of them answer the message before.
+            let correlation = if i % 3 == 0 {
+                previous.to_string()
+            } else {
+                String::new()
+            };
+            event.execute(rusqlite::params![
+                i as i64 + 1,
+                at * 1000,
+                id.to_string(),
+                correlation,
+                sender,
+                to,
+                placeholder
+            ])?;
+            previous = id;
+        }
+    }
+    store.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
+    log.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
     Ok(())
 }
 
@@ -702,7 +791,7 @@ fn start_ponte(args: &Args, config: &Path) -> Result<(Child, Duration)> {
             {
                 let _ = tx.send(());
             }
-            if line.contains("WARN") || line.contains("ERROR") {
+            if line.contains("WARN") || line.contains("ERROR") || line.contains(" pruned") {
                 eprintln!("  ponte: {line}");
             }
         }
