@@ -55,10 +55,27 @@ CREATE TABLE IF NOT EXISTS event (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS event_message ON event (message_id);
-CREATE INDEX IF NOT EXISTS event_correlation ON event (correlation_id);
+-- Message ids are random: indexed by themselves, each record went into its own page of a
+-- large index, and each batch rewrote about one page per record. Indexed under their day
+-- (UTC), a batch's records share the pages of today's part; a look-up seeks once per day kept
+-- (see BY_DAY). The expression must read exactly as in the queries.
+CREATE INDEX IF NOT EXISTS event_message_by_day ON event (at_ms / 86400000, message_id);
+CREATE INDEX IF NOT EXISTS event_correlation_by_day ON event (at_ms / 86400000, correlation_id);
 CREATE INDEX IF NOT EXISTS event_sender ON event (sender, seq);
 ";
+
+/// The indexes by id alone, from before [`SCHEMA`] indexed ids under their day.
+const OLD_INDEXES: &str =
+    "DROP INDEX IF EXISTS event_message; DROP INDEX IF EXISTS event_correlation;";
+
+/// The days the log holds records of, found by seeking once per day in the index: a look-up by
+/// id seeks each of them (some 400 seeks for a year's log, a few milliseconds).
+const BY_DAY: &str = "WITH RECURSIVE days(d) AS (
+    SELECT (SELECT at_ms / 86400000 FROM event ORDER BY at_ms / 86400000 LIMIT 1)
+    UNION ALL
+    SELECT (SELECT at_ms / 86400000 FROM event WHERE at_ms / 86400000 > d
+            ORDER BY at_ms / 86400000 LIMIT 1)
+    FROM days WHERE d IS NOT NULL)";
 
 /// One step of one message.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -203,11 +220,23 @@ pub struct Journal {
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
-    let connection = Connection::open(path)?;
+    let mut connection = Connection::open(path)?;
     connection.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
     )?;
-    connection.execute_batch(SCHEMA)?;
+    let tx = connection.transaction()?;
+    let old: bool = tx.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'event_message'",
+        [],
+        |r| r.get(0),
+    )?;
+    if old {
+        // About three seconds per million records.
+        tracing::info!(log = %path.display(), "indexing the delivery log's ids by day, once");
+    }
+    tx.execute_batch(OLD_INDEXES)?;
+    tx.execute_batch(SCHEMA)?;
+    tx.commit()?;
     Ok(connection)
 }
 
@@ -375,43 +404,7 @@ impl Reader {
 
     /// The newest `filter.limit` records matching `filter`, oldest first.
     pub fn query(&self, filter: &Filter) -> rusqlite::Result<Vec<Logged>> {
-        let mut clauses = Vec::new();
-        let mut values: Vec<rusqlite::types::Value> = Vec::new();
-        let mut text = |clause: &str, value: &Option<String>| {
-            if let Some(v) = value {
-                values.push(v.clone().into());
-                clauses.push(clause.replace('?', &format!("?{}", values.len())));
-            }
-        };
-        text("message_id = ?", &filter.message_id);
-        text("correlation_id = ?", &filter.correlation_id);
-        text("sender = ?", &filter.sender);
-        text("code = ?", &filter.code);
-        text("step = ?", &filter.step);
-        text(
-            "(',' || recipients || ',') LIKE ('%,' || ? || ',%')",
-            &filter.recipient,
-        );
-        for (clause, value) in [
-            ("at_ms >= ?", filter.since_ms),
-            ("at_ms <= ?", filter.until_ms),
-            ("seq > ?", filter.after_seq),
-        ] {
-            if let Some(v) = value {
-                values.push(v.into());
-                clauses.push(clause.replace('?', &format!("?{}", values.len())));
-            }
-        }
-        let condition = if clauses.is_empty() {
-            "1".to_string()
-        } else {
-            clauses.join(" AND ")
-        };
-        let sql = format!(
-            "SELECT seq, at_ms, step, message_id, correlation_id, sender, recipients, type, code,
-             latency_ms, detail FROM event WHERE {condition} ORDER BY seq DESC LIMIT {}",
-            filter.limit.max(1)
-        );
+        let (sql, values) = select(filter);
         let mut statement = self.connection.prepare(&sql)?;
         let rows = statement.query_map(rusqlite::params_from_iter(values), |r| {
             let event = event_of(r)?;
@@ -488,6 +481,56 @@ impl Reader {
             }
         }
     }
+}
+
+/// The query for `filter`, and its values.
+fn select(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
+    let mut clauses = Vec::new();
+    let mut values: Vec<rusqlite::types::Value> = Vec::new();
+    let mut text = |clause: &str, value: &Option<String>| {
+        if let Some(v) = value {
+            values.push(v.clone().into());
+            clauses.push(clause.replace('?', &format!("?{}", values.len())));
+        }
+    };
+    let by_day = filter.message_id.is_some() || filter.correlation_id.is_some();
+    text(
+        "message_id = ? AND at_ms / 86400000 IN (SELECT d FROM days)",
+        &filter.message_id,
+    );
+    text(
+        "correlation_id = ? AND at_ms / 86400000 IN (SELECT d FROM days)",
+        &filter.correlation_id,
+    );
+    text("sender = ?", &filter.sender);
+    text("code = ?", &filter.code);
+    text("step = ?", &filter.step);
+    text(
+        "(',' || recipients || ',') LIKE ('%,' || ? || ',%')",
+        &filter.recipient,
+    );
+    for (clause, value) in [
+        ("at_ms >= ?", filter.since_ms),
+        ("at_ms <= ?", filter.until_ms),
+        ("seq > ?", filter.after_seq),
+    ] {
+        if let Some(v) = value {
+            values.push(v.into());
+            clauses.push(clause.replace('?', &format!("?{}", values.len())));
+        }
+    }
+    let condition = if clauses.is_empty() {
+        "1".to_string()
+    } else {
+        clauses.join(" AND ")
+    };
+    let sql = format!(
+        "{} SELECT seq, at_ms, step, message_id, correlation_id, sender, recipients, type, code,
+     latency_ms, detail FROM event WHERE {condition} ORDER BY seq DESC LIMIT {}",
+        if by_day { BY_DAY } else { "" },
+        filter.limit.max(1)
+    );
+    (sql, values)
 }
 
 /// The event of a row selected as `seq, at_ms, step, message_id, correlation_id, sender,
@@ -640,6 +683,95 @@ mod tests {
             .unwrap();
         let broken = reader.verify().unwrap().unwrap_err();
         assert!(broken.starts_with("record 3:"), "{broken}");
+    }
+
+    #[test]
+    fn ids_are_found_whatever_day_they_were_logged_on_without_reading_the_whole_log() {
+        let dir = dir();
+        // A log from before ids were indexed by day: opening it swaps the indexes.
+        {
+            let old = Connection::open(dir.join("log.db")).unwrap();
+            old.execute_batch(
+                &SCHEMA.replace("_by_day ON event (at_ms / 86400000,", " ON event ("),
+            )
+            .unwrap();
+            assert!(
+                old.prepare("SELECT 1 FROM sqlite_master WHERE name = 'event_message'")
+                    .unwrap()
+                    .exists([])
+                    .unwrap()
+            );
+        }
+        let journal = Journal::open(&dir).unwrap();
+        let day = 24 * 3600 * 1000;
+        for (days_ago, id) in [
+            (300, "m-300"),
+            (2, "m-2"),
+            (0, "m-0"),
+            (40, "m-clock-set-back"),
+        ] {
+            journal.record(Event {
+                at_ms: now_ms() - days_ago * day,
+                correlation_id: format!("answers-{id}"),
+                ..event(id, "delivered")
+            });
+        }
+        journal.flush();
+        let reader = Reader::open(&dir).unwrap();
+        for id in ["m-300", "m-2", "m-0", "m-clock-set-back"] {
+            let by_id = Filter {
+                message_id: Some(id.into()),
+                limit: 10,
+                ..Default::default()
+            };
+            let found = reader.query(&by_id).unwrap();
+            assert_eq!(found.len(), 1, "{id}");
+            assert_eq!(found[0].event.message_id, id);
+            let by_correlation = Filter {
+                correlation_id: Some(format!("answers-{id}")),
+                limit: 10,
+                ..Default::default()
+            };
+            assert_eq!(
+                reader.query(&by_correlation).unwrap()[0].event.message_id,
+                id
+            );
+        }
+        // Each look-up seeks in the index by day; none reads the table through.
+        let (sql, values) = select(&Filter {
+            message_id: Some("m-2".into()),
+            limit: 10,
+            ..Default::default()
+        });
+        let plan: Vec<String> = reader
+            .connection
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(rusqlite::params_from_iter(values), |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .filter(|step| step.contains(" event"))
+                .all(|step| step.contains("INDEX")),
+            "{plan:#?}"
+        );
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("INDEX event_message_by_day (<expr>=? AND message_id=?)")),
+            "{plan:#?}"
+        );
+        let old = reader
+            .connection
+            .prepare(
+                "SELECT 1 FROM sqlite_master WHERE name IN ('event_message', 'event_correlation')",
+            )
+            .unwrap()
+            .exists([])
+            .unwrap();
+        assert!(!old, "the indexes by id alone are gone");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
