@@ -4,7 +4,7 @@
 # mode and runs the scenarios below, printing each row and appending it to
 # target/bench/results.csv (latency samples: target/bench/latency-*.csv).
 #
-#   bench/run.sh           the full matrix (about half an hour on 2 cores)
+#   bench/run.sh           the full matrix (about 35 minutes on 2 cores)
 #   bench/run.sh --quick   a 2,000-message smoke of the base row (what CI runs)
 #   bench/run.sh --only NAME   one row of the matrix
 set -euo pipefail
@@ -58,6 +58,7 @@ else
     row partners-1000 --messages 100000 --partners 1000
     row partners-1000-own --messages 100000 --partners 1000 --inps-prefetch 200
     row backlog-1m --messages 1000000 --no-shovel
+    row history-5m --messages 100000 --history 5000000
 fi
 echo
 column -s, -t <"$csv"
