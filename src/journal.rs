@@ -36,6 +36,11 @@ const BATCH_MAX: usize = 8192;
 /// waiting 5 s for it.
 const PRUNE_STEP: usize = 1000;
 
+/// How long a batch that cannot be written is tried again before its records are given up
+/// (logged at ERROR); meanwhile the records behind it wait, and past [`QUEUE`] of them, so does
+/// recording.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+
 /// The hash before the first record.
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -321,43 +326,27 @@ fn write(
                 Err(_) => break,
             }
         }
-        let (mut next_seq, mut next_prev) = (seq, prev.clone());
-        let written = (|| {
-            let tx = connection.transaction()?;
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO event (seq, at_ms, step, message_id, correlation_id, sender,
-                     recipients, type, code, latency_ms, detail, prev_hash, hash)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                )?;
-                for command in &batch {
-                    if let Command::Record(e) = command {
-                        next_seq += 1;
-                        let hash = e.hash(next_seq, &next_prev);
-                        insert.execute(params![
-                            next_seq,
-                            e.at_ms,
-                            e.step,
-                            e.message_id,
-                            e.correlation_id,
-                            e.sender,
-                            e.recipients,
-                            e.message_type,
-                            e.code,
-                            e.latency_ms,
-                            e.detail,
-                            next_prev,
-                            hash
-                        ])?;
-                        next_prev = hash;
-                    }
+        // A batch that cannot be written (the log locked by another process for longer than
+        // the busy timeout, a full disk) is written again, the records behind it waiting, until
+        // it is or [`GIVE_UP_AFTER`] has passed; the chain goes on from the last batch written.
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match write_batch(&mut connection, &batch, seq, &prev) {
+                Ok(last) => {
+                    (seq, prev) = last;
+                    break;
+                }
+                Err(error) if started.elapsed() < GIVE_UP_AFTER => {
+                    tracing::error!(log = %path, %error, records = batch.len(), "cannot write the delivery log; trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => {
+                    tracing::error!(log = %path, %error, records = batch.len(), "cannot write the delivery log; these records are lost");
+                    break;
                 }
             }
-            tx.commit()
-        })();
-        match written {
-            Ok(()) => (seq, prev) = (next_seq, next_prev),
-            Err(error) => tracing::error!(log = %path, %error, "cannot write the delivery log"),
         }
         for command in batch {
             if let Command::Flush(done) = command {
@@ -365,6 +354,49 @@ fn write(
             }
         }
     }
+}
+
+/// Writes the records of `batch` in one transaction, chained on from record `seq` (hash
+/// `prev`); returns the last record's number and hash.
+fn write_batch(
+    connection: &mut Connection,
+    batch: &[Command],
+    seq: i64,
+    prev: &str,
+) -> rusqlite::Result<(i64, String)> {
+    let (mut next_seq, mut next_prev) = (seq, prev.to_string());
+    let tx = connection.transaction()?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO event (seq, at_ms, step, message_id, correlation_id, sender,
+             recipients, type, code, latency_ms, detail, prev_hash, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        for command in batch {
+            if let Command::Record(e) = command {
+                next_seq += 1;
+                let hash = e.hash(next_seq, &next_prev);
+                insert.execute(params![
+                    next_seq,
+                    e.at_ms,
+                    e.step,
+                    e.message_id,
+                    e.correlation_id,
+                    e.sender,
+                    e.recipients,
+                    e.message_type,
+                    e.code,
+                    e.latency_ms,
+                    e.detail,
+                    next_prev,
+                    hash
+                ])?;
+                next_prev = hash;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok((next_seq, next_prev))
 }
 
 /// What `ponte log` asks for; every field set narrows the answer.
@@ -771,6 +803,47 @@ mod tests {
             .exists([])
             .unwrap();
         assert!(!old, "the indexes by id alone are gone");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn records_wait_out_a_log_locked_longer_than_the_busy_timeout() {
+        let dir = dir();
+        let journal = Journal::open(&dir).unwrap();
+        journal.record(event("m-before", "delivered"));
+        journal.flush();
+        // Another process holds the log's write lock past the writer's 5 s busy timeout.
+        let holder = Connection::open(dir.join("log.db")).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for i in 0..3 {
+            journal.record(event(&format!("m-locked-{i}"), "delivered"));
+        }
+        std::thread::sleep(Duration::from_secs(6));
+        holder.execute_batch("COMMIT").unwrap();
+        journal.record(event("m-after", "delivered"));
+        journal.flush();
+
+        let reader = Reader::open(&dir).unwrap();
+        let logged: Vec<String> = reader
+            .query(&Filter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.message_id)
+            .collect();
+        assert_eq!(
+            logged,
+            [
+                "m-before",
+                "m-locked-0",
+                "m-locked-1",
+                "m-locked-2",
+                "m-after"
+            ]
+        );
+        assert_eq!(reader.verify().unwrap(), Ok(5));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
