@@ -621,6 +621,16 @@ mod tests {
         }
     }
 
+    /// The message ids of the newest ten records, oldest first.
+    fn newest_ids(reader: &Reader) -> Vec<String> {
+        let newest = Filter {
+            limit: 10,
+            ..Default::default()
+        };
+        let records = reader.query(&newest).unwrap();
+        records.into_iter().map(|r| r.event.message_id).collect()
+    }
+
     #[test]
     fn records_are_found_by_their_fields_and_the_chain_verifies() {
         let dir = dir();
@@ -824,17 +834,8 @@ mod tests {
         journal.flush();
 
         let reader = Reader::open(&dir).unwrap();
-        let logged: Vec<String> = reader
-            .query(&Filter {
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap()
-            .into_iter()
-            .map(|r| r.event.message_id)
-            .collect();
         assert_eq!(
-            logged,
+            newest_ids(&reader),
             [
                 "m-before",
                 "m-locked-0",
@@ -872,16 +873,10 @@ mod tests {
             reader.prune(Duration::from_secs(400 * 24 * 3600)).unwrap(),
             2500
         );
-        let kept: Vec<String> = reader
-            .query(&Filter {
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap()
-            .into_iter()
-            .map(|r| r.event.message_id)
-            .collect();
-        assert_eq!(kept, ["recent-1", "clock-set-back", "recent-2"]);
+        assert_eq!(
+            newest_ids(&reader),
+            ["recent-1", "clock-set-back", "recent-2"]
+        );
         assert_eq!(reader.verify().unwrap(), Ok(3));
         // Nothing older than the oldest record kept: nothing more to prune.
         assert_eq!(
