@@ -152,6 +152,11 @@ fn the_kubernetes_deployment_probes_the_gateway_and_mounts_every_configuration_f
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // The first start after an upgrade may re-index the data folder before /healthz answers.
+    let startup = &container["startupProbe"];
+    let allowed =
+        startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
+    assert!(allowed >= 300, "the start-up probe allows only {allowed} s");
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
     let volumes = deployment["spec"]["template"]["spec"]["volumes"]
         .as_array()
