@@ -225,10 +225,17 @@ pub struct Journal {
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
-    let mut connection = Connection::open(path)?;
+    let connection = Connection::open(path)?;
     connection.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
     )?;
+    Ok(connection)
+}
+
+/// Creates the table and its indexes, or brings an older layout's indexes up to [`SCHEMA`]:
+/// once, when the writer opens the log at start (readers, one per console request, find it
+/// done).
+fn migrate(connection: &mut Connection, path: &Path) -> rusqlite::Result<()> {
     let tx = connection.transaction()?;
     let old: bool = tx.query_row(
         "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'event_message'",
@@ -241,8 +248,7 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     }
     tx.execute_batch(OLD_INDEXES)?;
     tx.execute_batch(SCHEMA)?;
-    tx.commit()?;
-    Ok(connection)
+    tx.commit()
 }
 
 impl Journal {
@@ -250,7 +256,9 @@ impl Journal {
     pub fn open(dir: &Path) -> Result<Journal, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = dir.join("log.db");
-        let connection = open_connection(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let connection = open_connection(&path)
+            .and_then(|mut c| migrate(&mut c, &path).map(|()| c))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let last: Option<(i64, String)> = connection
             .query_row(
                 "SELECT seq, hash FROM event ORDER BY seq DESC LIMIT 1",

@@ -972,7 +972,7 @@ fn now_secs() -> i64 {
 }
 
 /// The 64-bit look-up key of a message id (its UUID's first half; the text is compared too).
-fn message_key(message_id: &str) -> i64 {
+pub fn message_key(message_id: &str) -> i64 {
     uuid::Uuid::parse_str(message_id).map_or_else(
         |_| {
             let digest = <sha2::Sha256 as sha2::Digest>::digest(message_id.as_bytes());

@@ -215,29 +215,25 @@ fn fill_history(data: &Path, n: usize) -> Result<()> {
                      ?7, ?7)",
         )?;
         let placeholder = "0".repeat(64);
-        let mut previous = uuid::Uuid::nil();
+        let mut previous = String::new();
         for i in 0..n {
-            let id = uuid::Uuid::new_v4();
+            let id = uuid::Uuid::new_v4().to_string();
             let at = now.as_secs() as i64 - span + (span * i as i64) / n as i64;
             let (sender, to) = (senders[i % 4], recipients[i % 4]);
             message.execute(rusqlite::params![
-                id.as_u64_pair().0 as i64,
-                id.to_string(),
+                ponte::store::message_key(&id),
+                id,
                 sender,
                 format!("REF-{i}"),
                 to,
                 at
             ])?;
             // A third of them answer the message before.
-            let correlation = if i % 3 == 0 {
-                previous.to_string()
-            } else {
-                String::new()
-            };
+            let correlation = if i % 3 == 0 { previous.as_str() } else { "" };
             event.execute(rusqlite::params![
                 i as i64 + 1,
                 at * 1000,
-                id.to_string(),
+                id,
                 correlation,
                 sender,
                 to,
@@ -791,7 +787,7 @@ fn start_ponte(args: &Args, config: &Path) -> Result<(Child, Duration)> {
             {
                 let _ = tx.send(());
             }
-            if line.contains("WARN") || line.contains("ERROR") || line.contains(" pruned") {
+            if line.contains("WARN") || line.contains("ERROR") {
                 eprintln!("  ponte: {line}");
             }
         }
