@@ -21,7 +21,8 @@
 //!   [`identifiers`] checking check characters and digits.
 //! - [`authorize`]: sender equals queue owner; the matrix allows every recipient.
 //! - [`route`]: named recipient or routing rules (competence by municipality, fan-out).
-//! - [`store`]: the person and case crosswalks, in an embedded SQLite file.
+//! - [`store`]: the person and case crosswalks, in an embedded SQLite file; a duplicate check
+//!   asks an in-memory filter of recent deliveries (`recent`) before the file.
 //! - [`map`]: per recipient: its office, codes, identifiers (crosswalk, [`resolve`] look-up
 //!   service, pseudonyms), its case reference, and only the fields it may receive.
 //! - [`deliver`]: persistent, mandatory publishes with pending confirms.
@@ -53,6 +54,7 @@ pub mod partner;
 pub mod pipeline;
 pub mod receipt;
 pub mod receive;
+mod recent;
 pub mod redeliver;
 pub mod rejection;
 pub mod resolve;

@@ -101,6 +101,7 @@ impl Pipeline {
     /// With the embedded store in the configured data folder.
     pub fn open(directory: Arc<Directory>) -> anyhow::Result<Pipeline> {
         let store = SqliteStore::open(&store_dir(&directory))?;
+        store.check_duplicates_within(directory.settings.store.duplicate_window());
         Self::new(directory, Arc::new(store))
     }
 

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::recent::Recent;
+
 /// Writes are grouped into one transaction committed this long after its first write (inbound
 /// messages are acknowledged once their writes are committed)...
 const COMMIT_EVERY: Duration = Duration::from_millis(5);
@@ -181,6 +183,8 @@ struct Front {
     reader: Connection,
     /// Hash of a key → the number of the last write that changes it.
     marked: HashMap<u64, u64>,
+    /// The ids delivered lately: most duplicate checks end here.
+    recent: Recent,
     written: Arc<AtomicU64>,
     writer: SyncSender<Op>,
 }
@@ -517,6 +521,7 @@ impl SqliteStore {
             front: Arc::new(Mutex::new(Front {
                 reader,
                 marked: HashMap::new(),
+                recent: Recent::new(now_secs()),
                 written: written.clone(),
                 writer: to_writer,
             })),
@@ -525,6 +530,15 @@ impl SqliteStore {
             writer: Some(writer),
             waits: metrics::histogram!("ponte_store_wait_seconds"),
         })
+    }
+
+    /// Starts loading the ids delivered within `window` (the gateway's duplicate window), so
+    /// that duplicate checks soon need no read of the store for a new message; without it,
+    /// loading starts at the first check.
+    pub fn check_duplicates_within(&self, window: Duration) {
+        self.lock_front()
+            .recent
+            .begin(window.as_secs() as i64, now_secs(), &self.path);
     }
 
     fn error(&self, e: impl std::fmt::Display) -> StoreError {
@@ -1084,17 +1098,21 @@ impl Store for SqliteStore {
         message_id: &str,
         window: Duration,
     ) -> Result<Option<Seen>, StoreError> {
-        let since = now_secs() - window.as_secs() as i64;
+        let now = now_secs();
+        let window = window.as_secs() as i64;
         let key = message_key(message_id);
         self.front(|front, durable| {
             front.settled(&Key::Message(key), durable)?;
+            if !front.recent.may_hold(key, window, now, &self.path) {
+                return Ok(None);
+            }
             let seen = front
                 .reader
                 .prepare_cached(
                     "SELECT delivered_at, delivered, complete FROM message
                      WHERE key = ?1 AND message_id = ?2 AND sender = ?3 AND delivered_at >= ?4",
                 )?
-                .query_row(params![key, message_id, sender, since], |r| {
+                .query_row(params![key, message_id, sender, now - window], |r| {
                     let recipients: String = r.get(1)?;
                     Ok(Seen {
                         at: r.get(0)?,
@@ -1118,16 +1136,24 @@ impl Store for SqliteStore {
         recipients: &[&str],
         complete: bool,
     ) -> Result<(), StoreError> {
-        let write = Write::Remember {
+        let at = now_secs();
+        let key = message_key(message_id);
+        let mut write = Some(Write::Remember {
             sender: sender.to_string(),
             message_id: message_id.to_string(),
             delivered: recipients.join(","),
             complete,
-            at: now_secs(),
-        };
-        let key = Key::Message(message_key(message_id)).hash();
-        self.hand_over(write, &[key])?;
-        Ok(())
+            at,
+        });
+        self.front(|front, durable| {
+            // Before the hand-over: a look-up that follows must not miss it.
+            front.recent.add(key, at);
+            let write = write
+                .take()
+                .expect("a hand-over never waits, so it runs once");
+            front.hand_over(write, &[Key::Message(key).hash()], durable)?;
+            Ok(())
+        })
     }
 
     fn prune(&self, age: Duration, window: Duration) -> Result<usize, StoreError> {
@@ -1393,6 +1419,63 @@ mod tests {
         assert!(s.seen("inps", id, week).unwrap().is_some());
         assert_eq!(s.prune(Duration::ZERO, Duration::ZERO).unwrap(), 1);
         assert_eq!(s.seen("inps", id, week).unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn after_a_restart_duplicates_are_still_caught_and_new_ids_need_no_read_of_the_store() {
+        let (s, dir) = store();
+        let day: i64 = 24 * 3600;
+        let week = Duration::from_secs(7 * day as u64);
+        let ids: Vec<String> = (0..50).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+        for id in &ids {
+            s.remember("inps", id, &["cpi-modena"], true).unwrap();
+        }
+        s.flush().unwrap();
+        // The first was delivered a month ago.
+        s.read(|c| {
+            c.execute(
+                "UPDATE message SET delivered_at = delivered_at - ?1 WHERE message_id = ?2",
+                params![30 * day, ids[0]],
+            )
+        })
+        .unwrap();
+        drop(s);
+
+        let s = SqliteStore::open(&dir).unwrap();
+        s.check_duplicates_within(week);
+        let until = Instant::now() + Duration::from_secs(10);
+        while !s.lock_front().recent.loaded() {
+            assert!(
+                Instant::now() < until,
+                "recent deliveries not loaded within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for id in &ids[1..] {
+            assert!(s.seen("inps", id, week).unwrap().is_some(), "{id}");
+        }
+        assert_eq!(s.seen("inps", &ids[0], week).unwrap(), None);
+        // A look-up with a longer window than the one loaded reads the store.
+        assert!(
+            s.seen("inps", &ids[0], Duration::from_secs(60 * day as u64))
+                .unwrap()
+                .is_some()
+        );
+        // Delivered from now on: caught too.
+        let later = uuid::Uuid::new_v4().to_string();
+        s.remember("inps", &later, &["cpi-modena"], true).unwrap();
+        s.flush().unwrap();
+        assert!(s.seen("inps", &later, week).unwrap().is_some());
+        // With the message table gone, a new id is still answered (from memory); a delivered
+        // one is looked up in the store, and the look-up fails.
+        let other = Connection::open(dir.join("ponte.db")).unwrap();
+        other.execute_batch("DROP TABLE message").unwrap();
+        for _ in 0..1000 {
+            let new = uuid::Uuid::new_v4().to_string();
+            assert_eq!(s.seen("inps", &new, week).unwrap(), None);
+        }
+        assert!(s.seen("inps", &ids[1], week).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
