@@ -29,6 +29,8 @@ use fastbloom::AtomicBloomFilter;
 const BITS: usize = 1 << 25;
 /// Bits set per id.
 const HASHES: u32 = 4;
+/// Records read at a time at start.
+const LOAD_STEP: usize = 50_000;
 
 /// The ids delivered lately (their store keys), in generations of one window.
 #[derive(Debug)]
@@ -134,15 +136,26 @@ fn generation() -> AtomicBloomFilter {
     AtomicBloomFilter::with_num_bits(BITS).hashes(HASHES)
 }
 
+/// Reads the table in ranges of [`LOAD_STEP`] records, each its own short read: one read over
+/// millions of records would keep the store's checkpoints from finishing meanwhile. A record
+/// added after the first read was delivered, if at all, after the start: it is in already.
 fn read_keys(path: &Path, since: i64, into: &AtomicBloomFilter) -> rusqlite::Result<usize> {
     let connection = rusqlite::Connection::open(path)?;
     connection.execute_batch("PRAGMA busy_timeout = 5000;")?;
-    let mut statement = connection.prepare("SELECT key FROM message WHERE delivered_at >= ?1")?;
-    let mut rows = statement.query([since])?;
+    let (first, last): (i64, i64) = connection.query_row(
+        "SELECT coalesce(min(seq), 1), coalesce(max(seq), 0) FROM message",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut statement = connection
+        .prepare("SELECT key FROM message WHERE seq >= ?1 AND seq < ?2 AND delivered_at >= ?3")?;
     let mut count = 0;
-    while let Some(row) = rows.next()? {
-        into.insert(&row.get::<_, i64>(0)?);
-        count += 1;
+    for from in (first..=last).step_by(LOAD_STEP) {
+        let mut rows = statement.query(rusqlite::params![from, from + LOAD_STEP as i64, since])?;
+        while let Some(row) = rows.next()? {
+            into.insert(&row.get::<_, i64>(0)?);
+            count += 1;
+        }
     }
     Ok(count)
 }
@@ -187,6 +200,39 @@ mod tests {
             .count();
         assert!(maybe < 10, "{maybe} false positives in 100,000");
         assert!((0..100_000).all(|key| recent.may_hold(key, WEEK, 1, Path::new(""))));
+    }
+
+    #[test]
+    fn loading_reads_every_delivery_within_the_window_across_its_steps() {
+        let path = std::env::temp_dir().join(format!("ponte-recent-{}.db", uuid::Uuid::new_v4()));
+        let mut db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch("CREATE TABLE message (seq INTEGER PRIMARY KEY, key INTEGER NOT NULL, delivered_at INTEGER)")
+            .unwrap();
+        // Keys 0.. by seq 1..; every third delivered within the window, the others long ago
+        // or never; more than two steps' worth, with the first seqs pruned.
+        let rows = 2 * LOAD_STEP as i64 + 7;
+        let tx = db.transaction().unwrap();
+        for key in 0..rows {
+            let delivered = match key % 3 {
+                0 => Some(1_000),
+                1 => Some(10),
+                _ => None,
+            };
+            tx.execute(
+                "INSERT INTO message (seq, key, delivered_at) VALUES (?1, ?2, ?3)",
+                rusqlite::params![key + 1, key, delivered],
+            )
+            .unwrap();
+        }
+        tx.execute("DELETE FROM message WHERE seq < 5", []).unwrap();
+        tx.commit().unwrap();
+
+        let into = generation();
+        let count = read_keys(&path, 500, &into).unwrap();
+        let expected: Vec<i64> = (4..rows).filter(|k| k % 3 == 0).collect();
+        assert_eq!(count, expected.len());
+        assert!(expected.iter().all(|k| into.contains(k)));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
