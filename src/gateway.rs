@@ -243,15 +243,14 @@ async fn session(
         status.ready.send_replace(false);
         session_stop.cancel();
     }
-    while let Some(ended) = flows.join_next().await {
-        if let Some(error) = flow_failure(ended) {
-            // Not ready from the first failure on, not only once every flow has wound down
-            // (a flow may wait up to publish_timeout_secs for confirms that will never come).
-            status.ready.send_replace(false);
-            failure.get_or_insert(error);
-            session_stop.cancel();
-        }
-    }
+    let bound = Duration::from_secs(directory.settings.broker.publish_timeout_secs) + WIND_DOWN;
+    let failure = wind_down(&mut flows, failure, bound, || {
+        // Not ready from the first failure on, not only once every flow has wound down
+        // (a flow may wait up to publish_timeout_secs for confirms that will never come).
+        status.ready.send_replace(false);
+        session_stop.cancel();
+    })
+    .await;
     status.ready.send_replace(false);
     // Every flow has settled what it had in flight (or failed, leaving it to the broker).
     for connection in connections {
@@ -260,6 +259,53 @@ async fn session(
     match failure {
         Some(error) => Err(error),
         None => Ok(()),
+    }
+}
+
+/// How long beyond the confirm timeout the flows may take to wind down once one has failed.
+const WIND_DOWN: Duration = Duration::from_secs(5);
+
+/// Waits for every flow to end and returns the first failure (`failure`, or the first flow's),
+/// calling `failed` at each flow's failure. Once a failure is known, the others have `bound`
+/// to wind down: a flow waits at most the confirm timeout for what it has in flight, but an
+/// await on a connection that died at the wrong moment may never end, and the session — and
+/// with it the reconnect — would wait for it for ever. Flows left after `bound` are aborted:
+/// the broker has failed, so their unacknowledged messages come back to their queues. Without
+/// a failure (shutdown), every flow settles what it has, however long that takes.
+async fn wind_down(
+    flows: &mut JoinSet<Result<(), BrokerError>>,
+    mut failure: Option<BrokerError>,
+    bound: Duration,
+    mut failed: impl FnMut(),
+) -> Option<BrokerError> {
+    let mut deadline = failure
+        .as_ref()
+        .map(|_| tokio::time::Instant::now() + bound);
+    loop {
+        let ended = match deadline {
+            None => flows.join_next().await,
+            Some(at) => match tokio::time::timeout_at(at, flows.join_next()).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    warn!(
+                        flows = flows.len(),
+                        secs = bound.as_secs_f64(),
+                        "flows did not wind down after the broker failed; abandoning them (their unacknowledged messages come back to their queues)"
+                    );
+                    flows.abort_all();
+                    while flows.join_next().await.is_some() {}
+                    return failure;
+                }
+            },
+        };
+        let Some(ended) = ended else {
+            return failure;
+        };
+        if let Some(error) = flow_failure(ended) {
+            failed();
+            failure.get_or_insert(error);
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + bound);
+        }
     }
 }
 
@@ -283,4 +329,49 @@ fn jitter(delay: Duration) -> Duration {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     delay.mul_f64(0.75 + f64::from(nanos % 1000) / 2000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn once_a_flow_failed_one_that_never_ends_is_abandoned_after_the_bound() {
+        let mut flows = JoinSet::new();
+        flows.spawn(std::future::pending::<Result<(), BrokerError>>());
+        flows.spawn(async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(BrokerError::Nacked)
+        });
+        let started = std::time::Instant::now();
+        let mut failures = 0;
+        let failure = tokio::time::timeout(
+            Duration::from_secs(10),
+            wind_down(&mut flows, None, Duration::from_millis(200), || {
+                failures += 1
+            }),
+        )
+        .await
+        .expect("the session ends although a flow never does");
+        assert!(matches!(failure, Some(BrokerError::Nacked)));
+        assert_eq!(failures, 1);
+        assert!(flows.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn without_a_failure_every_flow_settles_however_long_it_takes() {
+        let mut flows = JoinSet::new();
+        for _ in 0..2 {
+            flows.spawn(async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(())
+            });
+        }
+        let started = std::time::Instant::now();
+        let failure = wind_down(&mut flows, None, Duration::from_millis(50), || {}).await;
+        assert!(failure.is_none());
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(flows.is_empty());
+    }
 }
