@@ -25,6 +25,8 @@ pub enum BrokerError {
     NoQueue { queue: String },
     #[error("the broker did not confirm a publish within {0} s")]
     ConfirmTimeout(u64),
+    #[error("the connection to the broker did not open within {0} s")]
+    ConnectTimeout(u64),
     #[error("the broker refused a publish (nack)")]
     Nacked,
     #[error("a flow ended abnormally")]
@@ -162,7 +164,14 @@ impl QueueNames {
 pub async fn connect(directory: &Directory, name: &str) -> Result<Connection, BrokerError> {
     let uri = directory.settings.broker_uri().map_err(BrokerError::Url)?;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect_uri(uri, properties).await?)
+    let secs = directory.settings.broker.connect_timeout_secs;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(secs),
+        Connection::connect_uri(uri, properties),
+    )
+    .await
+    .map_err(|_| BrokerError::ConnectTimeout(secs))?
+    .map_err(BrokerError::from)
 }
 
 /// A channel with publisher confirms switched on.

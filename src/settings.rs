@@ -163,6 +163,10 @@ pub struct BrokerSettings {
     /// How long a publish may wait for the broker's confirm before the message is treated as a
     /// transient failure and handed back to its queue.
     pub publish_timeout_secs: u64,
+    /// How long opening a connection (TCP, TLS and the AMQP handshake) may take before it
+    /// counts as failed and is tried again: a broker node starting or stopping, or a proxy
+    /// whose broker is gone, may accept the connection and never answer.
+    pub connect_timeout_secs: u64,
     /// Queue type the gateway declares: `classic` or `quorum`.
     pub queue_type: QueueType,
     /// Longest wait between reconnection attempts when the broker is unreachable.
@@ -179,6 +183,7 @@ impl Default for BrokerSettings {
             max_in_flight: 10_000,
             frame_max: 32 * 1024,
             publish_timeout_secs: 30,
+            connect_timeout_secs: 30,
             queue_type: QueueType::Classic,
             max_reconnect_delay_secs: 10,
         }
@@ -402,6 +407,9 @@ impl Settings {
         }
         if self.broker.publish_timeout_secs == 0 {
             errors.push("broker.publish_timeout_secs must be at least 1".into());
+        }
+        if self.broker.connect_timeout_secs == 0 {
+            errors.push("broker.connect_timeout_secs must be at least 1".into());
         }
         let d = &self.delivery;
         if d.retry_initial_ms == 0 || d.max_attempts == 0 || d.retry_max_ms < d.retry_initial_ms {

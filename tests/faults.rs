@@ -392,3 +392,56 @@ async fn gateway_killed_mid_load_and_started_again_loses_nothing_and_counts_dupl
     assert_eq!(depth(&url, &queues.rejected("cpi-modena")).await, 0);
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
+
+/// A broker that accepts connections and never answers them (a node starting or stopping, a
+/// proxy whose broker is gone) does not hold the gateway for ever: each attempt gives up after
+/// `broker.connect_timeout_secs` and the gateway tries again, and it can still be shut down.
+#[tokio::test]
+async fn a_broker_that_never_answers_is_given_up_on_and_tried_again() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let log = accepted.clone();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            log.lock().unwrap().push(Instant::now());
+            held.push(socket);
+        }
+    });
+    let prefix = random_prefix();
+    let directory = common::directory_with(
+        &repo().join("config"),
+        &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        &prefix,
+        &[("broker.connect_timeout_secs", "1")],
+    );
+    let pipeline = std::sync::Arc::new(
+        ponte::pipeline::Pipeline::open(std::sync::Arc::new(directory)).unwrap(),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let status = ponte::gateway::Status::default();
+    let gateway = tokio::spawn(ponte::gateway::run(
+        pipeline,
+        shutdown.clone(),
+        status.clone(),
+    ));
+
+    wait_until(
+        "connection attempts a second or more after the first",
+        Duration::from_secs(20),
+        async || {
+            let times = accepted.lock().unwrap();
+            times.len() >= 2 && times[times.len() - 1] - times[0] >= Duration::from_secs(1)
+        },
+    )
+    .await;
+    assert!(!status.is_ready());
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), gateway)
+        .await
+        .expect("the gateway stops while its broker never answers")
+        .unwrap();
+    silent.abort();
+    let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
+}
