@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -102,7 +102,8 @@ async fn session(
     let topology = async {
         let setup = connect(directory, "ponte setup").await?;
         declare_topology(&setup, directory).await?;
-        let _ = setup.close(200, "topology declared".into()).await;
+        let _ =
+            tokio::time::timeout(CLOSE_WITHIN, setup.close(200, "topology declared".into())).await;
         tracing::debug!("topology declared");
         Ok::<_, BrokerError>(())
     };
@@ -252,10 +253,14 @@ async fn session(
     })
     .await;
     status.ready.send_replace(false);
-    // Every flow has settled what it had in flight (or failed, leaving it to the broker).
-    for connection in connections {
-        let _ = connection.close(200, "ponte stopping".into()).await;
-    }
+    // Every flow has settled what it had in flight (or failed, leaving it to the broker). A
+    // close waits for the broker's answer, which a connection that just died may never give:
+    // the session, and with it the reconnect, must not wait for it. Dropped, a connection is
+    // closed by the socket's end.
+    join_all(connections.iter().map(|connection| {
+        tokio::time::timeout(CLOSE_WITHIN, connection.close(200, "ponte stopping".into()))
+    }))
+    .await;
     match failure {
         Some(error) => Err(error),
         None => Ok(()),
@@ -264,6 +269,8 @@ async fn session(
 
 /// How long beyond the confirm timeout the flows may take to wind down once one has failed.
 const WIND_DOWN: Duration = Duration::from_secs(5);
+/// How long closing a connection may wait for the broker's answer.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Waits for every flow to end and returns the first failure (`failure`, or the first flow's),
 /// calling `failed` at each flow's failure. Once a failure is known, the others have `bound`
