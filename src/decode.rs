@@ -136,7 +136,7 @@ pub fn pointer<'a>(value: &'a Value, pointer: &str) -> Option<&'a Value> {
         })
 }
 
-/// [`pointer`], for changing the value.
+/// [`pointer()`], for changing the value.
 pub fn pointer_mut<'a>(value: &'a mut Value, pointer: &str) -> Option<&'a mut Value> {
     if pointer.is_empty() {
         return Some(value);

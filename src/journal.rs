@@ -497,7 +497,7 @@ impl Reader {
 
     /// Removes the oldest records, up to the first one not older than `age`, so that the chain
     /// stays whole and is verified from the oldest record kept (a record written while the
-    /// clock was set back stops pruning until it ages too). Goes by steps of [`PRUNE_STEP`]
+    /// clock was set back stops pruning until it ages too). Goes by steps of `PRUNE_STEP`
     /// records, one transaction each, so the writer goes on logging in between.
     pub fn prune(&self, age: Duration) -> rusqlite::Result<usize> {
         let cutoff = now_ms() - age.as_millis() as i64;

@@ -164,6 +164,9 @@ pub type Committed = Result<u64, String>;
 /// reference, a case); a look-up that reads a marked key waits until that write is committed
 /// and reads again. Messages rarely touch what the last few milliseconds wrote, so the wait is
 /// rare; `ponte_store_wait_seconds` shows it.
+///
+/// A duplicate check asks an in-memory filter of the ids delivered lately first (`recent`);
+/// only an id that may have been delivered is looked up.
 #[derive(Debug)]
 pub struct SqliteStore {
     path: PathBuf,
