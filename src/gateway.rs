@@ -277,8 +277,9 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 /// to wind down: a flow waits at most the confirm timeout for what it has in flight, but an
 /// await on a connection that died at the wrong moment may never end, and the session — and
 /// with it the reconnect — would wait for it for ever. Flows left after `bound` are aborted:
-/// the broker has failed, so their unacknowledged messages come back to their queues. Without
-/// a failure (shutdown), every flow settles what it has, however long that takes.
+/// the session is ending, and their unacknowledged messages come back to their queues when its
+/// connections close. Without a failure (shutdown), every flow settles what it has, however
+/// long that takes.
 async fn wind_down(
     flows: &mut JoinSet<Result<(), BrokerError>>,
     mut failure: Option<BrokerError>,
@@ -297,7 +298,7 @@ async fn wind_down(
                     warn!(
                         flows = flows.len(),
                         secs = bound.as_secs_f64(),
-                        "flows did not wind down after the broker failed; abandoning them (their unacknowledged messages come back to their queues)"
+                        "flows did not wind down after a failure; abandoning them (their unacknowledged messages come back to their queues)"
                     );
                     flows.abort_all();
                     while flows.join_next().await.is_some() {}
