@@ -35,7 +35,7 @@ const LOAD_STEP: usize = 50_000;
 /// The ids delivered lately (their store keys), in generations of one window.
 #[derive(Debug)]
 pub struct Recent {
-    /// The window, in seconds, that the filter answers for; set by the first look-up, which
+    /// The window, in seconds, that the filter answers for; set by [`Recent::begin`], which
     /// also starts loading. A look-up with another window goes to the store.
     window: Option<i64>,
     /// Whether the ids delivered before start are in.
@@ -64,8 +64,8 @@ impl Recent {
     }
 
     /// Sets the window the filter answers for, and starts reading the ids delivered within it
-    /// from the store at `path`; until they are in, every answer is "maybe". Only the first
-    /// call counts.
+    /// from the store at `path`; until they are in, every answer is "maybe" (and without this,
+    /// always). Only the first call counts.
     pub fn begin(&mut self, window: i64, now: i64, path: &Path) {
         if self.window.is_none() {
             self.window = Some(window);
@@ -74,10 +74,8 @@ impl Recent {
     }
 
     /// Whether `key` may have been delivered within `window` seconds: `false` is certain,
-    /// `true` asks the store. Without [`Recent::begin`] before, the first call begins with
-    /// its window.
-    pub fn may_hold(&mut self, key: i64, window: i64, now: i64, path: &Path) -> bool {
-        self.begin(window, now, path);
+    /// `true` asks the store.
+    pub fn may_hold(&mut self, key: i64, window: i64, now: i64) -> bool {
         if self.window != Some(window) || !self.loaded.load(Ordering::Acquire) {
             return true;
         }
@@ -182,11 +180,11 @@ mod tests {
         let at = start + WEEK - 10;
         recent.add(42, at);
         for now in [at, start + WEEK, at + WEEK / 2, at + WEEK - 1] {
-            assert!(recent.may_hold(42, WEEK, now, Path::new("")), "at {now}");
+            assert!(recent.may_hold(42, WEEK, now), "at {now}");
         }
         // Two turns later, its generation is gone.
-        assert!(!recent.may_hold(42, WEEK, start + 3 * WEEK, Path::new("")));
-        assert!(!recent.may_hold(7, WEEK, start + 3 * WEEK, Path::new("")));
+        assert!(!recent.may_hold(42, WEEK, start + 3 * WEEK));
+        assert!(!recent.may_hold(7, WEEK, start + 3 * WEEK));
     }
 
     #[test]
@@ -196,10 +194,10 @@ mod tests {
             recent.add(key, 0);
         }
         let maybe = (100_000..200_000)
-            .filter(|key| recent.may_hold(*key, WEEK, 1, Path::new("")))
+            .filter(|key| recent.may_hold(*key, WEEK, 1))
             .count();
         assert!(maybe < 10, "{maybe} false positives in 100,000");
-        assert!((0..100_000).all(|key| recent.may_hold(key, WEEK, 1, Path::new(""))));
+        assert!((0..100_000).all(|key| recent.may_hold(key, WEEK, 1)));
     }
 
     #[test]
@@ -239,9 +237,9 @@ mod tests {
     fn until_loaded_or_for_another_window_every_answer_is_maybe() {
         let mut recent = Recent::new(0);
         recent.window = Some(WEEK);
-        assert!(recent.may_hold(1, WEEK, 0, Path::new("")));
+        assert!(recent.may_hold(1, WEEK, 0));
         recent.loaded.store(true, Ordering::Release);
-        assert!(!recent.may_hold(1, WEEK, 0, Path::new("")));
-        assert!(recent.may_hold(1, 2 * WEEK, 0, Path::new("")));
+        assert!(!recent.may_hold(1, WEEK, 0));
+        assert!(recent.may_hold(1, 2 * WEEK, 0));
     }
 }

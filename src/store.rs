@@ -537,7 +537,7 @@ impl SqliteStore {
 
     /// Starts loading the ids delivered within `window` (the gateway's duplicate window), so
     /// that duplicate checks soon need no read of the store for a new message; without it,
-    /// loading starts at the first check.
+    /// every check reads the store.
     pub fn check_duplicates_within(&self, window: Duration) {
         self.lock_front()
             .recent
@@ -1106,7 +1106,7 @@ impl Store for SqliteStore {
         let key = message_key(message_id);
         self.front(|front, durable| {
             front.settled(&Key::Message(key), durable)?;
-            if !front.recent.may_hold(key, window, now, &self.path) {
+            if !front.recent.may_hold(key, window, now) {
                 return Ok(None);
             }
             let seen = front

@@ -112,6 +112,7 @@ async fn main() -> Result<()> {
     let directory = Arc::new(Directory::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?);
     let data = std::env::temp_dir().join(format!("ponte-bench-mapping-{}", uuid::Uuid::new_v4()));
     let store = Arc::new(SqliteStore::open(&data)?);
+    store.check_duplicates_within(directory.settings.store.duplicate_window());
     // The comune knows the demo person by its registry number, as after its own first referral.
     let adi = example("benefit-status-adi-inps.json")?;
     let cf = adi["subject"]["identifiers"][0]["value"]
