@@ -27,6 +27,10 @@ pub enum BrokerError {
     ConfirmTimeout(u64),
     #[error("the connection to the broker did not open within {0} s")]
     ConnectTimeout(u64),
+    #[error(
+        "the session did not open within {0} s (connections, topology, channels and consumers)"
+    )]
+    SetupTimeout(u64),
     #[error("the broker refused a publish (nack)")]
     Nacked,
     #[error("a flow ended abnormally")]

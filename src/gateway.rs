@@ -97,6 +97,95 @@ async fn session(
     delay: &mut Duration,
 ) -> Result<(), BrokerError> {
     let directory: &Directory = &pipeline.directory;
+    let session_stop = shutdown.child_token();
+    let started = watch::Sender::new(false);
+    // Opening the session — connections, topology, channels, every flow's consumer — has one
+    // bound in all: a broker that accepts connections and then stops answering (a node busy
+    // or partitioned, still sending heartbeats) would otherwise hold the session for ever.
+    let setup_secs = directory.settings.broker.setup_timeout_secs;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(setup_secs);
+    // Dropped unfinished, the opening closes what it opened and aborts the flows it started.
+    let Opened {
+        connections,
+        mut flows,
+        mut consuming,
+        expected,
+    } = tokio::select! {
+        opened = tokio::time::timeout_at(deadline, open(pipeline, &session_stop, &started)) => {
+            opened.map_err(|_| BrokerError::SetupTimeout(setup_secs))??
+        }
+        () = session_stop.cancelled() => return Ok(()),
+    };
+
+    // Ready once every flow consumes; a flow that fails first ends the session.
+    let mut consuming_flows = 0;
+    let mut failure = None;
+    while consuming_flows < expected && failure.is_none() {
+        tokio::select! {
+            Some(()) = consuming.recv() => consuming_flows += 1,
+            Some(ended) = flows.join_next() => failure = flow_failure(ended),
+            () = tokio::time::sleep_until(deadline) => {
+                failure = Some(BrokerError::SetupTimeout(setup_secs));
+            }
+            () = session_stop.cancelled() => break,
+        }
+    }
+    if failure.is_none() && consuming_flows == expected {
+        // Backoff starts again from its shortest only once a session worked: a broker that
+        // accepts connections and fails the set-up each time is not tried five times a second.
+        *delay = Duration::from_millis(200);
+        started.send_replace(true);
+        status.ready.send_replace(true);
+        info!(
+            partners = directory.partners.len(),
+            connections = connections.len(),
+            prefix = %directory.settings.broker.prefix,
+            "gateway ready"
+        );
+    }
+    if failure.is_some() {
+        status.ready.send_replace(false);
+        session_stop.cancel();
+    }
+    let bound = Duration::from_secs(directory.settings.broker.publish_timeout_secs) + WIND_DOWN;
+    let failure = wind_down(&mut flows, failure, bound, || {
+        // Not ready from the first failure on, not only once every flow has wound down
+        // (a flow may wait up to publish_timeout_secs for confirms that will never come).
+        status.ready.send_replace(false);
+        session_stop.cancel();
+    })
+    .await;
+    status.ready.send_replace(false);
+    // Every flow has settled what it had in flight (or failed, leaving it to the broker). A
+    // close waits for the broker's answer, which a connection that just died may never give:
+    // the session, and with it the reconnect, must not wait for it. Dropped, a connection is
+    // closed by the socket's end.
+    join_all(connections.iter().map(|connection| {
+        tokio::time::timeout(CLOSE_WITHIN, connection.close(200, "ponte stopping".into()))
+    }))
+    .await;
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// An opened session: its connections; its flows, consuming and waiting for `started`; the
+/// channel on which each flow says it consumes, and how many will.
+struct Opened {
+    connections: Vec<lapin::Connection>,
+    flows: JoinSet<Result<(), BrokerError>>,
+    consuming: mpsc::Receiver<()>,
+    expected: usize,
+}
+
+/// Connects, declares the topology, opens every channel and starts every flow.
+async fn open(
+    pipeline: &Arc<Pipeline>,
+    session_stop: &CancellationToken,
+    started: &watch::Sender<bool>,
+) -> Result<Opened, BrokerError> {
+    let directory: &Directory = &pipeline.directory;
     // The topology is declared while the flows' connections and channels open (flows start
     // consuming only once both are done): start-up is the longer of the two, not their sum.
     let topology = async {
@@ -111,12 +200,10 @@ async fn session(
         &Queues::new(&directory.settings.broker.prefix),
         directory.partners.keys().map(String::as_str),
     ));
-    let session_stop = shutdown.child_token();
     let partners: Vec<&Partner> = directory.partners.values().collect();
     let mut connections = Vec::new();
     let mut flows = JoinSet::new();
-    let (ready_tx, mut ready_rx) = mpsc::channel::<()>(partners.len().max(1));
-    let started = watch::Sender::new(false);
+    let (ready_tx, ready_rx) = mpsc::channel::<()>(partners.len().max(1));
     // Open every group's connections and channels concurrently: start-up time is then a few
     // round trips, not one per channel.
     let groups = try_join_all(partners.chunks(PARTNERS_PER_CONNECTION).enumerate().map(
@@ -142,7 +229,6 @@ async fn session(
         },
     ));
     let ((), groups) = tokio::try_join!(topology, groups)?;
-    *delay = Duration::from_millis(200);
     let own: Vec<Option<u16>> = partners.iter().map(|p| p.prefetch).collect();
     let prefetches: HashMap<&str, u16> = partners
         .iter()
@@ -219,52 +305,12 @@ async fn session(
         connections = connections.len(),
         "channels open; waiting for every flow to consume"
     );
-
-    // Ready once every flow consumes; a flow that fails first ends the session.
-    let mut consuming_flows = 0;
-    let mut failure = None;
-    while consuming_flows < expected && failure.is_none() {
-        tokio::select! {
-            Some(()) = ready_rx.recv() => consuming_flows += 1,
-            Some(ended) = flows.join_next() => failure = flow_failure(ended),
-            () = session_stop.cancelled() => break,
-        }
-    }
-    if failure.is_none() && consuming_flows == expected {
-        started.send_replace(true);
-        status.ready.send_replace(true);
-        info!(
-            partners = partners.len(),
-            connections = connections.len(),
-            prefix = %directory.settings.broker.prefix,
-            "gateway ready"
-        );
-    }
-    if failure.is_some() {
-        status.ready.send_replace(false);
-        session_stop.cancel();
-    }
-    let bound = Duration::from_secs(directory.settings.broker.publish_timeout_secs) + WIND_DOWN;
-    let failure = wind_down(&mut flows, failure, bound, || {
-        // Not ready from the first failure on, not only once every flow has wound down
-        // (a flow may wait up to publish_timeout_secs for confirms that will never come).
-        status.ready.send_replace(false);
-        session_stop.cancel();
+    Ok(Opened {
+        connections,
+        flows,
+        consuming: ready_rx,
+        expected,
     })
-    .await;
-    status.ready.send_replace(false);
-    // Every flow has settled what it had in flight (or failed, leaving it to the broker). A
-    // close waits for the broker's answer, which a connection that just died may never give:
-    // the session, and with it the reconnect, must not wait for it. Dropped, a connection is
-    // closed by the socket's end.
-    join_all(connections.iter().map(|connection| {
-        tokio::time::timeout(CLOSE_WITHIN, connection.close(200, "ponte stopping".into()))
-    }))
-    .await;
-    match failure {
-        Some(error) => Err(error),
-        None => Ok(()),
-    }
 }
 
 /// How long beyond the confirm timeout the flows may take to wind down once one has failed.

@@ -167,6 +167,12 @@ pub struct BrokerSettings {
     /// counts as failed and is tried again: a broker node starting or stopping, or a proxy
     /// whose broker is gone, may accept the connection and never answer.
     pub connect_timeout_secs: u64,
+    /// How long opening a whole session may take — connecting, declaring the topology, opening
+    /// every channel and starting every consumer — before it counts as failed and is tried
+    /// again: a broker that accepts connections and then stops answering (a node busy or
+    /// partitioned, still sending heartbeats) would otherwise hold the gateway not ready for
+    /// ever.
+    pub setup_timeout_secs: u64,
     /// Queue type the gateway declares: `classic` or `quorum`.
     pub queue_type: QueueType,
     /// Longest wait between reconnection attempts when the broker is unreachable.
@@ -184,6 +190,7 @@ impl Default for BrokerSettings {
             frame_max: 32 * 1024,
             publish_timeout_secs: 30,
             connect_timeout_secs: 30,
+            setup_timeout_secs: 120,
             queue_type: QueueType::Classic,
             max_reconnect_delay_secs: 10,
         }
@@ -410,6 +417,9 @@ impl Settings {
         }
         if self.broker.connect_timeout_secs == 0 {
             errors.push("broker.connect_timeout_secs must be at least 1".into());
+        }
+        if self.broker.setup_timeout_secs == 0 {
+            errors.push("broker.setup_timeout_secs must be at least 1".into());
         }
         let d = &self.delivery;
         if d.retry_initial_ms == 0 || d.max_attempts == 0 || d.retry_max_ms < d.retry_initial_ms {

@@ -445,3 +445,168 @@ async fn a_broker_that_never_answers_is_given_up_on_and_tried_again() {
     silent.abort();
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
+
+/// A TCP proxy in front of the shared broker. A connection accepted while it is `stalled`
+/// passes the AMQP handshake and then only the broker's heartbeats: a broker that accepts
+/// connections and then stops answering, alive on the wire (a node busy or partitioned).
+struct StallingProxy {
+    url: String,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    async fn start(broker: &str) -> StallingProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // amqp://user:password@host:port/vhost
+        let (head, rest) = broker.split_once('@').unwrap();
+        let (upstream, vhost) = rest.split_once('/').unwrap();
+        let upstream = upstream.to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("{head}@{}/{vhost}", listener.local_addr().unwrap());
+        let stalled = std::sync::Arc::new(AtomicBool::new(true));
+        let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stall, log) = (stalled.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                log.lock().unwrap().push(Instant::now());
+                let stalled = stall.load(Ordering::SeqCst);
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                    });
+                    pass_frames(&mut from_server, &mut to_client, stalled).await;
+                    up.abort();
+                });
+            }
+        });
+        StallingProxy {
+            url,
+            stalled,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted from now on are passed whole.
+    fn answer(&self) {
+        self.stalled
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies the broker's AMQP frames to the client; once `stalled` and the connection is open
+/// (Connection.Open-Ok passed), only heartbeats.
+async fn pass_frames(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    stalled: bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const HEARTBEAT: u8 = 8;
+    let mut buffer = Vec::new();
+    let mut open = false;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let Ok(n @ 1..) = from.read(&mut chunk).await else {
+            return;
+        };
+        buffer.extend_from_slice(&chunk[..n]);
+        // A frame: type (1), channel (2), size (4), payload (size), end marker (1).
+        while buffer.len() >= 7 {
+            let size = u32::from_be_bytes(buffer[3..7].try_into().unwrap()) as usize;
+            if buffer.len() < 8 + size {
+                break;
+            }
+            let frame: Vec<u8> = buffer.drain(..8 + size).collect();
+            if (!stalled || !open || frame[0] == HEARTBEAT) && to.write_all(&frame).await.is_err() {
+                return;
+            }
+            // Method frame on channel 0, class 10 (connection), method 41 (open-ok).
+            open |= frame[0] == 1 && frame[1..3] == [0, 0] && frame[7..11] == [0, 10, 0, 41];
+        }
+    }
+}
+
+/// A broker that completes the handshake and then answers nothing more (a node busy or
+/// partitioned, still sending heartbeats, so the connection never looks dead) does not keep the
+/// gateway not ready for ever: each session gives up after `broker.setup_timeout_secs` and the
+/// gateway tries again; once the broker answers, the gateway opens and delivers.
+#[tokio::test]
+async fn a_broker_that_stops_answering_while_the_session_opens_is_given_up_on_and_tried_again() {
+    common::logs();
+    let proxy = StallingProxy::start(&broker_url()).await;
+    let prefix = random_prefix();
+    let directory = common::directory_with(
+        &repo().join("config"),
+        &proxy.url,
+        &prefix,
+        &[
+            ("broker.setup_timeout_secs", "2"),
+            ("broker.max_reconnect_delay_secs", "1"),
+        ],
+    );
+    let pipeline = std::sync::Arc::new(
+        ponte::pipeline::Pipeline::open(std::sync::Arc::new(directory)).unwrap(),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let status = ponte::gateway::Status::default();
+    let gateway = tokio::spawn(ponte::gateway::run(
+        pipeline.clone(),
+        shutdown.clone(),
+        status.clone(),
+    ));
+
+    wait_until(
+        "a second session opened two seconds or more after the first",
+        Duration::from_secs(30),
+        async || {
+            let times = proxy.accepted.lock().unwrap();
+            times.len() > 3 && times[times.len() - 1] - times[0] >= Duration::from_secs(2)
+        },
+    )
+    .await;
+    assert!(!status.is_ready());
+
+    proxy.answer();
+    tokio::time::timeout(Duration::from_secs(30), status.ready())
+        .await
+        .expect("the gateway opens once the broker answers");
+    let queues = Queues::new(&prefix);
+    let sent = referral("cpi-modena", "CPI-MO-01", "036023");
+    publish_many(
+        &broker_url(),
+        &queues.inbound("cpi-modena"),
+        &[serde_json::to_vec(&sent).unwrap()],
+    )
+    .await;
+    let delivered = drain(
+        &broker_url(),
+        &queues.outbound("inps"),
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].json()["message_id"], sent["message_id"]);
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), gateway)
+        .await
+        .expect("the gateway stops")
+        .unwrap();
+    common::delete_queues(&pipeline.directory).await;
+    let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
+}
