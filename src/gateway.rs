@@ -19,6 +19,7 @@ use crate::courier::Courier;
 use crate::directory::Directory;
 use crate::partner::{Partner, Receipts};
 use crate::pipeline::Pipeline;
+use crate::prefetch::Pool;
 use crate::receive::Flow;
 use crate::redeliver::Redeliverer;
 use crate::settle::Settler;
@@ -229,12 +230,29 @@ async fn open(
         },
     ));
     let ((), groups) = tokio::try_join!(topology, groups)?;
+    let broker = &directory.settings.broker;
     let own: Vec<Option<u16>> = partners.iter().map(|p| p.prefetch).collect();
     let prefetches: HashMap<&str, u16> = partners
         .iter()
         .map(|p| p.id.as_str())
-        .zip(directory.settings.broker.prefetches(&own))
+        .zip(broker.prefetches(&own))
         .collect();
+    // The partners without a prefetch of their own share the rest, following their traffic.
+    let sharing: Vec<&str> = partners
+        .iter()
+        .filter(|p| p.prefetch.is_none())
+        .map(|p| p.id.as_str())
+        .collect();
+    let reserved: u32 = own.iter().flatten().map(|p| u32::from(*p)).sum();
+    let pool = sharing.first().and_then(|first| {
+        Pool::new(
+            broker.max_in_flight.saturating_sub(reserved),
+            sharing.len(),
+            prefetches[first],
+            broker.prefetch,
+        )
+        .map(Arc::new)
+    });
     for (consuming, publishing, opened) in groups {
         for (partner, consume, publish) in opened {
             let settler = Arc::new(Settler {
@@ -253,6 +271,7 @@ async fn open(
                 partner: partner.clone(),
                 consume,
                 prefetch: prefetches[partner.id.as_str()],
+                pool: pool.clone().filter(|_| partner.prefetch.is_none()),
                 settler,
                 started: started.subscribe(),
             };

@@ -52,6 +52,7 @@ pub mod map;
 pub mod ops;
 pub mod partner;
 pub mod pipeline;
+pub mod prefetch;
 pub mod receipt;
 pub mod receive;
 mod recent;

@@ -16,6 +16,7 @@ use crate::broker::{BrokerError, consume, stop_consuming};
 use crate::deliver::{Labels, Publishing, properties};
 use crate::partner::Partner;
 use crate::pipeline::{Outcome, Pipeline};
+use crate::prefetch::{self, Pool};
 use crate::settle::{self, Acknowledger, Inbound, Partial, Pending, Settled, Settler};
 
 /// One partner's inbound flow.
@@ -24,8 +25,11 @@ pub struct Flow {
     pub partner: Partner,
     /// Channel the inbound queue is consumed on.
     pub consume: Channel,
-    /// Unacknowledged messages the broker may push to this flow.
+    /// Unacknowledged messages the broker may push to this flow, at first.
     pub prefetch: u16,
+    /// Where the flow gives back prefetch it does not use and takes more when held back, when
+    /// it shares `broker.max_in_flight` with others (see [`crate::prefetch`]).
+    pub pool: Option<Arc<Pool>>,
     pub settler: Arc<Settler>,
     /// Turns true once every flow of the session consumes. A flow handles nothing before: with
     /// a backlog, the first partners' messages would otherwise take the CPU while the others'
@@ -53,7 +57,10 @@ impl Flow {
     ) -> Result<(), BrokerError> {
         let queue = self.settler.queues.inbound(&self.partner.id).to_string();
         let tag = format!("ponte-{}", self.partner.id);
-        let mut consumer = consume(&self.consume, &queue, &tag, self.prefetch).await?;
+        let mut prefetch = self.prefetch;
+        let mut consumer = consume(&self.consume, &queue, &tag, prefetch).await?;
+        let gauge = metrics::gauge!("ponte_prefetch", "partner" => self.partner.id.clone());
+        gauge.set(prefetch);
         debug!(%queue, "consuming");
         let _ = ready.send(()).await;
         drop(ready);
@@ -66,10 +73,38 @@ impl Flow {
         let mut settling: Settling = FuturesOrdered::new();
         let mut acks = Acknowledger::new(&self.settler);
         let mut commits = self.settler.store.commits();
+        let mut look = tokio::time::interval_at(
+            tokio::time::Instant::now() + prefetch::EVERY,
+            prefetch::EVERY,
+        );
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The most messages unacknowledged at once since the last look.
+        let mut most = 0;
         loop {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
+                _ = look.tick(), if self.pool.is_some() => {
+                    let pool = self.pool.as_ref().expect("looked only with a pool");
+                    let next = pool.next(prefetch, most);
+                    most = settling.len() + acks.unacknowledged();
+                    if next != prefetch {
+                        // A consumer's prefetch is fixed when it starts (RabbitMQ applies
+                        // basic.qos to consumers started after it): start it again. Messages
+                        // received meanwhile are handled first, so their order is kept.
+                        let _ = self
+                            .consume
+                            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                            .await;
+                        while let Some(delivery) = consumer.next().await {
+                            settling.push_back(self.handle(delivery?, &owner).await?);
+                        }
+                        debug!(%queue, from = prefetch, to = next, "prefetch changed");
+                        prefetch = next;
+                        gauge.set(prefetch);
+                        consumer = consume(&self.consume, &queue, &tag, prefetch).await?;
+                    }
+                }
                 Some(settled) = settling.next(), if !settling.is_empty() => {
                     acks.settle(settled, &self.settler).await;
                     // Take every other message whose confirms are already in.
@@ -87,7 +122,10 @@ impl Flow {
                     acks.ack_committed().await;
                 }
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => settling.push_back(self.handle(delivery, &owner).await?),
+                    Some(Ok(delivery)) => {
+                        settling.push_back(self.handle(delivery, &owner).await?);
+                        most = most.max(settling.len() + acks.unacknowledged());
+                    }
                     Some(Err(error)) => return Err(error.into()),
                     None => return Err(BrokerError::ConsumerCancelled { queue }),
                 },

@@ -568,6 +568,12 @@ impl Acknowledger {
             .map(|since| tokio::time::Instant::from_std(since) + ACK_DELAY)
     }
 
+    /// Settled messages not yet acknowledged: the pending run and the closed ones waiting for
+    /// the store's commit. The broker counts them against the flow's prefetch.
+    pub fn unacknowledged(&self) -> usize {
+        self.count + self.uncommitted.iter().map(|r| r.count).sum::<usize>()
+    }
+
     /// Whether the pending run is big enough to acknowledge now.
     pub fn full(&self) -> bool {
         self.count >= ACK_BATCH

@@ -259,3 +259,82 @@ async fn a_partner_s_own_prefetch_is_reserved_and_the_others_share_the_rest() {
     .collect();
     assert_eq!(granted, expected, "rabbitmqctl list_consumers:\n{listed}");
 }
+
+/// Partners without a prefetch of their own share `broker.max_in_flight`, and the share
+/// follows the traffic: the flows with nothing to do give back what they do not use, and the
+/// one with a backlog takes it — never more than the bound in all, and without reordering the
+/// partner's messages.
+#[tokio::test]
+async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
+    let prefix = common::random_prefix();
+    let directory = common::directory_with(
+        &common::repo().join("config"),
+        &common::broker_url(),
+        &prefix,
+        &[("broker.max_in_flight", "100")],
+    );
+    let queues = ponte::broker::Queues::new(&prefix);
+    // The national institute's back office has 6,000 status changes waiting; each goes to a
+    // CPI and the observatory.
+    let sent: Vec<Value> = (0..6_000)
+        .map(|_| benefit_status("sfl", "037032"))
+        .collect();
+    let bodies: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|m| serde_json::to_vec(m).unwrap())
+        .collect();
+    publish_many(&common::broker_url(), &queues.inbound("inps"), &bodies).await;
+    let gw = Gateway::start_with(directory).await;
+
+    // What the broker grants each of this gateway's consumers, while the backlog drains.
+    let granted = || -> std::collections::BTreeMap<String, u32> {
+        common::shared_broker_ctl_output(&[
+            "list_consumers",
+            "-q",
+            "--no-table-headers",
+            "queue_name",
+            "prefetch_count",
+        ])
+        .lines()
+        .filter_map(|line| {
+            let (queue, prefetch) = line.split_once('\t')?;
+            let partner = queue.strip_prefix(&format!("{prefix}.in."))?;
+            Some((partner.to_string(), prefetch.trim().parse().ok()?))
+        })
+        .collect()
+    };
+    let mut most = 0;
+    let mut seen = Vec::new();
+    while most <= 20 && common::depth(&gw.url, &queues.inbound("inps")).await > 0 {
+        let now = granted();
+        // Five partners: 20 each at first; a flow restarting its consumer may be missing.
+        assert!(now.values().sum::<u32>() <= 100, "over the bound: {now:?}");
+        most = most.max(now.get("inps").copied().unwrap_or(0));
+        seen.push(now);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        most > 20,
+        "the institute's prefetch never grew while its backlog drained: {seen:?}"
+    );
+
+    let ids: Vec<String> = sent
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_string())
+        .collect();
+    for recipient in ["cpi-bologna", "osservatorio-er"] {
+        let arrived: Vec<String> = gw
+            .take(&gw.queues.outbound(recipient), ids.len())
+            .await
+            .iter()
+            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
+            .collect();
+        assert!(
+            arrived == ids,
+            "{recipient} got {} of {} messages, or out of order",
+            arrived.len(),
+            ids.len()
+        );
+    }
+    gw.stop().await;
+}
