@@ -19,7 +19,6 @@ use crate::courier::Courier;
 use crate::directory::Directory;
 use crate::partner::{Partner, Receipts};
 use crate::pipeline::Pipeline;
-use crate::prefetch::Pool;
 use crate::receive::Flow;
 use crate::redeliver::Redeliverer;
 use crate::settle::Settler;
@@ -238,21 +237,7 @@ async fn open(
         .zip(broker.prefetches(&own))
         .collect();
     // The partners without a prefetch of their own share the rest, following their traffic.
-    let sharing: Vec<&str> = partners
-        .iter()
-        .filter(|p| p.prefetch.is_none())
-        .map(|p| p.id.as_str())
-        .collect();
-    let reserved: u32 = own.iter().flatten().map(|p| u32::from(*p)).sum();
-    let pool = sharing.first().and_then(|first| {
-        Pool::new(
-            broker.max_in_flight.saturating_sub(reserved),
-            sharing.len(),
-            prefetches[first],
-            broker.prefetch,
-        )
-        .map(Arc::new)
-    });
+    let pool = broker.pool(&own).map(Arc::new);
     for (consuming, publishing, opened) in groups {
         for (partner, consume, publish) in opened {
             let settler = Arc::new(Settler {

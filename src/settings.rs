@@ -202,11 +202,28 @@ impl BrokerSettings {
     /// sets one has it; the others share the rest of `max_in_flight` evenly, each getting
     /// `prefetch` or less when that many flows at `prefetch` would exceed it. Never below 1.
     pub fn prefetches(&self, own: &[Option<u16>]) -> Vec<u16> {
-        let reserved: usize = own.iter().flatten().map(|p| usize::from(*p)).sum();
-        let others = own.iter().filter(|p| p.is_none()).count();
-        let share = (self.max_in_flight as usize).saturating_sub(reserved) / others.max(1);
-        let share = share.clamp(1, usize::from(self.prefetch)) as u16;
+        let share = self.share(own);
         own.iter().map(|p| p.unwrap_or(share).max(1)).collect()
+    }
+
+    /// What the partners without a prefetch of their own share, when they start below
+    /// `prefetch` and their windows follow their traffic ([`crate::prefetch`]).
+    pub fn pool(&self, own: &[Option<u16>]) -> Option<crate::prefetch::Pool> {
+        let others = own.iter().filter(|p| p.is_none()).count();
+        crate::prefetch::Pool::new(self.unreserved(own), others, self.share(own), self.prefetch)
+    }
+
+    /// `max_in_flight` less what the partners' own prefetches reserve.
+    fn unreserved(&self, own: &[Option<u16>]) -> u32 {
+        let reserved: u32 = own.iter().flatten().map(|p| u32::from(*p)).sum();
+        self.max_in_flight.saturating_sub(reserved)
+    }
+
+    /// The starting prefetch of a partner without one of its own.
+    fn share(&self, own: &[Option<u16>]) -> u16 {
+        let others = own.iter().filter(|p| p.is_none()).count();
+        let share = self.unreserved(own) as usize / others.max(1);
+        share.clamp(1, usize::from(self.prefetch)) as u16
     }
 }
 
@@ -490,6 +507,24 @@ mod tests {
         assert_eq!(broker.prefetches(&vec![None; 100])[0], 100);
         assert_eq!(broker.prefetches(&vec![None; 1000])[0], 10);
         assert_eq!(broker.prefetches(&vec![None; 100_000])[0], 1);
+    }
+
+    #[test]
+    fn windows_follow_the_traffic_only_where_the_bound_keeps_them_below_prefetch() {
+        let broker = BrokerSettings::default();
+        assert!(broker.pool(&[None; 4]).is_none());
+        assert!(broker.pool(&vec![None; 50]).is_none());
+        let pool = broker
+            .pool(&vec![None; 1000])
+            .expect("a thousand share 10,000");
+        // Nothing left over at first: a flow grows only from what idle ones give back.
+        assert_eq!(pool.next(10, 10), 10);
+        assert_eq!(pool.next(10, 0), 4);
+        assert_eq!(pool.next(10, 10), 16);
+        // Partners with their own prefetch take no part: the one without has all it may.
+        let mut own = vec![Some(200); 10];
+        own.push(None);
+        assert!(broker.pool(&own).is_none());
     }
 
     #[test]
