@@ -513,7 +513,7 @@ mod tests {
     fn windows_follow_the_traffic_only_where_the_bound_keeps_them_below_prefetch() {
         let broker = BrokerSettings::default();
         assert!(broker.pool(&[None; 4]).is_none());
-        assert!(broker.pool(&vec![None; 50]).is_none());
+        assert!(broker.pool(&[None; 50]).is_none());
         let pool = broker
             .pool(&vec![None; 1000])
             .expect("a thousand share 10,000");
