@@ -19,6 +19,7 @@ const METRICS: &[&str] = &[
     "ponte_latency_seconds_count",
     "ponte_latency_seconds_sum",
     "ponte_copies_in_flight",
+    "ponte_prefetch",
     "ponte_retries_total",
     "ponte_dead_letters_total",
     "ponte_handed_back_total",
