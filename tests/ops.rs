@@ -113,6 +113,11 @@ async fn metrics_count_the_messages_sent_and_the_probes_answer() {
         0.0
     );
     assert_eq!(total(&metrics, "ponte_ready", &[]), 1.0);
+    // Five demo partners: each flow has the whole `broker.prefetch`.
+    assert_eq!(
+        total(&metrics, "ponte_prefetch", &["partner=\"cpi-modena\""]),
+        200.0
+    );
     assert!(
         metrics.contains("# TYPE ponte_latency_seconds histogram"),
         "{metrics}"
