@@ -57,10 +57,9 @@ impl Flow {
     ) -> Result<(), BrokerError> {
         let queue = self.settler.queues.inbound(&self.partner.id).to_string();
         let tag = format!("ponte-{}", self.partner.id);
-        let mut prefetch = self.prefetch;
-        let mut consumer = consume(&self.consume, &queue, &tag, prefetch).await?;
+        let mut consumer = consume(&self.consume, &queue, &tag, self.prefetch).await?;
         let gauge = metrics::gauge!("ponte_prefetch", "partner" => self.partner.id.clone());
-        gauge.set(prefetch);
+        gauge.set(self.prefetch);
         debug!(%queue, "consuming");
         let _ = ready.send(()).await;
         drop(ready);
@@ -78,17 +77,15 @@ impl Flow {
             prefetch::EVERY,
         );
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The most messages unacknowledged at once since the last look.
-        let mut most = 0;
+        let mut window = prefetch::Window::new(self.prefetch);
         loop {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
                 _ = look.tick(), if self.pool.is_some() => {
                     let pool = self.pool.as_ref().expect("looked only with a pool");
-                    let next = pool.next(prefetch, most);
-                    most = settling.len() + acks.unacknowledged();
-                    if next != prefetch {
+                    let now = settling.len() + acks.unacknowledged();
+                    if let Some(next) = window.look(pool, now) {
                         // A consumer's prefetch is fixed when it starts (RabbitMQ applies
                         // basic.qos to consumers started after it): start it again. Messages
                         // received meanwhile are handled first, so their order is kept.
@@ -99,10 +96,9 @@ impl Flow {
                         while let Some(delivery) = consumer.next().await {
                             settling.push_back(self.handle(delivery?, &owner).await?);
                         }
-                        debug!(%queue, from = prefetch, to = next, "prefetch changed");
-                        prefetch = next;
-                        gauge.set(prefetch);
-                        consumer = consume(&self.consume, &queue, &tag, prefetch).await?;
+                        debug!(%queue, to = next, "prefetch changed");
+                        gauge.set(next);
+                        consumer = consume(&self.consume, &queue, &tag, next).await?;
                     }
                 }
                 Some(settled) = settling.next(), if !settling.is_empty() => {
@@ -124,7 +120,7 @@ impl Flow {
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
                         settling.push_back(self.handle(delivery, &owner).await?);
-                        most = most.max(settling.len() + acks.unacknowledged());
+                        window.saw(settling.len() + acks.unacknowledged());
                     }
                     Some(Err(error)) => return Err(error.into()),
                     None => return Err(BrokerError::ConsumerCancelled { queue }),

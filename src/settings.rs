@@ -518,9 +518,9 @@ mod tests {
             .pool(&vec![None; 1000])
             .expect("a thousand share 10,000");
         // Nothing left over at first: a flow grows only from what idle ones give back.
-        assert_eq!(pool.next(10, 10), 10);
-        assert_eq!(pool.next(10, 0), 4);
-        assert_eq!(pool.next(10, 10), 16);
+        assert_eq!(pool.next(10, 10, None), 10);
+        assert_eq!(pool.next(10, 0, Some(0)), 4);
+        assert_eq!(pool.next(10, 10, None), 16);
         // Partners with their own prefetch take no part: the one without has all it may.
         let mut own = vec![Some(200); 10];
         own.push(None);
