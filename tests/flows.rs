@@ -194,19 +194,7 @@ async fn a_burst_of_messages_reaches_every_recipient_in_the_order_it_was_sent() 
         .map(|m| serde_json::to_vec(m).unwrap())
         .collect();
     publish_many(&gw.url, &gw.queues.inbound("inps"), &bodies).await;
-    let ids: Vec<String> = sent
-        .iter()
-        .map(|m| m["message_id"].as_str().unwrap().to_string())
-        .collect();
-    for recipient in ["cpi-bologna", "osservatorio-er"] {
-        let arrived: Vec<String> = gw
-            .take(&gw.queues.outbound(recipient), ids.len())
-            .await
-            .iter()
-            .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
-            .collect();
-        assert_eq!(arrived, ids, "{recipient} got the messages out of order");
-    }
+    assert_arrived_in_order(&gw, &sent, &["cpi-bologna", "osservatorio-er"]).await;
     gw.stop().await;
 }
 
@@ -228,22 +216,7 @@ async fn a_partner_s_own_prefetch_is_reserved_and_the_others_share_the_rest() {
         &[("broker.max_in_flight", "170")],
     );
     let gw = Gateway::start_with(directory).await;
-    // What the broker grants each of this gateway's consumers.
-    let listed = common::shared_broker_ctl_output(&[
-        "list_consumers",
-        "-q",
-        "--no-table-headers",
-        "queue_name",
-        "prefetch_count",
-    ]);
-    let granted: std::collections::BTreeMap<String, u32> = listed
-        .lines()
-        .filter_map(|line| {
-            let (queue, prefetch) = line.split_once('\t')?;
-            let partner = queue.strip_prefix(&format!("{prefix}.in."))?;
-            Some((partner.to_string(), prefetch.trim().parse().ok()?))
-        })
-        .collect();
+    let (granted, listed) = granted(&prefix);
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&config);
     // The other four share the 20 left: 5 each.
@@ -286,27 +259,11 @@ async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
     publish_many(&common::broker_url(), &queues.inbound("inps"), &bodies).await;
     let gw = Gateway::start_with(directory).await;
 
-    // What the broker grants each of this gateway's consumers, while the backlog drains.
-    let granted = || -> std::collections::BTreeMap<String, u32> {
-        common::shared_broker_ctl_output(&[
-            "list_consumers",
-            "-q",
-            "--no-table-headers",
-            "queue_name",
-            "prefetch_count",
-        ])
-        .lines()
-        .filter_map(|line| {
-            let (queue, prefetch) = line.split_once('\t')?;
-            let partner = queue.strip_prefix(&format!("{prefix}.in."))?;
-            Some((partner.to_string(), prefetch.trim().parse().ok()?))
-        })
-        .collect()
-    };
+    // What the broker grants each consumer, while the backlog drains.
     let mut most = 0;
     let mut seen = Vec::new();
     while most <= 20 && common::depth(&gw.url, &queues.inbound("inps")).await > 0 {
-        let now = granted();
+        let (now, _) = granted(&prefix);
         // Five partners: 20 each at first; a flow restarting its consumer may be missing.
         assert!(now.values().sum::<u32>() <= 100, "over the bound: {now:?}");
         most = most.max(now.get("inps").copied().unwrap_or(0));
@@ -318,11 +275,38 @@ async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
         "the institute's prefetch never grew while its backlog drained: {seen:?}"
     );
 
+    assert_arrived_in_order(&gw, &sent, &["cpi-bologna", "osservatorio-er"]).await;
+    gw.stop().await;
+}
+
+/// What the broker grants each consumer of the gateway under `prefix`, by partner; and
+/// `rabbitmqctl list_consumers` as it printed it.
+fn granted(prefix: &str) -> (std::collections::BTreeMap<String, u32>, String) {
+    let listed = common::shared_broker_ctl_output(&[
+        "list_consumers",
+        "-q",
+        "--no-table-headers",
+        "queue_name",
+        "prefetch_count",
+    ]);
+    let granted = listed
+        .lines()
+        .filter_map(|line| {
+            let (queue, prefetch) = line.split_once('\t')?;
+            let partner = queue.strip_prefix(&format!("{prefix}.in."))?;
+            Some((partner.to_string(), prefetch.trim().parse().ok()?))
+        })
+        .collect();
+    (granted, listed)
+}
+
+/// Asserts that each of `recipients` received every message of `sent`, in the order sent.
+async fn assert_arrived_in_order(gw: &Gateway, sent: &[Value], recipients: &[&str]) {
     let ids: Vec<String> = sent
         .iter()
         .map(|m| m["message_id"].as_str().unwrap().to_string())
         .collect();
-    for recipient in ["cpi-bologna", "osservatorio-er"] {
+    for recipient in recipients {
         let arrived: Vec<String> = gw
             .take(&gw.queues.outbound(recipient), ids.len())
             .await
@@ -336,5 +320,4 @@ async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
             ids.len()
         );
     }
-    gw.stop().await;
 }
