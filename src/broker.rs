@@ -31,6 +31,8 @@ pub enum BrokerError {
         "the session did not open within {0} s (connections, topology, channels and consumers)"
     )]
     SetupTimeout(u64),
+    #[error("the broker did not answer {0} within {1} s")]
+    NoAnswer(&'static str, u64),
     #[error("the broker refused a publish (nack)")]
     Nacked,
     #[error("a flow ended abnormally")]
@@ -481,14 +483,24 @@ pub async fn consume(
         .await?)
 }
 
+/// How long a flow waits for the broker to answer a cancel, a close or a new consumer: a broker
+/// alive but silent (it still sends heartbeats) must not hold a flow, or the gateway's shutdown,
+/// for ever.
+pub const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Stops consuming under `tag`, then closes a flow's channels itself rather than by dropping
-/// them, so they are not still closing when their connection closes.
+/// them, so they are not still closing when their connection closes. Each step waits at most
+/// [`ANSWER_WITHIN`] for the broker.
 pub async fn stop_consuming(consume: &Channel, publish: &Channel, tag: &str) {
-    let _ = consume
-        .basic_cancel(tag.into(), BasicCancelOptions::default())
-        .await;
-    let _ = consume.close(200, "flow stopped".into()).await;
-    let _ = publish.close(200, "flow stopped".into()).await;
+    let _ = tokio::time::timeout(
+        ANSWER_WITHIN,
+        consume.basic_cancel(tag.into(), BasicCancelOptions::default()),
+    )
+    .await;
+    let _ = tokio::join!(
+        tokio::time::timeout(ANSWER_WITHIN, consume.close(200, "flow stopped".into())),
+        tokio::time::timeout(ANSWER_WITHIN, publish.close(200, "flow stopped".into())),
+    );
 }
 
 /// A flow that handles one message of `queue` at a time: consumes, says it is `ready`, hands each

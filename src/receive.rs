@@ -12,12 +12,13 @@ use lapin::{Channel, message::Delivery};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::broker::{BrokerError, consume, stop_consuming};
+use crate::broker::{ANSWER_WITHIN, BrokerError, consume, stop_consuming};
 use crate::deliver::{Labels, Publishing, properties};
 use crate::partner::Partner;
 use crate::pipeline::{Outcome, Pipeline};
 use crate::prefetch::{self, Pool};
 use crate::settle::{self, Acknowledger, Inbound, Partial, Pending, Settled, Settler};
+use tokio::time::timeout;
 
 /// One partner's inbound flow.
 pub struct Flow {
@@ -89,16 +90,20 @@ impl Flow {
                         // A consumer's prefetch is fixed when it starts (RabbitMQ applies
                         // basic.qos to consumers started after it): start it again. Messages
                         // received meanwhile are handled first, so their order is kept.
-                        let _ = self
+                        let cancel = self
                             .consume
-                            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                            .await;
+                            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                        let _ = timeout(ANSWER_WITHIN, cancel)
+                            .await
+                            .map_err(|_| no_answer("basic.cancel"))?;
                         while let Some(delivery) = consumer.next().await {
                             settling.push_back(self.handle(delivery?, &owner).await?);
                         }
                         debug!(%queue, to = next, "prefetch changed");
                         gauge.set(next);
-                        consumer = consume(&self.consume, &queue, &tag, next).await?;
+                        consumer = timeout(ANSWER_WITHIN, consume(&self.consume, &queue, &tag, next))
+                            .await
+                            .map_err(|_| no_answer("basic.consume"))??;
                     }
                 }
                 Some(settled) = settling.next(), if !settling.is_empty() => {
@@ -129,10 +134,10 @@ impl Flow {
         }
         // Stop taking new messages; those received but not yet handled go back to the queue
         // when the channel closes. Settle what is in flight.
-        let _ = self
+        let cancel = self
             .consume
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        let _ = timeout(ANSWER_WITHIN, cancel).await;
         while let Some(settled) = settling.next().await {
             acks.settle(settled, &self.settler).await;
         }
@@ -230,4 +235,8 @@ impl Flow {
             }
         })
     }
+}
+
+fn no_answer(what: &'static str) -> BrokerError {
+    BrokerError::NoAnswer(what, ANSWER_WITHIN.as_secs())
 }

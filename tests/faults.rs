@@ -446,9 +446,9 @@ async fn a_broker_that_never_answers_is_given_up_on_and_tried_again() {
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
 
-/// A TCP proxy in front of the shared broker. A connection accepted while it is `stalled`
-/// passes the AMQP handshake and then only the broker's heartbeats: a broker that accepts
-/// connections and then stops answering, alive on the wire (a node busy or partitioned).
+/// A TCP proxy in front of the shared broker. While it is `stalled`, each connection passes the
+/// AMQP handshake and then only the broker's heartbeats: a broker that stops answering, alive
+/// on the wire (a node busy or partitioned).
 struct StallingProxy {
     url: String,
     stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -458,7 +458,7 @@ struct StallingProxy {
 
 impl StallingProxy {
     async fn start(broker: &str) -> StallingProxy {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::AtomicBool;
         // amqp://user:password@host:port/vhost
         let (head, rest) = broker.split_once('@').unwrap();
         let (upstream, vhost) = rest.split_once('/').unwrap();
@@ -472,7 +472,7 @@ impl StallingProxy {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 log.lock().unwrap().push(Instant::now());
-                let stalled = stall.load(Ordering::SeqCst);
+                let stalled = stall.clone();
                 let upstream = upstream.clone();
                 connections.spawn(async move {
                     let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
@@ -481,7 +481,7 @@ impl StallingProxy {
                     let up = tokio::spawn(async move {
                         let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
                     });
-                    pass_frames(&mut from_server, &mut to_client, stalled).await;
+                    pass_frames(&mut from_server, &mut to_client, &stalled).await;
                     up.abort();
                 });
             }
@@ -494,10 +494,16 @@ impl StallingProxy {
         }
     }
 
-    /// Connections accepted from now on are passed whole.
+    /// From now on the broker's frames are passed whole.
     fn answer(&self) {
         self.stalled
             .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// From now on only the broker's heartbeats are passed (after the handshake).
+    fn stall(&self) {
+        self.stalled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -507,12 +513,12 @@ impl Drop for StallingProxy {
     }
 }
 
-/// Copies the broker's AMQP frames to the client; once `stalled` and the connection is open
+/// Copies the broker's AMQP frames to the client; while `stalled`, once the connection is open
 /// (Connection.Open-Ok passed), only heartbeats.
 async fn pass_frames(
     from: &mut tokio::net::tcp::OwnedReadHalf,
     to: &mut tokio::net::tcp::OwnedWriteHalf,
-    stalled: bool,
+    stalled: &std::sync::atomic::AtomicBool,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const HEARTBEAT: u8 = 8;
@@ -531,7 +537,11 @@ async fn pass_frames(
                 break;
             }
             let frame: Vec<u8> = buffer.drain(..8 + size).collect();
-            if (!stalled || !open || frame[0] == HEARTBEAT) && to.write_all(&frame).await.is_err() {
+            if (!stalled.load(std::sync::atomic::Ordering::SeqCst)
+                || !open
+                || frame[0] == HEARTBEAT)
+                && to.write_all(&frame).await.is_err()
+            {
                 return;
             }
             // Method frame on channel 0, class 10 (connection), method 41 (open-ok).
@@ -608,5 +618,41 @@ async fn a_broker_that_stops_answering_while_the_session_opens_is_given_up_on_an
         .expect("the gateway stops")
         .unwrap();
     common::delete_queues(&pipeline.directory).await;
+    let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
+}
+
+/// Asked to stop while its broker has fallen silent (alive on the wire, answering nothing), the
+/// gateway still stops: a flow waits for the broker's answer to a cancel, a close or a new
+/// consumer at most a few seconds. Here the flows also restart their consumers at their first
+/// look, as idle flows sharing `broker.max_in_flight` give back their windows, and that waits
+/// on the silent broker too.
+#[tokio::test]
+async fn a_gateway_asked_to_stop_while_its_broker_is_silent_still_stops() {
+    let proxy = StallingProxy::start(&broker_url()).await;
+    proxy.answer();
+    let prefix = random_prefix();
+    let directory = common::directory_with(
+        &repo().join("config"),
+        &proxy.url,
+        &prefix,
+        &[
+            ("broker.max_in_flight", "100"),
+            ("broker.publish_timeout_secs", "2"),
+        ],
+    );
+    let gw = Gateway::start_with(directory).await;
+    proxy.stall();
+    // The flows' first look, a second after they started: each gives back its window.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let asked = Instant::now();
+    let directory = gw.directory.clone();
+    tokio::time::timeout(Duration::from_secs(45), gw.stop_keeping_queues())
+        .await
+        .expect("the gateway stops while its broker is silent");
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    proxy.answer();
+    common::delete_queues(&directory).await;
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
