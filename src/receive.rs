@@ -87,23 +87,8 @@ impl Flow {
                     let pool = self.pool.as_ref().expect("looked only with a pool");
                     let now = settling.len() + acks.unacknowledged();
                     if let Some(next) = window.look(pool, now) {
-                        // A consumer's prefetch is fixed when it starts (RabbitMQ applies
-                        // basic.qos to consumers started after it): start it again. Messages
-                        // received meanwhile are handled first, so their order is kept.
-                        let cancel = self
-                            .consume
-                            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-                        let _ = timeout(ANSWER_WITHIN, cancel)
-                            .await
-                            .map_err(|_| no_answer("basic.cancel"))?;
-                        while let Some(delivery) = consumer.next().await {
-                            settling.push_back(self.handle(delivery?, &owner).await?);
-                        }
-                        debug!(%queue, to = next, "prefetch changed");
+                        self.restart(&mut consumer, &mut settling, &owner, &tag, next).await?;
                         gauge.set(next);
-                        consumer = timeout(ANSWER_WITHIN, consume(&self.consume, &queue, &tag, next))
-                            .await
-                            .map_err(|_| no_answer("basic.consume"))??;
                     }
                 }
                 Some(settled) = settling.next(), if !settling.is_empty() => {
@@ -143,6 +128,34 @@ impl Flow {
         }
         acks.finish(&self.settler).await;
         stop_consuming(&self.consume, &self.settler.channel, &tag).await;
+        Ok(())
+    }
+
+    /// Starts the flow's consumer again with `prefetch`: RabbitMQ fixes a consumer's prefetch
+    /// when it starts (basic.qos applies to consumers started after it). Messages received
+    /// meanwhile are handled first, so their order is kept.
+    async fn restart(
+        &self,
+        consumer: &mut lapin::Consumer,
+        settling: &mut Settling,
+        owner: &Arc<str>,
+        tag: &str,
+        prefetch: u16,
+    ) -> Result<(), BrokerError> {
+        let queue = self.settler.queues.inbound(&self.partner.id);
+        let cancel = self
+            .consume
+            .basic_cancel(tag.into(), BasicCancelOptions::default());
+        let _ = timeout(ANSWER_WITHIN, cancel)
+            .await
+            .map_err(|_| no_answer("basic.cancel"))?;
+        while let Some(delivery) = consumer.next().await {
+            settling.push_back(self.handle(delivery?, owner).await?);
+        }
+        debug!(%queue, prefetch, "prefetch changed");
+        *consumer = timeout(ANSWER_WITHIN, consume(&self.consume, queue, tag, prefetch))
+            .await
+            .map_err(|_| no_answer("basic.consume"))??;
         Ok(())
     }
 
