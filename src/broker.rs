@@ -483,9 +483,10 @@ pub async fn consume(
         .await?)
 }
 
-/// How long a flow waits for the broker to answer a cancel, a close or a new consumer: a broker
-/// alive but silent (it still sends heartbeats) must not hold a flow, or the gateway's shutdown,
-/// for ever.
+/// How long the gateway waits for the broker to answer a cancel, a close (of a channel or a
+/// connection) or a new consumer: a broker alive but silent (it still sends heartbeats), or a
+/// connection that died at the wrong moment, must not hold a flow, a reconnect or the
+/// gateway's shutdown for ever.
 pub const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Stops consuming under `tag`, then closes a flow's channels itself rather than by dropping

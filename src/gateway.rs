@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::{
-    BrokerError, QueueNames, Queues, confirming_channel, connect, declare_topology,
+    ANSWER_WITHIN, BrokerError, QueueNames, Queues, confirming_channel, connect, declare_topology,
 };
 use crate::courier::Courier;
 use crate::directory::Directory;
@@ -161,7 +161,10 @@ async fn session(
     // the session, and with it the reconnect, must not wait for it. Dropped, a connection is
     // closed by the socket's end.
     join_all(connections.iter().map(|connection| {
-        tokio::time::timeout(CLOSE_WITHIN, connection.close(200, "ponte stopping".into()))
+        tokio::time::timeout(
+            ANSWER_WITHIN,
+            connection.close(200, "ponte stopping".into()),
+        )
     }))
     .await;
     match failure {
@@ -192,7 +195,7 @@ async fn open(
         let setup = connect(directory, "ponte setup").await?;
         declare_topology(&setup, directory).await?;
         let _ =
-            tokio::time::timeout(CLOSE_WITHIN, setup.close(200, "topology declared".into())).await;
+            tokio::time::timeout(ANSWER_WITHIN, setup.close(200, "topology declared".into())).await;
         tracing::debug!("topology declared");
         Ok::<_, BrokerError>(())
     };
@@ -319,8 +322,6 @@ async fn open(
 
 /// How long beyond the confirm timeout the flows may take to wind down once one has failed.
 const WIND_DOWN: Duration = Duration::from_secs(5);
-/// How long closing a connection may wait for the broker's answer.
-const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Waits for every flow to end and returns the first failure (`failure`, or the first flow's),
 /// calling `failed` at each flow's failure. Once a failure is known, the others have `bound`

@@ -10,7 +10,7 @@
 //! bounded by count as before; a partner that sends most of the traffic gets the window it
 //! needs without anyone setting a `prefetch` for it.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How often a flow looks at what it used.
@@ -26,9 +26,10 @@ pub const QUIET_LOOKS: usize = 5;
 /// How many looks a flow that grew keeps its window.
 pub const KEEP_AFTER_GROWING: u32 = 30;
 
-/// One flow's window: its prefetch, and what it used over its last looks.
+/// One flow's window: its prefetch, the pool it shares, and what it used over its last looks.
 #[derive(Debug)]
 pub struct Window {
+    pool: Arc<Pool>,
     pub prefetch: u16,
     /// The most messages unacknowledged at once since the last look.
     most: usize,
@@ -39,8 +40,9 @@ pub struct Window {
 }
 
 impl Window {
-    pub fn new(prefetch: u16) -> Window {
+    pub fn new(pool: Arc<Pool>, prefetch: u16) -> Window {
         Window {
+            pool,
             prefetch,
             most: 0,
             recent: [0; QUIET_LOOKS],
@@ -56,14 +58,16 @@ impl Window {
 
     /// Every [`EVERY`], with the flow's `unacknowledged` messages now: the new prefetch, when
     /// it changes.
-    pub fn look(&mut self, pool: &Pool, unacknowledged: usize) -> Option<u16> {
+    pub fn look(&mut self, unacknowledged: usize) -> Option<u16> {
         self.looks += 1;
         self.recent[self.looks as usize % QUIET_LOOKS] = self.most;
         let peak = self.recent.iter().copied().max().unwrap_or(0);
         let may_give_back = self
             .grew_at
             .is_none_or(|at| self.looks - at >= KEEP_AFTER_GROWING);
-        let next = pool.next(self.prefetch, self.most, may_give_back.then_some(peak));
+        let next = self
+            .pool
+            .next(self.prefetch, self.most, may_give_back.then_some(peak));
         self.most = unacknowledged;
         if next > self.prefetch {
             self.grew_at = Some(self.looks);
@@ -103,8 +107,8 @@ impl Pool {
     }
 
     /// The prefetch a flow at `current` should have next, given the most messages it had
-    /// unacknowledged at once over the last [`EVERY`] (`most`) and, when it may give back,
-    /// since it last could (`peak`); what it gives back or takes is counted.
+    /// unacknowledged at once over the last [`EVERY`] (`most`) and, when it may give back, over
+    /// the last [`QUIET_LOOKS`] (`peak`); what it gives back or takes is counted.
     pub fn next(&self, current: u16, most: usize, peak: Option<usize>) -> u16 {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if most >= usize::from(current) {
@@ -193,36 +197,36 @@ mod tests {
 
     #[test]
     fn a_flow_gives_back_what_it_did_not_use_over_five_seconds() {
-        let pool = Pool::new(1_000, 10, 50, 200).unwrap();
-        let mut window = Window::new(50);
+        let pool = Arc::new(Pool::new(1_000, 10, 50, 200).unwrap());
+        let mut window = Window::new(pool.clone(), 50);
         // Its first second: 12 at most; it keeps 24.
         window.saw(12);
-        assert_eq!(window.look(&pool, 0), Some(24));
-        assert_eq!(window.look(&pool, 0), None);
+        assert_eq!(window.look(0), Some(24));
+        assert_eq!(window.look(0), None);
         // A burst of 12 keeps the window for five seconds...
         window.saw(12);
         for look in 3..8 {
-            assert_eq!(window.look(&pool, 0), None, "look {look}");
+            assert_eq!(window.look(0), None, "look {look}");
         }
         // ...then it gives back down to the floor.
-        assert_eq!(window.look(&pool, 0), Some(4));
+        assert_eq!(window.look(0), Some(4));
         assert_eq!(pool.free(), 500 + 46);
     }
 
     #[test]
     fn a_flow_that_grew_keeps_its_window_for_thirty_seconds() {
-        let pool = Pool::new(1_000, 10, 50, 200).unwrap();
-        let mut window = Window::new(50);
+        let pool = Arc::new(Pool::new(1_000, 10, 50, 200).unwrap());
+        let mut window = Window::new(pool.clone(), 50);
         // Held back: it doubles.
         window.saw(50);
-        assert_eq!(window.look(&pool, 0), Some(100));
+        assert_eq!(window.look(0), Some(100));
         // Bursts of 20 for a while, then quiet: no restart for thirty seconds.
         for look in 2..31 {
             if look % 3 == 0 && look < 20 {
                 window.saw(20);
             }
-            assert_eq!(window.look(&pool, 0), None, "look {look}");
+            assert_eq!(window.look(0), None, "look {look}");
         }
-        assert_eq!(window.look(&pool, 0), Some(4));
+        assert_eq!(window.look(0), Some(4));
     }
 }

@@ -78,15 +78,18 @@ impl Flow {
             prefetch::EVERY,
         );
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut window = prefetch::Window::new(self.prefetch);
+        // Only a flow that shares `broker.max_in_flight` keeps count of what it uses.
+        let mut window = self
+            .pool
+            .clone()
+            .map(|pool| prefetch::Window::new(pool, self.prefetch));
         loop {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                _ = look.tick(), if self.pool.is_some() => {
-                    let pool = self.pool.as_ref().expect("looked only with a pool");
+                _ = look.tick(), if window.is_some() => {
                     let now = settling.len() + acks.unacknowledged();
-                    if let Some(next) = window.look(pool, now) {
+                    if let Some(next) = window.as_mut().and_then(|w| w.look(now)) {
                         self.restart(&mut consumer, &mut settling, &owner, &tag, next).await?;
                         gauge.set(next);
                     }
@@ -110,7 +113,9 @@ impl Flow {
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
                         settling.push_back(self.handle(delivery, &owner).await?);
-                        window.saw(settling.len() + acks.unacknowledged());
+                        if let Some(window) = &mut window {
+                            window.saw(settling.len() + acks.unacknowledged());
+                        }
                     }
                     Some(Err(error)) => return Err(error.into()),
                     None => return Err(BrokerError::ConsumerCancelled { queue }),
