@@ -66,7 +66,8 @@ struct Args {
     #[arg(long)]
     no_shovel: bool,
     /// Also move the load with a no-op AMQP forwarder (consume, publish with confirms, ack in
-    /// batches; no validation): what any client-side gateway costs the broker.
+    /// batches; no validation): what any client-side gateway costs the broker; with
+    /// `--latency-secs`, its latency at the same rate too.
     #[arg(long)]
     forwarder: bool,
     /// Also measure latency at half the maximum rate, for this many seconds.
@@ -106,6 +107,8 @@ struct Row {
     ponte_broker_us: f64,
     /// The no-op forwarder: its rate, the broker's and its own CPU per message.
     forwarder: Option<(f64, f64, f64)>,
+    /// The no-op forwarder's latency at the same offered rate.
+    forwarder_latency: Option<Latency>,
 }
 
 #[tokio::main]
@@ -161,11 +164,19 @@ async fn main() -> Result<()> {
         broker_at_rest(&args.node).await?;
         row.latency = Some(latency(&args, &config, &directory, &offered, rate).await?);
         if !args.no_shovel {
-            row.shovel_latency = Some(shovel_latency(&args, &connection, &offered, rate).await?);
+            row.shovel_latency =
+                Some(side_latency(&args, &connection, &offered, rate, Mover::Shovel).await?);
+        }
+        if args.forwarder {
+            row.forwarder_latency =
+                Some(side_latency(&args, &connection, &offered, rate, Mover::Forwarder).await?);
         }
         let mut series = vec![("Ponte", row.latency.as_ref().unwrap(), "#c0392b")];
         if let Some(shovel) = &row.shovel_latency {
             series.push(("shovel", shovel, "#2471a3"));
+        }
+        if let Some(forwarder) = &row.forwarder_latency {
+            series.push(("no-op forwarder", forwarder, "#7d8c3a"));
         }
         let path = args.work.join(format!("latency-{}.svg", args.scenario));
         std::fs::write(&path, percentile_plot(&series, rate))?;
@@ -942,17 +953,49 @@ async fn latency(
     timed
 }
 
-/// The shovel's latency at the same `rate` (publish into its source queue, arrival in its
-/// destination): what the broker alone gives on this machine, the floor under Ponte's.
-async fn shovel_latency(
+/// What moves a side queue's messages in a latency run besides Ponte.
+#[derive(Clone, Copy, PartialEq)]
+enum Mover {
+    /// The broker's own shovel: the floor under Ponte's latency.
+    Shovel,
+    /// The no-op AMQP forwarder: what being a client of the broker costs at all.
+    Forwarder,
+}
+
+/// A side mover's latency at the same `rate` (publish into its source queue, arrival in its
+/// destination).
+async fn side_latency(
     args: &Args,
     connection: &Connection,
     load: &Load,
     rate: f64,
+    mover: Mover,
 ) -> Result<Latency> {
-    let (src, dst) = side_queues(args, connection, &Load::default(), "shovel-latency").await?;
+    let label = match mover {
+        Mover::Shovel => "shovel",
+        Mover::Forwarder => "forwarder",
+    };
+    let (src, dst) = side_queues(
+        args,
+        connection,
+        &Load::default(),
+        &format!("{label}-latency"),
+    )
+    .await?;
     let name = format!("bench-latency-{}", args.scenario);
-    set_shovel(args, &name, &src, &dst)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let forwarding = match mover {
+        Mover::Shovel => {
+            set_shovel(args, &name, &src, &dst)?;
+            None
+        }
+        Mover::Forwarder => Some(tokio::spawn(forward(
+            args.url.clone(),
+            src.clone(),
+            dst.clone(),
+            stop.clone(),
+        ))),
+    };
     let schedule = load
         .by_sender
         .iter()
@@ -960,13 +1003,19 @@ async fn shovel_latency(
         .collect();
     let timed = time_through(
         args,
-        &format!("{}-shovel", args.scenario),
+        &format!("{}-{label}", args.scenario),
         schedule,
         std::slice::from_ref(&dst),
         rate,
     )
     .await;
-    ctl(&args.node, &["clear_parameter", "shovel", &name])?;
+    match forwarding {
+        None => ctl(&args.node, &["clear_parameter", "shovel", &name])?,
+        Some(task) => {
+            stop.cancel();
+            task.await??;
+        }
+    }
     delete_queues(connection, &[&src, &dst]).await?;
     timed
 }
@@ -1221,9 +1270,10 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
     let ratio = row.shovel_rate.map(|s| row.ponte_rate / s);
     let latency = |pick: fn(&Latency) -> f64| row.latency.as_ref().map(pick);
     let shovel_latency = |pick: fn(&Latency) -> f64| row.shovel_latency.as_ref().map(pick);
-    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms";
+    let forwarder_latency = |pick: fn(&Latency) -> f64| row.forwarder_latency.as_ref().map(pick);
+    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms";
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -1246,7 +1296,10 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         fmt(row.forwarder.map(|f| f.2 * 1e6), 1),
         fmt(shovel_latency(|l| l.p50), 2),
         fmt(shovel_latency(|l| l.p99), 2),
-        fmt(shovel_latency(|l| l.max), 2)
+        fmt(shovel_latency(|l| l.max), 2),
+        fmt(forwarder_latency(|l| l.p50), 2),
+        fmt(forwarder_latency(|l| l.p99), 2),
+        fmt(forwarder_latency(|l| l.max), 2)
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
