@@ -167,17 +167,128 @@ impl QueueNames {
 
 /// Opens a connection. lapin's automatic recovery stays off: the gateway's own supervisor
 /// reconnects, redeclares and resumes, so every step of recovery is visible and tested.
-pub async fn connect(directory: &Directory, name: &str) -> Result<Connection, BrokerError> {
+pub async fn connect(directory: &Directory, name: &str) -> Result<Link, BrokerError> {
     let uri = directory.settings.broker_uri().map_err(BrokerError::Url)?;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let secs = directory.settings.broker.connect_timeout_secs;
-    tokio::time::timeout(
-        std::time::Duration::from_secs(secs),
-        Connection::connect_uri(uri, properties),
+    // Until it is a `Link`, the socket is severed however this ends: failed, timed out, or
+    // dropped unfinished (beside another connection that failed, say).
+    let mut link = Link {
+        connection: None,
+        socket: Socket::default(),
+    };
+    let opening = open_link(uri, properties, link.socket.clone());
+    link.connection = Some(
+        tokio::time::timeout(std::time::Duration::from_secs(secs), opening)
+            .await
+            .map_err(|_| BrokerError::ConnectTimeout(secs))??,
+    );
+    Ok(link)
+}
+
+/// A connection to the broker that, once dropped, ends its socket at once.
+///
+/// lapin lets go of a connection only through the AMQP close handshake or missed heartbeats:
+/// a connection given up on while the broker is alive but silent (a set-up past its deadline,
+/// a close without an answer, a handshake that never finishes) kept its I/O thread and its
+/// socket for as long as the broker kept silent — three threads for every failed attempt to
+/// open a session. A `Link` keeps a second handle on the socket and shuts it down when dropped
+/// (after a close, this changes nothing), which ends lapin's I/O thread with it.
+pub struct Link {
+    /// Set once open.
+    connection: Option<Connection>,
+    socket: Socket,
+}
+
+impl std::ops::Deref for Link {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.connection
+            .as_ref()
+            .expect("a link is handed out only once open")
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.socket.sever();
+    }
+}
+
+/// A second handle on a connection's TCP socket, set once the socket is connected.
+#[derive(Clone, Default)]
+struct Socket(std::sync::Arc<std::sync::Mutex<Held>>);
+
+#[derive(Default)]
+enum Held {
+    #[default]
+    Connecting,
+    Open(std::net::TcpStream),
+    /// Given up on: lapin, which tries the connection again when the broker ends it during the
+    /// handshake, is refused a new one.
+    Severed,
+}
+
+impl Socket {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Shuts the socket down in both directions (whoever reads it sees its end), and any
+    /// socket connected for it later.
+    fn sever(&self) {
+        if let Held::Open(socket) = std::mem::replace(&mut *self.held(), Held::Severed) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Keeps a duplicate of `socket`, just connected; refused once severed.
+    fn keep(&self, socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        let mut held = self.held();
+        if let Held::Severed = *held {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the connection was given up on",
+            ));
+        }
+        *held = Held::Open(std::net::TcpStream::from(socket.try_clone_to_owned()?));
+        Ok(())
+    }
+}
+
+/// Opens a connection as `lapin::Connection::connect_uri` does — TCP, then TLS for `amqps` —
+/// keeping a duplicate of the TCP socket in `socket`.
+async fn open_link(
+    uri: lapin::uri::AMQPUri,
+    properties: ConnectionProperties,
+    socket: Socket,
+) -> Result<Connection, lapin::Error> {
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri, runtime| {
+            let (host, port) = (uri.authority.host.clone(), uri.authority.port);
+            let addresses = runtime.to_socket_addrs((host.clone(), port));
+            let stream = lapin::tcp::AsyncTcpStream::connect(&runtime, addresses).await?;
+            match &stream {
+                lapin::tcp::AsyncTcpStream::Plain(tcp) => {
+                    socket.keep(std::os::fd::AsFd::as_fd(tcp.get_ref()))?
+                }
+                _ => unreachable!("a stream just connected is plain TCP"),
+            }
+            Ok(match uri.scheme {
+                lapin::uri::AMQPScheme::AMQP => stream,
+                lapin::uri::AMQPScheme::AMQPS => {
+                    let config = lapin::tcp::OwnedTLSConfig::default();
+                    stream.into_tls(&host, config.as_ref()).await?
+                }
+            })
+        },
+        properties,
     )
     .await
-    .map_err(|_| BrokerError::ConnectTimeout(secs))?
-    .map_err(BrokerError::from)
 }
 
 /// A channel with publisher confirms switched on.

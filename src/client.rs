@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::{Acker, Connection};
 use serde_json::Value;
 
 use crate::broker::{BrokerError, Queues, confirming_channel, connect};
@@ -120,7 +120,7 @@ impl Taken {
 /// Every message of a queue, held unacknowledged: nothing is removed unless taken with
 /// [`Browse::remove`]; the rest go back to the queue, in their order, when the browse closes.
 pub struct Browse {
-    connection: Connection,
+    connection: crate::broker::Link,
     /// Held open: closing the channel gives the messages back to the queue.
     _channel: lapin::Channel,
     pub messages: Vec<(Acker, Taken)>,

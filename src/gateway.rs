@@ -176,7 +176,7 @@ async fn session(
 /// An opened session: its connections; its flows, consuming and waiting for `started`; the
 /// channel on which each flow says it consumes, and how many will.
 struct Opened {
-    connections: Vec<lapin::Connection>,
+    connections: Vec<crate::broker::Link>,
     flows: JoinSet<Result<(), BrokerError>>,
     consuming: mpsc::Receiver<()>,
     expected: usize,

@@ -401,14 +401,27 @@ async fn a_broker_that_never_answers_is_given_up_on_and_tried_again() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let log = accepted.clone();
+    // Connections the gateway has not closed yet.
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (log, count) = (accepted.clone(), open.clone());
     let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::AsyncReadExt;
+        let mut held = tokio::task::JoinSet::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
             log.lock().unwrap().push(Instant::now());
-            held.push(socket);
+            count.fetch_add(1, SeqCst);
+            let count = count.clone();
+            // Reads what the gateway sends (its protocol header) and never answers, until the
+            // gateway closes the connection.
+            held.spawn(async move {
+                let mut sink = [0u8; 64];
+                while let Ok(1..) = socket.read(&mut sink).await {}
+                count.fetch_sub(1, SeqCst);
+            });
         }
     });
+    let open_now = || open.load(std::sync::atomic::Ordering::SeqCst);
     let prefix = random_prefix();
     let directory = common::directory_with(
         &repo().join("config"),
@@ -437,11 +450,25 @@ async fn a_broker_that_never_answers_is_given_up_on_and_tried_again() {
     )
     .await;
     assert!(!status.is_ready());
+    // An attempt given up on closes its connections rather than leaving them to the listener:
+    // at most the current attempt's are open (the topology's and one pair for the partners).
+    wait_until(
+        "the abandoned attempts' connections closed",
+        Duration::from_secs(10),
+        async || open_now() <= 3,
+    )
+    .await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), gateway)
         .await
         .expect("the gateway stops while its broker never answers")
         .unwrap();
+    wait_until(
+        "every connection closed once the gateway stopped",
+        Duration::from_secs(10),
+        async || open_now() == 0,
+    )
+    .await;
     silent.abort();
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
@@ -453,6 +480,8 @@ struct StallingProxy {
     url: String,
     stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
     accepted: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    /// Client connections not yet closed by the client.
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -467,22 +496,26 @@ impl StallingProxy {
         let url = format!("{head}@{}/{vhost}", listener.local_addr().unwrap());
         let stalled = std::sync::Arc::new(AtomicBool::new(true));
         let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (stall, log) = (stalled.clone(), accepted.clone());
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stall, log, count) = (stalled.clone(), accepted.clone(), open.clone());
         let task = tokio::spawn(async move {
+            use std::sync::atomic::Ordering::SeqCst;
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 log.lock().unwrap().push(Instant::now());
-                let stalled = stall.clone();
+                count.fetch_add(1, SeqCst);
+                let (stalled, count) = (stall.clone(), count.clone());
                 let upstream = upstream.clone();
                 connections.spawn(async move {
                     let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
                     let (mut from_client, mut to_client) = client.into_split();
                     let (mut from_server, mut to_server) = server.into_split();
-                    let up = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
-                    });
-                    pass_frames(&mut from_server, &mut to_client, &stalled).await;
-                    up.abort();
+                    // Until the client closes its end (or either side fails).
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
+                        () = pass_frames(&mut from_server, &mut to_client, &stalled) => {}
+                    }
+                    count.fetch_sub(1, SeqCst);
                 });
             }
         });
@@ -490,8 +523,14 @@ impl StallingProxy {
             url,
             stalled,
             accepted,
+            open,
             task,
         }
+    }
+
+    /// Client connections open now.
+    fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// From now on the broker's frames are passed whole.
@@ -589,6 +628,15 @@ async fn a_broker_that_stops_answering_while_the_session_opens_is_given_up_on_an
     )
     .await;
     assert!(!status.is_ready());
+    // What an abandoned attempt opened is closed at once, not left to the silent broker: at
+    // most the current attempt's connections are open (the topology's, and the partners'
+    // consuming and publishing ones).
+    wait_until(
+        "the abandoned attempts' connections closed",
+        Duration::from_secs(10),
+        async || proxy.open() <= 3,
+    )
+    .await;
 
     proxy.answer();
     tokio::time::timeout(Duration::from_secs(30), status.ready())
@@ -617,6 +665,12 @@ async fn a_broker_that_stops_answering_while_the_session_opens_is_given_up_on_an
         .await
         .expect("the gateway stops")
         .unwrap();
+    wait_until(
+        "every connection closed once the gateway stopped",
+        Duration::from_secs(10),
+        async || proxy.open() == 0,
+    )
+    .await;
     common::delete_queues(&pipeline.directory).await;
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
