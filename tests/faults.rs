@@ -706,6 +706,13 @@ async fn a_gateway_asked_to_stop_while_its_broker_is_silent_still_stops() {
         .expect("the gateway stops while its broker is silent");
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(30), "took {took:?}");
+    // Closes the broker never answered end the connections all the same.
+    wait_until(
+        "every connection closed once the gateway stopped",
+        Duration::from_secs(10),
+        async || proxy.open() == 0,
+    )
+    .await;
     proxy.answer();
     common::delete_queues(&directory).await;
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
