@@ -276,7 +276,8 @@ async fn open_link(
                 lapin::tcp::AsyncTcpStream::Plain(tcp) => {
                     socket.keep(std::os::fd::AsFd::as_fd(tcp.get_ref()))?
                 }
-                _ => unreachable!("a stream just connected is plain TCP"),
+                // `connect` gives plain TCP; TLS comes after, below.
+                _ => return Err(std::io::Error::other("not a plain TCP stream").into()),
             }
             Ok(match uri.scheme {
                 lapin::uri::AMQPScheme::AMQP => stream,
