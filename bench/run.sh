@@ -48,7 +48,7 @@ row() {
 }
 
 if [ "$mode" = quick ]; then
-    row smoke --messages 2000 --latency-secs 2
+    row smoke --messages 2000 --latency-secs 2 --forwarder
 else
     row base --messages 100000 --latency-secs 20 --forwarder
     row base-receipts --messages 100000 --receipts on

@@ -25,6 +25,7 @@ fn a_small_benchmark_run_produces_every_figure() {
             "6",
             "--latency-secs",
             "2",
+            "--forwarder",
             "--scenario",
             "smoke",
         ])
@@ -52,6 +53,9 @@ fn a_small_benchmark_run_produces_every_figure() {
         "peak_rss_mib",
         "latency_p50_ms",
         "latency_p99_ms",
+        "forwarder_msgs_per_s",
+        "forwarder_latency_p50_ms",
+        "forwarder_latency_p99_ms",
     ] {
         let value: f64 = field(name)
             .parse()
@@ -59,12 +63,14 @@ fn a_small_benchmark_run_produces_every_figure() {
         assert!(value > 0.0, "{name} = {value}");
     }
     assert!(work.join("latency-smoke.csv").exists());
-    // The plot has a line for Ponte and one for the shovel.
+    // The plot has a line for Ponte, one for the shovel and one for the forwarder.
     let plot = std::fs::read_to_string(work.join("latency-smoke.svg")).unwrap();
     assert!(plot.starts_with("<svg"), "{plot}");
-    assert_eq!(plot.matches("<polyline").count(), 2, "{plot}");
+    assert_eq!(plot.matches("<polyline").count(), 3, "{plot}");
     assert!(
-        plot.contains(">Ponte: p50") && plot.contains(">shovel: p50"),
+        plot.contains(">Ponte: p50")
+            && plot.contains(">shovel: p50")
+            && plot.contains(">no-op forwarder: p50"),
         "{plot}"
     );
 }
