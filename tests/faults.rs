@@ -43,6 +43,11 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> 
     }
 }
 
+/// Waits (10 s at most) until `open` counts no more than `left` of the gateway's connections.
+async fn closed_down_to(left: usize, what: &str, open: impl Fn() -> usize) {
+    wait_until(what, Duration::from_secs(10), async || open() <= left).await;
+}
+
 /// Waits until `probe` says done, for as long as what it reports keeps changing: a loaded
 /// machine may take minutes to drain, but a gateway that makes no progress for `stall` fails the
 /// test with the last state it reported.
@@ -452,21 +457,16 @@ async fn a_broker_that_never_answers_is_given_up_on_and_tried_again() {
     assert!(!status.is_ready());
     // An attempt given up on closes its connections rather than leaving them to the listener:
     // at most the current attempt's are open (the topology's and one pair for the partners).
-    wait_until(
-        "the abandoned attempts' connections closed",
-        Duration::from_secs(10),
-        async || open_now() <= 3,
-    )
-    .await;
+    closed_down_to(3, "the abandoned attempts' connections closed", open_now).await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), gateway)
         .await
         .expect("the gateway stops while its broker never answers")
         .unwrap();
-    wait_until(
+    closed_down_to(
+        0,
         "every connection closed once the gateway stopped",
-        Duration::from_secs(10),
-        async || open_now() == 0,
+        open_now,
     )
     .await;
     silent.abort();
@@ -631,11 +631,9 @@ async fn a_broker_that_stops_answering_while_the_session_opens_is_given_up_on_an
     // What an abandoned attempt opened is closed at once, not left to the silent broker: at
     // most the current attempt's connections are open (the topology's, and the partners'
     // consuming and publishing ones).
-    wait_until(
-        "the abandoned attempts' connections closed",
-        Duration::from_secs(10),
-        async || proxy.open() <= 3,
-    )
+    closed_down_to(3, "the abandoned attempts' connections closed", || {
+        proxy.open()
+    })
     .await;
 
     proxy.answer();
@@ -665,10 +663,10 @@ async fn a_broker_that_stops_answering_while_the_session_opens_is_given_up_on_an
         .await
         .expect("the gateway stops")
         .unwrap();
-    wait_until(
+    closed_down_to(
+        0,
         "every connection closed once the gateway stopped",
-        Duration::from_secs(10),
-        async || proxy.open() == 0,
+        || proxy.open(),
     )
     .await;
     common::delete_queues(&pipeline.directory).await;
@@ -707,10 +705,10 @@ async fn a_gateway_asked_to_stop_while_its_broker_is_silent_still_stops() {
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(30), "took {took:?}");
     // Closes the broker never answered end the connections all the same.
-    wait_until(
+    closed_down_to(
+        0,
         "every connection closed once the gateway stopped",
-        Duration::from_secs(10),
-        async || proxy.open() == 0,
+        || proxy.open(),
     )
     .await;
     proxy.answer();

@@ -954,7 +954,7 @@ async fn latency(
 }
 
 /// What moves a side queue's messages in a latency run besides Ponte.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Mover {
     /// The broker's own shovel: the floor under Ponte's latency.
     Shovel,
@@ -983,18 +983,21 @@ async fn side_latency(
     )
     .await?;
     let name = format!("bench-latency-{}", args.scenario);
-    let stop = tokio_util::sync::CancellationToken::new();
     let forwarding = match mover {
         Mover::Shovel => {
             set_shovel(args, &name, &src, &dst)?;
             None
         }
-        Mover::Forwarder => Some(tokio::spawn(forward(
-            args.url.clone(),
-            src.clone(),
-            dst.clone(),
-            stop.clone(),
-        ))),
+        Mover::Forwarder => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(forward(
+                args.url.clone(),
+                src.clone(),
+                dst.clone(),
+                stop.clone(),
+            ));
+            Some((task, stop))
+        }
     };
     let schedule = load
         .by_sender
@@ -1011,7 +1014,7 @@ async fn side_latency(
     .await;
     match forwarding {
         None => ctl(&args.node, &["clear_parameter", "shovel", &name])?,
-        Some(task) => {
+        Some((task, stop)) => {
             stop.cancel();
             task.await??;
         }
