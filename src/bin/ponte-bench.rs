@@ -657,18 +657,11 @@ fn set_shovel(args: &Args, name: &str, src: &str, dst: &str) -> Result<()> {
 /// The no-op forwarder's steady rate, the broker's CPU seconds per message and its own.
 async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64, f64)> {
     let (src, dst) = side_queues(args, connection, load, "forwarder").await?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(forward(
-        args.url.clone(),
-        src.clone(),
-        dst.clone(),
-        stop.clone(),
-    ));
+    let forwarding = Forwarding::start(args, &src, &dst);
     let (cpu_before, _) = usage(std::process::id())?;
     let rate = drained(args, connection, &dst, load.count).await;
     let (cpu_after, _) = usage(std::process::id())?;
-    stop.cancel();
-    task.await??;
+    forwarding.stop().await?;
     delete_queues(connection, &[&src, &dst]).await?;
     let (rate, broker) = rate?;
     // The benchmark's own polling runs in this process too: a small overestimate.
@@ -679,6 +672,30 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
         own * 1e6
     );
     Ok((rate, broker, own))
+}
+
+/// The no-op forwarder running between two queues.
+struct Forwarding {
+    task: tokio::task::JoinHandle<Result<()>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Forwarding {
+    fn start(args: &Args, src: &str, dst: &str) -> Forwarding {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(forward(
+            args.url.clone(),
+            src.to_string(),
+            dst.to_string(),
+            stop.clone(),
+        ));
+        Forwarding { task, stop }
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
 }
 
 /// Consumes `src` with Ponte's prefetch, publishes each message to `dst` with a confirm, and
@@ -988,16 +1005,7 @@ async fn side_latency(
             set_shovel(args, &name, &src, &dst)?;
             None
         }
-        Mover::Forwarder => {
-            let stop = tokio_util::sync::CancellationToken::new();
-            let task = tokio::spawn(forward(
-                args.url.clone(),
-                src.clone(),
-                dst.clone(),
-                stop.clone(),
-            ));
-            Some((task, stop))
-        }
+        Mover::Forwarder => Some(Forwarding::start(args, &src, &dst)),
     };
     let schedule = load
         .by_sender
@@ -1014,10 +1022,7 @@ async fn side_latency(
     .await;
     match forwarding {
         None => ctl(&args.node, &["clear_parameter", "shovel", &name])?,
-        Some((task, stop)) => {
-            stop.cancel();
-            task.await??;
-        }
+        Some(forwarding) => forwarding.stop().await?,
     }
     delete_queues(connection, &[&src, &dst]).await?;
     timed
