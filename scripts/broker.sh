@@ -7,6 +7,11 @@
 #   scripts/broker.sh stop   NAME PORT DIR   stop the node
 #   scripts/broker.sh kill   NAME PORT DIR   kill -9 the node (fault tests)
 #   scripts/broker.sh ctl    NAME PORT DIR   ARGS...  run rabbitmqctl against the node
+#
+# PONTE_BROKER_PLUGINS (comma-separated) enables plugins. PONTE_BROKER_TLS_PORT adds a TLS
+# listener that requires a client certificate, with the PEM files ca.pem, server.pem and
+# server.key of the folder PONTE_BROKER_TLS_DIR (and, with rabbitmq_auth_mechanism_ssl among
+# the plugins, the EXTERNAL mechanism: a client logs in as its certificate's common name).
 set -euo pipefail
 
 cmd=${1:?usage: broker.sh start|stop|kill|ctl NAME PORT DIR}
@@ -62,6 +67,23 @@ disk_free_limit.absolute = 50MB
 log.file.level = warning
 log.console = false
 CONF
+    if [ -n "${PONTE_BROKER_TLS_PORT:-}" ]; then
+        tls=$(cd "${PONTE_BROKER_TLS_DIR:?folder of ca.pem, server.pem, server.key}" && pwd)
+        cat >>"$RABBITMQ_CONFIG_FILE" <<CONF
+listeners.ssl.default = 127.0.0.1:$PONTE_BROKER_TLS_PORT
+ssl_options.cacertfile = $tls/ca.pem
+ssl_options.certfile = $tls/server.pem
+ssl_options.keyfile = $tls/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+ssl_cert_login_from = common_name
+CONF
+        # With this plugin a client may log in as its certificate's common name, no password.
+        if [[ ",${PONTE_BROKER_PLUGINS:-}," == *,rabbitmq_auth_mechanism_ssl,* ]]; then
+            printf 'auth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = AMQPLAIN\nauth_mechanisms.3 = EXTERNAL\n' \
+                >>"$RABBITMQ_CONFIG_FILE"
+        fi
+    fi
     echo "[]." >"$RABBITMQ_ADVANCED_CONFIG_FILE"
     echo "[${PONTE_BROKER_PLUGINS:-}]." >"$RABBITMQ_ENABLED_PLUGINS_FILE"
     nohup "$bin/rabbitmq-server" >"$dir/server.out" 2>&1 </dev/null &

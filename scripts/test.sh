@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs Ponte's whole test suite: installs what the tests drive if it is missing (Chromium,
+# Runs Ponte's whole test suite: installs what the tests drive if it is missing (Chromium, openssl,
 # systemd-analyze), starts a private RabbitMQ on loopback (installing Debian's rabbitmq-server if
 # it is missing) with a fresh data folder, checks that the deploy/
 # definitions file loads into it, runs every unit and integration test against it with
@@ -8,11 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The console's end-to-end test drives Debian's Chromium; the deploy test runs systemd-analyze;
+# the broker TLS test makes its certificates with openssl;
 # everything runs against Debian's RabbitMQ. What is missing is installed in one go.
 missing=()
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]}" >&2
     sudo=""

@@ -492,6 +492,11 @@ impl PrivateBroker {
 
     /// Starts a node with these plugins enabled (comma-separated, e.g. `rabbitmq_shovel`).
     pub fn start_with_plugins(plugins: &str) -> PrivateBroker {
+        Self::start_with(plugins, &[])
+    }
+
+    /// The same, with more of `scripts/broker.sh`'s settings (`PONTE_BROKER_TLS_PORT`, …).
+    pub fn start_with(plugins: &str, env: &[(&str, &str)]) -> PrivateBroker {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let port = 20000 + (u16::from_str_radix(&id[..4], 16).unwrap() % 9000);
         let broker = PrivateBroker {
@@ -507,6 +512,7 @@ impl PrivateBroker {
                 broker.dir.to_str().unwrap(),
             ])
             .env("PONTE_BROKER_PLUGINS", plugins)
+            .envs(env.iter().copied())
             .status()
             .expect("scripts/broker.sh runs");
         assert!(status.success(), "broker.sh start failed");
@@ -515,6 +521,18 @@ impl PrivateBroker {
 
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Runs `rabbitmqctl ARGS` against this node and returns what it printed.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let output = Command::new(repo().join("scripts/broker.sh"))
+            .args(["ctl", &self.name, &self.port.to_string()])
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("scripts/broker.sh runs");
+        assert!(output.status.success(), "rabbitmqctl {args:?} failed");
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     pub fn script(&self, command: &str) {
