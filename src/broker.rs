@@ -10,8 +10,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
 
+use std::path::Path;
+
 use crate::directory::Directory;
-use crate::settings::QueueType;
+use crate::settings::{BrokerSettings, QueueType};
 
 /// A failure of the broker or of the connection to it. Always transient for the messages in
 /// flight: they are not acknowledged, so the broker hands them back.
@@ -177,7 +179,8 @@ pub async fn connect(directory: &Directory, name: &str) -> Result<Link, BrokerEr
         connection: None,
         socket: Socket::default(),
     };
-    let opening = open_link(uri, properties, link.socket.clone());
+    let tls = directory.broker_tls.0.clone();
+    let opening = open_link(uri, properties, tls, link.socket.clone());
     link.connection = Some(
         tokio::time::timeout(std::time::Duration::from_secs(secs), opening)
             .await
@@ -257,11 +260,13 @@ impl Socket {
     }
 }
 
-/// Opens a connection as `lapin::Connection::connect_uri` does — TCP, then TLS for `amqps` —
+/// Opens a connection as `lapin::Connection::connect_uri` does — TCP, then TLS for `amqps`,
+/// trusting the system's authorities and those of `tls` and showing its client certificate —
 /// keeping a duplicate of the TCP socket in `socket`.
 async fn open_link(
     uri: lapin::uri::AMQPUri,
     properties: ConnectionProperties,
+    tls: lapin::tcp::OwnedTLSConfig,
     socket: Socket,
 ) -> Result<Connection, lapin::Error> {
     let runtime = lapin::runtime::default_runtime()?;
@@ -281,15 +286,79 @@ async fn open_link(
             }
             Ok(match uri.scheme {
                 lapin::uri::AMQPScheme::AMQP => stream,
-                lapin::uri::AMQPScheme::AMQPS => {
-                    let config = lapin::tcp::OwnedTLSConfig::default();
-                    stream.into_tls(&host, config.as_ref()).await?
-                }
+                lapin::uri::AMQPScheme::AMQPS => stream.into_tls(&host, tls.as_ref()).await?,
             })
         },
         properties,
     )
     .await
+}
+
+/// What a TLS connection to the broker trusts besides the system's authorities
+/// (`broker.ca_file`) and the client certificate it shows (`broker.client_identity_file`), read
+/// and checked once, with the rest of the configuration.
+#[derive(Clone, Default)]
+pub struct BrokerTls(lapin::tcp::OwnedTLSConfig);
+
+impl BrokerTls {
+    /// Reads the files `settings` names, relative to the configuration folder `dir`; every
+    /// problem is a sentence naming its setting and file.
+    pub fn load(settings: &BrokerSettings, dir: &Path) -> Result<BrokerTls, Vec<String>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut errors = Vec::new();
+        let mut read = |key: &str, file: &Option<std::path::PathBuf>| {
+            let path = dir.join(file.as_ref()?);
+            let pem = std::fs::read(&path)
+                .map_err(|e| format!("broker.{key}: cannot read {}: {e}", path.display()))
+                .and_then(|pem| {
+                    let certificates = CertificateDer::pem_slice_iter(&pem)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("broker.{key}: {}: {e}", path.display()))?;
+                    if certificates.is_empty() {
+                        return Err(format!(
+                            "broker.{key}: {} holds no PEM certificate",
+                            path.display()
+                        ));
+                    }
+                    Ok(pem)
+                });
+            pem.map_err(|e| errors.push(e)).ok().map(|pem| (path, pem))
+        };
+        let authorities = read("ca_file", &settings.ca_file);
+        let identity = read("client_identity_file", &settings.client_identity_file);
+        let identity = identity.and_then(|(path, pem)| match PrivateKeyDer::from_pem_slice(&pem) {
+            Ok(_) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: pem.clone(),
+                key: pem,
+            }),
+            Err(e) => {
+                errors.push(format!(
+                    "broker.client_identity_file: {} holds no private key in PEM: {e}",
+                    path.display()
+                ));
+                None
+            }
+        });
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(BrokerTls(lapin::tcp::OwnedTLSConfig {
+            identity,
+            // PEM is ASCII: what parsed as certificates is text.
+            cert_chain: authorities.map(|(_, pem)| String::from_utf8_lossy(&pem).into_owned()),
+        }))
+    }
+}
+
+/// Says what is configured, never the key.
+impl std::fmt::Debug for BrokerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerTls")
+            .field("authorities", &self.0.cert_chain.is_some())
+            .field("client_identity", &self.0.identity.is_some())
+            .finish()
+    }
 }
 
 /// A channel with publisher confirms switched on.

@@ -29,6 +29,8 @@ pub struct Directory {
     /// The code tables in force; [`Directory::reload_tables`] replaces them.
     pub tables: ArcSwap<Tables>,
     pub config_dir: PathBuf,
+    /// The broker's TLS authorities and Ponte's client certificate, when configured.
+    pub broker_tls: crate::broker::BrokerTls,
 }
 
 /// One configuration mistake and the file it is in.
@@ -106,6 +108,13 @@ impl Directory {
                 }
             }
         };
+        let broker_tls =
+            crate::broker::BrokerTls::load(&settings.broker, dir).unwrap_or_else(|m| {
+                for m in m {
+                    push(&main_file, m);
+                }
+                Default::default()
+            });
         let schema_dir = dir.join(&settings.paths.schemas);
         let (schemas, schema_errors) = SchemaSet::load(&schema_dir);
         for e in schema_errors {
@@ -203,6 +212,7 @@ impl Directory {
             matrix,
             tables: ArcSwap::from_pointee(tables),
             config_dir: dir.to_path_buf(),
+            broker_tls,
         })
     }
 

@@ -177,6 +177,14 @@ pub struct BrokerSettings {
     pub queue_type: QueueType,
     /// Longest wait between reconnection attempts when the broker is unreachable.
     pub max_reconnect_delay_secs: u64,
+    /// PEM file of certificate authorities to trust for the broker's certificate, besides the
+    /// system's (a broker with a certificate of an institution's own authority); relative to
+    /// the configuration folder. Only with an `amqps://` URL.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file holding Ponte's client certificate chain and its private key, for a broker that
+    /// requires one (`ssl_options.fail_if_no_peer_cert`, or the EXTERNAL mechanism); relative to
+    /// the configuration folder. Only with an `amqps://` URL.
+    pub client_identity_file: Option<PathBuf>,
 }
 
 impl Default for BrokerSettings {
@@ -193,6 +201,8 @@ impl Default for BrokerSettings {
             setup_timeout_secs: 120,
             queue_type: QueueType::Classic,
             max_reconnect_delay_secs: 10,
+            ca_file: None,
+            client_identity_file: None,
         }
     }
 }
@@ -391,7 +401,14 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize::<Settings>());
         match loaded {
-            Ok(settings) => {
+            Ok(mut settings) => {
+                // An empty value (a template's unset variable) sets nothing.
+                for file in [
+                    &mut settings.broker.ca_file,
+                    &mut settings.broker.client_identity_file,
+                ] {
+                    file.take_if(|f| f.as_os_str().is_empty());
+                }
                 errors.extend(settings.check());
                 if errors.is_empty() {
                     Ok(settings)
@@ -437,6 +454,23 @@ impl Settings {
         }
         if self.broker.setup_timeout_secs == 0 {
             errors.push("broker.setup_timeout_secs must be at least 1".into());
+        }
+        let tls = self
+            .broker
+            .url
+            .parse::<lapin::uri::AMQPUri>()
+            .ok()
+            .map(|u| u.scheme)
+            == Some(lapin::uri::AMQPScheme::AMQPS);
+        for (key, file) in [
+            ("ca_file", &self.broker.ca_file),
+            ("client_identity_file", &self.broker.client_identity_file),
+        ] {
+            if file.is_some() && !tls {
+                errors.push(format!(
+                    "broker.{key} is set but broker.url is not amqps://: the connection would not use TLS"
+                ));
+            }
         }
         let d = &self.delivery;
         if d.retry_initial_ms == 0 || d.max_attempts == 0 || d.retry_max_ms < d.retry_initial_ms {
