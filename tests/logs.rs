@@ -131,3 +131,65 @@ async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data_or_key
         assert!(!all.contains(secret), "{secret} appears in the logs");
     }
 }
+
+/// A copy whose queue is gone comes back from the broker whole. Ponte says which queue is
+/// missing and tries again (the topology is declared anew); nothing in the logs shows the
+/// message — neither as text nor as the bytes a returned message is made of.
+#[tokio::test]
+async fn a_copy_the_broker_returns_is_not_written_into_the_logs() {
+    let url = broker_url();
+    let prefix = random_prefix();
+    let queues = Queues::new(&prefix);
+    let mut child = common::ponte_run(&repo().join("config"), &url, &prefix)
+        .env("PONTE_LOG__FORMAT", "json")
+        .env("PONTE_LOG__LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("gateway ready") {
+                let _ = ready_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("gateway ready");
+    common::shared_broker_ctl(&["delete_queue", &queues.outbound("inps")]);
+
+    let sent = referral("cpi-modena", "CPI-MO-01", "036023");
+    let body = serde_json::to_vec(&sent).unwrap();
+    publish_many(&url, &queues.inbound("cpi-modena"), &[body]).await;
+    // Once its queue is declared again, the copy arrives.
+    let delivered = common::drain(&url, &queues.outbound("inps"), 1, Duration::from_secs(30)).await;
+    assert_eq!(delivered.len(), 1);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let lines = reader.join().unwrap();
+    let all = lines.join("\n");
+    assert!(
+        all.contains(&format!("queue {} does not exist", queues.outbound("inps"))),
+        "Ponte says which queue was missing: {all}"
+    );
+    let person = "RSSMRA85T10A562S";
+    let as_bytes = person
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for shown in [
+        person,
+        &as_bytes,
+        sent["payload"]["reason"].as_str().unwrap(),
+    ] {
+        assert!(!all.contains(shown), "{shown} appears in the logs: {all}");
+    }
+    common::delete_queues(&common::directory(&url, &prefix)).await;
+}
