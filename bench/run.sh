@@ -50,7 +50,7 @@ row() {
 if [ "$mode" = quick ]; then
     row smoke --messages 2000 --latency-secs 2 --forwarder
 else
-    row base --messages 100000 --latency-secs 20 --forwarder
+    row base --messages 100000 --latency-secs 20 --forwarder --rounds 3
     row base-receipts --messages 100000 --receipts on
     row size-16k --messages 20000 --size 16384
     row size-256k --messages 2000 --size 262144

@@ -1,6 +1,6 @@
-//! The benchmark keeps working: a 2,000-message run of `ponte-bench` against a broker of its own
-//! (with the shovel plugin) produces a full row of figures. No figure is judged: timings belong
-//! to the benchmark, not to the tests.
+//! The benchmark keeps working: a 2,000-message run of `ponte-bench` (two rounds) against a
+//! broker of its own (with the shovel plugin) produces a full row of figures. No figure is
+//! judged: timings belong to the benchmark, not to the tests.
 
 mod common;
 
@@ -26,6 +26,8 @@ fn a_small_benchmark_run_produces_every_figure() {
             "--latency-secs",
             "2",
             "--forwarder",
+            "--rounds",
+            "2",
             "--scenario",
             "smoke",
         ])
@@ -61,6 +63,28 @@ fn a_small_benchmark_run_produces_every_figure() {
             .parse()
             .unwrap_or_else(|_| panic!("{name} = {:?}", field(name)));
         assert!(value > 0.0, "{name} = {value}");
+    }
+    // Two rounds: the medians lie within the rounds' ranges.
+    assert_eq!(field("rounds"), "2");
+    let number = |name: &str| -> f64 { field(name).parse().unwrap() };
+    for (median, low, high) in [
+        ("ratio", "ratio_min", "ratio_max"),
+        (
+            "ponte_msgs_per_s",
+            "ponte_msgs_per_s_min",
+            "ponte_msgs_per_s_max",
+        ),
+        ("cpu_us_per_msg", "cpu_us_per_msg_min", "cpu_us_per_msg_max"),
+    ] {
+        assert!(
+            number(low) > 0.0
+                && number(low) <= number(median) + 0.01
+                && number(median) <= number(high) + 0.01,
+            "{low} {median} {high}: {} {} {}",
+            field(low),
+            field(median),
+            field(high)
+        );
     }
     assert!(work.join("latency-smoke.csv").exists());
     // The plot has a line for Ponte, one for the shovel and one for the forwarder.

@@ -12,7 +12,9 @@
 //!    publisher and records each delivered copy's end-to-end latency; then offers the same rate
 //!    to a shovel between two empty queues: the latency the broker alone gives on this machine.
 //!
-//! It prints one row and appends it to a CSV file. It never fails on a timing.
+//! With `--rounds N` it moves the load N times (steps 1 and 2, in turn) and reports medians,
+//! with the range of the figures that move most. It prints one row and appends it to a CSV
+//! file. It never fails on a timing.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -77,6 +79,12 @@ struct Args {
     /// maximum: to compare two builds at the same load.
     #[arg(long)]
     latency_rate: Option<f64>,
+    /// Move the load this many times, the shovel, the forwarder and Ponte in turn each round
+    /// (each round with new message ids and, without `--history`, an empty data folder), and
+    /// report each figure's median, with the range of the rate, the ratio and the CPU: on a
+    /// shared machine one run moves by ±15%; the ratio of each round's pair moves less.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// The ponte binary to measure.
     #[arg(long, default_value = "target/release/ponte")]
     ponte: PathBuf,
@@ -109,6 +117,78 @@ struct Row {
     forwarder: Option<(f64, f64, f64)>,
     /// The no-op forwarder's latency at the same offered rate.
     forwarder_latency: Option<Latency>,
+    /// Ponte's rate over the shovel's, the median of the rounds' pairs.
+    ratio: Option<f64>,
+    /// Over the rounds: how many, and the lowest and highest ratio, rate and CPU.
+    spread: Spread,
+}
+
+/// The range of the figures that move most between rounds.
+#[derive(Debug, Default)]
+struct Spread {
+    rounds: usize,
+    ratio: Option<(f64, f64)>,
+    ponte_rate: (f64, f64),
+    cpu_us: (f64, f64),
+}
+
+impl Row {
+    /// One row of the rounds' medians (the ratio: of each round's pair) and their ranges.
+    fn of_rounds(rounds: &[Row]) -> Row {
+        let all = |pick: fn(&Row) -> f64| -> Vec<f64> { rounds.iter().map(pick).collect() };
+        let some = |pick: fn(&Row) -> Option<f64>| -> Option<Vec<f64>> {
+            rounds.iter().map(pick).collect()
+        };
+        let ratios = some(|r| Some(r.ponte_rate / r.shovel_rate?));
+        let forwarder = |pick: fn(&(f64, f64, f64)) -> f64| -> Option<f64> {
+            let values: Option<Vec<f64>> = rounds
+                .iter()
+                .map(|r| r.forwarder.as_ref().map(pick))
+                .collect();
+            values.map(median)
+        };
+        Row {
+            shovel_rate: some(|r| r.shovel_rate).map(median),
+            ponte_rate: median(all(|r| r.ponte_rate)),
+            cpu_us: median(all(|r| r.cpu_us)),
+            peak_rss_mib: all(|r| r.peak_rss_mib).into_iter().fold(0.0, f64::max),
+            startup_ms: median(all(|r| r.startup_ms)),
+            shovel_broker_us: some(|r| r.shovel_broker_us).map(median),
+            ponte_broker_us: median(all(|r| r.ponte_broker_us)),
+            forwarder: forwarder(|f| f.0)
+                .zip(forwarder(|f| f.1))
+                .zip(forwarder(|f| f.2))
+                .map(|((rate, broker), own)| (rate, broker, own)),
+            ratio: ratios.clone().map(median),
+            spread: Spread {
+                rounds: rounds.len(),
+                ratio: ratios.as_deref().map(range),
+                ponte_rate: range(&all(|r| r.ponte_rate)),
+                cpu_us: range(&all(|r| r.cpu_us)),
+            },
+            ..Row::default()
+        }
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// The lowest and the highest value.
+fn range(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(*v), hi.max(*v))
+        })
 }
 
 #[tokio::main]
@@ -128,7 +208,8 @@ async fn main() -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    let load = Load::generate(&directory, args.messages, args.size);
+    let load_1 = Load::generate(&directory, args.messages, args.size);
+    let load = &load_1;
     eprintln!(
         "bench {}: {} messages ({} invalid), {} partners, ~{} bytes, receipts {}, {} expected outputs",
         args.scenario,
@@ -139,17 +220,53 @@ async fn main() -> Result<()> {
         args.receipts,
         load.expected_outputs
     );
+    check_csv_header(&args.csv)?;
     let connection = connect(&args.url).await?;
-    let mut row = Row::default();
-    if !args.no_shovel {
-        let (rate, broker) = shovel(&args, &connection, &load).await?;
-        row.shovel_rate = Some(rate);
-        row.shovel_broker_us = Some(broker * 1e6);
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        // Each round sends messages of its own (the store remembers those it delivered) and,
+        // unless it is meant to hold a history, starts on an empty data folder as the first.
+        let load = if round == 1 {
+            None
+        } else {
+            eprintln!("  round {round} of {}", args.rounds);
+            if args.history == 0 {
+                let _ = std::fs::remove_dir_all(ponte::pipeline::store_dir(&directory));
+            }
+            Some(Load::generate(&directory, args.messages, args.size))
+        };
+        let load = load.as_ref().unwrap_or(&load_1);
+        let mut row = Row::default();
+        if !args.no_shovel {
+            let (rate, broker) = shovel(&args, &connection, load).await?;
+            row.shovel_rate = Some(rate);
+            row.shovel_broker_us = Some(broker * 1e6);
+        }
+        if args.forwarder {
+            row.forwarder = Some(forwarder(&args, &connection, load).await?);
+        }
+        drain_with_ponte(&args, &config, &directory, &connection, load, &mut row).await?;
+        rounds.push(row);
     }
-    if args.forwarder {
-        row.forwarder = Some(forwarder(&args, &connection, &load).await?);
+    let load = load_1;
+    let mut row = Row::of_rounds(&rounds);
+    if args.rounds > 1 {
+        let s = &row.spread;
+        eprintln!(
+            "  median of {} rounds: ponte {:.0} msg/s ({:.0}–{:.0}), {:.1} µs CPU/msg ({:.1}–{:.1}){}",
+            s.rounds,
+            row.ponte_rate,
+            s.ponte_rate.0,
+            s.ponte_rate.1,
+            row.cpu_us,
+            s.cpu_us.0,
+            s.cpu_us.1,
+            match (row.ratio, s.ratio) {
+                (Some(ratio), Some((lo, hi))) => format!(", ratio {ratio:.3} ({lo:.3}–{hi:.3})"),
+                _ => String::new(),
+            }
+        );
     }
-    drain_with_ponte(&args, &config, &directory, &connection, &load, &mut row).await?;
     if args.latency_secs > 0 {
         // The same messages, at the same rate, through Ponte and then through the shovel.
         let rate = args.latency_rate.unwrap_or(row.ponte_rate / 2.0);
@@ -1273,15 +1390,34 @@ async fn cleanup(connection: &Connection, directory: &Directory) {
     }
 }
 
+/// The CSV file's columns.
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max";
+
+/// An existing CSV file must have today's columns: rows of an older benchmark would not line
+/// up. Checked before a run, not after it.
+fn check_csv_header(csv: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(csv) else {
+        return Ok(());
+    };
+    match text.lines().next() {
+        Some(header) if header != HEADER => bail!(
+            "{} has other columns (written by an older ponte-bench): move it away or name another file with --csv",
+            csv.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
     let fmt = |v: Option<f64>, d: usize| v.map_or(String::new(), |v| format!("{v:.d$}"));
-    let ratio = row.shovel_rate.map(|s| row.ponte_rate / s);
+    let ratio = row.ratio;
     let latency = |pick: fn(&Latency) -> f64| row.latency.as_ref().map(pick);
     let shovel_latency = |pick: fn(&Latency) -> f64| row.shovel_latency.as_ref().map(pick);
     let forwarder_latency = |pick: fn(&Latency) -> f64| row.forwarder_latency.as_ref().map(pick);
-    let header = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms";
+    let header = HEADER;
+    let spread = &row.spread;
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2}",
         args.scenario,
         load.count,
         args.partners,
@@ -1307,7 +1443,14 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         fmt(shovel_latency(|l| l.max), 2),
         fmt(forwarder_latency(|l| l.p50), 2),
         fmt(forwarder_latency(|l| l.p99), 2),
-        fmt(forwarder_latency(|l| l.max), 2)
+        fmt(forwarder_latency(|l| l.max), 2),
+        spread.rounds,
+        fmt(spread.ratio.map(|r| r.0), 3),
+        fmt(spread.ratio.map(|r| r.1), 3),
+        spread.ponte_rate.0,
+        spread.ponte_rate.1,
+        spread.cpu_us.0,
+        spread.cpu_us.1
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
