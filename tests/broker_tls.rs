@@ -4,106 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    Gateway, PrivateBroker, directory_with, drain, free_port, publish_many, random_prefix,
-    referral, repo,
+    Certificates, Gateway, PrivateBroker, directory_with, drain, free_port, publish_many,
+    random_prefix, referral, repo,
 };
 use ponte::directory::Directory;
-
-/// A certificate authority of the test's own, a server certificate for `localhost` and two
-/// client identities (certificate chain and key in one PEM file): one it signed, one
-/// self-signed.
-struct Certificates {
-    dir: PathBuf,
-}
-
-impl Certificates {
-    fn make(dir: &Path) -> Certificates {
-        std::fs::create_dir_all(dir).unwrap();
-        let openssl = |args: &[&str]| {
-            let output = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .output()
-                .expect("openssl runs");
-            assert!(
-                output.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        };
-        let key = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let self_signed = |name: &str, subject: &str| {
-            let (key_file, pem_file) = (format!("{name}.key"), format!("{name}.pem"));
-            let mut args = vec!["req", "-x509", "-days", "2", "-subj", subject];
-            args.extend(key);
-            args.extend(["-keyout", &key_file, "-out", &pem_file]);
-            openssl(&args);
-        };
-        self_signed("ca", "/CN=Ponte test authority");
-        self_signed("stranger", "/CN=ponte-stranger");
-        for (name, extension) in [
-            ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-            ("client", "extendedKeyUsage=clientAuth"),
-        ] {
-            let (key_file, csr, pem, ext) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-                format!("{name}.ext"),
-            );
-            std::fs::write(dir.join(&ext), format!("{extension}\n")).unwrap();
-            let mut args = vec!["req", "-subj"];
-            let subject = format!("/CN=ponte-{name}");
-            args.push(&subject);
-            args.extend(key);
-            args.extend(["-keyout", &key_file, "-out", &csr]);
-            openssl(&args);
-            openssl(&[
-                "x509",
-                "-req",
-                "-days",
-                "2",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-extfile",
-                &ext,
-                "-out",
-                &pem,
-            ]);
-        }
-        for name in ["client", "stranger"] {
-            let identity = [
-                std::fs::read(dir.join(format!("{name}.pem"))).unwrap(),
-                std::fs::read(dir.join(format!("{name}.key"))).unwrap(),
-            ]
-            .concat();
-            std::fs::write(dir.join(format!("{name}-identity.pem")), identity).unwrap();
-        }
-        Certificates {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.dir.join(name).to_str().unwrap().to_string()
-    }
-}
 
 /// A private node with a TLS listener that requires a client certificate of the test's
 /// authority, beside its plain listener (which the test itself uses).

@@ -2,7 +2,8 @@
 //! with an Idempotency-Key; an endpoint answering 503 for a while gets everything once it
 //! recovers, while the AMQP partners' flow goes on meanwhile (measured); an endpoint answering
 //! 400 gets the copy dead-lettered after one attempt with the reason, and ops replay it once the
-//! endpoint is fixed.
+//! endpoint is fixed; an HTTPS endpoint of the partner's own authority that requires a client
+//! certificate gets its copies with the partner file's `ca_file` and `client_identity_file`.
 
 mod common;
 
@@ -270,4 +271,126 @@ async fn an_endpoint_refusing_a_copy_gets_it_dead_lettered_then_replayed_after_t
     assert_eq!(id_of(&delivered[0].2), id_of(&sent));
     assert_eq!(depth(&gw.url, &dlq).await, 0);
     gw.stop().await;
+}
+
+/// An HTTPS endpoint of the partner's own authority that requires a client certificate: the
+/// partner file's `http.ca_file` and `http.client_identity_file` get copies through, and the
+/// endpoint sees Ponte's certificate.
+#[tokio::test]
+async fn an_endpoint_that_requires_a_client_certificate_gets_copies_over_mutual_tls() {
+    use rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let dir = common::repo()
+        .join("target/test-tls")
+        .join(&uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let certs = common::Certificates::make(&dir);
+    let pem = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut authority = rustls::RootCertStore::empty();
+    for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(&pem("ca.pem")) {
+        authority.add(certificate.unwrap()).unwrap();
+    }
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        authority.into(),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&pem("server.pem"))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem("server.key")).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(clients)
+        .with_single_cert(chain, key)
+        .unwrap();
+
+    // Every TLS client the endpoint accepted, by the subject of its certificate.
+    let subjects: Arc<Mutex<Vec<String>>> = Arc::default();
+    let listener = TlsListener {
+        tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        subjects: subjects.clone(),
+    };
+    let port = listener.tcp.local_addr().unwrap().port();
+    let endpoint: Shared = Arc::default();
+    let app = Router::new()
+        .route("/deliveries", post(receive))
+        .with_state(endpoint.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let (ca, identity) = (certs.file("ca.pem"), certs.file("client-identity.pem"));
+    let config = config_copy(|dir: &Path| {
+        let file = dir.join("partners/osservatorio-er.toml");
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str(&format!(
+            "\n[http]\nurl = \"https://localhost:{port}/deliveries\"\ntimeout_ms = 2000\nca_file = {ca:?}\nclient_identity_file = {identity:?}\n"
+        ));
+        std::fs::write(file, text).unwrap();
+    });
+    let gw = Gateway::start_with(directory_from(&config, &broker_url(), &random_prefix())).await;
+    let (sent, _) = send_statuses(&gw, 3).await;
+    wait_until(
+        "three copies at the endpoint",
+        Duration::from_secs(20),
+        || endpoint.lock().unwrap().requests.len() >= 3,
+    )
+    .await;
+    let received: Vec<String> = endpoint
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .map(|r| id_of(&r.2))
+        .collect();
+    assert_eq!(received, sent.iter().map(id_of).collect::<Vec<_>>());
+    let subjects = subjects.lock().unwrap().clone();
+    assert!(
+        !subjects.is_empty() && subjects.iter().all(|s| s.contains("ponte-client")),
+        "the endpoint saw Ponte's certificate: {subjects:?}"
+    );
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&config);
+}
+
+/// TCP accepted, then TLS: a client that fails the handshake (no certificate, or one of another
+/// authority) is dropped and the next one accepted.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    subjects: Arc<Mutex<Vec<String>>>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, address)) = self.tcp.accept().await else {
+                continue;
+            };
+            let Ok(stream) = self.tls.accept(tcp).await else {
+                continue;
+            };
+            // The subject is DER; its common name is readable text inside it.
+            if let Some(certificate) = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+            {
+                let text = String::from_utf8_lossy(certificate.as_ref()).into_owned();
+                self.subjects.lock().unwrap().push(text);
+            }
+            return (stream, address);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }
