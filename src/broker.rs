@@ -321,49 +321,28 @@ impl BrokerTls {
     /// Reads the files `settings` names, relative to the configuration folder `dir`; every
     /// problem is a sentence naming its setting and file.
     pub fn load(settings: &BrokerSettings, dir: &Path) -> Result<BrokerTls, Vec<String>> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let mut errors = Vec::new();
-        let mut read = |key: &str, file: &Option<std::path::PathBuf>| {
-            let path = dir.join(file.as_ref()?);
-            let pem = std::fs::read(&path)
-                .map_err(|e| format!("broker.{key}: cannot read {}: {e}", path.display()))
-                .and_then(|pem| {
-                    let certificates = CertificateDer::pem_slice_iter(&pem)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| format!("broker.{key}: {}: {e}", path.display()))?;
-                    if certificates.is_empty() {
-                        return Err(format!(
-                            "broker.{key}: {} holds no PEM certificate",
-                            path.display()
-                        ));
-                    }
-                    Ok(pem)
-                });
-            pem.map_err(|e| errors.push(e)).ok().map(|pem| (path, pem))
+        let mut read = |key: &str, file: &Option<std::path::PathBuf>, check: fn(&Path) -> _| {
+            let read: Result<Vec<u8>, String> = check(&dir.join(file.as_ref()?));
+            read.map_err(|e| errors.push(format!("broker.{key}: {e}")))
+                .ok()
         };
-        let authorities = read("ca_file", &settings.ca_file);
-        let identity = read("client_identity_file", &settings.client_identity_file);
-        let identity = identity.and_then(|(path, pem)| match PrivateKeyDer::from_pem_slice(&pem) {
-            Ok(_) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
-                pem: pem.clone(),
-                key: pem,
-            }),
-            Err(e) => {
-                errors.push(format!(
-                    "broker.client_identity_file: {} holds no private key in PEM: {e}",
-                    path.display()
-                ));
-                None
-            }
-        });
+        let authorities = read("ca_file", &settings.ca_file, crate::pem::certificates);
+        let identity = read(
+            "client_identity_file",
+            &settings.client_identity_file,
+            crate::pem::identity,
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(BrokerTls(lapin::tcp::OwnedTLSConfig {
-            identity,
+            identity: identity.map(|pem| lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: pem.clone(),
+                key: pem,
+            }),
             // PEM is ASCII: what parsed as certificates is text.
-            cert_chain: authorities.map(|(_, pem)| String::from_utf8_lossy(&pem).into_owned()),
+            cert_chain: authorities.map(|pem| String::from_utf8_lossy(&pem).into_owned()),
         }))
     }
 }

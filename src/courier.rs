@@ -28,7 +28,7 @@ use crate::broker::{BrokerError, Queues, one_at_a_time};
 use crate::deliver::header;
 use crate::journal::Journal;
 use crate::partner::{HttpSettings, Partner};
-use crate::resolve::{describe, http_client};
+use crate::resolve::{describe, http_client, with_tls_files};
 use crate::retry::{self, Failure};
 use crate::settings::DeliverySettings;
 
@@ -101,22 +101,14 @@ struct Head {
 
 /// The HTTP client of a partner's endpoint, with its extra authorities and client certificate.
 fn client(settings: &HttpSettings) -> Result<reqwest::Client, String> {
-    let mut builder = http_client(settings.timeout()).redirect(reqwest::redirect::Policy::none());
-    if let Some(file) = &settings.ca_file {
-        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        for certificate in reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("{}: {e}", file.display()))?
-        {
-            builder = builder.add_root_certificate(certificate);
-        }
-    }
-    if let Some(file) = &settings.client_identity_file {
-        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let identity =
-            reqwest::Identity::from_pem(&pem).map_err(|e| format!("{}: {e}", file.display()))?;
-        builder = builder.identity(identity);
-    }
-    builder.build().map_err(|e| e.to_string())
+    let builder = http_client(settings.timeout()).redirect(reqwest::redirect::Policy::none());
+    with_tls_files(
+        builder,
+        settings.ca_file.as_deref(),
+        settings.client_identity_file.as_deref(),
+    )?
+    .build()
+    .map_err(|e| e.to_string())
 }
 
 impl Courier {

@@ -12,7 +12,7 @@
 //! - [`authorize`]'s matrix: who may send which type to whom, for what.
 //! - [`tables`]: offices and codes per partner, swapped whole on reload.
 //! - [`directory`]: everything loaded and cross-checked, all errors at once.
-//! - [`broker`]: connections, queue names and topology.
+//! - [`broker`]: connections, queue names and topology; [`pem`]: TLS files, checked on load.
 //!
 //! A message meets, in order:
 //! - [`receive`]: a flow per partner consumes its inbound queue.
@@ -51,6 +51,7 @@ pub mod journal;
 pub mod map;
 pub mod ops;
 pub mod partner;
+pub mod pem;
 pub mod pipeline;
 pub mod prefetch;
 pub mod receipt;

@@ -85,6 +85,12 @@ pub struct ResolverSettings {
     /// How long an answer is kept.
     #[serde(default = "default_cache_ttl")]
     pub cache_ttl_secs: u64,
+    /// PEM file of extra certificate authorities to trust for the service (besides the
+    /// system's), relative to the partner file.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file holding Ponte's client certificate chain and its private key, for a service
+    /// that requires mutual TLS; relative to the partner file.
+    pub client_identity_file: Option<PathBuf>,
 }
 
 /// A partner that receives by HTTPS: Ponte consumes the partner's outbound queue itself and
@@ -280,6 +286,16 @@ impl Partner {
             },
             (None, false) => None,
         };
+        let folder = file.parent().unwrap_or(Path::new("."));
+        let mut raw = raw;
+        if let Some(resolver) = &mut raw.resolver {
+            let files = [&mut resolver.ca_file, &mut resolver.client_identity_file];
+            errors.extend(tls_files("resolver", folder, files));
+        }
+        if let Some(http) = &mut raw.http {
+            let files = [&mut http.ca_file, &mut http.client_identity_file];
+            errors.extend(tls_files("http", folder, files));
+        }
         if let Some(resolver) = &raw.resolver {
             if !raw.identifier_schemes.iter().any(|s| s == "local") {
                 errors.push(
@@ -294,30 +310,15 @@ impl Partner {
                 errors.push("resolver: timeout_ms and cache_entries must be at least 1".into());
             }
         }
-        let http = raw.http.map(|mut http| {
+        if let Some(http) = &raw.http {
             if let Err(e) = check_resolver_url(&http.url) {
                 errors.push(format!("http.url: {e}"));
             }
             if http.timeout_ms == 0 || http.max_queued == 0 {
                 errors.push("http: timeout_ms and max_queued must be at least 1".into());
             }
-            let folder = file.parent().unwrap_or(Path::new("."));
-            for (key, path) in [
-                ("ca_file", &mut http.ca_file),
-                ("client_identity_file", &mut http.client_identity_file),
-            ] {
-                if let Some(path) = path {
-                    *path = folder.join(&*path);
-                    if !path.is_file() {
-                        errors.push(format!(
-                            "http.{key}: {} is not a readable file",
-                            path.display()
-                        ));
-                    }
-                }
-            }
-            http
-        });
+        }
+        let http = raw.http;
         for (message_type, pointers) in &raw.fields {
             if !schemas.has_type(message_type) {
                 errors.push(format!(
@@ -373,6 +374,27 @@ fn payload_keys(pointer: &str) -> Vec<String> {
         .skip(2)
         .map(|k| k.replace("~1", "/").replace("~0", "~"))
         .collect()
+}
+
+/// A section's TLS files — `[ca_file, client_identity_file]` — resolved against the partner
+/// file's `folder` and checked; the errors name the section and setting.
+fn tls_files(section: &str, folder: &Path, files: [&mut Option<PathBuf>; 2]) -> Vec<String> {
+    type Check = fn(&Path) -> Result<Vec<u8>, String>;
+    let [ca, identity] = files;
+    let checks: [(&str, &mut Option<PathBuf>, Check); 2] = [
+        ("ca_file", ca, crate::pem::certificates),
+        ("client_identity_file", identity, crate::pem::identity),
+    ];
+    let mut errors = Vec::new();
+    for (key, path, check) in checks {
+        if let Some(path) = path {
+            *path = folder.join(&*path);
+            if let Err(e) = check(path) {
+                errors.push(format!("{section}.{key}: {e}"));
+            }
+        }
+    }
+    errors
 }
 
 /// A partner's service (look-up or delivery endpoint) must be reached over TLS; plain HTTP only

@@ -41,9 +41,13 @@ static CRYPTO: Once = Once::new();
 
 impl Resolver {
     pub fn new(partner: &str, settings: &ResolverSettings) -> Result<Resolver, String> {
-        let client = http_client(settings.timeout())
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = with_tls_files(
+            http_client(settings.timeout()),
+            settings.ca_file.as_deref(),
+            settings.client_identity_file.as_deref(),
+        )?
+        .build()
+        .map_err(|e| e.to_string())?;
         Ok(Resolver {
             partner: partner.to_string(),
             client,
@@ -115,6 +119,31 @@ pub fn http_client(timeout: Duration) -> reqwest::ClientBuilder {
         .timeout(timeout)
         .connect_timeout(timeout)
         .user_agent(concat!("ponte/", env!("CARGO_PKG_VERSION")))
+}
+
+/// Trusts the authorities in the PEM file `ca_file` besides the system's, and shows the
+/// certificate chain and key in `client_identity_file`, for a service with a certificate of
+/// its institution's own authority or one that requires mutual TLS.
+pub fn with_tls_files(
+    mut builder: reqwest::ClientBuilder,
+    ca_file: Option<&std::path::Path>,
+    client_identity_file: Option<&std::path::Path>,
+) -> Result<reqwest::ClientBuilder, String> {
+    if let Some(file) = ca_file {
+        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{}: {e}", file.display()))?
+        {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    if let Some(file) = client_identity_file {
+        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let identity =
+            reqwest::Identity::from_pem(&pem).map_err(|e| format!("{}: {e}", file.display()))?;
+        builder = builder.identity(identity);
+    }
+    Ok(builder)
 }
 
 /// What went wrong with a request to `service`, naming the URL and the cause, never the body.

@@ -203,10 +203,10 @@ async fn a_broker_that_requires_a_client_certificate_is_reached_with_the_configu
     let _ = std::fs::remove_dir_all(data);
 }
 
-/// What `ponte check` (and `ponte run`, which refuses to start) says about the broker's TLS
-/// files: each mistake with its setting and file.
+/// What `ponte check` (and `ponte run`, which refuses to start) says about TLS files — the
+/// broker's, a look-up service's, an HTTP endpoint's: each mistake with its setting and file.
 #[test]
-fn broker_tls_files_are_checked_with_the_configuration() {
+fn tls_files_are_checked_with_the_configuration() {
     let dir = repo()
         .join("target/test-tls")
         .join(&uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -264,5 +264,45 @@ fn broker_tls_files_are_checked_with_the_configuration() {
         )),
         "{errors}"
     );
+
+    // In partner files, relative to the file.
+    let config = common::config_copy(|config| {
+        std::fs::copy(&key, config.join("partners/registry-ca.pem")).unwrap();
+        for (partner, section) in [
+            (
+                "comune-modena",
+                "[resolver]\nurl = \"https://localhost:1/lookup\"\nca_file = \"registry-ca.pem\"\n",
+            ),
+            (
+                "osservatorio-er",
+                "[http]\nurl = \"https://localhost:1/deliveries\"\nclient_identity_file = \"nowhere.pem\"\n",
+            ),
+        ] {
+            let file = config.join(format!("partners/{partner}.toml"));
+            let text = std::fs::read_to_string(&file).unwrap() + "\n" + section;
+            std::fs::write(file, text).unwrap();
+        }
+    });
+    let errors = Directory::load_with_overrides(
+        &config,
+        &[("paths.schemas", repo().join("schemas").to_str().unwrap())],
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    let partners = config.join("partners");
+    for expected in [
+        format!(
+            "comune-modena.toml: resolver.ca_file: {} holds no PEM certificate",
+            partners.join("registry-ca.pem").display()
+        ),
+        format!(
+            "osservatorio-er.toml: http.client_identity_file: cannot read {}",
+            partners.join("nowhere.pem").display()
+        ),
+    ] {
+        assert!(errors.contains(&expected), "{expected}\n{errors}");
+    }
+    let _ = std::fs::remove_dir_all(&config);
     let _ = std::fs::remove_dir_all(&dir);
 }

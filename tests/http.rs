@@ -278,43 +278,14 @@ async fn an_endpoint_refusing_a_copy_gets_it_dead_lettered_then_replayed_after_t
 /// endpoint sees Ponte's certificate.
 #[tokio::test]
 async fn an_endpoint_that_requires_a_client_certificate_gets_copies_over_mutual_tls() {
-    use rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls;
+    use axum::serve::Listener;
     let dir = common::repo()
         .join("target/test-tls")
         .join(&uuid::Uuid::new_v4().simple().to_string()[..8]);
     let certs = common::Certificates::make(&dir);
-    let pem = |name: &str| std::fs::read(dir.join(name)).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut authority = rustls::RootCertStore::empty();
-    for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(&pem("ca.pem")) {
-        authority.add(certificate.unwrap()).unwrap();
-    }
-    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        authority.into(),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&pem("server.pem"))
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem("server.key")).unwrap();
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(clients)
-        .with_single_cert(chain, key)
-        .unwrap();
-
-    // Every TLS client the endpoint accepted, by the subject of its certificate.
-    let subjects: Arc<Mutex<Vec<String>>> = Arc::default();
-    let listener = TlsListener {
-        tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-        subjects: subjects.clone(),
-    };
-    let port = listener.tcp.local_addr().unwrap().port();
+    let listener = common::TlsListener::bind(&certs).await;
+    let subjects = listener.subjects.clone();
+    let port = listener.local_addr().unwrap().port();
     let endpoint: Shared = Arc::default();
     let app = Router::new()
         .route("/deliveries", post(receive))
@@ -354,43 +325,4 @@ async fn an_endpoint_that_requires_a_client_certificate_gets_copies_over_mutual_
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&config);
-}
-
-/// TCP accepted, then TLS: a client that fails the handshake (no certificate, or one of another
-/// authority) is dropped and the next one accepted.
-struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    tls: tokio_rustls::TlsAcceptor,
-    subjects: Arc<Mutex<Vec<String>>>,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, address)) = self.tcp.accept().await else {
-                continue;
-            };
-            let Ok(stream) = self.tls.accept(tcp).await else {
-                continue;
-            };
-            // The subject is DER; its common name is readable text inside it.
-            if let Some(certificate) = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-            {
-                let text = String::from_utf8_lossy(certificate.as_ref()).into_owned();
-                self.subjects.lock().unwrap().push(text);
-            }
-            return (stream, address);
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
 }

@@ -332,6 +332,14 @@ struct Registry {
 }
 
 async fn registry() -> Registry {
+    registry_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+}
+
+/// The same service, on `listener`.
+async fn registry_on<L>(listener: L) -> Registry
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
     #[derive(Clone)]
     struct S {
@@ -356,7 +364,6 @@ async fn registry() -> Registry {
     let app = Router::new()
         .route("/lookup", post(lookup))
         .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Registry {
@@ -364,6 +371,47 @@ async fn registry() -> Registry {
         slow: state.slow,
         calls: state.calls,
     }
+}
+
+/// A registry with a certificate of the comune's own authority that requires a client
+/// certificate is asked with the partner file's `resolver.ca_file` and
+/// `resolver.client_identity_file`.
+#[tokio::test]
+async fn the_look_up_service_is_reached_over_mutual_tls() {
+    let dir = common::repo()
+        .join("target/test-tls")
+        .join(&uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let certs = common::Certificates::make(&dir);
+    let listener = common::TlsListener::bind(&certs).await;
+    let subjects = listener.subjects.clone();
+    let registry = registry_on(listener).await;
+    let (ca, identity) = (certs.file("ca.pem"), certs.file("client-identity.pem"));
+    let config = config_copy(|dir| {
+        let file = dir.join("partners/comune-modena.toml");
+        let text = std::fs::read_to_string(&file).unwrap()
+            + &format!(
+                "\n[resolver]\nurl = \"https://localhost:{}/lookup\"\ntimeout_ms = 2000\nca_file = {ca:?}\nclient_identity_file = {identity:?}\n",
+                registry.port
+            );
+        std::fs::write(file, text).unwrap();
+    });
+    let gw = Gateway::start_with(directory_from(&config, &broker_url(), &random_prefix())).await;
+    gw.send("inps", &about(benefit_status("adi", "036023"), CF))
+        .await;
+    let at_comune = gw.take(&gw.queues.outbound("comune-modena"), 1).await[0].json();
+    assert_eq!(
+        at_comune["subject"]["identifiers"],
+        json!([{"scheme": "local", "value": "ANA-REG-777"}])
+    );
+    assert_eq!(registry.calls.load(Ordering::SeqCst), 1);
+    let subjects = subjects.lock().unwrap().clone();
+    assert!(
+        !subjects.is_empty() && subjects.iter().all(|s| s.contains("ponte-client")),
+        "the registry saw Ponte's certificate: {subjects:?}"
+    );
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&config);
 }
 
 #[tokio::test]

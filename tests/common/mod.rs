@@ -702,3 +702,80 @@ impl Certificates {
         self.dir.join(name).to_str().unwrap().to_string()
     }
 }
+
+/// TCP accepted, then TLS: a client that fails the handshake (no certificate, or one of another
+/// authority) is dropped and the next one accepted.
+pub struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    /// Every client accepted, by its certificate (as text: its names are readable in it).
+    pub subjects: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TlsListener {
+    /// On a loopback port of its own, with the server certificate of `certs`, requiring a
+    /// client certificate of its authority.
+    pub async fn bind(certs: &Certificates) -> TlsListener {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+        let pem = |name: &str| std::fs::read(certs.dir.join(name)).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut authority = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(&pem("ca.pem")) {
+            authority.add(certificate.unwrap()).unwrap();
+        }
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            authority.into(),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let chain = CertificateDer::pem_slice_iter(&pem("server.pem"))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(&pem("server.key")).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(clients)
+            .with_single_cert(chain, key)
+            .unwrap();
+        TlsListener {
+            tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            subjects: Arc::default(),
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, address)) = self.tcp.accept().await else {
+                continue;
+            };
+            let Ok(stream) = self.tls.accept(tcp).await else {
+                continue;
+            };
+            // The subject is DER; its common name is readable text inside it.
+            if let Some(certificate) = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+            {
+                let text = String::from_utf8_lossy(certificate.as_ref()).into_owned();
+                self.subjects.lock().unwrap().push(text);
+            }
+            return (stream, address);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
