@@ -22,10 +22,8 @@ struct TlsBroker {
 
 impl TlsBroker {
     fn start() -> TlsBroker {
-        let dir = repo()
-            .join("target/test-tls")
-            .join(&uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let certificates = Certificates::make(&dir);
+        let certificates = Certificates::fresh();
+        let dir = &certificates.dir;
         let tls_port = free_port();
         let broker = PrivateBroker::start_with(
             "rabbitmq_auth_mechanism_ssl",
@@ -207,10 +205,8 @@ async fn a_broker_that_requires_a_client_certificate_is_reached_with_the_configu
 /// broker's, a look-up service's, an HTTP endpoint's: each mistake with its setting and file.
 #[test]
 fn tls_files_are_checked_with_the_configuration() {
-    let dir = repo()
-        .join("target/test-tls")
-        .join(&uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let certs = Certificates::make(&dir);
+    let certs = Certificates::fresh();
+    let dir = &certs.dir;
     let load = |url: &str, extra: &[(&str, &str)]| {
         let mut overrides = vec![("broker.url", url)];
         overrides.extend_from_slice(extra);
@@ -304,5 +300,5 @@ fn tls_files_are_checked_with_the_configuration() {
         assert!(errors.contains(&expected), "{expected}\n{errors}");
     }
     let _ = std::fs::remove_dir_all(&config);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -279,10 +279,7 @@ async fn an_endpoint_refusing_a_copy_gets_it_dead_lettered_then_replayed_after_t
 #[tokio::test]
 async fn an_endpoint_that_requires_a_client_certificate_gets_copies_over_mutual_tls() {
     use axum::serve::Listener;
-    let dir = common::repo()
-        .join("target/test-tls")
-        .join(&uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let certs = common::Certificates::make(&dir);
+    let certs = common::Certificates::fresh();
     let listener = common::TlsListener::bind(&certs).await;
     let subjects = listener.subjects.clone();
     let port = listener.local_addr().unwrap().port();
@@ -317,12 +314,8 @@ async fn an_endpoint_that_requires_a_client_certificate_gets_copies_over_mutual_
         .map(|r| id_of(&r.2))
         .collect();
     assert_eq!(received, sent.iter().map(id_of).collect::<Vec<_>>());
-    let subjects = subjects.lock().unwrap().clone();
-    assert!(
-        !subjects.is_empty() && subjects.iter().all(|s| s.contains("ponte-client")),
-        "the endpoint saw Ponte's certificate: {subjects:?}"
-    );
+    common::TlsListener::assert_only_ponte_connected(&subjects, "endpoint");
     gw.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&certs.dir);
     let _ = std::fs::remove_dir_all(&config);
 }

@@ -11,6 +11,38 @@ use common::{broker_url, publish_many, random_prefix, referral, repo};
 use ponte::broker::Queues;
 use serde_json::{Value, json};
 
+/// `ponte run` with JSON logs at the default level; a thread collects its log lines (returned
+/// once it exits) and says when the gateway is ready.
+fn json_logging_gateway(
+    url: &str,
+    prefix: &str,
+) -> (
+    std::process::Child,
+    std::thread::JoinHandle<Vec<String>>,
+    std::sync::mpsc::Receiver<()>,
+) {
+    let mut child = common::ponte_run(&repo().join("config"), url, prefix)
+        .env("PONTE_LOG__FORMAT", "json")
+        .env("PONTE_LOG__LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("gateway ready") {
+                let _ = ready_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    (child, reader, ready_rx)
+}
+
 #[tokio::test]
 async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data_or_keys() {
     let url = broker_url();
@@ -30,20 +62,7 @@ async fn json_logs_carry_one_outcome_event_per_message_and_no_person_data_or_key
     )
     .await;
 
-    let mut child = common::ponte_run(&repo().join("config"), &url, &prefix)
-        .env("PONTE_LOG__FORMAT", "json")
-        .env("PONTE_LOG__LEVEL", "info")
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
+    let (mut child, reader, _) = json_logging_gateway(&url, &prefix);
     let delivered = common::drain(&url, &queues.outbound("inps"), 1, Duration::from_secs(20)).await;
     assert_eq!(delivered.len(), 1);
     let receipts = common::drain(
@@ -140,26 +159,8 @@ async fn a_copy_the_broker_returns_is_not_written_into_the_logs() {
     let url = broker_url();
     let prefix = random_prefix();
     let queues = Queues::new(&prefix);
-    let mut child = common::ponte_run(&repo().join("config"), &url, &prefix)
-        .env("PONTE_LOG__FORMAT", "json")
-        .env("PONTE_LOG__LEVEL", "info")
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("gateway ready") {
-                let _ = ready_tx.send(());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    ready_rx
+    let (mut child, reader, ready) = json_logging_gateway(&url, &prefix);
+    ready
         .recv_timeout(Duration::from_secs(30))
         .expect("gateway ready");
     common::shared_broker_ctl(&["delete_queue", &queues.outbound("inps")]);

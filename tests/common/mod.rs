@@ -698,6 +698,12 @@ impl Certificates {
         }
     }
 
+    /// In a fresh folder of its own under `target/test-tls`.
+    pub fn fresh() -> Certificates {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Self::make(&repo().join("target/test-tls").join(&id[..8]))
+    }
+
     pub fn file(&self, name: &str) -> String {
         self.dir.join(name).to_str().unwrap().to_string()
     }
@@ -713,6 +719,15 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
+    /// Asserts that clients connected and that every one showed Ponte's certificate.
+    pub fn assert_only_ponte_connected(subjects: &std::sync::Mutex<Vec<String>>, server: &str) {
+        let subjects = subjects.lock().unwrap();
+        assert!(
+            !subjects.is_empty() && subjects.iter().all(|s| s.contains("ponte-client")),
+            "the {server} saw Ponte's certificate: {subjects:?}"
+        );
+    }
+
     /// On a loopback port of its own, with the server certificate of `certs`, requiring a
     /// client certificate of its authority.
     pub async fn bind(certs: &Certificates) -> TlsListener {
