@@ -195,8 +195,9 @@ pub async fn connect(directory: &Directory, name: &str) -> Result<Link, BrokerEr
 /// a connection given up on while the broker is alive but silent (a set-up past its deadline,
 /// a close without an answer, a handshake that never finishes) kept its I/O thread and its
 /// socket for as long as the broker kept silent — three threads for every failed attempt to
-/// open a session. A `Link` keeps a second handle on the socket and, unless the connection was
-/// closed cleanly, shuts it down when dropped, which ends lapin's I/O thread with it.
+/// open a session. A `Link` keeps a second handle on the socket and shuts it down when dropped
+/// (after a clean close too: the socket then ends at once, whoever would have ended it), which
+/// ends lapin's I/O thread with it.
 pub struct Link {
     /// Set once open.
     connection: Option<Connection>,
@@ -215,18 +216,7 @@ impl std::ops::Deref for Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        // Closed by the handshake, the connection's I/O thread ends by itself and closes the
-        // socket; shut down under it, that thread could still read it and report the clean
-        // close as an error ("read 0 … half closed", "connection aborted").
-        if self
-            .connection
-            .as_ref()
-            .is_some_and(|c| c.status().closed())
-        {
-            self.socket.let_go();
-        } else {
-            self.socket.sever();
-        }
+        self.socket.sever();
     }
 }
 
@@ -255,12 +245,6 @@ impl Socket {
         if let Held::Open(socket) = std::mem::replace(&mut *self.held(), Held::Severed) {
             let _ = socket.shutdown(std::net::Shutdown::Both);
         }
-    }
-
-    /// Lets go of the duplicate without shutting the socket down (its connection closed
-    /// cleanly); like [`Socket::sever`], refuses any socket connected for it later.
-    fn let_go(&self) {
-        *self.held() = Held::Severed;
     }
 
     /// Keeps a duplicate of `socket`, just connected; refused once severed.
