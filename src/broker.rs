@@ -305,21 +305,15 @@ impl BrokerTls {
     /// Reads the files `settings` names, relative to the configuration folder `dir`; every
     /// problem is a sentence naming its setting and file.
     pub fn load(settings: &BrokerSettings, dir: &Path) -> Result<BrokerTls, Vec<String>> {
-        let mut errors = Vec::new();
-        let mut read = |key: &str, file: &Option<std::path::PathBuf>, check: fn(&Path) -> _| {
-            let read: Result<Vec<u8>, String> = check(&dir.join(file.as_ref()?));
-            read.map_err(|e| errors.push(format!("broker.{key}: {e}")))
-                .ok()
-        };
-        let authorities = read("ca_file", &settings.ca_file, crate::pem::certificates);
-        let identity = read(
-            "client_identity_file",
-            &settings.client_identity_file,
-            crate::pem::identity,
-        );
-        if !errors.is_empty() {
-            return Err(errors);
-        }
+        let at = |file: &Option<std::path::PathBuf>| file.as_ref().map(|f| dir.join(f));
+        let crate::pem::Section {
+            authorities,
+            identity,
+        } = crate::pem::section(
+            "broker",
+            at(&settings.ca_file).as_deref(),
+            at(&settings.client_identity_file).as_deref(),
+        )?;
         Ok(BrokerTls(lapin::tcp::OwnedTLSConfig {
             identity: identity.map(|pem| lapin::tcp::OwnedIdentity::PKCS8 {
                 pem: pem.clone(),

@@ -379,22 +379,13 @@ fn payload_keys(pointer: &str) -> Vec<String> {
 /// A section's TLS files — `[ca_file, client_identity_file]` — resolved against the partner
 /// file's `folder` and checked; the errors name the section and setting.
 fn tls_files(section: &str, folder: &Path, files: [&mut Option<PathBuf>; 2]) -> Vec<String> {
-    type Check = fn(&Path) -> Result<Vec<u8>, String>;
-    let [ca, identity] = files;
-    let checks: [(&str, &mut Option<PathBuf>, Check); 2] = [
-        ("ca_file", ca, crate::pem::certificates),
-        ("client_identity_file", identity, crate::pem::identity),
-    ];
-    let mut errors = Vec::new();
-    for (key, path, check) in checks {
-        if let Some(path) = path {
-            *path = folder.join(&*path);
-            if let Err(e) = check(path) {
-                errors.push(format!("{section}.{key}: {e}"));
-            }
-        }
-    }
-    errors
+    let [ca, identity] = files.map(|file| {
+        *file = file.as_ref().map(|f| folder.join(f));
+        file.as_deref()
+    });
+    crate::pem::section(section, ca, identity)
+        .err()
+        .unwrap_or_default()
 }
 
 /// A partner's service (look-up or delivery endpoint) must be reached over TLS; plain HTTP only

@@ -130,7 +130,7 @@ pub fn with_tls_files(
     client_identity_file: Option<&std::path::Path>,
 ) -> Result<reqwest::ClientBuilder, String> {
     if let Some(file) = ca_file {
-        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let pem = crate::pem::certificates(file)?;
         for certificate in reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| format!("{}: {e}", file.display()))?
         {
@@ -138,7 +138,7 @@ pub fn with_tls_files(
         }
     }
     if let Some(file) = client_identity_file {
-        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let pem = crate::pem::identity(file)?;
         let identity =
             reqwest::Identity::from_pem(&pem).map_err(|e| format!("{}: {e}", file.display()))?;
         builder = builder.identity(identity);

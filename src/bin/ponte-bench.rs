@@ -208,8 +208,7 @@ async fn main() -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    let load_1 = Load::generate(&directory, args.messages, args.size);
-    let load = &load_1;
+    let mut load = Load::generate(&directory, args.messages, args.size);
     eprintln!(
         "bench {}: {} messages ({} invalid), {} partners, ~{} bytes, receipts {}, {} expected outputs",
         args.scenario,
@@ -226,29 +225,25 @@ async fn main() -> Result<()> {
     for round in 1..=args.rounds {
         // Each round sends messages of its own (the store remembers those it delivered) and,
         // unless it is meant to hold a history, starts on an empty data folder as the first.
-        let load = if round == 1 {
-            None
-        } else {
+        if round > 1 {
             eprintln!("  round {round} of {}", args.rounds);
             if args.history == 0 {
                 let _ = std::fs::remove_dir_all(ponte::pipeline::store_dir(&directory));
             }
-            Some(Load::generate(&directory, args.messages, args.size))
-        };
-        let load = load.as_ref().unwrap_or(&load_1);
+            load = Load::generate(&directory, args.messages, args.size);
+        }
         let mut row = Row::default();
         if !args.no_shovel {
-            let (rate, broker) = shovel(&args, &connection, load).await?;
+            let (rate, broker) = shovel(&args, &connection, &load).await?;
             row.shovel_rate = Some(rate);
             row.shovel_broker_us = Some(broker * 1e6);
         }
         if args.forwarder {
-            row.forwarder = Some(forwarder(&args, &connection, load).await?);
+            row.forwarder = Some(forwarder(&args, &connection, &load).await?);
         }
-        drain_with_ponte(&args, &config, &directory, &connection, load, &mut row).await?;
+        drain_with_ponte(&args, &config, &directory, &connection, &load, &mut row).await?;
         rounds.push(row);
     }
-    let load = load_1;
     let mut row = Row::of_rounds(&rounds);
     if args.rounds > 1 {
         let s = &row.spread;
