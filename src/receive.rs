@@ -110,6 +110,7 @@ impl Flow {
                 Ok(()) = commits.changed(), if acks.uncommitted() => {
                     acks.ack_committed().await;
                 }
+                () = acks.sent(), if acks.sending() => {}
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
                         settling.push_back(self.handle(delivery, &owner).await?);
