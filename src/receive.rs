@@ -110,7 +110,6 @@ impl Flow {
                 Ok(()) = commits.changed(), if acks.uncommitted() => {
                     acks.ack_committed().await;
                 }
-                () = acks.sent(), if acks.sending() => {}
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
                         settling.push_back(self.handle(delivery, &owner).await?);

@@ -8,7 +8,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Acker, Channel, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
@@ -447,6 +446,7 @@ fn receipt_properties(receipt: &receipt::Receipt, inbound: &Inbound) -> lapin::B
 /// Acknowledges settled messages of one flow in arrival order, one `multiple` ack per run, once
 /// the store has committed what the run recorded (the store commits on its own thread every few
 /// milliseconds; a flow never waits for a commit, it acknowledges when one has happened).
+#[derive(Debug)]
 pub struct Acknowledger {
     /// The newest settled message not yet acknowledged; acking it with `multiple` acks all
     /// earlier ones of the channel too.
@@ -456,13 +456,6 @@ pub struct Acknowledger {
     since: Option<Instant>,
     /// Closed runs waiting for the store's commit, oldest first.
     uncommitted: VecDeque<Run>,
-    /// Committed runs waiting for the ack frame on its way: the next frame acknowledges them all.
-    ready: Option<(Acker, usize)>,
-    /// The ack frame on its way, and how many messages it acknowledges. One at a time: lapin
-    /// sends each ack from a task of its own, so a second one could overtake the first, and a
-    /// `multiple` ack that arrives after a later one names a tag the broker no longer knows
-    /// (which closes the channel). The flow does not wait for it (see [`Acknowledger::sent`]).
-    sending: Option<(futures_util::future::BoxFuture<'static, ()>, usize)>,
     commits: tokio::sync::watch::Receiver<Committed>,
     /// When this flow last paused for a refusing broker: one pause per interval, not one per
     /// refused message, or a full queue would stall the flow for a second per message.
@@ -557,8 +550,6 @@ impl Acknowledger {
             count: 0,
             since: None,
             uncommitted: VecDeque::new(),
-            ready: None,
-            sending: None,
             commits: settler.store.commits(),
             last_pause: None,
             metrics: FlowMetrics::default(),
@@ -580,49 +571,7 @@ impl Acknowledger {
     /// Settled messages not yet acknowledged: the pending run and the closed ones waiting for
     /// the store's commit. The broker counts them against the flow's prefetch.
     pub fn unacknowledged(&self) -> usize {
-        self.count
-            + self.uncommitted.iter().map(|r| r.count).sum::<usize>()
-            + self.ready.as_ref().map_or(0, |(_, count)| *count)
-            + self.sending.as_ref().map_or(0, |(_, count)| *count)
-    }
-
-    /// Whether an ack frame is on its way.
-    pub fn sending(&self) -> bool {
-        self.sending.is_some()
-    }
-
-    /// Waits until the ack frame on its way has gone out (or failed: the broker then gives its
-    /// messages back), and sends the next one if runs are ready for it. The flow polls this
-    /// beside its deliveries, so a slow write never holds up the next message.
-    pub async fn sent(&mut self) {
-        if let Some((sending, _)) = &mut self.sending {
-            sending.await;
-            self.sending = None;
-        }
-        self.send().await;
-    }
-
-    /// Starts acknowledging the ready runs, unless an ack frame is on its way already (then they
-    /// wait for it). lapin queues the ack at the future's first poll, so one poll here is enough
-    /// to have it sent; [`Acknowledger::sent`] awaits the rest.
-    async fn send(&mut self) {
-        if self.sending.is_some() {
-            return;
-        }
-        let Some((acker, count)) = self.ready.take() else {
-            return;
-        };
-        let mut sending = ack_run(acker, count).boxed();
-        if futures_util::poll!(sending.as_mut()).is_pending() {
-            self.sending = Some((sending, count));
-        }
-    }
-
-    /// Sends every ack due and waits until they are out.
-    async fn drain(&mut self) {
-        while self.sending.is_some() || self.ready.is_some() {
-            self.sent().await;
-        }
+        self.count + self.uncommitted.iter().map(|r| r.count).sum::<usize>()
     }
 
     /// Whether the pending run is big enough to acknowledge now.
@@ -650,25 +599,25 @@ impl Acknowledger {
         let committed = self.commits.borrow_and_update().clone();
         match committed {
             Ok(written) => {
+                let (mut last, mut count) = (None, 0);
                 while self
                     .uncommitted
                     .front()
                     .is_some_and(|r| r.written <= written)
                 {
                     let run = self.uncommitted.pop_front().expect("just looked");
-                    let before = self.ready.take().map_or(0, |(_, count)| count);
-                    self.ready = Some((run.acker, before + run.count));
+                    count += run.count;
+                    last = Some(run.acker);
                 }
-                self.send().await;
+                if let Some(acker) = last {
+                    ack_run(acker, count).await;
+                }
             }
             Err(error) => {
                 let count: usize = self.uncommitted.iter().map(|r| r.count).sum();
                 let Some(run) = self.uncommitted.pop_back() else {
                     return;
                 };
-                // The `multiple` nack covers every earlier tag: the acks of committed runs
-                // must be out before it.
-                self.drain().await;
                 self.uncommitted.clear();
                 tracing::error!(
                     count,
@@ -686,8 +635,7 @@ impl Acknowledger {
         }
     }
 
-    /// At the end of a flow: closes the run, commits the store now, acknowledges, and waits
-    /// until the acks are out (the channel closes next).
+    /// At the end of a flow: closes the run, commits the store now and acknowledges.
     pub async fn finish(&mut self, settler: &Settler) {
         self.flush(settler).await;
         if self.uncommitted() {
@@ -696,7 +644,6 @@ impl Acknowledger {
             }
             self.ack_committed().await;
         }
-        self.drain().await;
     }
 }
 
