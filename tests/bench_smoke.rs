@@ -1,6 +1,7 @@
 //! The benchmark keeps working: a 2,000-message run of `ponte-bench` (two rounds) against a
-//! broker of its own (with the shovel plugin) produces a full row of figures. No figure is
-//! judged: timings belong to the benchmark, not to the tests.
+//! broker of its own (with the shovel plugin) produces a full row of figures, and a run,
+//! finished or interrupted, leaves nothing behind on the broker. No figure is judged: timings
+//! belong to the benchmark, not to the tests.
 
 mod common;
 
@@ -97,6 +98,83 @@ fn a_small_benchmark_run_produces_every_figure() {
             && plot.contains(">no-op forwarder: p50"),
         "{plot}"
     );
+    // The run leaves the broker as it found it.
+    assert_eq!(queues_and_shovels(&broker), "", "after a finished run");
+
+    // Interrupted while Ponte drains: neither the gateway nor the run's queues stay behind to
+    // load the broker under the next run.
+    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench"))
+        .args(["--url", &broker.url()])
+        .args([
+            "--node",
+            &format!("{} {} {}", broker.name, broker.port, broker.dir.display()),
+        ])
+        .args(["--ponte", env!("CARGO_BIN_EXE_ponte")])
+        .args([
+            "--messages",
+            "20000",
+            "--no-shovel",
+            "--scenario",
+            "stopped",
+        ])
+        .arg("--csv")
+        .arg(&csv)
+        .arg("--work")
+        .arg(&work)
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let gateway = loop {
+        let running = children(bench.id())
+            .into_iter()
+            .find(|pid| command_of(*pid).as_deref() == Some("ponte"));
+        if let Some(pid) = running {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the benchmark never started ponte"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    unsafe { libc::kill(bench.id() as i32, libc::SIGINT) };
+    let status = bench.wait().unwrap();
+    assert!(!status.success());
+    assert_eq!(command_of(gateway), None, "the gateway still runs");
+    assert_eq!(queues_and_shovels(&broker), "", "after an interrupted run");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(!text.contains("stopped"), "an interrupted run wrote a row");
+}
+
+/// The broker's queues and shovels, one per line (empty when it has none).
+fn queues_and_shovels(broker: &PrivateBroker) -> String {
+    let mut left = broker.ctl(&["list_queues", "name", "--quiet", "--no-table-headers"]);
+    left += &broker.ctl(&["list_parameters", "--quiet", "--no-table-headers"]);
+    left.trim().to_string()
+}
+
+/// The processes `pid` started that still run.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The command name of a running process.
+fn command_of(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim().to_string())
 }
 
 #[test]

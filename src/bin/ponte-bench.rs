@@ -208,7 +208,7 @@ async fn main() -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    let mut load = Load::generate(&directory, args.messages, args.size);
+    let load = Load::generate(&directory, args.messages, args.size);
     eprintln!(
         "bench {}: {} messages ({} invalid), {} partners, ~{} bytes, receipts {}, {} expected outputs",
         args.scenario,
@@ -221,6 +221,27 @@ async fn main() -> Result<()> {
     );
     check_csv_header(&args.csv)?;
     let connection = connect(&args.url).await?;
+    let measured = tokio::select! {
+        measured = measure(&args, &config, &directory, &connection, load) => measured,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    // Whatever happened: an interrupted or failed run's queues would otherwise stay on the
+    // broker with their messages (and a shovel go on moving them), slowing every later run.
+    cleanup(&args, &connection, &directory).await;
+    let (load, row) = measured?;
+    report(&args, &load, &row)?;
+    Ok(())
+}
+
+/// Moves the load `--rounds` times and measures latency; returns the last round's load and
+/// the row to report.
+async fn measure(
+    args: &Args,
+    config: &Path,
+    directory: &Directory,
+    connection: &Connection,
+    mut load: Load,
+) -> Result<(Load, Row)> {
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
         // Each round sends messages of its own (the store remembers those it delivered) and,
@@ -228,20 +249,20 @@ async fn main() -> Result<()> {
         if round > 1 {
             eprintln!("  round {round} of {}", args.rounds);
             if args.history == 0 {
-                let _ = std::fs::remove_dir_all(ponte::pipeline::store_dir(&directory));
+                let _ = std::fs::remove_dir_all(ponte::pipeline::store_dir(directory));
             }
-            load = Load::generate(&directory, args.messages, args.size);
+            load = Load::generate(directory, args.messages, args.size);
         }
         let mut row = Row::default();
         if !args.no_shovel {
-            let (rate, broker) = shovel(&args, &connection, &load).await?;
+            let (rate, broker) = shovel(args, connection, &load).await?;
             row.shovel_rate = Some(rate);
             row.shovel_broker_us = Some(broker * 1e6);
         }
         if args.forwarder {
-            row.forwarder = Some(forwarder(&args, &connection, &load).await?);
+            row.forwarder = Some(forwarder(args, connection, &load).await?);
         }
-        drain_with_ponte(&args, &config, &directory, &connection, &load, &mut row).await?;
+        drain_with_ponte(args, config, directory, connection, &load, &mut row).await?;
         rounds.push(row);
     }
     let mut row = Row::of_rounds(&rounds);
@@ -266,7 +287,7 @@ async fn main() -> Result<()> {
         // The same messages, at the same rate, through Ponte and then through the shovel.
         let rate = args.latency_rate.unwrap_or(row.ponte_rate / 2.0);
         let offered = Load::generate(
-            &directory,
+            directory,
             (rate * args.latency_secs as f64) as usize,
             args.size,
         );
@@ -274,14 +295,14 @@ async fn main() -> Result<()> {
         // and message store tidy up behind them); time Ponte on a broker at rest, as the
         // shovel is timed after it.
         broker_at_rest(&args.node).await?;
-        row.latency = Some(latency(&args, &config, &directory, &offered, rate).await?);
+        row.latency = Some(latency(args, config, directory, &offered, rate).await?);
         if !args.no_shovel {
             row.shovel_latency =
-                Some(side_latency(&args, &connection, &offered, rate, Mover::Shovel).await?);
+                Some(side_latency(args, connection, &offered, rate, Mover::Shovel).await?);
         }
         if args.forwarder {
             row.forwarder_latency =
-                Some(side_latency(&args, &connection, &offered, rate, Mover::Forwarder).await?);
+                Some(side_latency(args, connection, &offered, rate, Mover::Forwarder).await?);
         }
         let mut series = vec![("Ponte", row.latency.as_ref().unwrap(), "#c0392b")];
         if let Some(shovel) = &row.shovel_latency {
@@ -294,9 +315,7 @@ async fn main() -> Result<()> {
         std::fs::write(&path, percentile_plot(&series, rate))?;
         eprintln!("  latency by percentile: {}", path.display());
     }
-    cleanup(&connection, &directory).await;
-    report(&args, &load, &row)?;
-    Ok(())
+    Ok((load, row))
 }
 
 /// Fills the data folder with `n` past messages, the oldest a little younger than the retention
@@ -684,6 +703,15 @@ async fn preload(connection: &Connection, queue: &str, bodies: &[Vec<u8>]) -> Re
 }
 
 fn ctl(node: &str, args: &[&str]) -> Result<()> {
+    run_ctl(node, args, Stdio::inherit())
+}
+
+/// The same, for a command that may fail as expected (its complaint is not printed).
+fn quiet_ctl(node: &str, args: &[&str]) -> Result<()> {
+    run_ctl(node, args, Stdio::null())
+}
+
+fn run_ctl(node: &str, args: &[&str], stderr: Stdio) -> Result<()> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let node: Vec<&str> = node.split(' ').collect();
     let status = Command::new(repo.join("scripts/broker.sh"))
@@ -691,6 +719,7 @@ fn ctl(node: &str, args: &[&str]) -> Result<()> {
         .args(&node)
         .args(args)
         .stdout(Stdio::null())
+        .stderr(stderr)
         .status()?;
     if !status.success() {
         bail!("rabbitmqctl {args:?} failed");
@@ -902,8 +931,38 @@ async fn delete_queues(connection: &Connection, queues: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A `ponte run` started by the benchmark. [`Gateway::stop`] ends it as an operator would
+/// (SIGTERM, then its exit status); a gateway the benchmark gives up on (an error, Ctrl-C) is
+/// killed when dropped, so that none outlives its run and goes on loading the broker.
+struct Gateway(Option<Child>);
+
+impl Gateway {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    fn stop(mut self) -> Result<()> {
+        let mut child = self.0.take().expect("a gateway is stopped once");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("ponte exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Starts `ponte run` and returns it once it logs that it is ready, with the start-up time.
-fn start_ponte(args: &Args, config: &Path) -> Result<(Child, Duration)> {
+fn start_ponte(args: &Args, config: &Path) -> Result<(Gateway, Duration)> {
     let started = Instant::now();
     let mut child = Command::new(&args.ponte)
         .args(["run", "--config"])
@@ -915,6 +974,7 @@ fn start_ponte(args: &Args, config: &Path) -> Result<(Child, Duration)> {
         .spawn()
         .with_context(|| format!("starting {}", args.ponte.display()))?;
     let stderr = child.stderr.take().unwrap();
+    let gateway = Gateway(Some(child));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut tx = Some(tx);
@@ -934,16 +994,7 @@ fn start_ponte(args: &Args, config: &Path) -> Result<(Child, Duration)> {
     });
     rx.recv_timeout(Duration::from_secs(120))
         .context("ponte did not become ready")?;
-    Ok((child, started.elapsed()))
-}
-
-fn stop_ponte(mut child: Child) -> Result<()> {
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("ponte exited with {status}");
-    }
-    Ok(())
+    Ok((gateway, started.elapsed()))
 }
 
 /// Waits (at most 30 s) until the broker uses less than 5% of a core over a second.
@@ -1019,9 +1070,9 @@ async fn drain_with_ponte(
         .keys()
         .flat_map(|p| [queues.outbound(p), queues.rejected(p)])
         .collect();
-    let (child, startup) = start_ponte(args, config)?;
+    let (gateway, startup) = start_ponte(args, config)?;
     row.startup_ms = startup.as_secs_f64() * 1000.0;
-    let pid = child.id();
+    let pid = gateway.id();
     let (cpu_before, _) = usage(pid)?;
     let (rate, broker) = steady_rate(
         &args.node,
@@ -1035,7 +1086,7 @@ async fn drain_with_ponte(
     let (cpu_after, rss) = usage(pid)?;
     // Progress counts outputs (copies and parked originals); the broker's cost is per message.
     row.ponte_broker_us = broker * load.expected_outputs as f64 / load.count as f64 * 1e6;
-    stop_ponte(child)?;
+    gateway.stop()?;
     row.ponte_rate = rate * load.count as f64 / load.expected_outputs as f64;
     row.cpu_us = (cpu_after - cpu_before) / load.count as f64 * 1e6;
     row.peak_rss_mib = rss;
@@ -1066,7 +1117,7 @@ async fn latency(
     rate: f64,
 ) -> Result<Latency> {
     let queues = Queues::new(&directory.settings.broker.prefix);
-    let (child, _) = start_ponte(args, config)?;
+    let (gateway, _) = start_ponte(args, config)?;
     let schedule: Vec<(String, Vec<u8>)> = load
         .by_sender
         .iter()
@@ -1078,7 +1129,7 @@ async fn latency(
         .map(|p| queues.outbound(p))
         .collect();
     let timed = time_through(args, &args.scenario, schedule, &outputs, rate).await;
-    stop_ponte(child)?;
+    gateway.stop()?;
     timed
 }
 
@@ -1369,17 +1420,40 @@ fn percentile_plot(series: &[(&str, &Latency, &str)], rate: f64) -> String {
     svg
 }
 
-async fn cleanup(connection: &Connection, directory: &Directory) {
-    let queues = Queues::new(&directory.settings.broker.prefix);
+/// Deletes the run's queues and exchanges, its side queues and its shovels.
+async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
+    for name in [
+        format!("bench-{}", args.scenario),
+        format!("bench-latency-{}", args.scenario),
+    ] {
+        let _ = quiet_ctl(&args.node, &["clear_parameter", "shovel", &name]);
+    }
+    let mut side = Vec::new();
+    for mover in ["shovel", "forwarder", "shovel-latency", "forwarder-latency"] {
+        for end in ["src", "dst"] {
+            side.push(format!("bench-{mover}-{}.{end}", args.scenario));
+        }
+    }
+    // Ponte's whole topology, as `ponte setup` declares it.
+    let topology = ponte::broker::definitions(directory, "/");
+    let names = |kind: &str| -> Vec<String> {
+        topology[kind]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item["name"].as_str().map(String::from))
+            .collect()
+    };
+    side.extend(names("queues"));
+    let _ = delete_queues(
+        connection,
+        &side.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
     if let Ok(channel) = connection.create_channel().await {
-        for p in directory.partners.keys() {
-            for q in queues.of_partner(p) {
-                let _ = channel
-                    .queue_delete(q.as_str().into(), Default::default())
-                    .await;
-            }
+        for exchange in names("exchanges") {
             let _ = channel
-                .exchange_delete(queues.inbound(p).as_str().into(), Default::default())
+                .exchange_delete(exchange.as_str().into(), Default::default())
                 .await;
         }
     }
