@@ -12,13 +12,7 @@ fn a_small_benchmark_run_produces_every_figure() {
     let broker = PrivateBroker::start_with_plugins("rabbitmq_shovel");
     let work = broker.dir.join("bench");
     let csv = work.join("results.csv");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench"))
-        .args(["--url", &broker.url()])
-        .args([
-            "--node",
-            &format!("{} {} {}", broker.name, broker.port, broker.dir.display()),
-        ])
-        .args(["--ponte", env!("CARGO_BIN_EXE_ponte")])
+    let status = ponte_bench(&broker)
         .args([
             "--messages",
             "2000",
@@ -103,13 +97,7 @@ fn a_small_benchmark_run_produces_every_figure() {
 
     // Interrupted while Ponte drains: neither the gateway nor the run's queues stay behind to
     // load the broker under the next run.
-    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench"))
-        .args(["--url", &broker.url()])
-        .args([
-            "--node",
-            &format!("{} {} {}", broker.name, broker.port, broker.dir.display()),
-        ])
-        .args(["--ponte", env!("CARGO_BIN_EXE_ponte")])
+    let mut bench = ponte_bench(&broker)
         .args([
             "--messages",
             "20000",
@@ -145,6 +133,19 @@ fn a_small_benchmark_run_produces_every_figure() {
     assert_eq!(queues_and_shovels(&broker), "", "after an interrupted run");
     let text = std::fs::read_to_string(&csv).unwrap();
     assert!(!text.contains("stopped"), "an interrupted run wrote a row");
+}
+
+/// `ponte-bench` on `broker`, measuring the `ponte` built with the tests.
+fn ponte_bench(broker: &PrivateBroker) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench"));
+    command
+        .args(["--url", &broker.url()])
+        .args([
+            "--node",
+            &format!("{} {} {}", broker.name, broker.port, broker.dir.display()),
+        ])
+        .args(["--ponte", env!("CARGO_BIN_EXE_ponte")]);
+    command
 }
 
 /// The broker's queues and shovels, one per line (empty when it has none).
