@@ -739,15 +739,20 @@ async fn steady_rate(
     let start = Instant::now();
     let (mut t10, mut t90) = (None, None);
     let (lo, hi) = (total / 10, total * 9 / 10);
+    let mut last = (Duration::ZERO, 0, broker_cpu(node)?);
     loop {
         let done = progress().await?;
         let now = start.elapsed();
+        let sample = (now, done, broker_cpu(node)?);
         if t10.is_none() && done >= lo {
-            t10 = Some((now, done, broker_cpu(node)?));
+            // A small load can pass both marks between two polls: the window then starts at
+            // the poll before (at worst the start), or it would be empty and the rate NaN.
+            t10 = Some(if done >= hi { last } else { sample });
         }
         if done >= hi && t90.is_none() {
-            t90 = Some((now, done, broker_cpu(node)?));
+            t90 = Some(sample);
         }
+        last = sample;
         if done >= total {
             break;
         }
@@ -1535,4 +1540,27 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
     writeln!(f, "{line}")?;
     println!("{header}\n{line}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_load_that_passes_both_marks_between_two_polls_still_gets_a_rate() {
+        // A node whose "broker" is this process, so that reading its CPU time works.
+        let dir = std::env::temp_dir().join(format!("ponte-bench-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("node.pid"), std::process::id().to_string()).unwrap();
+        let node = format!("test 0 {}", dir.display());
+        // The first poll sees nothing moved yet, the second sees everything moved.
+        let mut polls = [0, 2000].into_iter();
+        let (rate, _) = steady_rate(&node, 2000, Duration::from_secs(10), async || {
+            Ok(polls.next().unwrap_or(2000))
+        })
+        .await
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(rate.is_finite() && rate > 0.0, "rate {rate}");
+    }
 }
