@@ -501,7 +501,7 @@ pub async fn declare_queue(
 }
 
 /// Every queue of the topology with its arguments: each partner's five, then the retry queues.
-fn all_queues(directory: &Directory) -> Vec<(String, FieldTable)> {
+pub fn all_queues(directory: &Directory) -> Vec<(String, FieldTable)> {
     let mut all: Vec<_> = directory
         .partners
         .values()
@@ -533,7 +533,7 @@ fn partner_queues(
 
 /// Every exchange of the topology: each partner's inbound fanout exchange, and the events
 /// exchange when it is switched on.
-fn exchanges(directory: &Directory) -> Vec<(String, ExchangeKind)> {
+pub fn exchanges(directory: &Directory) -> Vec<(String, ExchangeKind)> {
     let queues = Queues::new(&directory.settings.broker.prefix);
     let mut all: Vec<(String, ExchangeKind)> = directory
         .partners

@@ -774,7 +774,7 @@ async fn steady_rate(
 /// The shovel's steady rate and the broker's CPU seconds per message meanwhile.
 async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64)> {
     let (src, dst) = side_queues(args, connection, load, "shovel").await?;
-    let name = format!("bench-{}", args.scenario);
+    let [name, _] = shovel_names(args);
     set_shovel(args, &name, &src, &dst)?;
     let rate = drained(args, connection, &dst, load.count).await;
     ctl(&args.node, &["clear_parameter", "shovel", &name])?;
@@ -893,6 +893,26 @@ async fn forward(
     Ok(())
 }
 
+/// The names `side_queues` is called with: each side-by-side mover, for a drain and for a
+/// latency run.
+const MOVERS: [&str; 4] = ["shovel", "forwarder", "shovel-latency", "forwarder-latency"];
+
+/// The source and destination queue of a side-by-side mover.
+fn side_names(args: &Args, mover: &str) -> (String, String) {
+    (
+        format!("bench-{mover}-{}.src", args.scenario),
+        format!("bench-{mover}-{}.dst", args.scenario),
+    )
+}
+
+/// The shovels of this scenario: its drain's and its latency run's.
+fn shovel_names(args: &Args) -> [String; 2] {
+    [
+        format!("bench-{}", args.scenario),
+        format!("bench-latency-{}", args.scenario),
+    ]
+}
+
 /// A source queue holding the whole load and an empty destination, for a side-by-side mover.
 async fn side_queues(
     args: &Args,
@@ -900,8 +920,7 @@ async fn side_queues(
     load: &Load,
     mover: &str,
 ) -> Result<(String, String)> {
-    let src = format!("bench-{mover}-{}.src", args.scenario);
-    let dst = format!("bench-{mover}-{}.dst", args.scenario);
+    let (src, dst) = side_names(args, mover);
     delete_queues(connection, &[&src, &dst]).await?;
     let channel = connection.create_channel().await?;
     declare(&channel, &dst).await?;
@@ -1167,7 +1186,7 @@ async fn side_latency(
         &format!("{label}-latency"),
     )
     .await?;
-    let name = format!("bench-latency-{}", args.scenario);
+    let [_, name] = shovel_names(args);
     let forwarding = match mover {
         Mover::Shovel => {
             set_shovel(args, &name, &src, &dst)?;
@@ -1427,36 +1446,29 @@ fn percentile_plot(series: &[(&str, &Latency, &str)], rate: f64) -> String {
 
 /// Deletes the run's queues and exchanges, its side queues and its shovels.
 async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
-    for name in [
-        format!("bench-{}", args.scenario),
-        format!("bench-latency-{}", args.scenario),
-    ] {
+    for name in shovel_names(args) {
         let _ = quiet_ctl(&args.node, &["clear_parameter", "shovel", &name]);
     }
-    let mut side = Vec::new();
-    for mover in ["shovel", "forwarder", "shovel-latency", "forwarder-latency"] {
-        for end in ["src", "dst"] {
-            side.push(format!("bench-{mover}-{}.{end}", args.scenario));
-        }
-    }
-    // Ponte's whole topology, as `ponte setup` declares it.
-    let topology = ponte::broker::definitions(directory, "/");
-    let names = |kind: &str| -> Vec<String> {
-        topology[kind]
-            .as_array()
+    // The side queues, and Ponte's whole topology as `ponte setup` declares it.
+    let mut queues: Vec<String> = MOVERS
+        .iter()
+        .flat_map(|mover| {
+            let (src, dst) = side_names(args, mover);
+            [src, dst]
+        })
+        .collect();
+    queues.extend(
+        ponte::broker::all_queues(directory)
             .into_iter()
-            .flatten()
-            .filter_map(|item| item["name"].as_str().map(String::from))
-            .collect()
-    };
-    side.extend(names("queues"));
+            .map(|(q, _)| q),
+    );
     let _ = delete_queues(
         connection,
-        &side.iter().map(String::as_str).collect::<Vec<_>>(),
+        &queues.iter().map(String::as_str).collect::<Vec<_>>(),
     )
     .await;
     if let Ok(channel) = connection.create_channel().await {
-        for exchange in names("exchanges") {
+        for (exchange, _) in ponte::broker::exchanges(directory) {
             let _ = channel
                 .exchange_delete(exchange.as_str().into(), Default::default())
                 .await;
