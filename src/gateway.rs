@@ -241,6 +241,7 @@ async fn open(
         .collect();
     // The partners without a prefetch of their own share the rest, following their traffic.
     let pool = broker.pool(&own).map(Arc::new);
+    let bytes_per_message = broker.bytes_per_message(&own);
     for (consuming, publishing, opened) in groups {
         for (partner, consume, publish) in opened {
             let settler = Arc::new(Settler {
@@ -260,6 +261,7 @@ async fn open(
                 consume,
                 prefetch: prefetches[partner.id.as_str()],
                 pool: pool.clone().filter(|_| partner.prefetch.is_none()),
+                bytes_per_message,
                 settler,
                 started: started.subscribe(),
             };

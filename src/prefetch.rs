@@ -9,6 +9,12 @@
 //! consumer at every one. The total never exceeds `broker.max_in_flight`, so memory stays
 //! bounded by count as before; a partner that sends most of the traffic gets the window it
 //! needs without anyone setting a `prefetch` for it.
+//!
+//! Prefetch counts messages, whatever their size. `broker.max_in_flight_bytes` bounds their
+//! bytes too: each message of a flow's window may hold `bytes_per_message` on average, and a
+//! flow whose recent messages are larger has fewer unacknowledged at once ([`Sizes`]). A
+//! flow starts as if its messages were as large as `limits.max_message_bytes` allows, so
+//! that a backlog of large messages waiting at start cannot take more either.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,6 +82,78 @@ impl Window {
             self.prefetch = next;
             next
         })
+    }
+}
+
+/// The prefetch that keeps a window of `base` messages of up to `largest` bytes within `base ×
+/// per_message` bytes: `base` when they fit, fewer when not, never below 1 (a message larger
+/// than the whole allowance still goes through, alone).
+pub fn within_bytes(base: u16, per_message: u64, largest: u64) -> u16 {
+    if largest <= per_message {
+        return base;
+    }
+    let fits = u64::from(base) * per_message / largest;
+    u16::try_from(fits).unwrap_or(base).clamp(1, base)
+}
+
+/// The largest messages a flow received over its last [`QUIET_LOOKS`] looks, which cap its
+/// window in bytes ([`within_bytes`]).
+#[derive(Debug)]
+pub struct Sizes {
+    per_message: u64,
+    /// The largest message since the last look.
+    now: u64,
+    recent: [u64; QUIET_LOOKS],
+    looks: usize,
+    /// What the cap is based on: at first `limits.max_message_bytes`, then what was received.
+    largest: u64,
+}
+
+impl Sizes {
+    /// Before any message, messages are taken to be `assumed` bytes large.
+    pub fn new(per_message: u64, assumed: u64) -> Sizes {
+        Sizes {
+            per_message,
+            now: 0,
+            recent: [0; QUIET_LOOKS],
+            looks: 0,
+            largest: assumed,
+        }
+    }
+
+    /// The prefetch a window of `base` messages may have now.
+    pub fn cap(&self, base: u16) -> u16 {
+        within_bytes(base, self.per_message, self.largest)
+    }
+
+    /// Notes a message of `bytes`; the new, smaller cap of a window of `base` messages when this
+    /// one makes a window of `current` hold more than its share: the flow shrinks it at once,
+    /// not at its next look.
+    pub fn saw(&mut self, bytes: u64, base: u16, current: u16) -> Option<u16> {
+        self.now = self.now.max(bytes);
+        if bytes <= self.largest {
+            return None;
+        }
+        self.largest = bytes;
+        let cap = self.cap(base);
+        (cap < current).then_some(cap)
+    }
+
+    /// Every [`EVERY`]: the prefetch a window of `base` messages, now at `current`, should have
+    /// when it changes. It shrinks to its cap, and grows only to `base` or by doubling (each
+    /// change restarts the flow's consumer); a flow that received nothing over its last looks
+    /// keeps what it has.
+    pub fn look(&mut self, base: u16, current: u16) -> Option<u16> {
+        self.looks += 1;
+        self.recent[self.looks % QUIET_LOOKS] = self.now;
+        self.now = 0;
+        let recent = self.recent.iter().copied().max().unwrap_or(0);
+        if recent > 0 {
+            self.largest = recent;
+        }
+        let cap = self.cap(base);
+        let change = cap < current || cap == base && cap > current || cap / 2 >= current;
+        (change && cap != current).then_some(cap)
     }
 }
 
@@ -228,5 +306,73 @@ mod tests {
             assert_eq!(window.look(0), None, "look {look}");
         }
         assert_eq!(window.look(0), Some(4));
+    }
+
+    const KIB: u64 = 1024;
+
+    #[test]
+    fn large_messages_get_fewer_at_once_and_small_ones_the_whole_window() {
+        // 164 KiB a message on average (128 MiB over five windows of 200).
+        assert_eq!(within_bytes(200, 164 * KIB, 2 * KIB), 200);
+        assert_eq!(within_bytes(200, 164 * KIB, 164 * KIB), 200);
+        assert_eq!(within_bytes(200, 164 * KIB, 410 * KIB), 80);
+        assert_eq!(within_bytes(200, 164 * KIB, 1024 * KIB), 32);
+        // Larger than the whole window's bytes: still one at a time.
+        assert_eq!(within_bytes(200, 164 * KIB, 64 * 1024 * KIB), 1);
+        assert_eq!(within_bytes(1, 1, u64::MAX), 1);
+    }
+
+    #[test]
+    fn a_flow_starts_as_if_its_messages_were_as_large_as_allowed_and_grows_once_they_are_not() {
+        let mut sizes = Sizes::new(164 * KIB, 1024 * KIB);
+        assert_eq!(sizes.cap(200), 32);
+        // Small messages: at the next look, the whole window.
+        assert_eq!(sizes.saw(2 * KIB, 200, 32), None);
+        assert_eq!(sizes.look(200, 32), Some(200));
+        // Nothing received: the window stays as it is.
+        for _ in 0..10 {
+            assert_eq!(sizes.look(200, 200), None);
+        }
+    }
+
+    #[test]
+    fn a_larger_message_shrinks_the_window_at_once_and_it_grows_back_after_five_quiet_looks() {
+        let mut sizes = Sizes::new(164 * KIB, 1024 * KIB);
+        sizes.saw(2 * KIB, 200, 32);
+        assert_eq!(sizes.look(200, 32), Some(200));
+        // A 410 KiB referral: 80 at once, not at the next look but now.
+        assert_eq!(sizes.saw(410 * KIB, 200, 200), Some(80));
+        // Another as large changes nothing.
+        assert_eq!(sizes.saw(410 * KIB, 200, 80), None);
+        // Small messages again: the large one counts for the five looks that include it...
+        for look in 0..5 {
+            sizes.saw(2 * KIB, 200, 80);
+            assert_eq!(sizes.look(200, 80), None, "look {look}");
+        }
+        // ...then the window is whole again.
+        sizes.saw(2 * KIB, 200, 80);
+        assert_eq!(sizes.look(200, 80), Some(200));
+    }
+
+    #[test]
+    fn the_window_grows_back_only_by_doubling_or_to_its_whole_base() {
+        let mut sizes = Sizes::new(100 * KIB, 1024 * KIB);
+        assert_eq!(sizes.cap(200), 19);
+        // 19 → 25 is not worth a restart...
+        sizes.saw(800 * KIB, 200, 19);
+        assert_eq!(sizes.look(200, 19), None);
+        // ...19 → 50 is.
+        for _ in 0..4 {
+            sizes.saw(400 * KIB, 200, 19);
+            assert_eq!(sizes.look(200, 19), None);
+        }
+        sizes.saw(400 * KIB, 200, 19);
+        assert_eq!(sizes.look(200, 19), Some(50));
+        for _ in 0..5 {
+            sizes.saw(300 * KIB, 200, 50);
+            assert_eq!(sizes.look(200, 50), None, "66 is not worth a restart");
+        }
+        // A smaller base (the window gave back what it did not use) lowers the cap with it.
+        assert_eq!(sizes.look(100, 50), Some(33));
     }
 }

@@ -31,6 +31,9 @@ pub struct Flow {
     /// Where the flow gives back prefetch it does not use and takes more when held back, when
     /// it shares `broker.max_in_flight` with others (see [`crate::prefetch`]).
     pub pool: Option<Arc<Pool>>,
+    /// What each message of the window may hold on average (`broker.max_in_flight_bytes`
+    /// shared out): a flow whose messages are larger has fewer unacknowledged at once.
+    pub bytes_per_message: u64,
     pub settler: Arc<Settler>,
     /// Turns true once every flow of the session consumes. A flow handles nothing before: with
     /// a backlog, the first partners' messages would otherwise take the CPU while the others'
@@ -46,6 +49,17 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// A flow's consumer, with the prefetch it was started with and what sets it.
+struct Consuming {
+    consumer: lapin::Consumer,
+    tag: String,
+    prefetch: u16,
+    /// The size of the flow's recent messages, which may hold the prefetch below the window.
+    sizes: prefetch::Sizes,
+    /// `ponte_prefetch` for the flow's partner.
+    gauge: metrics::Gauge,
+}
+
 type Settling = FuturesOrdered<futures_util::future::BoxFuture<'static, Settled>>;
 
 impl Flow {
@@ -58,9 +72,18 @@ impl Flow {
     ) -> Result<(), BrokerError> {
         let queue = self.settler.queues.inbound(&self.partner.id).to_string();
         let tag = format!("ponte-{}", self.partner.id);
-        let mut consumer = consume(&self.consume, &queue, &tag, self.prefetch).await?;
-        let gauge = metrics::gauge!("ponte_prefetch", "partner" => self.partner.id.clone());
-        gauge.set(self.prefetch);
+        // Until its first messages show their size, a flow takes them to be as large as allowed.
+        let largest_allowed = self.pipeline.directory.settings.limits.max_message_bytes;
+        let sizes = prefetch::Sizes::new(self.bytes_per_message, largest_allowed as u64);
+        let prefetch = sizes.cap(self.prefetch);
+        let mut c = Consuming {
+            consumer: consume(&self.consume, &queue, &tag, prefetch).await?,
+            tag,
+            prefetch,
+            sizes,
+            gauge: metrics::gauge!("ponte_prefetch", "partner" => self.partner.id.clone()),
+        };
+        c.gauge.set(prefetch);
         debug!(%queue, "consuming");
         let _ = ready.send(()).await;
         drop(ready);
@@ -87,11 +110,15 @@ impl Flow {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                _ = look.tick(), if window.is_some() => {
+                _ = look.tick() => {
                     let now = settling.len() + acks.unacknowledged();
-                    if let Some(next) = window.as_mut().and_then(|w| w.look(now)) {
-                        self.restart(&mut consumer, &mut settling, &owner, &tag, next).await?;
-                        gauge.set(next);
+                    let mut base = self.prefetch;
+                    if let Some(window) = &mut window {
+                        window.look(in_window(now, window.prefetch, c.prefetch));
+                        base = window.prefetch;
+                    }
+                    if let Some(next) = c.sizes.look(base, c.prefetch) {
+                        self.restart(&mut c, &mut settling, &owner, base, next).await?;
                     }
                 }
                 Some(settled) = settling.next(), if !settling.is_empty() => {
@@ -110,11 +137,18 @@ impl Flow {
                 Ok(()) = commits.changed(), if acks.uncommitted() => {
                     acks.ack_committed().await;
                 }
-                delivery = consumer.next() => match delivery {
+                delivery = c.consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
+                        let base = window.as_ref().map_or(self.prefetch, |w| w.prefetch);
+                        let smaller = c.sizes.saw(delivery.data.len() as u64, base, c.prefetch);
                         settling.push_back(self.handle(delivery, &owner).await?);
                         if let Some(window) = &mut window {
-                            window.saw(settling.len() + acks.unacknowledged());
+                            let now = settling.len() + acks.unacknowledged();
+                            window.saw(in_window(now, window.prefetch, c.prefetch));
+                        }
+                        // Larger messages than the window was set for: fewer at once, now.
+                        if let Some(next) = smaller {
+                            self.restart(&mut c, &mut settling, &owner, base, next).await?;
                         }
                     }
                     Some(Err(error)) => return Err(error.into()),
@@ -126,41 +160,51 @@ impl Flow {
         // when the channel closes. Settle what is in flight.
         let cancel = self
             .consume
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            .basic_cancel(c.tag.as_str().into(), BasicCancelOptions::default());
         let _ = timeout(ANSWER_WITHIN, cancel).await;
         while let Some(settled) = settling.next().await {
             acks.settle(settled, &self.settler).await;
         }
         acks.finish(&self.settler).await;
-        stop_consuming(&self.consume, &self.settler.channel, &tag).await;
+        stop_consuming(&self.consume, &self.settler.channel, &c.tag).await;
         Ok(())
     }
 
-    /// Starts the flow's consumer again with `prefetch`: RabbitMQ fixes a consumer's prefetch
-    /// when it starts (basic.qos applies to consumers started after it). Messages received
-    /// meanwhile are handled first, so their order is kept.
+    /// Starts the flow's consumer again with `prefetch` (of a window of `base` messages), or
+    /// fewer when the messages received meanwhile are larger. RabbitMQ fixes a consumer's
+    /// prefetch when it starts (basic.qos applies to consumers started after it). Messages
+    /// received meanwhile are handled first, so their order is kept.
     async fn restart(
         &self,
-        consumer: &mut lapin::Consumer,
+        c: &mut Consuming,
         settling: &mut Settling,
         owner: &Arc<str>,
-        tag: &str,
-        prefetch: u16,
+        base: u16,
+        mut prefetch: u16,
     ) -> Result<(), BrokerError> {
         let queue = self.settler.queues.inbound(&self.partner.id);
         let cancel = self
             .consume
-            .basic_cancel(tag.into(), BasicCancelOptions::default());
+            .basic_cancel(c.tag.as_str().into(), BasicCancelOptions::default());
         let _ = timeout(ANSWER_WITHIN, cancel)
             .await
             .map_err(|_| no_answer("basic.cancel"))?;
-        while let Some(delivery) = consumer.next().await {
-            settling.push_back(self.handle(delivery?, owner).await?);
+        while let Some(delivery) = c.consumer.next().await {
+            let delivery = delivery?;
+            if let Some(smaller) = c.sizes.saw(delivery.data.len() as u64, base, prefetch) {
+                prefetch = smaller;
+            }
+            settling.push_back(self.handle(delivery, owner).await?);
         }
         debug!(%queue, prefetch, "prefetch changed");
-        *consumer = timeout(ANSWER_WITHIN, consume(&self.consume, queue, tag, prefetch))
-            .await
-            .map_err(|_| no_answer("basic.consume"))??;
+        c.consumer = timeout(
+            ANSWER_WITHIN,
+            consume(&self.consume, queue, &c.tag, prefetch),
+        )
+        .await
+        .map_err(|_| no_answer("basic.consume"))??;
+        c.prefetch = prefetch;
+        c.gauge.set(prefetch);
         Ok(())
     }
 
@@ -253,6 +297,17 @@ impl Flow {
             }
         })
     }
+}
+
+/// `unacknowledged` messages of a consumer at `current`, counted in messages of its window of
+/// `base`: a flow held to fewer messages by their size and held back by the broker counts as
+/// held back at its whole window (and may take more of what others give back, which is also
+/// more bytes), and one using half of its smaller prefetch as using half of its window.
+fn in_window(unacknowledged: usize, base: u16, current: u16) -> usize {
+    if current >= base {
+        return unacknowledged;
+    }
+    (unacknowledged * usize::from(base)).div_ceil(usize::from(current.max(1)))
 }
 
 fn no_answer(what: &'static str) -> BrokerError {

@@ -156,6 +156,12 @@ pub struct BrokerSettings {
     /// Unacknowledged inbound messages across all partners: with many partners, each flow's
     /// prefetch shrinks so that the total stays under this, which bounds memory.
     pub max_in_flight: u32,
+    /// Bytes of unacknowledged inbound messages across all partners. Prefetch counts messages;
+    /// each message of a flow's window may hold this divided by the windows' total on average,
+    /// and a flow whose recent messages are larger holds fewer at once (at least one), so that
+    /// a backlog of large messages cannot take more memory than this (about twice it, with
+    /// their copies).
+    pub max_in_flight_bytes: u64,
     /// Largest AMQP frame, in bytes; larger messages are split into several frames. The client
     /// keeps buffers of 32 frames per connection, so this sets the memory each connection costs
     /// (32 KiB: 2 MiB per connection).
@@ -195,6 +201,7 @@ impl Default for BrokerSettings {
             prefix: "ponte".into(),
             prefetch: 200,
             max_in_flight: 10_000,
+            max_in_flight_bytes: 128 * 1024 * 1024,
             frame_max: 32 * 1024,
             publish_timeout_secs: 30,
             connect_timeout_secs: 30,
@@ -221,6 +228,17 @@ impl BrokerSettings {
     pub fn pool(&self, own: &[Option<u16>]) -> Option<crate::prefetch::Pool> {
         let others = own.iter().filter(|p| p.is_none()).count();
         crate::prefetch::Pool::new(self.unreserved(own), others, self.share(own), self.prefetch)
+    }
+
+    /// What each message of a window may hold on average, in bytes: `max_in_flight_bytes`
+    /// divided by the most messages the flows may have unacknowledged at once (their
+    /// prefetches, or `max_in_flight` when the windows follow the traffic).
+    pub fn bytes_per_message(&self, own: &[Option<u16>]) -> u64 {
+        let mut slots: u64 = self.prefetches(own).iter().map(|p| u64::from(*p)).sum();
+        if self.pool(own).is_some() {
+            slots = slots.max(u64::from(self.max_in_flight));
+        }
+        self.max_in_flight_bytes / slots.max(1)
     }
 
     /// `max_in_flight` less what the partners' own prefetches reserve.
@@ -446,6 +464,9 @@ impl Settings {
         if self.broker.max_in_flight == 0 {
             errors.push("broker.max_in_flight must be at least 1".into());
         }
+        if self.broker.max_in_flight_bytes < 1024 * 1024 {
+            errors.push("broker.max_in_flight_bytes must be at least 1048576 (1 MiB)".into());
+        }
         if self.broker.publish_timeout_secs == 0 {
             errors.push("broker.publish_timeout_secs must be at least 1".into());
         }
@@ -559,6 +580,35 @@ mod tests {
         let mut own = vec![Some(200); 10];
         own.push(None);
         assert!(broker.pool(&own).is_none());
+    }
+
+    #[test]
+    fn a_byte_bound_below_a_mebibyte_is_refused() {
+        let mut settings = Settings::default();
+        assert!(settings.check().is_empty(), "{:?}", settings.check());
+        settings.broker.max_in_flight_bytes = 64 * 1024;
+        assert_eq!(
+            settings.check(),
+            ["broker.max_in_flight_bytes must be at least 1048576 (1 MiB)"]
+        );
+    }
+
+    #[test]
+    fn the_byte_bound_is_shared_by_every_message_the_windows_may_hold() {
+        let broker = BrokerSettings::default();
+        // Five demo partners at 200 each: 1,000 messages may be unacknowledged at once.
+        assert_eq!(
+            broker.bytes_per_message(&[None; 5]),
+            128 * 1024 * 1024 / 1000
+        );
+        // A thousand partners whose windows follow the traffic: up to `max_in_flight`.
+        assert_eq!(
+            broker.bytes_per_message(&vec![None; 1000]),
+            128 * 1024 * 1024 / 10_000
+        );
+        let mut own = vec![None; 1000];
+        own[0] = Some(200);
+        assert_eq!(broker.bytes_per_message(&own), 128 * 1024 * 1024 / 10_000);
     }
 
     #[test]

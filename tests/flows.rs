@@ -213,7 +213,11 @@ async fn a_partner_s_own_prefetch_is_reserved_and_the_others_share_the_rest() {
         &config,
         &common::broker_url(),
         &prefix,
-        &[("broker.max_in_flight", "170")],
+        // Bytes bound nothing here: 1 GiB over 170 messages is more than the largest allowed.
+        &[
+            ("broker.max_in_flight", "170"),
+            ("broker.max_in_flight_bytes", "1073741824"),
+        ],
     );
     let gw = Gateway::start_with(directory).await;
     let (granted, listed) = granted(&prefix);
@@ -276,6 +280,85 @@ async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
     );
 
     assert_arrived_in_order(&gw, &sent, &["cpi-bologna", "osservatorio-er"]).await;
+    gw.stop().await;
+}
+
+/// Prefetch counts messages; `broker.max_in_flight_bytes` bounds their bytes too. A back
+/// office that sends a backlog of messages far over the size limit (each one received whole
+/// before it can be refused) gets them refused a few at a time, not two hundred at once; once
+/// its messages are small again, its flow has its whole window back.
+#[tokio::test]
+async fn a_backlog_of_large_messages_is_taken_a_few_at_a_time_within_the_byte_bound() {
+    let prefix = common::random_prefix();
+    // Five partners at 200 share 2 MiB: 2,097 bytes a message, 6 of 64 KiB (the largest
+    // allowed here) per flow at first, and 4 of 100 KB.
+    let directory = common::directory_with(
+        &common::repo().join("config"),
+        &common::broker_url(),
+        &prefix,
+        &[
+            ("broker.max_in_flight_bytes", "2097152"),
+            ("limits.max_message_bytes", "65536"),
+        ],
+    );
+    let queues = ponte::broker::Queues::new(&prefix);
+    let oversized: Vec<Vec<u8>> = (0..200)
+        .map(|i| format!("{i}{}", "0".repeat(100_000)).into_bytes())
+        .collect();
+    publish_many(
+        &common::broker_url(),
+        &queues.inbound("cpi-modena"),
+        &oversized,
+    )
+    .await;
+    let gw = Gateway::start_with(directory).await;
+
+    let receipts = gw.take(&gw.queues.receipts("cpi-modena"), 200).await;
+    assert_eq!(receipts.len(), 200, "every message is answered");
+    assert!(
+        receipts
+            .iter()
+            .all(|r| r.json()["payload"]["code"] == "too-large"),
+        "{:?}",
+        receipts[0].text()
+    );
+    let parked = gw.take(&gw.queues.rejected("cpi-modena"), 200).await;
+    assert_eq!(parked.len(), 200, "every original is parked");
+    let (now, listed) = granted(&prefix);
+    assert_eq!(
+        now.get("cpi-modena"),
+        Some(&4),
+        "the flow holds four 100 KB messages at once:\n{listed}"
+    );
+    assert_eq!(
+        now.get("inps"),
+        Some(&6),
+        "a flow that received nothing yet holds six of the largest allowed:\n{listed}"
+    );
+
+    // Small messages again: within a few looks the flow has its whole window.
+    let sent: Vec<Value> = (0..20)
+        .map(|_| referral("cpi-modena", "CPI-MO-01", "036023"))
+        .collect();
+    for message in &sent {
+        gw.send("cpi-modena", message).await;
+    }
+    assert_arrived_in_order(&gw, &sent, &["inps"]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (now, listed) = granted(&prefix);
+        if now.get("cpi-modena") == Some(&200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flow's window never grew back:\n{listed}"
+        );
+        // A look sees the small messages only while they are among its last five seconds'.
+        gw.send("cpi-modena", &referral("cpi-modena", "CPI-MO-01", "036023"))
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     gw.stop().await;
 }
 

@@ -113,15 +113,31 @@ async fn metrics_count_the_messages_sent_and_the_probes_answer() {
         0.0
     );
     assert_eq!(total(&metrics, "ponte_ready", &[]), 1.0);
-    // Five demo partners: each flow has the whole `broker.prefetch`.
+    // Five demo partners at `broker.prefetch` 200 share `broker.max_in_flight_bytes` (128 MiB):
+    // 134 KB a message. A flow that has received nothing yet takes its messages to be as
+    // large as `limits.max_message_bytes` (1 MiB) allows: 25 at once.
     assert_eq!(
-        total(&metrics, "ponte_prefetch", &["partner=\"cpi-modena\""]),
-        200.0
+        total(&metrics, "ponte_prefetch", &["partner=\"comune-modena\""]),
+        25.0
     );
     assert!(
         metrics.contains("# TYPE ponte_latency_seconds histogram"),
         "{metrics}"
     );
+    // The employment centre's messages are small: within a few seconds it has the whole window.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = get(port, "/metrics").await.unwrap();
+        let prefetch = total(&metrics, "ponte_prefetch", &["partner=\"cpi-modena\""]);
+        if prefetch == 200.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cpi-modena's prefetch stayed at {prefetch}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Each delivered message looked for a duplicate and recorded its case, then its delivery.
     assert!(
         total(&metrics, "ponte_store_wait_seconds_count", &[]) >= 15.0,
