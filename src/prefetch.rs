@@ -107,6 +107,8 @@ pub struct Sizes {
     looks: usize,
     /// What the cap is based on: at first `limits.max_message_bytes`, then what was received.
     largest: u64,
+    /// While `largest` is still that assumption: how many messages were received.
+    assumed_for: Option<u32>,
 }
 
 impl Sizes {
@@ -118,6 +120,7 @@ impl Sizes {
             recent: [0; QUIET_LOOKS],
             looks: 0,
             largest: assumed,
+            assumed_for: Some(0),
         }
     }
 
@@ -126,11 +129,21 @@ impl Sizes {
         within_bytes(base, self.per_message, self.largest)
     }
 
-    /// Notes a message of `bytes`; the new, smaller cap of a window of `base` messages when this
-    /// one makes a window of `current` hold more than its share: the flow shrinks it at once,
-    /// not at its next look.
+    /// Notes a message of `bytes` received by a window of `base` messages, now at `current`;
+    /// the new prefetch when it changes at once rather than at the next look: smaller, when
+    /// this message makes the window hold more than its share; larger, when it completes the
+    /// first window's worth of messages and they are smaller than assumed.
     pub fn saw(&mut self, bytes: u64, base: u16, current: u16) -> Option<u16> {
         self.now = self.now.max(bytes);
+        if let Some(seen) = &mut self.assumed_for {
+            *seen += 1;
+            if bytes <= self.largest && *seen < u32::from(current) {
+                return None;
+            }
+            self.assumed_for = None;
+            self.largest = self.now;
+            return self.change(base, current);
+        }
         if bytes <= self.largest {
             return None;
         }
@@ -140,9 +153,7 @@ impl Sizes {
     }
 
     /// Every [`EVERY`]: the prefetch a window of `base` messages, now at `current`, should have
-    /// when it changes. It shrinks to its cap, and grows only to `base` or by doubling (each
-    /// change restarts the flow's consumer); a flow that received nothing over its last looks
-    /// keeps what it has.
+    /// when it changes. A flow that received nothing over its last looks keeps what it has.
     pub fn look(&mut self, base: u16, current: u16) -> Option<u16> {
         self.looks += 1;
         self.recent[self.looks % QUIET_LOOKS] = self.now;
@@ -150,7 +161,14 @@ impl Sizes {
         let recent = self.recent.iter().copied().max().unwrap_or(0);
         if recent > 0 {
             self.largest = recent;
+            self.assumed_for = None;
         }
+        self.change(base, current)
+    }
+
+    /// The window shrinks to its cap, and grows only to `base` or by doubling (each change
+    /// restarts the flow's consumer).
+    fn change(&self, base: u16, current: u16) -> Option<u16> {
         let cap = self.cap(base);
         let change = cap < current || cap == base && cap > current || cap / 2 >= current;
         (change && cap != current).then_some(cap)
@@ -326,18 +344,25 @@ mod tests {
     fn a_flow_starts_as_if_its_messages_were_as_large_as_allowed_and_grows_once_they_are_not() {
         let mut sizes = Sizes::new(164 * KIB, 1024 * KIB);
         assert_eq!(sizes.cap(200), 32);
-        // Small messages: at the next look, the whole window.
-        assert_eq!(sizes.saw(2 * KIB, 200, 32), None);
-        assert_eq!(sizes.look(200, 32), Some(200));
+        // Small messages: the whole window once the first 32 are in.
+        for _ in 1..32 {
+            assert_eq!(sizes.saw(2 * KIB, 200, 32), None);
+        }
+        assert_eq!(sizes.saw(2 * KIB, 200, 32), Some(200));
         // Nothing received: the window stays as it is.
         for _ in 0..10 {
             assert_eq!(sizes.look(200, 200), None);
         }
+        // A first message larger than allowed (received whole before it is refused): fewer at
+        // once, at once.
+        let mut sizes = Sizes::new(164 * KIB, 1024 * KIB);
+        assert_eq!(sizes.saw(2048 * KIB, 200, 32), Some(16));
     }
 
     #[test]
     fn a_larger_message_shrinks_the_window_at_once_and_it_grows_back_after_five_quiet_looks() {
         let mut sizes = Sizes::new(164 * KIB, 1024 * KIB);
+        // Fewer small messages than a window's worth: the whole window at the next look.
         sizes.saw(2 * KIB, 200, 32);
         assert_eq!(sizes.look(200, 32), Some(200));
         // A 410 KiB referral: 80 at once, not at the next look but now.
