@@ -175,6 +175,17 @@ impl Sizes {
     }
 }
 
+/// `unacknowledged` messages of a consumer at `current`, counted in messages of its window of
+/// `base`: a flow held to fewer messages by their size and held back by the broker counts as
+/// held back at its whole window (and may take more of what others give back, which is also
+/// more bytes), and one using half of its smaller prefetch as using half of its window.
+pub fn in_window(unacknowledged: usize, base: u16, current: u16) -> usize {
+    if current >= base {
+        return unacknowledged;
+    }
+    (unacknowledged * usize::from(base)).div_ceil(usize::from(current.max(1)))
+}
+
 /// What the flows that share `broker.max_in_flight` have not taken.
 #[derive(Debug)]
 pub struct Pool {
@@ -399,5 +410,18 @@ mod tests {
         }
         // A smaller base (the window gave back what it did not use) lowers the cap with it.
         assert_eq!(sizes.look(100, 50), Some(33));
+    }
+
+    #[test]
+    fn a_window_held_below_its_share_by_size_counts_in_messages_of_its_share() {
+        // Not held below: as it is.
+        assert_eq!(in_window(7, 10, 10), 7);
+        // Four 1 MiB messages of a window of ten: held back, as if ten.
+        assert_eq!(in_window(4, 10, 4), 10);
+        // Using half of its four: half of its ten.
+        assert_eq!(in_window(2, 10, 4), 5);
+        // So the pool grows it (more messages, and more bytes) rather than taking its share.
+        let pool = Pool::new(1_000, 10, 50, 200).unwrap();
+        assert_eq!(pool.next(50, in_window(4, 50, 4), Some(4)), 100);
     }
 }

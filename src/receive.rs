@@ -114,7 +114,7 @@ impl Flow {
                     let now = settling.len() + acks.unacknowledged();
                     let mut base = self.prefetch;
                     if let Some(window) = &mut window {
-                        window.look(in_window(now, window.prefetch, c.prefetch));
+                        window.look(prefetch::in_window(now, window.prefetch, c.prefetch));
                         base = window.prefetch;
                     }
                     if let Some(next) = c.sizes.look(base, c.prefetch) {
@@ -140,14 +140,16 @@ impl Flow {
                 delivery = c.consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
                         let base = window.as_ref().map_or(self.prefetch, |w| w.prefetch);
-                        let smaller = c.sizes.saw(delivery.data.len() as u64, base, c.prefetch);
+                        let resize = c.sizes.saw(delivery.data.len() as u64, base, c.prefetch);
                         settling.push_back(self.handle(delivery, &owner).await?);
                         if let Some(window) = &mut window {
                             let now = settling.len() + acks.unacknowledged();
-                            window.saw(in_window(now, window.prefetch, c.prefetch));
+                            window.saw(prefetch::in_window(now, window.prefetch, c.prefetch));
                         }
-                        // Larger messages than the window was set for: fewer at once, now.
-                        if let Some(next) = smaller {
+                        // Messages larger than the window was set for (fewer at once), or a
+                        // first window's worth smaller than assumed (the whole window): now,
+                        // not at the next look.
+                        if let Some(next) = resize {
                             self.restart(&mut c, &mut settling, &owner, base, next).await?;
                         }
                     }
@@ -171,7 +173,7 @@ impl Flow {
     }
 
     /// Starts the flow's consumer again with `prefetch` (of a window of `base` messages), or
-    /// fewer when the messages received meanwhile are larger. RabbitMQ fixes a consumer's
+    /// what the sizes of the messages received meanwhile call for. RabbitMQ fixes a consumer's
     /// prefetch when it starts (basic.qos applies to consumers started after it). Messages
     /// received meanwhile are handled first, so their order is kept.
     async fn restart(
@@ -191,8 +193,8 @@ impl Flow {
             .map_err(|_| no_answer("basic.cancel"))?;
         while let Some(delivery) = c.consumer.next().await {
             let delivery = delivery?;
-            if let Some(smaller) = c.sizes.saw(delivery.data.len() as u64, base, prefetch) {
-                prefetch = smaller;
+            if let Some(resize) = c.sizes.saw(delivery.data.len() as u64, base, prefetch) {
+                prefetch = resize;
             }
             settling.push_back(self.handle(delivery, owner).await?);
         }
@@ -297,17 +299,6 @@ impl Flow {
             }
         })
     }
-}
-
-/// `unacknowledged` messages of a consumer at `current`, counted in messages of its window of
-/// `base`: a flow held to fewer messages by their size and held back by the broker counts as
-/// held back at its whole window (and may take more of what others give back, which is also
-/// more bytes), and one using half of its smaller prefetch as using half of its window.
-fn in_window(unacknowledged: usize, base: u16, current: u16) -> usize {
-    if current >= base {
-        return unacknowledged;
-    }
-    (unacknowledged * usize::from(base)).div_ceil(usize::from(current.max(1)))
 }
 
 fn no_answer(what: &'static str) -> BrokerError {
