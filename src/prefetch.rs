@@ -341,7 +341,7 @@ mod tests {
 
     #[test]
     fn large_messages_get_fewer_at_once_and_small_ones_the_whole_window() {
-        // 164 KiB a message on average (128 MiB over five windows of 200).
+        // 164 KiB a message on average (128 MiB over four windows of 200).
         assert_eq!(within_bytes(200, 164 * KIB, 2 * KIB), 200);
         assert_eq!(within_bytes(200, 164 * KIB, 164 * KIB), 200);
         assert_eq!(within_bytes(200, 164 * KIB, 410 * KIB), 80);
