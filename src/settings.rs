@@ -159,8 +159,8 @@ pub struct BrokerSettings {
     /// Bytes of unacknowledged inbound messages across all partners. Prefetch counts messages;
     /// each message of a flow's window may hold this divided by the windows' total on average,
     /// and a flow whose recent messages are larger holds fewer at once (at least one), so that
-    /// a backlog of large messages cannot take more memory than this (about twice it, with
-    /// their copies).
+    /// a backlog of large messages cannot take more than this (Ponte's memory for it is two to
+    /// three times as much, with the parsed messages and their copies).
     pub max_in_flight_bytes: u64,
     /// Largest AMQP frame, in bytes; larger messages are split into several frames. The client
     /// keeps buffers of 32 frames per connection, so this sets the memory each connection costs
