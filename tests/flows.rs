@@ -363,15 +363,25 @@ async fn a_backlog_of_large_messages_is_taken_a_few_at_a_time_within_the_byte_bo
 }
 
 /// What the broker grants each consumer of the gateway under `prefix`, by partner; and
-/// `rabbitmqctl list_consumers` as it printed it.
+/// `rabbitmqctl list_consumers` as it printed it. Tests running beside this one delete their
+/// queues meanwhile, and a queue that ends while it is being listed breaks the listing off
+/// (`badrpc`): it is then listed again.
 fn granted(prefix: &str) -> (std::collections::BTreeMap<String, u32>, String) {
-    let listed = common::shared_broker_ctl_output(&[
-        "list_consumers",
-        "-q",
-        "--no-table-headers",
-        "queue_name",
-        "prefetch_count",
-    ]);
+    let mut attempts = 0;
+    let listed = loop {
+        let listed = common::shared_broker_ctl_output(&[
+            "list_consumers",
+            "-q",
+            "--no-table-headers",
+            "queue_name",
+            "prefetch_count",
+        ]);
+        attempts += 1;
+        if !listed.contains("badrpc") || attempts == 10 {
+            break listed;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     let granted = listed
         .lines()
         .filter_map(|line| {
