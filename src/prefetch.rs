@@ -135,21 +135,19 @@ impl Sizes {
     /// first window's worth of messages and they are smaller than assumed.
     pub fn saw(&mut self, bytes: u64, base: u16, current: u16) -> Option<u16> {
         self.now = self.now.max(bytes);
-        if let Some(seen) = &mut self.assumed_for {
-            *seen += 1;
-            if bytes <= self.largest && *seen < u32::from(current) {
-                return None;
+        let first_window = match &mut self.assumed_for {
+            Some(seen) => {
+                *seen += 1;
+                *seen >= u32::from(current)
             }
-            self.assumed_for = None;
-            self.largest = self.now;
-            return self.change(base, current);
-        }
-        if bytes <= self.largest {
+            None => false,
+        };
+        if bytes <= self.largest && !first_window {
             return None;
         }
-        self.largest = bytes;
-        let cap = self.cap(base);
-        (cap < current).then_some(cap)
+        self.assumed_for = None;
+        self.largest = self.now;
+        self.change(base, current)
     }
 
     /// Every [`EVERY`]: the prefetch a window of `base` messages, now at `current`, should have
