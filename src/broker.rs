@@ -714,7 +714,7 @@ pub async fn publish_events(
         };
         match event {
             Ok(event) => {
-                let body = serde_json::to_vec(&event).expect("an event always serializes");
+                let body = crate::decode::encode(&event);
                 let key = format!("{}.{}", event.step, event.sender);
                 let properties = lapin::BasicProperties::default()
                     .with_content_type("application/json".into())

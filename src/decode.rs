@@ -1,6 +1,7 @@
 //! Decode: the raw AMQP body becomes a JSON object, or a rejection saying why it cannot: too many
-//! bytes, nested too deep, not UTF-8, not JSON, or not an object. Also the JSON Pointers the
-//! configuration uses to reach into an envelope.
+//! bytes, nested too deep, not UTF-8, not JSON, or not an object. Encode: a copy or a receipt
+//! becomes the bytes published. Also the JSON Pointers the configuration uses to reach into an
+//! envelope.
 
 use std::borrow::Cow;
 
@@ -41,19 +42,24 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
             ),
         ));
     }
-    if let Err(e) = std::str::from_utf8(body) {
-        return Err(Rejection::one(
-            Code::InvalidJson,
-            FieldError::new(
-                "",
-                "utf8",
-                format!(
-                    "message is not valid UTF-8 (first invalid byte at offset {})",
-                    e.valid_up_to()
+    // SIMD, chosen at run time; the parser below then reads text known to be UTF-8 and does not
+    // check it again.
+    let text = match simdutf8::compat::from_utf8(body) {
+        Ok(text) => text,
+        Err(e) => {
+            return Err(Rejection::one(
+                Code::InvalidJson,
+                FieldError::new(
+                    "",
+                    "utf8",
+                    format!(
+                        "message is not valid UTF-8 (first invalid byte at offset {})",
+                        e.valid_up_to()
+                    ),
                 ),
-            ),
-        ));
-    }
+            ));
+        }
+    };
     if let Some(offset) = first_offset_deeper_than(body, limits.max_depth) {
         return Err(Rejection::one(
             Code::TooLarge,
@@ -67,7 +73,7 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
             ),
         ));
     }
-    match serde_json::from_slice::<Value>(body) {
+    match serde_json::from_str::<Value>(text) {
         Ok(envelope @ Value::Object(_)) => Ok(envelope),
         Ok(other) => Err(Rejection::one(
             Code::InvalidJson,
@@ -82,6 +88,14 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
             FieldError::new("", "json", format!("message is not JSON: {e}")),
         )),
     }
+}
+
+/// The JSON text of a copy or a receipt, byte for byte what `serde_json::to_vec` writes (fields
+/// in the order they have, the same escapes and numbers), written by sonic-rs, whose SIMD string
+/// escaping is what makes the difference: serde_json escapes byte by byte, and a copy's free-text
+/// fields are most of its bytes (a 430 KB referral: 35 against 320 µs).
+pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    sonic_rs::to_vec(value).expect("what Ponte publishes always serializes: string keys only")
 }
 
 /// Scans the bytes once and returns the offset where the nesting of arrays and objects first
@@ -213,6 +227,38 @@ mod tests {
         *pointer_mut(&mut envelope, "/a~1b/m~0n").unwrap() = serde_json::json!(3);
         assert_eq!(envelope["a/b"]["m~n"], 3);
         assert!(pointer_mut(&mut envelope, "/list/2").is_none());
+    }
+
+    /// Partners receive what serde_json would write: a sonic-rs upgrade that changed one escape,
+    /// number or field order would change every copy's bytes (and their signatures, hashes).
+    #[test]
+    fn encode_writes_what_serde_json_writes() {
+        let mut values: Vec<Value> = ["referral-cpi-modena", "benefit-status-adi-inps"]
+            .iter()
+            .map(|name| {
+                let path = format!("{}/examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+            })
+            .collect();
+        values.push(serde_json::json!({
+            "z": "first field stays first", "a": null, "t": true,
+            "escapes": "\"\\/\u{0}\u{1f}\u{7f}\n\t\u{2028}\u{2029}é😀",
+            "numbers": [0, -0.0, 1.5, 0.1, 1e21, 1e-7, 3.0, 1e300, u64::MAX, i64::MIN, 2.5e-308],
+            "nested": {"": [[], {}, [{"k": "v"}]]},
+            "long": "n".repeat(100_000) + "\"" + &"é".repeat(1000),
+        }));
+        // Every character below U+0800, one string each, and a few keys that need escapes.
+        let all: Vec<String> = (0u32..0x800)
+            .filter_map(char::from_u32)
+            .map(|c| format!("a{c}b{c}"))
+            .collect();
+        values.push(serde_json::json!({ "all": all, "k\"e\u{1}y": 1 }));
+        for value in &values {
+            assert_eq!(
+                String::from_utf8(encode(value)).unwrap(),
+                serde_json::to_string(value).unwrap()
+            );
+        }
     }
 
     const LIMITS: DecodeLimits = DecodeLimits {

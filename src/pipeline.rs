@@ -232,7 +232,7 @@ impl Pipeline {
             match for_recipient(source, &message_type, recipient, reference, context).await {
                 Ok(mapped) => copies.push(Copy {
                     recipient: recipient.id.clone(),
-                    body: serde_json::to_vec(&mapped).expect("a JSON value always serializes"),
+                    body: crate::decode::encode(&mapped),
                 }),
                 Err(Unmapped::Refused(rejection)) => refused.push(Refused {
                     recipient: recipient.id.clone(),

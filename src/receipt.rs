@@ -122,7 +122,7 @@ pub fn build(
     };
     Receipt {
         message_id,
-        body: serde_json::to_vec(&envelope).expect("a receipt always serializes"),
+        body: crate::decode::encode(&envelope),
     }
 }
 
