@@ -279,17 +279,18 @@ async fn local_id(
     Ok(None)
 }
 
-/// Keeps, of the payload, only the fields at `allowed` (each the keys of a path below it).
+/// Keeps, of the payload, only the fields at `allowed` (each the keys of a path below it, none
+/// inside another: `Partner::field_paths`), moved rather than copied.
 fn minimize(envelope: &mut Value, allowed: &[Vec<String>]) {
     let Some(payload) = envelope.get_mut("payload") else {
         return;
     };
-    let full = payload.take();
+    let mut full = payload.take();
     let mut kept = Value::Object(Map::new());
     for keys in allowed {
-        let found = keys.iter().try_fold(&full, |at, key| at.get(key));
+        let found = keys.iter().try_fold(&mut full, |at, key| at.get_mut(key));
         if let Some(value) = found {
-            insert_at(&mut kept, keys, value.clone());
+            insert_at(&mut kept, keys, value.take());
         }
     }
     *payload = kept;
@@ -547,6 +548,37 @@ mod tests {
         m["sender"] = json!("comune-modena");
         let out = f.map(m, "cpi-modena").await.unwrap();
         assert_eq!(out["payload"]["health"]["disability_percentage"], 46);
+    }
+
+    #[tokio::test]
+    async fn a_field_listed_with_its_parent_brings_the_whole_parent() {
+        let f = Fixture::new();
+        let mut inps = f.partner("inps").clone();
+        let fields = [
+            "/payload/health/disability_percentage",
+            "/payload/referral_id",
+            "/payload/health",
+            "/payload/health/work_limitations",
+            "/payload/referral_id",
+        ]
+        .map(String::from);
+        inps.field_paths = [("referral".into(), crate::partner::field_paths(&fields))].into();
+        let out = f.map_for(referral("036005"), &inps, None).await.unwrap();
+        assert_eq!(
+            out["payload"],
+            json!({
+                "health": {"work_limitations": "no lifting", "disability_percentage": 46},
+                "referral_id": "CPI-7"
+            })
+        );
+        let keys: Vec<&String> = out["payload"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["health", "referral_id"]);
+        let keys: Vec<&String> = out["payload"]["health"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert_eq!(keys, ["work_limitations", "disability_percentage"]);
     }
 
     #[tokio::test]

@@ -179,7 +179,8 @@ pub struct Partner {
     pub http: Option<HttpSettings>,
     /// Per message type, the payload fields it may receive (absent: all), as written.
     pub fields: BTreeMap<String, Vec<String>>,
-    /// The same, each as its keys below `payload`, unescaped once here rather than per message.
+    /// The same, each as its keys below `payload`, unescaped once here rather than per message;
+    /// a field listed with one of its parents is the parent's, in the first place either has.
     pub field_paths: BTreeMap<String, Vec<Vec<String>>>,
     pub receipts: Receipts,
     /// This partner's own prefetch, when its file sets one (see
@@ -353,18 +354,32 @@ impl Partner {
             field_paths: raw
                 .fields
                 .iter()
-                .map(|(t, pointers)| {
-                    (
-                        t.clone(),
-                        pointers.iter().map(|p| payload_keys(p)).collect(),
-                    )
-                })
+                .map(|(t, pointers)| (t.clone(), field_paths(pointers)))
                 .collect(),
             fields: raw.fields,
             receipts: raw.receipts,
             prefetch: raw.prefetch,
         })
     }
+}
+
+/// A field list's pointers as their keys below `payload`, none inside another: a field listed
+/// with one of its parents stands for the parent, in the first place either has, so that each
+/// kept field can be moved out of the message rather than copied and the copy is the same.
+pub(crate) fn field_paths(pointers: &[String]) -> Vec<Vec<String>> {
+    let all: Vec<Vec<String>> = pointers.iter().map(|p| payload_keys(p)).collect();
+    let mut paths: Vec<Vec<String>> = Vec::with_capacity(all.len());
+    for keys in &all {
+        let widest = all
+            .iter()
+            .filter(|other| keys.starts_with(other))
+            .min_by_key(|other| other.len())
+            .unwrap_or(keys);
+        if !paths.contains(widest) {
+            paths.push(widest.clone());
+        }
+    }
+    paths
 }
 
 /// The object keys of a JSON pointer below `/payload` (`/payload/consent/given` → consent, given).
