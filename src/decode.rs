@@ -230,7 +230,7 @@ mod tests {
     }
 
     /// Partners receive what serde_json would write: a sonic-rs upgrade that changed one escape,
-    /// number or field order would change every copy's bytes (and their signatures, hashes).
+    /// number or field order would change the bytes of every copy they receive.
     #[test]
     fn encode_writes_what_serde_json_writes() {
         let mut values: Vec<Value> = ["referral-cpi-modena", "benefit-status-adi-inps"]
