@@ -44,22 +44,19 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
     }
     // SIMD, chosen at run time; the parser below then reads text known to be UTF-8 and does not
     // check it again.
-    let text = match simdutf8::compat::from_utf8(body) {
-        Ok(text) => text,
-        Err(e) => {
-            return Err(Rejection::one(
-                Code::InvalidJson,
-                FieldError::new(
-                    "",
-                    "utf8",
-                    format!(
-                        "message is not valid UTF-8 (first invalid byte at offset {})",
-                        e.valid_up_to()
-                    ),
+    let text = simdutf8::compat::from_utf8(body).map_err(|e| {
+        Rejection::one(
+            Code::InvalidJson,
+            FieldError::new(
+                "",
+                "utf8",
+                format!(
+                    "message is not valid UTF-8 (first invalid byte at offset {})",
+                    e.valid_up_to()
                 ),
-            ));
-        }
-    };
+            ),
+        )
+    })?;
     if let Some(offset) = first_offset_deeper_than(body, limits.max_depth) {
         return Err(Rejection::one(
             Code::TooLarge,
