@@ -213,11 +213,12 @@ impl Key<'_> {
     }
 }
 
-/// Why a look-up stopped: the database failed, or it read a key a write not yet committed
-/// changes (the number of that write).
+/// Why a look-up stopped: the database failed, it read a key a write not yet committed
+/// changes (the number of that write), or the writer could not take a write.
 enum Stop {
     Sql(rusqlite::Error),
     Until(u64),
+    Writer(String),
 }
 
 impl From<rusqlite::Error> for Stop {
@@ -236,16 +237,14 @@ impl Front {
     }
 
     /// Hands `write` to the writer, marking `keys` as changed by it; returns its number.
-    fn hand_over(&mut self, write: Write, keys: &[u64], durable: u64) -> rusqlite::Result<u64> {
+    fn hand_over(&mut self, write: Write, keys: &[u64], durable: u64) -> Result<u64, Stop> {
         // Never blocks the message path: a writer that far behind is a store that fails.
-        self.writer
-            .try_send(Op::Write(write))
-            .map_err(|e| match e {
-                TrySendError::Full(_) => rusqlite::Error::InvalidParameterName(format!(
-                    "the store's writer is {QUEUE} writes behind"
-                )),
+        self.writer.try_send(Op::Write(write)).map_err(|e| {
+            Stop::Writer(match e {
+                TrySendError::Full(_) => format!("the store's writer is {QUEUE} writes behind"),
                 TrySendError::Disconnected(_) => writer_gone(),
-            })?;
+            })
+        })?;
         let number = self.written.fetch_add(1, Ordering::SeqCst) + 1;
         if self.marked.len() >= 4096 {
             self.marked.retain(|_, write| *write > durable);
@@ -257,8 +256,8 @@ impl Front {
     }
 }
 
-fn writer_gone() -> rusqlite::Error {
-    rusqlite::Error::InvalidParameterName("the store's writer has stopped".into())
+fn writer_gone() -> String {
+    "the store's writer has stopped".into()
 }
 
 /// What the store's thread shares: the writes made durable so far, for the message path (which
@@ -579,6 +578,7 @@ impl SqliteStore {
                     return Ok(value);
                 }
                 Err(Stop::Sql(e)) => return Err(self.error(e)),
+                Err(Stop::Writer(why)) => return Err(self.error(why)),
                 Err(Stop::Until(write)) => {
                     let since = Instant::now();
                     self.shared.wait_for(write).map_err(|e| self.error(e))?;
@@ -1305,6 +1305,28 @@ mod tests {
             recipients,
             local_ids: &[],
         }
+    }
+
+    #[test]
+    fn a_writer_that_cannot_take_a_write_is_named_as_such() {
+        let (s, dir) = store();
+        // A writer queue with no room, then one whose writer is gone.
+        let (full, held) = sync_channel(0);
+        let original = std::mem::replace(&mut s.lock_front().writer, full);
+        let behind = s.remember("inps", "m1", &["cpi-modena"], true).unwrap_err();
+        assert_eq!(
+            behind.message,
+            format!("the store's writer is {QUEUE} writes behind")
+        );
+        drop(held);
+        let gone = s.record(&message("m2", "inps", "R-1", None, &["cpi-modena"]));
+        assert_eq!(gone.unwrap_err().message, "the store's writer has stopped");
+        // The real writer takes writes again.
+        s.lock_front().writer = original;
+        s.remember("inps", "m3", &["cpi-modena"], true).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
