@@ -54,9 +54,10 @@ else
     row base-receipts --messages 100000 --receipts on
     row size-16k --messages 20000 --size 16384
     row size-256k --messages 2000 --size 262144
-    row partners-100 --messages 100000 --partners 100
-    row partners-1000 --messages 100000 --partners 1000
-    row partners-1000-own --messages 100000 --partners 1000 --inps-prefetch 200
+    # Many partners: the shovel moves the load from one queue per sender too, as Ponte gets it.
+    row partners-100 --messages 100000 --partners 100 --shovel-per-sender
+    row partners-1000 --messages 100000 --partners 1000 --shovel-per-sender
+    row partners-1000-own --messages 100000 --partners 1000 --inps-prefetch 200 --shovel-per-sender
     row backlog-1m --messages 1000000 --no-shovel
     row history-5m --messages 100000 --history 5000000
 fi

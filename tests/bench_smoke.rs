@@ -95,6 +95,40 @@ fn a_small_benchmark_run_produces_every_figure() {
     // The run leaves the broker as it found it.
     assert_eq!(queues_and_shovels(&broker), "", "after a finished run");
 
+    // With the load spread as Ponte gets it: a shovel from each sender's queue, set and
+    // cleared together.
+    let status = ponte_bench(&broker)
+        .args([
+            "--messages",
+            "600",
+            "--partners",
+            "6",
+            "--shovel-per-sender",
+            "--scenario",
+            "spread",
+        ])
+        .arg("--csv")
+        .arg(&csv)
+        .arg("--work")
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let spread: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("spread,"))
+        .unwrap()
+        .split(',')
+        .collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    assert_eq!(row[column("shovel_sources")], "1");
+    // The institute and the employment centres send; the others only receive.
+    assert_eq!(spread[column("shovel_sources")], "5", "{text}");
+    let rate: f64 = spread[column("shovel_msgs_per_s")].parse().unwrap();
+    assert!(rate > 0.0, "{text}");
+    assert_eq!(queues_and_shovels(&broker), "", "after a spread run");
+
     // Interrupted while Ponte drains: neither the gateway nor the run's queues stay behind to
     // load the broker under the next run.
     let mut bench = ponte_bench(&broker)

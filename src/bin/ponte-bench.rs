@@ -3,7 +3,8 @@
 //!
 //! For one scenario (messages, partners, size, positive receipts) it:
 //! 1. moves N pre-loaded messages from one queue to another with a shovel (`ack-mode`
-//!    `on-confirm`): the rate the broker alone sustains;
+//!    `on-confirm`): the rate the broker alone sustains (with `--shovel-per-sender`, from one
+//!    queue per sending partner, a shovel each, as Ponte's load is spread);
 //! 2. pre-loads the same kind of load (demo referrals and benefit-status messages, 5% invalid in
 //!    varied ways) into the partners' inbound queues, starts `ponte run` and measures the drain:
 //!    steady-state rate (10%–90% of the outputs), the process's CPU time per message and its
@@ -67,6 +68,11 @@ struct Args {
     /// Skip the shovel run (its rate is then reported as empty).
     #[arg(long)]
     no_shovel: bool,
+    /// Give the shovel the load spread as Ponte gets it: one source queue per sending partner,
+    /// holding that partner's messages, and a shovel from each into the one destination. With
+    /// many partners what the broker spends depends on how many queues the load is spread over.
+    #[arg(long)]
+    shovel_per_sender: bool,
     /// Also move the load with a no-op AMQP forwarder (consume, publish with confirms, ack in
     /// batches; no validation): what any client-side gateway costs the broker; with
     /// `--latency-secs`, its latency at the same rate too.
@@ -773,6 +779,9 @@ async fn steady_rate(
 
 /// The shovel's steady rate and the broker's CPU seconds per message meanwhile.
 async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64)> {
+    if args.shovel_per_sender {
+        return shovels_per_sender(args, connection, load).await;
+    }
     let (src, dst) = side_queues(args, connection, load, "shovel").await?;
     let [name, _] = shovel_names(args);
     set_shovel(args, &name, &src, &dst)?;
@@ -785,6 +794,78 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f6
         broker * 1e6
     );
     Ok((rate, broker))
+}
+
+/// The source queue of the shovel for the `i`th sender, with `--shovel-per-sender`.
+fn sender_source(args: &Args, i: impl std::fmt::Display) -> String {
+    format!("bench-shovel-{}.src.{i}", args.scenario)
+}
+
+/// The same as [`shovel`], from one queue per sender, a shovel each, into one destination.
+/// The shovels are set and cleared in one `rabbitmqctl eval` each: a thousand
+/// `set_parameter` calls would take minutes.
+async fn shovels_per_sender(
+    args: &Args,
+    connection: &Connection,
+    load: &Load,
+) -> Result<(f64, f64)> {
+    let (_, dst) = side_names(args, "shovel");
+    let sources: Vec<String> = (0..load.by_sender.len())
+        .map(|i| sender_source(args, i))
+        .collect();
+    let mut all: Vec<&str> = sources.iter().map(String::as_str).collect();
+    all.push(&dst);
+    delete_queues(connection, &all).await?;
+    declare(&connection.create_channel().await?, &dst).await?;
+    for (source, (_, bodies)) in sources.iter().zip(&load.by_sender) {
+        preload(connection, source, bodies).await?;
+    }
+    let definition = json!({
+        "src-protocol": "amqp091", "src-uri": "amqp://",
+        "src-queue": sender_source(args, "@@"),
+        "dest-protocol": "amqp091", "dest-uri": "amqp://", "dest-queue": dst,
+        "ack-mode": "on-confirm", "src-delete-after": "never"
+    });
+    let set = format!(
+        "T = <<\"{}\">>, [ok = rabbit_runtime_parameters:parse_set(<<\"/\">>, <<\"shovel\">>, \
+         <<\"{}\", (integer_to_binary(I))/binary>>, \
+         binary:replace(T, <<\"@@\">>, integer_to_binary(I), [global]), <<\"ponte-bench\">>) \
+         || I <- lists:seq(0, {})], ok.",
+        definition
+            .to_string()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\""),
+        sender_shovel_prefix(args),
+        sources.len() - 1
+    );
+    ctl(&args.node, &["eval", &set])?;
+    let rate = drained(args, connection, &dst, load.count).await;
+    clear_sender_shovels(args)?;
+    delete_queues(connection, &all).await?;
+    let (rate, broker) = rate?;
+    eprintln!(
+        "  shovel ({} queues, a shovel each): {rate:.0} msg/s (broker {:.1} µs CPU/msg)",
+        sources.len(),
+        broker * 1e6
+    );
+    Ok((rate, broker))
+}
+
+/// What the names of the shovels of `--shovel-per-sender` begin with.
+fn sender_shovel_prefix(args: &Args) -> String {
+    format!("bench-{}.sender.", args.scenario)
+}
+
+/// Clears every shovel of `--shovel-per-sender` (those a failed run left too).
+fn clear_sender_shovels(args: &Args) -> Result<()> {
+    let prefix = sender_shovel_prefix(args);
+    let clear = format!(
+        "[rabbit_runtime_parameters:clear(<<\"/\">>, <<\"shovel\">>, N, <<\"ponte-bench\">>) \
+         || P <- rabbit_runtime_parameters:list(<<\"/\">>, <<\"shovel\">>), \
+         N <- [proplists:get_value(name, P)], binary:match(N, <<\"{prefix}\">>) =:= {{0, {}}}], ok.",
+        prefix.len()
+    );
+    quiet_ctl(&args.node, &["eval", &clear])
 }
 
 /// Starts a dynamic shovel `name` moving `src` to `dst`, acknowledging on confirm.
@@ -1449,6 +1530,16 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
     for name in shovel_names(args) {
         let _ = quiet_ctl(&args.node, &["clear_parameter", "shovel", &name]);
     }
+    if args.shovel_per_sender {
+        let _ = clear_sender_shovels(args);
+        // At most one source queue per configured partner.
+        let sources: Vec<String> = (0..args.partners).map(|i| sender_source(args, i)).collect();
+        let _ = delete_queues(
+            connection,
+            &sources.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .await;
+    }
     // The side queues, and Ponte's whole topology as `ponte setup` declares it.
     let mut queues: Vec<String> = MOVERS
         .iter()
@@ -1477,7 +1568,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
 }
 
 /// The CSV file's columns.
-const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max";
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources";
 
 /// An existing CSV file must have today's columns: rows of an older benchmark would not line
 /// up. Checked before a run, not after it.
@@ -1502,8 +1593,13 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
     let forwarder_latency = |pick: fn(&Latency) -> f64| row.forwarder_latency.as_ref().map(pick);
     let header = HEADER;
     let spread = &row.spread;
+    // The queues the shovel moved the load from.
+    let shovel_sources = row.shovel_rate.map(|_| match args.shovel_per_sender {
+        true => load.by_sender.len() as f64,
+        false => 1.0,
+    });
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -1536,7 +1632,8 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         spread.ponte_rate.0,
         spread.ponte_rate.1,
         spread.cpu_us.0,
-        spread.cpu_us.1
+        spread.cpu_us.1,
+        fmt(shovel_sources, 0)
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
