@@ -12,7 +12,7 @@ fn a_small_benchmark_run_produces_every_figure() {
     let broker = PrivateBroker::start_with_plugins("rabbitmq_shovel");
     let work = broker.dir.join("bench");
     let csv = work.join("results.csv");
-    let status = ponte_bench(&broker)
+    let status = ponte_bench(&broker, &csv, &work)
         .args([
             "--messages",
             "2000",
@@ -26,10 +26,6 @@ fn a_small_benchmark_run_produces_every_figure() {
             "--scenario",
             "smoke",
         ])
-        .arg("--csv")
-        .arg(&csv)
-        .arg("--work")
-        .arg(&work)
         .status()
         .unwrap();
     assert!(status.success());
@@ -97,7 +93,7 @@ fn a_small_benchmark_run_produces_every_figure() {
 
     // With the load spread as Ponte gets it: a shovel from each sender's queue, set and
     // cleared together.
-    let status = ponte_bench(&broker)
+    let status = ponte_bench(&broker, &csv, &work)
         .args([
             "--messages",
             "600",
@@ -107,10 +103,6 @@ fn a_small_benchmark_run_produces_every_figure() {
             "--scenario",
             "spread",
         ])
-        .arg("--csv")
-        .arg(&csv)
-        .arg("--work")
-        .arg(&work)
         .status()
         .unwrap();
     assert!(status.success());
@@ -131,7 +123,7 @@ fn a_small_benchmark_run_produces_every_figure() {
 
     // Interrupted while Ponte drains: neither the gateway nor the run's queues stay behind to
     // load the broker under the next run.
-    let mut bench = ponte_bench(&broker)
+    let mut bench = ponte_bench(&broker, &csv, &work)
         .args([
             "--messages",
             "20000",
@@ -139,10 +131,6 @@ fn a_small_benchmark_run_produces_every_figure() {
             "--scenario",
             "stopped",
         ])
-        .arg("--csv")
-        .arg(&csv)
-        .arg("--work")
-        .arg(&work)
         .spawn()
         .unwrap();
     let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -169,10 +157,19 @@ fn a_small_benchmark_run_produces_every_figure() {
     assert!(!text.contains("stopped"), "an interrupted run wrote a row");
 }
 
-/// `ponte-bench` on `broker`, measuring the `ponte` built with the tests.
-fn ponte_bench(broker: &PrivateBroker) -> std::process::Command {
+/// `ponte-bench` on `broker`, measuring the `ponte` built with the tests, appending to `csv`
+/// and writing its other files in `work`.
+fn ponte_bench(
+    broker: &PrivateBroker,
+    csv: &std::path::Path,
+    work: &std::path::Path,
+) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench"));
     command
+        .arg("--csv")
+        .arg(csv)
+        .arg("--work")
+        .arg(work)
         .args(["--url", &broker.url()])
         .args([
             "--node",
