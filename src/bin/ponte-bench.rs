@@ -820,12 +820,7 @@ async fn shovels_per_sender(
     for (source, (_, bodies)) in sources.iter().zip(&load.by_sender) {
         preload(connection, source, bodies).await?;
     }
-    let definition = json!({
-        "src-protocol": "amqp091", "src-uri": "amqp://",
-        "src-queue": sender_source(args, "@@"),
-        "dest-protocol": "amqp091", "dest-uri": "amqp://", "dest-queue": dst,
-        "ack-mode": "on-confirm", "src-delete-after": "never"
-    });
+    let definition = shovel_definition(&sender_source(args, "@@"), &dst);
     let set = format!(
         "T = <<\"{}\">>, [ok = rabbit_runtime_parameters:parse_set(<<\"/\">>, <<\"shovel\">>, \
          <<\"{}\", (integer_to_binary(I))/binary>>, \
@@ -868,13 +863,18 @@ fn clear_sender_shovels(args: &Args) -> Result<()> {
     quiet_ctl(&args.node, &["eval", &clear])
 }
 
-/// Starts a dynamic shovel `name` moving `src` to `dst`, acknowledging on confirm.
-fn set_shovel(args: &Args, name: &str, src: &str, dst: &str) -> Result<()> {
-    let definition = json!({
+/// A dynamic shovel's definition: `src` to `dst` on this broker, acknowledging on confirm.
+fn shovel_definition(src: &str, dst: &str) -> Value {
+    json!({
         "src-protocol": "amqp091", "src-uri": "amqp://", "src-queue": src,
         "dest-protocol": "amqp091", "dest-uri": "amqp://", "dest-queue": dst,
         "ack-mode": "on-confirm", "src-delete-after": "never"
-    });
+    })
+}
+
+/// Starts a dynamic shovel `name` moving `src` to `dst`, acknowledging on confirm.
+fn set_shovel(args: &Args, name: &str, src: &str, dst: &str) -> Result<()> {
+    let definition = shovel_definition(src, dst);
     ctl(
         &args.node,
         &["set_parameter", "shovel", name, &definition.to_string()],
@@ -1594,10 +1594,11 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
     let header = HEADER;
     let spread = &row.spread;
     // The queues the shovel moved the load from.
-    let shovel_sources = row.shovel_rate.map(|_| match args.shovel_per_sender {
-        true => load.by_sender.len() as f64,
-        false => 1.0,
-    });
+    let shovel_sources = match (row.shovel_rate, args.shovel_per_sender) {
+        (None, _) => String::new(),
+        (Some(_), true) => load.by_sender.len().to_string(),
+        (Some(_), false) => "1".to_string(),
+    };
     let line = format!(
         "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{}",
         args.scenario,
@@ -1633,7 +1634,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         spread.ponte_rate.1,
         spread.cpu_us.0,
         spread.cpu_us.1,
-        fmt(shovel_sources, 0)
+        shovel_sources
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
