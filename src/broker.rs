@@ -412,6 +412,33 @@ pub async fn declare_topology(
     Ok(())
 }
 
+/// How many messages each of `queues` holds ready now (passive declarations, over a few
+/// channels at once): where a gateway starting on a backlog gives its windows.
+pub async fn backlogs(connection: &Connection, queues: &[&str]) -> Result<Vec<u32>, BrokerError> {
+    let per_channel = queues.len().div_ceil(DECLARING_CHANNELS).max(1);
+    let counts = try_join_all(queues.chunks(per_channel).map(|chunk| async move {
+        let channel = connection.create_channel().await?;
+        let mut counts = Vec::with_capacity(chunk.len());
+        for queue in chunk {
+            let declared = channel
+                .queue_declare(
+                    (*queue).into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            counts.push(declared.message_count());
+        }
+        let _ = channel.close(200, "counted".into()).await;
+        Ok::<_, BrokerError>(counts)
+    }))
+    .await?;
+    Ok(counts.concat())
+}
+
 /// Channels a directory's topology is declared on at once: the broker handles each channel in
 /// a process of its own, so thousands of declarations are spread over its cores.
 const DECLARING_CHANNELS: usize = 4;

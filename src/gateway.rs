@@ -191,19 +191,31 @@ async fn open(
     let directory: &Directory = &pipeline.directory;
     // The topology is declared while the flows' connections and channels open (flows start
     // consuming only once both are done): start-up is the longer of the two, not their sum.
-    let topology = async {
-        let setup = connect(directory, "ponte setup").await?;
-        declare_topology(&setup, directory).await?;
-        let _ =
-            tokio::time::timeout(ANSWER_WITHIN, setup.close(200, "topology declared".into())).await;
-        tracing::debug!("topology declared");
-        Ok::<_, BrokerError>(())
-    };
     let queues = Arc::new(QueueNames::new(
         &Queues::new(&directory.settings.broker.prefix),
         directory.partners.keys().map(String::as_str),
     ));
     let partners: Vec<&Partner> = directory.partners.values().collect();
+    let broker = &directory.settings.broker;
+    let own: Vec<Option<u16>> = partners.iter().map(|p| p.prefetch).collect();
+    // The partners without a prefetch of their own share the rest, following their traffic.
+    let pool = broker.pool(&own).map(Arc::new);
+    // Those flows start with windows where the backlog is: the queues are counted once
+    // declared.
+    let following: Vec<&str> = partners
+        .iter()
+        .filter(|p| pool.is_some() && p.prefetch.is_none())
+        .map(|p| queues.inbound(&p.id))
+        .collect();
+    let topology = async {
+        let setup = connect(directory, "ponte setup").await?;
+        declare_topology(&setup, directory).await?;
+        let backlogs = crate::broker::backlogs(&setup, &following).await?;
+        let _ =
+            tokio::time::timeout(ANSWER_WITHIN, setup.close(200, "topology declared".into())).await;
+        tracing::debug!("topology declared");
+        Ok::<_, BrokerError>(backlogs)
+    };
     let mut connections = Vec::new();
     let mut flows = JoinSet::new();
     let (ready_tx, ready_rx) = mpsc::channel::<()>(partners.len().max(1));
@@ -231,16 +243,21 @@ async fn open(
             Ok::<_, BrokerError>((consuming, publishing, opened))
         },
     ));
-    let ((), groups) = tokio::try_join!(topology, groups)?;
-    let broker = &directory.settings.broker;
-    let own: Vec<Option<u16>> = partners.iter().map(|p| p.prefetch).collect();
-    let prefetches: HashMap<&str, u16> = partners
+    let (backlogs, groups) = tokio::try_join!(topology, groups)?;
+    let mut prefetches: HashMap<&str, u16> = partners
         .iter()
         .map(|p| p.id.as_str())
         .zip(broker.prefetches(&own))
         .collect();
-    // The partners without a prefetch of their own share the rest, following their traffic.
-    let pool = broker.pool(&own).map(Arc::new);
+    if let Some(pool) = &pool {
+        let followers = partners.iter().filter(|p| p.prefetch.is_none());
+        let windows = pool.allot(broker.share(&own), &backlogs);
+        let queued: u64 = backlogs.iter().map(|b| u64::from(*b)).sum();
+        for (partner, window) in followers.zip(windows) {
+            prefetches.insert(partner.id.as_str(), window);
+        }
+        tracing::debug!(queued, "windows given where the backlog is");
+    }
     let bytes_per_message = broker.bytes_per_message(&own);
     for (consuming, publishing, opened) in groups {
         for (partner, consume, publish) in opened {

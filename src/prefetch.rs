@@ -8,7 +8,9 @@
 //! [`KEEP_AFTER_GROWING`] seconds, so that a partner sending bursts does not restart its
 //! consumer at every one. The total never exceeds `broker.max_in_flight`, so memory stays
 //! bounded by count as before; a partner that sends most of the traffic gets the window it
-//! needs without anyone setting a `prefetch` for it.
+//! needs without anyone setting a `prefetch` for it. A gateway that starts (or reconnects) on a
+//! backlog gives those windows where the messages are ([`Pool::allot`]): a queue holding most
+//! of them does not wait at an equal share until the others have drained and given theirs back.
 //!
 //! Prefetch counts messages, whatever their size. `broker.max_in_flight_bytes` bounds their
 //! bytes too: each message of a flow's window may hold `bytes_per_message` on average, and a
@@ -239,6 +241,47 @@ impl Pool {
         keep
     }
 
+    /// Starting windows for flows that would each start at `share` and whose queues hold
+    /// `backlogs` messages now: a gateway starting on a backlog (after an outage, say) gives
+    /// the window where the messages are, rather than the same share to a queue of 30 as to
+    /// one of 30,000, which held the large queue to `share` until the small ones had drained
+    /// and given back. Each flow keeps the floor; what is above it goes to the flows with a
+    /// backlog, in proportion to it, each up to its backlog and `cap`; what no backlog calls
+    /// for stays in the pool for the first flows held back. With nothing queued anywhere,
+    /// every flow starts at `share`.
+    pub fn allot(&self, share: u16, backlogs: &[u32]) -> Vec<u16> {
+        let total_backlog: u64 = backlogs.iter().map(|b| u64::from(*b)).sum();
+        if total_backlog == 0 {
+            return vec![share; backlogs.len()];
+        }
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let flows = u32::try_from(backlogs.len()).unwrap_or(u32::MAX);
+        let total = free.saturating_add(flows.saturating_mul(u32::from(share)));
+        let floor = self.floor;
+        let mut left = u64::from(total.saturating_sub(flows.saturating_mul(u32::from(floor))));
+        let mut windows = vec![floor; backlogs.len()];
+        // Room above the floor: no more than the backlog, nor than the cap.
+        let room = |b: u32| u32::from(self.cap).min(b).saturating_sub(u32::from(floor));
+        // Shared in proportion to the backlogs, the flows with the least room for their
+        // backlog first: one that takes all its room leaves the rest to the others.
+        let mut order: Vec<usize> = (0..backlogs.len()).filter(|&i| backlogs[i] > 0).collect();
+        order.sort_by(|&a, &b| {
+            let (ra, rb) = (u64::from(room(backlogs[a])), u64::from(room(backlogs[b])));
+            (ra * u64::from(backlogs[b])).cmp(&(rb * u64::from(backlogs[a])))
+        });
+        let mut remaining = total_backlog;
+        for i in order {
+            let backlog = u64::from(backlogs[i]);
+            let more = (left * backlog / remaining).min(u64::from(room(backlogs[i])));
+            windows[i] += more as u16;
+            left -= more;
+            remaining -= backlog;
+        }
+        let given: u32 = windows.iter().map(|w| u32::from(*w)).sum();
+        *free = total.saturating_sub(given);
+        windows
+    }
+
     #[cfg(test)]
     fn free(&self) -> u32 {
         *self.free.lock().unwrap()
@@ -270,6 +313,56 @@ mod tests {
         assert_eq!(pool.next(10, 10, Some(10)), 20);
         assert_eq!(pool.free(), 2);
         assert_eq!(pool.next(20, 20, Some(20)), 22);
+        assert_eq!(pool.free(), 0);
+    }
+
+    #[test]
+    fn a_gateway_starting_on_a_backlog_gives_the_window_where_the_messages_are() {
+        // A thousand partners at 10 each; the institute's queue holds 24,000 messages, each
+        // employment centre's 36 (the benchmark's drain), the last one's none.
+        let pool = Pool::new(10_000, 1_000, 10, 200).unwrap();
+        let mut backlogs = vec![36; 1_000];
+        backlogs[0] = 24_000;
+        backlogs[999] = 0;
+        let windows = pool.allot(10, &backlogs);
+        assert_eq!(windows[0], 200, "the institute gets the cap at once");
+        // The rest in proportion: 5.8 above the floor each, rounded down or up.
+        assert!(
+            windows[1..999].iter().all(|w| (9..=10).contains(w)),
+            "{:?}",
+            &windows[1..4]
+        );
+        assert_eq!(windows[999], 4, "an empty queue keeps the floor");
+        let given: u32 = windows.iter().map(|w| u32::from(*w)).sum();
+        assert_eq!(
+            given, 10_000,
+            "the bound holds, all of it given to the backlogs"
+        );
+        assert_eq!(pool.free(), 0);
+    }
+
+    #[test]
+    fn small_backlogs_get_no_more_than_they_hold() {
+        let pool = Pool::new(1_000, 10, 50, 200).unwrap();
+        let windows = pool.allot(50, &[3, 0, 120, 1_000, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(windows, [4, 4, 120, 200, 4, 4, 4, 4, 4, 4]);
+        assert_eq!(pool.free(), 1_000 - 352);
+        // Nothing queued anywhere: the equal shares, the pool as it was.
+        let pool = Pool::new(1_000, 10, 50, 200).unwrap();
+        assert_eq!(pool.allot(50, &[0; 10]), [50; 10]);
+        assert_eq!(pool.free(), 500);
+    }
+
+    #[test]
+    fn backlogs_larger_than_the_pool_share_it_and_never_more() {
+        // A hundred thousand partners at one message each: the floor is the share.
+        let pool = Pool::new(10_000, 100_000, 1, 200).unwrap();
+        let windows = pool.allot(1, &vec![5; 100_000]);
+        assert!(windows.iter().all(|w| *w == 1));
+        // Twenty flows of 1,000 queued each share 1,000: 50 each, nothing left.
+        let pool = Pool::new(1_000, 20, 50, 200).unwrap();
+        let windows = pool.allot(50, &[1_000; 20]);
+        assert_eq!(windows, [50; 20]);
         assert_eq!(pool.free(), 0);
     }
 

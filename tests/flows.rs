@@ -260,8 +260,10 @@ async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
         .iter()
         .map(|m| serde_json::to_vec(m).unwrap())
         .collect();
-    publish_many(&common::broker_url(), &queues.inbound("inps"), &bodies).await;
+    // Sent once the gateway runs: a backlog there at start is given its window at once (the
+    // next test); here it has to be taken from the idle flows.
     let gw = Gateway::start_with(directory).await;
+    publish_many(&common::broker_url(), &queues.inbound("inps"), &bodies).await;
 
     // What the broker grants each consumer, while the backlog drains.
     let mut most = 0;
@@ -278,6 +280,48 @@ async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
         most > 20,
         "the institute's prefetch never grew while its backlog drained: {seen:?}"
     );
+
+    assert_arrived_in_order(&gw, &sent, &["cpi-bologna", "osservatorio-er"]).await;
+    gw.stop().await;
+}
+
+/// A gateway that starts on a backlog (after an outage, say) gives the shared windows where
+/// the messages are: the institute's 6,000 waiting status changes get the window at once,
+/// rather than the same share as four empty queues and the wait for them to give it back.
+#[tokio::test]
+async fn a_gateway_starting_on_a_backlog_gives_it_the_window_at_once() {
+    let prefix = common::random_prefix();
+    let directory = common::directory_with(
+        &common::repo().join("config"),
+        &common::broker_url(),
+        &prefix,
+        &[("broker.max_in_flight", "100")],
+    );
+    let queues = ponte::broker::Queues::new(&prefix);
+    let sent: Vec<Value> = (0..6_000)
+        .map(|_| benefit_status("sfl", "037032"))
+        .collect();
+    let bodies: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|m| serde_json::to_vec(m).unwrap())
+        .collect();
+    publish_many(&common::broker_url(), &queues.inbound("inps"), &bodies).await;
+    let gw = Gateway::start_with(directory).await;
+
+    let (now, listed) = granted(&prefix);
+    // Five partners would start at 20 each; the four empty queues keep the floor of 4, and the
+    // institute has the other 84 of the 100 from its first message.
+    let expected: std::collections::BTreeMap<String, u32> = [
+        ("comune-modena", 4),
+        ("cpi-bologna", 4),
+        ("cpi-modena", 4),
+        ("inps", 84),
+        ("osservatorio-er", 4),
+    ]
+    .into_iter()
+    .map(|(p, n)| (p.to_string(), n))
+    .collect();
+    assert_eq!(now, expected, "rabbitmqctl list_consumers:\n{listed}");
 
     assert_arrived_in_order(&gw, &sent, &["cpi-bologna", "osservatorio-er"]).await;
     gw.stop().await;
