@@ -224,17 +224,45 @@ async fn a_partner_s_own_prefetch_is_reserved_and_the_others_share_the_rest() {
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&config);
     // The other four share the 20 left: 5 each.
-    let expected: std::collections::BTreeMap<String, u32> = [
+    let expected = windows(&[
         ("comune-modena", 5),
         ("cpi-bologna", 5),
         ("cpi-modena", 5),
         ("inps", 150),
         ("osservatorio-er", 5),
-    ]
-    .into_iter()
-    .map(|(p, n)| (p.to_string(), n))
-    .collect();
+    ]);
     assert_eq!(granted, expected, "rabbitmqctl list_consumers:\n{listed}");
+}
+
+/// The demo partners sharing `broker.max_in_flight = 100` under a new prefix, and the national
+/// institute's back office with 6,000 status changes to send, each for a CPI and the
+/// observatory: the prefix, the directory, the messages and their bodies.
+fn institute_backlog_sharing_100() -> (
+    String,
+    ponte::directory::Directory,
+    Vec<Value>,
+    Vec<Vec<u8>>,
+) {
+    let prefix = common::random_prefix();
+    let directory = common::directory_with(
+        &common::repo().join("config"),
+        &common::broker_url(),
+        &prefix,
+        &[("broker.max_in_flight", "100")],
+    );
+    let sent: Vec<Value> = (0..6_000)
+        .map(|_| benefit_status("sfl", "037032"))
+        .collect();
+    let bodies = sent
+        .iter()
+        .map(|m| serde_json::to_vec(m).unwrap())
+        .collect();
+    (prefix, directory, sent, bodies)
+}
+
+/// Each partner's prefetch, as [`granted`] reads them.
+fn windows(of: &[(&str, u32)]) -> std::collections::BTreeMap<String, u32> {
+    of.iter().map(|(p, n)| (p.to_string(), *n)).collect()
 }
 
 /// Partners without a prefetch of their own share `broker.max_in_flight`, and the share
@@ -243,23 +271,8 @@ async fn a_partner_s_own_prefetch_is_reserved_and_the_others_share_the_rest() {
 /// partner's messages.
 #[tokio::test]
 async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
-    let prefix = common::random_prefix();
-    let directory = common::directory_with(
-        &common::repo().join("config"),
-        &common::broker_url(),
-        &prefix,
-        &[("broker.max_in_flight", "100")],
-    );
+    let (prefix, directory, sent, bodies) = institute_backlog_sharing_100();
     let queues = ponte::broker::Queues::new(&prefix);
-    // The national institute's back office has 6,000 status changes waiting; each goes to a
-    // CPI and the observatory.
-    let sent: Vec<Value> = (0..6_000)
-        .map(|_| benefit_status("sfl", "037032"))
-        .collect();
-    let bodies: Vec<Vec<u8>> = sent
-        .iter()
-        .map(|m| serde_json::to_vec(m).unwrap())
-        .collect();
     // Sent once the gateway runs: a backlog there at start is given its window at once (the
     // next test); here it has to be taken from the idle flows.
     let gw = Gateway::start_with(directory).await;
@@ -290,37 +303,21 @@ async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
 /// rather than the same share as four empty queues and the wait for them to give it back.
 #[tokio::test]
 async fn a_gateway_starting_on_a_backlog_gives_it_the_window_at_once() {
-    let prefix = common::random_prefix();
-    let directory = common::directory_with(
-        &common::repo().join("config"),
-        &common::broker_url(),
-        &prefix,
-        &[("broker.max_in_flight", "100")],
-    );
+    let (prefix, directory, sent, bodies) = institute_backlog_sharing_100();
     let queues = ponte::broker::Queues::new(&prefix);
-    let sent: Vec<Value> = (0..6_000)
-        .map(|_| benefit_status("sfl", "037032"))
-        .collect();
-    let bodies: Vec<Vec<u8>> = sent
-        .iter()
-        .map(|m| serde_json::to_vec(m).unwrap())
-        .collect();
     publish_many(&common::broker_url(), &queues.inbound("inps"), &bodies).await;
     let gw = Gateway::start_with(directory).await;
 
     let (now, listed) = granted(&prefix);
     // Five partners would start at 20 each; the four empty queues keep the floor of 4, and the
     // institute has the other 84 of the 100 from its first message.
-    let expected: std::collections::BTreeMap<String, u32> = [
+    let expected = windows(&[
         ("comune-modena", 4),
         ("cpi-bologna", 4),
         ("cpi-modena", 4),
         ("inps", 84),
         ("osservatorio-er", 4),
-    ]
-    .into_iter()
-    .map(|(p, n)| (p.to_string(), n))
-    .collect();
+    ]);
     assert_eq!(now, expected, "rabbitmqctl list_consumers:\n{listed}");
 
     assert_arrived_in_order(&gw, &sent, &["cpi-bologna", "osservatorio-er"]).await;
