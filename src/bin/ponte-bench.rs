@@ -851,7 +851,8 @@ fn sender_shovel_prefix(args: &Args) -> String {
     format!("bench-{}.sender.", args.scenario)
 }
 
-/// Clears every shovel of `--shovel-per-sender` (those a failed run left too).
+/// Clears every shovel of `--shovel-per-sender` (those a failed run left too). Tried three
+/// times: once in a few runs with a thousand shovels the `eval` failed, and with it the row.
 fn clear_sender_shovels(args: &Args) -> Result<()> {
     let prefix = sender_shovel_prefix(args);
     let clear = format!(
@@ -860,7 +861,15 @@ fn clear_sender_shovels(args: &Args) -> Result<()> {
          N <- [proplists:get_value(name, P)], binary:match(N, <<\"{prefix}\">>) =:= {{0, {}}}], ok.",
         prefix.len()
     );
-    quiet_ctl(&args.node, &["eval", &clear])
+    let mut attempt = 1;
+    loop {
+        match ctl(&args.node, &["eval", &clear]) {
+            Err(error) if attempt < 3 => eprintln!("  clearing the shovels: {error}; again"),
+            cleared => return cleared,
+        }
+        attempt += 1;
+        std::thread::sleep(Duration::from_secs(2));
+    }
 }
 
 /// A dynamic shovel's definition: `src` to `dst` on this broker, acknowledging on confirm.
