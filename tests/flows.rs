@@ -260,6 +260,101 @@ fn institute_backlog_sharing_100() -> (
     (prefix, directory, sent, bodies)
 }
 
+/// Messages held back from a queue and put into it all at once, faster than any consumer could
+/// take them as they come (a publisher competes with the gateway draining the queue): they wait
+/// received and unacknowledged on a holding queue that dead-letters into the queue, and one
+/// `basic.nack` (multiple, not requeued) moves them all.
+struct Held {
+    _connection: lapin::Connection,
+    channel: lapin::Channel,
+    // Dropped, the consumer would be cancelled.
+    consumer: lapin::Consumer,
+    last: u64,
+    queue: String,
+}
+
+impl Held {
+    async fn on(prefix: &str, queue: &str, bodies: &[Vec<u8>]) -> Held {
+        use futures_util::StreamExt;
+        use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+        use lapin::types::{AMQPValue, FieldTable};
+        let connection = common::connect(&common::broker_url()).await;
+        let channel = connection.create_channel().await.unwrap();
+        let hold = format!("{prefix}.hold");
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.into()),
+        );
+        channel
+            .queue_declare(
+                hold.as_str().into(),
+                QueueDeclareOptions::default(),
+                arguments,
+            )
+            .await
+            .unwrap();
+        for body in bodies {
+            channel
+                .basic_publish(
+                    "".into(),
+                    hold.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+        }
+        let mut consumer = channel
+            .basic_consume(
+                hold.as_str().into(),
+                "held".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut last = 0;
+        for _ in bodies {
+            last = consumer.next().await.unwrap().unwrap().delivery_tag;
+        }
+        Held {
+            _connection: connection,
+            channel,
+            consumer,
+            last,
+            queue: queue.to_string(),
+        }
+    }
+
+    async fn release(self) {
+        let options = lapin::options::BasicNackOptions {
+            multiple: true,
+            requeue: false,
+        };
+        self.channel
+            .basic_nack(self.last.into(), options)
+            .await
+            .unwrap();
+        // The nack has no answer: wait until the messages are there.
+        let url = common::broker_url();
+        for _ in 0..100 {
+            if common::depth(&url, &self.queue).await > 0 {
+                let hold = self.consumer.queue();
+                let _ = self.channel.queue_delete(hold, Default::default()).await;
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the held messages never reached {}", self.queue);
+    }
+}
+
 /// Each partner's prefetch, as [`granted`] reads them.
 fn windows(of: &[(&str, u32)]) -> std::collections::BTreeMap<String, u32> {
     of.iter().map(|(p, n)| (p.to_string(), *n)).collect()
@@ -273,10 +368,11 @@ fn windows(of: &[(&str, u32)]) -> std::collections::BTreeMap<String, u32> {
 async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
     let (prefix, directory, sent, bodies) = institute_backlog_sharing_100();
     let queues = ponte::broker::Queues::new(&prefix);
-    // Sent once the gateway runs: a backlog there at start is given its window at once (the
-    // next test); here it has to be taken from the idle flows.
+    // The backlog appears once the gateway runs (a backlog there at start is given its window
+    // at once: the next test); here the window has to be taken from the idle flows.
+    let held = Held::on(&prefix, &queues.inbound("inps"), &bodies).await;
     let gw = Gateway::start_with(directory).await;
-    publish_many(&common::broker_url(), &queues.inbound("inps"), &bodies).await;
+    held.release().await;
 
     // What the broker grants each consumer, while the backlog drains.
     let mut most = 0;
