@@ -337,10 +337,7 @@ impl Held {
             multiple: true,
             requeue: false,
         };
-        self.channel
-            .basic_nack(self.last.into(), options)
-            .await
-            .unwrap();
+        self.channel.basic_nack(self.last, options).await.unwrap();
         // The nack has no answer: wait until the messages are there.
         let url = common::broker_url();
         for _ in 0..100 {

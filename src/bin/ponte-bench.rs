@@ -227,9 +227,12 @@ async fn main() -> Result<()> {
     );
     check_csv_header(&args.csv)?;
     let connection = connect(&args.url).await?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
     let measured = tokio::select! {
         measured = measure(&args, &config, &directory, &connection, load) => measured,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated")),
     };
     // Whatever happened: an interrupted or failed run's queues would otherwise stay on the
     // broker with their messages (and a shovel go on moving them), slowing every later run.
