@@ -189,8 +189,6 @@ async fn open(
     started: &watch::Sender<bool>,
 ) -> Result<Opened, BrokerError> {
     let directory: &Directory = &pipeline.directory;
-    // The topology is declared while the flows' connections and channels open (flows start
-    // consuming only once both are done): start-up is the longer of the two, not their sum.
     let queues = Arc::new(QueueNames::new(
         &Queues::new(&directory.settings.broker.prefix),
         directory.partners.keys().map(String::as_str),
@@ -207,6 +205,8 @@ async fn open(
         .filter(|p| pool.is_some() && p.prefetch.is_none())
         .map(|p| queues.inbound(&p.id))
         .collect();
+    // The topology is declared while the flows' connections and channels open (flows start
+    // consuming only once both are done): start-up is the longer of the two, not their sum.
     let topology = async {
         let setup = connect(directory, "ponte setup").await?;
         declare_topology(&setup, directory).await?;
