@@ -198,19 +198,23 @@ async fn open(
     let own: Vec<Option<u16>> = partners.iter().map(|p| p.prefetch).collect();
     // The partners without a prefetch of their own share the rest, following their traffic.
     let pool = broker.pool(&own).map(Arc::new);
-    // Those flows start with windows where the backlog is: the queues are counted once
+    // Those flows start with windows where the backlog is: their queues are counted once
     // declared.
-    let following: Vec<&str> = partners
-        .iter()
-        .filter(|p| pool.is_some() && p.prefetch.is_none())
-        .map(|p| queues.inbound(&p.id))
-        .collect();
+    let following: Vec<&Partner> = match pool {
+        Some(_) => partners
+            .iter()
+            .copied()
+            .filter(|p| p.prefetch.is_none())
+            .collect(),
+        None => Vec::new(),
+    };
+    let counted: Vec<&str> = following.iter().map(|p| queues.inbound(&p.id)).collect();
     // The topology is declared while the flows' connections and channels open (flows start
     // consuming only once both are done): start-up is the longer of the two, not their sum.
     let topology = async {
         let setup = connect(directory, "ponte setup").await?;
         declare_topology(&setup, directory).await?;
-        let backlogs = crate::broker::backlogs(&setup, &following).await?;
+        let backlogs = crate::broker::backlogs(&setup, &counted).await?;
         let _ =
             tokio::time::timeout(ANSWER_WITHIN, setup.close(200, "topology declared".into())).await;
         tracing::debug!("topology declared");
@@ -250,12 +254,10 @@ async fn open(
         .zip(broker.prefetches(&own))
         .collect();
     if let Some(pool) = &pool {
-        let followers = partners.iter().filter(|p| p.prefetch.is_none());
-        let windows = pool.allot(broker.share(&own), &backlogs);
-        let queued: u64 = backlogs.iter().map(|b| u64::from(*b)).sum();
-        for (partner, window) in followers.zip(windows) {
+        for (partner, window) in following.iter().zip(pool.allot(&backlogs)) {
             prefetches.insert(partner.id.as_str(), window);
         }
+        let queued: u64 = backlogs.iter().map(|b| u64::from(*b)).sum();
         tracing::debug!(queued, "windows given where the backlog is");
     }
     let bytes_per_message = broker.bytes_per_message(&own);

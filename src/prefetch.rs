@@ -194,6 +194,8 @@ pub struct Pool {
     cap: u16,
     /// Least a flow keeps: [`FLOOR`], or the starting share when that is smaller.
     floor: u16,
+    /// What each flow starts with when no backlog says otherwise.
+    share: u16,
 }
 
 impl Pool {
@@ -210,6 +212,7 @@ impl Pool {
             free: Mutex::new(total.saturating_sub(taken)),
             cap,
             floor: FLOOR.min(share),
+            share,
         })
     }
 
@@ -241,15 +244,15 @@ impl Pool {
         keep
     }
 
-    /// Starting windows for flows that would each start at `share` and whose queues hold
-    /// `backlogs` messages now: a gateway starting on a backlog (after an outage, say) gives
+    /// Starting windows for the pool's flows, whose queues hold `backlogs` messages now: a gateway starting on a backlog (after an outage, say) gives
     /// the window where the messages are, rather than the same share to a queue of 30 as to
     /// one of 30,000, which held the large queue to `share` until the small ones had drained
     /// and given back. Each flow keeps the floor; what is above it goes to the flows with a
     /// backlog, in proportion to it, each up to its backlog and `cap`; what no backlog calls
     /// for stays in the pool for the first flows held back. With nothing queued anywhere,
-    /// every flow starts at `share`.
-    pub fn allot(&self, share: u16, backlogs: &[u32]) -> Vec<u16> {
+    /// every flow starts at the equal share.
+    pub fn allot(&self, backlogs: &[u32]) -> Vec<u16> {
+        let share = self.share;
         let total_backlog: u64 = backlogs.iter().map(|b| u64::from(*b)).sum();
         if total_backlog == 0 {
             return vec![share; backlogs.len()];
@@ -324,7 +327,7 @@ mod tests {
         let mut backlogs = vec![36; 1_000];
         backlogs[0] = 24_000;
         backlogs[999] = 0;
-        let windows = pool.allot(10, &backlogs);
+        let windows = pool.allot(&backlogs);
         assert_eq!(windows[0], 200, "the institute gets the cap at once");
         // The rest in proportion: 5.8 above the floor each, rounded down or up.
         assert!(
@@ -344,12 +347,12 @@ mod tests {
     #[test]
     fn small_backlogs_get_no_more_than_they_hold() {
         let pool = Pool::new(1_000, 10, 50, 200).unwrap();
-        let windows = pool.allot(50, &[3, 0, 120, 1_000, 0, 0, 0, 0, 0, 0]);
+        let windows = pool.allot(&[3, 0, 120, 1_000, 0, 0, 0, 0, 0, 0]);
         assert_eq!(windows, [4, 4, 120, 200, 4, 4, 4, 4, 4, 4]);
         assert_eq!(pool.free(), 1_000 - 352);
         // Nothing queued anywhere: the equal shares, the pool as it was.
         let pool = Pool::new(1_000, 10, 50, 200).unwrap();
-        assert_eq!(pool.allot(50, &[0; 10]), [50; 10]);
+        assert_eq!(pool.allot(&[0; 10]), [50; 10]);
         assert_eq!(pool.free(), 500);
     }
 
@@ -357,11 +360,11 @@ mod tests {
     fn backlogs_larger_than_the_pool_share_it_and_never_more() {
         // A hundred thousand partners at one message each: the floor is the share.
         let pool = Pool::new(10_000, 100_000, 1, 200).unwrap();
-        let windows = pool.allot(1, &vec![5; 100_000]);
+        let windows = pool.allot(&vec![5; 100_000]);
         assert!(windows.iter().all(|w| *w == 1));
         // Twenty flows of 1,000 queued each share 1,000: 50 each, nothing left.
         let pool = Pool::new(1_000, 20, 50, 200).unwrap();
-        let windows = pool.allot(50, &[1_000; 20]);
+        let windows = pool.allot(&[1_000; 20]);
         assert_eq!(windows, [50; 20]);
         assert_eq!(pool.free(), 0);
     }

@@ -248,7 +248,7 @@ impl BrokerSettings {
     }
 
     /// The starting prefetch of a partner without one of its own.
-    pub fn share(&self, own: &[Option<u16>]) -> u16 {
+    fn share(&self, own: &[Option<u16>]) -> u16 {
         let others = own.iter().filter(|p| p.is_none()).count();
         let share = self.unreserved(own) as usize / others.max(1);
         share.clamp(1, usize::from(self.prefetch)) as u16
