@@ -53,6 +53,11 @@ struct Args {
     /// Approximate size of a message in bytes.
     #[arg(long, default_value_t = 1024)]
     size: usize,
+    /// Which messages make up the load: the demo's mix, where benefit-status messages fan out
+    /// (about 1.4 copies per message), or referrals only (one copy per message, as many
+    /// publishes as the shovel makes): what Ponte costs when the broker moves the same traffic.
+    #[arg(long, value_enum, default_value_t = Mix::Demo)]
+    mix: Mix,
     /// The national institute's own prefetch (`prefetch` in its partner file), reserved out of
     /// `broker.max_in_flight` before the other partners share the rest.
     #[arg(long)]
@@ -103,6 +108,15 @@ struct Args {
     /// Where to write the generated configuration and latency samples.
     #[arg(long, default_value = "target/bench")]
     work: PathBuf,
+}
+
+/// The messages of a load.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Mix {
+    /// 60% referrals (one copy), 40% benefit-status messages (two or three copies).
+    Demo,
+    /// Referrals only: one copy per valid message.
+    Referrals,
 }
 
 /// One row of results.
@@ -214,12 +228,13 @@ async fn main() -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    let load = Load::generate(&directory, args.messages, args.size);
+    let load = Load::generate(&directory, args.messages, args.size, args.mix);
     eprintln!(
-        "bench {}: {} messages ({} invalid), {} partners, ~{} bytes, receipts {}, {} expected outputs",
+        "bench {}: {} messages ({} invalid, mix {:?}), {} partners, ~{} bytes, receipts {}, {} expected outputs",
         args.scenario,
         args.messages,
         load.invalid,
+        args.mix,
         args.partners,
         load.mean_size(),
         args.receipts,
@@ -260,7 +275,7 @@ async fn measure(
             if args.history == 0 {
                 let _ = std::fs::remove_dir_all(ponte::pipeline::store_dir(directory));
             }
-            load = Load::generate(directory, args.messages, args.size);
+            load = Load::generate(directory, args.messages, args.size, args.mix);
         }
         let mut row = Row::default();
         if !args.no_shovel {
@@ -299,6 +314,7 @@ async fn measure(
             directory,
             (rate * args.latency_secs as f64) as usize,
             args.size,
+            args.mix,
         );
         // The drain's purged outputs leave the broker work for some seconds (its queue index
         // and message store tidy up behind them); time Ponte on a broker at rest, as the
@@ -521,16 +537,16 @@ impl Load {
     /// field to pad, and they are 60% of the mix: a first pass measures what the other messages
     /// weigh, and the same messages (the generator is seeded) are made again with each
     /// referral padded to make up the difference.
-    fn generate(directory: &Directory, count: usize, size: usize) -> Load {
-        let trial = Self::padded(directory, count, size);
+    fn generate(directory: &Directory, count: usize, size: usize, mix: Mix) -> Load {
+        let trial = Self::padded(directory, count, size, mix);
         let referrals = trial.referrals.max(1);
         let missing = (size * count) as i64 - trial.bytes as i64;
         let referral_bytes = (size as i64 + missing / referrals as i64).max(0) as usize;
-        Self::padded(directory, count, referral_bytes)
+        Self::padded(directory, count, referral_bytes, mix)
     }
 
     /// `count` messages, each referral padded to about `referral_bytes`.
-    fn padded(directory: &Directory, count: usize, referral_bytes: usize) -> Load {
+    fn padded(directory: &Directory, count: usize, referral_bytes: usize, mix: Mix) -> Load {
         let tables = directory.tables.load();
         let mut cpis: Vec<(&str, &str, &str)> = directory
             .partners
@@ -556,7 +572,7 @@ impl Load {
         for i in 0..count {
             let (cpi, office, municipality) = cpis[(next() % cpis.len() as u64) as usize];
             let roll = next() % 100;
-            let (sender, mut message, outputs) = if roll < 60 {
+            let (sender, mut message, outputs) = if roll < 60 || mix == Mix::Referrals {
                 let mut m = referral(cpi, office, municipality);
                 let base = serde_json::to_vec(&m).unwrap().len();
                 m["payload"]["notes"] =
@@ -1580,7 +1596,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
 }
 
 /// The CSV file's columns.
-const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources";
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix";
 
 /// An existing CSV file must have today's columns: rows of an older benchmark would not line
 /// up. Checked before a run, not after it.
@@ -1612,7 +1628,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         (Some(_), false) => "1".to_string(),
     };
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -1646,7 +1662,11 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         spread.ponte_rate.1,
         spread.cpu_us.0,
         spread.cpu_us.1,
-        shovel_sources
+        shovel_sources,
+        match args.mix {
+            Mix::Demo => "demo",
+            Mix::Referrals => "referrals",
+        }
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
@@ -1684,5 +1704,39 @@ mod tests {
         .unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(rate.is_finite() && rate > 0.0, "rate {rate}");
+    }
+
+    #[test]
+    fn a_referrals_load_asks_one_copy_per_message_where_the_demo_mix_fans_out() {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let directory = Directory::load(&config).unwrap();
+        let demo = Load::generate(&directory, 2000, 1024, Mix::Demo);
+        let referrals = Load::generate(&directory, 2000, 1024, Mix::Referrals);
+        let types = |load: &Load| -> Vec<String> {
+            let bodies = load.by_sender.iter().flat_map(|(_, bodies)| bodies);
+            let parsed = bodies.filter_map(|b| serde_json::from_slice::<Value>(b).ok());
+            parsed
+                .map(|m| m["type"].as_str().unwrap_or("").to_string())
+                .collect()
+        };
+        assert!(
+            types(&referrals)
+                .iter()
+                .all(|t| t == "referral" || t == "pension-claim")
+        );
+        // Every valid message one copy, every invalid one parked: one output per message.
+        assert_eq!((referrals.invalid, referrals.expected_outputs), (100, 2000));
+        assert!(
+            (950..1100).contains(&referrals.mean_size()),
+            "{}",
+            referrals.mean_size()
+        );
+        // The demo mix: benefit-status messages to two or three recipients.
+        assert!(types(&demo).iter().any(|t| t == "benefit-status"));
+        assert!(
+            demo.expected_outputs > 2600,
+            "{} outputs",
+            demo.expected_outputs
+        );
     }
 }
