@@ -119,6 +119,16 @@ enum Mix {
     Referrals,
 }
 
+impl Mix {
+    /// As given on the command line and written in the CSV.
+    fn name(self) -> &'static str {
+        match self {
+            Mix::Demo => "demo",
+            Mix::Referrals => "referrals",
+        }
+    }
+}
+
 /// One row of results.
 #[derive(Debug, Default)]
 struct Row {
@@ -230,11 +240,11 @@ async fn main() -> Result<()> {
     }
     let load = Load::generate(&directory, args.messages, args.size, args.mix);
     eprintln!(
-        "bench {}: {} messages ({} invalid, mix {:?}), {} partners, ~{} bytes, receipts {}, {} expected outputs",
+        "bench {}: {} messages ({} invalid, mix {}), {} partners, ~{} bytes, receipts {}, {} expected outputs",
         args.scenario,
         args.messages,
         load.invalid,
-        args.mix,
+        args.mix.name(),
         args.partners,
         load.mean_size(),
         args.receipts,
@@ -534,9 +544,9 @@ struct Load {
 
 impl Load {
     /// `count` messages whose mean size is about `size` bytes. Only referrals have a free-text
-    /// field to pad, and they are 60% of the mix: a first pass measures what the other messages
-    /// weigh, and the same messages (the generator is seeded) are made again with each
-    /// referral padded to make up the difference.
+    /// field to pad (60% of the demo mix, all of the referrals mix): a first pass measures what
+    /// the other messages weigh, and the same messages (the generator is seeded) are made again
+    /// with each referral padded to make up the difference.
     fn generate(directory: &Directory, count: usize, size: usize, mix: Mix) -> Load {
         let trial = Self::padded(directory, count, size, mix);
         let referrals = trial.referrals.max(1);
@@ -1663,10 +1673,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         spread.cpu_us.0,
         spread.cpu_us.1,
         shovel_sources,
-        match args.mix {
-            Mix::Demo => "demo",
-            Mix::Referrals => "referrals",
-        }
+        args.mix.name()
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
