@@ -394,16 +394,7 @@ pub async fn declare_topology(
         // closes the channel on the first that fails, so one synchronous call at the end
         // confirms them all.
         if let Some(last) = chunk.last() {
-            channel
-                .queue_declare(
-                    queues.inbound(&last.id).into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
+            ready(&channel, &queues.inbound(&last.id)).await?;
         }
         let _ = channel.close(200, "declared".into()).await;
         Ok::<_, BrokerError>(())
@@ -421,23 +412,29 @@ pub async fn backlogs(connection: &Connection, queues: &[&str]) -> Result<Vec<u3
         let channel = connection.create_channel().await?;
         let mut counts = Vec::with_capacity(chunk.len());
         for queue in chunk {
-            let declared = channel
-                .queue_declare(
-                    (*queue).into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            counts.push(declared.message_count());
+            counts.push(ready(&channel, queue).await?);
         }
         let _ = channel.close(200, "counted".into()).await;
         Ok::<_, BrokerError>(counts)
     }))
     .await?;
     Ok(counts.concat())
+}
+
+/// How many messages `queue` holds ready: a passive declaration, which fails (and closes the
+/// channel) when the queue does not exist.
+pub async fn ready(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
 }
 
 /// Channels the queues are counted on at once: each count is a round trip, a thousand of them

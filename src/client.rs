@@ -297,17 +297,7 @@ pub async fn depths(directory: &Directory, queues: &[String]) -> Result<Vec<u32>
     for queue in queues {
         // A passive declare of a missing queue closes the channel: one channel per queue.
         let channel = connection.create_channel().await?;
-        let depth = channel
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .map_or(0, |q| q.message_count());
+        let depth = crate::broker::ready(&channel, queue).await.unwrap_or(0);
         out.push(depth);
         let _ = channel.close(200, "counted".into()).await;
     }

@@ -120,12 +120,13 @@ enum Mix {
 }
 
 impl Mix {
-    /// As given on the command line and written in the CSV.
-    fn name(self) -> &'static str {
-        match self {
-            Mix::Demo => "demo",
-            Mix::Referrals => "referrals",
-        }
+    /// As given on the command line (clap's name for it), and written in the CSV.
+    fn name(self) -> String {
+        use clap::ValueEnum;
+        let value = self
+            .to_possible_value()
+            .expect("no mix is hidden from the command line");
+        value.get_name().to_string()
     }
 }
 
