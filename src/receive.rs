@@ -53,6 +53,8 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 struct Consuming {
     consumer: lapin::Consumer,
     tag: String,
+    /// How many times the consumer was started again: each start takes a tag of its own.
+    restarts: u32,
     prefetch: u16,
     /// The size of the flow's recent messages, which may hold the prefetch below the window.
     sizes: prefetch::Sizes,
@@ -79,6 +81,7 @@ impl Flow {
         let mut c = Consuming {
             consumer: consume(&self.consume, &queue, &tag, prefetch).await?,
             tag,
+            restarts: 0,
             prefetch,
             sizes,
             gauge: metrics::gauge!("ponte_prefetch", "partner" => self.partner.id.clone()),
@@ -199,6 +202,11 @@ impl Flow {
             settling.push_back(self.handle(delivery, owner).await?);
         }
         debug!(%queue, prefetch, "prefetch changed");
+        // A new tag for each start: a quorum queue takes a consumer that comes back under its
+        // old tag for the old one, and RabbitMQ 3.10.8 (Debian 12's) then closes the channel
+        // with INTERNAL_ERROR at its first delivery (rabbitmq-server#5927), every session.
+        c.restarts += 1;
+        c.tag = format!("ponte-{}.{}", self.partner.id, c.restarts);
         c.consumer = timeout(
             ANSWER_WITHIN,
             consume(&self.consume, queue, &c.tag, prefetch),

@@ -237,18 +237,24 @@ async fn a_partner_s_own_prefetch_is_reserved_and_the_others_share_the_rest() {
 /// The demo partners sharing `broker.max_in_flight = 100` under a new prefix, and the national
 /// institute's back office with 6,000 status changes to send, each for a CPI and the
 /// observatory: the prefix, the directory, the messages and their bodies.
-fn institute_backlog_sharing_100() -> (
+fn institute_backlog_sharing_100(
+    extra: &[(&str, &str)],
+) -> (
     String,
     ponte::directory::Directory,
     Vec<Value>,
     Vec<Vec<u8>>,
 ) {
     let prefix = common::random_prefix();
+    let settings: Vec<(&str, &str)> = [("broker.max_in_flight", "100")]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
     let directory = common::directory_with(
         &common::repo().join("config"),
         &common::broker_url(),
         &prefix,
-        &[("broker.max_in_flight", "100")],
+        &settings,
     );
     let sent: Vec<Value> = (0..6_000)
         .map(|_| benefit_status("sfl", "037032"))
@@ -363,7 +369,7 @@ fn windows(of: &[(&str, u32)]) -> std::collections::BTreeMap<String, u32> {
 /// partner's messages.
 #[tokio::test]
 async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
-    let (prefix, directory, sent, bodies) = institute_backlog_sharing_100();
+    let (prefix, directory, sent, bodies) = institute_backlog_sharing_100(&[]);
     let queues = ponte::broker::Queues::new(&prefix);
     // The backlog appears once the gateway runs (a backlog there at start is given its window
     // at once: the next test); here the window has to be taken from the idle flows.
@@ -396,7 +402,7 @@ async fn a_partner_with_a_backlog_takes_the_window_the_idle_ones_give_back() {
 /// rather than the same share as four empty queues and the wait for them to give it back.
 #[tokio::test]
 async fn a_gateway_starting_on_a_backlog_gives_it_the_window_at_once() {
-    let (prefix, directory, sent, bodies) = institute_backlog_sharing_100();
+    let (prefix, directory, sent, bodies) = institute_backlog_sharing_100(&[]);
     let queues = ponte::broker::Queues::new(&prefix);
     publish_many(&common::broker_url(), &queues.inbound("inps"), &bodies).await;
     let gw = Gateway::start_with(directory).await;
@@ -414,6 +420,49 @@ async fn a_gateway_starting_on_a_backlog_gives_it_the_window_at_once() {
     assert_eq!(now, expected, "rabbitmqctl list_consumers:\n{listed}");
 
     assert_arrived_in_order(&gw, &sent, &["cpi-bologna", "osservatorio-er"]).await;
+    gw.stop().await;
+}
+
+/// On quorum queues (`broker.queue_type = "quorum"`) too, a gateway starting on a backlog
+/// drains it in one session. Its flows start small, each message taken to be as large as
+/// allowed (64 KiB in a share of 2 MiB: 27 of the institute's 84), and once the first ones
+/// show their size the consumer starts again with the whole window, which the broker must
+/// take as a new consumer. Every message arrives, in order, and the gateway stays connected.
+#[tokio::test]
+async fn on_quorum_queues_a_backlog_is_drained_in_order_without_a_reconnect() {
+    let (prefix, directory, sent, bodies) = institute_backlog_sharing_100(&[
+        ("broker.queue_type", "quorum"),
+        ("broker.max_in_flight_bytes", "2097152"),
+        ("limits.max_message_bytes", "65536"),
+    ]);
+    let connection = common::connect(&common::broker_url()).await;
+    ponte::broker::declare_topology(&connection, &directory)
+        .await
+        .unwrap();
+    let _ = connection.close(200, "declared".into()).await;
+    let queues = ponte::broker::Queues::new(&prefix);
+    publish_many(&common::broker_url(), &queues.inbound("inps"), &bodies).await;
+    let gw = Gateway::start_with(directory).await;
+
+    // A broker that closes the gateway's channel makes it reconnect: not ready meanwhile.
+    let status = gw.status.clone();
+    let watch = tokio::spawn(async move {
+        while status.is_ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+    assert_arrived_in_order(&gw, &sent, &["cpi-bologna", "osservatorio-er"]).await;
+    assert!(
+        !watch.is_finished(),
+        "the gateway lost its broker session while draining"
+    );
+    watch.abort();
+    let types = common::shared_broker_ctl_output(&["list_queues", "-q", "name", "type"]);
+    let ours: Vec<&str> = types.lines().filter(|l| l.starts_with(&prefix)).collect();
+    assert!(
+        !ours.is_empty() && ours.iter().all(|l| l.ends_with("quorum")),
+        "{ours:?}"
+    );
     gw.stop().await;
 }
 

@@ -321,7 +321,7 @@ pub async fn publish_many(url: &str, queue: &str, bodies: &[Vec<u8>]) {
         .await
         .unwrap();
     // The gateway declares its queues; declaring here too lets a test publish before it starts.
-    declare(&channel, queue).await;
+    declare(&connection, &channel, queue).await;
     let mut pending = Vec::with_capacity(bodies.len());
     for body in bodies {
         let properties = BasicProperties::default()
@@ -351,7 +351,14 @@ pub async fn publish_many(url: &str, queue: &str, bodies: &[Vec<u8>]) {
     connection.close(200, "done".into()).await.unwrap();
 }
 
-async fn declare(channel: &lapin::Channel, queue: &str) {
+/// Declares `queue` (classic) unless it exists: a queue the gateway or the test declared first
+/// keeps its type (a quorum queue redeclared as classic would close the channel).
+async fn declare(connection: &Connection, channel: &lapin::Channel, queue: &str) {
+    let probe = connection.create_channel().await.unwrap();
+    if ponte::broker::ready(&probe, queue).await.is_ok() {
+        let _ = probe.close(200, "exists".into()).await;
+        return;
+    }
     ponte::broker::declare_queue(channel, queue, ponte::settings::QueueType::Classic, true)
         .await
         .unwrap();
@@ -362,7 +369,7 @@ async fn declare(channel: &lapin::Channel, queue: &str) {
 pub async fn drain(url: &str, queue: &str, count: usize, wait: Duration) -> Vec<Message> {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
-    declare(&channel, queue).await;
+    declare(&connection, &channel, queue).await;
     channel
         .basic_qos(1000, BasicQosOptions::default())
         .await
