@@ -58,6 +58,10 @@ struct Args {
     /// publishes as the shovel makes): what Ponte costs when the broker moves the same traffic.
     #[arg(long, value_enum, default_value_t = Mix::Demo)]
     mix: Mix,
+    /// The type of every queue of the run (`broker.queue_type` for Ponte's; the shovel's and
+    /// the forwarder's the same, so that the broker moves the load between queues of one kind).
+    #[arg(long, value_enum, default_value_t = QueueType::Classic)]
+    queue_type: QueueType,
     /// The national institute's own prefetch (`prefetch` in its partner file), reserved out of
     /// `broker.max_in_flight` before the other partners share the rest.
     #[arg(long)]
@@ -241,7 +245,7 @@ async fn main() -> Result<()> {
     }
     let load = Load::generate(&directory, args.messages, args.size, args.mix);
     eprintln!(
-        "bench {}: {} messages ({} invalid, mix {}), {} partners, ~{} bytes, receipts {}, {} expected outputs",
+        "bench {}: {} messages ({} invalid, mix {}), {} partners, ~{} bytes, receipts {}, {} queues, {} expected outputs",
         args.scenario,
         args.messages,
         load.invalid,
@@ -249,6 +253,7 @@ async fn main() -> Result<()> {
         args.partners,
         load.mean_size(),
         args.receipts,
+        args.queue_type.as_str(),
         load.expected_outputs
     );
     check_csv_header(&args.csv)?;
@@ -442,7 +447,8 @@ fn write_config(args: &Args, prefix: &str) -> Result<PathBuf> {
     std::fs::write(
         dir.join("ponte.toml"),
         format!(
-            "[broker]\nprefix = \"{prefix}\"\nprefetch = 200\n\n[limits]\nmax_message_bytes = {}\n\n[log]\nlevel = \"warn,ponte::gateway=info\"\n\n[paths]\nschemas = \"schemas\"\n\n[store]\ndir = \"data\"\n",
+            "[broker]\nprefix = \"{prefix}\"\nprefetch = 200\nqueue_type = \"{}\"\n\n[limits]\nmax_message_bytes = {}\n\n[log]\nlevel = \"warn,ponte::gateway=info\"\n\n[paths]\nschemas = \"schemas\"\n\n[store]\ndir = \"data\"\n",
+            args.queue_type.as_str(),
             (args.size * 4).max(1024 * 1024)
         ),
     )?;
@@ -697,18 +703,23 @@ async fn connect(url: &str) -> Result<Connection> {
     Ok(Connection::connect(url, ConnectionProperties::default()).await?)
 }
 
-async fn declare(channel: &Channel, queue: &str) -> Result<u32> {
-    let q = ponte::broker::declare_queue(channel, queue, QueueType::Classic, true).await?;
-    Ok(q.message_count())
+async fn declare(args: &Args, channel: &Channel, queue: &str) -> Result<()> {
+    ponte::broker::declare_queue(channel, queue, args.queue_type, true).await?;
+    Ok(())
 }
 
 /// Publishes persistent messages with confirms pipelined in windows.
-async fn preload(connection: &Connection, queue: &str, bodies: &[Vec<u8>]) -> Result<()> {
+async fn preload(
+    args: &Args,
+    connection: &Connection,
+    queue: &str,
+    bodies: &[Vec<u8>],
+) -> Result<()> {
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    declare(&channel, queue).await?;
+    declare(args, &channel, queue).await?;
     let mut pending = std::collections::VecDeque::new();
     for body in bodies {
         let properties = BasicProperties::default()
@@ -846,9 +857,9 @@ async fn shovels_per_sender(
     let mut all: Vec<&str> = sources.iter().map(String::as_str).collect();
     all.push(&dst);
     delete_queues(connection, &all).await?;
-    declare(&connection.create_channel().await?, &dst).await?;
+    declare(args, &connection.create_channel().await?, &dst).await?;
     for (source, (_, bodies)) in sources.iter().zip(&load.by_sender) {
-        preload(connection, source, bodies).await?;
+        preload(args, connection, source, bodies).await?;
     }
     let definition = shovel_definition(&sender_source(args, "@@"), &dst);
     let set = format!(
@@ -1043,13 +1054,13 @@ async fn side_queues(
     let (src, dst) = side_names(args, mover);
     delete_queues(connection, &[&src, &dst]).await?;
     let channel = connection.create_channel().await?;
-    declare(&channel, &dst).await?;
+    declare(args, &channel, &dst).await?;
     let all: Vec<Vec<u8>> = load
         .by_sender
         .iter()
         .flat_map(|(_, b)| b.iter().cloned())
         .collect();
-    preload(connection, &src, &all).await?;
+    preload(args, connection, &src, &all).await?;
     Ok((src, dst))
 }
 
@@ -1062,7 +1073,7 @@ async fn drained(
 ) -> Result<(f64, f64)> {
     let channel = connection.create_channel().await?;
     steady_rate(&args.node, total, Duration::from_secs(1800), async || {
-        Ok(declare(&channel, dst).await? as usize)
+        Ok(ponte::broker::ready(&channel, dst).await? as usize)
     })
     .await
 }
@@ -1190,7 +1201,7 @@ fn usage(pid: u32) -> Result<(f64, f64)> {
 async fn output_count(channel: &Channel, queues: &[String]) -> Result<usize> {
     let mut total = 0;
     for q in queues {
-        total += declare(channel, q).await? as usize;
+        total += ponte::broker::ready(channel, q).await? as usize;
     }
     Ok(total)
 }
@@ -1207,7 +1218,7 @@ async fn drain_with_ponte(
     ponte::broker::declare_topology(connection, directory).await?;
     let channel = connection.create_channel().await?;
     for (sender, bodies) in &load.by_sender {
-        preload(connection, &queues.inbound(sender), bodies).await?;
+        preload(args, connection, &queues.inbound(sender), bodies).await?;
     }
     let outputs: Vec<String> = directory
         .partners
@@ -1607,7 +1618,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
 }
 
 /// The CSV file's columns.
-const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix";
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type";
 
 /// An existing CSV file must have today's columns: rows of an older benchmark would not line
 /// up. Checked before a run, not after it.
@@ -1639,7 +1650,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         (Some(_), false) => "1".to_string(),
     };
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -1674,7 +1685,8 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         spread.cpu_us.0,
         spread.cpu_us.1,
         shovel_sources,
-        args.mix.name()
+        args.mix.name(),
+        args.queue_type.as_str()
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
