@@ -234,6 +234,13 @@ async fn main() -> Result<()> {
     let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let config = write_config(&args, &prefix)?;
     let directory = Directory::load(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The environment overrides the generated configuration; the run's other queues follow
+    // --queue-type, and queues of two types would fail the run half-way.
+    anyhow::ensure!(
+        directory.settings.broker.queue_type == args.queue_type,
+        "PONTE_BROKER__QUEUE_TYPE says {}: give --queue-type {0} instead",
+        directory.settings.broker.queue_type.as_str()
+    );
     if args.history > 0 {
         let started = Instant::now();
         fill_history(&ponte::pipeline::store_dir(&directory), args.history)?;
