@@ -236,7 +236,8 @@ async fn a_partner_s_own_prefetch_is_reserved_and_the_others_share_the_rest() {
 
 /// The demo partners sharing `broker.max_in_flight = 100` under a new prefix, and the national
 /// institute's back office with 6,000 status changes to send, each for a CPI and the
-/// observatory: the prefix, the directory, the messages and their bodies.
+/// observatory: the prefix, the directory (with `extra` settings), the messages and their
+/// bodies.
 fn institute_backlog_sharing_100(
     extra: &[(&str, &str)],
 ) -> (
@@ -425,9 +426,9 @@ async fn a_gateway_starting_on_a_backlog_gives_it_the_window_at_once() {
 
 /// On quorum queues (`broker.queue_type = "quorum"`) too, a gateway starting on a backlog
 /// drains it in one session. Its flows start small, each message taken to be as large as
-/// allowed (64 KiB in a share of 2 MiB: 27 of the institute's 84), and once the first ones
-/// show their size the consumer starts again with the whole window, which the broker must
-/// take as a new consumer. Every message arrives, in order, and the gateway stays connected.
+/// allowed (64 KiB, where five partners at 200 share 2 MiB: 2 of the institute's 84 at
+/// first), and once the first ones show their size the consumer starts again with the whole
+/// window, which the broker must take as a new consumer. Every message arrives, in order, and the gateway stays connected.
 #[tokio::test]
 async fn on_quorum_queues_a_backlog_is_drained_in_order_without_a_reconnect() {
     let (prefix, directory, sent, bodies) = institute_backlog_sharing_100(&[
