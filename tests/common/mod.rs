@@ -11,7 +11,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -425,21 +424,11 @@ pub fn free_port() -> u16 {
 pub async fn depth(url: &str, queue: &str) -> u32 {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
-    let Ok(q) = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-    else {
+    let Ok(ready) = ponte::broker::ready(&channel, queue).await else {
         return 0;
     };
     let _ = connection.close(200, "done".into()).await;
-    q.message_count()
+    ready
 }
 
 /// Runs `rabbitmqctl ARGS` against the shared test broker (`TEST_BROKER_NODE`, set by
