@@ -62,6 +62,13 @@ struct Args {
     /// the forwarder's the same, so that the broker moves the load between queues of one kind).
     #[arg(long, value_enum, default_value_t = QueueType::Classic)]
     queue_type: QueueType,
+    /// The AMQP properties the load is published with. The broker spends more on a message
+    /// whose properties take more than about 64 bytes, and Ponte's delivered copies carry the
+    /// labels the wire contract asks for (`message_id`, `type`), which take them past it; a
+    /// load published with the same labels costs the shovel and the forwarder what Ponte's
+    /// copies cost the broker.
+    #[arg(long, value_enum, default_value_t = Labels::Bare)]
+    labels: Labels,
     /// The national institute's own prefetch (`prefetch` in its partner file), reserved out of
     /// `broker.max_in_flight` before the other partners share the rest.
     #[arg(long)]
@@ -123,15 +130,40 @@ enum Mix {
     Referrals,
 }
 
-impl Mix {
-    /// As given on the command line (clap's name for it), and written in the CSV.
-    fn name(self) -> String {
-        use clap::ValueEnum;
-        let value = self
-            .to_possible_value()
-            .expect("no mix is hidden from the command line");
-        value.get_name().to_string()
+/// The AMQP properties of the load's messages.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Labels {
+    /// Content type and persistence: all the wire contract asks of a sender.
+    Bare,
+    /// Also the envelope's `message_id` and `type`, as on Ponte's delivered copies.
+    Labelled,
+}
+
+impl Labels {
+    /// The properties of `body` published as part of the load.
+    fn properties(self, body: &[u8]) -> BasicProperties {
+        let bare = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        let envelope = match self {
+            Labels::Bare => return bare,
+            Labels::Labelled => serde_json::from_slice::<Value>(body).unwrap_or_default(),
+        };
+        let label = |field: &str| envelope[field].as_str().map(|v| v.into());
+        match (label("message_id"), label("type")) {
+            (Some(id), Some(kind)) => bare.with_message_id(id).with_type(kind),
+            // Not an envelope (the load's invalid messages): nothing to label it with.
+            _ => bare,
+        }
     }
+}
+
+/// An option's value as given on the command line (clap's name for it), and written in the CSV.
+fn name_of(value: impl clap::ValueEnum) -> String {
+    let value = value
+        .to_possible_value()
+        .expect("no value is hidden from the command line");
+    value.get_name().to_string()
 }
 
 /// One row of results.
@@ -252,15 +284,16 @@ async fn main() -> Result<()> {
     }
     let load = Load::generate(&directory, args.messages, args.size, args.mix);
     eprintln!(
-        "bench {}: {} messages ({} invalid, mix {}), {} partners, ~{} bytes, receipts {}, {} queues, {} expected outputs",
+        "bench {}: {} messages ({} invalid, mix {}), {} partners, ~{} bytes, receipts {}, {} queues, {} load, {} expected outputs",
         args.scenario,
         args.messages,
         load.invalid,
-        args.mix.name(),
+        name_of(args.mix),
         args.partners,
         load.mean_size(),
         args.receipts,
         args.queue_type.as_str(),
+        name_of(args.labels),
         load.expected_outputs
     );
     check_csv_header(&args.csv)?;
@@ -729,9 +762,7 @@ async fn preload(
     declare(args, &channel, queue).await?;
     let mut pending = std::collections::VecDeque::new();
     for body in bodies {
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
+        let properties = args.labels.properties(body);
         pending.push_back(
             channel
                 .basic_publish(
@@ -1432,10 +1463,13 @@ async fn time_through(
             .and_then(|v| v["message_id"].as_str().map(String::from))
             .unwrap_or_default();
         sent.lock().unwrap().insert(id.clone(), Instant::now());
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_message_id(id.into())
-            .with_content_type("application/json".into());
+        // Matched at the outputs by its id: a bare load carries that label alone.
+        let properties = match args.labels {
+            Labels::Bare => Labels::Bare
+                .properties(body)
+                .with_message_id(id.as_str().into()),
+            Labels::Labelled => Labels::Labelled.properties(body),
+        };
         drop(
             channel
                 .basic_publish(
@@ -1625,7 +1659,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
 }
 
 /// The CSV file's columns.
-const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type";
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels";
 
 /// An existing CSV file must have today's columns: rows of an older benchmark would not line
 /// up. Checked before a run, not after it.
@@ -1657,7 +1691,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         (Some(_), false) => "1".to_string(),
     };
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -1692,8 +1726,9 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         spread.cpu_us.0,
         spread.cpu_us.1,
         shovel_sources,
-        args.mix.name(),
-        args.queue_type.as_str()
+        name_of(args.mix),
+        args.queue_type.as_str(),
+        name_of(args.labels)
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
@@ -1764,6 +1799,38 @@ mod tests {
             demo.expected_outputs > 2600,
             "{} outputs",
             demo.expected_outputs
+        );
+    }
+
+    #[test]
+    fn a_labelled_load_carries_each_envelope_s_id_and_type_and_a_bare_one_neither() {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let directory = Directory::load(&config).unwrap();
+        let load = Load::generate(&directory, 200, 1024, Mix::Demo);
+        let bodies: Vec<&Vec<u8>> = load.by_sender.iter().flat_map(|(_, b)| b).collect();
+        let mut labelled = 0;
+        for body in &bodies {
+            let bare = Labels::Bare.properties(body);
+            assert_eq!(bare.message_id(), &None);
+            assert_eq!(bare.kind(), &None);
+            let properties = Labels::Labelled.properties(body);
+            assert_eq!(properties.delivery_mode(), &Some(2));
+            match serde_json::from_slice::<Value>(body) {
+                Ok(envelope) if envelope["message_id"].is_string() => {
+                    let id = properties.message_id().as_ref().map(|i| i.to_string());
+                    let kind = properties.kind().as_ref().map(|k| k.to_string());
+                    assert_eq!(id.as_deref(), envelope["message_id"].as_str());
+                    assert_eq!(kind.as_deref(), envelope["type"].as_str());
+                    labelled += 1;
+                }
+                _ => assert_eq!(properties.message_id(), &None),
+            }
+        }
+        // The load's invalid messages include some that are no envelope at all.
+        assert!(
+            labelled > 150 && labelled < bodies.len(),
+            "{labelled} of {}",
+            bodies.len()
         );
     }
 }
