@@ -32,6 +32,8 @@ const COMMIT_EVERY: Duration = Duration::from_millis(5);
 const COMMIT_AFTER: usize = 512;
 /// Writes handed to the writer and not yet applied, at most; beyond that, writing waits.
 const QUEUE: usize = 16_384;
+/// Rows of messages recorded and not yet delivered that the writer keeps the place of, at most.
+const UNDELIVERED_KEPT: usize = 65_536;
 /// How long a read waits for a recent write it depends on to be committed before giving up.
 const WAIT_AT_MOST: Duration = Duration::from_secs(10);
 /// The store's write-ahead log is cut back once it holds this many pages (64 MiB).
@@ -627,6 +629,7 @@ impl SqliteStore {
 fn write_behind(connection: Connection, ops: Receiver<Op>, shared: &Shared, path: &str) {
     let mut writer = Writer {
         connection,
+        undelivered: Undelivered::default(),
         group: None,
         applied: 0,
         shared,
@@ -659,6 +662,7 @@ fn write_behind(connection: Connection, ops: Receiver<Op>, shared: &Shared, path
 /// The store's thread's state.
 struct Writer<'a> {
     connection: Connection,
+    undelivered: Undelivered,
     group: Option<Group>,
     /// Writes taken from the queue so far (committed or in the open group).
     applied: u64,
@@ -681,7 +685,7 @@ impl Writer<'_> {
         let Some(open) = self.group.take() else {
             return Ok(());
         };
-        let (connection, path) = (&self.connection, self.path);
+        let (connection, path, undelivered) = (&self.connection, self.path, &mut self.undelivered);
         let mut outcome = outcome.and_then(|()| connection.execute_batch("COMMIT"));
         let mut pause = Duration::from_millis(50);
         while let Err(error) = outcome {
@@ -696,7 +700,11 @@ impl Writer<'_> {
             pause = (pause * 2).min(Duration::from_secs(1));
             outcome = connection
                 .execute_batch("BEGIN IMMEDIATE")
-                .and_then(|()| open.writes.iter().try_for_each(|w| apply(connection, w)))
+                .and_then(|()| {
+                    open.writes
+                        .iter()
+                        .try_for_each(|w| apply(connection, undelivered, w))
+                })
                 .and_then(|()| connection.execute_batch("COMMIT"));
         }
         self.shared.advance(self.applied);
@@ -716,7 +724,8 @@ impl Writer<'_> {
                     true => self.connection.execute_batch("BEGIN IMMEDIATE"),
                     false => Ok(()),
                 };
-                let done = begun.and_then(|()| apply(&self.connection, &write));
+                let done =
+                    begun.and_then(|()| apply(&self.connection, &mut self.undelivered, &write));
                 open.writes.push(write);
                 let full = open.writes.len() >= COMMIT_AFTER;
                 if done.is_err() {
@@ -812,17 +821,50 @@ impl Drop for SqliteStore {
     }
 }
 
+/// Where the rows of messages recorded and not yet delivered are, by sender and message id, so
+/// that a delivery updates its message's row without looking it up in the index again (the
+/// writer's one look-up per delivered message). Bounded: past [`UNDELIVERED_KEPT`] it starts
+/// over, and a message it does not know is looked up as before.
+#[derive(Default)]
+struct Undelivered(HashMap<(String, String), i64>);
+
+impl Undelivered {
+    fn note(&mut self, sender: &str, message_id: &str, seq: i64) {
+        if self.0.len() >= UNDELIVERED_KEPT {
+            self.0.clear();
+        }
+        self.0
+            .insert((sender.to_string(), message_id.to_string()), seq);
+    }
+
+    fn take(&mut self, sender: &str, message_id: &str) -> Option<i64> {
+        self.0.remove(&(sender.to_string(), message_id.to_string()))
+    }
+}
+
 /// Applies one write (inside the open group transaction). Import and prune are answered here.
-fn apply(connection: &Connection, write: &Write) -> rusqlite::Result<()> {
+fn apply(
+    connection: &Connection,
+    undelivered: &mut Undelivered,
+    write: &Write,
+) -> rusqlite::Result<()> {
     match write {
-        Write::Record(m) => apply_record(connection, m),
+        Write::Record(m) => apply_record(connection, undelivered, m),
         Write::Remember {
             sender,
             message_id,
             delivered,
             complete,
             at,
-        } => apply_remember(connection, sender, message_id, delivered, *complete, *at),
+        } => apply_remember(
+            connection,
+            undelivered,
+            sender,
+            message_id,
+            delivered,
+            *complete,
+            *at,
+        ),
         Write::Import {
             partner,
             rows,
@@ -868,12 +910,27 @@ fn prune(connection: &Connection, age: i64, window: i64) -> rusqlite::Result<usi
 
 fn apply_remember(
     connection: &Connection,
+    undelivered: &mut Undelivered,
     sender: &str,
     message_id: &str,
     delivered: &str,
     complete: bool,
     at: i64,
 ) -> rusqlite::Result<()> {
+    // The row recorded a moment ago, if the writer knows where it is. The id and sender are
+    // compared too: a row that is not the message's (a group rolled back and written again
+    // numbers its rows anew, pruning removes rows) changes nothing and is looked up below.
+    if let Some(seq) = undelivered.take(sender, message_id) {
+        let updated = connection
+            .prepare_cached(
+                "UPDATE message SET delivered = ?1, complete = ?2, delivered_at = ?3
+                 WHERE seq = ?4 AND message_id = ?5 AND sender = ?6",
+            )?
+            .execute(params![delivered, complete, at, seq, message_id, sender])?;
+        if updated == 1 {
+            return Ok(());
+        }
+    }
     let key = message_key(message_id);
     match find(connection, key, message_id, sender)? {
         Some((seq, _)) => connection
@@ -895,7 +952,11 @@ fn apply_remember(
 
 /// Records a message: its sender's local ids, its row (recipients, reference), and the link of
 /// its case to the case of the message it answers.
-fn apply_record(tx: &Connection, m: &Recorded) -> rusqlite::Result<()> {
+fn apply_record(
+    tx: &Connection,
+    undelivered: &mut Undelivered,
+    m: &Recorded,
+) -> rusqlite::Result<()> {
     for (scheme, value, local) in &m.local_ids {
         tx.prepare_cached(UPSERT_PERSON)?
             .execute(params![m.sender, scheme, value, local, m.at])?;
@@ -917,6 +978,7 @@ fn apply_record(tx: &Connection, m: &Recorded) -> rusqlite::Result<()> {
                  WHERE seq = ?4",
             )?
             .execute(params![m.reference, all.join(","), m.at, seq])?;
+            undelivered.note(&m.sender, &m.message_id, seq);
         }
         None => {
             tx.prepare_cached(
@@ -931,6 +993,7 @@ fn apply_record(tx: &Connection, m: &Recorded) -> rusqlite::Result<()> {
                 m.recipients.join(","),
                 m.at
             ])?;
+            undelivered.note(&m.sender, &m.message_id, tx.last_insert_rowid());
         }
     }
     let (Some(reference), Some(answered)) = (&m.reference, &m.correlation_id) else {
@@ -1444,6 +1507,58 @@ mod tests {
         assert!(s.seen("inps", id, week).unwrap().is_some());
         assert_eq!(s.prune(Duration::ZERO, Duration::ZERO).unwrap(), 1);
         assert_eq!(s.seen("inps", id, week).unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_delivery_lands_on_its_own_message_s_row_even_once_that_row_was_pruned() {
+        let (s, dir) = store();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let id = "0d4b7e2a-5c3f-4a8e-9f1d-7b6a5c4d3e2f";
+        // The same id from two senders, one of them recorded twice (processed again).
+        s.record(&message(id, "inps", "A-1", None, &["cpi-modena"]))
+            .unwrap();
+        s.record(&message(id, "cpi-modena", "B-1", None, &["inps"]))
+            .unwrap();
+        s.record(&message(id, "inps", "A-1", None, &["cpi-modena"]))
+            .unwrap();
+        s.remember("inps", id, &["cpi-modena"], true).unwrap();
+        s.flush().unwrap();
+        let rows: Vec<(String, String, Option<String>)> = s
+            .read(|c| {
+                c.prepare(
+                    "SELECT sender, reference, delivered FROM message WHERE message_id = ?1
+                     ORDER BY sender",
+                )?
+                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+            })
+            .unwrap();
+        let row = |sender: &str, reference: &str, delivered: Option<&str>| {
+            (sender.into(), reference.into(), delivered.map(String::from))
+        };
+        assert_eq!(
+            rows,
+            [
+                row("cpi-modena", "B-1", None),
+                row("inps", "A-1", Some("cpi-modena"))
+            ]
+        );
+        assert_eq!(s.seen("cpi-modena", id, week).unwrap(), None);
+        // A message recorded, its row pruned before its delivery (a long outage of the
+        // recipient, a short retention): the delivery is still remembered.
+        let late = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
+        s.record(&message(late, "inps", "A-2", None, &["cpi-modena"]))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        // Both undelivered rows go: cpi-modena's of the first id, and this one.
+        assert_eq!(s.prune(Duration::ZERO, week).unwrap(), 2);
+        s.remember("inps", late, &["cpi-modena"], true).unwrap();
+        let seen = s.seen("inps", late, week).unwrap().unwrap();
+        assert_eq!(
+            (seen.recipients, seen.complete),
+            (vec!["cpi-modena".to_string()], true)
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
