@@ -821,24 +821,24 @@ impl Drop for SqliteStore {
     }
 }
 
-/// Where the rows of messages recorded and not yet delivered are, by sender and message id, so
-/// that a delivery updates its message's row without looking it up in the index again (the
-/// writer's one look-up per delivered message). Bounded: past [`UNDELIVERED_KEPT`] it starts
-/// over, and a message it does not know is looked up as before.
+/// Where the rows of messages recorded and not yet delivered are, by their look-up key
+/// ([`message_key`]), so that a delivery updates its message's row without looking it up in the
+/// index again (the writer's one look-up per delivered message). The row found is checked to be
+/// the message's (two senders' ids may share a key). Bounded: past [`UNDELIVERED_KEPT`] it
+/// starts over, and a message it does not know is looked up as before.
 #[derive(Default)]
-struct Undelivered(HashMap<(String, String), i64>);
+struct Undelivered(HashMap<i64, i64>);
 
 impl Undelivered {
-    fn note(&mut self, sender: &str, message_id: &str, seq: i64) {
+    fn note(&mut self, key: i64, seq: i64) {
         if self.0.len() >= UNDELIVERED_KEPT {
             self.0.clear();
         }
-        self.0
-            .insert((sender.to_string(), message_id.to_string()), seq);
+        self.0.insert(key, seq);
     }
 
-    fn take(&mut self, sender: &str, message_id: &str) -> Option<i64> {
-        self.0.remove(&(sender.to_string(), message_id.to_string()))
+    fn take(&mut self, key: i64) -> Option<i64> {
+        self.0.remove(&key)
     }
 }
 
@@ -917,10 +917,12 @@ fn apply_remember(
     complete: bool,
     at: i64,
 ) -> rusqlite::Result<()> {
+    let key = message_key(message_id);
     // The row recorded a moment ago, if the writer knows where it is. The id and sender are
-    // compared too: a row that is not the message's (a group rolled back and written again
-    // numbers its rows anew, pruning removes rows) changes nothing and is looked up below.
-    if let Some(seq) = undelivered.take(sender, message_id) {
+    // compared too: a row that is not the message's (another sender's id of the same key, a
+    // group rolled back and written again numbers its rows anew, pruning removes rows) changes
+    // nothing and is looked up below.
+    if let Some(seq) = undelivered.take(key) {
         let updated = connection
             .prepare_cached(
                 "UPDATE message SET delivered = ?1, complete = ?2, delivered_at = ?3
@@ -931,7 +933,6 @@ fn apply_remember(
             return Ok(());
         }
     }
-    let key = message_key(message_id);
     match find(connection, key, message_id, sender)? {
         Some((seq, _)) => connection
             .prepare_cached(
@@ -978,7 +979,7 @@ fn apply_record(
                  WHERE seq = ?4",
             )?
             .execute(params![m.reference, all.join(","), m.at, seq])?;
-            undelivered.note(&m.sender, &m.message_id, seq);
+            undelivered.note(key, seq);
         }
         None => {
             tx.prepare_cached(
@@ -993,7 +994,7 @@ fn apply_record(
                 m.recipients.join(","),
                 m.at
             ])?;
-            undelivered.note(&m.sender, &m.message_id, tx.last_insert_rowid());
+            undelivered.note(key, tx.last_insert_rowid());
         }
     }
     let (Some(reference), Some(answered)) = (&m.reference, &m.correlation_id) else {
