@@ -1448,28 +1448,36 @@ async fn time_through(
         }
         h
     });
+    // Each message's id (how its copies are matched at the outputs) and properties, made before
+    // the clock starts: the open loop, on the same cores as what it times, only publishes.
+    let labelled: Vec<(String, BasicProperties)> = schedule
+        .iter()
+        .map(|(_, body)| {
+            let id = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v["message_id"].as_str().map(String::from))
+                .unwrap_or_default();
+            // A bare load carries the id alone.
+            let properties = match args.labels {
+                Labels::Bare => Labels::Bare
+                    .properties(body)
+                    .with_message_id(id.as_str().into()),
+                Labels::Labelled => Labels::Labelled.properties(body),
+            };
+            (id, properties)
+        })
+        .collect();
     let publisher = connect(&args.url).await?;
     let channel = publisher.create_channel().await?;
     let start = Instant::now();
     let mut offered = 0usize;
     // Open loop: each message is published at its scheduled time, whatever happened before.
-    for (i, (queue, body)) in schedule.iter().enumerate() {
+    for (i, ((queue, body), (id, properties))) in schedule.iter().zip(labelled).enumerate() {
         let due = start + Duration::from_secs_f64(i as f64 / rate);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
-        let id = serde_json::from_slice::<Value>(body)
-            .ok()
-            .and_then(|v| v["message_id"].as_str().map(String::from))
-            .unwrap_or_default();
-        sent.lock().unwrap().insert(id.clone(), Instant::now());
-        // Matched at the outputs by its id: a bare load carries that label alone.
-        let properties = match args.labels {
-            Labels::Bare => Labels::Bare
-                .properties(body)
-                .with_message_id(id.as_str().into()),
-            Labels::Labelled => Labels::Labelled.properties(body),
-        };
+        sent.lock().unwrap().insert(id, Instant::now());
         drop(
             channel
                 .basic_publish(
