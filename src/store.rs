@@ -190,8 +190,98 @@ struct Front {
     marked: HashMap<u64, u64>,
     /// The ids delivered lately: most duplicate checks end here.
     recent: Recent,
+    /// The references that may belong to a case: most look-ups of a reference's case end here.
+    linked: Linked,
     written: Arc<AtomicU64>,
     writer: SyncSender<Op>,
+}
+
+/// Which `(partner, reference)` pairs may belong to a case. Nearly every message carries a
+/// reference no answer ever linked, and asking the store for its case, even to find none, begins
+/// a read of the store: some 2 µs a message. A Bloom filter answers "certainly in no case" for
+/// those; "maybe" asks the store, which has the final word.
+///
+/// A pair is added when a write that may link it is handed over (before the writer can commit
+/// it); the pairs linked before start are read by a thread of its own, and until they are in,
+/// every answer is "maybe". Links are never removed, and neither are pairs: past the pairs the
+/// filter was sized for, more answers are "maybe", never a wrong "no".
+#[derive(Debug)]
+struct Linked {
+    filter: Arc<fastbloom::AtomicBloomFilter>,
+    loaded: Arc<AtomicBool>,
+}
+
+/// The filter's size: 1 MiB, about 1 "maybe" in 1,000 for pairs never linked with half a
+/// million linked.
+const LINKED_BITS: usize = 1 << 23;
+/// Pairs read at a time at start.
+const LINKED_LOAD_STEP: i64 = 50_000;
+
+impl Linked {
+    /// An empty filter, and a thread reading the pairs already linked in the store at `path`.
+    fn load(path: &Path) -> Linked {
+        let linked = Linked {
+            filter: Arc::new(fastbloom::AtomicBloomFilter::with_num_bits(LINKED_BITS).hashes(5)),
+            loaded: Arc::new(AtomicBool::new(false)),
+        };
+        let (into, loaded, path) = (
+            linked.filter.clone(),
+            linked.loaded.clone(),
+            path.to_owned(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("ponte-linked".into())
+            .spawn(move || match read_linked(&path, &into) {
+                Ok(count) => {
+                    loaded.store(true, Ordering::Release);
+                    tracing::debug!(store = %path.display(), references = count, "linked references loaded");
+                }
+                Err(error) => {
+                    tracing::warn!(store = %path.display(), %error, "cannot load the linked references; every look-up of a reference's case reads the store")
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start loading the linked references; every look-up of a reference's case reads the store");
+        }
+        linked
+    }
+
+    fn add(&self, partner: &str, reference: &str) {
+        self.filter.insert(&(partner, reference));
+    }
+
+    /// Whether `(partner, reference)` may belong to a case: `false` is certain.
+    fn may_hold(&self, partner: &str, reference: &str) -> bool {
+        !self.loaded.load(Ordering::Acquire) || self.filter.contains(&(partner, reference))
+    }
+}
+
+/// Reads every linked pair into `into`, [`LINKED_LOAD_STEP`] at a time, each step a short read
+/// of its own (one read over millions of rows would hold the store's checkpoints back). A pair
+/// linked meanwhile was added when its write was handed over.
+fn read_linked(path: &Path, into: &fastbloom::AtomicBloomFilter) -> rusqlite::Result<usize> {
+    let connection = Connection::open(path)?;
+    connection.execute_batch("PRAGMA busy_timeout = 5000;")?;
+    let mut step = connection.prepare(
+        "SELECT partner, reference FROM case_link WHERE (partner, reference) > (?1, ?2)
+         ORDER BY partner, reference LIMIT ?3",
+    )?;
+    let (mut after, mut count) = ((String::new(), String::new()), 0);
+    loop {
+        let pairs: Vec<(String, String)> = step
+            .query_map(params![after.0, after.1, LINKED_LOAD_STEP], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for (partner, reference) in &pairs {
+            into.insert(&(partner.as_str(), reference.as_str()));
+        }
+        count += pairs.len();
+        if pairs.len() < LINKED_LOAD_STEP as usize {
+            return Ok(count);
+        }
+        after = pairs.into_iter().last().unwrap_or_default();
+    }
 }
 
 /// What a look-up depends on.
@@ -520,12 +610,14 @@ impl SqliteStore {
                 checkpoint_periodically(&checkpointing, &to_cut, checkpoints, &shown, log_limit)
             })
             .map_err(|e| error(format!("cannot start the checkpoint thread: {e}")))?;
+        let linked = Linked::load(&path);
         Ok(SqliteStore {
             path,
             front: Arc::new(Mutex::new(Front {
                 reader,
                 marked: HashMap::new(),
                 recent: Recent::new(now_secs()),
+                linked,
                 written: written.clone(),
                 writer: to_writer,
             })),
@@ -1272,7 +1364,11 @@ fn references(
     let reader = &front.reader;
     let mut changed = Vec::new();
     front.settled(&Key::Reference(m.sender, reference), durable)?;
-    let ours = case_of(reader, m.sender, reference)?;
+    let case_of = |partner: &str, reference: &str| match front.linked.may_hold(partner, reference) {
+        true => case_of(reader, partner, reference),
+        false => Ok(None),
+    };
+    let ours = case_of(m.sender, reference)?;
     if let Some(case) = ours {
         front.settled(&Key::Case(case), durable)?;
     }
@@ -1284,7 +1380,7 @@ fn references(
         if let Some((sender, their_reference)) = original(reader, answered, m.sender)? {
             // Answering links the two cases (see `apply_record`).
             front.settled(&Key::Reference(&sender, &their_reference), durable)?;
-            let theirs = case_of(reader, &sender, &their_reference)?;
+            let theirs = case_of(&sender, &their_reference)?;
             if let Some(theirs) = theirs {
                 front.settled(&Key::Case(theirs), durable)?;
                 cases.push(theirs);
@@ -1296,6 +1392,9 @@ fn references(
                 changed.push(Key::Reference(&sender, &their_reference).hash());
                 changed.push(Key::Reference(m.sender, reference).hash());
             }
+            // Recording puts both references in a case.
+            front.linked.add(&sender, &their_reference);
+            front.linked.add(m.sender, reference);
             joining.push((sender, their_reference));
             joining.push((m.sender.to_string(), reference.to_string()));
         }
@@ -1354,6 +1453,17 @@ mod tests {
         (SqliteStore::open(&dir).unwrap(), dir)
     }
 
+    /// Waits until the references linked before the store opened are in its filter, so that a
+    /// look-up is answered by the filter rather than by the store.
+    fn linked_loaded(s: &SqliteStore) {
+        let loaded = s.lock_front().linked.loaded.clone();
+        let began = Instant::now();
+        while !loaded.load(Ordering::Acquire) {
+            assert!(began.elapsed() < Duration::from_secs(10), "never loaded");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn message<'a>(
         id: &'a str,
         sender: &'a str,
@@ -1396,6 +1506,7 @@ mod tests {
     #[test]
     fn an_answer_links_the_two_references_both_ways() {
         let (s, dir) = store();
+        linked_loaded(&s);
         // The CPI refers a person to INPS: INPS has no reference for that case yet.
         let refs = s
             .record(&message("m1", "cpi-modena", "CPI-7", None, &["inps"]))
@@ -1454,6 +1565,7 @@ mod tests {
         .unwrap();
         drop(s);
         let s = SqliteStore::open(&dir).unwrap();
+        linked_loaded(&s);
         assert_eq!(
             s.local_id("comune-modena", "it.cf", "RSSMRA85T10A562S")
                 .unwrap()
@@ -1670,8 +1782,47 @@ mod tests {
     }
 
     #[test]
+    fn references_linked_before_a_restart_are_all_found_however_many() {
+        let (s, dir) = store();
+        drop(s);
+        // More linked pairs than the filter reads at a time at start: two per case.
+        let cases = LINKED_LOAD_STEP + 1;
+        let mut c = Connection::open(dir.join("ponte.db")).unwrap();
+        let tx = c.transaction().unwrap();
+        for case in 0..cases {
+            for (partner, prefix) in [("inps", "APP"), ("cpi-modena", "CPI")] {
+                tx.execute(
+                    "INSERT INTO case_link (partner, reference, case_id) VALUES (?1, ?2, ?3)",
+                    params![partner, format!("{prefix}-{case:06}"), case],
+                )
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        drop(c);
+        let s = SqliteStore::open(&dir).unwrap();
+        linked_loaded(&s);
+        for (n, case) in [0, cases / 2, cases - 1].into_iter().enumerate() {
+            let id = format!("m{n}");
+            let (app, cpi) = (format!("APP-{case:06}"), format!("CPI-{case:06}"));
+            let refs = s
+                .record(&message(&id, "inps", &app, None, &["cpi-modena"]))
+                .unwrap();
+            assert_eq!(refs, [Some(cpi)], "case {case}");
+        }
+        // A reference never linked has no counterpart.
+        let refs = s
+            .record(&message("m9", "inps", "APP-X", None, &["cpi-modena"]))
+            .unwrap();
+        assert_eq!(refs, [None]);
+        drop(s);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn merging_two_known_cases_keeps_every_reference() {
         let (s, dir) = store();
+        linked_loaded(&s);
         // Two cases known separately, then an answer joins them.
         s.record(&message("a1", "cpi-modena", "CPI-7", None, &["inps"]))
             .unwrap();
