@@ -120,8 +120,9 @@ impl Event {
     fn hash(&self, seq: i64, prev: &str) -> String {
         use std::io::Write;
         let mut text = Vec::with_capacity(320 + self.detail.len());
+        text.extend_from_slice(prev.as_bytes());
         // Writing into a Vec cannot fail.
-        let _ = write!(text, "{prev}\0{seq}\0{}\0", self.at_ms);
+        let _ = write!(text, "\0{seq}\0{}\0", self.at_ms);
         for part in [
             &self.step,
             &self.message_id,
@@ -137,7 +138,9 @@ impl Event {
         if let Some(l) = self.latency_ms {
             let _ = write!(text, "{l:.3}");
         }
-        let _ = write!(text, "\0{}\0", self.detail);
+        text.push(0);
+        text.extend_from_slice(self.detail.as_bytes());
+        text.push(0);
         let mut hex = [0u8; 64];
         hex::encode_to_slice(Sha256::digest(&text), &mut hex).expect("32 bytes are 64 hex digits");
         String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
