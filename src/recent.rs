@@ -103,30 +103,52 @@ impl Recent {
     /// they need: they were delivered before the load began. On failure the filter stays
     /// unloaded and every look-up goes to the store.
     fn load(&self, path: &Path, since: i64) {
-        let (into, loaded, path) = (self.current.clone(), self.loaded.clone(), path.to_owned());
-        let spawned = std::thread::Builder::new()
-            .name("ponte-recent".into())
-            .spawn(move || {
-                let began = Instant::now();
-                match read_keys(&path, since, &into) {
-                    Ok(count) => {
-                        loaded.store(true, Ordering::Release);
-                        tracing::info!(store = %path.display(), deliveries = count, secs = began.elapsed().as_secs_f64(), "recent deliveries loaded for duplicate checks");
-                    }
-                    Err(error) => {
-                        tracing::warn!(store = %path.display(), %error, "cannot load recent deliveries; every duplicate check reads the store")
-                    }
-                }
-            });
-        if let Err(error) = spawned {
-            tracing::warn!(%error, "cannot start loading recent deliveries; every duplicate check reads the store");
-        }
+        fill_in_background(
+            "ponte-recent",
+            "recent deliveries (for duplicate checks)",
+            path,
+            self.current.clone(),
+            self.loaded.clone(),
+            move |path, into| read_keys(path, since, into),
+        );
     }
 
     /// Whether the ids delivered before start are in (tests wait for it).
     #[cfg(test)]
     pub fn loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
+    }
+}
+
+/// Fills `into` from the store at `path` with `read`, on a thread named `thread`, and sets
+/// `loaded` once every record is in. On failure, or when the thread cannot start, `loaded` stays
+/// unset: the filter answers "maybe" and every look-up it stands in front of reads the store.
+/// `what` names the records in the log.
+pub(crate) fn fill_in_background(
+    thread: &str,
+    what: &'static str,
+    path: &Path,
+    into: Arc<AtomicBloomFilter>,
+    loaded: Arc<AtomicBool>,
+    read: impl FnOnce(&Path, &AtomicBloomFilter) -> rusqlite::Result<usize> + Send + 'static,
+) {
+    let path = path.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name(thread.into())
+        .spawn(move || {
+            let began = Instant::now();
+            match read(&path, &into) {
+                Ok(count) => {
+                    loaded.store(true, Ordering::Release);
+                    tracing::info!(store = %path.display(), records = count, secs = began.elapsed().as_secs_f64(), "{what} loaded");
+                }
+                Err(error) => {
+                    tracing::warn!(store = %path.display(), %error, "cannot load {what}; every look-up of them reads the store")
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start loading {what}; every look-up of them reads the store");
     }
 }
 

@@ -224,25 +224,14 @@ impl Linked {
             filter: Arc::new(fastbloom::AtomicBloomFilter::with_num_bits(LINKED_BITS).hashes(5)),
             loaded: Arc::new(AtomicBool::new(false)),
         };
-        let (into, loaded, path) = (
+        crate::recent::fill_in_background(
+            "ponte-linked",
+            "linked case references",
+            path,
             linked.filter.clone(),
             linked.loaded.clone(),
-            path.to_owned(),
+            read_linked,
         );
-        let spawned = std::thread::Builder::new()
-            .name("ponte-linked".into())
-            .spawn(move || match read_linked(&path, &into) {
-                Ok(count) => {
-                    loaded.store(true, Ordering::Release);
-                    tracing::debug!(store = %path.display(), references = count, "linked references loaded");
-                }
-                Err(error) => {
-                    tracing::warn!(store = %path.display(), %error, "cannot load the linked references; every look-up of a reference's case reads the store")
-                }
-            });
-        if let Err(error) = spawned {
-            tracing::warn!(%error, "cannot start loading the linked references; every look-up of a reference's case reads the store");
-        }
         linked
     }
 
