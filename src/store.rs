@@ -1353,11 +1353,15 @@ fn references(
     let reader = &front.reader;
     let mut changed = Vec::new();
     front.settled(&Key::Reference(m.sender, reference), durable)?;
-    let case_of = |partner: &str, reference: &str| match front.linked.may_hold(partner, reference) {
-        true => case_of(reader, partner, reference),
-        false => Ok(None),
+    // The store is read only for a reference the filter cannot rule out.
+    let case_of_linked = |partner: &str, reference: &str| {
+        if front.linked.may_hold(partner, reference) {
+            case_of(reader, partner, reference)
+        } else {
+            Ok(None)
+        }
     };
-    let ours = case_of(m.sender, reference)?;
+    let ours = case_of_linked(m.sender, reference)?;
     if let Some(case) = ours {
         front.settled(&Key::Case(case), durable)?;
     }
@@ -1369,7 +1373,7 @@ fn references(
         if let Some((sender, their_reference)) = original(reader, answered, m.sender)? {
             // Answering links the two cases (see `apply_record`).
             front.settled(&Key::Reference(&sender, &their_reference), durable)?;
-            let theirs = case_of(&sender, &their_reference)?;
+            let theirs = case_of_linked(&sender, &their_reference)?;
             if let Some(theirs) = theirs {
                 front.settled(&Key::Case(theirs), durable)?;
                 cases.push(theirs);
@@ -1799,7 +1803,8 @@ mod tests {
                 .unwrap();
             assert_eq!(refs, [Some(cpi)], "case {case}");
         }
-        // A reference never linked has no counterpart.
+        // A reference never linked has no counterpart, and the filter says so without the store.
+        assert!(!s.lock_front().linked.may_hold("inps", "APP-X"));
         let refs = s
             .record(&message("m9", "inps", "APP-X", None, &["cpi-modena"]))
             .unwrap();
