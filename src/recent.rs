@@ -105,7 +105,7 @@ impl Recent {
     fn load(&self, path: &Path, since: i64) {
         fill_in_background(
             "ponte-recent",
-            "recent deliveries (for duplicate checks)",
+            "recent deliveries",
             path,
             self.current.clone(),
             self.loaded.clone(),
