@@ -12,7 +12,7 @@
 //! then verified from the oldest record kept.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -294,7 +294,24 @@ impl Journal {
         {
             let _ = events.send(event.clone());
         }
-        let _ = self.tx.send(Command::Record(event));
+        match self.tx.try_send(Command::Record(event)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(record)) => self.wait_for_room(record),
+        }
+    }
+
+    /// The writer is [`QUEUE`] records behind (a disk that stalls, a log locked by another
+    /// process): recording waits, nothing is dropped. On a worker of the gateway's runtime, the
+    /// worker's other tasks (flows that do not record meanwhile, the ops endpoints that show
+    /// what is happening) first move to another thread, so that they do not wait with it.
+    fn wait_for_room(&self, record: Command) {
+        let wait = || {
+            let _ = self.tx.send(record);
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
     }
 
     /// Every record from now on, for publishing elsewhere.
@@ -886,6 +903,49 @@ mod tests {
             ]
         );
         assert_eq!(reader.verify().unwrap(), Ok(5));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_that_cannot_keep_up_holds_back_only_the_task_that_records() {
+        let dir = dir();
+        let journal = std::sync::Arc::new(Journal::open(&dir).unwrap());
+        // Another process holds the log's write lock: the writer's batch waits, and the records
+        // behind it fill the queue.
+        let holder = Connection::open(dir.join("log.db")).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // One worker: a task that waits on it leaves no other thread for the rest.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let records = BATCH_MAX + QUEUE + 100;
+        let recording = runtime.spawn({
+            let journal = journal.clone();
+            async move {
+                for i in 0..records {
+                    journal.record(event(&format!("m-{i}"), "delivered"));
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(!recording.is_finished(), "the log's queue never filled");
+        // Another task on the same runtime, say the ops endpoint's, still runs meanwhile.
+        let (answered, answer) = std::sync::mpsc::channel();
+        runtime.spawn(async move { answered.send(()).unwrap() });
+        assert!(
+            answer.recv_timeout(Duration::from_secs(3)).is_ok(),
+            "a task that records nothing waited for the log's writer"
+        );
+        assert!(!recording.is_finished());
+        // Once the lock goes, every record is written.
+        holder.execute_batch("COMMIT").unwrap();
+        runtime.block_on(recording).unwrap();
+        journal.flush();
+        let reader = Reader::open(&dir).unwrap();
+        assert_eq!(reader.verify().unwrap(), Ok(records as u64));
+        drop(runtime);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
