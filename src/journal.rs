@@ -301,17 +301,11 @@ impl Journal {
     }
 
     /// The writer is [`QUEUE`] records behind (a disk that stalls, a log locked by another
-    /// process): recording waits, nothing is dropped. On a worker of the gateway's runtime, the
-    /// worker's other tasks (flows that do not record meanwhile, the ops endpoints that show
-    /// what is happening) first move to another thread, so that they do not wait with it.
+    /// process): recording waits, nothing is dropped, and nothing else waits with it.
     fn wait_for_room(&self, record: Command) {
-        let wait = || {
+        crate::wait_aside(|| {
             let _ = self.tx.send(record);
-        };
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
-            _ => wait(),
-        }
+        });
     }
 
     /// Every record from now on, for publishing elsewhere.

@@ -68,3 +68,15 @@ pub mod store;
 pub mod tables;
 pub mod telemetry;
 pub mod validate;
+
+/// Runs `wait`, which blocks its thread (for the delivery log's writer to take a record, for the
+/// store's writer to commit), so that on a worker of the gateway's multi-threaded runtime the
+/// worker's other tasks first move to another thread and do not wait with it: the flows with
+/// nothing to wait for, and the ops endpoints that show what is happening. Elsewhere (a
+/// command, a single-threaded runtime) it simply runs.
+pub(crate) fn wait_aside<R>(wait: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        _ => wait(),
+    }
+}

@@ -664,7 +664,7 @@ impl SqliteStore {
                 Err(Stop::Writer(why)) => return Err(self.error(why)),
                 Err(Stop::Until(write)) => {
                     let since = Instant::now();
-                    self.shared.wait_for(write).map_err(|e| self.error(e))?;
+                    crate::wait_aside(|| self.shared.wait_for(write)).map_err(|e| self.error(e))?;
                     waited += since.elapsed();
                 }
             }
@@ -685,7 +685,7 @@ impl SqliteStore {
 
     /// The writer's answer to a request, within [`WAIT_AT_MOST`].
     fn answer<T>(&self, outcome: &Receiver<T>) -> Result<T, StoreError> {
-        outcome.recv_timeout(WAIT_AT_MOST).map_err(|e| match e {
+        crate::wait_aside(|| outcome.recv_timeout(WAIT_AT_MOST)).map_err(|e| match e {
             RecvTimeoutError::Timeout => self.error(format!(
                 "the store's writer did not answer within {} s",
                 WAIT_AT_MOST.as_secs()
@@ -1946,6 +1946,41 @@ mod tests {
         });
         s.flush().unwrap();
         assert_eq!(*commits.borrow_and_update(), Ok(s.written()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_look_up_waiting_for_a_stalled_writer_holds_back_only_its_own_task() {
+        let (s, dir) = store();
+        let s = Arc::new(s);
+        let week = Duration::from_secs(7 * 24 * 3600);
+        // Another process holds the database's write lock: the store's writer stalls with m1.
+        let other = Connection::open(dir.join("ponte.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        s.remember("inps", "m1", &["cpi-modena"], true).unwrap();
+        // One worker: a task that waits on it leaves no other thread for the rest.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let looking = runtime.spawn({
+            let s = s.clone();
+            async move { s.seen("inps", "m1", week) }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!looking.is_finished(), "read m1 before it was committed");
+        // Another task on the same runtime, say the ops endpoint's, still runs meanwhile.
+        let (answered, answer) = std::sync::mpsc::channel();
+        runtime.spawn(async move { answered.send(()).unwrap() });
+        assert!(
+            answer.recv_timeout(Duration::from_secs(3)).is_ok(),
+            "a task that reads nothing waited for the store's writer"
+        );
+        other.execute_batch("COMMIT").unwrap();
+        let seen = runtime.block_on(looking).unwrap().unwrap().unwrap();
+        assert_eq!(seen.recipients, ["cpi-modena"]);
+        drop(runtime);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
