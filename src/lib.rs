@@ -80,3 +80,25 @@ pub(crate) fn wait_aside<R>(wait: impl FnOnce() -> R) -> R {
         _ => wait(),
     }
 }
+
+/// For tests of [`wait_aside`]: a runtime where one waiting task would hold back every other.
+#[cfg(test)]
+pub(crate) mod one_worker {
+    use std::time::Duration;
+
+    /// A multi-threaded runtime with one worker: a task that blocks it leaves no other thread.
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Whether a task spawned now on `runtime` (say, the ops endpoint's) runs within 3 s.
+    pub fn another_task_runs(runtime: &tokio::runtime::Runtime) -> bool {
+        let (ran, answer) = std::sync::mpsc::channel();
+        runtime.spawn(async move { ran.send(()).unwrap() });
+        answer.recv_timeout(Duration::from_secs(3)).is_ok()
+    }
+}
