@@ -999,28 +999,25 @@ fn apply_remember(
     at: i64,
 ) -> rusqlite::Result<()> {
     let key = message_key(message_id);
-    // The row recorded a moment ago, if the writer knows where it is. The id and sender are
-    // compared too: a row that is not the message's (another sender's id of the same key, a
-    // group rolled back and written again numbers its rows anew, pruning removes rows) changes
-    // nothing and is looked up below.
-    if let Some(seq) = undelivered.take(key) {
-        let updated = connection
+    // The id and sender are compared with the row's too: a row kept below may not be the
+    // message's (another sender's id of the same key, a group rolled back and written again
+    // numbers its rows anew, pruning removes rows), and then changes nothing.
+    let mark = |seq: i64| {
+        connection
             .prepare_cached(
                 "UPDATE message SET delivered = ?1, complete = ?2, delivered_at = ?3
                  WHERE seq = ?4 AND message_id = ?5 AND sender = ?6",
             )?
-            .execute(params![delivered, complete, at, seq, message_id, sender])?;
-        if updated == 1 {
-            return Ok(());
-        }
+            .execute(params![delivered, complete, at, seq, message_id, sender])
+    };
+    // The row recorded a moment ago, if the writer knows where it is; else looked up.
+    if let Some(seq) = undelivered.take(key)
+        && mark(seq)? == 1
+    {
+        return Ok(());
     }
     match find(connection, key, message_id, sender)? {
-        Some((seq, _)) => connection
-            .prepare_cached(
-                "UPDATE message SET delivered = ?1, complete = ?2, delivered_at = ?3
-                 WHERE seq = ?4",
-            )?
-            .execute(params![delivered, complete, at, seq])?,
+        Some((seq, _)) => mark(seq)?,
         None => connection
             .prepare_cached(
                 "INSERT INTO message (key, message_id, sender, recipients, recorded_at,
