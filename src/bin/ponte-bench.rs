@@ -142,19 +142,29 @@ enum Labels {
 impl Labels {
     /// The properties of `body` published as part of the load.
     fn properties(self, body: &[u8]) -> BasicProperties {
-        let bare = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let envelope = match self {
-            Labels::Bare => return bare,
-            Labels::Labelled => serde_json::from_slice::<Value>(body).unwrap_or_default(),
-        };
-        let label = |field: &str| envelope[field].as_str().map(|v| v.into());
-        match (label("message_id"), label("type")) {
-            (Some(id), Some(kind)) => bare.with_message_id(id).with_type(kind),
-            // Not an envelope (the load's invalid messages): nothing to label it with.
-            _ => bare,
+        match self {
+            Labels::Bare => bare_properties(),
+            Labels::Labelled => {
+                labelled_properties(&serde_json::from_slice(body).unwrap_or_default())
+            }
         }
+    }
+}
+
+/// Content type and persistence.
+fn bare_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+}
+
+/// Also `envelope`'s `message_id` and `type`, when it has both.
+fn labelled_properties(envelope: &Value) -> BasicProperties {
+    let label = |field: &str| envelope[field].as_str().map(|v| v.into());
+    match (label("message_id"), label("type")) {
+        (Some(id), Some(kind)) => bare_properties().with_message_id(id).with_type(kind),
+        // Not an envelope (the load's invalid messages): nothing to label it with.
+        _ => bare_properties(),
     }
 }
 
@@ -1453,16 +1463,15 @@ async fn time_through(
     let labelled: Vec<(String, BasicProperties)> = schedule
         .iter()
         .map(|(_, body)| {
-            let id = serde_json::from_slice::<Value>(body)
-                .ok()
-                .and_then(|v| v["message_id"].as_str().map(String::from))
-                .unwrap_or_default();
+            let envelope = serde_json::from_slice::<Value>(body).unwrap_or_default();
+            let id = envelope["message_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             // A bare load carries the id alone.
             let properties = match args.labels {
-                Labels::Bare => Labels::Bare
-                    .properties(body)
-                    .with_message_id(id.as_str().into()),
-                Labels::Labelled => Labels::Labelled.properties(body),
+                Labels::Bare => bare_properties().with_message_id(id.as_str().into()),
+                Labels::Labelled => labelled_properties(&envelope),
             };
             (id, properties)
         })
