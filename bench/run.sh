@@ -4,7 +4,7 @@
 # mode and runs the scenarios below, printing each row and appending it to
 # target/bench/results.csv (latency samples: target/bench/latency-*.csv).
 #
-#   bench/run.sh           the full matrix (about 35 minutes on 2 cores)
+#   bench/run.sh           the full matrix (about 40 minutes on 2 cores)
 #   bench/run.sh --quick   a 2,000-message smoke of the base row (what CI runs)
 #   bench/run.sh --only NAME   one row of the matrix
 set -euo pipefail

@@ -66,6 +66,17 @@ fn a_small_benchmark_run_produces_every_figure() {
             "ponte_msgs_per_s_max",
         ),
         ("cpu_us_per_msg", "cpu_us_per_msg_min", "cpu_us_per_msg_max"),
+        ("latency_p99_ms", "latency_p99_min_ms", "latency_p99_max_ms"),
+        (
+            "shovel_latency_p99_ms",
+            "shovel_latency_p99_min_ms",
+            "shovel_latency_p99_max_ms",
+        ),
+        (
+            "forwarder_latency_p99_ms",
+            "forwarder_latency_p99_min_ms",
+            "forwarder_latency_p99_max_ms",
+        ),
     ] {
         assert!(
             number(low) > 0.0
@@ -77,7 +88,22 @@ fn a_small_benchmark_run_produces_every_figure() {
             field(high)
         );
     }
-    assert!(work.join("latency-smoke.csv").exists());
+    // Latency was measured each round, each mover's samples in a file of their own.
+    for round in ["round1", "round2"] {
+        for mover in ["", "-shovel", "-forwarder"] {
+            let samples = work.join(format!("latency-smoke{mover}-{round}.csv"));
+            let text = std::fs::read_to_string(&samples).unwrap();
+            assert!(
+                text.starts_with("sent_ms,latency_ms,queue\n"),
+                "{text:.200}"
+            );
+            assert!(
+                text.lines().count() > 1,
+                "{}: no samples",
+                samples.display()
+            );
+        }
+    }
     // The plot has a line for Ponte, one for the shovel and one for the forwarder.
     let plot = std::fs::read_to_string(work.join("latency-smoke.svg")).unwrap();
     assert!(plot.starts_with("<svg"), "{plot}");

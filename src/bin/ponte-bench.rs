@@ -104,7 +104,9 @@ struct Args {
     /// Move the load this many times, the shovel, the forwarder and Ponte in turn each round
     /// (each round with new message ids and, without `--history`, an empty data folder), and
     /// report each figure's median, with the range of the rate, the ratio and the CPU: on a
-    /// shared machine one run moves by ±15%; the ratio of each round's pair moves less.
+    /// shared machine one run moves by ±15%; the ratio of each round's pair moves less. With
+    /// `--latency-secs`, latency is measured as many times after the drains (Ponte, the shovel
+    /// and the forwarder in turn each round), with the range of each one's p99.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// The ponte binary to measure.
@@ -374,26 +376,57 @@ async fn measure(
         );
     }
     if args.latency_secs > 0 {
-        // The same messages, at the same rate, through Ponte and then through the shovel.
+        // The same messages, at the same rate, through Ponte, then the shovel, then the
+        // forwarder; each round in turn, so that a slow minute of the machine falls on one
+        // round of each rather than on all of one.
         let rate = args.latency_rate.unwrap_or(row.ponte_rate / 2.0);
-        let offered = Load::generate(
-            directory,
-            (rate * args.latency_secs as f64) as usize,
-            args.size,
-            args.mix,
-        );
-        // The drain's purged outputs leave the broker work for some seconds (its queue index
-        // and message store tidy up behind them); time Ponte on a broker at rest, as the
-        // shovel is timed after it.
-        broker_at_rest(&args.node).await?;
-        row.latency = Some(latency(args, config, directory, &offered, rate).await?);
-        if !args.no_shovel {
-            row.shovel_latency =
-                Some(side_latency(args, connection, &offered, rate, Mover::Shovel).await?);
+        let (mut ponte, mut shovel, mut forwarder) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=args.rounds {
+            // New message ids each round: the store remembers those it delivered.
+            let offered = Load::generate(
+                directory,
+                (rate * args.latency_secs as f64) as usize,
+                args.size,
+                args.mix,
+            );
+            let suffix = match args.rounds {
+                1 => String::new(),
+                _ => format!("-round{round}"),
+            };
+            // The drain's purged outputs leave the broker work for some seconds (its queue
+            // index and message store tidy up behind them); time Ponte on a broker at rest,
+            // as the shovel is timed after it.
+            broker_at_rest(&args.node).await?;
+            ponte.push(latency(args, config, directory, &offered, rate, &suffix).await?);
+            if !args.no_shovel {
+                let mover = Mover::Shovel;
+                shovel.push(side_latency(args, connection, &offered, rate, mover, &suffix).await?);
+            }
+            if args.forwarder {
+                let mover = Mover::Forwarder;
+                forwarder
+                    .push(side_latency(args, connection, &offered, rate, mover, &suffix).await?);
+            }
         }
-        if args.forwarder {
-            row.forwarder_latency =
-                Some(side_latency(args, connection, &offered, rate, Mover::Forwarder).await?);
+        row.latency = Latency::of_rounds(ponte);
+        row.shovel_latency = Latency::of_rounds(shovel);
+        row.forwarder_latency = Latency::of_rounds(forwarder);
+        if args.rounds > 1 {
+            let line = |name: &str, l: &Option<Latency>| {
+                l.as_ref().map_or(String::new(), |l| {
+                    format!(
+                        ", {name} p99 {:.2} ms ({:.2}–{:.2})",
+                        l.p99, l.p99_range.0, l.p99_range.1
+                    )
+                })
+            };
+            eprintln!(
+                "  latency, median of {} rounds{}{}{}",
+                args.rounds,
+                line("Ponte", &row.latency),
+                line("shovel", &row.shovel_latency),
+                line("forwarder", &row.forwarder_latency),
+            );
         }
         let mut series = vec![("Ponte", row.latency.as_ref().unwrap(), "#c0392b")];
         if let Some(shovel) = &row.shovel_latency {
@@ -1318,6 +1351,7 @@ async fn latency(
     directory: &Directory,
     load: &Load,
     rate: f64,
+    suffix: &str,
 ) -> Result<Latency> {
     let queues = Queues::new(&directory.settings.broker.prefix);
     let (gateway, _) = start_ponte(args, config)?;
@@ -1331,7 +1365,8 @@ async fn latency(
         .keys()
         .map(|p| queues.outbound(p))
         .collect();
-    let timed = time_through(args, &args.scenario, schedule, &outputs, rate).await;
+    let name = format!("{}{suffix}", args.scenario);
+    let timed = time_through(args, &name, schedule, &outputs, rate).await;
     gateway.stop()?;
     timed
 }
@@ -1346,13 +1381,14 @@ enum Mover {
 }
 
 /// A side mover's latency at the same `rate` (publish into its source queue, arrival in its
-/// destination).
+/// destination); its samples' file is named with `suffix` (the round).
 async fn side_latency(
     args: &Args,
     connection: &Connection,
     load: &Load,
     rate: f64,
     mover: Mover,
+    suffix: &str,
 ) -> Result<Latency> {
     let label = match mover {
         Mover::Shovel => "shovel",
@@ -1380,7 +1416,7 @@ async fn side_latency(
         .collect();
     let timed = time_through(
         args,
-        &format!("{}-{label}", args.scenario),
+        &format!("{}-{label}{suffix}", args.scenario),
         schedule,
         std::slice::from_ref(&dst),
         rate,
@@ -1403,12 +1439,38 @@ struct Latency {
     offered: f64,
     /// Every copy's latency in milliseconds, smallest first.
     sorted: Vec<f64>,
+    /// The lowest and highest p99 of the rounds (of one round: its own).
+    p99_range: (f64, f64),
+}
+
+impl Latency {
+    /// The rounds' medians of each figure, their p99s' range, and the samples of the round
+    /// whose p99 is the median (the lower middle one of an even count), for the plot. `None`
+    /// for no rounds.
+    fn of_rounds(mut rounds: Vec<Latency>) -> Option<Latency> {
+        if rounds.is_empty() {
+            return None;
+        }
+        let all = |pick: fn(&Latency) -> f64| -> Vec<f64> { rounds.iter().map(pick).collect() };
+        let (p50, max, offered) = (all(|l| l.p50), all(|l| l.max), all(|l| l.offered));
+        let p99s = all(|l| l.p99);
+        rounds.sort_by(|a, b| a.p99.total_cmp(&b.p99));
+        let middle = rounds.swap_remove((rounds.len() - 1) / 2);
+        Some(Latency {
+            p50: median(p50),
+            p99: median(p99s.clone()),
+            max: median(max),
+            offered: median(offered),
+            sorted: middle.sorted,
+            p99_range: range(&p99s),
+        })
+    }
 }
 
 /// Publishes `schedule` (queue, body) open loop at `rate`, in an order that interleaves the
 /// senders, and times each message from its publish until a consumer of one of `outputs`
 /// receives it (matched by message id). Samples go to `latency-<name>.csv` in sending order,
-/// so that a slow moment shows where it happened.
+/// with the output each copy came out of, so that a slow moment or a slow recipient shows.
 async fn time_through(
     args: &Args,
     name: &str,
@@ -1417,12 +1479,12 @@ async fn time_through(
     rate: f64,
 ) -> Result<Latency> {
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
-    // (sent, latency) in milliseconds, sent counted from `start`.
-    let samples: Arc<Mutex<Vec<(f64, f64)>>> = Default::default();
+    // (sent, latency) in milliseconds, sent counted from `start`, and the output it came out of.
+    let samples: Arc<Mutex<Vec<(f64, f64, usize)>>> = Default::default();
     let start = Instant::now();
     let consumer_connection = connect(&args.url).await?;
     let mut consumers = Vec::new();
-    for queue in outputs {
+    for (output, queue) in outputs.iter().enumerate() {
         let channel = consumer_connection.create_channel().await?;
         let mut consumer = channel
             .basic_consume(
@@ -1445,6 +1507,7 @@ async fn time_through(
                     samples.lock().unwrap().push((
                         (*t0 - start).as_secs_f64() * 1000.0,
                         (at - *t0).as_secs_f64() * 1000.0,
+                        output,
                     ));
                 }
             }
@@ -1514,11 +1577,11 @@ async fn time_through(
     timed.sort_by(|a, b| a.0.total_cmp(&b.0));
     let path = args.work.join(format!("latency-{name}.csv"));
     let mut f = std::fs::File::create(&path)?;
-    writeln!(f, "sent_ms,latency_ms")?;
-    for (sent, latency) in &timed {
-        writeln!(f, "{sent:.1},{latency:.3}")?;
+    writeln!(f, "sent_ms,latency_ms,queue")?;
+    for (sent, latency, output) in &timed {
+        writeln!(f, "{sent:.1},{latency:.3},{}", outputs[*output])?;
     }
-    let mut samples: Vec<f64> = timed.iter().map(|(_, l)| *l).collect();
+    let mut samples: Vec<f64> = timed.iter().map(|(_, l, _)| *l).collect();
     samples.sort_by(f64::total_cmp);
     let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
     let result = Latency {
@@ -1527,6 +1590,7 @@ async fn time_through(
         max: *samples.last().unwrap(),
         offered: offered_rate,
         sorted: samples.clone(),
+        p99_range: (pick(0.99), pick(0.99)),
     };
     eprintln!(
         "  {name} latency at {offered_rate:.0} msg/s offered: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} copies; samples in {})",
@@ -1676,7 +1740,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
 }
 
 /// The CSV file's columns.
-const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels";
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels,latency_p99_min_ms,latency_p99_max_ms,shovel_latency_p99_min_ms,shovel_latency_p99_max_ms,forwarder_latency_p99_min_ms,forwarder_latency_p99_max_ms";
 
 /// An existing CSV file must have today's columns: rows of an older benchmark would not line
 /// up. Checked before a run, not after it.
@@ -1708,7 +1772,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         (Some(_), false) => "1".to_string(),
     };
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -1745,7 +1809,13 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         shovel_sources,
         name_of(args.mix),
         args.queue_type.as_str(),
-        name_of(args.labels)
+        name_of(args.labels),
+        fmt(latency(|l| l.p99_range.0), 2),
+        fmt(latency(|l| l.p99_range.1), 2),
+        fmt(shovel_latency(|l| l.p99_range.0), 2),
+        fmt(shovel_latency(|l| l.p99_range.1), 2),
+        fmt(forwarder_latency(|l| l.p99_range.0), 2),
+        fmt(forwarder_latency(|l| l.p99_range.1), 2),
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
