@@ -49,6 +49,7 @@ fn a_small_benchmark_run_produces_every_figure() {
         "forwarder_msgs_per_s",
         "forwarder_latency_p50_ms",
         "forwarder_latency_p99_ms",
+        "latency_cpu_us_per_msg",
     ] {
         let value: f64 = field(name)
             .parse()

@@ -1366,9 +1366,19 @@ async fn latency(
         .map(|p| queues.outbound(p))
         .collect();
     let name = format!("{}{suffix}", args.scenario);
+    let pid = gateway.id();
+    let (cpu_before, _) = usage(pid)?;
     let timed = time_through(args, &name, schedule, &outputs, rate).await;
+    let (cpu_after, _) = usage(pid)?;
     gateway.stop()?;
-    timed
+    // Messages that arrive one by one cost more each than a backlog drained in runs: every one
+    // wakes the threads it passes through.
+    let cpu_us = (cpu_after - cpu_before) / load.count as f64 * 1e6;
+    eprintln!("  ponte CPU at {rate:.0} msg/s offered: {cpu_us:.1} µs/msg");
+    Ok(Latency {
+        cpu_us: Some(cpu_us),
+        ..timed?
+    })
 }
 
 /// What moves a side queue's messages in a latency run besides Ponte.
@@ -1441,6 +1451,8 @@ struct Latency {
     sorted: Vec<f64>,
     /// The lowest and highest p99 of the rounds (of one round: its own).
     p99_range: (f64, f64),
+    /// Ponte's CPU time per message offered, while they were (not measured for the others).
+    cpu_us: Option<f64>,
 }
 
 impl Latency {
@@ -1454,6 +1466,7 @@ impl Latency {
         let all = |pick: fn(&Latency) -> f64| -> Vec<f64> { rounds.iter().map(pick).collect() };
         let (p50, max, offered) = (all(|l| l.p50), all(|l| l.max), all(|l| l.offered));
         let p99s = all(|l| l.p99);
+        let cpu: Option<Vec<f64>> = rounds.iter().map(|l| l.cpu_us).collect();
         rounds.sort_by(|a, b| a.p99.total_cmp(&b.p99));
         let middle = rounds.swap_remove((rounds.len() - 1) / 2);
         Some(Latency {
@@ -1463,6 +1476,7 @@ impl Latency {
             offered: median(offered),
             sorted: middle.sorted,
             p99_range: range(&p99s),
+            cpu_us: cpu.map(median),
         })
     }
 }
@@ -1591,6 +1605,7 @@ async fn time_through(
         offered: offered_rate,
         sorted: samples.clone(),
         p99_range: (pick(0.99), pick(0.99)),
+        cpu_us: None,
     };
     eprintln!(
         "  {name} latency at {offered_rate:.0} msg/s offered: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} copies; samples in {})",
@@ -1740,7 +1755,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
 }
 
 /// The CSV file's columns.
-const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels,latency_p99_min_ms,latency_p99_max_ms,shovel_latency_p99_min_ms,shovel_latency_p99_max_ms,forwarder_latency_p99_min_ms,forwarder_latency_p99_max_ms";
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels,latency_p99_min_ms,latency_p99_max_ms,shovel_latency_p99_min_ms,shovel_latency_p99_max_ms,forwarder_latency_p99_min_ms,forwarder_latency_p99_max_ms,latency_cpu_us_per_msg";
 
 /// An existing CSV file must have today's columns: rows of an older benchmark would not line
 /// up. Checked before a run, not after it.
@@ -1772,7 +1787,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         (Some(_), false) => "1".to_string(),
     };
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -1816,6 +1831,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         fmt(shovel_latency(|l| l.p99_range.1), 2),
         fmt(forwarder_latency(|l| l.p99_range.0), 2),
         fmt(forwarder_latency(|l| l.p99_range.1), 2),
+        fmt(row.latency.as_ref().and_then(|l| l.cpu_us), 1),
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
