@@ -1853,6 +1853,36 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn latency_over_rounds_gives_the_median_p99_its_range_and_the_median_round_s_samples() {
+        let round = |p50: f64, p99: f64, cpu: Option<f64>| Latency {
+            p50,
+            p99,
+            max: p99 * 2.0,
+            offered: 3000.0,
+            sorted: vec![p50, p99],
+            p99_range: (p99, p99),
+            cpu_us: cpu,
+        };
+        let rounds = vec![
+            round(3.0, 20.0, Some(160.0)),
+            round(1.5, 8.0, Some(170.0)),
+            round(2.0, 14.0, Some(150.0)),
+        ];
+        let l = Latency::of_rounds(rounds).unwrap();
+        assert_eq!((l.p50, l.p99, l.max), (2.0, 14.0, 28.0));
+        assert_eq!(l.p99_range, (8.0, 20.0));
+        assert_eq!(l.sorted, vec![2.0, 14.0], "the plot shows the median round");
+        assert_eq!(l.cpu_us, Some(160.0));
+        // The shovel's and the forwarder's CPU is not measured: none, not a zero.
+        let side = Latency::of_rounds(vec![round(1.0, 6.0, None), round(1.0, 5.0, None)]);
+        let side = side.unwrap();
+        assert_eq!(side.cpu_us, None);
+        // Of two rounds, the p99 is their mean and the plot shows the lower one.
+        assert_eq!((side.p99, side.sorted[1]), (5.5, 5.0));
+        assert!(Latency::of_rounds(Vec::new()).is_none());
+    }
+
     #[tokio::test]
     async fn a_load_that_passes_both_marks_between_two_polls_still_gets_a_rate() {
         // A node whose "broker" is this process, so that reading its CPU time works.
