@@ -4,7 +4,7 @@
 # mode and runs the scenarios below, printing each row and appending it to
 # target/bench/results.csv (latency samples: target/bench/latency-*.csv).
 #
-#   bench/run.sh           the full matrix (about 40 minutes on 2 cores)
+#   bench/run.sh           the full matrix (about 45 minutes on 2 cores)
 #   bench/run.sh --quick   a 2,000-message smoke of the base row (what CI runs)
 #   bench/run.sh --only NAME   one row of the matrix
 set -euo pipefail
@@ -52,7 +52,7 @@ if [ "$mode" = quick ]; then
 else
     row base --messages 100000 --latency-secs 20 --forwarder --rounds 3
     # One copy per message, as the shovel makes: the demo mix's fan-out set apart.
-    row one-copy --messages 100000 --mix referrals --forwarder --rounds 3
+    row one-copy --messages 100000 --mix referrals --latency-secs 20 --forwarder --rounds 3
     # The same load published with the labels Ponte's copies carry (message_id, type): the
     # shovel and the forwarder then move messages that cost the broker what Ponte's cost it.
     row one-copy-labelled --messages 100000 --mix referrals --labels labelled --forwarder --rounds 3
