@@ -1412,17 +1412,34 @@ async fn side_latency(
     )
     .await?;
     let [_, name] = shovel_names(args);
-    let forwarding = match mover {
-        Mover::Shovel => {
-            set_shovel(args, &name, &src, &dst)?;
-            None
-        }
-        Mover::Forwarder => Some(Forwarding::start(args, &src, &dst)),
+    // The shovel takes the whole load from one queue. The forwarder takes each sender's
+    // messages from a queue of their own, a forwarder each, as Ponte consumes each sender's
+    // queue in a flow of its own: through one consumer, one message after another, its latency
+    // would be that queue's wait (with the demo mix, above Ponte's).
+    let sources: Vec<String> = match mover {
+        Mover::Shovel => vec![src.clone()],
+        Mover::Forwarder => (0..load.by_sender.len())
+            .map(|i| forwarder_source(args, i))
+            .collect(),
     };
+    let mut forwarding = Vec::new();
+    match mover {
+        Mover::Shovel => set_shovel(args, &name, &src, &dst)?,
+        Mover::Forwarder => {
+            for source in &sources {
+                preload(args, connection, source, &[]).await?;
+                forwarding.push(Forwarding::start(args, source, &dst));
+            }
+        }
+    }
     let schedule = load
         .by_sender
         .iter()
-        .flat_map(|(_, bodies)| bodies.iter().map(|b| (src.clone(), b.clone())))
+        .enumerate()
+        .flat_map(|(i, (_, bodies))| {
+            let source = &sources[i.min(sources.len() - 1)];
+            bodies.iter().map(|b| (source.clone(), b.clone()))
+        })
         .collect();
     let timed = time_through(
         args,
@@ -1432,12 +1449,23 @@ async fn side_latency(
         rate,
     )
     .await;
-    match forwarding {
-        None => ctl(&args.node, &["clear_parameter", "shovel", &name])?,
-        Some(forwarding) => forwarding.stop().await?,
+    match mover {
+        Mover::Shovel => ctl(&args.node, &["clear_parameter", "shovel", &name])?,
+        Mover::Forwarder => {
+            for forwarding in forwarding {
+                forwarding.stop().await?;
+            }
+        }
     }
-    delete_queues(connection, &[&src, &dst]).await?;
+    let mut queues: Vec<&str> = sources.iter().map(String::as_str).collect();
+    queues.extend([src.as_str(), dst.as_str()]);
+    delete_queues(connection, &queues).await?;
     timed
+}
+
+/// The source queue of the `i`th sender's forwarder in a latency run.
+fn forwarder_source(args: &Args, i: usize) -> String {
+    format!("bench-forwarder-latency-{}.src.{i}", args.scenario)
 }
 
 /// End-to-end latency figures at a fixed offered rate, in milliseconds.
@@ -1717,6 +1745,15 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
     for name in shovel_names(args) {
         let _ = quiet_ctl(&args.node, &["clear_parameter", "shovel", &name]);
     }
+    // At most one latency forwarder per configured partner.
+    let sources: Vec<String> = (0..args.partners)
+        .map(|i| forwarder_source(args, i))
+        .collect();
+    let _ = delete_queues(
+        connection,
+        &sources.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
     if args.shovel_per_sender {
         let _ = clear_sender_shovels(args);
         // At most one source queue per configured partner.
