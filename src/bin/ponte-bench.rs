@@ -918,9 +918,10 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f6
     Ok((rate, broker))
 }
 
-/// The source queue of the shovel for the `i`th sender, with `--shovel-per-sender`.
-fn sender_source(args: &Args, i: impl std::fmt::Display) -> String {
-    format!("bench-shovel-{}.src.{i}", args.scenario)
+/// The source queue of `mover` for the `i`th sender: the shovel's with `--shovel-per-sender`,
+/// the forwarder's in a latency run.
+fn sender_source(args: &Args, mover: &str, i: impl std::fmt::Display) -> String {
+    format!("bench-{mover}-{}.src.{i}", args.scenario)
 }
 
 /// The same as [`shovel`], from one queue per sender, a shovel each, into one destination.
@@ -933,7 +934,7 @@ async fn shovels_per_sender(
 ) -> Result<(f64, f64)> {
     let (_, dst) = side_names(args, "shovel");
     let sources: Vec<String> = (0..load.by_sender.len())
-        .map(|i| sender_source(args, i))
+        .map(|i| sender_source(args, "shovel", i))
         .collect();
     let mut all: Vec<&str> = sources.iter().map(String::as_str).collect();
     all.push(&dst);
@@ -942,7 +943,7 @@ async fn shovels_per_sender(
     for (source, (_, bodies)) in sources.iter().zip(&load.by_sender) {
         preload(args, connection, source, bodies).await?;
     }
-    let definition = shovel_definition(&sender_source(args, "@@"), &dst);
+    let definition = shovel_definition(&sender_source(args, "shovel", "@@"), &dst);
     let set = format!(
         "T = <<\"{}\">>, [ok = rabbit_runtime_parameters:parse_set(<<\"/\">>, <<\"shovel\">>, \
          <<\"{}\", (integer_to_binary(I))/binary>>, \
@@ -1416,17 +1417,17 @@ async fn side_latency(
     // messages from a queue of their own, a forwarder each, as Ponte consumes each sender's
     // queue in a flow of its own: through one consumer, one message after another, its latency
     // would be that queue's wait (with the demo mix, above Ponte's).
-    let sources: Vec<String> = match mover {
-        Mover::Shovel => vec![src.clone()],
+    let per_sender: Vec<String> = match mover {
+        Mover::Shovel => Vec::new(),
         Mover::Forwarder => (0..load.by_sender.len())
-            .map(|i| forwarder_source(args, i))
+            .map(|i| sender_source(args, "forwarder-latency", i))
             .collect(),
     };
     let mut forwarding = Vec::new();
     match mover {
         Mover::Shovel => set_shovel(args, &name, &src, &dst)?,
         Mover::Forwarder => {
-            for source in &sources {
+            for source in &per_sender {
                 preload(args, connection, source, &[]).await?;
                 forwarding.push(Forwarding::start(args, source, &dst));
             }
@@ -1437,7 +1438,7 @@ async fn side_latency(
         .iter()
         .enumerate()
         .flat_map(|(i, (_, bodies))| {
-            let source = &sources[i.min(sources.len() - 1)];
+            let source = per_sender.get(i).unwrap_or(&src);
             bodies.iter().map(|b| (source.clone(), b.clone()))
         })
         .collect();
@@ -1457,15 +1458,10 @@ async fn side_latency(
             }
         }
     }
-    let mut queues: Vec<&str> = sources.iter().map(String::as_str).collect();
+    let mut queues: Vec<&str> = per_sender.iter().map(String::as_str).collect();
     queues.extend([src.as_str(), dst.as_str()]);
     delete_queues(connection, &queues).await?;
     timed
-}
-
-/// The source queue of the `i`th sender's forwarder in a latency run.
-fn forwarder_source(args: &Args, i: usize) -> String {
-    format!("bench-forwarder-latency-{}.src.{i}", args.scenario)
 }
 
 /// End-to-end latency figures at a fixed offered rate, in milliseconds.
@@ -1745,26 +1741,11 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
     for name in shovel_names(args) {
         let _ = quiet_ctl(&args.node, &["clear_parameter", "shovel", &name]);
     }
-    // At most one latency forwarder per configured partner.
-    let sources: Vec<String> = (0..args.partners)
-        .map(|i| forwarder_source(args, i))
-        .collect();
-    let _ = delete_queues(
-        connection,
-        &sources.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
     if args.shovel_per_sender {
         let _ = clear_sender_shovels(args);
-        // At most one source queue per configured partner.
-        let sources: Vec<String> = (0..args.partners).map(|i| sender_source(args, i)).collect();
-        let _ = delete_queues(
-            connection,
-            &sources.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-        .await;
     }
-    // The side queues, and Ponte's whole topology as `ponte setup` declares it.
+    // The side queues, the per-sender sources (at most one per configured partner for each
+    // mover that has them), and Ponte's whole topology as `ponte setup` declares it.
     let mut queues: Vec<String> = MOVERS
         .iter()
         .flat_map(|mover| {
@@ -1772,6 +1753,13 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
             [src, dst]
         })
         .collect();
+    let spread: &[&str] = match args.shovel_per_sender {
+        true => &["shovel", "forwarder-latency"],
+        false => &["forwarder-latency"],
+    };
+    for mover in spread {
+        queues.extend((0..args.partners).map(|i| sender_source(args, mover, i)));
+    }
     queues.extend(
         ponte::broker::all_queues(directory)
             .into_iter()
