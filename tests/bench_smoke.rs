@@ -296,3 +296,51 @@ fn printed(binary: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `ponte-bench-clients` keeps working: on the suite's broker, each client's no-op forwarder
+/// moves a small backlog and a short fixed-rate load, every message arrives (the tool fails
+/// otherwise), each row of its table has a rate and a CPU figure, and its queues are gone after.
+#[test]
+fn the_client_comparison_moves_every_message_with_both_clients() {
+    let prefix = common::random_prefix();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ponte-bench-clients"))
+        .args(["--url", &common::broker_url(), "--prefix", &prefix])
+        .args(["--messages", "500", "--rate", "200", "--rate-secs", "1"])
+        .args(["--rounds", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let table = String::from_utf8(output.stdout).unwrap();
+    let rows: Vec<(&str, &str)> = table
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let client = line.split_whitespace().next().unwrap();
+            let load = if line.contains("backlog of 500") {
+                "backlog"
+            } else if line.contains("200 msg/s for 1 s") {
+                "rate"
+            } else {
+                panic!("a row of neither load: {line}")
+            };
+            // …, msg/s, µs CPU/msg, (their range).
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let rate: f64 = words[words.len() - 3].parse().unwrap();
+            let cpu: f64 = words[words.len() - 2].parse().unwrap();
+            assert!(rate > 0.0 && cpu > 0.0, "{line}");
+            (client, load)
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("lapin", "backlog"),
+            ("lapin", "rate"),
+            ("amqprs", "backlog"),
+            ("amqprs", "rate")
+        ]
+    );
+    let queues = common::shared_broker_ctl_output(&["list_queues", "name"]);
+    assert!(!queues.contains(&prefix), "queues left behind: {queues}");
+}
