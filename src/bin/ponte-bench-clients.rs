@@ -225,8 +225,10 @@ fn print_table(args: &Args, runs: &Runs<'_>) {
         let median = |pick: fn(&Run) -> f64| {
             let mut values: Vec<f64> = results.iter().map(pick).collect();
             values.sort_by(f64::total_cmp);
+            let n = values.len();
             (
-                values[values.len() / 2],
+                // The mean of the two middle ones for an even count.
+                (values[(n - 1) / 2] + values[n / 2]) / 2.0,
                 values[0],
                 values[values.len() - 1],
             )
