@@ -4,9 +4,10 @@
 # mode and runs the scenarios below, printing each row and appending it to
 # target/bench/results.csv (latency samples: target/bench/latency-*.csv).
 #
-#   bench/run.sh           the full matrix (about 45 minutes on 2 cores)
+#   bench/run.sh           the full matrix (about 50 minutes on 2 cores), then the AMQP clients
+#                          alone (ponte-bench-clients; its table in target/bench/clients.txt)
 #   bench/run.sh --quick   a 2,000-message smoke of the base row (what CI runs)
-#   bench/run.sh --only NAME   one row of the matrix
+#   bench/run.sh --only NAME   one row of the matrix (or `clients`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,5 +70,13 @@ else
     row backlog-1m --messages 1000000 --no-shovel
     row history-5m --messages 100000 --history 5000000
 fi
-echo
-column -s, -t <"$csv"
+if [ "$only" != clients ] && [ -f "$csv" ]; then
+    echo
+    column -s, -t <"$csv"
+fi
+# What the no-op forwarder costs with lapin (Ponte's client) and with a client whose I/O runs on
+# the runtime (amqprs): how much of a message's CPU is the client's alone.
+if [ "$mode" = full ] && { [ -z "$only" ] || [ "$only" = clients ]; }; then
+    echo
+    "$bin/ponte-bench-clients" --url "amqp://guest:guest@127.0.0.1:$port/%2f" | tee target/bench/clients.txt
+fi
