@@ -1,7 +1,7 @@
 //! The benchmark keeps working: a 2,000-message run of `ponte-bench` (two rounds) against a
 //! broker of its own (with the shovel plugin) produces a full row of figures, and a run,
-//! finished or interrupted, leaves nothing behind on the broker. No figure is judged: timings
-//! belong to the benchmark, not to the tests.
+//! finished or interrupted, leaves nothing behind on the broker; so does `ponte-bench-clients`,
+//! the AMQP clients alone. No figure is judged: timings belong to the benchmark, not to the tests.
 
 mod common;
 

@@ -33,8 +33,8 @@ struct Args {
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     url: String,
     /// Messages in the backlog each forwarder drains.
-    #[arg(long, default_value_t = 100_000)]
-    messages: usize,
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    messages: u64,
     /// Messages per second offered in the fixed-rate run (0: none).
     #[arg(long, default_value_t = 3_400)]
     rate: u32,
@@ -42,8 +42,8 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     rate_secs: u32,
     /// Each client's runs, alternating, to see the spread.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
     /// The type of the two queues.
     #[arg(long, value_enum, default_value = "classic")]
     queue_type: QueueType,
@@ -159,8 +159,8 @@ async fn measure(
             }
             let count = match *load {
                 "drain" => {
-                    publish(channel, src, args.messages as u64, None).await?;
-                    args.messages as u64
+                    publish(channel, src, args.messages, None).await?;
+                    args.messages
                 }
                 _ => offered,
             };
