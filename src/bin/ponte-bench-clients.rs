@@ -77,6 +77,25 @@ enum Client {
     Amqprs,
 }
 
+impl Client {
+    /// As the command line and the table write it.
+    fn name(self) -> &'static str {
+        match self {
+            Client::Lapin => "lapin",
+            Client::Amqprs => "amqprs",
+        }
+    }
+}
+
+/// What a forwarder is given to move.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Load {
+    /// A backlog preloaded before it starts.
+    Drain,
+    /// Messages offered at a fixed rate while it runs.
+    Rate,
+}
+
 /// Ponte's prefetch per partner queue.
 const PREFETCH: u16 = 200;
 
@@ -114,12 +133,11 @@ async fn compare(args: &Args) -> Result<()> {
         format!("{}.src", args.prefix),
         format!("{}.dst", args.prefix),
     );
-    let offered = u64::from(args.rate) * u64::from(args.rate_secs);
     let mut runs: Runs = Vec::new();
     for client in [Client::Lapin, Client::Amqprs] {
-        runs.push((client, "drain", Vec::new()));
-        if offered > 0 {
-            runs.push((client, "rate", Vec::new()));
+        runs.push((client, Load::Drain, Vec::new()));
+        if offered(args) > 0 {
+            runs.push((client, Load::Rate, Vec::new()));
         }
     }
     let measured = measure(args, &channel, &mut runs, (&src, &dst)).await;
@@ -140,33 +158,37 @@ async fn compare(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// A client, its load (`drain` or `rate`) and its runs so far.
-type Runs<'a> = Vec<(Client, &'a str, Vec<Run>)>;
+/// A client, its load and its runs so far.
+type Runs = Vec<(Client, Load, Vec<Run>)>;
+
+/// Messages offered in a fixed-rate run.
+fn offered(args: &Args) -> u64 {
+    u64::from(args.rate) * u64::from(args.rate_secs)
+}
 
 /// Runs every client's loads `args.rounds` times, alternating.
 async fn measure(
     args: &Args,
     channel: &lapin::Channel,
-    runs: &mut Runs<'_>,
+    runs: &mut Runs,
     (src, dst): (&str, &str),
 ) -> Result<()> {
-    let offered = u64::from(args.rate) * u64::from(args.rate_secs);
     for round in 1..=args.rounds {
         for (client, load, results) in runs.iter_mut() {
             for queue in [src, dst] {
                 let _ = channel.queue_delete(queue.into(), Default::default()).await;
                 ponte::broker::declare_queue(channel, queue, args.queue_type, true).await?;
             }
-            let count = match *load {
-                "drain" => {
+            let count = match load {
+                Load::Drain => {
                     publish(channel, src, args.messages, None).await?;
                     args.messages
                 }
-                _ => offered,
+                Load::Rate => offered(args),
             };
             let mut child = Command::new(std::env::current_exe()?)
                 .args(["--url", &args.url, "forward", "--client"])
-                .arg(format!("{client:?}").to_lowercase())
+                .arg(client.name())
                 .args(["--src", src, "--dst", dst, "--count"])
                 .arg(count.to_string())
                 .stdout(Stdio::piped())
@@ -176,8 +198,8 @@ async fn measure(
             if ready.as_deref() != Some("ready") {
                 bail!("the {client:?} forwarder did not start: {ready:?}");
             }
-            if *load == "rate" {
-                publish(channel, src, offered, Some(f64::from(args.rate))).await?;
+            if *load == Load::Rate {
+                publish(channel, src, offered(args), Some(f64::from(args.rate))).await?;
             }
             let report = lines.next().transpose()?.unwrap_or_default();
             if !child.wait()?.success() {
@@ -203,8 +225,10 @@ async fn measure(
                 cpu_us: cpu / moved * 1e6,
             };
             eprintln!(
-                "round {round}: {client:?} {load}: {:.0} msg/s, {:.1} µs CPU/msg",
-                run.rate, run.cpu_us
+                "round {round}: {} {load:?}: {:.0} msg/s, {:.1} µs CPU/msg",
+                client.name(),
+                run.rate,
+                run.cpu_us
             );
             results.push(run);
         }
@@ -212,15 +236,15 @@ async fn measure(
     Ok(())
 }
 
-fn print_table(args: &Args, runs: &Runs<'_>) {
+fn print_table(args: &Args, runs: &Runs) {
     println!(
         "{:<8} {:<26} {:>9} {:>24}",
         "client", "load", "msg/s", "µs CPU/msg (range)"
     );
     for (client, load, results) in runs {
-        let load = match *load {
-            "drain" => format!("backlog of {}", args.messages),
-            _ => format!("{} msg/s for {} s", args.rate, args.rate_secs),
+        let load = match load {
+            Load::Drain => format!("backlog of {}", args.messages),
+            Load::Rate => format!("{} msg/s for {} s", args.rate, args.rate_secs),
         };
         let median = |pick: fn(&Run) -> f64| {
             let mut values: Vec<f64> = results.iter().map(pick).collect();
@@ -236,7 +260,7 @@ fn print_table(args: &Args, runs: &Runs<'_>) {
         let (rate, cpu) = (median(|r| r.rate).0, median(|r| r.cpu_us));
         println!(
             "{:<8} {load:<26} {rate:>9.0} {:>10.1} ({:.1}–{:.1})",
-            format!("{client:?}").to_lowercase(),
+            client.name(),
             cpu.0,
             cpu.1,
             cpu.2
@@ -377,16 +401,16 @@ async fn forward_amqprs(url: &str, src: &str, dst: &str, count: u64) -> Result<(
         BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments,
         ConfirmSelectArguments,
     };
-    let url = url::Url::parse(url)?;
-    let vhost = url.path().strip_prefix('/').unwrap_or("/");
-    let vhost = percent_decode(if vhost.is_empty() { "/" } else { vhost });
+    // Read by lapin's parser, as the lapin forwarder's URL is: the same host, credentials and
+    // virtual host, percent-decoded alike.
+    let uri: lapin::uri::AMQPUri = url.parse().map_err(anyhow::Error::msg)?;
     let arguments = amqprs::connection::OpenConnectionArguments::new(
-        url.host_str().unwrap_or("127.0.0.1"),
-        url.port().unwrap_or(5672),
-        &percent_decode(url.username()),
-        &percent_decode(url.password().unwrap_or("")),
+        &uri.authority.host,
+        uri.authority.port,
+        &uri.authority.userinfo.username,
+        &uri.authority.userinfo.password,
     )
-    .virtual_host(&vhost)
+    .virtual_host(&uri.vhost)
     .finish();
     let connection = amqprs::connection::Connection::open(&arguments).await?;
     let inbound = connection.open_channel(None).await?;
@@ -456,13 +480,6 @@ async fn forward_amqprs(url: &str, src: &str, dst: &str, count: u64) -> Result<(
     clock.report(done);
     let _ = connection.close().await;
     Ok(())
-}
-
-fn percent_decode(text: &str) -> String {
-    url::form_urlencoded::parse(format!("x={text}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
 }
 
 /// Hands amqprs's publisher confirms to the forwarder: (publish number, multiple).
