@@ -183,6 +183,25 @@ fn the_kubernetes_deployment_probes_the_gateway_and_mounts_every_configuration_f
     assert!(secret["stringData"]["PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER"].is_string());
 }
 
+/// The image builds from the repository's copy of every crate `Cargo.toml` takes from a folder
+/// (a patched dependency): a folder the Dockerfile does not copy fails `docker build`.
+#[test]
+fn the_dockerfile_copies_every_folder_the_build_reads() {
+    let manifest: toml::Table = read("Cargo.toml").parse().unwrap();
+    let patched = manifest["patch"]["crates-io"].as_table().unwrap();
+    assert!(!patched.is_empty());
+    let dockerfile = read("deploy/Dockerfile");
+    for (name, dependency) in patched {
+        let path = dependency["path"].as_str().unwrap();
+        let top = path.split('/').next().unwrap();
+        assert!(
+            dockerfile.contains(&format!("COPY {top} {top}")),
+            "the Dockerfile does not copy {top}, where {name} is built from"
+        );
+        assert!(repo().join(path).join("Cargo.toml").exists(), "{path}");
+    }
+}
+
 #[test]
 fn the_compose_file_runs_ponte_next_to_rabbitmq() {
     let compose = &yaml_documents("deploy/docker-compose.yml")[0];

@@ -327,3 +327,91 @@ async fn a_poison_message_does_not_block_the_messages_behind_it() {
     );
     gw.stop().await;
 }
+
+/// A partner's client may put bytes that are not UTF-8 into a property RabbitMQ passes on as it
+/// is (the specification asks for UTF-8 in short strings). Reading such a message failed the
+/// gateway's connection at each delivery, for every partner of the session, for ever.
+#[tokio::test]
+async fn a_message_whose_properties_are_not_utf8_is_handled_and_the_queue_moves_on() {
+    use common::raw::{self, CONTENT_TYPE, DELIVERY_MODE, HEADERS, MESSAGE_ID, TYPE, long, short};
+    let gw = Gateway::start().await;
+    let inbound = gw.queues.inbound("cpi-modena");
+    // A referral whose AMQP message_id is not UTF-8.
+    let labelled = referral("cpi-modena", "CPI-MO-01", "036023");
+    let mut values = short(b"application/json");
+    values.push(2);
+    values.extend(short(b"ref-\xff\xfe-1"));
+    raw::publish(
+        &gw.url,
+        &inbound,
+        &bytes(&labelled),
+        CONTENT_TYPE | DELIVERY_MODE | MESSAGE_ID,
+        values,
+    )
+    .await;
+    // A referral with a header whose name is not UTF-8.
+    let headed = referral("cpi-modena", "CPI-MO-01", "036023");
+    let mut table = short(b"x-n\xf6te");
+    table.push(b'S');
+    table.extend(long(b"kept"));
+    let mut values = short(b"application/json");
+    values.extend(long(&table));
+    values.push(2);
+    raw::publish(
+        &gw.url,
+        &inbound,
+        &bytes(&headed),
+        CONTENT_TYPE | HEADERS | DELIVERY_MODE,
+        values,
+    )
+    .await;
+    // Not JSON, with an AMQP type that is not UTF-8: rejected, and parked with its properties.
+    let mut values = short(b"application/json");
+    values.push(2);
+    values.extend(short(b"refer\xe9al"));
+    raw::publish(
+        &gw.url,
+        &inbound,
+        b"not json",
+        CONTENT_TYPE | DELIVERY_MODE | TYPE,
+        values,
+    )
+    .await;
+    // And an ordinary message behind them.
+    let plain = referral("cpi-modena", "CPI-MO-01", "036023");
+    gw.send("cpi-modena", &plain).await;
+
+    let out = gw.take(&gw.queues.outbound("inps"), 3).await;
+    let mut got: Vec<Value> = out.iter().map(|m| m.json()["message_id"].clone()).collect();
+    let mut want = vec![
+        labelled["message_id"].clone(),
+        headed["message_id"].clone(),
+        plain["message_id"].clone(),
+    ];
+    got.sort_by_key(|v| v.to_string());
+    want.sort_by_key(|v| v.to_string());
+    assert_eq!(got, want);
+    let receipts: Vec<Value> = gw
+        .take(&gw.queues.receipts("cpi-modena"), 4)
+        .await
+        .iter()
+        .map(|m| m.json())
+        .collect();
+    assert_eq!(receipts.len(), 4);
+    let rejected: Vec<&Value> = receipts
+        .iter()
+        .filter(|r| r["payload"]["status"] == "rejected")
+        .collect();
+    assert_eq!(rejected.len(), 1, "{receipts:?}");
+    assert_eq!(rejected[0]["payload"]["code"], "invalid-json");
+    // The parked original: its body as sent, its type with `?` for the byte that was not UTF-8.
+    let parked = gw.take(&gw.queues.rejected("cpi-modena"), 1).await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].body, b"not json");
+    assert_eq!(
+        parked[0].properties.kind().as_ref().map(|t| t.as_str()),
+        Some("refer?al")
+    );
+    assert_eq!(common::depth(&gw.url, &inbound).await, 0);
+    gw.stop().await;
+}

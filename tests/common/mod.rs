@@ -3,6 +3,8 @@
 //! in-process or as the real binary, and helpers to publish and drain queues in bulk.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
