@@ -121,12 +121,41 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        AMQPType::FieldArray => nested(i, parse_field_array, AMQPValue::FieldArray),
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable => nested(i, parse_field_table, AMQPValue::FieldTable),
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
+}
+
+/// Ponte's change to this crate: how deep tables and arrays may nest in a field value. RabbitMQ
+/// takes a header of tables nested fifteen thousand deep (a hundred kilobytes), and reading it
+/// one call deeper per level overflowed the stack of the thread reading the socket, which
+/// aborts the process: a publisher could end its consumer, again at each delivery. Real headers
+/// nest a few levels (`x-death` is an array of tables).
+pub const NESTING_MAX: usize = 64;
+
+std::thread_local! {
+    /// How deep the value being read is nested, on this thread.
+    static NESTING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Reads a table or an array with `parse`, or, nested deeper than [`NESTING_MAX`], steps over
+/// its bytes (its length comes first) and reads it as `Void`.
+fn nested<I: ParsableInput, T>(
+    i: I,
+    parse: fn(I) -> ParserResult<I, T>,
+    value: fn(T) -> AMQPValue,
+) -> ParserResult<I, AMQPValue> {
+    let depth = NESTING.with(|n| n.get());
+    if depth >= NESTING_MAX {
+        return map(flat_map(parse_long_uint, take), |_| AMQPValue::Void).parse(i);
+    }
+    NESTING.with(|n| n.set(depth + 1));
+    let parsed = parse(i);
+    NESTING.with(|n| n.set(depth));
+    parsed.map(|(rest, parsed)| (rest, value(parsed)))
 }
 
 /// Parse an [AMQPValue](../type.AMQPValue.html)
