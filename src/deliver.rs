@@ -53,6 +53,25 @@ pub fn with_headers(properties: BasicProperties, headers: &[(&str, String)]) -> 
     properties.with_headers(table)
 }
 
+/// The bytes `properties` take in a message's content header (their flags and values).
+pub fn properties_len(properties: &BasicProperties) -> usize {
+    let written = cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::new(),
+    );
+    written.map_or(usize::MAX, |bytes| bytes.len())
+}
+
+/// Bytes of a content header frame besides the properties: the frame's type, channel, size and
+/// end (8), and the header's class, weight and body size (12).
+const CONTENT_HEADER_FRAME: usize = 20;
+
+/// Whether a message with `properties` can be published on a connection whose frames hold
+/// `frame_max` bytes: AMQP sends a message's properties in one frame, whatever their size.
+pub fn fits(properties: &BasicProperties, frame_max: u32) -> bool {
+    properties_len(properties).saturating_add(CONTENT_HEADER_FRAME) <= frame_max as usize
+}
+
 /// Publishes `body` to `queue` through the default exchange and returns the pending confirm.
 pub async fn publish(
     channel: &Channel,
@@ -168,5 +187,24 @@ pub fn header(properties: &BasicProperties, name: &str) -> Option<String> {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
         other => Some(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_are_counted_as_the_wire_has_them() {
+        // Two bytes of flags, then each value: a short string is its length byte and its bytes.
+        assert_eq!(properties_len(&BasicProperties::default()), 2);
+        let typed = BasicProperties::default().with_content_type("application/json".into());
+        assert_eq!(properties_len(&typed), 2 + 1 + 16);
+        // A header: the table's four length bytes, the name, its type, four length bytes, the text.
+        let headed = with_headers(typed, &[("x-a", "bc".to_string())]);
+        assert_eq!(properties_len(&headed), 19 + 4 + (1 + 3) + 1 + (4 + 2));
+        // In a frame: 34 bytes of properties and 20 of frame and content header.
+        assert!(fits(&headed, 54));
+        assert!(!fits(&headed, 53));
     }
 }

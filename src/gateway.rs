@@ -265,6 +265,7 @@ async fn open(
         for (partner, consume, publish) in opened {
             let settler = Arc::new(Settler {
                 channel: publish,
+                frame_max: publishing.configuration().frame_max(),
                 queues: queues.clone(),
                 confirm_timeout_secs: directory.settings.broker.publish_timeout_secs,
                 positive_receipts: partner.receipts == Receipts::All,

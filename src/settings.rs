@@ -162,9 +162,12 @@ pub struct BrokerSettings {
     /// a backlog of large messages cannot take more than this (Ponte's memory for it is two to
     /// three times as much, with the parsed messages and their copies).
     pub max_in_flight_bytes: u64,
-    /// Largest AMQP frame, in bytes; larger messages are split into several frames. The client
-    /// keeps buffers of 32 frames per connection, so this sets the memory each connection costs
-    /// (32 KiB: 2 MiB per connection).
+    /// Largest AMQP frame, in bytes; larger bodies are split into several frames, but a
+    /// message's properties travel in one. At least the broker's own `frame_max` (RabbitMQ's
+    /// default, 128 KiB, is the default here): whatever properties a publisher may send must
+    /// fit, or the message ends the consuming connection at each delivery. The client keeps
+    /// buffers of 32 frames per connection, so this also sets what a connection may take (up to
+    /// 8 MiB at 128 KiB).
     pub frame_max: u32,
     /// How long a publish may wait for the broker's confirm before the message is treated as a
     /// transient failure and handed back to its queue.
@@ -202,7 +205,7 @@ impl Default for BrokerSettings {
             prefetch: 200,
             max_in_flight: 10_000,
             max_in_flight_bytes: 128 * 1024 * 1024,
-            frame_max: 32 * 1024,
+            frame_max: 128 * 1024,
             publish_timeout_secs: 30,
             connect_timeout_secs: 30,
             setup_timeout_secs: 120,

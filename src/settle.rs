@@ -37,6 +37,8 @@ const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Settler {
     pub channel: Channel,
+    /// The largest frame of the channel's connection: a message's properties must fit one.
+    pub frame_max: u32,
     pub queues: Arc<QueueNames>,
     pub confirm_timeout_secs: u64,
     /// Whether the partner of this flow wants a receipt for delivered messages too.
@@ -338,30 +340,65 @@ pub async fn park(
         &settler.channel,
         settler.queues.rejected(&inbound.partner),
         original,
-        parked_properties(inbound, rejection, original_properties, recipients),
+        parked_properties(
+            inbound,
+            rejection,
+            original_properties,
+            recipients,
+            settler.frame_max,
+        ),
     )
     .await
 }
 
 /// A parked original's properties: its own, and the rejection's reason in headers.
+///
+/// They must fit one frame of `frame_max` bytes: the broker closes the connection of a
+/// publisher whose properties do not, and the message, handed back, would be parked again at
+/// each session. An original whose own headers leave no room for the reason's is parked with
+/// the reason alone and `x-ponte-headers-dropped` saying how many bytes its headers took; the
+/// errors, beyond the room left, only in the receipt.
 fn parked_properties(
     inbound: &Inbound,
     rejection: &Rejection,
     original_properties: lapin::BasicProperties,
     recipients: &[&str],
+    frame_max: u32,
 ) -> lapin::BasicProperties {
     let errors = serde_json::to_string(&rejection.errors).expect("errors always serialize");
     let mut headers = vec![
         ("x-ponte-code", rejection.code.as_str().to_string()),
         ("x-ponte-reason", rejection.reason().to_string()),
-        ("x-ponte-errors", errors),
         ("x-ponte-partner", inbound.partner.to_string()),
         ("x-ponte-rejected-at", receipt::now_rfc3339()),
     ];
     if !recipients.is_empty() {
         headers.push(("x-ponte-recipients", recipients.join(",")));
     }
-    crate::deliver::with_headers(original_properties, &headers)
+    let with_errors = |mut headers: Vec<(&'static str, String)>| {
+        headers.push(("x-ponte-errors", errors.clone()));
+        headers
+    };
+    let whole =
+        crate::deliver::with_headers(original_properties.clone(), &with_errors(headers.clone()));
+    if crate::deliver::fits(&whole, frame_max) {
+        return whole;
+    }
+    let own = crate::deliver::properties_len(
+        &original_properties.clone().with_headers(Default::default()),
+    );
+    headers.push((
+        "x-ponte-headers-dropped",
+        crate::deliver::properties_len(&original_properties)
+            .saturating_sub(own)
+            .to_string(),
+    ));
+    let bare = original_properties.with_headers(Default::default());
+    let reasoned = crate::deliver::with_headers(bare.clone(), &with_errors(headers.clone()));
+    if crate::deliver::fits(&reasoned, frame_max) {
+        return reasoned;
+    }
+    crate::deliver::with_headers(bare, &headers)
 }
 
 /// Starts what a rejection needs (the parked original, then the receipt) without waiting for
@@ -377,7 +414,13 @@ pub async fn publish_rejection(
         &settler.channel,
         settler.queues.rejected(&inbound.partner),
         original,
-        parked_properties(inbound, rejection, original_properties, &[]),
+        parked_properties(
+            inbound,
+            rejection,
+            original_properties,
+            &[],
+            settler.frame_max,
+        ),
     )
     .await?;
     let receipt = receipt::build(

@@ -329,11 +329,13 @@ async fn a_poison_message_does_not_block_the_messages_behind_it() {
 }
 
 /// A partner's client may write properties RabbitMQ passes on as they are: bytes that are not
-/// UTF-8 in a short string (the specification asks for UTF-8), headers nested thousands deep.
-/// Reading the first failed the gateway's connection at each delivery, for every partner of the
-/// session, for ever; reading the second overflowed a thread's stack and aborted the process.
+/// UTF-8 in a short string (the specification asks for UTF-8), headers nested thousands deep,
+/// properties larger than the gateway's frames once were, or so large that a parked copy has
+/// no room for the reason's headers. Reading the first or the third, or parking the last,
+/// failed a connection of the gateway at each delivery, for every partner of the session, for
+/// ever; reading the second overflowed a thread's stack and aborted the process.
 #[tokio::test]
-async fn properties_the_specification_does_not_allow_are_read_and_the_queue_moves_on() {
+async fn unusual_properties_are_read_and_the_queue_moves_on() {
     use common::raw::{self, CONTENT_TYPE, DELIVERY_MODE, HEADERS, MESSAGE_ID, TYPE, long, short};
     let gw = Gateway::start().await;
     let inbound = gw.queues.inbound("cpi-modena");
@@ -378,6 +380,22 @@ async fn properties_the_specification_does_not_allow_are_read_and_the_queue_move
         values,
     )
     .await;
+    // Not JSON either, with headers that fill the broker's largest frame (128 KiB): no room
+    // is left for the reason's headers on the parked original.
+    let mut table = short(b"x-trace");
+    table.push(b'S');
+    table.extend(long(&vec![b'z'; 130_900]));
+    let mut values = short(b"application/json");
+    values.extend(long(&table));
+    values.push(2);
+    raw::publish(
+        &gw.url,
+        &inbound,
+        b"not json either",
+        CONTENT_TYPE | HEADERS | DELIVERY_MODE,
+        values,
+    )
+    .await;
     // A referral with a header of tables nested 4,600 deep (32 KB, within the gateway's frames).
     let nested = referral("cpi-modena", "CPI-MO-01", "036023");
     let mut table = Vec::new();
@@ -398,42 +416,79 @@ async fn properties_the_specification_does_not_allow_are_read_and_the_queue_move
         values,
     )
     .await;
+    // A referral whose properties take 100 KB (a header's value), more than a frame of 32 KiB:
+    // the broker sends the properties in one frame whatever its consumer's frame size.
+    let large = referral("cpi-modena", "CPI-MO-01", "036023");
+    let mut table = short(b"x-trace");
+    table.push(b'S');
+    table.extend(long(&vec![b'z'; 100_000]));
+    let mut values = short(b"application/json");
+    values.extend(long(&table));
+    values.push(2);
+    raw::publish(
+        &gw.url,
+        &inbound,
+        &bytes(&large),
+        CONTENT_TYPE | HEADERS | DELIVERY_MODE,
+        values,
+    )
+    .await;
     // And an ordinary message behind them.
     let plain = referral("cpi-modena", "CPI-MO-01", "036023");
     gw.send("cpi-modena", &plain).await;
 
-    let out = gw.take(&gw.queues.outbound("inps"), 4).await;
+    let out = gw.take(&gw.queues.outbound("inps"), 5).await;
     let mut got: Vec<Value> = out.iter().map(|m| m.json()["message_id"].clone()).collect();
     let mut want = vec![
         labelled["message_id"].clone(),
         headed["message_id"].clone(),
         nested["message_id"].clone(),
+        large["message_id"].clone(),
         plain["message_id"].clone(),
     ];
     got.sort_by_key(|v| v.to_string());
     want.sort_by_key(|v| v.to_string());
     assert_eq!(got, want);
     let receipts: Vec<Value> = gw
-        .take(&gw.queues.receipts("cpi-modena"), 5)
+        .take(&gw.queues.receipts("cpi-modena"), 7)
         .await
         .iter()
         .map(|m| m.json())
         .collect();
-    assert_eq!(receipts.len(), 5);
+    assert_eq!(receipts.len(), 7);
     let rejected: Vec<&Value> = receipts
         .iter()
         .filter(|r| r["payload"]["status"] == "rejected")
         .collect();
-    assert_eq!(rejected.len(), 1, "{receipts:?}");
-    assert_eq!(rejected[0]["payload"]["code"], "invalid-json");
-    // The parked original: its body as sent, its type with `?` for the byte that was not UTF-8.
-    let parked = gw.take(&gw.queues.rejected("cpi-modena"), 1).await;
-    assert_eq!(parked.len(), 1);
-    assert_eq!(parked[0].body, b"not json");
+    assert_eq!(rejected.len(), 2, "{receipts:?}");
+    assert!(
+        rejected
+            .iter()
+            .all(|r| r["payload"]["code"] == "invalid-json")
+    );
+    let parked = gw.take(&gw.queues.rejected("cpi-modena"), 2).await;
+    assert_eq!(parked.len(), 2);
+    let parked_with = |body: &[u8]| parked.iter().find(|m| m.body == body).unwrap();
+    // Its body as sent, its type with `?` for the byte that was not UTF-8.
+    let bad_type = parked_with(b"not json");
     assert_eq!(
-        parked[0].properties.kind().as_ref().map(|t| t.as_str()),
+        bad_type.properties.kind().as_ref().map(|t| t.as_str()),
         Some("refer?al")
     );
+    assert_eq!(
+        bad_type.header("x-ponte-code").as_deref(),
+        Some("invalid-json")
+    );
+    // The reason in place of the headers there was no room beside, and how large they were.
+    let full = parked_with(b"not json either");
+    assert_eq!(full.header("x-ponte-code").as_deref(), Some("invalid-json"));
+    assert_eq!(full.header("x-trace"), None);
+    let dropped: usize = full
+        .header("x-ponte-headers-dropped")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(dropped > 130_900, "{dropped}");
     assert_eq!(common::depth(&gw.url, &inbound).await, 0);
     gw.stop().await;
 }
