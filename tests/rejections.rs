@@ -336,101 +336,45 @@ async fn a_poison_message_does_not_block_the_messages_behind_it() {
 /// ever; reading the second overflowed a thread's stack and aborted the process.
 #[tokio::test]
 async fn unusual_properties_are_read_and_the_queue_moves_on() {
-    use common::raw::{self, CONTENT_TYPE, DELIVERY_MODE, HEADERS, MESSAGE_ID, TYPE, long, short};
+    use common::raw::{self, Properties, field};
     let gw = Gateway::start().await;
     let inbound = gw.queues.inbound("cpi-modena");
+    let send =
+        async |body: &[u8], properties| raw::publish(&gw.url, &inbound, body, properties).await;
     // A referral whose AMQP message_id is not UTF-8.
     let labelled = referral("cpi-modena", "CPI-MO-01", "036023");
-    let mut values = short(b"application/json");
-    values.push(2);
-    values.extend(short(b"ref-\xff\xfe-1"));
-    raw::publish(
-        &gw.url,
-        &inbound,
+    send(
         &bytes(&labelled),
-        CONTENT_TYPE | DELIVERY_MODE | MESSAGE_ID,
-        values,
+        Properties::json().message_id(b"ref-\xff\xfe-1"),
     )
     .await;
     // A referral with a header whose name is not UTF-8.
     let headed = referral("cpi-modena", "CPI-MO-01", "036023");
-    let mut table = short(b"x-n\xf6te");
-    table.push(b'S');
-    table.extend(long(b"kept"));
-    let mut values = short(b"application/json");
-    values.extend(long(&table));
-    values.push(2);
-    raw::publish(
-        &gw.url,
-        &inbound,
+    send(
         &bytes(&headed),
-        CONTENT_TYPE | HEADERS | DELIVERY_MODE,
-        values,
+        Properties::json().header(b"x-n\xf6te", b'S', b"kept"),
     )
     .await;
     // Not JSON, with an AMQP type that is not UTF-8: rejected, and parked with its properties.
-    let mut values = short(b"application/json");
-    values.push(2);
-    values.extend(short(b"refer\xe9al"));
-    raw::publish(
-        &gw.url,
-        &inbound,
-        b"not json",
-        CONTENT_TYPE | DELIVERY_MODE | TYPE,
-        values,
-    )
-    .await;
+    send(b"not json", Properties::json().kind(b"refer\xe9al")).await;
     // Not JSON either, with headers that fill the broker's largest frame (128 KiB): no room
     // is left for the reason's headers on the parked original.
-    let mut table = short(b"x-trace");
-    table.push(b'S');
-    table.extend(long(&vec![b'z'; 130_900]));
-    let mut values = short(b"application/json");
-    values.extend(long(&table));
-    values.push(2);
-    raw::publish(
-        &gw.url,
-        &inbound,
-        b"not json either",
-        CONTENT_TYPE | HEADERS | DELIVERY_MODE,
-        values,
-    )
-    .await;
+    let filling = Properties::json().header(b"x-trace", b'S', &[b'z'; 130_900]);
+    send(b"not json either", filling).await;
     // A referral with a header of tables nested 4,600 deep (32 KB, within the gateway's frames).
     let nested = referral("cpi-modena", "CPI-MO-01", "036023");
-    let mut table = Vec::new();
-    for _ in 0..4600 {
-        let mut outer = short(b"a");
-        outer.push(b'F');
-        outer.extend(long(&table));
-        table = outer;
-    }
-    let mut values = short(b"application/json");
-    values.extend(long(&table));
-    values.push(2);
-    raw::publish(
-        &gw.url,
-        &inbound,
+    let deep = (1..4600).fold(Vec::new(), |inner, _| field(b"a", b'F', &inner));
+    send(
         &bytes(&nested),
-        CONTENT_TYPE | HEADERS | DELIVERY_MODE,
-        values,
+        Properties::json().header(b"a", b'F', &deep),
     )
     .await;
     // A referral whose properties take 100 KB (a header's value), more than a frame of 32 KiB:
     // the broker sends the properties in one frame whatever its consumer's frame size.
     let large = referral("cpi-modena", "CPI-MO-01", "036023");
-    let mut table = short(b"x-trace");
-    table.push(b'S');
-    table.extend(long(&vec![b'z'; 100_000]));
-    let mut values = short(b"application/json");
-    values.extend(long(&table));
-    values.push(2);
-    raw::publish(
-        &gw.url,
-        &inbound,
+    send(
         &bytes(&large),
-        CONTENT_TYPE | HEADERS | DELIVERY_MODE,
-        values,
+        Properties::json().header(b"x-trace", b'S', &[b'z'; 100_000]),
     )
     .await;
     // And an ordinary message behind them.

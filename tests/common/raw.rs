@@ -6,33 +6,95 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+/// A message's properties as they go on the wire, any bytes allowed: JSON and persistent, with
+/// what a case adds.
+pub struct Properties {
+    headers: Option<Vec<u8>>,
+    message_id: Option<Vec<u8>>,
+    kind: Option<Vec<u8>>,
+}
+
+impl Properties {
+    pub fn json() -> Properties {
+        Properties {
+            headers: None,
+            message_id: None,
+            kind: None,
+        }
+    }
+
+    /// Headers of one field, `name` = `value` of AMQP type `tag` (`S`: long string, `F`: table).
+    pub fn header(mut self, name: &[u8], tag: u8, value: &[u8]) -> Properties {
+        self.headers = Some(field(name, tag, value));
+        self
+    }
+
+    pub fn message_id(mut self, id: &[u8]) -> Properties {
+        self.message_id = Some(id.to_vec());
+        self
+    }
+
+    pub fn kind(mut self, kind: &[u8]) -> Properties {
+        self.kind = Some(kind.to_vec());
+        self
+    }
+
+    /// The property flags, and the values in the order the flags give them.
+    fn encode(&self) -> (u16, Vec<u8>) {
+        let (mut flags, mut values) = (CONTENT_TYPE | DELIVERY_MODE, short(b"application/json"));
+        if let Some(table) = &self.headers {
+            flags |= HEADERS;
+            values.extend(long(table));
+        }
+        values.push(2);
+        if let Some(id) = &self.message_id {
+            flags |= MESSAGE_ID;
+            values.extend(short(id));
+        }
+        if let Some(kind) = &self.kind {
+            flags |= TYPE;
+            values.extend(short(kind));
+        }
+        (flags, values)
+    }
+}
+
 /// Property flags of a content header (AMQP 0-9-1, basic class), in the order their values
 /// follow one another.
-pub const CONTENT_TYPE: u16 = 1 << 15;
-pub const HEADERS: u16 = 1 << 13;
-pub const DELIVERY_MODE: u16 = 1 << 12;
-pub const MESSAGE_ID: u16 = 1 << 7;
-pub const TYPE: u16 = 1 << 5;
+const CONTENT_TYPE: u16 = 1 << 15;
+const HEADERS: u16 = 1 << 13;
+const DELIVERY_MODE: u16 = 1 << 12;
+const MESSAGE_ID: u16 = 1 << 7;
+const TYPE: u16 = 1 << 5;
+
+/// One field of a table: its name, its type, and its value (with its length, for `S` and `F`).
+pub fn field(name: &[u8], tag: u8, value: &[u8]) -> Vec<u8> {
+    let mut out = short(name);
+    out.push(tag);
+    out.extend(long(value));
+    out
+}
 
 /// A short string: one length byte, then the bytes as given.
-pub fn short(bytes: &[u8]) -> Vec<u8> {
+fn short(bytes: &[u8]) -> Vec<u8> {
     let mut out = vec![u8::try_from(bytes.len()).expect("a short string holds 255 bytes")];
     out.extend_from_slice(bytes);
     out
 }
 
 /// A long string: four length bytes, then the bytes as given.
-pub fn long(bytes: &[u8]) -> Vec<u8> {
+fn long(bytes: &[u8]) -> Vec<u8> {
     let mut out = (bytes.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(bytes);
     out
 }
 
-/// Publishes `body` to `queue` (default exchange) with the properties `flags` announces, whose
-/// values are `values` as they go on the wire; returns once the broker confirmed it.
-pub async fn publish(url: &str, queue: &str, body: &[u8], flags: u16, values: Vec<u8>) {
+/// Publishes `body` to `queue` (default exchange) with `properties`; returns once the broker
+/// confirmed it.
+pub async fn publish(url: &str, queue: &str, body: &[u8], properties: Properties) {
     let uri: lapin::uri::AMQPUri = url.parse().expect("broker URL");
     let (queue, body) = (queue.to_string(), body.to_vec());
+    let (flags, values) = properties.encode();
     tokio::task::spawn_blocking(move || {
         let mut amqp = Raw::connect(&uri);
         amqp.publish(&queue, &body, flags, &values);
