@@ -15,7 +15,7 @@ use crate::broker::BrokerError;
 pub const REPLAY_FOR: &str = "x-ponte-replay-for";
 
 /// AMQP delivery mode that makes the broker write the message to disk.
-const PERSISTENT: u8 = 2;
+pub const PERSISTENT: u8 = 2;
 
 /// What a published message says about itself in its AMQP properties.
 #[derive(Debug, Default, Clone)]

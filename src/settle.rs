@@ -351,7 +351,85 @@ pub async fn park(
     .await
 }
 
-/// A parked original's properties: its own, and the rejection's reason in headers.
+/// The header RabbitMQ reads as more routing keys for a message ("sender-selected
+/// distribution"; it removes `BCC`, the other one, before delivery): left on a parked copy, it
+/// would have the broker put the original, unchecked, in any queue it names, with Ponte's right
+/// to write there.
+const CC: &str = "CC";
+
+/// What of an original's properties its parked copy keeps, and headers saying what it could not
+/// keep. Ponte publishes the copy, so: no `user_id` (the broker refuses a publish whose
+/// `user_id` is not the publisher's; the sender's, which the broker checked, goes in
+/// `x-ponte-user-id`), no `expiration` (a parked original waits for its operator; the sender's
+/// goes in `x-ponte-expiration`), no `CC` header (its routing keys go in `x-ponte-cc`), and
+/// persistent whatever the original was.
+fn parkable(
+    original: &lapin::BasicProperties,
+) -> (lapin::BasicProperties, Vec<(&'static str, String)>) {
+    let mut kept = lapin::BasicProperties::default().with_delivery_mode(crate::deliver::PERSISTENT);
+    if let Some(v) = original.content_type() {
+        kept = kept.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        kept = kept.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        kept = kept.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        kept = kept.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        kept = kept.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        kept = kept.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        kept = kept.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        kept = kept.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        kept = kept.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        kept = kept.with_cluster_id(v.clone());
+    }
+    let mut notes = Vec::new();
+    if let Some(headers) = original.headers() {
+        let mut table = headers.inner().clone();
+        if let Some(cc) = table.remove(CC) {
+            let keys = match &cc {
+                lapin::types::AMQPValue::FieldArray(keys) => keys
+                    .as_slice()
+                    .iter()
+                    .map(|key| match key {
+                        lapin::types::AMQPValue::LongString(s) => {
+                            String::from_utf8_lossy(s.as_bytes()).into_owned()
+                        }
+                        other => format!("{other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => format!("{other:?}"),
+            };
+            notes.push(("x-ponte-cc", keys));
+        }
+        kept = kept.with_headers(table.into());
+    }
+    if let Some(v) = original.user_id() {
+        notes.push(("x-ponte-user-id", v.to_string()));
+    }
+    if let Some(v) = original.expiration() {
+        notes.push(("x-ponte-expiration", v.to_string()));
+    }
+    (kept, notes)
+}
+
+/// A parked original's properties: those of its own it may keep ([`parkable`]), and the
+/// rejection's reason in headers.
 ///
 /// They must fit one frame of `frame_max` bytes: the broker closes the connection of a
 /// publisher whose properties do not, and the message, handed back, would be parked again at
@@ -365,13 +443,14 @@ fn parked_properties(
     recipients: &[&str],
     frame_max: u32,
 ) -> lapin::BasicProperties {
+    let (original, mut headers) = parkable(&original_properties);
     let errors = serde_json::to_string(&rejection.errors).expect("errors always serialize");
-    let mut headers = vec![
+    headers.extend([
         ("x-ponte-code", rejection.code.as_str().to_string()),
         ("x-ponte-reason", rejection.reason().to_string()),
         ("x-ponte-partner", inbound.partner.to_string()),
         ("x-ponte-rejected-at", receipt::now_rfc3339()),
-    ];
+    ]);
     if !recipients.is_empty() {
         headers.push(("x-ponte-recipients", recipients.join(",")));
     }
@@ -379,21 +458,17 @@ fn parked_properties(
         headers.push(("x-ponte-errors", errors.clone()));
         headers
     };
-    let whole =
-        crate::deliver::with_headers(original_properties.clone(), &with_errors(headers.clone()));
+    let whole = crate::deliver::with_headers(original.clone(), &with_errors(headers.clone()));
     if crate::deliver::fits(&whole, frame_max) {
         return whole;
     }
-    let own = crate::deliver::properties_len(
-        &original_properties.clone().with_headers(Default::default()),
-    );
+    let bare = original.clone().with_headers(Default::default());
     headers.push((
         "x-ponte-headers-dropped",
-        crate::deliver::properties_len(&original_properties)
-            .saturating_sub(own)
+        crate::deliver::properties_len(&original)
+            .saturating_sub(crate::deliver::properties_len(&bare))
             .to_string(),
     ));
-    let bare = original_properties.with_headers(Default::default());
     let reasoned = crate::deliver::with_headers(bare.clone(), &with_errors(headers.clone()));
     if crate::deliver::fits(&reasoned, frame_max) {
         return reasoned;

@@ -436,3 +436,70 @@ async fn unusual_properties_are_read_and_the_queue_moves_on() {
     assert_eq!(common::depth(&gw.url, &inbound).await, 0);
     gw.stop().await;
 }
+
+/// Ponte publishes a rejected message's original again, to park it, and the broker reads some of
+/// its properties as instructions to that publisher: a `CC` header as more queues to put it in
+/// (a sender could have its unchecked message put in any partner's outbound queue, with
+/// Ponte's right to write there), `user_id` as a claim the broker checks against Ponte's own
+/// user (refused: the message came back at each session, for ever), `expiration` as a time to
+/// drop the parked original.
+#[tokio::test]
+async fn a_parked_original_goes_nowhere_else_and_stays_whatever_its_properties_say() {
+    use common::raw::{self, Properties, strings};
+    let gw = Gateway::start().await;
+    // The sender has a broker user of its own, as in production.
+    let user = format!("{}-sender", gw.directory.settings.broker.prefix);
+    common::shared_broker_ctl(&["add_user", &user, "sender-secret"]);
+    common::shared_broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let broker: lapin::uri::AMQPUri = gw.url.parse().unwrap();
+    let url = format!(
+        "amqp://{user}:sender-secret@{}:{}/%2f",
+        broker.authority.host, broker.authority.port
+    );
+    let elsewhere = [
+        gw.queues.outbound("inps"),
+        gw.queues.outbound("cpi-bologna"),
+    ];
+    let properties = Properties::json()
+        .header(
+            b"CC",
+            b'A',
+            &strings(&[elsewhere[0].as_bytes(), elsewhere[1].as_bytes()]),
+        )
+        .user_id(user.as_bytes())
+        .expiration(b"300")
+        .transient();
+    raw::publish(
+        &url,
+        &gw.queues.inbound("cpi-modena"),
+        b"not json",
+        properties,
+    )
+    .await;
+
+    let receipt = gw.receipt("cpi-modena").await;
+    assert_eq!(receipt["payload"]["code"], "invalid-json", "{receipt}");
+    // Past the original's expiration, the parked original is still there, and nowhere else.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let parked = gw.take(&gw.queues.rejected("cpi-modena"), 1).await;
+    assert_eq!(parked.len(), 1);
+    let parked = &parked[0];
+    assert_eq!(parked.body, b"not json");
+    assert_eq!(
+        parked.header("x-ponte-code").as_deref(),
+        Some("invalid-json")
+    );
+    assert_eq!(
+        parked.header("x-ponte-user-id").as_deref(),
+        Some(user.as_str())
+    );
+    assert_eq!(parked.header("x-ponte-expiration").as_deref(), Some("300"));
+    assert_eq!(parked.header("x-ponte-cc"), Some(elsewhere.join(",")));
+    assert_eq!(parked.header("CC"), None);
+    assert_eq!(parked.properties.delivery_mode(), &Some(2));
+    for queue in &elsewhere {
+        gw.assert_empty(queue).await;
+    }
+    common::shared_broker_ctl(&["delete_user", &user]);
+    gw.stop().await;
+}

@@ -10,22 +10,42 @@ use std::time::Duration;
 /// what a case adds.
 pub struct Properties {
     headers: Option<Vec<u8>>,
+    delivery_mode: u8,
+    expiration: Option<Vec<u8>>,
     message_id: Option<Vec<u8>>,
     kind: Option<Vec<u8>>,
+    user_id: Option<Vec<u8>>,
 }
 
 impl Properties {
     pub fn json() -> Properties {
         Properties {
             headers: None,
+            delivery_mode: 2,
+            expiration: None,
             message_id: None,
             kind: None,
+            user_id: None,
         }
     }
 
-    /// Headers of one field, `name` = `value` of AMQP type `tag` (`S`: long string, `F`: table).
+    /// One more header, `name` = `value` of AMQP type `tag` (`S`: long string, `F`: table,
+    /// `A`: array).
     pub fn header(mut self, name: &[u8], tag: u8, value: &[u8]) -> Properties {
-        self.headers = Some(field(name, tag, value));
+        self.headers
+            .get_or_insert_with(Vec::new)
+            .extend(field(name, tag, value));
+        self
+    }
+
+    /// Not persistent.
+    pub fn transient(mut self) -> Properties {
+        self.delivery_mode = 1;
+        self
+    }
+
+    pub fn expiration(mut self, milliseconds: &[u8]) -> Properties {
+        self.expiration = Some(milliseconds.to_vec());
         self
     }
 
@@ -39,6 +59,12 @@ impl Properties {
         self
     }
 
+    /// The publisher's broker user, which RabbitMQ checks.
+    pub fn user_id(mut self, user: &[u8]) -> Properties {
+        self.user_id = Some(user.to_vec());
+        self
+    }
+
     /// The property flags, and the values in the order the flags give them.
     fn encode(&self) -> (u16, Vec<u8>) {
         let (mut flags, mut values) = (CONTENT_TYPE | DELIVERY_MODE, short(b"application/json"));
@@ -46,17 +72,27 @@ impl Properties {
             flags |= HEADERS;
             values.extend(long(table));
         }
-        values.push(2);
-        if let Some(id) = &self.message_id {
-            flags |= MESSAGE_ID;
-            values.extend(short(id));
-        }
-        if let Some(kind) = &self.kind {
-            flags |= TYPE;
-            values.extend(short(kind));
-        }
+        values.push(self.delivery_mode);
+        let mut short_property = |flag: u16, value: &Option<Vec<u8>>| {
+            if let Some(value) = value {
+                flags |= flag;
+                values.extend(short(value));
+            }
+        };
+        short_property(EXPIRATION, &self.expiration);
+        short_property(MESSAGE_ID, &self.message_id);
+        short_property(TYPE, &self.kind);
+        short_property(USER_ID, &self.user_id);
         (flags, values)
     }
+}
+
+/// An array of long strings, as a header's value (`A`).
+pub fn strings(items: &[&[u8]]) -> Vec<u8> {
+    items
+        .iter()
+        .flat_map(|item| [vec![b'S'], long(item)].concat())
+        .collect()
 }
 
 /// Property flags of a content header (AMQP 0-9-1, basic class), in the order their values
@@ -64,8 +100,10 @@ impl Properties {
 const CONTENT_TYPE: u16 = 1 << 15;
 const HEADERS: u16 = 1 << 13;
 const DELIVERY_MODE: u16 = 1 << 12;
+const EXPIRATION: u16 = 1 << 8;
 const MESSAGE_ID: u16 = 1 << 7;
 const TYPE: u16 = 1 << 5;
+const USER_ID: u16 = 1 << 4;
 
 /// One field of a table: its name, its type, and its value (with its length, for `S` and `F`).
 pub fn field(name: &[u8], tag: u8, value: &[u8]) -> Vec<u8> {
