@@ -25,7 +25,7 @@ pub async fn send(
     let timeout = directory.settings.broker.publish_timeout_secs;
     let mut result = Ok(());
     for (index, body) in bodies.into_iter().enumerate() {
-        result = publish_confirmed(&channel, &queue, "", &body, &[], timeout).await;
+        result = publish_confirmed(&channel, &queue, "", &body, &[], None, timeout).await;
         if result.is_err() {
             break;
         }
@@ -36,14 +36,15 @@ pub async fn send(
 }
 
 /// Publishes one message body to `exchange` (with `routing_key`) with the AMQP labels taken from
-/// the envelope itself (message_id, correlation_id, type) and `headers`, and waits for the
-/// broker's confirm.
+/// the envelope itself (message_id, correlation_id, type), `headers` and `user_id`, and waits
+/// for the broker's confirm.
 async fn publish_confirmed(
     channel: &lapin::Channel,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
     headers: &[(&str, String)],
+    user_id: Option<&str>,
     timeout_secs: u64,
 ) -> Result<(), BrokerError> {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
@@ -58,7 +59,10 @@ async fn publish_confirmed(
         correlation_id: field("correlation_id"),
         message_type: field("type"),
     };
-    let props = with_headers(properties(&labels), headers);
+    let mut props = with_headers(properties(&labels), headers);
+    if let Some(user) = user_id {
+        props = props.with_user_id(user.into());
+    }
     let confirm = publish_to(channel, exchange, routing_key, body, props).await?;
     confirmed(confirm, exchange, timeout_secs).await
 }
@@ -167,7 +171,9 @@ impl Browse {
 
 /// Publishes `body` to `partner`'s inbound exchange again as a replay (header `x-ponte-replay`,
 /// saying where it came from; `only`, for a partly delivered message, names the recipients it is
-/// replayed for), and waits for the broker's confirm.
+/// replayed for), and waits for the broker's confirm. It carries Ponte's broker user as
+/// `user_id`, which the broker checks: the gateway honours replay headers only on messages
+/// that do (a sender could write the headers too).
 pub async fn republish(
     directory: &Directory,
     partner: &str,
@@ -188,6 +194,7 @@ pub async fn republish(
         "",
         body,
         &headers,
+        directory.settings.broker_user().as_deref(),
         directory.settings.broker.publish_timeout_secs,
     )
     .await;
@@ -211,6 +218,7 @@ pub async fn redeliver(
         &queue,
         body,
         headers,
+        None,
         directory.settings.broker.publish_timeout_secs,
     )
     .await;

@@ -283,6 +283,7 @@ async fn open(
                 pool: pool.clone().filter(|_| partner.prefetch.is_none()),
                 bytes_per_message,
                 settler,
+                operator: directory.settings.broker_user(),
                 started: started.subscribe(),
             };
             flows.spawn(flow.run(session_stop.clone(), ready_tx.clone()));

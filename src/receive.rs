@@ -35,6 +35,9 @@ pub struct Flow {
     /// shared out): a flow whose messages are larger has fewer unacknowledged at once.
     pub bytes_per_message: u64,
     pub settler: Arc<Settler>,
+    /// Ponte's own broker user (`broker.url`): replay headers count only on a message whose
+    /// `user_id`, which the broker checks, is this one; a sender could write them too.
+    pub operator: Option<String>,
     /// Turns true once every flow of the session consumes. A flow handles nothing before: with
     /// a backlog, the first partners' messages would otherwise take the CPU while the others'
     /// consumers are still being set up (start-up with a thousand partners).
@@ -224,10 +227,12 @@ impl Flow {
         owner: &Arc<str>,
     ) -> Result<futures_util::future::BoxFuture<'static, Settled>, BrokerError> {
         let received = Instant::now();
+        let replay = self.replay(&delivery.properties);
         // A partly delivered message replayed by ops goes only to those it was refused for.
-        let only: Option<Vec<String>> =
-            crate::deliver::header(&delivery.properties, crate::deliver::REPLAY_FOR)
-                .map(|names| names.split(',').map(String::from).collect());
+        let only: Option<Vec<String>> = replay
+            .as_ref()
+            .and_then(|r| r.only.as_ref())
+            .map(|names| names.split(',').map(String::from).collect());
         let verdict = self
             .pipeline
             .process_for(
@@ -245,7 +250,7 @@ impl Flow {
             correlation_id: verdict.correlation_id,
             received,
             redelivered: delivery.redelivered,
-            replay: crate::deliver::header(&delivery.properties, "x-ponte-replay"),
+            replay: replay.map(|r| r.from),
         };
         let settler = self.settler.clone();
         Ok(match verdict.outcome {
@@ -306,6 +311,42 @@ impl Flow {
                 settle::already_delivered(settler, inbound, recipients).boxed()
             }
         })
+    }
+}
+
+/// What a message replayed by Ponte's operator says of itself.
+struct Replay {
+    /// Where the message was replayed from.
+    from: String,
+    /// The recipients it is replayed for (comma-separated), for a partly delivered message.
+    only: Option<String>,
+}
+
+impl Flow {
+    /// The replay headers of a message, when Ponte's operator wrote them: the message carries
+    /// Ponte's broker user as `user_id` (the broker refuses a `user_id` that is not the
+    /// publisher's). On a sender's message they are ignored, with a warning: they would let it
+    /// narrow its own fan-out past the routes, and claim a replay in the delivery log.
+    fn replay(&self, properties: &lapin::BasicProperties) -> Option<Replay> {
+        let from = crate::deliver::header(properties, crate::retry::REPLAY);
+        let only = crate::deliver::header(properties, crate::deliver::REPLAY_FOR);
+        if from.is_none() && only.is_none() {
+            return None;
+        }
+        let user = properties.user_id().as_ref().map(|u| u.as_str());
+        if user.is_some() && user == self.operator.as_deref() {
+            return Some(Replay {
+                from: from.unwrap_or_default(),
+                only,
+            });
+        }
+        tracing::warn!(
+            sender = %self.partner.id,
+            message_id = properties.message_id().as_ref().map_or("", |m| m.as_str()),
+            user_id = user.unwrap_or(""),
+            "replay headers on a message that Ponte did not replay; ignored"
+        );
+        None
     }
 }
 

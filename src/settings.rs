@@ -512,6 +512,21 @@ impl Settings {
         errors
     }
 
+    /// The broker user Ponte connects as, when `broker.url` names one (with EXTERNAL
+    /// authentication the certificate is the login and the URL need not name it). Ponte's own
+    /// replays carry it as `user_id`, which the broker checks, so that a flow can tell them from
+    /// a sender's messages.
+    pub fn broker_user(&self) -> Option<String> {
+        let named = self
+            .broker
+            .url
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.split('/').next().is_some_and(|a| a.contains('@')));
+        let uri = self.broker_uri().ok()?;
+        let user = uri.authority.userinfo.username;
+        (named && !user.is_empty()).then_some(user)
+    }
+
     /// The broker URL with the password from the environment filled in.
     pub fn broker_uri(&self) -> Result<lapin::uri::AMQPUri, String> {
         let mut uri: lapin::uri::AMQPUri = self.broker.url.parse()?;
@@ -583,6 +598,31 @@ mod tests {
         let mut own = vec![Some(200); 10];
         own.push(None);
         assert!(broker.pool(&own).is_none());
+    }
+
+    #[test]
+    fn ponte_s_broker_user_is_the_one_the_url_names() {
+        let user = |url: &str| {
+            let mut settings = Settings::default();
+            settings.broker.url = url.to_string();
+            settings.broker_user()
+        };
+        assert_eq!(
+            user("amqp://ponte@broker:5672/%2f").as_deref(),
+            Some("ponte")
+        );
+        assert_eq!(
+            user("amqp://ponte:secret@broker/ponte").as_deref(),
+            Some("ponte")
+        );
+        assert_eq!(
+            user("amqps://gateway.example@broker/%2f?auth_mechanism=external").as_deref(),
+            Some("gateway.example")
+        );
+        // Without a user in the URL the client logs in as `guest`, or as its certificate says:
+        // not a name to vouch for replays with.
+        assert_eq!(user("amqps://broker/%2f?auth_mechanism=external"), None);
+        assert_eq!(user("amqp://broker:5672/%2f"), None);
     }
 
     #[test]

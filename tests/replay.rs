@@ -159,3 +159,67 @@ async fn a_partly_delivered_message_is_replayed_only_to_the_recipient_it_was_ref
     assert_eq!(depth(&gw.url, &rejected).await, 0);
     gw.stop().await;
 }
+
+/// Replay headers are Ponte's operator's to write: a sender writing them on its own message
+/// (with its own `user_id` or none) does not narrow the message's fan-out past the routes.
+#[tokio::test]
+async fn a_sender_cannot_pass_its_message_off_as_a_replay() {
+    use common::raw::{self, Properties};
+    let gw = Gateway::start().await;
+    let user = format!("{}-inps", gw.directory.settings.broker.prefix);
+    common::shared_broker_ctl(&["add_user", &user, "inps-secret"]);
+    common::shared_broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let broker: lapin::uri::AMQPUri = gw.url.parse().unwrap();
+    let url = format!(
+        "amqp://{user}:inps-secret@{}:{}/%2f",
+        broker.authority.host, broker.authority.port
+    );
+    let claims = || {
+        Properties::json()
+            .header(b"x-ponte-replay-for", b'S', b"cpi-modena")
+            .header(b"x-ponte-replay", b'S', b"ponte.rejected.inps")
+    };
+    let sent = [
+        common::benefit_status("adi", "036023"),
+        common::benefit_status("adi", "036023"),
+    ];
+    let inbound = gw.queues.inbound("inps");
+    raw::publish(
+        &url,
+        &inbound,
+        &serde_json::to_vec(&sent[0]).unwrap(),
+        claims(),
+    )
+    .await;
+    let signed = claims().user_id(user.as_bytes());
+    raw::publish(
+        &url,
+        &inbound,
+        &serde_json::to_vec(&sent[1]).unwrap(),
+        signed,
+    )
+    .await;
+
+    // Every recipient the routes name is served, not only the one the headers claim: the
+    // observatory gets both, and the municipality, which cannot be given this person yet, is
+    // tried (its copy refused).
+    for recipient in ["cpi-modena", "osservatorio-er"] {
+        let copies = gw.take(&gw.queues.outbound(recipient), 2).await;
+        assert_eq!(copies.len(), 2, "{recipient}");
+    }
+    let receipts = gw.take(&gw.queues.receipts("inps"), 2).await;
+    assert_eq!(receipts.len(), 2);
+    for receipt in receipts.iter().map(|r| r.json()) {
+        assert_eq!(
+            receipt["payload"]["recipients"],
+            json!(["cpi-modena", "osservatorio-er"]),
+            "{receipt}"
+        );
+        assert_eq!(
+            receipt["payload"]["undelivered"][0]["recipient"],
+            "comune-modena"
+        );
+    }
+    common::shared_broker_ctl(&["delete_user", &user]);
+    gw.stop().await;
+}
