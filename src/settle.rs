@@ -357,12 +357,16 @@ pub async fn park(
 /// to write there.
 const CC: &str = "CC";
 
+/// Where Ponte's own headers' names start: on a parked original, only Ponte writes them.
+const OWN_HEADERS: &str = "x-ponte-";
+
 /// What of an original's properties its parked copy keeps, and headers saying what it could not
 /// keep. Ponte publishes the copy, so: no `user_id` (the broker refuses a publish whose
 /// `user_id` is not the publisher's; the sender's, which the broker checked, goes in
 /// `x-ponte-user-id`), no `expiration` (a parked original waits for its operator; the sender's
-/// goes in `x-ponte-expiration`), no `CC` header (its routing keys go in `x-ponte-cc`), and
-/// persistent whatever the original was.
+/// goes in `x-ponte-expiration`), no `CC` header (its routing keys go in `x-ponte-cc`), no
+/// header of Ponte's own (`x-ponte-…`: a sender's `x-ponte-recipients` would narrow what an
+/// operator's replay delivers), and persistent whatever the original was.
 fn parkable(
     original: &lapin::BasicProperties,
 ) -> (lapin::BasicProperties, Vec<(&'static str, String)>) {
@@ -400,6 +404,7 @@ fn parkable(
     let mut notes = Vec::new();
     if let Some(headers) = original.headers() {
         let mut table = headers.inner().clone();
+        table.retain(|name, _| !name.as_str().starts_with(OWN_HEADERS));
         if let Some(cc) = table.remove(CC) {
             let keys = match &cc {
                 lapin::types::AMQPValue::FieldArray(keys) => keys

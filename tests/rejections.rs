@@ -442,7 +442,7 @@ async fn unusual_properties_are_read_and_the_queue_moves_on() {
 /// (a sender could have its unchecked message put in any partner's outbound queue, with
 /// Ponte's right to write there), `user_id` as a claim the broker checks against Ponte's own
 /// user (refused: the message came back at each session, for ever), `expiration` as a time to
-/// drop the parked original.
+/// drop the parked original; and an operator's replay reads Ponte's `x-ponte-*` headers on it.
 #[tokio::test]
 async fn a_parked_original_goes_nowhere_else_and_stays_whatever_its_properties_say() {
     use common::raw::{self, Properties, strings};
@@ -466,6 +466,7 @@ async fn a_parked_original_goes_nowhere_else_and_stays_whatever_its_properties_s
             b'A',
             &strings(&[elsewhere[0].as_bytes(), elsewhere[1].as_bytes()]),
         )
+        .header(b"x-ponte-recipients", b'S', b"cpi-modena")
         .user_id(user.as_bytes())
         .expiration(b"300")
         .transient();
@@ -496,6 +497,8 @@ async fn a_parked_original_goes_nowhere_else_and_stays_whatever_its_properties_s
     assert_eq!(parked.header("x-ponte-expiration").as_deref(), Some("300"));
     assert_eq!(parked.header("x-ponte-cc"), Some(elsewhere.join(",")));
     assert_eq!(parked.header("CC"), None);
+    // Ponte's headers are Ponte's: the sender's `x-ponte-recipients` would narrow a replay.
+    assert_eq!(parked.header("x-ponte-recipients"), None);
     assert_eq!(parked.properties.delivery_mode(), &Some(2));
     for queue in &elsewhere {
         gw.assert_empty(queue).await;
