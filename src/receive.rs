@@ -312,17 +312,7 @@ impl Flow {
             }
         })
     }
-}
 
-/// What a message replayed by Ponte's operator says of itself.
-struct Replay {
-    /// Where the message was replayed from.
-    from: String,
-    /// The recipients it is replayed for (comma-separated), for a partly delivered message.
-    only: Option<String>,
-}
-
-impl Flow {
     /// The replay headers of a message, when Ponte's operator wrote them: the message carries
     /// Ponte's broker user as `user_id` (the broker refuses a `user_id` that is not the
     /// publisher's). On a sender's message they are ignored, with a warning: they would let it
@@ -348,6 +338,14 @@ impl Flow {
         );
         None
     }
+}
+
+/// What a message replayed by Ponte's operator says of itself.
+struct Replay {
+    /// Where the message was replayed from.
+    from: String,
+    /// The recipients it is replayed for (comma-separated), for a partly delivered message.
+    only: Option<String>,
 }
 
 fn no_answer(what: &'static str) -> BrokerError {
