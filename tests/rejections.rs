@@ -448,14 +448,11 @@ async fn a_parked_original_goes_nowhere_else_and_stays_whatever_its_properties_s
     use common::raw::{self, Properties, strings};
     let gw = Gateway::start().await;
     // The sender has a broker user of its own, as in production.
-    let user = format!("{}-sender", gw.directory.settings.broker.prefix);
-    common::shared_broker_ctl(&["add_user", &user, "sender-secret"]);
-    common::shared_broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
-    let broker: lapin::uri::AMQPUri = gw.url.parse().unwrap();
-    let url = format!(
-        "amqp://{user}:sender-secret@{}:{}/%2f",
-        broker.authority.host, broker.authority.port
+    let sender = common::SenderUser::create(
+        &gw.url,
+        &format!("{}-sender", gw.directory.settings.broker.prefix),
     );
+    let user = &sender.name;
     let elsewhere = [
         gw.queues.outbound("inps"),
         gw.queues.outbound("cpi-bologna"),
@@ -471,7 +468,7 @@ async fn a_parked_original_goes_nowhere_else_and_stays_whatever_its_properties_s
         .expiration(b"300")
         .transient();
     raw::publish(
-        &url,
+        &sender.url,
         &gw.queues.inbound("cpi-modena"),
         b"not json",
         properties,
@@ -503,6 +500,5 @@ async fn a_parked_original_goes_nowhere_else_and_stays_whatever_its_properties_s
     for queue in &elsewhere {
         gw.assert_empty(queue).await;
     }
-    common::shared_broker_ctl(&["delete_user", &user]);
     gw.stop().await;
 }

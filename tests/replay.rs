@@ -166,13 +166,9 @@ async fn a_partly_delivered_message_is_replayed_only_to_the_recipient_it_was_ref
 async fn a_sender_cannot_pass_its_message_off_as_a_replay() {
     use common::raw::{self, Properties};
     let gw = Gateway::start().await;
-    let user = format!("{}-inps", gw.directory.settings.broker.prefix);
-    common::shared_broker_ctl(&["add_user", &user, "inps-secret"]);
-    common::shared_broker_ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
-    let broker: lapin::uri::AMQPUri = gw.url.parse().unwrap();
-    let url = format!(
-        "amqp://{user}:inps-secret@{}:{}/%2f",
-        broker.authority.host, broker.authority.port
+    let inps = common::SenderUser::create(
+        &gw.url,
+        &format!("{}-inps", gw.directory.settings.broker.prefix),
     );
     let claims = || {
         Properties::json()
@@ -185,15 +181,15 @@ async fn a_sender_cannot_pass_its_message_off_as_a_replay() {
     ];
     let inbound = gw.queues.inbound("inps");
     raw::publish(
-        &url,
+        &inps.url,
         &inbound,
         &serde_json::to_vec(&sent[0]).unwrap(),
         claims(),
     )
     .await;
-    let signed = claims().user_id(user.as_bytes());
+    let signed = claims().user_id(inps.name.as_bytes());
     raw::publish(
-        &url,
+        &inps.url,
         &inbound,
         &serde_json::to_vec(&sent[1]).unwrap(),
         signed,
@@ -220,6 +216,5 @@ async fn a_sender_cannot_pass_its_message_off_as_a_replay() {
             "comune-modena"
         );
     }
-    common::shared_broker_ctl(&["delete_user", &user]);
     gw.stop().await;
 }

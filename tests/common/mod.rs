@@ -454,6 +454,42 @@ pub fn shared_broker_ctl_output(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// A sending partner's broker user of its own on the shared broker, as in production (the
+/// gateway's user is another), allowed everything on `/`; deleted when dropped. `url` logs in
+/// as it, on the broker at `broker_url`.
+pub struct SenderUser {
+    pub name: String,
+    pub url: String,
+}
+
+impl SenderUser {
+    pub fn create(broker_url: &str, name: &str) -> SenderUser {
+        shared_broker_ctl(&["add_user", name, "sender-secret"]);
+        shared_broker_ctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+        let broker: lapin::uri::AMQPUri = broker_url.parse().unwrap();
+        let url = format!(
+            "amqp://{name}:sender-secret@{}:{}/%2f",
+            broker.authority.host, broker.authority.port
+        );
+        SenderUser {
+            name: name.to_string(),
+            url,
+        }
+    }
+}
+
+impl Drop for SenderUser {
+    fn drop(&mut self) {
+        if let Ok(node) = std::env::var("TEST_BROKER_NODE") {
+            let _ = Command::new(repo().join("scripts/broker.sh"))
+                .arg("ctl")
+                .args(node.split(' '))
+                .args(["delete_user", &self.name])
+                .output();
+        }
+    }
+}
+
 /// A `ponte` process that is killed if the test ends without stopping it (a failed assertion),
 /// so no gateway outlives its test.
 pub struct Running(pub Option<std::process::Child>);
