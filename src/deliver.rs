@@ -183,10 +183,15 @@ fn unix_now() -> u64 {
 /// Headers are a `FieldTable`; tests and tools read them back as strings.
 pub fn header(properties: &BasicProperties, name: &str) -> Option<String> {
     let table: &FieldTable = properties.headers().as_ref()?;
-    match table.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        other => Some(format!("{other:?}")),
+    Some(text(table.inner().get(name)?))
+}
+
+/// A header's value as text: strings as they are, anything else as the client shows it.
+pub fn text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        other => format!("{other:?}"),
     }
 }
 

@@ -261,6 +261,7 @@ async fn open(
         tracing::debug!(queued, "windows given where the backlog is");
     }
     let bytes_per_message = broker.bytes_per_message(&own);
+    let operator = directory.settings.broker_user();
     for (consuming, publishing, opened) in groups {
         for (partner, consume, publish) in opened {
             let settler = Arc::new(Settler {
@@ -283,7 +284,7 @@ async fn open(
                 pool: pool.clone().filter(|_| partner.prefetch.is_none()),
                 bytes_per_message,
                 settler,
-                operator: directory.settings.broker_user(),
+                operator: operator.clone(),
                 started: started.subscribe(),
             };
             flows.spawn(flow.run(session_stop.clone(), ready_tx.clone()));

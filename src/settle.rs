@@ -407,18 +407,12 @@ fn parkable(
         table.retain(|name, _| !name.as_str().starts_with(OWN_HEADERS));
         if let Some(cc) = table.remove(CC) {
             let keys = match &cc {
-                lapin::types::AMQPValue::FieldArray(keys) => keys
-                    .as_slice()
-                    .iter()
-                    .map(|key| match key {
-                        lapin::types::AMQPValue::LongString(s) => {
-                            String::from_utf8_lossy(s.as_bytes()).into_owned()
-                        }
-                        other => format!("{other:?}"),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(","),
-                other => format!("{other:?}"),
+                lapin::types::AMQPValue::FieldArray(keys) => {
+                    let keys: Vec<String> =
+                        keys.as_slice().iter().map(crate::deliver::text).collect();
+                    keys.join(",")
+                }
+                other => crate::deliver::text(other),
             };
             notes.push(("x-ponte-cc", keys));
         }

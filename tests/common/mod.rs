@@ -441,17 +441,20 @@ pub fn shared_broker_ctl(args: &[&str]) {
 
 /// The same, returning what `rabbitmqctl` printed.
 pub fn shared_broker_ctl_output(args: &[&str]) -> String {
-    let node =
-        std::env::var("TEST_BROKER_NODE").expect("TEST_BROKER_NODE is set by scripts/test.sh");
-    let node: Vec<&str> = node.split(' ').collect();
-    let output = Command::new(repo().join("scripts/broker.sh"))
-        .arg("ctl")
-        .args(&node)
-        .args(args)
+    let output = shared_broker_ctl_command(args)
         .output()
         .expect("scripts/broker.sh runs");
     assert!(output.status.success(), "rabbitmqctl {args:?} failed");
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `rabbitmqctl args` against the shared broker, to run.
+fn shared_broker_ctl_command(args: &[&str]) -> Command {
+    let node =
+        std::env::var("TEST_BROKER_NODE").expect("TEST_BROKER_NODE is set by scripts/test.sh");
+    let mut command = Command::new(repo().join("scripts/broker.sh"));
+    command.arg("ctl").args(node.split(' ')).args(args);
+    command
 }
 
 /// A sending partner's broker user of its own on the shared broker, as in production (the
@@ -480,13 +483,8 @@ impl SenderUser {
 
 impl Drop for SenderUser {
     fn drop(&mut self) {
-        if let Ok(node) = std::env::var("TEST_BROKER_NODE") {
-            let _ = Command::new(repo().join("scripts/broker.sh"))
-                .arg("ctl")
-                .args(node.split(' '))
-                .args(["delete_user", &self.name])
-                .output();
-        }
+        // Not asserted: a test that failed is unwinding already.
+        let _ = shared_broker_ctl_command(&["delete_user", &self.name]).output();
     }
 }
 
