@@ -193,11 +193,11 @@ pub async fn connect(directory: &Directory, name: &str) -> Result<Link, BrokerEr
 ///
 /// lapin lets go of a connection only through the AMQP close handshake or missed heartbeats:
 /// a connection given up on while the broker is alive but silent (a set-up past its deadline,
-/// a close without an answer, a handshake that never finishes) kept its I/O thread and its
-/// socket for as long as the broker kept silent — three threads for every failed attempt to
+/// a close without an answer, a handshake that never finishes) kept its I/O loop and its
+/// socket for as long as the broker kept silent — three of each for every failed attempt to
 /// open a session. A `Link` keeps a second handle on the socket and shuts it down when dropped
 /// (after a clean close too: the socket then ends at once, whoever would have ended it), which
-/// ends lapin's I/O thread with it.
+/// ends lapin's I/O loop with it.
 pub struct Link {
     /// Set once open.
     connection: Option<Connection>,

@@ -2,7 +2,7 @@
 //! channel in confirm mode. Publishing returns once the frames are written, with a pending
 //! confirm, so many messages are in flight per channel; `settle` awaits the confirms. Copies
 //! do not even wait for the write ([`Publishing`]): a flow goes on to its next message while
-//! the connection's I/O thread writes the frames of several messages at once.
+//! the connection's I/O loop writes the frames of several messages at once.
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};

@@ -176,3 +176,27 @@ async fn readyz_is_not_ready_while_the_broker_is_stopped_and_ready_again_after()
     );
     child.stop();
 }
+
+/// The gateway's threads do not grow with its broker connections: each connection's socket is
+/// read and written by a task of the runtime, not by a thread of its own (lapin's I/O loop, as
+/// Ponte's copy of lapin runs it; with the published crate each connection had its thread, and
+/// every frame crossed between it and the runtime's workers).
+#[tokio::test]
+async fn the_gateway_has_no_thread_per_broker_connection() {
+    let (url, prefix, port) = (broker_url(), random_prefix(), common::free_port());
+    let child = start(&url, &prefix, port);
+    wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
+    let pid = child.0.as_ref().unwrap().id();
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap())
+        .map(|name| name.trim().to_string())
+        .collect();
+    // Ready: the demo's partners and the redelivery flow hold four connections open.
+    assert!(
+        !names.iter().any(|name| name.starts_with("lapin")),
+        "{names:?}"
+    );
+    child.stop();
+    common::delete_queues(&common::directory(&url, &prefix)).await;
+}

@@ -14,7 +14,6 @@ use crate::{
     secret_update::SecretUpdate,
     socket_state::SocketState,
     tcp::{AMQPUriTcpExt, OwnedTLSConfig},
-    thread::ThreadHandle,
     types::{LongString, ReplyCode, ShortString},
     uri::AMQPUri,
 };
@@ -37,7 +36,6 @@ pub struct Connection {
     status: ConnectionStatus,
     internal_rpc: InternalRPCHandle,
     events: Events,
-    io_loop: ThreadHandle,
     closer: Arc<ConnectionCloser>,
 }
 
@@ -54,7 +52,6 @@ impl Connection {
             status,
             internal_rpc,
             events,
-            io_loop: ThreadHandle::default(),
             closer,
         }
     }
@@ -172,17 +169,6 @@ impl Connection {
         self.events.listener()
     }
 
-    /// Block the current thread until the connection is closed.
-    ///
-    /// Useful in simple consumer programs where no other work keeps the
-    /// process alive. Drops the connection handle then waits for the
-    /// background IO loop thread to finish.
-    pub fn run(self) -> Result<()> {
-        let io_loop = self.io_loop.clone();
-        drop(self);
-        io_loop.wait("io loop")
-    }
-
     /// Return the negotiated connection configuration (frame size, heartbeat, …).
     #[must_use]
     pub fn configuration(&self) -> &Configuration {
@@ -283,7 +269,7 @@ impl Connection {
         );
 
         internal_rpc.start(channels);
-        conn.io_loop.register(io_loop.start()?);
+        io_loop.start()?;
         conn.start(channel0).await
     }
 

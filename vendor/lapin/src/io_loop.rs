@@ -9,7 +9,6 @@ use crate::{
     killswitch::KillSwitch,
     protocol::{self, AMQPError, AMQPHardError},
     socket_state::SocketState,
-    thread::JoinHandle,
     types::FrameSize,
     uri::AMQPUri,
 };
@@ -23,12 +22,30 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    thread::Builder as ThreadBuilder,
     time::Duration,
 };
-use tracing::{Level, debug, error, trace};
+use tracing::{Instrument, Level, debug, error, trace};
 
 const FRAMES_STORAGE: usize = 32;
+
+/// Turns of the loop after which it gives the runtime's other tasks their turn.
+const YIELD_EVERY: u32 = 16;
+
+/// Returns `Pending` once, waking itself: the task goes to the back of the runtime's queue.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
 
 #[derive(Debug, PartialEq)]
 enum Status {
@@ -52,7 +69,8 @@ pub(crate) struct IoLoop<
     socket_state: SocketState,
     heartbeat: Heartbeat<RK>,
     runtime: Runtime<RK>,
-    connect: C,
+    /// Taken when the loop starts.
+    connect: Option<C>,
     uri: AMQPUri,
     backoff: ExponentialBuilder,
     global_backoff: ExponentialBackoff,
@@ -102,7 +120,7 @@ impl<
             socket_state,
             heartbeat,
             runtime,
-            connect,
+            connect: Some(connect),
             uri,
             backoff,
             global_backoff,
@@ -198,101 +216,134 @@ impl<
         }
     }
 
-    pub(crate) fn start(mut self) -> Result<JoinHandle> {
+    /// Runs the loop as a task of the runtime (Ponte's change: it ran on a thread of its own,
+    /// which every frame read or written crossed to and from the runtime's workers). Only the
+    /// connection attempt runs on a blocking thread: the connector's future is not `Send`.
+    pub(crate) fn start(mut self) -> Result<()> {
         let runtime = self.runtime.clone();
         let waker = self.socket_state.handle();
         let connect_span = tracing::Span::current();
-        let handle = ThreadBuilder::new()
-            .name("lapin-io-loop".to_owned())
-            .spawn(move || {
-                let loop_span = io_loop_span(connect_span);
-                let _enter = loop_span.enter();
-                let connection_killswitch = self.channels.connection_killswitch();
-                let readable_waker = self.socket_state.readable_waker();
-                let mut readable_context = Context::from_waker(&readable_waker);
-                let writable_waker = self.socket_state.writable_waker();
-                let mut writable_context = Context::from_waker(&writable_waker);
-                let (mut stream, res) = loop {
-                    let connect = || (self.connect)(self.uri.clone(), self.runtime.clone());
+        let connect = Arc::new(self.connect.take().expect("an io loop starts once"));
+        runtime.spawn(async move {
+            let loop_span = io_loop_span(connect_span);
+            let connection_killswitch = self.channels.connection_killswitch();
+            let readable_waker = self.socket_state.readable_waker();
+            let writable_waker = self.socket_state.writable_waker();
+            let (mut stream, res) = loop {
+                let stream = {
+                    let connect = connect.clone();
+                    let uri = self.uri.clone();
+                    let backoff = self.backoff;
                     let runtime = self.runtime.clone();
-                    let connect = connect.retry(self.backoff).sleep(move |dur| runtime.sleep(dur));
-                    let mut stream = self.runtime.block_on(connect).inspect_err(|err| {
+                    let span = loop_span.clone();
+                    self.runtime
+                        .spawn_blocking(move || {
+                            let _enter = span.enter();
+                            let connect = &*connect;
+                            let attempt = || connect(uri.clone(), runtime.clone());
+                            let sleeper = runtime.clone();
+                            let attempt = attempt.retry(backoff).sleep(move |dur| sleeper.sleep(dur));
+                            runtime.block_on(attempt)
+                        })
+                        .await
+                };
+                let _enter = loop_span.enter();
+                let mut stream = match stream {
+                    Ok(stream) => stream,
+                    Err(err) => {
                         trace!("Poison connection attempt");
                         self.connection_status.poison(err.clone());
-                        self.frames.clear_connection_steps(err);
-                    })?;
-                    self.half_closed = false;
-                    let mut res = Ok(());
-
-                    while self.should_continue(&connection_killswitch) {
-                        if let Err(err) = self.run(Pin::new(&mut stream), &mut readable_context, &mut writable_context, &connection_killswitch) {
-                            let io_err = err.is_io_error();
-                            res = self.critical_error(&connection_killswitch, err);
-                            if self.connecting() && io_err {
-                                break;
-                            }
-                        }
-                    }
-
-                    let connecting = self.connecting();
-                    let reconnect = self.reconnecting();
-
-                    trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop exiting for {}", if reconnect { "reconnection" } else if connecting { "connection" } else { "shutdown" });
-                    if self.first_connection && connecting && self.half_closed && res.is_ok() {
-                        let error = Error::from(io::Error::from(io::ErrorKind::ConnectionAborted));
-                        if self.frames.retry_connection_header() {
-                            // Before Connection.Start, retry the protocol header with
-                            // the same promise, including if it was only partly sent.
-                            res = Err(error);
-                        } else {
-                            // Later handshake stages may own asynchronous auth work;
-                            // do not carry that exchange onto a fresh TCP connection.
-                            self.channels.set_connection_error(error.clone());
-                            self.clear_serialized_frames(error.clone());
-                            break (stream, Err(error));
-                        }
-                    }
-                    self.clear_serialized_frames(self.frames.poison().or_else(|| res.clone().err()).unwrap_or(
-                        ErrorKind::InvalidConnectionState(ConnectionState::Closed).into(),
-                    ));
-
-                    if !connecting && !reconnect {
-                        break (stream, res);
-                    }
-
-                    let throttle = match self.global_backoff.next() {
-                        Some(throttle) => throttle,
-                        None => {
-                            error!("Exponential backoff attempts exhausted, aborting recovery");
-                            let error = res.err().unwrap_or_else(|| {
-                                io::Error::from(io::ErrorKind::ConnectionAborted).into()
-                            });
-                            self.channels.set_connection_error(error.clone());
-                            break (stream, Err(error));
-                        }
-                    };
-                    debug!("Throttling {:?} before reconnection to avoid flooding", throttle);
-                    std::thread::sleep(throttle);
-
-                    self.reset();
-                    if !self.first_connection {
-                        self.internal_rpc.start_channels_recovery();
+                        self.frames.clear_connection_steps(&err);
+                        return Err(err);
                     }
                 };
+                drop(_enter);
+                self.half_closed = false;
+                let mut res = Ok(());
 
-                trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop entering exit/cleanup phase");
-                self.internal_rpc.stop();
-                if self.heartbeat.killswitch().killed()
-                    && let Err(err) = self.runtime.block_on(std::future::poll_fn(move |cx| {
-                        Pin::new(&mut stream)
-                            .poll_close(cx)
-                    })) {
-                        error!(?err, "Failed to close IO stream");
+                let mut turns = 0u32;
+                while self.should_continue(&connection_killswitch) {
+                    // A busy socket may never leave the loop waiting: let the runtime's other
+                    // tasks run (and tokio's I/O budget refill) every few turns.
+                    turns += 1;
+                    if turns % YIELD_EVERY == 0 {
+                        YieldNow(false).await;
                     }
-                res
-            }).map_err(|err| Error::io(err, &runtime))?;
+                    if let Err(err) = self
+                        .run(Pin::new(&mut stream), &readable_waker, &writable_waker, &connection_killswitch)
+                        .instrument(loop_span.clone())
+                        .await
+                    {
+                        let _enter = loop_span.enter();
+                        let io_err = err.is_io_error();
+                        res = self.critical_error(&connection_killswitch, err);
+                        if self.connecting() && io_err {
+                            break;
+                        }
+                    }
+                }
+
+                let _enter = loop_span.enter();
+                let connecting = self.connecting();
+                let reconnect = self.reconnecting();
+
+                trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop exiting for {}", if reconnect { "reconnection" } else if connecting { "connection" } else { "shutdown" });
+                if self.first_connection && connecting && self.half_closed && res.is_ok() {
+                    let error = Error::from(io::Error::from(io::ErrorKind::ConnectionAborted));
+                    if self.frames.retry_connection_header() {
+                        // Before Connection.Start, retry the protocol header with
+                        // the same promise, including if it was only partly sent.
+                        res = Err(error);
+                    } else {
+                        // Later handshake stages may own asynchronous auth work;
+                        // do not carry that exchange onto a fresh TCP connection.
+                        self.channels.set_connection_error(error.clone());
+                        self.clear_serialized_frames(error.clone());
+                        break (stream, Err(error));
+                    }
+                }
+                self.clear_serialized_frames(self.frames.poison().or_else(|| res.clone().err()).unwrap_or(
+                    ErrorKind::InvalidConnectionState(ConnectionState::Closed).into(),
+                ));
+
+                if !connecting && !reconnect {
+                    break (stream, res);
+                }
+
+                let throttle = match self.global_backoff.next() {
+                    Some(throttle) => throttle,
+                    None => {
+                        error!("Exponential backoff attempts exhausted, aborting recovery");
+                        let error = res.err().unwrap_or_else(|| {
+                            io::Error::from(io::ErrorKind::ConnectionAborted).into()
+                        });
+                        self.channels.set_connection_error(error.clone());
+                        break (stream, Err(error));
+                    }
+                };
+                debug!("Throttling {:?} before reconnection to avoid flooding", throttle);
+                drop(_enter);
+                self.runtime.sleep(throttle).await;
+
+                self.reset();
+                if !self.first_connection {
+                    self.internal_rpc.start_channels_recovery();
+                }
+            };
+
+            trace!(parent: &loop_span, status=?self.status, connection_status=?self.connection_status.state(), "io_loop entering exit/cleanup phase");
+            self.internal_rpc.stop();
+            if self.heartbeat.killswitch().killed()
+                && let Err(err) = std::future::poll_fn(move |cx| {
+                    Pin::new(&mut stream)
+                        .poll_close(cx)
+                }).await {
+                    error!(parent: &loop_span, ?err, "Failed to close IO stream");
+                }
+            res
+        });
         waker.wake();
-        Ok(handle)
+        Ok(())
     }
 
     fn stop(&mut self) {
@@ -309,11 +360,11 @@ impl<
         }
     }
 
-    fn run<T: AsyncRead + AsyncWrite + ?Sized>(
+    async fn run<T: AsyncRead + AsyncWrite + ?Sized>(
         &mut self,
         mut stream: Pin<&mut T>,
-        readable_context: &mut Context<'_>,
-        writable_context: &mut Context<'_>,
+        readable_waker: &std::task::Waker,
+        writable_waker: &std::task::Waker,
         connection_killswitch: &KillSwitch,
     ) -> Result<()> {
         trace!("io_loop run");
@@ -330,8 +381,11 @@ impl<
         );
         if !self.can_read() && !self.can_write() && self.should_continue(connection_killswitch) {
             trace!("io_loop cannot do anything for now, waiting for socket events.");
-            self.socket_state.wait();
+            self.socket_state.wait().await;
         }
+        // Made after the wait: a `Context` is not `Send`, and the task must be.
+        let readable_context = &mut Context::from_waker(readable_waker);
+        let writable_context = &mut Context::from_waker(writable_waker);
         self.poll_socket_events();
         self.attempt_flush(stream.as_mut(), writable_context, connection_killswitch)?;
         self.write(stream.as_mut(), writable_context, connection_killswitch)?;

@@ -218,5 +218,4 @@ mod returned_messages;
 mod secret_update;
 mod shared;
 mod socket_state;
-mod thread;
 mod topology;

@@ -51,8 +51,8 @@ impl SocketState {
         self.writable
     }
 
-    pub(crate) fn wait(&mut self) {
-        match self.events.recv() {
+    pub(crate) async fn wait(&mut self) {
+        match self.events.recv_async().await {
             Ok(event) => self.handle_event(event),
             Err(err) => error!(?err, "waiting for socket event failed"),
         }
