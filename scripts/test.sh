@@ -39,5 +39,10 @@ scripts/broker.sh ctl test "$port" "$dir" import_definitions "$PWD/deploy/defini
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
+# What the tests leave behind (data folders, configuration copies, browser profiles) goes
+# under target/, cleared at the start of every run, not into the system's temporary folder.
+export TMPDIR="$PWD/target/test-tmp"
+rm -rf "$TMPDIR"
+mkdir -p "$TMPDIR"
 cargo build --all-targets --locked
 cargo nextest run --all-targets --locked --no-fail-fast "$@"
