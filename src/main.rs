@@ -194,16 +194,32 @@ fn load_for_tools(dir: &std::path::Path) -> anyhow::Result<Directory> {
     Directory::load_without_secrets(dir).map_err(|errors| anyhow::anyhow!("{errors}"))
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match execute(cli).await {
+    let outcome = runtime(&cli)
+        .context("starting the runtime")
+        .and_then(|runtime| runtime.block_on(execute(cli)));
+    match outcome {
         Ok(code) => code,
         Err(error) => {
             eprintln!("ponte: {error:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime, for `ponte run` with as many workers as `runtime.workers` asks for (a
+/// configuration that does not load is reported by `run` itself, with everything else in it).
+fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if matches!(cli.command, Command::Run)
+        && let Ok(settings) = ponte::settings::Settings::load(&cli.config, &[])
+        && settings.runtime.workers > 0
+    {
+        builder.worker_threads(settings.runtime.workers);
+    }
+    builder.build()
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -244,6 +260,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let directory = load(&cli.config).context("refusing to start")?;
             ponte::telemetry::init(&directory.settings.log);
             ponte::ops::metrics();
+            let workers = tokio::runtime::Handle::current().metrics().num_workers();
+            metrics::gauge!("ponte_runtime_workers").set(workers as f64);
             let pipeline = Arc::new(
                 ponte::pipeline::Pipeline::open(Arc::new(directory))
                     .context("refusing to start")?,

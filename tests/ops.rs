@@ -11,14 +11,29 @@ use common::{PrivateBroker, Running, broker_url, publish_many, random_prefix, re
 use ponte::broker::Queues;
 
 fn start(url: &str, prefix: &str, port: u16) -> Running {
+    start_with(url, prefix, port, &[])
+}
+
+/// The same with more settings from the environment (`("PONTE_RUNTIME__WORKERS", "1")`, …).
+fn start_with(url: &str, prefix: &str, port: u16, settings: &[(&str, &str)]) -> Running {
     let child = common::ponte_run(&repo().join("config"), url, prefix)
         .env("PONTE_OPS__LISTEN", format!("127.0.0.1:{port}"))
         .env("PONTE_BROKER__MAX_RECONNECT_DELAY_SECS", "1")
         .env("PONTE_LOG__LEVEL", "warn")
+        .envs(settings.iter().copied())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     Running(Some(child))
+}
+
+/// The names of the threads of the process `pid`.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap())
+        .map(|name| name.trim().to_string())
+        .collect()
 }
 
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -186,17 +201,39 @@ async fn the_gateway_has_no_thread_per_broker_connection() {
     let (url, prefix, port) = (broker_url(), random_prefix(), common::free_port());
     let child = start(&url, &prefix, port);
     wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
-    let pid = child.0.as_ref().unwrap().id();
-    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap())
-        .map(|name| name.trim().to_string())
-        .collect();
+    let names = thread_names(child.0.as_ref().unwrap().id());
     // Ready: the demo's partners and the redelivery flow hold four connections open.
     assert!(
         !names.iter().any(|name| name.starts_with("lapin")),
         "{names:?}"
     );
+    child.stop();
+    common::delete_queues(&common::directory(&url, &prefix)).await;
+}
+
+/// `runtime.workers` sets how many threads run the flows (`/metrics` says how many there are),
+/// and the gateway works on one: it delivers a referral.
+#[tokio::test]
+async fn the_gateway_runs_its_flows_on_the_workers_configured() {
+    let (url, prefix, port) = (broker_url(), random_prefix(), common::free_port());
+    let workers = async || {
+        let (_, metrics) = get(port, "/metrics").await.unwrap();
+        total(&metrics, "ponte_runtime_workers", &[])
+    };
+    let child = start_with(&url, &prefix, port, &[("PONTE_RUNTIME__WORKERS", "1")]);
+    wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
+    assert_eq!(workers().await, 1.0);
+    let queues = Queues::new(&prefix);
+    let body = serde_json::to_vec(&referral("cpi-modena", "CPI-MO-01", "036023")).unwrap();
+    publish_many(&url, &queues.inbound("cpi-modena"), &[body]).await;
+    let delivered = common::drain(&url, &queues.outbound("inps"), 1, Duration::from_secs(20)).await;
+    assert_eq!(delivered.len(), 1, "the referral reached INPS");
+    child.stop();
+
+    let child = start(&url, &prefix, port);
+    wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(workers().await, cores as f64, "one per core by default");
     child.stop();
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }
