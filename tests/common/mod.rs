@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -365,24 +366,24 @@ async fn declare(connection: &Connection, channel: &lapin::Channel, queue: &str)
         .unwrap();
 }
 
-/// Consumes (auto-ack) up to `count` messages from `queue`, returning once `count` arrived or
-/// once no message came for `wait` (so a long queue is read whole however busy the machine).
+/// Takes up to `count` messages from `queue`, returning once `count` arrived or once no message
+/// came for `wait` (so a long queue is read whole however busy the machine). Each message taken
+/// is acknowledged; the rest stay in the queue (those the broker had already pushed return to it
+/// when the connection closes), so a test may take one message at a time.
 pub async fn drain(url: &str, queue: &str, count: usize, wait: Duration) -> Vec<Message> {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
     declare(&connection, &channel, queue).await;
+    let window = u16::try_from(count.clamp(1, 1000)).unwrap();
     channel
-        .basic_qos(1000, BasicQosOptions::default())
+        .basic_qos(window, BasicQosOptions::default())
         .await
         .unwrap();
     let mut consumer = channel
         .basic_consume(
             queue.into(),
             "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
@@ -390,10 +391,13 @@ pub async fn drain(url: &str, queue: &str, count: usize, wait: Duration) -> Vec<
     let mut out = Vec::new();
     while out.len() < count {
         match tokio::time::timeout(wait, consumer.next()).await {
-            Ok(Some(Ok(d))) => out.push(Message {
-                body: d.data,
-                properties: d.properties,
-            }),
+            Ok(Some(Ok(d))) => {
+                d.acker.ack(BasicAckOptions::default()).await.unwrap();
+                out.push(Message {
+                    body: d.data,
+                    properties: d.properties,
+                });
+            }
             _ => break,
         }
     }
