@@ -115,8 +115,11 @@ fn a_small_benchmark_run_produces_every_figure() {
             && plot.contains(">no-op forwarder: p50"),
         "{plot}"
     );
-    // The run leaves the broker as it found it.
+    // The run leaves the broker as it found it, and no data folder behind.
     assert_eq!(queues_and_shovels(&broker), "", "after a finished run");
+    let config = work.join("config-smoke");
+    assert!(config.join("ponte.toml").exists());
+    assert!(!config.join("data").exists(), "the data folder is removed");
 
     // With the load spread as Ponte gets it: a shovel from each sender's queue, set and
     // cleared together.

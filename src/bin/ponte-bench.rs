@@ -121,6 +121,11 @@ struct Args {
     /// Where to write the generated configuration and latency samples.
     #[arg(long, default_value = "target/bench")]
     work: PathBuf,
+    /// Keep the run's data folder (`<work>/config-<scenario>/data`: the crosswalk and the
+    /// delivery log of every message moved) to look at; by default it is removed at the end
+    /// (a million-message or history row leaves gigabytes).
+    #[arg(long)]
+    keep_data: bool,
 }
 
 /// The messages of a load.
@@ -320,6 +325,9 @@ async fn main() -> Result<()> {
     // Whatever happened: an interrupted or failed run's queues would otherwise stay on the
     // broker with their messages (and a shovel go on moving them), slowing every later run.
     cleanup(&args, &connection, &directory).await;
+    if !args.keep_data {
+        let _ = std::fs::remove_dir_all(ponte::pipeline::store_dir(&directory));
+    }
     let (load, row) = measured?;
     report(&args, &load, &row)?;
     Ok(())
