@@ -31,22 +31,6 @@ const FRAMES_STORAGE: usize = 32;
 /// Turns of the loop after which it gives the runtime's other tasks their turn.
 const YIELD_EVERY: u32 = 16;
 
-/// Returns `Pending` once, waking itself: the task goes to the back of the runtime's queue.
-struct YieldNow(bool);
-
-impl Future for YieldNow {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            return Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
 #[derive(Debug, PartialEq)]
 enum Status {
     Initial,
@@ -267,7 +251,7 @@ impl<
                     // tasks run (and tokio's I/O budget refill) every few turns.
                     turns += 1;
                     if turns % YIELD_EVERY == 0 {
-                        YieldNow(false).await;
+                        futures_lite::future::yield_now().await;
                     }
                     if let Err(err) = self
                         .run(Pin::new(&mut stream), &readable_waker, &writable_waker, &connection_killswitch)
