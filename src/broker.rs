@@ -39,6 +39,9 @@ pub enum BrokerError {
     Nacked,
     #[error("a flow ended abnormally")]
     FlowPanicked,
+    /// Logged, with its cause, where the message was handed back.
+    #[error("a flow stopped after a broker failure while settling a message")]
+    SettleFailed,
     #[error("the consumer on {queue} was cancelled by the broker")]
     ConsumerCancelled { queue: String },
     #[error("the channel closed before the message could be acknowledged")]

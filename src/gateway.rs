@@ -1,11 +1,14 @@
 //! Gateway: the supervisor. Connects, declares the topology, starts one flow per partner, and
-//! when the broker fails tears everything down and starts again with backoff; on shutdown stops
-//! consuming, waits for in-flight messages to settle, and returns.
+//! when the broker fails tears everything down and starts again with backoff; a failure of one
+//! partner's flow alone starts that flow again (see `supervise`). On shutdown stops consuming,
+//! waits for in-flight messages to settle, and returns.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::{join_all, try_join_all};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -13,12 +16,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::{
-    ANSWER_WITHIN, BrokerError, QueueNames, Queues, confirming_channel, connect, declare_topology,
+    ANSWER_WITHIN, BrokerError, Link, QueueNames, Queues, confirming_channel, connect,
+    declare_topology,
 };
 use crate::courier::Courier;
 use crate::directory::Directory;
 use crate::partner::{Partner, Receipts};
 use crate::pipeline::Pipeline;
+use crate::prefetch::Window;
 use crate::receive::Flow;
 use crate::redeliver::Redeliverer;
 use crate::settle::Settler;
@@ -55,7 +60,7 @@ impl Status {
 pub async fn run(pipeline: Arc<Pipeline>, shutdown: CancellationToken, status: Status) {
     let directory = &pipeline.directory;
     let max_delay = Duration::from_secs(directory.settings.broker.max_reconnect_delay_secs.max(1));
-    let mut delay = Duration::from_millis(200);
+    let mut delay = FIRST_DELAY;
     let mut reconnects: u64 = 0;
     while !shutdown.is_cancelled() {
         let result = session(&pipeline, &shutdown, &status, &mut delay).await;
@@ -82,6 +87,10 @@ pub async fn run(pipeline: Arc<Pipeline>, shutdown: CancellationToken, status: S
     }
     info!("gateway stopped");
 }
+
+/// The first wait before reconnecting, or before starting a failed flow again; each failure in
+/// a row doubles it, up to `broker.max_reconnect_delay_secs`.
+const FIRST_DELAY: Duration = Duration::from_millis(200);
 
 /// Partners whose flows share one pair of connections. lapin checks every channel of a
 /// connection for flow control on each frame it writes, so thousands of channels on one
@@ -133,7 +142,7 @@ async fn session(
     if failure.is_none() && consuming_flows == expected {
         // Backoff starts again from its shortest only once a session worked: a broker that
         // accepts connections and fails the set-up each time is not tried five times a second.
-        *delay = Duration::from_millis(200);
+        *delay = FIRST_DELAY;
         started.send_replace(true);
         status.ready.send_replace(true);
         info!(
@@ -176,7 +185,7 @@ async fn session(
 /// An opened session: its connections; its flows, consuming and waiting for `started`; the
 /// channel on which each flow says it consumes, and how many will.
 struct Opened {
-    connections: Vec<crate::broker::Link>,
+    connections: Vec<Arc<Link>>,
     flows: JoinSet<Result<(), BrokerError>>,
     consuming: mpsc::Receiver<()>,
     expected: usize,
@@ -263,6 +272,7 @@ async fn open(
     let bytes_per_message = broker.bytes_per_message(&own);
     let operator = directory.settings.broker_user();
     for (consuming, publishing, opened) in groups {
+        let (consuming, publishing) = (Arc::new(consuming), Arc::new(publishing));
         for (partner, consume, publish) in opened {
             let settler = Arc::new(Settler {
                 channel: publish,
@@ -270,7 +280,8 @@ async fn open(
                 queues: queues.clone(),
                 confirm_timeout_secs: directory.settings.broker.publish_timeout_secs,
                 positive_receipts: partner.receipts == Receipts::All,
-                reconnect: session_stop.clone(),
+                // Each start of the flow has its own (see `supervise`).
+                reconnect: CancellationToken::new(),
                 store: pipeline.store.clone(),
                 delivery: directory.settings.delivery.clone(),
                 names: Queues::new(&directory.settings.broker.prefix),
@@ -281,13 +292,27 @@ async fn open(
                 partner: partner.clone(),
                 consume,
                 prefetch: prefetches[partner.id.as_str()],
-                pool: pool.clone().filter(|_| partner.prefetch.is_none()),
+                // Only a flow that shares `broker.max_in_flight` keeps count of what it uses.
+                window: pool
+                    .clone()
+                    .filter(|_| partner.prefetch.is_none())
+                    .map(|pool| Window::new(pool, prefetches[partner.id.as_str()])),
                 bytes_per_message,
                 settler,
                 operator: operator.clone(),
                 started: started.subscribe(),
             };
-            flows.spawn(flow.run(session_stop.clone(), ready_tx.clone()));
+            let supervised = Supervised {
+                flow,
+                consuming: consuming.clone(),
+                publishing: publishing.clone(),
+            };
+            flows.spawn(supervise(
+                supervised,
+                session_stop.clone(),
+                started.subscribe(),
+                ready_tx.clone(),
+            ));
         }
         connections.push(consuming);
         connections.push(publishing);
@@ -329,8 +354,8 @@ async fn open(
             session_stop.clone(),
         ));
     }
-    connections.push(retry_consuming);
-    connections.push(retry_publishing);
+    connections.push(Arc::new(retry_consuming));
+    connections.push(Arc::new(retry_publishing));
     drop(ready_tx);
     tracing::debug!(
         connections = connections.len(),
@@ -342,6 +367,92 @@ async fn open(
         consuming: ready_rx,
         expected,
     })
+}
+
+/// A partner's flow, with the connections of its group: what it takes to start it again on new
+/// channels.
+struct Supervised {
+    flow: Flow,
+    consuming: Arc<Link>,
+    publishing: Arc<Link>,
+}
+
+/// Runs a partner's flow for the session. Once the session has started, a failure of this flow
+/// alone — its channel closed by the broker, its consumer cancelled (its queue deleted), a copy
+/// returned as unroutable or not confirmed in time, a bug — starts this flow again, after a
+/// backoff, on new channels of the same connections, once the topology is declared again (a
+/// queue deleted by mistake comes back): the other partners' flows go on undisturbed. The
+/// failure is returned, and ends the session, when it comes before the session has started,
+/// when a connection of the flow's group is down, or when starting the flow again fails.
+async fn supervise(
+    mut s: Supervised,
+    session_stop: CancellationToken,
+    started: watch::Receiver<bool>,
+    ready: mpsc::Sender<()>,
+) -> Result<(), BrokerError> {
+    let directory = s.flow.pipeline.directory.clone();
+    let broker = &directory.settings.broker;
+    let max_delay = Duration::from_secs(broker.max_reconnect_delay_secs.max(1));
+    let partner = s.flow.partner.id.clone();
+    let mut delay = FIRST_DELAY;
+    let mut ready = Some(ready);
+    let mut publish = s.flow.settler.channel.clone();
+    loop {
+        // The flow's settlements ask for a restart by cancelling this run's token.
+        let run_stop = session_stop.child_token();
+        s.flow.settler = Arc::new(Settler {
+            channel: publish.clone(),
+            reconnect: run_stop.clone(),
+            ..(*s.flow.settler).clone()
+        });
+        let began = tokio::time::Instant::now();
+        let ran = AssertUnwindSafe(s.flow.run(run_stop.clone(), ready.take()))
+            .catch_unwind()
+            .await;
+        let failure = match ran {
+            Ok(Ok(())) if session_stop.is_cancelled() => return Ok(()),
+            Ok(Ok(())) => BrokerError::SettleFailed,
+            Ok(Err(error)) => error,
+            Err(_) => {
+                warn!(partner, "a flow ended abnormally");
+                BrokerError::FlowPanicked
+            }
+        };
+        let connected = s.consuming.status().connected() && s.publishing.status().connected();
+        if session_stop.is_cancelled() || !*started.borrow() || !connected {
+            return Err(failure);
+        }
+        if began.elapsed() >= max_delay {
+            delay = FIRST_DELAY;
+        }
+        metrics::counter!("ponte_flow_restarts_total", "partner" => partner.clone()).increment(1);
+        warn!(
+            partner,
+            error = %failure,
+            retry_in_ms = delay.as_millis() as u64,
+            "the partner's flow failed; starting it again alone"
+        );
+        let old = (s.flow.consume.clone(), publish.clone());
+        let _ = tokio::join!(
+            tokio::time::timeout(ANSWER_WITHIN, old.0.close(200, "flow restarting".into())),
+            tokio::time::timeout(ANSWER_WITHIN, old.1.close(200, "flow restarting".into())),
+        );
+        let setup_secs = broker.setup_timeout_secs;
+        let reopen = async {
+            tokio::time::sleep(jitter(delay)).await;
+            declare_topology(&s.consuming, &directory).await?;
+            let consume = s.consuming.create_channel().await?;
+            let publish = confirming_channel(&s.publishing).await?;
+            Ok::<_, BrokerError>((consume, publish))
+        };
+        let reopened = tokio::select! {
+            () = session_stop.cancelled() => return Ok(()),
+            reopened = tokio::time::timeout(Duration::from_secs(setup_secs) + delay, reopen) => reopened,
+        };
+        (s.flow.consume, publish) =
+            reopened.map_err(|_| BrokerError::SetupTimeout(setup_secs))??;
+        delay = (delay * 2).min(max_delay);
+    }
 }
 
 /// How long beyond the confirm timeout the flows may take to wind down once one has failed.

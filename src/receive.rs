@@ -16,7 +16,7 @@ use crate::broker::{ANSWER_WITHIN, BrokerError, consume, stop_consuming};
 use crate::deliver::{Labels, Publishing, properties};
 use crate::partner::Partner;
 use crate::pipeline::{Outcome, Pipeline};
-use crate::prefetch::{self, Pool};
+use crate::prefetch;
 use crate::settle::{self, Acknowledger, Inbound, Partial, Pending, Settled, Settler};
 use tokio::time::timeout;
 
@@ -28,9 +28,10 @@ pub struct Flow {
     pub consume: Channel,
     /// Unacknowledged messages the broker may push to this flow, at first.
     pub prefetch: u16,
-    /// Where the flow gives back prefetch it does not use and takes more when held back, when
-    /// it shares `broker.max_in_flight` with others (see [`crate::prefetch`]).
-    pub pool: Option<Arc<Pool>>,
+    /// The flow's share of `broker.max_in_flight`, when it shares it with others: it gives back
+    /// what it does not use and takes more when held back (see [`crate::prefetch`]). Kept
+    /// across the flow's restarts, so what it took is still counted as its own.
+    pub window: Option<prefetch::Window>,
     /// What each message of the window may hold on average (`broker.max_in_flight_bytes`
     /// shared out): a flow whose messages are larger has fewer unacknowledged at once.
     pub bytes_per_message: u64,
@@ -69,18 +70,32 @@ type Settling = FuturesOrdered<futures_util::future::BoxFuture<'static, Settled>
 
 impl Flow {
     /// Consumes until `stop` is cancelled (settles what is in flight, returns `Ok`) or the broker
-    /// fails (returns the error; unacknowledged messages go back to the queue).
+    /// fails (returns the error; unacknowledged messages go back to the queue). Says so on
+    /// `ready`, when given one, once it consumes. May be run again, on new channels, once it
+    /// has returned.
     pub async fn run(
-        self,
+        &mut self,
         stop: CancellationToken,
-        ready: tokio::sync::mpsc::Sender<()>,
+        ready: Option<tokio::sync::mpsc::Sender<()>>,
+    ) -> Result<(), BrokerError> {
+        let mut window = self.window.take();
+        let ran = self.serve(stop, ready, &mut window).await;
+        self.window = window;
+        ran
+    }
+
+    async fn serve(
+        &self,
+        stop: CancellationToken,
+        ready: Option<tokio::sync::mpsc::Sender<()>>,
+        window: &mut Option<prefetch::Window>,
     ) -> Result<(), BrokerError> {
         let queue = self.settler.queues.inbound(&self.partner.id).to_string();
         let tag = format!("ponte-{}", self.partner.id);
         // Until its first messages show their size, a flow takes them to be as large as allowed.
         let largest_allowed = self.pipeline.directory.settings.limits.max_message_bytes;
         let sizes = prefetch::Sizes::new(self.bytes_per_message, largest_allowed as u64);
-        let prefetch = sizes.cap(self.prefetch);
+        let prefetch = sizes.cap(window.as_ref().map_or(self.prefetch, |w| w.prefetch));
         let mut c = Consuming {
             consumer: consume(&self.consume, &queue, &tag, prefetch).await?,
             tag,
@@ -91,8 +106,9 @@ impl Flow {
         };
         c.gauge.set(prefetch);
         debug!(%queue, "consuming");
-        let _ = ready.send(()).await;
-        drop(ready);
+        if let Some(ready) = ready {
+            let _ = ready.send(()).await;
+        }
         let mut started = self.started.clone();
         tokio::select! {
             () = stop.cancelled() => {}
@@ -107,11 +123,6 @@ impl Flow {
             prefetch::EVERY,
         );
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Only a flow that shares `broker.max_in_flight` keeps count of what it uses.
-        let mut window = self
-            .pool
-            .clone()
-            .map(|pool| prefetch::Window::new(pool, self.prefetch));
         loop {
             tokio::select! {
                 biased;
@@ -119,7 +130,7 @@ impl Flow {
                 _ = look.tick() => {
                     let now = settling.len() + acks.unacknowledged();
                     let mut base = self.prefetch;
-                    if let Some(window) = &mut window {
+                    if let Some(window) = window.as_mut() {
                         window.look(prefetch::in_window(now, window.prefetch, c.prefetch));
                         base = window.prefetch;
                     }
@@ -148,7 +159,7 @@ impl Flow {
                         let base = window.as_ref().map_or(self.prefetch, |w| w.prefetch);
                         let resize = c.sizes.saw(delivery.data.len() as u64, base, c.prefetch);
                         settling.push_back(self.handle(delivery, &owner).await?);
-                        if let Some(window) = &mut window {
+                        if let Some(window) = window.as_mut() {
                             let now = settling.len() + acks.unacknowledged();
                             window.saw(prefetch::in_window(now, window.prefetch, c.prefetch));
                         }

@@ -34,7 +34,7 @@ const ACK_BATCH: usize = 128;
 const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 
 /// What every settlement of one flow shares.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Settler {
     pub channel: Channel,
     /// The largest frame of the channel's connection: a message's properties must fit one.
@@ -43,8 +43,9 @@ pub struct Settler {
     pub confirm_timeout_secs: u64,
     /// Whether the partner of this flow wants a receipt for delivered messages too.
     pub positive_receipts: bool,
-    /// Cancelled to make the gateway reconnect and redeclare its topology, when a failure says
-    /// the connection or the topology is not what it should be.
+    /// Cancelled to have the flow started again on new channels, with the topology declared
+    /// again, when a failure says the channel or the topology is not what it should be (the
+    /// whole session starts again when the connection is).
     pub reconnect: CancellationToken,
     /// Where delivered messages are remembered (duplicate detection); made durable before the
     /// inbound acks.
@@ -890,7 +891,7 @@ async fn hand_back(settler: &Settler, inbound: Inbound, error: HandBack, pause: 
             tokio::time::sleep(REQUEUE_DELAY).await;
         }
     } else {
-        // The connection or the topology is broken: start a new session.
+        // The channel, the connection or the topology is broken: start the flow again.
         settler.reconnect.cancel();
     }
     let _ = inbound

@@ -24,6 +24,7 @@ const METRICS: &[&str] = &[
     "ponte_dead_letters_total",
     "ponte_handed_back_total",
     "ponte_broker_reconnects_total",
+    "ponte_flow_restarts_total",
     "ponte_lookups_total",
     "ponte_ready",
     "ponte_store_wait_seconds_bucket",

@@ -237,3 +237,131 @@ async fn the_gateway_runs_its_flows_on_the_workers_configured() {
     child.stop();
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }
+
+/// How many consumers `queue` has, `None` while it does not exist.
+async fn consumers(url: &str, queue: &str) -> Option<u32> {
+    let connection = common::connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, Default::default())
+        .await
+        .ok()
+        .map(|queue| queue.consumer_count());
+    let _ = connection.close(200, "done".into()).await;
+    declared
+}
+
+async fn delete_queue(url: &str, queue: &str) {
+    let connection = common::connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(queue.into(), Default::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// The metrics once `name` (with `labels`) has reached `at_least`.
+async fn metrics_once(port: u16, name: &str, labels: &[&str], at_least: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, metrics) = get(port, "/metrics").await.unwrap();
+        if total(&metrics, name, labels) >= at_least {
+            return metrics;
+        }
+        assert!(Instant::now() < deadline, "{name} {labels:?}:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A partner's inbound queue deleted under a running gateway (an operator's mistake) cancels
+/// that partner's consumer: its flow alone starts again and declares the queue again, while the
+/// session, and with it every other partner's flow, goes on (no reconnect); the partner's new
+/// messages are delivered.
+#[tokio::test]
+async fn a_deleted_inbound_queue_restarts_its_partner_s_flow_alone() {
+    let (url, prefix, port) = (broker_url(), random_prefix(), common::free_port());
+    let child = start(&url, &prefix, port);
+    wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
+    let queues = Queues::new(&prefix);
+    let inbound = &queues.inbound("cpi-modena");
+
+    delete_queue(&url, inbound).await;
+    let restarts = "ponte_flow_restarts_total";
+    let metrics = metrics_once(port, restarts, &["partner=\"cpi-modena\""], 1.0).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumers(&url, inbound).await != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "{inbound} declared and consumed again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(total(&metrics, restarts, &[]), 1.0, "{metrics}");
+    for sender in ["cpi-modena", "cpi-bologna"] {
+        let body = serde_json::to_vec(&referral(sender, "CPI-MO-01", "036023")).unwrap();
+        publish_many(&url, &queues.inbound(sender), &[body]).await;
+    }
+    let delivered = common::drain(&url, &queues.outbound("inps"), 2, Duration::from_secs(20)).await;
+    assert_eq!(delivered.len(), 2, "both partners' referrals reached INPS");
+
+    let (_, metrics) = get(port, "/metrics").await.unwrap();
+    assert_eq!(
+        total(&metrics, "ponte_broker_reconnects_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(total(&metrics, restarts, &[]), 1.0, "{metrics}");
+    assert_eq!(get(port, "/readyz").await.unwrap().0, 200);
+    child.stop();
+    common::delete_queues(&common::directory(&url, &prefix)).await;
+}
+
+/// A recipient's outbound queue deleted under a running gateway: the copy for it comes back
+/// unroutable, the referral goes back to its queue, and the sender's flow alone starts again,
+/// declaring the topology again; the referral then reaches the recipient, with no reconnect.
+#[tokio::test]
+async fn a_deleted_recipient_queue_is_declared_again_and_the_copy_reaches_it() {
+    let (url, prefix, port) = (broker_url(), random_prefix(), common::free_port());
+    let child = start(&url, &prefix, port);
+    wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
+    let queues = Queues::new(&prefix);
+    delete_queue(&url, &queues.outbound("inps")).await;
+
+    let referral = referral("cpi-modena", "CPI-MO-01", "036023");
+    let body = serde_json::to_vec(&referral).unwrap();
+    publish_many(&url, &queues.inbound("cpi-modena"), &[body]).await;
+    let restarts = "ponte_flow_restarts_total";
+    metrics_once(port, restarts, &["partner=\"cpi-modena\""], 1.0).await;
+    // Taking from the queue declares it: only once the gateway has.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumers(&url, &queues.outbound("inps")).await.is_none() {
+        assert!(Instant::now() < deadline, "INPS's queue declared again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let delivered = common::drain(&url, &queues.outbound("inps"), 1, Duration::from_secs(30)).await;
+    assert_eq!(delivered.len(), 1, "the referral reached INPS");
+    assert_eq!(delivered[0].json()["message_id"], referral["message_id"]);
+
+    let (_, metrics) = get(port, "/metrics").await.unwrap();
+    assert!(
+        total(&metrics, restarts, &["partner=\"cpi-modena\""]) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        total(&metrics, restarts, &[]),
+        total(&metrics, restarts, &["partner=\"cpi-modena\""]),
+        "no other flow restarted: {metrics}"
+    );
+    assert_eq!(
+        total(&metrics, "ponte_broker_reconnects_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+    child.stop();
+    common::delete_queues(&common::directory(&url, &prefix)).await;
+}
