@@ -767,7 +767,9 @@ impl Writer<'_> {
             return Ok(());
         };
         let (connection, path, undelivered) = (&self.connection, self.path, &mut self.undelivered);
+        let committing = Instant::now();
         let mut outcome = outcome.and_then(|()| connection.execute_batch("COMMIT"));
+        slow(path, "commit", committing, open.writes.len() as i64);
         let mut pause = Duration::from_millis(50);
         while let Err(error) = outcome {
             let _ = connection.execute_batch("ROLLBACK");
@@ -856,6 +858,18 @@ fn checkpoint(connection: &Connection, mode: &str) -> rusqlite::Result<i64> {
     connection.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(1))
 }
 
+/// A commit or a checkpoint that takes longer than this is logged (DEBUG), to find what holds
+/// acknowledgements back.
+const SLOW: Duration = Duration::from_millis(20);
+
+fn slow(path: &str, what: &str, since: Instant, count: i64) {
+    let took = since.elapsed();
+    if took >= SLOW {
+        let took_ms = took.as_millis() as u64;
+        tracing::debug!(store = %path, step = what, took_ms, count, "slow store step");
+    }
+}
+
 /// Checkpoints the log every [`CHECKPOINT_EVERY`], until the store is dropped.
 ///
 /// A checkpoint copies the log into the database file, beside the writer; the log starts over
@@ -877,7 +891,10 @@ fn checkpoint_periodically(
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
-        match checkpoint(&connection, "PASSIVE") {
+        let copying = Instant::now();
+        let copied = checkpoint(&connection, "PASSIVE");
+        slow(path, "checkpoint", copying, *copied.as_ref().unwrap_or(&0));
+        match copied {
             Ok(frames) if frames > log_limit => {
                 if writer.send(Op::CutLog(frames)).is_err() {
                     return;

@@ -95,7 +95,7 @@ fn a_small_benchmark_run_produces_every_figure() {
             let samples = work.join(format!("latency-smoke{mover}-{round}.csv"));
             let text = std::fs::read_to_string(&samples).unwrap();
             assert!(
-                text.starts_with("sent_ms,latency_ms,queue\n"),
+                text.starts_with("sent_ms,sent_unix_ms,latency_ms,queue\n"),
                 "{text:.200}"
             );
             assert!(

@@ -1207,7 +1207,13 @@ impl Drop for Gateway {
 }
 
 /// Starts `ponte run` and returns it once it logs that it is ready, with the start-up time.
+/// Everything it logs goes to `ponte.log` in the work folder (each start after the last), to
+/// set beside the latency samples' times; its warnings and errors are shown too.
 fn start_ponte(args: &Args, config: &Path) -> Result<(Gateway, Duration)> {
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.work.join("ponte.log"))?;
     let started = Instant::now();
     let mut child = Command::new(&args.ponte)
         .args(["run", "--config"])
@@ -1235,6 +1241,7 @@ fn start_ponte(args: &Args, config: &Path) -> Result<(Gateway, Duration)> {
             if line.contains("WARN") || line.contains("ERROR") {
                 eprintln!("  ponte: {line}");
             }
+            let _ = writeln!(log, "{line}");
         }
     });
     rx.recv_timeout(Duration::from_secs(120))
@@ -1528,6 +1535,11 @@ async fn time_through(
     // (sent, latency) in milliseconds, sent counted from `start`, and the output it came out of.
     let samples: Arc<Mutex<Vec<(f64, f64, usize)>>> = Default::default();
     let start = Instant::now();
+    // The clock time too, to find a burst in Ponte's log (`ponte.log`) or the broker's.
+    let unix_start_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64()
+        * 1000.0;
     let consumer_connection = connect(&args.url).await?;
     let mut consumers = Vec::new();
     for (output, queue) in outputs.iter().enumerate() {
@@ -1623,9 +1635,10 @@ async fn time_through(
     timed.sort_by(|a, b| a.0.total_cmp(&b.0));
     let path = args.work.join(format!("latency-{name}.csv"));
     let mut f = std::fs::File::create(&path)?;
-    writeln!(f, "sent_ms,latency_ms,queue")?;
+    writeln!(f, "sent_ms,sent_unix_ms,latency_ms,queue")?;
     for (sent, latency, output) in &timed {
-        writeln!(f, "{sent:.1},{latency:.3},{}", outputs[*output])?;
+        let unix = unix_start_ms + sent;
+        writeln!(f, "{sent:.1},{unix:.1},{latency:.3},{}", outputs[*output])?;
     }
     let mut samples: Vec<f64> = timed.iter().map(|(_, l, _)| *l).collect();
     samples.sort_by(f64::total_cmp);
