@@ -255,6 +255,18 @@ async fn consumers(url: &str, queue: &str) -> Option<u32> {
     declared
 }
 
+/// Waits until `queue` exists with at least `consumers` consumers.
+async fn declared_with(url: &str, queue: &str, at_least: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumers(url, queue).await < Some(at_least) {
+        assert!(
+            Instant::now() < deadline,
+            "{queue} declared with {at_least} consumers"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn delete_queue(url: &str, queue: &str) {
     let connection = common::connect(url).await;
     let channel = connection.create_channel().await.unwrap();
@@ -293,14 +305,7 @@ async fn a_deleted_inbound_queue_restarts_its_partner_s_flow_alone() {
     delete_queue(&url, inbound).await;
     let restarts = "ponte_flow_restarts_total";
     let metrics = metrics_once(port, restarts, &["partner=\"cpi-modena\""], 1.0).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while consumers(&url, inbound).await != Some(1) {
-        assert!(
-            Instant::now() < deadline,
-            "{inbound} declared and consumed again"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    declared_with(&url, inbound, 1).await;
     assert_eq!(total(&metrics, restarts, &[]), 1.0, "{metrics}");
     for sender in ["cpi-modena", "cpi-bologna"] {
         let body = serde_json::to_vec(&referral(sender, "CPI-MO-01", "036023")).unwrap();
@@ -338,11 +343,7 @@ async fn a_deleted_recipient_queue_is_declared_again_and_the_copy_reaches_it() {
     let restarts = "ponte_flow_restarts_total";
     metrics_once(port, restarts, &["partner=\"cpi-modena\""], 1.0).await;
     // Taking from the queue declares it: only once the gateway has.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while consumers(&url, &queues.outbound("inps")).await.is_none() {
-        assert!(Instant::now() < deadline, "INPS's queue declared again");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    declared_with(&url, &queues.outbound("inps"), 0).await;
     let delivered = common::drain(&url, &queues.outbound("inps"), 1, Duration::from_secs(30)).await;
     assert_eq!(delivered.len(), 1, "the referral reached INPS");
     assert_eq!(delivered[0].json()["message_id"], referral["message_id"]);
