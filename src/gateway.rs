@@ -271,6 +271,7 @@ async fn open(
     }
     let bytes_per_message = broker.bytes_per_message(&own);
     let operator = directory.settings.broker_user();
+    let redeclared = Arc::new(Redeclared::default());
     for (consuming, publishing, opened) in groups {
         let (consuming, publishing) = (Arc::new(consuming), Arc::new(publishing));
         for (partner, consume, publish) in opened {
@@ -306,6 +307,7 @@ async fn open(
                 flow,
                 consuming: consuming.clone(),
                 publishing: publishing.clone(),
+                redeclared: redeclared.clone(),
             };
             flows.spawn(supervise(
                 supervised,
@@ -375,6 +377,34 @@ struct Supervised {
     flow: Flow,
     consuming: Arc<Link>,
     publishing: Arc<Link>,
+    /// Shared by every flow of the session.
+    redeclared: Arc<Redeclared>,
+}
+
+/// The topology declared again for the flows that start again: once for every flow that failed
+/// before that declaration began. A failure that hits many flows at once (a publishing connection
+/// blocked for every flow of a group, say) would otherwise have each of them declare the whole
+/// topology at the same time.
+#[derive(Default)]
+struct Redeclared(tokio::sync::Mutex<Option<tokio::time::Instant>>);
+
+impl Redeclared {
+    /// Runs `declare`, unless a declaration that began after `failed` has done its work (one
+    /// under way is waited for).
+    async fn after(
+        &self,
+        failed: tokio::time::Instant,
+        declare: impl Future<Output = Result<(), BrokerError>>,
+    ) -> Result<(), BrokerError> {
+        let mut began = self.0.lock().await;
+        if began.is_some_and(|at| at >= failed) {
+            return Ok(());
+        }
+        let now = tokio::time::Instant::now();
+        declare.await?;
+        *began = Some(now);
+        Ok(())
+    }
 }
 
 /// Runs a partner's flow for the session. Once the session has started, a failure of this flow
@@ -418,6 +448,7 @@ async fn supervise(
                 BrokerError::FlowPanicked
             }
         };
+        let failed = tokio::time::Instant::now();
         let connected = s.consuming.status().connected() && s.publishing.status().connected();
         if session_stop.is_cancelled() || !*started.borrow() || !connected {
             return Err(failure);
@@ -440,7 +471,8 @@ async fn supervise(
         let setup_secs = broker.setup_timeout_secs;
         let reopen = async {
             tokio::time::sleep(jitter(delay)).await;
-            declare_topology(&s.consuming, &directory).await?;
+            let declare = declare_topology(&s.consuming, &directory);
+            s.redeclared.after(failed, declare).await?;
             let consume = s.consuming.create_channel().await?;
             let publish = confirming_channel(&s.publishing).await?;
             Ok::<_, BrokerError>((consume, publish))
@@ -551,6 +583,40 @@ mod tests {
         assert_eq!(failures, 1);
         assert!(flows.is_empty());
         assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn flows_that_failed_together_declare_the_topology_once_and_a_later_failure_again() {
+        let redeclared = Redeclared::default();
+        let declared = std::sync::atomic::AtomicUsize::new(0);
+        let declare = || async {
+            declared.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(())
+        };
+        let failed = tokio::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (a, b, c) = tokio::join!(
+            redeclared.after(failed, declare()),
+            redeclared.after(failed, declare()),
+            redeclared.after(failed, declare()),
+        );
+        assert!(a.is_ok() && b.is_ok() && c.is_ok());
+        assert_eq!(declared.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // A flow that fails once that declaration has begun needs one of its own.
+        let later = tokio::time::Instant::now();
+        redeclared.after(later, declare()).await.unwrap();
+        assert_eq!(declared.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // A failed declaration does not count: the next flow declares again.
+        let failing = tokio::time::Instant::now();
+        let refused = redeclared
+            .after(failing, async { Err(BrokerError::Nacked) })
+            .await;
+        assert!(refused.is_err());
+        redeclared.after(failing, declare()).await.unwrap();
+        assert_eq!(declared.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
