@@ -685,9 +685,15 @@ pub async fn stop_consuming(consume: &Channel, publish: &Channel, tag: &str) {
         consume.basic_cancel(tag.into(), BasicCancelOptions::default()),
     )
     .await;
+    close_channels(consume, publish, "flow stopped").await;
+}
+
+/// Closes a flow's two channels, each waiting at most [`ANSWER_WITHIN`] for the broker (one
+/// already closed returns at once).
+pub async fn close_channels(consume: &Channel, publish: &Channel, why: &str) {
     let _ = tokio::join!(
-        tokio::time::timeout(ANSWER_WITHIN, consume.close(200, "flow stopped".into())),
-        tokio::time::timeout(ANSWER_WITHIN, publish.close(200, "flow stopped".into())),
+        tokio::time::timeout(ANSWER_WITHIN, consume.close(200, why.into())),
+        tokio::time::timeout(ANSWER_WITHIN, publish.close(200, why.into())),
     );
 }
 

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::{
-    ANSWER_WITHIN, BrokerError, Link, QueueNames, Queues, confirming_channel, connect,
-    declare_topology,
+    ANSWER_WITHIN, BrokerError, Link, QueueNames, Queues, close_channels, confirming_channel,
+    connect, declare_topology,
 };
 use crate::courier::Courier;
 use crate::directory::Directory;
@@ -463,11 +463,7 @@ async fn supervise(
             retry_in_ms = delay.as_millis() as u64,
             "the partner's flow failed; starting it again alone"
         );
-        let old = (s.flow.consume.clone(), publish.clone());
-        let _ = tokio::join!(
-            tokio::time::timeout(ANSWER_WITHIN, old.0.close(200, "flow restarting".into())),
-            tokio::time::timeout(ANSWER_WITHIN, old.1.close(200, "flow restarting".into())),
-        );
+        close_channels(&s.flow.consume, &publish, "flow restarting").await;
         let setup_secs = broker.setup_timeout_secs;
         let reopen = async {
             tokio::time::sleep(jitter(delay)).await;
