@@ -258,7 +258,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run => {
             let directory = load(&cli.config).context("refusing to start")?;
-            ponte::telemetry::init(&directory.settings.log);
+            // Held to the end: dropping it writes the log lines still waiting.
+            let _log = ponte::telemetry::init(&directory.settings.log);
             ponte::ops::metrics();
             let workers = tokio::runtime::Handle::current().metrics().num_workers();
             metrics::gauge!("ponte_runtime_workers").set(workers as f64);

@@ -7,7 +7,8 @@
 //!   `ponte_broker_reconnects_total`, `ponte_flow_restarts_total{partner}` (a partner's flow
 //!   started again alone), `ponte_lookups_total{partner,result}`, `ponte_ready`,
 //!   `ponte_store_wait_seconds` (how long each use of the store waited, histogram: for its
-//!   reading connection, and for a write it reads, made a moment before, to be committed).
+//!   reading connection, and for a write it reads, made a moment before, to be committed),
+//!   `ponte_log_lines_dropped_total` (log lines stderr's reader did not take in time).
 //! - `GET /healthz`: 200 while the process runs (liveness).
 //! - `GET /readyz`: 200 when connected to the broker with the topology declared and every flow
 //!   consuming, the store writable and the configuration loaded; else 503 with the reasons
@@ -65,6 +66,7 @@ pub fn metrics() -> &'static PrometheusHandle {
                 loop {
                     std::thread::sleep(std::time::Duration::from_secs(5));
                     upkeep.run_upkeep();
+                    crate::telemetry::count_dropped();
                 }
             });
         handle
@@ -105,6 +107,7 @@ pub async fn serve(
 
 async fn render(State(ops): State<Ops>) -> String {
     metrics::gauge!("ponte_ready").set(if ops.status.is_ready() { 1.0 } else { 0.0 });
+    crate::telemetry::count_dropped();
     metrics().render()
 }
 

@@ -30,6 +30,7 @@ const METRICS: &[&str] = &[
     "ponte_store_wait_seconds_bucket",
     "ponte_store_wait_seconds_count",
     "ponte_store_wait_seconds_sum",
+    "ponte_log_lines_dropped_total",
 ];
 
 fn read(path: &str) -> String {

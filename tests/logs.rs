@@ -194,3 +194,60 @@ async fn a_copy_the_broker_returns_is_not_written_into_the_logs() {
     }
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }
+
+/// Whoever reads Ponte's stderr (journald, a pipe to a log shipper) may stall. Deliveries do not
+/// wait for it: with a reader that stops reading once the gateway is ready, 2,000 referrals — a
+/// line each, many times what a pipe holds — all reach INPS. When the reader reads again, every
+/// message's line is there, as plain text (no terminal, no colour codes).
+#[tokio::test]
+async fn a_log_reader_that_stops_reading_does_not_hold_up_deliveries() {
+    const COUNT: usize = 2_000;
+    let url = broker_url();
+    let prefix = random_prefix();
+    let queues = Queues::new(&prefix);
+    let mut child = common::ponte_run(&repo().join("config"), &url, &prefix)
+        .env("PONTE_LOG__LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let gateway = common::Running(Some(child));
+    let mut line = String::new();
+    while !line.contains("gateway ready") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "ponte exited");
+    }
+
+    let bodies: Vec<Vec<u8>> = (0..COUNT)
+        .map(|_| serde_json::to_vec(&referral("cpi-modena", "CPI-MO-01", "036023")).unwrap())
+        .collect();
+    publish_many(&url, &queues.inbound("cpi-modena"), &bodies).await;
+    let delivered = common::drain(
+        &url,
+        &queues.outbound("inps"),
+        COUNT,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(
+        delivered.len(),
+        COUNT,
+        "referrals delivered while nobody read the log"
+    );
+
+    let reader =
+        std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<_>>());
+    gateway.stop();
+    let lines = reader.join().unwrap();
+    let outcomes = lines
+        .iter()
+        .filter(|l| l.contains("message delivered"))
+        .count();
+    assert_eq!(outcomes, COUNT, "one line per message, none lost");
+    assert!(
+        !lines.iter().any(|l| l.contains('\u{1b}')),
+        "colour codes in a log that is not a terminal"
+    );
+    common::delete_queues(&common::directory(&url, &prefix)).await;
+}

@@ -128,6 +128,11 @@ async fn metrics_count_the_messages_sent_and_the_probes_answer() {
         0.0
     );
     assert_eq!(total(&metrics, "ponte_ready", &[]), 1.0);
+    // Exported before anything is dropped, so an alert on its increase sees it from the start.
+    assert!(
+        metrics.contains("ponte_log_lines_dropped_total 0"),
+        "{metrics}"
+    );
     // Five demo partners at `broker.prefetch` 200 share `broker.max_in_flight_bytes` (128 MiB):
     // 134 KB a message. A flow that has received nothing yet takes its messages to be as
     // large as `limits.max_message_bytes` (1 MiB) allows: 25 at once.
