@@ -833,18 +833,23 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome, journal: &Journal) {
         detail: detail.join("; "),
         ..Event::now(outcome)
     });
+    // What most messages do not have (a retry, a refusal, a replay, a redelivery) is left out
+    // of their line rather than written empty.
+    fn some(text: &str) -> Option<&str> {
+        (!text.is_empty()).then_some(text)
+    }
     info!(
         message_id = inbound.message_id.as_deref().unwrap_or(""),
         r#type = inbound.message_type.as_deref().unwrap_or(""),
         sender = &*inbound.partner,
         recipients = %recipients,
-        retrying = %retrying,
-        refused = %refused,
+        retrying = some(&retrying),
+        refused = some(&refused),
         outcome,
         code = code.as_str(),
         latency_ms,
-        redelivered = inbound.redelivered,
-        replay = inbound.replay.as_deref().unwrap_or(""),
+        redelivered = inbound.redelivered.then_some(true),
+        replay = inbound.replay.as_deref(),
         "{text}"
     );
 }
