@@ -697,16 +697,16 @@ pub async fn close_channels(consume: &Channel, publish: &Channel, why: &str) {
     );
 }
 
-/// A flow that handles one message of `queue` at a time: consumes, says it is `ready`, hands each
-/// message to `handle` until `stop` or a broker failure, then stops consuming and closes its
-/// channels. Messages not acknowledged by then go back to the queue.
+/// A flow that handles one message of `queue` at a time: consumes, says so on `ready` (when given
+/// one), hands each message to `handle` until `stop` or a broker failure, then stops consuming
+/// and closes its channels. Messages not acknowledged by then go back to the queue.
 pub async fn one_at_a_time<Handled>(
     channels: (&Channel, &Channel),
     queue: &str,
     tag: &str,
     prefetch: u16,
     stop: &tokio_util::sync::CancellationToken,
-    ready: tokio::sync::mpsc::Sender<()>,
+    ready: Option<tokio::sync::mpsc::Sender<()>>,
     mut handle: impl FnMut(lapin::message::Delivery) -> Handled,
 ) -> Result<(), BrokerError>
 where
@@ -715,8 +715,9 @@ where
     use futures_util::StreamExt;
     let (consuming, publishing) = channels;
     let mut consumer = consume(consuming, queue, tag, prefetch).await?;
-    let _ = ready.send(()).await;
-    drop(ready);
+    if let Some(ready) = ready {
+        let _ = ready.send(()).await;
+    }
     let result = loop {
         tokio::select! {
             biased;

@@ -112,10 +112,13 @@ fn client(settings: &HttpSettings) -> Result<reqwest::Client, String> {
 }
 
 impl Courier {
+    /// Consumes the partner's outbound queue until `stop` is cancelled (`Ok`) or the broker
+    /// fails; says so on `ready`, when given one, once it consumes. May be run again, on new
+    /// channels, once it has returned.
     pub async fn run(
-        self,
+        &self,
         stop: CancellationToken,
-        ready: tokio::sync::mpsc::Sender<()>,
+        ready: Option<tokio::sync::mpsc::Sender<()>>,
     ) -> Result<(), BrokerError> {
         let queue = self.names.outbound(&self.partner);
         let tag = format!("ponte-courier-{}", self.partner);

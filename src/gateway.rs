@@ -1,7 +1,8 @@
 //! Gateway: the supervisor. Connects, declares the topology, starts one flow per partner, and
 //! when the broker fails tears everything down and starts again with backoff; a failure of one
-//! partner's flow alone starts that flow again (see `supervise`). On shutdown stops consuming,
-//! waits for in-flight messages to settle, and returns.
+//! flow alone (a partner's, the redelivery flow, a courier) starts that flow again (see
+//! `supervise`). On shutdown stops consuming, waits for in-flight messages to settle, and
+//! returns.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::{join_all, try_join_all};
+use lapin::Channel;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -305,9 +307,12 @@ async fn open(
             };
             let supervised = Supervised {
                 flow,
-                consuming: consuming.clone(),
-                publishing: publishing.clone(),
-                redeclared: redeclared.clone(),
+                on: Connections {
+                    consuming: consuming.clone(),
+                    publishing: publishing.clone(),
+                    redeclared: redeclared.clone(),
+                    directory: pipeline.directory.clone(),
+                },
             };
             flows.spawn(supervise(
                 supervised,
@@ -324,15 +329,29 @@ async fn open(
         connect(directory, "ponte retry consume"),
         connect(directory, "ponte retry publish"),
     )?;
+    let retry = Connections {
+        consuming: Arc::new(retry_consuming),
+        publishing: Arc::new(retry_publishing),
+        redeclared,
+        directory: pipeline.directory.clone(),
+    };
     let names = Queues::new(&directory.settings.broker.prefix);
     let timeout_secs = directory.settings.broker.publish_timeout_secs;
     let redeliverer = Redeliverer {
         directory: pipeline.directory.clone(),
-        consume: retry_consuming.create_channel().await?,
-        publish: confirming_channel(&retry_publishing).await?,
+        consume: retry.consuming.create_channel().await?,
+        publish: confirming_channel(&retry.publishing).await?,
         journal: pipeline.journal.clone(),
     };
-    flows.spawn(redeliverer.run(session_stop.clone(), ready_tx.clone()));
+    flows.spawn(supervise(
+        Supervised {
+            flow: redeliverer,
+            on: retry.clone(),
+        },
+        session_stop.clone(),
+        started.subscribe(),
+        ready_tx.clone(),
+    ));
     let mut expected = partners.len() + 1;
     for (partner, endpoint) in &pipeline.endpoints {
         let courier = Courier {
@@ -340,24 +359,32 @@ async fn open(
             endpoint: endpoint.clone(),
             delivery: directory.settings.delivery.clone(),
             names: names.clone(),
-            consume: retry_consuming.create_channel().await?,
-            publish: confirming_channel(&retry_publishing).await?,
+            consume: retry.consuming.create_channel().await?,
+            publish: confirming_channel(&retry.publishing).await?,
             timeout_secs,
             journal: pipeline.journal.clone(),
         };
-        flows.spawn(courier.run(session_stop.clone(), ready_tx.clone()));
+        flows.spawn(supervise(
+            Supervised {
+                flow: courier,
+                on: retry.clone(),
+            },
+            session_stop.clone(),
+            started.subscribe(),
+            ready_tx.clone(),
+        ));
         expected += 1;
     }
     if directory.settings.log.events_exchange {
         flows.spawn(crate::broker::publish_events(
-            retry_publishing.create_channel().await?,
+            retry.publishing.create_channel().await?,
             names.events(),
             pipeline.journal.subscribe(),
             session_stop.clone(),
         ));
     }
-    connections.push(Arc::new(retry_consuming));
-    connections.push(Arc::new(retry_publishing));
+    connections.push(retry.consuming);
+    connections.push(retry.publishing);
     drop(ready_tx);
     tracing::debug!(
         connections = connections.len(),
@@ -371,14 +398,114 @@ async fn open(
     })
 }
 
-/// A partner's flow, with the connections of its group: what it takes to start it again on new
-/// channels.
-struct Supervised {
-    flow: Flow,
+/// A flow the session can start again alone, on new channels of the connections it runs on: a
+/// partner's inbound flow, the redelivery flow, an HTTP partner's courier.
+trait Restartable: Send {
+    /// What the log and `ponte_flow_restarts_total` call it: the kind of flow (`inbound`,
+    /// `redelivery`, `courier`) and its partner (none for the redelivery flow).
+    fn name(&self) -> (&'static str, &str);
+    /// Its consuming and publishing channels.
+    fn channels(&self) -> (&Channel, &Channel);
+    /// Takes new channels for its next run.
+    fn reopened(&mut self, consume: Channel, publish: Channel);
+    /// Runs until `stop` is cancelled (`Ok`) or it fails; says so on `ready`, when given one, once
+    /// it consumes.
+    fn run(
+        &mut self,
+        stop: CancellationToken,
+        ready: Option<mpsc::Sender<()>>,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+}
+
+impl Restartable for Flow {
+    fn name(&self) -> (&'static str, &str) {
+        ("inbound", &self.partner.id)
+    }
+
+    fn channels(&self) -> (&Channel, &Channel) {
+        (&self.consume, &self.settler.channel)
+    }
+
+    fn reopened(&mut self, consume: Channel, publish: Channel) {
+        self.consume = consume;
+        self.settler = Arc::new(Settler {
+            channel: publish,
+            ..(*self.settler).clone()
+        });
+    }
+
+    async fn run(
+        &mut self,
+        stop: CancellationToken,
+        ready: Option<mpsc::Sender<()>>,
+    ) -> Result<(), BrokerError> {
+        // The flow's settlements ask for a restart by cancelling this run's token.
+        self.settler = Arc::new(Settler {
+            reconnect: stop.clone(),
+            ..(*self.settler).clone()
+        });
+        Flow::run(self, stop, ready).await
+    }
+}
+
+impl Restartable for Redeliverer {
+    fn name(&self) -> (&'static str, &str) {
+        ("redelivery", "")
+    }
+
+    fn channels(&self) -> (&Channel, &Channel) {
+        (&self.consume, &self.publish)
+    }
+
+    fn reopened(&mut self, consume: Channel, publish: Channel) {
+        (self.consume, self.publish) = (consume, publish);
+    }
+
+    async fn run(
+        &mut self,
+        stop: CancellationToken,
+        ready: Option<mpsc::Sender<()>>,
+    ) -> Result<(), BrokerError> {
+        Redeliverer::run(self, stop, ready).await
+    }
+}
+
+impl Restartable for Courier {
+    fn name(&self) -> (&'static str, &str) {
+        ("courier", &self.partner)
+    }
+
+    fn channels(&self) -> (&Channel, &Channel) {
+        (&self.consume, &self.publish)
+    }
+
+    fn reopened(&mut self, consume: Channel, publish: Channel) {
+        (self.consume, self.publish) = (consume, publish);
+    }
+
+    async fn run(
+        &mut self,
+        stop: CancellationToken,
+        ready: Option<mpsc::Sender<()>>,
+    ) -> Result<(), BrokerError> {
+        Courier::run(self, stop, ready).await
+    }
+}
+
+/// A flow with what it takes to start it again on new channels.
+struct Supervised<F> {
+    flow: F,
+    on: Connections,
+}
+
+/// The connections a group of flows runs on, and what declares the topology again.
+#[derive(Clone)]
+struct Connections {
     consuming: Arc<Link>,
     publishing: Arc<Link>,
     /// Shared by every flow of the session.
     redeclared: Arc<Redeclared>,
+    directory: Arc<Directory>,
 }
 
 /// The topology declared again for the flows that start again: once for every flow that failed
@@ -407,34 +534,28 @@ impl Redeclared {
     }
 }
 
-/// Runs a partner's flow for the session. Once the session has started, a failure of this flow
-/// alone — its channel closed by the broker, its consumer cancelled (its queue deleted), a copy
-/// returned as unroutable or not confirmed in time, a bug — starts this flow again, after a
-/// backoff, on new channels of the same connections, once the topology is declared again (a
-/// queue deleted by mistake comes back): the other partners' flows go on undisturbed. The
-/// failure is returned, and ends the session, when it comes before the session has started,
-/// when a connection of the flow's group is down, or when starting the flow again fails.
+/// Runs a flow for the session. Once the session has started, a failure of this flow alone —
+/// its channel closed by the broker, its consumer cancelled (its queue deleted), a copy returned
+/// as unroutable or not confirmed in time, a bug — starts this flow again, after a backoff, on
+/// new channels of the same connections, once the topology is declared again (a queue deleted by
+/// mistake comes back): the other flows go on undisturbed. The failure is returned, and ends the
+/// session, when it comes before the session has started, when a connection of the flow is
+/// down, or when starting the flow again fails.
 async fn supervise(
-    mut s: Supervised,
+    mut s: Supervised<impl Restartable>,
     session_stop: CancellationToken,
     started: watch::Receiver<bool>,
     ready: mpsc::Sender<()>,
 ) -> Result<(), BrokerError> {
-    let directory = s.flow.pipeline.directory.clone();
+    let directory = s.on.directory.clone();
     let broker = &directory.settings.broker;
     let max_delay = Duration::from_secs(broker.max_reconnect_delay_secs.max(1));
-    let partner = s.flow.partner.id.clone();
+    let (kind, partner) = s.flow.name();
+    let (kind, partner) = (kind, partner.to_string());
     let mut delay = FIRST_DELAY;
     let mut ready = Some(ready);
-    let mut publish = s.flow.settler.channel.clone();
     loop {
-        // The flow's settlements ask for a restart by cancelling this run's token.
         let run_stop = session_stop.child_token();
-        s.flow.settler = Arc::new(Settler {
-            channel: publish.clone(),
-            reconnect: run_stop.clone(),
-            ..(*s.flow.settler).clone()
-        });
         let began = tokio::time::Instant::now();
         let ran = AssertUnwindSafe(s.flow.run(run_stop.clone(), ready.take()))
             .catch_unwind()
@@ -444,41 +565,44 @@ async fn supervise(
             Ok(Ok(())) => BrokerError::SettleFailed,
             Ok(Err(error)) => error,
             Err(_) => {
-                warn!(partner, "a flow ended abnormally");
+                warn!(flow = kind, partner, "a flow ended abnormally");
                 BrokerError::FlowPanicked
             }
         };
         let failed = tokio::time::Instant::now();
-        let connected = s.consuming.status().connected() && s.publishing.status().connected();
+        let connected = s.on.consuming.status().connected() && s.on.publishing.status().connected();
         if session_stop.is_cancelled() || !*started.borrow() || !connected {
             return Err(failure);
         }
         if began.elapsed() >= max_delay {
             delay = FIRST_DELAY;
         }
-        metrics::counter!("ponte_flow_restarts_total", "partner" => partner.clone()).increment(1);
+        metrics::counter!("ponte_flow_restarts_total", "flow" => kind, "partner" => partner.clone())
+            .increment(1);
         warn!(
+            flow = kind,
             partner,
             error = %failure,
             retry_in_ms = delay.as_millis() as u64,
-            "the partner's flow failed; starting it again alone"
+            "the flow failed; starting it again alone"
         );
-        close_channels(&s.flow.consume, &publish, "flow restarting").await;
+        let (consume, publish) = s.flow.channels();
+        close_channels(consume, publish, "flow restarting").await;
         let setup_secs = broker.setup_timeout_secs;
         let reopen = async {
             tokio::time::sleep(jitter(delay)).await;
-            let declare = declare_topology(&s.consuming, &directory);
-            s.redeclared.after(failed, declare).await?;
-            let consume = s.consuming.create_channel().await?;
-            let publish = confirming_channel(&s.publishing).await?;
+            let declare = declare_topology(&s.on.consuming, &directory);
+            s.on.redeclared.after(failed, declare).await?;
+            let consume = s.on.consuming.create_channel().await?;
+            let publish = confirming_channel(&s.on.publishing).await?;
             Ok::<_, BrokerError>((consume, publish))
         };
         let reopened = tokio::select! {
             () = session_stop.cancelled() => return Ok(()),
             reopened = tokio::time::timeout(Duration::from_secs(setup_secs) + delay, reopen) => reopened,
         };
-        (s.flow.consume, publish) =
-            reopened.map_err(|_| BrokerError::SetupTimeout(setup_secs))??;
+        let (consume, publish) = reopened.map_err(|_| BrokerError::SetupTimeout(setup_secs))??;
+        s.flow.reopened(consume, publish);
         delay = (delay * 2).min(max_delay);
     }
 }

@@ -30,10 +30,12 @@ pub struct Redeliverer {
 }
 
 impl Redeliverer {
+    /// Consumes until `stop` is cancelled (`Ok`) or the broker fails; says so on `ready`, when
+    /// given one, once it consumes. May be run again, on new channels, once it has returned.
     pub async fn run(
-        self,
+        &self,
         stop: CancellationToken,
-        ready: tokio::sync::mpsc::Sender<()>,
+        ready: Option<tokio::sync::mpsc::Sender<()>>,
     ) -> Result<(), BrokerError> {
         let names = Queues::new(&self.directory.settings.broker.prefix);
         one_at_a_time(

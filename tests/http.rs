@@ -319,3 +319,48 @@ async fn an_endpoint_that_requires_a_client_certificate_gets_copies_over_mutual_
     let _ = std::fs::remove_dir_all(&certs.dir);
     let _ = std::fs::remove_dir_all(&config);
 }
+
+/// The sum of a metric's samples whose labels contain every one of `labels`, from this process's
+/// recorder.
+fn count(name: &str, labels: &[&str]) -> f64 {
+    ponte::ops::metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The HTTP partner's outbound queue deleted under a running gateway (an operator's mistake)
+/// cancels its courier's consumer: the courier alone starts again, the queue is declared again,
+/// and the next copy reaches the endpoint; no other flow restarts and the session goes on.
+#[tokio::test]
+async fn a_deleted_http_partner_queue_restarts_its_courier_alone() {
+    ponte::ops::metrics();
+    let (gw, endpoint, _config, _prefix) = start().await;
+    let outbound = gw.queues.outbound("osservatorio-er");
+    common::delete_queue(&gw.url, &outbound).await;
+    let restarts = "ponte_flow_restarts_total";
+    let courier = ["flow=\"courier\"", "partner=\"osservatorio-er\""];
+    wait_until("the courier restarts", Duration::from_secs(30), || {
+        count(restarts, &courier) >= 1.0
+    })
+    .await;
+    common::declared_with(&gw.url, &outbound, 1).await;
+
+    let (sent, _) = send_statuses(&gw, 1).await;
+    wait_until(
+        "the copy reaches the endpoint",
+        Duration::from_secs(20),
+        || endpoint.lock().unwrap().requests.iter().any(|r| r.3 == 200),
+    )
+    .await;
+    let requests = endpoint.lock().unwrap().requests.clone();
+    assert_eq!(id_of(&requests[0].2), id_of(&sent[0]));
+    assert_eq!(count(restarts, &courier), 1.0);
+    assert_eq!(count(restarts, &[]), 1.0, "no other flow restarted");
+    assert_eq!(count("ponte_broker_reconnects_total", &[]), 0.0);
+    assert!(gw.status.is_ready());
+    gw.stop().await;
+}

@@ -243,45 +243,6 @@ async fn the_gateway_runs_its_flows_on_the_workers_configured() {
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }
 
-/// How many consumers `queue` has, `None` while it does not exist.
-async fn consumers(url: &str, queue: &str) -> Option<u32> {
-    let connection = common::connect(url).await;
-    let channel = connection.create_channel().await.unwrap();
-    let passive = lapin::options::QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let declared = channel
-        .queue_declare(queue.into(), passive, Default::default())
-        .await
-        .ok()
-        .map(|queue| queue.consumer_count());
-    let _ = connection.close(200, "done".into()).await;
-    declared
-}
-
-/// Waits until `queue` exists with at least `consumers` consumers.
-async fn declared_with(url: &str, queue: &str, at_least: u32) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while consumers(url, queue).await < Some(at_least) {
-        assert!(
-            Instant::now() < deadline,
-            "{queue} declared with {at_least} consumers"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn delete_queue(url: &str, queue: &str) {
-    let connection = common::connect(url).await;
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_delete(queue.into(), Default::default())
-        .await
-        .unwrap();
-    let _ = connection.close(200, "done".into()).await;
-}
-
 /// The metrics once `name` (with `labels`) has reached `at_least`.
 async fn metrics_once(port: u16, name: &str, labels: &[&str], at_least: f64) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -307,10 +268,16 @@ async fn a_deleted_inbound_queue_restarts_its_partner_s_flow_alone() {
     let queues = Queues::new(&prefix);
     let inbound = &queues.inbound("cpi-modena");
 
-    delete_queue(&url, inbound).await;
+    common::delete_queue(&url, inbound).await;
     let restarts = "ponte_flow_restarts_total";
-    let metrics = metrics_once(port, restarts, &["partner=\"cpi-modena\""], 1.0).await;
-    declared_with(&url, inbound, 1).await;
+    let metrics = metrics_once(
+        port,
+        restarts,
+        &["flow=\"inbound\"", "partner=\"cpi-modena\""],
+        1.0,
+    )
+    .await;
+    common::declared_with(&url, inbound, 1).await;
     assert_eq!(total(&metrics, restarts, &[]), 1.0, "{metrics}");
     for sender in ["cpi-modena", "cpi-bologna"] {
         let body = serde_json::to_vec(&referral(sender, "CPI-MO-01", "036023")).unwrap();
@@ -340,7 +307,7 @@ async fn a_deleted_recipient_queue_is_declared_again_and_the_copy_reaches_it() {
     let child = start(&url, &prefix, port);
     wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
     let queues = Queues::new(&prefix);
-    delete_queue(&url, &queues.outbound("inps")).await;
+    common::delete_queue(&url, &queues.outbound("inps")).await;
 
     let referral = referral("cpi-modena", "CPI-MO-01", "036023");
     let body = serde_json::to_vec(&referral).unwrap();
@@ -348,7 +315,7 @@ async fn a_deleted_recipient_queue_is_declared_again_and_the_copy_reaches_it() {
     let restarts = "ponte_flow_restarts_total";
     metrics_once(port, restarts, &["partner=\"cpi-modena\""], 1.0).await;
     // Taking from the queue declares it: only once the gateway has.
-    declared_with(&url, &queues.outbound("inps"), 0).await;
+    common::declared_with(&url, &queues.outbound("inps"), 0).await;
     let delivered = common::drain(&url, &queues.outbound("inps"), 1, Duration::from_secs(30)).await;
     assert_eq!(delivered.len(), 1, "the referral reached INPS");
     assert_eq!(delivered[0].json()["message_id"], referral["message_id"]);
@@ -368,6 +335,38 @@ async fn a_deleted_recipient_queue_is_declared_again_and_the_copy_reaches_it() {
         0.0,
         "{metrics}"
     );
+    child.stop();
+    common::delete_queues(&common::directory(&url, &prefix)).await;
+}
+
+/// The redelivery queue deleted under a running gateway cancels the redelivery flow's consumer:
+/// that flow alone starts again and declares its queue again; the partners' flows and the
+/// session go on (no reconnect).
+#[tokio::test]
+async fn a_deleted_redelivery_queue_restarts_the_redelivery_flow_alone() {
+    let (url, prefix, port) = (broker_url(), random_prefix(), common::free_port());
+    let child = start(&url, &prefix, port);
+    wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
+    let queues = Queues::new(&prefix);
+
+    common::delete_queue(&url, &queues.redeliver()).await;
+    let restarts = "ponte_flow_restarts_total";
+    let metrics = metrics_once(port, restarts, &["flow=\"redelivery\""], 1.0).await;
+    common::declared_with(&url, &queues.redeliver(), 1).await;
+    assert_eq!(total(&metrics, restarts, &[]), 1.0, "{metrics}");
+    let body = serde_json::to_vec(&referral("cpi-modena", "CPI-MO-01", "036023")).unwrap();
+    publish_many(&url, &queues.inbound("cpi-modena"), &[body]).await;
+    let delivered = common::drain(&url, &queues.outbound("inps"), 1, Duration::from_secs(20)).await;
+    assert_eq!(delivered.len(), 1, "the referral reached INPS");
+
+    let (_, metrics) = get(port, "/metrics").await.unwrap();
+    assert_eq!(
+        total(&metrics, "ponte_broker_reconnects_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(total(&metrics, restarts, &[]), 1.0, "{metrics}");
+    assert_eq!(get(port, "/readyz").await.unwrap().0, 200);
     child.stop();
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }

@@ -437,6 +437,45 @@ pub async fn depth(url: &str, queue: &str) -> u32 {
     ready
 }
 
+/// How many consumers `queue` has, `None` while it does not exist.
+pub async fn consumers(url: &str, queue: &str) -> Option<u32> {
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, Default::default())
+        .await
+        .ok()
+        .map(|queue| queue.consumer_count());
+    let _ = connection.close(200, "done".into()).await;
+    declared
+}
+
+/// Waits until `queue` exists with at least `consumers` consumers.
+pub async fn declared_with(url: &str, queue: &str, at_least: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while consumers(url, queue).await < Some(at_least) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queue} declared with {at_least} consumers"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn delete_queue(url: &str, queue: &str) {
+    let connection = connect(url).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(queue.into(), Default::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+}
+
 /// Runs `rabbitmqctl ARGS` against the shared test broker (`TEST_BROKER_NODE`, set by
 /// `scripts/test.sh`).
 pub fn shared_broker_ctl(args: &[&str]) {
