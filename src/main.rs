@@ -259,7 +259,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => {
             let directory = load(&cli.config).context("refusing to start")?;
             // Held to the end: dropping it writes the log lines still waiting.
-            let _log = ponte::telemetry::init(&directory.settings.log);
+            let _log = ponte::telemetry::init(&directory.settings.log)
+                .context("starting the log writer")?;
             ponte::ops::metrics();
             let workers = tokio::runtime::Handle::current().metrics().num_workers();
             metrics::gauge!("ponte_runtime_workers").set(workers as f64);
