@@ -551,7 +551,7 @@ async fn supervise(
     let broker = &directory.settings.broker;
     let max_delay = Duration::from_secs(broker.max_reconnect_delay_secs.max(1));
     let (kind, partner) = s.flow.name();
-    let (kind, partner) = (kind, partner.to_string());
+    let partner = partner.to_string();
     let mut delay = FIRST_DELAY;
     let mut ready = Some(ready);
     loop {
