@@ -34,8 +34,9 @@
 //! - [`journal`]: every step recorded in the hash-chained delivery log.
 //!
 //! [`pipeline`] strings the deciding steps together; [`gateway`] supervises connections, reconnects
-//! and shutdown; [`ops`] serves metrics, probes and the [`console`]; [`client`] is the partner
-//! and operator side used by `ponte send`, `ponte rejected|dlq` and the tests.
+//! and shutdown, and starts a failed flow again alone; [`ops`] serves metrics, probes and the
+//! [`console`]; [`telemetry`] writes the log lines to stderr from a thread of its own; [`client`]
+//! is the partner and operator side used by `ponte send`, `ponte rejected|dlq` and the tests.
 
 pub mod authorize;
 pub mod broker;
