@@ -737,49 +737,59 @@ where
     result
 }
 
-/// Publishes every delivery-log record to the events exchange until `stop`: JSON, persistent,
-/// routing key `<step>.<sender>`, without confirms (best effort: the delivery log is the record).
-pub async fn publish_events(
-    channel: Channel,
-    exchange: String,
-    mut events: tokio::sync::broadcast::Receiver<crate::journal::Event>,
-    stop: tokio_util::sync::CancellationToken,
-) -> Result<(), BrokerError> {
-    use tokio::sync::broadcast::error::RecvError;
-    let result = loop {
-        let event = tokio::select! {
-            () = stop.cancelled() => break Ok(()),
-            event = events.recv() => event,
-        };
-        match event {
-            Ok(event) => {
-                let body = crate::decode::encode(&event);
-                let key = format!("{}.{}", event.step, event.sender);
-                let properties = lapin::BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2)
-                    .with_type("ponte-event".into());
-                if let Err(error) = channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        key.as_str().into(),
-                        lapin::options::BasicPublishOptions::default(),
-                        &body,
-                        properties,
-                    )
-                    .await
-                {
-                    break Err(error.into());
+/// The events publisher: every delivery-log record, published to the events exchange as JSON,
+/// persistent, routing key `<step>.<sender>`, without confirms (best effort: the delivery log is
+/// the record). Its subscription outlives a run, so records that come while it starts again
+/// wait for it (up to the journal's buffer).
+pub struct Events {
+    pub channel: Channel,
+    pub exchange: String,
+    pub records: tokio::sync::broadcast::Receiver<crate::journal::Event>,
+}
+
+impl Events {
+    /// Publishes until `stop` (`Ok`) or its channel fails; then closes the channel.
+    pub async fn run(
+        &mut self,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<(), BrokerError> {
+        use tokio::sync::broadcast::error::RecvError;
+        let result = loop {
+            let event = tokio::select! {
+                () = stop.cancelled() => break Ok(()),
+                event = self.records.recv() => event,
+            };
+            match event {
+                Ok(event) => {
+                    let body = crate::decode::encode(&event);
+                    let key = format!("{}.{}", event.step, event.sender);
+                    let properties = lapin::BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2)
+                        .with_type("ponte-event".into());
+                    if let Err(error) = self
+                        .channel
+                        .basic_publish(
+                            self.exchange.as_str().into(),
+                            key.as_str().into(),
+                            lapin::options::BasicPublishOptions::default(),
+                            &body,
+                            properties,
+                        )
+                        .await
+                    {
+                        break Err(error.into());
+                    }
                 }
+                Err(RecvError::Lagged(lost)) => tracing::warn!(
+                    lost,
+                    exchange = %self.exchange,
+                    "events exchange publisher fell behind; these records are only in the delivery log"
+                ),
+                Err(RecvError::Closed) => break Ok(()),
             }
-            Err(RecvError::Lagged(lost)) => tracing::warn!(
-                lost,
-                exchange = %exchange,
-                "events exchange publisher fell behind; these records are only in the delivery log"
-            ),
-            Err(RecvError::Closed) => break Ok(()),
-        }
-    };
-    let _ = channel.close(200, "events stopped".into()).await;
-    result
+        };
+        let _ = self.channel.close(200, "events stopped".into()).await;
+        result
+    }
 }

@@ -1,7 +1,7 @@
 //! Gateway: the supervisor. Connects, declares the topology, starts one flow per partner, and
 //! when the broker fails tears everything down and starts again with backoff; a failure of one
-//! flow alone (a partner's, the redelivery flow, a courier) starts that flow again (see
-//! `supervise`). On shutdown stops consuming, waits for in-flight messages to settle, and
+//! flow alone (a partner's, the redelivery flow, a courier, the events publisher) starts that
+//! flow again (see `supervise`). On shutdown stops consuming, waits for in-flight messages to settle, and
 //! returns.
 
 use std::collections::HashMap;
@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::{
-    ANSWER_WITHIN, BrokerError, Link, QueueNames, Queues, close_channels, confirming_channel,
-    connect, declare_topology,
+    ANSWER_WITHIN, BrokerError, Events, Link, QueueNames, Queues, close_channels,
+    confirming_channel, connect, declare_topology,
 };
 use crate::courier::Courier;
 use crate::directory::Directory;
@@ -337,10 +337,11 @@ async fn open(
     };
     let names = Queues::new(&directory.settings.broker.prefix);
     let timeout_secs = directory.settings.broker.publish_timeout_secs;
+    let (consume, publish) = retry.pair().await?;
     let redeliverer = Redeliverer {
         directory: pipeline.directory.clone(),
-        consume: retry.consuming.create_channel().await?,
-        publish: confirming_channel(&retry.publishing).await?,
+        consume,
+        publish,
         journal: pipeline.journal.clone(),
     };
     flows.spawn(supervise(
@@ -354,13 +355,14 @@ async fn open(
     ));
     let mut expected = partners.len() + 1;
     for (partner, endpoint) in &pipeline.endpoints {
+        let (consume, publish) = retry.pair().await?;
         let courier = Courier {
             partner: partner.clone(),
             endpoint: endpoint.clone(),
             delivery: directory.settings.delivery.clone(),
             names: names.clone(),
-            consume: retry.consuming.create_channel().await?,
-            publish: confirming_channel(&retry.publishing).await?,
+            consume,
+            publish,
             timeout_secs,
             journal: pipeline.journal.clone(),
         };
@@ -376,11 +378,19 @@ async fn open(
         expected += 1;
     }
     if directory.settings.log.events_exchange {
-        flows.spawn(crate::broker::publish_events(
-            retry.publishing.create_channel().await?,
-            names.events(),
-            pipeline.journal.subscribe(),
+        let events = Events {
+            channel: retry.publishing.create_channel().await?,
+            exchange: names.events(),
+            records: pipeline.journal.subscribe(),
+        };
+        flows.spawn(supervise(
+            Supervised {
+                flow: events,
+                on: retry.clone(),
+            },
             session_stop.clone(),
+            started.subscribe(),
+            ready_tx.clone(),
         ));
     }
     connections.push(retry.consuming);
@@ -399,15 +409,15 @@ async fn open(
 }
 
 /// A flow the session can start again alone, on new channels of the connections it runs on: a
-/// partner's inbound flow, the redelivery flow, an HTTP partner's courier.
+/// partner's inbound flow, the redelivery flow, an HTTP partner's courier, the events publisher.
 trait Restartable: Send {
     /// What the log and `ponte_flow_restarts_total` call it: the kind of flow (`inbound`,
-    /// `redelivery`, `courier`) and its partner (none for the redelivery flow).
+    /// `redelivery`, `courier`, `events`) and its partner (none but for the first and third).
     fn name(&self) -> (&'static str, &str);
-    /// Its consuming and publishing channels.
-    fn channels(&self) -> (&Channel, &Channel);
-    /// Takes new channels for its next run.
-    fn reopened(&mut self, consume: Channel, publish: Channel);
+    /// Closes its channels, once it has failed.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+    /// Opens new channels on `on` for its next run.
+    fn reopen(&mut self, on: &Connections) -> impl Future<Output = Result<(), BrokerError>> + Send;
     /// Runs until `stop` is cancelled (`Ok`) or it fails; says so on `ready`, when given one, once
     /// it consumes.
     fn run(
@@ -422,16 +432,18 @@ impl Restartable for Flow {
         ("inbound", &self.partner.id)
     }
 
-    fn channels(&self) -> (&Channel, &Channel) {
-        (&self.consume, &self.settler.channel)
+    async fn close(&self) {
+        close_channels(&self.consume, &self.settler.channel, "flow restarting").await;
     }
 
-    fn reopened(&mut self, consume: Channel, publish: Channel) {
+    async fn reopen(&mut self, on: &Connections) -> Result<(), BrokerError> {
+        let (consume, publish) = on.pair().await?;
         self.consume = consume;
         self.settler = Arc::new(Settler {
             channel: publish,
             ..(*self.settler).clone()
         });
+        Ok(())
     }
 
     async fn run(
@@ -453,12 +465,13 @@ impl Restartable for Redeliverer {
         ("redelivery", "")
     }
 
-    fn channels(&self) -> (&Channel, &Channel) {
-        (&self.consume, &self.publish)
+    async fn close(&self) {
+        close_channels(&self.consume, &self.publish, "flow restarting").await;
     }
 
-    fn reopened(&mut self, consume: Channel, publish: Channel) {
-        (self.consume, self.publish) = (consume, publish);
+    async fn reopen(&mut self, on: &Connections) -> Result<(), BrokerError> {
+        (self.consume, self.publish) = on.pair().await?;
+        Ok(())
     }
 
     async fn run(
@@ -475,12 +488,13 @@ impl Restartable for Courier {
         ("courier", &self.partner)
     }
 
-    fn channels(&self) -> (&Channel, &Channel) {
-        (&self.consume, &self.publish)
+    async fn close(&self) {
+        close_channels(&self.consume, &self.publish, "flow restarting").await;
     }
 
-    fn reopened(&mut self, consume: Channel, publish: Channel) {
-        (self.consume, self.publish) = (consume, publish);
+    async fn reopen(&mut self, on: &Connections) -> Result<(), BrokerError> {
+        (self.consume, self.publish) = on.pair().await?;
+        Ok(())
     }
 
     async fn run(
@@ -489,6 +503,32 @@ impl Restartable for Courier {
         ready: Option<mpsc::Sender<()>>,
     ) -> Result<(), BrokerError> {
         Courier::run(self, stop, ready).await
+    }
+}
+
+/// The events publisher consumes nothing and publishes without confirms: one plain channel. It
+/// is not among the flows the session waits for to be ready.
+impl Restartable for Events {
+    fn name(&self) -> (&'static str, &str) {
+        ("events", "")
+    }
+
+    async fn close(&self) {
+        let closing = self.channel.close(200, "flow restarting".into());
+        let _ = tokio::time::timeout(ANSWER_WITHIN, closing).await;
+    }
+
+    async fn reopen(&mut self, on: &Connections) -> Result<(), BrokerError> {
+        self.channel = on.publishing.create_channel().await?;
+        Ok(())
+    }
+
+    async fn run(
+        &mut self,
+        stop: CancellationToken,
+        _ready: Option<mpsc::Sender<()>>,
+    ) -> Result<(), BrokerError> {
+        Events::run(self, stop).await
     }
 }
 
@@ -506,6 +546,15 @@ struct Connections {
     /// Shared by every flow of the session.
     redeclared: Arc<Redeclared>,
     directory: Arc<Directory>,
+}
+
+impl Connections {
+    /// A channel to consume on and one to publish on with confirms: what a flow that forwards
+    /// messages runs on.
+    async fn pair(&self) -> Result<(Channel, Channel), BrokerError> {
+        let consume = self.consuming.create_channel().await?;
+        Ok((consume, confirming_channel(&self.publishing).await?))
+    }
 }
 
 /// The topology declared again for the flows that start again: once for every flow that failed
@@ -586,23 +635,19 @@ async fn supervise(
             retry_in_ms = delay.as_millis() as u64,
             "the flow failed; starting it again alone"
         );
-        let (consume, publish) = s.flow.channels();
-        close_channels(consume, publish, "flow restarting").await;
+        s.flow.close().await;
         let setup_secs = broker.setup_timeout_secs;
         let reopen = async {
             tokio::time::sleep(jitter(delay)).await;
             let declare = declare_topology(&s.on.consuming, &directory);
             s.on.redeclared.after(failed, declare).await?;
-            let consume = s.on.consuming.create_channel().await?;
-            let publish = confirming_channel(&s.on.publishing).await?;
-            Ok::<_, BrokerError>((consume, publish))
+            s.flow.reopen(&s.on).await
         };
         let reopened = tokio::select! {
             () = session_stop.cancelled() => return Ok(()),
             reopened = tokio::time::timeout(Duration::from_secs(setup_secs) + delay, reopen) => reopened,
         };
-        let (consume, publish) = reopened.map_err(|_| BrokerError::SetupTimeout(setup_secs))??;
-        s.flow.reopened(consume, publish);
+        reopened.map_err(|_| BrokerError::SetupTimeout(setup_secs))??;
         delay = (delay * 2).min(max_delay);
     }
 }

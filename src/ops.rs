@@ -5,7 +5,8 @@
 //!   {recipient}` (copies published and not yet confirmed), `ponte_retries_total{recipient}`,
 //!   `ponte_dead_letters_total{recipient}`, `ponte_handed_back_total{sender}`,
 //!   `ponte_broker_reconnects_total`, `ponte_flow_restarts_total{flow,partner}` (a flow
-//!   started again alone: a partner's `inbound` flow, the `redelivery` flow, a `courier`), `ponte_lookups_total{partner,result}`, `ponte_ready`,
+//!   started again alone: a partner's `inbound` flow, the `redelivery` flow, a `courier`, the
+//!   `events` publisher), `ponte_lookups_total{partner,result}`, `ponte_ready`,
 //!   `ponte_store_wait_seconds` (how long each use of the store waited, histogram: for its
 //!   reading connection, and for a write it reads, made a moment before, to be committed),
 //!   `ponte_log_lines_dropped_total` (log lines stderr's reader did not take in time).

@@ -164,33 +164,31 @@ async fn a_messages_journey_is_queried_and_the_log_proves_it_was_not_altered() {
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
 
-#[tokio::test]
-async fn every_step_is_also_published_to_the_events_exchange_when_asked() {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-    use lapin::types::FieldTable;
-    let prefix = random_prefix();
-    let config = common::repo().join("config");
+/// A gateway, run in-process with the demo configuration, that publishes its records to the
+/// events exchange; and the broker's URL.
+async fn with_events_exchange() -> (Gateway, String) {
     let url = broker_url();
     let gw = Gateway::start_with(common::directory_with(
-        &config,
+        &common::repo().join("config"),
         &url,
-        &prefix,
+        &random_prefix(),
         &[("log.events_exchange", "true")],
     ))
     .await;
-    // An organisation's log system binds a queue of its own to the exchange.
-    let connection = common::connect(&url).await;
-    let channel = connection.create_channel().await.unwrap();
-    let feed = format!("{prefix}.my-log-system");
+    (gw, url)
+}
+
+/// Binds a queue of its own to the events exchange, as an organisation's log system would, and
+/// returns its name.
+async fn bind_feed(channel: &lapin::Channel, gw: &Gateway) -> String {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    let feed = format!("{}.my-log-system", gw.directory.settings.broker.prefix);
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
-        .queue_declare(
-            feed.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+        .queue_declare(feed.as_str().into(), durable, Default::default())
         .await
         .unwrap();
     channel
@@ -199,10 +197,20 @@ async fn every_step_is_also_published_to_the_events_exchange_when_asked() {
             gw.queues.events().as_str().into(),
             "#".into(),
             QueueBindOptions::default(),
-            FieldTable::default(),
+            Default::default(),
         )
         .await
         .unwrap();
+    feed
+}
+
+#[tokio::test]
+async fn every_step_is_also_published_to_the_events_exchange_when_asked() {
+    use lapin::options::QueueDeleteOptions;
+    let (gw, url) = with_events_exchange().await;
+    let connection = common::connect(&url).await;
+    let channel = connection.create_channel().await.unwrap();
+    let feed = bind_feed(&channel, &gw).await;
 
     let delivered = referral("cpi-modena", "CPI-MO-01", "036023");
     gw.send("cpi-modena", &delivered).await;
@@ -245,6 +253,98 @@ async fn every_step_is_also_published_to_the_events_exchange_when_asked() {
     }
     channel
         .queue_delete(feed.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    gw.stop().await;
+}
+
+/// The events exchange deleted under a running gateway (an operator's mistake) has the broker
+/// close the events publisher's channel at its next record: the publisher alone starts again,
+/// the exchange is declared again and later records reach it; every referral is delivered
+/// meanwhile, no other flow restarts and the session goes on.
+#[tokio::test]
+async fn a_deleted_events_exchange_restarts_the_events_publisher_alone() {
+    use lapin::options::ExchangeDeclareOptions;
+    ponte::ops::metrics();
+    let (gw, url) = with_events_exchange().await;
+    let exchange = gw.queues.events();
+    let connection = common::connect(&url).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+
+    // The first record published to the missing exchange closes the channel; the next fails.
+    let restarts = "ponte_flow_restarts_total";
+    let events = ["flow=\"events\""];
+    let mut sent = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while common::recorded(restarts, &events) < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the events publisher restarts"
+        );
+        gw.send("cpi-modena", &referral("cpi-modena", "CPI-MO-01", "036023"))
+            .await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Declared again with the topology; a passive declaration fails (and closes its channel)
+    // while it is not.
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let mut feed_channel = None;
+    while feed_channel.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the events exchange is declared again"
+        );
+        let probe = connection.create_channel().await.unwrap();
+        let declared = probe
+            .exchange_declare(
+                exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                passive,
+                Default::default(),
+            )
+            .await;
+        match declared {
+            Ok(()) => feed_channel = Some(probe),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let feed_channel = feed_channel.unwrap();
+    let feed = bind_feed(&feed_channel, &gw).await;
+
+    let last = referral("cpi-modena", "CPI-MO-01", "036023");
+    gw.send("cpi-modena", &last).await;
+    let at_inps = gw.take(&gw.queues.outbound("inps"), sent + 1).await;
+    assert_eq!(at_inps.len(), sent + 1, "every referral reached INPS");
+    // Records of the referrals sent during the restart may come first.
+    let mut published = Vec::new();
+    while !published.contains(&last["message_id"]) {
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(20),
+            "the last referral's record reaches the exchange: {published:?}"
+        );
+        for event in common::drain(&url, &feed, 1, Duration::from_secs(1)).await {
+            published.push(event.json()["message_id"].clone());
+        }
+    }
+    assert_eq!(common::recorded(restarts, &events), 1.0);
+    assert_eq!(
+        common::recorded(restarts, &[]),
+        1.0,
+        "no other flow restarted"
+    );
+    assert_eq!(common::recorded("ponte_broker_reconnects_total", &[]), 0.0);
+    assert!(gw.status.is_ready());
+    feed_channel
+        .queue_delete(feed.as_str().into(), Default::default())
         .await
         .unwrap();
     let _ = connection.close(200, "done".into()).await;

@@ -19,7 +19,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use common::{
     Gateway, benefit_status, broker_url, config_copy, depth, directory_from, ponte_in,
-    random_prefix,
+    random_prefix, recorded, wait_until,
 };
 use serde_json::Value;
 
@@ -95,14 +95,6 @@ async fn send_statuses(gw: &Gateway, n: usize) -> (Vec<Value>, Duration) {
     let at_cpi = gw.take(&gw.queues.outbound("cpi-modena"), n).await;
     assert_eq!(at_cpi.len(), n, "every AMQP copy arrives");
     (sent, started.elapsed())
-}
-
-async fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -320,18 +312,6 @@ async fn an_endpoint_that_requires_a_client_certificate_gets_copies_over_mutual_
     let _ = std::fs::remove_dir_all(&config);
 }
 
-/// The sum of a metric's samples whose labels contain every one of `labels`, from this process's
-/// recorder.
-fn count(name: &str, labels: &[&str]) -> f64 {
-    ponte::ops::metrics()
-        .render()
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The HTTP partner's outbound queue deleted under a running gateway (an operator's mistake)
 /// cancels its courier's consumer: the courier alone starts again, the queue is declared again,
 /// and the next copy reaches the endpoint; no other flow restarts and the session goes on.
@@ -344,7 +324,7 @@ async fn a_deleted_http_partner_queue_restarts_its_courier_alone() {
     let restarts = "ponte_flow_restarts_total";
     let courier = ["flow=\"courier\"", "partner=\"osservatorio-er\""];
     wait_until("the courier restarts", Duration::from_secs(30), || {
-        count(restarts, &courier) >= 1.0
+        recorded(restarts, &courier) >= 1.0
     })
     .await;
     common::declared_with(&gw.url, &outbound, 1).await;
@@ -358,9 +338,9 @@ async fn a_deleted_http_partner_queue_restarts_its_courier_alone() {
     .await;
     let requests = endpoint.lock().unwrap().requests.clone();
     assert_eq!(id_of(&requests[0].2), id_of(&sent[0]));
-    assert_eq!(count(restarts, &courier), 1.0);
-    assert_eq!(count(restarts, &[]), 1.0, "no other flow restarted");
-    assert_eq!(count("ponte_broker_reconnects_total", &[]), 0.0);
+    assert_eq!(recorded(restarts, &courier), 1.0);
+    assert_eq!(recorded(restarts, &[]), 1.0, "no other flow restarted");
+    assert_eq!(recorded("ponte_broker_reconnects_total", &[]), 0.0);
     assert!(gw.status.is_ready());
     gw.stop().await;
 }

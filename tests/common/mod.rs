@@ -466,6 +466,30 @@ pub async fn declared_with(url: &str, queue: &str, at_least: u32) {
     }
 }
 
+/// Waits until `done`, polling every 50 ms; fails the test saying `what` after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sum of a metric's samples whose labels contain every one of `labels`, from this process's
+/// recorder (a gateway run in-process).
+pub fn recorded(name: &str, labels: &[&str]) -> f64 {
+    ponte::ops::metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub async fn delete_queue(url: &str, queue: &str) {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
