@@ -789,7 +789,13 @@ impl Events {
                 Err(RecvError::Closed) => break Ok(()),
             }
         };
-        let _ = self.channel.close(200, "events stopped".into()).await;
+        self.close_channel("events stopped").await;
         result
+    }
+
+    /// Closes its channel, waiting at most [`ANSWER_WITHIN`] for the broker's answer.
+    pub async fn close_channel(&self, why: &str) {
+        let closing = self.channel.close(200, why.into());
+        let _ = tokio::time::timeout(ANSWER_WITHIN, closing).await;
     }
 }

@@ -514,8 +514,7 @@ impl Restartable for Events {
     }
 
     async fn close(&self) {
-        let closing = self.channel.close(200, "flow restarting".into());
-        let _ = tokio::time::timeout(ANSWER_WITHIN, closing).await;
+        self.close_channel("flow restarting").await;
     }
 
     async fn reopen(&mut self, on: &Connections) -> Result<(), BrokerError> {
