@@ -1,8 +1,8 @@
 //! Gateway: the supervisor. Connects, declares the topology, starts one flow per partner, and
 //! when the broker fails tears everything down and starts again with backoff; a failure of one
 //! flow alone (a partner's, the redelivery flow, a courier, the events publisher) starts that
-//! flow again (see `supervise`). On shutdown stops consuming, waits for in-flight messages to settle, and
-//! returns.
+//! flow again (see `supervise`). On shutdown stops consuming, waits for in-flight messages to
+//! settle, and returns.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -412,7 +412,8 @@ async fn open(
 /// partner's inbound flow, the redelivery flow, an HTTP partner's courier, the events publisher.
 trait Restartable: Send {
     /// What the log and `ponte_flow_restarts_total` call it: the kind of flow (`inbound`,
-    /// `redelivery`, `courier`, `events`) and its partner (none but for the first and third).
+    /// `redelivery`, `courier`, `events`) and its partner (empty for the redelivery flow and the
+    /// events publisher).
     fn name(&self) -> (&'static str, &str);
     /// Closes its channels, once it has failed.
     fn close(&self) -> impl Future<Output = ()> + Send;
