@@ -765,7 +765,7 @@ impl Events {
                     let key = format!("{}.{}", event.step, event.sender);
                     let properties = lapin::BasicProperties::default()
                         .with_content_type("application/json".into())
-                        .with_delivery_mode(2)
+                        .with_delivery_mode(crate::deliver::PERSISTENT)
                         .with_type("ponte-event".into());
                     if let Err(error) = self
                         .channel

@@ -335,14 +335,7 @@ async fn a_deleted_events_exchange_restarts_the_events_publisher_alone() {
             published.push(event.json()["message_id"].clone());
         }
     }
-    assert_eq!(common::recorded(restarts, &events), 1.0);
-    assert_eq!(
-        common::recorded(restarts, &[]),
-        1.0,
-        "no other flow restarted"
-    );
-    assert_eq!(common::recorded("ponte_broker_reconnects_total", &[]), 0.0);
-    assert!(gw.status.is_ready());
+    common::assert_restarted_alone_once(&gw, &events);
     feed_channel
         .queue_delete(feed.as_str().into(), Default::default())
         .await

@@ -490,6 +490,16 @@ pub fn recorded(name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// The flow `labels` name, and no other, was started again, once; the in-process gateway never
+/// reconnected and is ready.
+pub fn assert_restarted_alone_once(gw: &Gateway, labels: &[&str]) {
+    let restarts = "ponte_flow_restarts_total";
+    assert_eq!(recorded(restarts, labels), 1.0);
+    assert_eq!(recorded(restarts, &[]), 1.0, "no other flow restarted");
+    assert_eq!(recorded("ponte_broker_reconnects_total", &[]), 0.0);
+    assert!(gw.status.is_ready());
+}
+
 pub async fn delete_queue(url: &str, queue: &str) {
     let connection = connect(url).await;
     let channel = connection.create_channel().await.unwrap();
