@@ -1110,8 +1110,15 @@ async fn forward(
             }
         }
     }
-    let _ = connection.close(200, "done".into()).await;
+    close(&connection).await;
     Ok(())
+}
+
+/// Closes one of the benchmark's own connections, waiting for the broker's answer at most as
+/// long as Ponte does: an answer lost on a loaded machine must not hold the run for ever.
+async fn close(connection: &Connection) {
+    let closing = connection.close(200, "done".into());
+    let _ = tokio::time::timeout(ponte::broker::ANSWER_WITHIN, closing).await;
 }
 
 /// The names `side_queues` is called with: each side-by-side mover, for a drain and for a
@@ -1176,6 +1183,10 @@ async fn delete_queues(connection: &Connection, queues: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// How long a gateway asked to stop may take: it settles what it has in flight, each confirm
+/// within `broker.publish_timeout_secs` (30 s by default), then writes its last records.
+const STOP_WITHIN: Duration = Duration::from_secs(60);
+
 /// A `ponte run` started by the benchmark. [`Gateway::stop`] ends it as an operator would
 /// (SIGTERM, then its exit status); a gateway the benchmark gives up on (an error, Ctrl-C) is
 /// killed when dropped, so that none outlives its run and goes on loading the broker.
@@ -1186,10 +1197,26 @@ impl Gateway {
         self.0.as_ref().map_or(0, Child::id)
     }
 
+    /// Asks Ponte to stop and waits for it, at most [`STOP_WITHIN`]: one that has not stopped by
+    /// then is killed, and the run ends with an error saying so rather than waiting for ever.
     fn stop(mut self) -> Result<()> {
         let mut child = self.0.take().expect("a gateway is stopped once");
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait()?;
+        let asked = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if asked.elapsed() > STOP_WITHIN {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "ponte did not stop within {} s of SIGTERM; killed",
+                    STOP_WITHIN.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         if !status.success() {
             bail!("ponte exited with {status}");
         }
@@ -1626,8 +1653,8 @@ async fn time_through(
     for c in consumers {
         c.abort();
     }
-    let _ = publisher.close(200, "done".into()).await;
-    let _ = consumer_connection.close(200, "done".into()).await;
+    close(&publisher).await;
+    close(&consumer_connection).await;
     let mut timed = samples.lock().unwrap().clone();
     if timed.is_empty() {
         bail!("no latency samples");
