@@ -465,7 +465,8 @@ CREATE TABLE IF NOT EXISTS person (
 ) WITHOUT ROWID;
 -- One row per message a sender sent: its case reference and recipients (for the case
 -- crosswalk), and once delivered, to whom (for duplicate detection). Appended in arrival order
--- (cheap), found by a small random key: 64 bits of the message id (the text is compared too).
+-- (cheap), found by a 64-bit key made from the message id (`message_key`; the text is
+-- compared too).
 CREATE TABLE IF NOT EXISTS message (
     seq INTEGER PRIMARY KEY,
     key INTEGER NOT NULL,
@@ -492,7 +493,7 @@ CREATE INDEX IF NOT EXISTS case_link_case ON case_link (case_id, partner, refere
 ";
 
 /// The layout [`SCHEMA`] creates.
-const VERSION: i64 = 3;
+const VERSION: i64 = 4;
 
 /// From version 2, which kept the messages sent and those delivered in two tables (two random
 /// index inserts per message instead of one).
@@ -529,8 +530,43 @@ fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
     if version == 2 {
         tx.execute_batch(FROM_VERSION_2)?;
     }
+    if (2..4).contains(&version) {
+        rekey(&tx)?;
+    }
     tx.execute_batch(&format!("PRAGMA user_version = {VERSION}"))?;
     tx.commit()
+}
+
+/// From version 3 and before, whose keys were the first half of a UUID (see [`message_key`]):
+/// every record's key is computed again, and the index built again from them (sorting once
+/// is quicker than moving each entry).
+fn rekey(tx: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    let started = Instant::now();
+    tx.create_scalar_function(
+        "ponte_message_key",
+        1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |call| Ok(message_key(call.get_raw(0).as_str().unwrap_or_default())),
+    )?;
+    let changed = tx.execute_batch("DROP INDEX message_key;").and_then(|()| {
+        tx.execute(
+            "UPDATE message SET key = ponte_message_key(message_id)
+             WHERE key != ponte_message_key(message_id)",
+            [],
+        )
+    })?;
+    tx.execute_batch("CREATE INDEX message_key ON message (key);")?;
+    tx.remove_function("ponte_message_key", 1)?;
+    if changed > 0 {
+        let took_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            records = changed,
+            took_ms,
+            "message records keyed anew, once"
+        );
+    }
+    Ok(())
 }
 
 impl SqliteStore {
@@ -1147,15 +1183,35 @@ fn now_secs() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The 64-bit look-up key of a message id (its UUID's first half; the text is compared too).
+/// The 64-bit look-up key of a message id (the text is compared too).
+///
+/// Built from all of the id's bits: many UUIDv7 generators (Rust's `uuid`, Python's, npm's
+/// `uuid`) count the ids of one millisecond in the bits after the time, so the first half of
+/// every id a sender makes in one millisecond is nearly always the same. A key shared by a
+/// batch of ids made every look-up of the batch read each of its rows (a load of v7 ids
+/// drained more than ten times slower). A v7 id's key keeps its time first, so the index grows
+/// at its end as messages arrive (a commit's new entries share pages) instead of at random
+/// places; the other 20 bits mix the rest of the id. Any other UUID mixes its second half into
+/// its first (both random in v4; a counter in the second half, as in test systems' ids, stays
+/// distinct). An id that is not a UUID is hashed.
 pub fn message_key(message_id: &str) -> i64 {
-    uuid::Uuid::parse_str(message_id).map_or_else(
-        |_| {
-            let digest = <sha2::Sha256 as sha2::Digest>::digest(message_id.as_bytes());
-            i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
-        },
-        |u| u.as_u64_pair().0 as i64,
-    )
+    /// An odd constant (2^64 / the golden ratio): multiplying by it is a bijection whose top
+    /// bits depend on every bit of the factor.
+    const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
+    let Ok(id) = uuid::Uuid::parse_str(message_id) else {
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(message_id.as_bytes());
+        return i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+    };
+    let (high, low) = id.as_u64_pair();
+    match id.get_version_num() {
+        7 => {
+            // 43 bits of milliseconds (until the year 2248), then 20 mixed: never negative.
+            let millis = (high >> 16) & ((1 << 43) - 1);
+            let rest = (low ^ (high & 0x0FFF).rotate_right(12)).wrapping_mul(MIX);
+            ((millis << 20) | (rest >> 44)) as i64
+        }
+        _ => (high ^ low.wrapping_mul(MIX)) as i64,
+    }
 }
 
 /// The row of `sender`'s `message_id`, and whom it was meant for.
@@ -1922,6 +1978,77 @@ mod tests {
             .read(|c| c.query_row("SELECT count(*) FROM message", [], |r| r.get(0)))
             .unwrap();
         assert_eq!(rows, 3);
+        drop(s);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn v7_ids_made_in_one_burst_get_keys_of_their_own_in_time_order() {
+        // A tight loop makes thousands of ids per millisecond, counted in their first half.
+        let ids: Vec<String> = (0..10_000)
+            .map(|_| uuid::Uuid::now_v7().to_string())
+            .collect();
+        let mut shared: HashMap<i64, usize> = HashMap::new();
+        for id in &ids {
+            *shared.entry(message_key(id)).or_default() += 1;
+        }
+        assert!(
+            shared.len() >= 9_900,
+            "{} keys for 10,000 ids",
+            shared.len()
+        );
+        assert!(
+            shared.values().all(|&n| n <= 3),
+            "a key shared by more than 3 ids"
+        );
+        // A later millisecond's ids come after: the index grows at its end.
+        std::thread::sleep(Duration::from_millis(2));
+        let later = message_key(&uuid::Uuid::now_v7().to_string());
+        assert!(ids.iter().all(|id| message_key(id) < later));
+        assert!(later > 0);
+    }
+
+    #[test]
+    fn uuids_that_differ_only_in_their_second_half_get_keys_of_their_own() {
+        let keys: std::collections::HashSet<i64> = (0..10_000)
+            .map(|i| message_key(&format!("00000000-0000-4000-8000-{i:012}")))
+            .collect();
+        assert_eq!(keys.len(), 10_000);
+    }
+
+    #[test]
+    fn records_keyed_by_an_older_version_are_still_found() {
+        let (s, dir) = store();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let id = uuid::Uuid::now_v7().to_string();
+        s.record(&message(&id, "cpi-modena", "CPI-7", None, &["inps"]))
+            .unwrap();
+        s.remember("cpi-modena", &id, &["inps"], true).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        {
+            // As version 3 left it: keyed by the id's first half.
+            let old = Connection::open(dir.join("ponte.db")).unwrap();
+            let (high, _) = uuid::Uuid::parse_str(&id).unwrap().as_u64_pair();
+            old.execute("UPDATE message SET key = ?1", [high as i64])
+                .unwrap();
+            old.execute_batch("PRAGMA user_version = 3").unwrap();
+        }
+        let s = SqliteStore::open(&dir).unwrap();
+        let version: i64 = s
+            .read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(version, VERSION);
+        // Still a duplicate, and still the original an answer links to.
+        let seen = s.seen("cpi-modena", &id, week).unwrap().unwrap();
+        assert_eq!(
+            (seen.recipients, seen.complete),
+            (vec!["inps".into()], true)
+        );
+        let refs = s
+            .record(&message("m2", "inps", "APP-9", Some(&id), &["cpi-modena"]))
+            .unwrap();
+        assert_eq!(refs, [Some("CPI-7".to_string())]);
         drop(s);
         std::fs::remove_dir_all(dir).unwrap();
     }
