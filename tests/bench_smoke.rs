@@ -23,6 +23,8 @@ fn a_small_benchmark_run_produces_every_figure() {
             "--forwarder",
             "--rounds",
             "2",
+            "--ids",
+            "v7",
             "--scenario",
             "smoke",
         ])
@@ -37,6 +39,7 @@ fn a_small_benchmark_run_produces_every_figure() {
     let field = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
     assert_eq!(field("scenario"), "smoke");
     assert_eq!(field("messages"), "2000");
+    assert_eq!(field("ids"), "v7");
     assert_eq!(field("partners"), "6");
     for name in [
         "shovel_msgs_per_s",

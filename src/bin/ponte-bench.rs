@@ -58,6 +58,9 @@ struct Args {
     /// publishes as the shovel makes): what Ponte costs when the broker moves the same traffic.
     #[arg(long, value_enum, default_value_t = Mix::Demo)]
     mix: Mix,
+    /// How the senders make their message ids.
+    #[arg(long, value_enum, default_value_t = Ids::V4)]
+    ids: Ids,
     /// The type of every queue of the run (`broker.queue_type` for Ponte's; the shovel's and
     /// the forwarder's the same, so that the broker moves the load between queues of one kind).
     #[arg(long, value_enum, default_value_t = QueueType::Classic)]
@@ -135,6 +138,25 @@ enum Mix {
     Demo,
     /// Referrals only: one copy per valid message.
     Referrals,
+}
+
+/// How senders make message ids (the gateway's store looks each one up and indexes it).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Ids {
+    /// Random UUIDs: index entries land at random places.
+    V4,
+    /// Time-ordered UUIDs, as a generator of RFC 9562 makes them: a batch of them counted
+    /// within each millisecond.
+    V7,
+}
+
+impl Ids {
+    fn make(self) -> String {
+        match self {
+            Ids::V4 => uuid::Uuid::new_v4().to_string(),
+            Ids::V7 => uuid::Uuid::now_v7().to_string(),
+        }
+    }
 }
 
 /// The AMQP properties of the load's messages.
@@ -299,9 +321,9 @@ async fn main() -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    let load = Load::generate(&directory, args.messages, args.size, args.mix);
+    let load = Load::generate(&directory, args.messages, args.size, args.mix, args.ids);
     eprintln!(
-        "bench {}: {} messages ({} invalid, mix {}), {} partners, ~{} bytes, receipts {}, {} queues, {} load, {} expected outputs",
+        "bench {}: {} messages ({} invalid, mix {}), {} partners, ~{} bytes, receipts {}, {} queues, {} load, {} ids, {} expected outputs",
         args.scenario,
         args.messages,
         load.invalid,
@@ -311,6 +333,7 @@ async fn main() -> Result<()> {
         args.receipts,
         args.queue_type.as_str(),
         name_of(args.labels),
+        name_of(args.ids),
         load.expected_outputs
     );
     check_csv_header(&args.csv)?;
@@ -351,7 +374,7 @@ async fn measure(
             if args.history == 0 {
                 let _ = std::fs::remove_dir_all(ponte::pipeline::store_dir(directory));
             }
-            load = Load::generate(directory, args.messages, args.size, args.mix);
+            load = Load::generate(directory, args.messages, args.size, args.mix, args.ids);
         }
         let mut row = Row::default();
         if !args.no_shovel {
@@ -396,6 +419,7 @@ async fn measure(
                 (rate * args.latency_secs as f64) as usize,
                 args.size,
                 args.mix,
+                args.ids,
             );
             let suffix = match args.rounds {
                 1 => String::new(),
@@ -645,16 +669,22 @@ impl Load {
     /// field to pad (60% of the demo mix, all of the referrals mix): a first pass measures what
     /// the other messages weigh, and the same messages (the generator is seeded) are made again
     /// with each referral padded to make up the difference.
-    fn generate(directory: &Directory, count: usize, size: usize, mix: Mix) -> Load {
-        let trial = Self::padded(directory, count, size, mix);
+    fn generate(directory: &Directory, count: usize, size: usize, mix: Mix, ids: Ids) -> Load {
+        let trial = Self::padded(directory, count, size, mix, ids);
         let referrals = trial.referrals.max(1);
         let missing = (size * count) as i64 - trial.bytes as i64;
         let referral_bytes = (size as i64 + missing / referrals as i64).max(0) as usize;
-        Self::padded(directory, count, referral_bytes, mix)
+        Self::padded(directory, count, referral_bytes, mix, ids)
     }
 
     /// `count` messages, each referral padded to about `referral_bytes`.
-    fn padded(directory: &Directory, count: usize, referral_bytes: usize, mix: Mix) -> Load {
+    fn padded(
+        directory: &Directory,
+        count: usize,
+        referral_bytes: usize,
+        mix: Mix,
+        ids: Ids,
+    ) -> Load {
         let tables = directory.tables.load();
         let mut cpis: Vec<(&str, &str, &str)> = directory
             .partners
@@ -681,7 +711,7 @@ impl Load {
             let (cpi, office, municipality) = cpis[(next() % cpis.len() as u64) as usize];
             let roll = next() % 100;
             let (sender, mut message, outputs) = if roll < 60 || mix == Mix::Referrals {
-                let mut m = referral(cpi, office, municipality);
+                let mut m = referral(ids, cpi, office, municipality);
                 let base = serde_json::to_vec(&m).unwrap().len();
                 m["payload"]["notes"] =
                     json!("n".repeat(referral_bytes.saturating_sub(base + 12).max(1)));
@@ -689,7 +719,7 @@ impl Load {
                 (cpi.to_string(), m, 1)
             } else {
                 let adi = roll >= 88;
-                let m = benefit_status(if adi { "adi" } else { "naspi" }, municipality);
+                let m = benefit_status(ids, if adi { "adi" } else { "naspi" }, municipality);
                 // The competent CPI, the observatory, and for inclusion benefits the comune.
                 let comune = adi && tables.competent("comune", municipality).is_some();
                 ("inps".to_string(), m, if comune { 3 } else { 2 })
@@ -747,9 +777,9 @@ impl Load {
     }
 }
 
-fn referral(sender: &str, office: &str, municipality: &str) -> Value {
+fn referral(ids: Ids, sender: &str, office: &str, municipality: &str) -> Value {
     json!({
-        "message_id": uuid::Uuid::new_v4().to_string(),
+        "message_id": ids.make(),
         "type": "referral",
         "version": "1.0",
         "sender": sender,
@@ -769,9 +799,9 @@ fn referral(sender: &str, office: &str, municipality: &str) -> Value {
     })
 }
 
-fn benefit_status(benefit: &str, municipality: &str) -> Value {
+fn benefit_status(ids: Ids, benefit: &str, municipality: &str) -> Value {
     json!({
-        "message_id": uuid::Uuid::new_v4().to_string(),
+        "message_id": ids.make(),
         "type": "benefit-status",
         "version": "1.0",
         "sender": "inps",
@@ -1828,7 +1858,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
 }
 
 /// The CSV file's columns.
-const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels,latency_p99_min_ms,latency_p99_max_ms,shovel_latency_p99_min_ms,shovel_latency_p99_max_ms,forwarder_latency_p99_min_ms,forwarder_latency_p99_max_ms,latency_cpu_us_per_msg";
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels,latency_p99_min_ms,latency_p99_max_ms,shovel_latency_p99_min_ms,shovel_latency_p99_max_ms,forwarder_latency_p99_min_ms,forwarder_latency_p99_max_ms,latency_cpu_us_per_msg,ids";
 
 /// An existing CSV file must have today's columns: rows of an older benchmark would not line
 /// up. Checked before a run, not after it.
@@ -1860,7 +1890,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         (Some(_), false) => "1".to_string(),
     };
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -1905,6 +1935,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         fmt(forwarder_latency(|l| l.p99_range.0), 2),
         fmt(forwarder_latency(|l| l.p99_range.1), 2),
         fmt(row.latency.as_ref().and_then(|l| l.cpu_us), 1),
+        name_of(args.ids),
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
@@ -1978,8 +2009,8 @@ mod tests {
     fn a_referrals_load_asks_one_copy_per_message_where_the_demo_mix_fans_out() {
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let directory = Directory::load(&config).unwrap();
-        let demo = Load::generate(&directory, 2000, 1024, Mix::Demo);
-        let referrals = Load::generate(&directory, 2000, 1024, Mix::Referrals);
+        let demo = Load::generate(&directory, 2000, 1024, Mix::Demo, Ids::V4);
+        let referrals = Load::generate(&directory, 2000, 1024, Mix::Referrals, Ids::V4);
         let types = |load: &Load| -> Vec<String> {
             let bodies = load.by_sender.iter().flat_map(|(_, bodies)| bodies);
             let parsed = bodies.filter_map(|b| serde_json::from_slice::<Value>(b).ok());
@@ -2012,7 +2043,7 @@ mod tests {
     fn a_labelled_load_carries_each_envelope_s_id_and_type_and_a_bare_one_neither() {
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let directory = Directory::load(&config).unwrap();
-        let load = Load::generate(&directory, 200, 1024, Mix::Demo);
+        let load = Load::generate(&directory, 200, 1024, Mix::Demo, Ids::V4);
         let bodies: Vec<&Vec<u8>> = load.by_sender.iter().flat_map(|(_, b)| b).collect();
         let mut labelled = 0;
         for body in &bodies {
