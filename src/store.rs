@@ -513,10 +513,23 @@ DROP TABLE sent_message;
 DROP TABLE delivery;
 ";
 
-/// Creates the tables, or brings an older layout up to [`VERSION`], in one transaction.
-fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
+/// Creates the tables, or brings an older layout up to [`VERSION`], in one transaction. A
+/// later layout is refused: this release would look its records up under keys they do not
+/// have.
+fn migrate(connection: &mut Connection) -> Result<(), String> {
+    let version: i64 = connection
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if version > VERSION {
+        return Err(format!(
+            "written by a later release of Ponte (layout {version}, this release reads up to {VERSION}): run that release, or restore a backup of the data folder from before it"
+        ));
+    }
+    upgrade(connection, version).map_err(|e| e.to_string())
+}
+
+fn upgrade(connection: &mut Connection, version: i64) -> rusqlite::Result<()> {
     let tx = connection.transaction()?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let indexed: bool = tx.query_row(
         "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'message_recorded'",
         [],
@@ -537,9 +550,9 @@ fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// From version 3 and before, whose keys were the first half of a UUID (see [`message_key`]):
-/// every record's key is computed again, and the index built again from them (sorting once
-/// is quicker than moving each entry).
+/// From version 3 and before, whose keys were the first half of any UUID (see
+/// [`message_key`]): the key of every record of an id other than a random one is computed
+/// again. Records of random ids keep theirs, so that an earlier release still finds them.
 fn rekey(tx: &Connection) -> rusqlite::Result<()> {
     use rusqlite::functions::FunctionFlags;
     let started = Instant::now();
@@ -549,14 +562,11 @@ fn rekey(tx: &Connection) -> rusqlite::Result<()> {
         FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
         |call| Ok(message_key(call.get_raw(0).as_str().unwrap_or_default())),
     )?;
-    let changed = tx.execute_batch("DROP INDEX message_key;").and_then(|()| {
-        tx.execute(
-            "UPDATE message SET key = ponte_message_key(message_id)
-             WHERE key != ponte_message_key(message_id)",
-            [],
-        )
-    })?;
-    tx.execute_batch("CREATE INDEX message_key ON message (key);")?;
+    let changed = tx.execute(
+        "UPDATE message SET key = ponte_message_key(message_id)
+         WHERE key != ponte_message_key(message_id)",
+        [],
+    )?;
     tx.remove_function("ponte_message_key", 1)?;
     if changed > 0 {
         let took_ms = started.elapsed().as_millis() as u64;
@@ -599,14 +609,13 @@ impl SqliteStore {
             Ok(connection)
         };
         let mut writing = connect().map_err(|e| error(e.to_string()))?;
-        migrate(&mut writing)
-            // When the log starts over, its file is cut back to the same bound.
-            .and_then(|()| {
-                writing.execute_batch(&format!(
-                    "PRAGMA journal_size_limit = {}",
-                    log_limit.saturating_mul(4096)
-                ))
-            })
+        migrate(&mut writing).map_err(error)?;
+        // When the log starts over, its file is cut back to the same bound.
+        writing
+            .execute_batch(&format!(
+                "PRAGMA journal_size_limit = {}",
+                log_limit.saturating_mul(4096)
+            ))
             .map_err(|e| error(e.to_string()))?;
         let reader = connect().map_err(|e| error(e.to_string()))?;
         let checkpoints = connect().map_err(|e| error(e.to_string()))?;
@@ -1185,14 +1194,14 @@ fn now_secs() -> i64 {
 
 /// The 64-bit look-up key of a message id (the text is compared too).
 ///
-/// Built from all of the id's bits: many UUIDv7 generators (Rust's `uuid`, Python's, npm's
-/// `uuid`) count the ids of one millisecond in the bits after the time, so the first half of
-/// every id a sender makes in one millisecond is nearly always the same. A key shared by a
-/// batch of ids made every look-up of the batch read each of its rows (a load of v7 ids
-/// drained more than ten times slower). A v7 id's key keeps its time first, so the index grows
-/// at its end as messages arrive (a commit's new entries share pages) instead of at random
-/// places; the other 20 bits mix the rest of the id. Any other UUID mixes its second half into
-/// its first (both random in v4; a counter in the second half, as in test systems' ids, stays
+/// A random (version 4) UUID's key is its first half. Many UUIDv7 generators (Rust's `uuid`,
+/// Python's, npm's `uuid`) count the ids of one millisecond in the bits after the time, so the
+/// first half of every v7 id a sender makes in one millisecond is nearly always the same; a key
+/// shared by a batch of ids made every look-up of the batch read each of its rows (a load of
+/// v7 ids drained more than ten times slower). A v7 id's key keeps its time first, so the index
+/// grows at its end as messages arrive (a commit's new entries share pages) instead of at
+/// random places; its other 20 bits mix the rest of the id. Any other UUID mixes its second
+/// half into its first (a counter in the second half, as in test systems' ids, stays
 /// distinct). An id that is not a UUID is hashed.
 pub fn message_key(message_id: &str) -> i64 {
     /// An odd constant (2^64 / the golden ratio): multiplying by it is a bijection whose top
@@ -1204,6 +1213,7 @@ pub fn message_key(message_id: &str) -> i64 {
     };
     let (high, low) = id.as_u64_pair();
     match id.get_version_num() {
+        4 => high as i64,
         7 => {
             // 43 bits of milliseconds (until the year 2248), then 20 mixed: never negative.
             let millis = (high >> 16) & ((1 << 43) - 1);
@@ -2010,10 +2020,28 @@ mod tests {
 
     #[test]
     fn uuids_that_differ_only_in_their_second_half_get_keys_of_their_own() {
+        // As a system that numbers its messages might make them (no version).
         let keys: std::collections::HashSet<i64> = (0..10_000)
-            .map(|i| message_key(&format!("00000000-0000-4000-8000-{i:012}")))
+            .map(|i| message_key(&format!("00000000-0000-0000-0000-{i:012}")))
             .collect();
         assert_eq!(keys.len(), 10_000);
+    }
+
+    #[test]
+    fn a_store_of_a_later_layout_is_refused_untouched() {
+        let dir = std::env::temp_dir().join(format!("ponte-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let later = Connection::open(dir.join("ponte.db")).unwrap();
+        later
+            .execute_batch(&format!("PRAGMA user_version = {}", VERSION + 1))
+            .unwrap();
+        let error = SqliteStore::open(&dir).expect_err("refused");
+        assert!(error.message.contains("later release"), "{error}");
+        let version: i64 = later
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, VERSION + 1);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -2021,17 +2049,29 @@ mod tests {
         let (s, dir) = store();
         let week = Duration::from_secs(7 * 24 * 3600);
         let id = uuid::Uuid::now_v7().to_string();
-        s.record(&message(&id, "cpi-modena", "CPI-7", None, &["inps"]))
-            .unwrap();
-        s.remember("cpi-modena", &id, &["inps"], true).unwrap();
+        let random = uuid::Uuid::new_v4().to_string();
+        for id in [&id, &random] {
+            s.record(&message(id, "cpi-modena", "CPI-7", None, &["inps"]))
+                .unwrap();
+            s.remember("cpi-modena", id, &["inps"], true).unwrap();
+        }
         s.flush().unwrap();
         drop(s);
+        let first_half = |id: &str| uuid::Uuid::parse_str(id).unwrap().as_u64_pair().0 as i64;
+        let key_of = |c: &Connection, id: &str| -> i64 {
+            c.query_row("SELECT key FROM message WHERE message_id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
         {
             // As version 3 left it: keyed by the id's first half.
             let old = Connection::open(dir.join("ponte.db")).unwrap();
-            let (high, _) = uuid::Uuid::parse_str(&id).unwrap().as_u64_pair();
-            old.execute("UPDATE message SET key = ?1", [high as i64])
-                .unwrap();
+            old.execute(
+                "UPDATE message SET key = ?1 WHERE message_id = ?2",
+                params![first_half(&id), id],
+            )
+            .unwrap();
             old.execute_batch("PRAGMA user_version = 3").unwrap();
         }
         let s = SqliteStore::open(&dir).unwrap();
@@ -2049,6 +2089,9 @@ mod tests {
             .record(&message("m2", "inps", "APP-9", Some(&id), &["cpi-modena"]))
             .unwrap();
         assert_eq!(refs, [Some("CPI-7".to_string())]);
+        // A random id keeps the key an earlier release looks it up by.
+        let kept = s.read(|c| Ok(key_of(c, &random))).unwrap();
+        assert_eq!(kept, first_half(&random));
         drop(s);
         std::fs::remove_dir_all(dir).unwrap();
     }
