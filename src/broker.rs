@@ -691,10 +691,12 @@ pub async fn stop_consuming(consume: &Channel, publish: &Channel, tag: &str) {
 /// Closes a flow's two channels, each waiting at most [`ANSWER_WITHIN`] for the broker (one
 /// already closed returns at once).
 pub async fn close_channels(consume: &Channel, publish: &Channel, why: &str) {
-    let _ = tokio::join!(
-        tokio::time::timeout(ANSWER_WITHIN, consume.close(200, why.into())),
-        tokio::time::timeout(ANSWER_WITHIN, publish.close(200, why.into())),
-    );
+    tokio::join!(close_channel(consume, why), close_channel(publish, why));
+}
+
+/// Closes `channel`, waiting at most [`ANSWER_WITHIN`] for the broker's answer.
+pub async fn close_channel(channel: &Channel, why: &str) {
+    let _ = tokio::time::timeout(ANSWER_WITHIN, channel.close(200, why.into())).await;
 }
 
 /// A flow that handles one message of `queue` at a time: consumes, says so on `ready` (when given
@@ -789,13 +791,7 @@ impl Events {
                 Err(RecvError::Closed) => break Ok(()),
             }
         };
-        self.close_channel("events stopped").await;
+        close_channel(&self.channel, "events stopped").await;
         result
-    }
-
-    /// Closes its channel, waiting at most [`ANSWER_WITHIN`] for the broker's answer.
-    pub async fn close_channel(&self, why: &str) {
-        let closing = self.channel.close(200, why.into());
-        let _ = tokio::time::timeout(ANSWER_WITHIN, closing).await;
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::{
-    ANSWER_WITHIN, BrokerError, Events, Link, QueueNames, Queues, close_channels,
+    ANSWER_WITHIN, BrokerError, Events, Link, QueueNames, Queues, close_channel, close_channels,
     confirming_channel, connect, declare_topology,
 };
 use crate::courier::Courier;
@@ -515,7 +515,7 @@ impl Restartable for Events {
     }
 
     async fn close(&self) {
-        self.close_channel("flow restarting").await;
+        close_channel(&self.channel, "flow restarting").await;
     }
 
     async fn reopen(&mut self, on: &Connections) -> Result<(), BrokerError> {
