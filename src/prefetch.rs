@@ -1,8 +1,9 @@
 //! Prefetch that follows the traffic. When `broker.max_in_flight` is too small for every flow
 //! to have `broker.prefetch` (more than 50 partners at the defaults), the flows without a
-//! prefetch of their own start with an equal share of what is left. Each second, a flow the
-//! broker held back (its unacknowledged messages reached its prefetch) takes up to as much again
-//! from what others gave back, up to `broker.prefetch`; a flow that used at most a quarter of
+//! prefetch of their own start with an equal share of what is left. A flow the broker holds back
+//! (its unacknowledged messages reached its prefetch) takes up to as much again from what others
+//! gave back, up to `broker.prefetch`, as soon as it is held back and then at most every
+//! [`GROW_AGAIN_AFTER`]; each second, a flow that used at most a quarter of
 //! its prefetch over the last [`QUIET_LOOKS`] seconds gives back what it did not use (keeping
 //! twice its peak, and at least [`FLOOR`]). A flow that grew keeps its window for
 //! [`KEEP_AFTER_GROWING`] seconds, so that a partner sending bursts does not restart its
@@ -19,7 +20,7 @@
 //! that a backlog of large messages waiting at start cannot take more either.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a flow looks at what it used.
 pub const EVERY: Duration = Duration::from_secs(1);
@@ -34,6 +35,14 @@ pub const QUIET_LOOKS: usize = 5;
 /// How many looks a flow that grew keeps its window.
 pub const KEEP_AFTER_GROWING: u32 = 30;
 
+/// How soon a flow still held back grows again. Growing at the next look, once a second, a
+/// sender whose traffic starts after a quiet spell waited up to six seconds for its window to
+/// double from the floor to `broker.prefetch`, its messages queueing meanwhile (with a thousand
+/// partners, close to a second of latency at 2,000 msg/s); by tenths of a second it takes
+/// about 0.6 s. Each growth restarts the flow's consumer, and the tenth of a second lets the
+/// larger window fill before it is judged too small.
+pub const GROW_AGAIN_AFTER: Duration = Duration::from_millis(100);
+
 /// One flow's window: its prefetch, the pool it shares, and what it used over its last looks.
 #[derive(Debug)]
 pub struct Window {
@@ -45,6 +54,8 @@ pub struct Window {
     recent: [usize; QUIET_LOOKS],
     looks: u32,
     grew_at: Option<u32>,
+    /// When it last grew because it was held back.
+    held_at: Option<Instant>,
 }
 
 impl Window {
@@ -56,12 +67,29 @@ impl Window {
             recent: [0; QUIET_LOOKS],
             looks: 0,
             grew_at: None,
+            held_at: None,
         }
     }
 
-    /// Notes that the flow has `unacknowledged` messages at once.
-    pub fn saw(&mut self, unacknowledged: usize) {
+    /// Notes that the flow has `unacknowledged` messages at once, `now`: the new prefetch when
+    /// that is its whole window (the broker holds it back) and it may grow at once, rather than
+    /// at its next look.
+    pub fn saw(&mut self, unacknowledged: usize, now: Instant) -> Option<u16> {
         self.most = self.most.max(unacknowledged);
+        let held = unacknowledged >= usize::from(self.prefetch);
+        let lately = self
+            .held_at
+            .is_some_and(|at| now.saturating_duration_since(at) < GROW_AGAIN_AFTER);
+        if !held || lately {
+            return None;
+        }
+        let next = self.pool.next(self.prefetch, unacknowledged, None);
+        (next > self.prefetch).then(|| {
+            self.held_at = Some(now);
+            self.grew_at = Some(self.looks);
+            self.prefetch = next;
+            next
+        })
     }
 
     /// Every [`EVERY`], with the flow's `unacknowledged` messages now: the new prefetch, when
@@ -166,9 +194,10 @@ impl Sizes {
         self.change(base, current)
     }
 
-    /// The window shrinks to its cap, and grows only to `base` or by doubling (each change
+    /// The prefetch of a consumer at `current` whose window is now `base`, when it changes:
+    /// the window shrinks to its cap, and grows only to `base` or by doubling (each change
     /// restarts the flow's consumer).
-    fn change(&self, base: u16, current: u16) -> Option<u16> {
+    pub fn change(&self, base: u16, current: u16) -> Option<u16> {
         let cap = self.cap(base);
         let change = cap < current || cap == base && cap > current || cap / 2 >= current;
         (change && cap != current).then_some(cap)
@@ -400,12 +429,13 @@ mod tests {
     fn a_flow_gives_back_what_it_did_not_use_over_five_seconds() {
         let pool = Arc::new(Pool::new(1_000, 10, 50, 200).unwrap());
         let mut window = Window::new(pool.clone(), 50);
+        let now = Instant::now();
         // Its first second: 12 at most; it keeps 24.
-        window.saw(12);
+        assert_eq!(window.saw(12, now), None);
         assert_eq!(window.look(0), Some(24));
         assert_eq!(window.look(0), None);
         // A burst of 12 keeps the window for five seconds...
-        window.saw(12);
+        window.saw(12, now);
         for look in 3..8 {
             assert_eq!(window.look(0), None, "look {look}");
         }
@@ -418,17 +448,57 @@ mod tests {
     fn a_flow_that_grew_keeps_its_window_for_thirty_seconds() {
         let pool = Arc::new(Pool::new(1_000, 10, 50, 200).unwrap());
         let mut window = Window::new(pool.clone(), 50);
+        let now = Instant::now();
         // Held back: it doubles.
-        window.saw(50);
-        assert_eq!(window.look(0), Some(100));
-        // Bursts of 20 for a while, then quiet: no restart for thirty seconds.
-        for look in 2..31 {
+        assert_eq!(window.saw(50, now), Some(100));
+        // Bursts of 20 for a while, then quiet: no restart for thirty seconds (looks).
+        for look in 1..30 {
             if look % 3 == 0 && look < 20 {
-                window.saw(20);
+                assert_eq!(window.saw(20, now), None);
             }
             assert_eq!(window.look(0), None, "look {look}");
         }
         assert_eq!(window.look(0), Some(4));
+    }
+
+    #[test]
+    fn a_flow_held_back_grows_at_once_and_again_each_tenth_of_a_second_it_still_is() {
+        let pool = Arc::new(Pool::new(1_000, 10, 50, 200).unwrap());
+        let mut window = Window::new(pool.clone(), 50);
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        // Short of its window: the broker still hands it messages.
+        assert_eq!(window.saw(49, at(0)), None);
+        // Its whole window unacknowledged: it doubles there and then, not at its next look.
+        assert_eq!(window.saw(50, at(0)), Some(100));
+        assert_eq!(window.prefetch, 100);
+        // Held back again before the larger window had time to fill: it waits...
+        assert_eq!(window.saw(100, at(99)), None);
+        assert_eq!(window.prefetch, 100);
+        // ...a tenth of a second, then doubles again, up to the cap.
+        assert_eq!(window.saw(100, at(100)), Some(200));
+        assert_eq!(window.saw(200, at(300)), None);
+        assert_eq!(pool.free(), 500 - 150);
+        // The next look changes nothing: the window grew within it.
+        assert_eq!(window.look(200), None);
+    }
+
+    #[test]
+    fn a_flow_held_back_takes_only_what_others_gave_back() {
+        // A thousand partners at 10 each, nothing left over.
+        let pool = Arc::new(Pool::new(10_000, 1_000, 10, 200).unwrap());
+        let mut busy = Window::new(pool.clone(), 10);
+        let start = Instant::now();
+        assert_eq!(busy.saw(10, start), None);
+        assert_eq!(busy.prefetch, 10);
+        // An idle flow gives back 6 at its look; the busy one takes them at its next message.
+        let mut idle = Window::new(pool.clone(), 10);
+        for _ in 0..QUIET_LOOKS {
+            idle.look(0);
+        }
+        assert_eq!(idle.prefetch, 4);
+        assert_eq!(busy.saw(10, start + Duration::from_millis(1)), Some(16));
+        assert_eq!(pool.free(), 0);
     }
 
     const KIB: u64 = 1024;

@@ -156,16 +156,20 @@ impl Flow {
                 }
                 delivery = c.consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
-                        let base = window.as_ref().map_or(self.prefetch, |w| w.prefetch);
-                        let resize = c.sizes.saw(delivery.data.len() as u64, base, c.prefetch);
+                        let mut base = window.as_ref().map_or(self.prefetch, |w| w.prefetch);
+                        let mut resize = c.sizes.saw(delivery.data.len() as u64, base, c.prefetch);
                         settling.push_back(self.handle(delivery, &owner).await?);
                         if let Some(window) = window.as_mut() {
                             let now = settling.len() + acks.unacknowledged();
-                            window.saw(prefetch::in_window(now, window.prefetch, c.prefetch));
+                            let used = prefetch::in_window(now, window.prefetch, c.prefetch);
+                            if let Some(grown) = window.saw(used, Instant::now()) {
+                                base = grown;
+                                resize = c.sizes.change(base, c.prefetch).or(resize);
+                            }
                         }
-                        // Messages larger than the window was set for (fewer at once), or a
-                        // first window's worth smaller than assumed (the whole window): now,
-                        // not at the next look.
+                        // Messages larger than the window was set for (fewer at once), a
+                        // first window's worth smaller than assumed (the whole window), or a
+                        // window the broker held back that grew: now, not at the next look.
                         if let Some(next) = resize {
                             self.restart(&mut c, &mut settling, &owner, base, next).await?;
                         }
