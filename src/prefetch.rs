@@ -83,13 +83,10 @@ impl Window {
         if !held || lately {
             return None;
         }
-        let next = self.pool.next(self.prefetch, unacknowledged, None);
-        (next > self.prefetch).then(|| {
-            self.held_at = Some(now);
-            self.grew_at = Some(self.looks);
-            self.prefetch = next;
-            next
-        })
+        // Without a peak the pool only grows a window or leaves it: a change is a growth.
+        let grown = self.set(self.pool.next(self.prefetch, unacknowledged, None))?;
+        self.held_at = Some(now);
+        Some(grown)
     }
 
     /// Every [`EVERY`], with the flow's `unacknowledged` messages now: the new prefetch, when
@@ -105,6 +102,12 @@ impl Window {
             .pool
             .next(self.prefetch, self.most, may_give_back.then_some(peak));
         self.most = unacknowledged;
+        self.set(next)
+    }
+
+    /// Takes `next` as the prefetch: `Some` when it changes. A window that grows keeps its size
+    /// for [`KEEP_AFTER_GROWING`] looks from this one.
+    fn set(&mut self, next: u16) -> Option<u16> {
         if next > self.prefetch {
             self.grew_at = Some(self.looks);
         }
