@@ -162,9 +162,11 @@ impl Flow {
                         if let Some(window) = window.as_mut() {
                             let now = settling.len() + acks.unacknowledged();
                             let used = prefetch::in_window(now, window.prefetch, c.prefetch);
+                            // The sizes already count this message: the grown window's cap
+                            // replaces what the old window's called for.
                             if let Some(grown) = window.saw(used, Instant::now()) {
                                 base = grown;
-                                resize = c.sizes.change(base, c.prefetch).or(resize);
+                                resize = c.sizes.change(base, c.prefetch);
                             }
                         }
                         // Messages larger than the window was set for (fewer at once), a
