@@ -9,7 +9,8 @@
 //! message log: each record stores the SHA-256 of its own fields and of the previous record's
 //! hash, so altering or removing a record breaks the chain from there on; `ponte log verify`
 //! names the first record where it breaks. Retention removes the oldest records; the chain is
-//! then verified from the oldest record kept.
+//! then verified from the oldest record kept. Records are found by message or correlation id
+//! through an index written in parts of some 50,000 records (see `SCHEMA`).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -60,27 +61,45 @@ CREATE TABLE IF NOT EXISTS event (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
--- Message ids are random: indexed by themselves, each record went into its own page of a
--- large index, and each batch rewrote about one page per record. Indexed under their day
--- (UTC), a batch's records share the pages of today's part; a look-up seeks once per day kept
--- (see BY_DAY). The expression must read exactly as in the queries.
-CREATE INDEX IF NOT EXISTS event_message_by_day ON event (at_ms / 86400000, message_id);
-CREATE INDEX IF NOT EXISTS event_correlation_by_day ON event (at_ms / 86400000, correlation_id);
+-- Message and correlation ids are found through parts of the log: each part is a run of
+-- PART or so consecutive records, its ids' keys written sorted once it is full, so that the
+-- index only grows at its end. A look-up seeks once per part and reads the open part (the
+-- newest records, not yet in a part) through. See `close_part`. A release from before the
+-- parts, run on this log again, indexes it by day and leaves the parts be; this one then
+-- closes parts from where they stopped.
+CREATE TABLE IF NOT EXISTS event_part (
+    first INTEGER PRIMARY KEY,
+    last INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event_key (
+    part INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (part, key, seq)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS event_sender ON event (sender, seq);
 ";
 
-/// The indexes by id alone, from before [`SCHEMA`] indexed ids under their day.
+/// The indexes of ids of earlier layouts: by id alone, then under their day. Ids are random,
+/// so either took each new record's entry to its own place in a large index: a batch read and
+/// rewrote about one page per record, three quarters of the writer's work.
 const OLD_INDEXES: &str =
-    "DROP INDEX IF EXISTS event_message; DROP INDEX IF EXISTS event_correlation;";
+    "DROP INDEX IF EXISTS event_message; DROP INDEX IF EXISTS event_correlation;
+    DROP INDEX IF EXISTS event_message_by_day; DROP INDEX IF EXISTS event_correlation_by_day;";
 
-/// The days the log holds records of, found by seeking once per day in the index: a look-up by
-/// id seeks each of them (some 400 seeks for a year's log, a few milliseconds).
-const BY_DAY: &str = "WITH RECURSIVE days(d) AS (
-    SELECT (SELECT at_ms / 86400000 FROM event ORDER BY at_ms / 86400000 LIMIT 1)
+/// Records per part of the log's index of ids, at least (a part closes with the batch that
+/// fills it). A look-up seeks once per part (some 7,000 for a year of a million records a day)
+/// and reads the open part's records through (tens of milliseconds at most).
+const PART: i64 = 50_000;
+
+/// The records whose id (message or correlation) has the key `?K`: in the parts, by seeking
+/// each, and in the open part, whose records are read through for the id `?I` in `{column}`.
+const KEYED: &str = "WITH keyed(seq) AS (
+    SELECT k.seq FROM event_part p CROSS JOIN event_key k ON k.part = p.first AND k.key = ?K
     UNION ALL
-    SELECT (SELECT at_ms / 86400000 FROM event WHERE at_ms / 86400000 > d
-            ORDER BY at_ms / 86400000 LIMIT 1)
-    FROM days WHERE d IS NOT NULL)";
+    SELECT seq FROM event
+    WHERE seq > coalesce((SELECT last FROM event_part ORDER BY first DESC LIMIT 1), 0)
+      AND {column} = ?I)";
 
 /// One step of one message.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -244,18 +263,72 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 /// done).
 fn migrate(connection: &mut Connection, path: &Path) -> rusqlite::Result<()> {
     let tx = connection.transaction()?;
-    let old: bool = tx.query_row(
-        "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'event_message'",
-        [],
-        |r| r.get(0),
-    )?;
-    if old {
-        // About three seconds per million records.
-        tracing::info!(log = %path.display(), "indexing the delivery log's ids by day, once");
-    }
     tx.execute_batch(OLD_INDEXES)?;
     tx.execute_batch(SCHEMA)?;
-    tx.commit()
+    tx.commit()?;
+    // A log of an earlier layout has every record in its open part: its full parts are closed
+    // now, one transaction each.
+    let mut told = false;
+    loop {
+        let tx = connection.transaction()?;
+        let (first, newest) = open_part(&tx)?;
+        if newest - first + 1 < PART {
+            return Ok(());
+        }
+        if !told {
+            tracing::info!(log = %path.display(), "indexing the delivery log's ids in parts, once");
+            told = true;
+        }
+        close_part(&tx, first, first + PART - 1)?;
+        tx.commit()?;
+    }
+}
+
+/// The first record of the open part, and the newest record.
+fn open_part(tx: &Connection) -> rusqlite::Result<(i64, i64)> {
+    tx.prepare_cached(
+        "SELECT coalesce((SELECT last FROM event_part ORDER BY first DESC LIMIT 1), 0) + 1,
+                coalesce((SELECT seq FROM event ORDER BY seq DESC LIMIT 1), 0)",
+    )?
+    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// Makes the records `first..=last` a part: the keys of their message and correlation ids,
+/// sorted, go at the end of the index of ids (`event_key`), where the B-tree only grows.
+fn close_part(tx: &Connection, first: i64, last: i64) -> rusqlite::Result<()> {
+    let mut keys: Vec<(i64, i64)> = Vec::with_capacity((last - first + 1) as usize);
+    {
+        let mut rows = tx.prepare_cached(
+            "SELECT seq, message_id, correlation_id FROM event WHERE seq BETWEEN ?1 AND ?2",
+        )?;
+        let mut rows = rows.query(params![first, last])?;
+        while let Some(r) = rows.next()? {
+            let seq: i64 = r.get(0)?;
+            for column in [1, 2] {
+                let id = r.get_ref(column)?.as_str().unwrap_or_default();
+                if !id.is_empty() {
+                    keys.push((key(id), seq));
+                }
+            }
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let mut insert =
+        tx.prepare_cached("INSERT INTO event_key (part, key, seq) VALUES (?1, ?2, ?3)")?;
+    for (key, seq) in keys {
+        insert.execute(params![first, key, seq])?;
+    }
+    tx.prepare_cached("INSERT INTO event_part (first, last) VALUES (?1, ?2)")?
+        .execute(params![first, last])?;
+    Ok(())
+}
+
+/// The 64-bit key of a message or correlation id in the index of ids: the first eight bytes of
+/// its SHA-256 (the id itself is compared when the record is read).
+fn key(id: &str) -> i64 {
+    let digest = Sha256::digest(id.as_bytes());
+    i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
 impl Journal {
@@ -421,6 +494,10 @@ fn write_batch(
             }
         }
     }
+    let (first, newest) = open_part(&tx)?;
+    if newest - first + 1 >= PART {
+        close_part(&tx, first, newest)?;
+    }
     tx.commit()?;
     Ok((next_seq, next_prev))
 }
@@ -534,6 +611,14 @@ impl Reader {
             pruned += self
                 .connection
                 .execute("DELETE FROM event WHERE seq <= ?1", params![last])?;
+            // A part's keys go with its last record (those of a part pruned in part lead to
+            // nothing: a look-up reads the record too).
+            self.connection.execute(
+                "DELETE FROM event_key WHERE part IN (SELECT first FROM event_part WHERE last <= ?1)",
+                params![last],
+            )?;
+            self.connection
+                .execute("DELETE FROM event_part WHERE last <= ?1", params![last])?;
             if old < PRUNE_STEP {
                 return Ok(pruned);
             }
@@ -545,21 +630,32 @@ impl Reader {
 fn select(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
     let mut clauses = Vec::new();
     let mut values: Vec<rusqlite::types::Value> = Vec::new();
+    // A look-up by id goes through the index of ids, by the message id when both are given.
+    let keyed = match (&filter.message_id, &filter.correlation_id) {
+        (Some(id), _) => Some(("message_id", id)),
+        (None, Some(id)) => Some(("correlation_id", id)),
+        (None, None) => None,
+    };
+    let with = match keyed {
+        Some((column, id)) => {
+            values.push(key(id).into());
+            values.push(id.clone().into());
+            clauses.push("seq IN keyed".into());
+            KEYED
+                .replace("{column}", column)
+                .replace("?K", "?1")
+                .replace("?I", "?2")
+        }
+        None => String::new(),
+    };
     let mut text = |clause: &str, value: &Option<String>| {
         if let Some(v) = value {
             values.push(v.clone().into());
             clauses.push(clause.replace('?', &format!("?{}", values.len())));
         }
     };
-    let by_day = filter.message_id.is_some() || filter.correlation_id.is_some();
-    text(
-        "message_id = ? AND at_ms / 86400000 IN (SELECT d FROM days)",
-        &filter.message_id,
-    );
-    text(
-        "correlation_id = ? AND at_ms / 86400000 IN (SELECT d FROM days)",
-        &filter.correlation_id,
-    );
+    text("message_id = ?", &filter.message_id);
+    text("correlation_id = ?", &filter.correlation_id);
     text("sender = ?", &filter.sender);
     text("code = ?", &filter.code);
     text("step = ?", &filter.step);
@@ -583,9 +679,8 @@ fn select(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
         clauses.join(" AND ")
     };
     let sql = format!(
-        "{} SELECT seq, at_ms, step, message_id, correlation_id, sender, recipients, type, code,
+        "{with} SELECT seq, at_ms, step, message_id, correlation_id, sender, recipients, type, code,
      latency_ms, detail FROM event WHERE {condition} ORDER BY seq DESC LIMIT {}",
-        if by_day { BY_DAY } else { "" },
         filter.limit.max(1)
     );
     (sql, values)
@@ -779,59 +874,69 @@ mod tests {
         assert!(broken.starts_with("record 3:"), "{broken}");
     }
 
+    /// The records with `id` as their message id, or their correlation id.
+    fn by_id(reader: &Reader, id: &str) -> (Vec<Logged>, Vec<Logged>) {
+        let by_message = Filter {
+            message_id: Some(id.into()),
+            limit: 10,
+            ..Default::default()
+        };
+        let by_correlation = Filter {
+            correlation_id: Some(id.into()),
+            limit: 10,
+            ..Default::default()
+        };
+        (
+            reader.query(&by_message).unwrap(),
+            reader.query(&by_correlation).unwrap(),
+        )
+    }
+
+    /// The parts of the index of ids, as (first, last) record.
+    fn parts(reader: &Reader) -> Vec<(i64, i64)> {
+        reader
+            .connection
+            .prepare("SELECT first, last FROM event_part ORDER BY first")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
     #[test]
-    fn ids_are_found_whatever_day_they_were_logged_on_without_reading_the_whole_log() {
+    fn ids_are_found_in_the_parts_and_in_the_open_part_without_reading_the_whole_log() {
         let dir = dir();
-        // A log from before ids were indexed by day: opening it swaps the indexes.
-        {
-            let old = Connection::open(dir.join("log.db")).unwrap();
-            old.execute_batch(
-                &SCHEMA.replace("_by_day ON event (at_ms / 86400000,", " ON event ("),
-            )
-            .unwrap();
-            assert!(
-                old.prepare("SELECT 1 FROM sqlite_master WHERE name = 'event_message'")
-                    .unwrap()
-                    .exists([])
-                    .unwrap()
-            );
-        }
         let journal = Journal::open(&dir).unwrap();
-        let day = 24 * 3600 * 1000;
-        for (days_ago, id) in [
-            (300, "m-300"),
-            (2, "m-2"),
-            (0, "m-0"),
-            (40, "m-clock-set-back"),
-        ] {
+        let total = PART + 20;
+        for i in 0..total {
             journal.record(Event {
-                at_ms: now_ms() - days_ago * day,
-                correlation_id: format!("answers-{id}"),
-                ..event(id, "delivered")
+                correlation_id: if i % 2 == 0 {
+                    format!("answers-{i}")
+                } else {
+                    String::new()
+                },
+                ..event(&format!("m-{i}"), "delivered")
             });
+            if i + 1 == PART {
+                journal.flush();
+            }
         }
         journal.flush();
         let reader = Reader::open(&dir).unwrap();
-        for id in ["m-300", "m-2", "m-0", "m-clock-set-back"] {
-            let by_id = Filter {
-                message_id: Some(id.into()),
-                limit: 10,
-                ..Default::default()
-            };
-            let found = reader.query(&by_id).unwrap();
-            assert_eq!(found.len(), 1, "{id}");
-            assert_eq!(found[0].event.message_id, id);
-            let by_correlation = Filter {
-                correlation_id: Some(format!("answers-{id}")),
-                limit: 10,
-                ..Default::default()
-            };
-            assert_eq!(
-                reader.query(&by_correlation).unwrap()[0].event.message_id,
-                id
-            );
+        // The batch that filled the part closed it; the records after it are the open part.
+        assert_eq!(parts(&reader), [(1, PART)]);
+        for i in [0, PART / 2, PART - 1, PART, total - 1] {
+            let (by_message, by_correlation) = by_id(&reader, &format!("m-{i}"));
+            assert_eq!(by_message.len(), 1, "m-{i}");
+            assert_eq!(by_message[0].seq, i + 1);
+            assert!(by_correlation.is_empty(), "m-{i} answers nothing");
+            let (_, answer) = by_id(&reader, &format!("answers-{i}"));
+            assert_eq!(answer.len(), usize::from(i % 2 == 0), "answers-{i}");
         }
-        // Each look-up seeks in the index by day; none reads the table through.
+        assert!(by_id(&reader, "m-never").0.is_empty());
+
+        // Each part is sought by the id's key; only the open part's records are read through.
         let (sql, values) = select(&Filter {
             message_id: Some("m-2".into()),
             limit: 10,
@@ -847,24 +952,72 @@ mod tests {
             .unwrap();
         assert!(
             plan.iter()
-                .filter(|step| step.contains(" event"))
-                .all(|step| step.contains("INDEX")),
+                .any(|step| step.contains("SEARCH k USING PRIMARY KEY (part=? AND key=?)")),
             "{plan:#?}"
         );
         assert!(
             plan.iter()
-                .any(|step| step.contains("INDEX event_message_by_day (<expr>=? AND message_id=?)")),
+                .any(|step| step == "SEARCH event USING INTEGER PRIMARY KEY (rowid>?)"),
             "{plan:#?}"
         );
+        assert!(
+            !plan
+                .iter()
+                .any(|step| step == "SCAN event" || step.starts_with("SCAN event USING")),
+            "{plan:#?}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_of_the_earlier_layout_is_indexed_in_parts_when_opened() {
+        let dir = dir();
+        // The layout before parts: the ids indexed under their day.
+        {
+            let mut old = Connection::open(dir.join("log.db")).unwrap();
+            let tx = old.transaction().unwrap();
+            tx.execute_batch(&format!(
+                "{}
+                 CREATE INDEX event_message_by_day ON event (at_ms / 86400000, message_id);
+                 CREATE INDEX event_correlation_by_day ON event (at_ms / 86400000, correlation_id);",
+                &SCHEMA[..SCHEMA.find("-- Message and correlation ids").unwrap()]
+            ))
+            .unwrap();
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO event VALUES (?1, ?2, 'delivered', ?3, ?4, 'inps', 'cpi-modena',
+                     'referral', 'delivered', 1.5, '', '', '')",
+                )
+                .unwrap();
+            for seq in 1..=2 * PART + 7 {
+                let correlation = if seq == 3 { "answered" } else { "" };
+                insert
+                    .execute(params![seq, now_ms(), format!("old-{seq}"), correlation])
+                    .unwrap();
+            }
+            drop(insert);
+            tx.commit().unwrap();
+        }
+        let journal = Journal::open(&dir).unwrap();
+        let reader = Reader::open(&dir).unwrap();
+        assert_eq!(parts(&reader), [(1, PART), (PART + 1, 2 * PART)]);
         let old = reader
             .connection
-            .prepare(
-                "SELECT 1 FROM sqlite_master WHERE name IN ('event_message', 'event_correlation')",
-            )
+            .prepare("SELECT 1 FROM sqlite_master WHERE name LIKE 'event_%_by_day'")
             .unwrap()
             .exists([])
             .unwrap();
-        assert!(!old, "the indexes by id alone are gone");
+        assert!(!old, "the indexes by day are gone");
+        for seq in [1, PART, PART + 1, 2 * PART, 2 * PART + 7] {
+            let (found, _) = by_id(&reader, &format!("old-{seq}"));
+            assert_eq!(found.len(), 1, "old-{seq}");
+            assert_eq!(found[0].seq, seq);
+        }
+        assert_eq!(by_id(&reader, "answered").1[0].seq, 3);
+        // Records written after the upgrade are found alongside.
+        journal.record(event("new", "delivered"));
+        journal.flush();
+        assert_eq!(by_id(&reader, "new").0[0].seq, 2 * PART + 8);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -970,6 +1123,38 @@ mod tests {
             reader.prune(Duration::from_secs(400 * 24 * 3600)).unwrap(),
             0
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_part_pruned_whole_takes_its_keys_with_it() {
+        let dir = dir();
+        let journal = Journal::open(&dir).unwrap();
+        let old_at = now_ms() - 500 * 24 * 3600 * 1000;
+        for i in 0..PART {
+            journal.record(Event {
+                at_ms: old_at,
+                ..event(&format!("old-{i}"), "delivered")
+            });
+        }
+        journal.flush();
+        journal.record(event("recent", "delivered"));
+        journal.flush();
+        let reader = Reader::open(&dir).unwrap();
+        assert_eq!(parts(&reader), [(1, PART)]);
+
+        assert_eq!(
+            reader.prune(Duration::from_secs(400 * 24 * 3600)).unwrap(),
+            PART as usize
+        );
+        assert!(parts(&reader).is_empty());
+        let keys: i64 = reader
+            .connection
+            .query_row("SELECT count(*) FROM event_key", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(keys, 0);
+        assert!(by_id(&reader, "old-7").0.is_empty());
+        assert_eq!(by_id(&reader, "recent").0[0].seq, PART + 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
