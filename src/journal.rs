@@ -522,6 +522,9 @@ pub struct Filter {
 /// Reads the delivery log in `dir`.
 pub struct Reader {
     connection: Connection,
+    /// Whether the log is indexed in parts: a log of an earlier layout, read before the gateway
+    /// that brings it up to date has started, is read through for an id.
+    parts: bool,
 }
 
 impl Reader {
@@ -534,12 +537,16 @@ impl Reader {
             ));
         }
         let connection = open_connection(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Reader { connection })
+        let parts = connection
+            .prepare("SELECT 1 FROM sqlite_master WHERE name = 'event_part'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Reader { connection, parts })
     }
 
     /// The newest `filter.limit` records matching `filter`, oldest first.
     pub fn query(&self, filter: &Filter) -> rusqlite::Result<Vec<Logged>> {
-        let (sql, values) = select(filter);
+        let (sql, values) = select(filter, self.parts);
         let mut statement = self.connection.prepare(&sql)?;
         let rows = statement.query_map(rusqlite::params_from_iter(values), |r| {
             let event = event_of(r)?;
@@ -626,12 +633,14 @@ impl Reader {
     }
 }
 
-/// The query for `filter`, and its values.
-fn select(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
+/// The query for `filter`, and its values; by id through the index in `parts`, or else reading
+/// the log through.
+fn select(filter: &Filter, parts: bool) -> (String, Vec<rusqlite::types::Value>) {
     let mut clauses = Vec::new();
     let mut values: Vec<rusqlite::types::Value> = Vec::new();
     // A look-up by id goes through the index of ids, by the message id when both are given.
     let keyed = match (&filter.message_id, &filter.correlation_id) {
+        _ if !parts => None,
         (Some(id), _) => Some(("message_id", id)),
         (None, Some(id)) => Some(("correlation_id", id)),
         (None, None) => None,
@@ -937,11 +946,14 @@ mod tests {
         assert!(by_id(&reader, "m-never").0.is_empty());
 
         // Each part is sought by the id's key; only the open part's records are read through.
-        let (sql, values) = select(&Filter {
-            message_id: Some("m-2".into()),
-            limit: 10,
-            ..Default::default()
-        });
+        let (sql, values) = select(
+            &Filter {
+                message_id: Some("m-2".into()),
+                limit: 10,
+                ..Default::default()
+            },
+            true,
+        );
         let plan: Vec<String> = reader
             .connection
             .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
@@ -998,6 +1010,11 @@ mod tests {
             drop(insert);
             tx.commit().unwrap();
         }
+        // `ponte log` of this release, run before its gateway has brought the log up to date,
+        // reads it through.
+        let before = Reader::open(&dir).unwrap();
+        assert_eq!(by_id(&before, "old-17").0[0].seq, 17);
+        assert_eq!(by_id(&before, "answered").1[0].seq, 3);
         let journal = Journal::open(&dir).unwrap();
         let reader = Reader::open(&dir).unwrap();
         assert_eq!(parts(&reader), [(1, PART), (PART + 1, 2 * PART)]);
