@@ -8,6 +8,9 @@
 
 use std::time::Instant;
 
+#[path = "shared/proc_stat.rs"]
+mod proc_stat;
+
 use ponte::journal::{Event, Filter, Journal, Reader, now_ms};
 
 fn main() {
@@ -159,19 +162,12 @@ fn main() {
 
 /// User and system CPU, in seconds, of this process's thread named `name` (Linux's `/proc`).
 fn thread_cpu(name: &str) -> Option<f64> {
-    // SAFETY: sysconf reads a constant of the system.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
+        if comm.trim_end() == name {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            return proc_stat::cpu_seconds(&stat);
         }
-        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-        // The fields after the command's closing parenthesis; utime and stime are 14th and 15th.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let used: f64 =
-            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        return Some(used / ticks);
     }
     None
 }

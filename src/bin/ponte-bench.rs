@@ -35,6 +35,9 @@ use ponte::directory::Directory;
 use ponte::settings::QueueType;
 use serde_json::{Value, json};
 
+#[path = "shared/proc_stat.rs"]
+mod proc_stat;
+
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Ponte throughput, CPU, memory and latency against a RabbitMQ shovel")]
 struct Args {
@@ -1335,14 +1338,7 @@ fn broker_cpu(node: &str) -> Result<f64> {
 /// User + system CPU seconds and peak RSS (MiB) of a process, from /proc.
 fn usage(pid: u32) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu = (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks;
+    let cpu = proc_stat::cpu_seconds(&stat).with_context(|| format!("/proc/{pid}/stat"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let hwm = status
         .lines()
