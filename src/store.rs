@@ -401,6 +401,8 @@ enum Write {
     Remember {
         sender: String,
         message_id: String,
+        /// The id's [`message_key`], made once on the message path.
+        key: i64,
         delivered: String,
         complete: bool,
         at: i64,
@@ -423,6 +425,8 @@ enum Write {
 /// A [`MessageCase`] handed to the writer.
 struct Recorded {
     message_id: String,
+    /// The id's [`message_key`], made once on the message path.
+    key: i64,
     sender: String,
     reference: Option<String>,
     correlation_id: Option<String>,
@@ -432,9 +436,10 @@ struct Recorded {
 }
 
 impl Recorded {
-    fn of(m: &MessageCase<'_>) -> Recorded {
+    fn of(m: &MessageCase<'_>, key: i64) -> Recorded {
         Recorded {
             message_id: m.message_id.to_string(),
+            key,
             sender: m.sender.to_string(),
             reference: m.reference.map(String::from),
             correlation_id: m.correlation_id.map(String::from),
@@ -996,6 +1001,7 @@ fn apply(
         Write::Remember {
             sender,
             message_id,
+            key,
             delivered,
             complete,
             at,
@@ -1003,7 +1009,7 @@ fn apply(
             connection,
             undelivered,
             sender,
-            message_id,
+            (message_id, *key),
             delivered,
             *complete,
             *at,
@@ -1055,12 +1061,11 @@ fn apply_remember(
     connection: &Connection,
     undelivered: &mut Undelivered,
     sender: &str,
-    message_id: &str,
+    (message_id, key): (&str, i64),
     delivered: &str,
     complete: bool,
     at: i64,
 ) -> rusqlite::Result<()> {
-    let key = message_key(message_id);
     // The id and sender are compared with the row's too: a row kept below may not be the
     // message's (another sender's id of the same key, a group rolled back and written again
     // numbers its rows anew, pruning removes rows), and then changes nothing.
@@ -1102,7 +1107,7 @@ fn apply_record(
         tx.prepare_cached(UPSERT_PERSON)?
             .execute(params![m.sender, scheme, value, local, m.at])?;
     }
-    let key = message_key(&m.message_id);
+    let key = m.key;
     match find(tx, key, &m.message_id, &m.sender)? {
         // Processed again (given back, or replayed for some recipients): the reference may
         // have been corrected; everyone it was ever meant for stays listed, so that each of
@@ -1264,7 +1269,8 @@ impl Store for SqliteStore {
     fn record(&self, m: &MessageCase<'_>) -> Result<Vec<Option<String>>, StoreError> {
         self.front(|front, durable| {
             let reader = &front.reader;
-            let mut keys = vec![Key::Message(message_key(m.message_id)).hash()];
+            let key = message_key(m.message_id);
+            let mut keys = vec![Key::Message(key).hash()];
             // A person id already known as it is changes nothing a look-up reads.
             for (scheme, value, local) in m.local_ids {
                 let key = Key::Person(m.sender, scheme, value);
@@ -1284,7 +1290,7 @@ impl Store for SqliteStore {
                     references
                 }
             };
-            front.hand_over(Write::Record(Recorded::of(m)), &keys, durable)?;
+            front.hand_over(Write::Record(Recorded::of(m, key)), &keys, durable)?;
             Ok(references)
         })
     }
@@ -1369,6 +1375,7 @@ impl Store for SqliteStore {
         let mut write = Some(Write::Remember {
             sender: sender.to_string(),
             message_id: message_id.to_string(),
+            key,
             delivered: recipients.join(","),
             complete,
             at,
