@@ -11,7 +11,7 @@
 //! folder. Several gateway instances sharing one crosswalk would implement the trait on a shared
 //! database instead.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -192,6 +192,8 @@ struct Front {
     recent: Recent,
     /// The references that may belong to a case: most look-ups of a reference's case end here.
     linked: Linked,
+    /// The newest records' keys, not yet in `message_index`.
+    fresh: Fresh,
     written: Arc<AtomicU64>,
     writer: SyncSender<Op>,
 }
@@ -271,6 +273,169 @@ fn read_linked(path: &Path, into: &fastbloom::AtomicBloomFilter) -> rusqlite::Re
         }
         after = pairs.into_iter().last().unwrap_or_default();
     }
+}
+
+/// The keys of the newest records (`(key, seq)`), held in memory until they are written to
+/// `message_index`.
+///
+/// A random message id's key lands anywhere in an index ordered by key. Indexed with each
+/// record, every commit wrote (and every checkpoint copied) about one page of the index per new
+/// message, and once the index outgrew the page cache, read that page back first: with a year's
+/// history, some 15 µs per message. Held here, the keys are written a slice of the key space
+/// per commit ([`Sweep`]), so that the keys of one slice share the index's pages. Look-ups read
+/// both the index and these.
+///
+/// Only the keys wait: each record is in the table, committed with its write. A store closed
+/// (or stopped by a crash) with keys still here indexes them at its next open, from the records
+/// after `message_indexed.upto`.
+type Fresh = Arc<Mutex<BTreeSet<(i64, i64)>>>;
+
+/// New records after which the sweep has been over the whole key space once, about: how many
+/// keys wait in memory (16 bytes each, and the set's own).
+const FRESH_KEYS: u64 = 1 << 16;
+
+fn lock_fresh(fresh: &Fresh) -> MutexGuard<'_, BTreeSet<(i64, i64)>> {
+    // A set of keys is never left half-changed.
+    fresh.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The writer's side of [`Fresh`]: adds the keys of new records, and writes them to
+/// `message_index` a slice of the key space per commit, each slice as wide as the keys added
+/// since the last one take on average. Keys spread evenly (random ids) so go out about as fast
+/// as they come, each some [`FRESH_KEYS`] records after its record; keys made from the time
+/// (v7 ids) gather in one narrow slice and go out together once per sweep, at the index's end.
+struct Sweep {
+    fresh: Fresh,
+    /// New records per sweep over the whole key space: [`FRESH_KEYS`].
+    per_sweep: u64,
+    /// Where the next slice begins, in the key space made unsigned (`key ^ i64::MIN`).
+    at: u64,
+    /// Keys added since the last slice was written.
+    added: u64,
+}
+
+/// A slice of the key space made unsigned: from its start, to its end (excluded) or, `None`,
+/// to the end of the space.
+#[derive(Clone, Copy)]
+struct Slice(u64, Option<u64>);
+
+/// The key at `place` in the key space made unsigned.
+fn key_at(place: u64) -> i64 {
+    (place ^ (1 << 63)) as i64
+}
+
+impl Sweep {
+    fn add(&mut self, key: i64, seq: i64) {
+        lock_fresh(&self.fresh).insert((key, seq));
+        self.added += 1;
+    }
+
+    /// The slice the next commit writes.
+    fn next(&self) -> Slice {
+        let width = self.added.saturating_mul(u64::MAX / self.per_sweep);
+        Slice(self.at, self.at.checked_add(width))
+    }
+
+    /// Writes the keys of `slice` to `message_index` in `tx`; at the end of the key space, also
+    /// records up to which record every key is now indexed. Returns the keys written.
+    fn write(&self, tx: &Connection, Slice(from, to): Slice) -> rusqlite::Result<Vec<(i64, i64)>> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let (keys, rest) = {
+            let fresh = lock_fresh(&self.fresh);
+            let start = Included((key_at(from), i64::MIN));
+            let end = to.map_or(Unbounded, |to| Excluded((key_at(to), i64::MIN)));
+            let keys: Vec<(i64, i64)> = match to.is_some_and(|to| to <= from) {
+                true => Vec::new(),
+                false => fresh.range((start, end)).copied().collect(),
+            };
+            // Swept to the end: every key still waiting was added after the sweep passed it.
+            let rest = to.is_none().then(|| {
+                fresh
+                    .range(..(key_at(from), i64::MIN))
+                    .map(|(_, seq)| *seq)
+                    .min()
+            });
+            (keys, rest)
+        };
+        let mut insert =
+            tx.prepare_cached("INSERT OR IGNORE INTO message_index (key, seq) VALUES (?1, ?2)")?;
+        for (key, seq) in &keys {
+            insert.execute(params![key, seq])?;
+        }
+        match rest {
+            None => {}
+            Some(Some(oldest_waiting)) => {
+                tx.prepare_cached("UPDATE message_indexed SET upto = ?1")?
+                    .execute([oldest_waiting - 1])?;
+            }
+            Some(None) => {
+                tx.prepare_cached(
+                    "UPDATE message_indexed SET upto = (SELECT coalesce(max(seq), 0) FROM message)",
+                )?
+                .execute([])?;
+            }
+        }
+        Ok(keys)
+    }
+
+    /// `slice`'s `keys` are committed: they leave memory, and the next slice follows.
+    fn written(&mut self, Slice(_, to): Slice, keys: &[(i64, i64)]) {
+        let mut fresh = lock_fresh(&self.fresh);
+        for entry in keys {
+            fresh.remove(entry);
+        }
+        self.at = to.unwrap_or(0);
+        self.added = 0;
+    }
+}
+
+/// Reads, with `row`, the first record of `key` that `query` ([`by_key!`]) finds: those whose
+/// keys are in `message_index` first (the older), then those whose keys are still in memory
+/// (`fresh`). `rest` are the query's parameters after the first. A new id, nearly every
+/// message's, costs one seek in the index and none in the table.
+///
+/// A look-up of the message path runs beside the writer moving keys from memory to the index;
+/// one that read the index before the move was committed, and memory after it, would miss the
+/// key. Memory is read first: a key leaves it only once the index holds it.
+fn first_by_key<T>(
+    connection: &Connection,
+    fresh: &Fresh,
+    key: i64,
+    query: &str,
+    rest: &[&dyn rusqlite::ToSql],
+    row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<T>> {
+    let waiting: Vec<i64> = lock_fresh(fresh)
+        .range((key, i64::MIN)..=(key, i64::MAX))
+        .map(|(_, seq)| *seq)
+        .collect();
+    let indexed: Vec<i64> = connection
+        .prepare_cached("SELECT seq FROM message_index WHERE key = ?1")?
+        .query_map([key], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut read = connection.prepare_cached(query)?;
+    for seq in indexed.into_iter().chain(waiting) {
+        let mut parameters: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(rest.len() + 1);
+        parameters.push(&seq);
+        parameters.extend_from_slice(rest);
+        if let Some(found) = read.query_row(&parameters[..], &row).optional()? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
+/// A query of [`first_by_key`]: `$columns` of the record (as `m`) numbered `?1`, if it meets
+/// `$condition` (parameters from `?2`).
+macro_rules! by_key {
+    ($columns:literal, $condition:literal) => {
+        concat!(
+            "SELECT ",
+            $columns,
+            " FROM message m WHERE m.seq = ?1 AND ",
+            $condition
+        )
+    };
 }
 
 /// What a look-up depends on.
@@ -471,7 +636,7 @@ CREATE TABLE IF NOT EXISTS person (
 -- One row per message a sender sent: its case reference and recipients (for the case
 -- crosswalk), and once delivered, to whom (for duplicate detection). Appended in arrival order
 -- (cheap), found by a 64-bit key made from the message id (`message_key`; the text is
--- compared too).
+-- compared too) in `message_index`, or among the newest records' keys held in memory.
 CREATE TABLE IF NOT EXISTS message (
     seq INTEGER PRIMARY KEY,
     key INTEGER NOT NULL,
@@ -484,7 +649,15 @@ CREATE TABLE IF NOT EXISTS message (
     complete INTEGER NOT NULL DEFAULT 0,
     delivered_at INTEGER
 );
-CREATE INDEX IF NOT EXISTS message_key ON message (key);
+-- The records' keys, written in sorted runs (see `Fresh`) rather than each in a random place.
+CREATE TABLE IF NOT EXISTS message_index (
+    key INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (key, seq)
+) WITHOUT ROWID;
+-- Every record up to `upto` has its key in `message_index`; the keys of later ones may still
+-- be only in memory, and are indexed when the store is opened.
+CREATE TABLE IF NOT EXISTS message_indexed (upto INTEGER NOT NULL);
 -- Pruning finds the oldest records without reading the whole table; new records go at its end.
 CREATE INDEX IF NOT EXISTS message_recorded ON message (recorded_at);
 -- A case is a set of references, one or more per partner; created when an answer links two.
@@ -498,7 +671,7 @@ CREATE INDEX IF NOT EXISTS case_link_case ON case_link (case_id, partner, refere
 ";
 
 /// The layout [`SCHEMA`] creates.
-const VERSION: i64 = 4;
+const VERSION: i64 = 5;
 
 /// From version 2, which kept the messages sent and those delivered in two tables (two random
 /// index inserts per message instead of one).
@@ -551,8 +724,55 @@ fn upgrade(connection: &mut Connection, version: i64) -> rusqlite::Result<()> {
     if (2..4).contains(&version) {
         rekey(&tx)?;
     }
+    if version < 5 {
+        index_apart(&tx)?;
+    }
     tx.execute_batch(&format!("PRAGMA user_version = {VERSION}"))?;
     tx.commit()
+}
+
+/// From version 4 and before, whose keys were indexed on the message table itself
+/// (`message_key`): each new record's entry went to a random page of that index. The keys move
+/// to `message_index`, once, and that index is dropped.
+fn index_apart(tx: &Connection) -> rusqlite::Result<()> {
+    let started = Instant::now();
+    tx.execute("DELETE FROM message_index", [])?;
+    let records = tx.execute(
+        "INSERT INTO message_index (key, seq) SELECT key, seq FROM message ORDER BY key, seq",
+        [],
+    )?;
+    tx.execute_batch(
+        "DROP INDEX IF EXISTS message_key;
+         DELETE FROM message_indexed;
+         INSERT INTO message_indexed (upto) SELECT coalesce(max(seq), 0) FROM message;",
+    )?;
+    if records > 0 {
+        let took_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            records,
+            took_ms,
+            "message records' keys indexed apart, once"
+        );
+    }
+    Ok(())
+}
+
+/// Indexes the keys of the records after the last one known to be indexed (those whose keys
+/// were only in memory when the store was last closed), at open.
+fn index_the_rest(connection: &mut Connection) -> rusqlite::Result<i64> {
+    let tx = connection.transaction()?;
+    let upto: i64 = tx.query_row("SELECT upto FROM message_indexed", [], |r| r.get(0))?;
+    tx.execute(
+        "INSERT OR IGNORE INTO message_index (key, seq)
+         SELECT key, seq FROM message WHERE seq > ?1 ORDER BY key, seq",
+        [upto],
+    )?;
+    let newest: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM message", [], |r| {
+        r.get(0)
+    })?;
+    tx.execute("UPDATE message_indexed SET upto = ?1", [newest])?;
+    tx.commit()?;
+    Ok(newest)
 }
 
 /// From version 3 and before, whose keys were the first half of any UUID (see
@@ -588,10 +808,12 @@ impl SqliteStore {
     /// Opens (creating if needed) `ponte.db` in `dir`. The folder is created with owner-only
     /// permissions: the file holds person identifiers.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
-        Self::open_with_log_limit(dir, LOG_LIMIT_FRAMES)
+        Self::open_with(dir, LOG_LIMIT_FRAMES, FRESH_KEYS)
     }
 
-    fn open_with_log_limit(dir: &Path, log_limit: i64) -> Result<SqliteStore, StoreError> {
+    /// Opens with the log cut back past `log_limit` frames and a sweep over the newest keys
+    /// every `per_sweep` new records.
+    fn open_with(dir: &Path, log_limit: i64, per_sweep: u64) -> Result<SqliteStore, StoreError> {
         let path = dir.join("ponte.db");
         let error = |message: String| StoreError {
             path: path.display().to_string(),
@@ -611,10 +833,14 @@ impl SqliteStore {
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
                  PRAGMA wal_autocheckpoint = 0; PRAGMA cache_size = -8192;",
             )?;
+            // The writer uses some twenty statements: none is prepared again for want of room.
+            connection.set_prepared_statement_cache_capacity(32);
             Ok(connection)
         };
         let mut writing = connect().map_err(|e| error(e.to_string()))?;
         migrate(&mut writing).map_err(error)?;
+        index_the_rest(&mut writing).map_err(|e| error(e.to_string()))?;
+        let fresh = Fresh::default();
         // When the log starts over, its file is cut back to the same bound.
         writing
             .execute_batch(&format!(
@@ -634,9 +860,15 @@ impl SqliteStore {
         let shown = path.display().to_string();
         let writer = {
             let (shared, shown) = (shared.clone(), shown.clone());
+            let sweep = Sweep {
+                fresh: fresh.clone(),
+                per_sweep,
+                at: 0,
+                added: 0,
+            };
             std::thread::Builder::new()
                 .name("ponte-store".into())
-                .spawn(move || write_behind(writing, ops, &shared, &shown))
+                .spawn(move || write_behind(writing, sweep, ops, &shared, &shown))
                 .map_err(|e| error(format!("cannot start the writer thread: {e}")))?
         };
         let written = Arc::new(AtomicU64::new(0));
@@ -657,6 +889,7 @@ impl SqliteStore {
                 marked: HashMap::new(),
                 recent: Recent::new(now_secs()),
                 linked,
+                fresh,
                 written: written.clone(),
                 writer: to_writer,
             })),
@@ -757,10 +990,17 @@ impl SqliteStore {
 /// A write or a commit that fails rolls the group back; the group is then written again, and
 /// again, until it is saved (see [`save`]): a write handed over is never counted as committed
 /// unless it is, so no message is acknowledged on a write that was lost.
-fn write_behind(connection: Connection, ops: Receiver<Op>, shared: &Shared, path: &str) {
+fn write_behind(
+    connection: Connection,
+    sweep: Sweep,
+    ops: Receiver<Op>,
+    shared: &Shared,
+    path: &str,
+) {
     let mut writer = Writer {
         connection,
         undelivered: Undelivered::default(),
+        sweep,
         group: None,
         applied: 0,
         shared,
@@ -794,6 +1034,7 @@ fn write_behind(connection: Connection, ops: Receiver<Op>, shared: &Shared, path
 struct Writer<'a> {
     connection: Connection,
     undelivered: Undelivered,
+    sweep: Sweep,
     group: Option<Group>,
     /// Writes taken from the queue so far (committed or in the open group).
     applied: u64,
@@ -817,8 +1058,14 @@ impl Writer<'_> {
             return Ok(());
         };
         let (connection, path, undelivered) = (&self.connection, self.path, &mut self.undelivered);
+        let sweep = &mut self.sweep;
+        // The group's commit also writes the next slice of the newest records' keys.
+        let slice = sweep.next();
+        let mut indexed = Vec::new();
         let committing = Instant::now();
-        let mut outcome = outcome.and_then(|()| connection.execute_batch("COMMIT"));
+        let mut outcome = outcome
+            .and_then(|()| sweep.write(connection, slice).map(|keys| indexed = keys))
+            .and_then(|()| connection.execute_batch("COMMIT"));
         slow(path, "commit", committing, open.writes.len() as i64);
         let mut pause = Duration::from_millis(50);
         while let Err(error) = outcome {
@@ -836,10 +1083,12 @@ impl Writer<'_> {
                 .and_then(|()| {
                     open.writes
                         .iter()
-                        .try_for_each(|w| apply(connection, undelivered, w))
+                        .try_for_each(|w| apply(connection, undelivered, sweep, w))
                 })
+                .and_then(|()| sweep.write(connection, slice).map(|keys| indexed = keys))
                 .and_then(|()| connection.execute_batch("COMMIT"));
         }
+        sweep.written(slice, &indexed);
         self.shared.advance(self.applied);
         Ok(())
     }
@@ -857,8 +1106,14 @@ impl Writer<'_> {
                     true => self.connection.execute_batch("BEGIN IMMEDIATE"),
                     false => Ok(()),
                 };
-                let done =
-                    begun.and_then(|()| apply(&self.connection, &mut self.undelivered, &write));
+                let done = begun.and_then(|()| {
+                    apply(
+                        &self.connection,
+                        &mut self.undelivered,
+                        &mut self.sweep,
+                        &write,
+                    )
+                });
                 open.writes.push(write);
                 let full = open.writes.len() >= COMMIT_AFTER;
                 if done.is_err() {
@@ -994,10 +1249,11 @@ impl Undelivered {
 fn apply(
     connection: &Connection,
     undelivered: &mut Undelivered,
+    sweep: &mut Sweep,
     write: &Write,
 ) -> rusqlite::Result<()> {
     match write {
-        Write::Record(m) => apply_record(connection, undelivered, m),
+        Write::Record(m) => apply_record(connection, undelivered, sweep, m),
         Write::Remember {
             sender,
             message_id,
@@ -1008,8 +1264,8 @@ fn apply(
         } => apply_remember(
             connection,
             undelivered,
-            sender,
-            (message_id, *key),
+            sweep,
+            (sender, message_id, *key),
             delivered,
             *complete,
             *at,
@@ -1024,7 +1280,7 @@ fn apply(
             Ok(())
         }
         Write::Prune { age, window, done } => {
-            let _ = done.try_send(prune(connection, *age, *window)?);
+            let _ = done.try_send(prune(connection, &sweep.fresh, *age, *window)?);
             Ok(())
         }
     }
@@ -1046,22 +1302,39 @@ fn import(
 
 /// Removes up to [`PRUNE_STEP`] message records past their retention (`recorded_at < age`),
 /// the oldest first, unless they still count for duplicates (delivered since `window`).
-fn prune(connection: &Connection, age: i64, window: i64) -> rusqlite::Result<usize> {
-    connection
+fn prune(connection: &Connection, fresh: &Fresh, age: i64, window: i64) -> rusqlite::Result<usize> {
+    let records: Vec<(i64, i64)> = connection
         .prepare_cached(
-            "DELETE FROM message WHERE seq IN (
-                 SELECT seq FROM message
-                 WHERE recorded_at < ?1 AND (delivered_at IS NULL OR delivered_at < ?2)
-                 ORDER BY recorded_at LIMIT ?3)",
+            "SELECT seq, key FROM message
+             WHERE recorded_at < ?1 AND (delivered_at IS NULL OR delivered_at < ?2)
+             ORDER BY recorded_at LIMIT ?3",
         )?
-        .execute(params![age, window, PRUNE_STEP as i64])
+        .query_map(params![age, window, PRUNE_STEP as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut unindex =
+        connection.prepare_cached("DELETE FROM message_index WHERE key = ?1 AND seq = ?2")?;
+    let mut delete = connection.prepare_cached("DELETE FROM message WHERE seq = ?1")?;
+    for (seq, key) in &records {
+        unindex.execute(params![key, seq])?;
+        delete.execute([seq])?;
+    }
+    // Nearly always already in the index; a key still in memory must not be written after its
+    // record is gone. (Should this step roll back, its records stay: their keys are those of
+    // records after `message_indexed.upto`, indexed again at the next open.)
+    let mut waiting = lock_fresh(fresh);
+    for (seq, key) in &records {
+        waiting.remove(&(*key, *seq));
+    }
+    Ok(records.len())
 }
 
 fn apply_remember(
     connection: &Connection,
     undelivered: &mut Undelivered,
-    sender: &str,
-    (message_id, key): (&str, i64),
+    sweep: &mut Sweep,
+    (sender, message_id, key): (&str, &str, i64),
     delivered: &str,
     complete: bool,
     at: i64,
@@ -1083,15 +1356,20 @@ fn apply_remember(
     {
         return Ok(());
     }
-    match find(connection, key, message_id, sender)? {
-        Some((seq, _)) => mark(seq)?,
-        None => connection
-            .prepare_cached(
-                "INSERT INTO message (key, message_id, sender, recipients, recorded_at,
-                                      delivered, complete, delivered_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?4, ?6, ?5)",
-            )?
-            .execute(params![key, message_id, sender, delivered, at, complete])?,
+    match find(connection, &sweep.fresh, key, message_id, sender)? {
+        Some((seq, _)) => {
+            mark(seq)?;
+        }
+        None => {
+            connection
+                .prepare_cached(
+                    "INSERT INTO message (key, message_id, sender, recipients, recorded_at,
+                                          delivered, complete, delivered_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?4, ?6, ?5)",
+                )?
+                .execute(params![key, message_id, sender, delivered, at, complete])?;
+            sweep.add(key, connection.last_insert_rowid());
+        }
     };
     Ok(())
 }
@@ -1101,6 +1379,7 @@ fn apply_remember(
 fn apply_record(
     tx: &Connection,
     undelivered: &mut Undelivered,
+    sweep: &mut Sweep,
     m: &Recorded,
 ) -> rusqlite::Result<()> {
     for (scheme, value, local) in &m.local_ids {
@@ -1108,7 +1387,7 @@ fn apply_record(
             .execute(params![m.sender, scheme, value, local, m.at])?;
     }
     let key = m.key;
-    match find(tx, key, &m.message_id, &m.sender)? {
+    match find(tx, &sweep.fresh, key, &m.message_id, &m.sender)? {
         // Processed again (given back, or replayed for some recipients): the reference may
         // have been corrected; everyone it was ever meant for stays listed, so that each of
         // them may still answer it.
@@ -1139,13 +1418,15 @@ fn apply_record(
                 m.recipients.join(","),
                 m.at
             ])?;
-            undelivered.note(key, tx.last_insert_rowid());
+            let seq = tx.last_insert_rowid();
+            sweep.add(key, seq);
+            undelivered.note(key, seq);
         }
     }
     let (Some(reference), Some(answered)) = (&m.reference, &m.correlation_id) else {
         return Ok(());
     };
-    let Some(original) = original(tx, answered, &m.sender)? else {
+    let Some(original) = original(tx, &sweep.fresh, answered, &m.sender)? else {
         return Ok(());
     };
     let theirs = ensure_case(tx, &original.0, &original.1)?;
@@ -1170,17 +1451,18 @@ fn apply_record(
 /// partner cannot attach itself to someone else's case by guessing a message id.
 fn original(
     tx: &Connection,
+    fresh: &Fresh,
     answered: &str,
     answerer: &str,
 ) -> rusqlite::Result<Option<(String, String)>> {
-    let original: Option<(String, Option<String>, String)> = tx
-        .prepare_cached(
-            "SELECT sender, reference, recipients FROM message WHERE key = ?1 AND message_id = ?2",
-        )?
-        .query_row(params![message_key(answered), answered], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .optional()?;
+    let original: Option<(String, Option<String>, String)> = first_by_key(
+        tx,
+        fresh,
+        message_key(answered),
+        by_key!("m.sender, m.reference, m.recipients", "m.message_id = ?2"),
+        &[&answered],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     Ok(match original {
         Some((sender, Some(reference), recipients))
             if sender != answerer && recipients.split(',').any(|r| r == answerer) =>
@@ -1232,17 +1514,19 @@ pub fn message_key(message_id: &str) -> i64 {
 /// The row of `sender`'s `message_id`, and whom it was meant for.
 fn find(
     tx: &Connection,
+    fresh: &Fresh,
     key: i64,
     message_id: &str,
     sender: &str,
 ) -> rusqlite::Result<Option<(i64, String)>> {
-    tx.prepare_cached(
-        "SELECT seq, recipients FROM message WHERE key = ?1 AND message_id = ?2 AND sender = ?3",
-    )?
-    .query_row(params![key, message_id, sender], |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })
-    .optional()
+    first_by_key(
+        tx,
+        fresh,
+        key,
+        by_key!("m.seq, m.recipients", "m.message_id = ?2 AND m.sender = ?3"),
+        &[&message_id, &sender],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// The case `(partner, reference)` belongs to, if it was ever linked to another.
@@ -1340,13 +1624,16 @@ impl Store for SqliteStore {
             if !front.recent.may_hold(key, window, now) {
                 return Ok(None);
             }
-            let seen = front
-                .reader
-                .prepare_cached(
-                    "SELECT delivered_at, delivered, complete FROM message
-                     WHERE key = ?1 AND message_id = ?2 AND sender = ?3 AND delivered_at >= ?4",
-                )?
-                .query_row(params![key, message_id, sender, now - window], |r| {
+            let seen = first_by_key(
+                &front.reader,
+                &front.fresh,
+                key,
+                by_key!(
+                    "m.delivered_at, m.delivered, m.complete",
+                    "m.message_id = ?2 AND m.sender = ?3 AND m.delivered_at >= ?4"
+                ),
+                &[&message_id, &sender, &(now - window)],
+                |r| {
                     let recipients: String = r.get(1)?;
                     Ok(Seen {
                         at: r.get(0)?,
@@ -1357,8 +1644,8 @@ impl Store for SqliteStore {
                             .collect(),
                         complete: r.get(2)?,
                     })
-                })
-                .optional()?;
+                },
+            )?;
             Ok(seen)
         })
     }
@@ -1457,7 +1744,8 @@ fn references(
     let mut joining: Vec<(String, String)> = Vec::new();
     if let Some(answered) = m.correlation_id {
         front.settled(&Key::Message(message_key(answered)), durable)?;
-        if let Some((sender, their_reference)) = original(reader, answered, m.sender)? {
+        if let Some((sender, their_reference)) = original(reader, &front.fresh, answered, m.sender)?
+        {
             // Answering links the two cases (see `apply_record`).
             front.settled(&Key::Reference(&sender, &their_reference), durable)?;
             let theirs = case_of_linked(&sender, &their_reference)?;
@@ -1559,6 +1847,160 @@ mod tests {
             recipients,
             local_ids: &[],
         }
+    }
+
+    /// The store's records, and their keys: in `message_index` and in memory together.
+    fn keys(s: &SqliteStore) -> (i64, usize) {
+        let indexed: i64 = s
+            .read(|c| c.query_row("SELECT count(*) FROM message_index", [], |r| r.get(0)))
+            .unwrap();
+        let records: i64 = s
+            .read(|c| c.query_row("SELECT count(*) FROM message", [], |r| r.get(0)))
+            .unwrap();
+        let waiting = lock_fresh(&s.lock_front().fresh).len();
+        (records, indexed as usize + waiting)
+    }
+
+    #[test]
+    fn keys_wait_in_memory_then_go_to_the_index_and_are_found_all_along() {
+        let dir = std::env::temp_dir().join(format!("ponte-store-{}", uuid::Uuid::new_v4()));
+        // A sweep over the key space every 64 new records.
+        let s = SqliteStore::open_with(&dir, LOG_LIMIT_FRAMES, 64).unwrap();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let ids: Vec<String> = (0..600).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let reference = format!("APP-{i}");
+            s.record(&message(id, "inps", &reference, None, &["cpi-modena"]))
+                .unwrap();
+            s.remember("inps", id, &["cpi-modena"], true).unwrap();
+            if i % 50 == 49 {
+                s.flush().unwrap();
+            }
+        }
+        s.flush().unwrap();
+        let waiting = lock_fresh(&s.lock_front().fresh).len();
+        assert_eq!(
+            keys(&s),
+            (600, 600),
+            "each key once, in one place or the other"
+        );
+        assert!(
+            (1..150).contains(&waiting),
+            "keys go to the index about as fast as they come: {waiting} of 600 in memory"
+        );
+        // Every record up to the mark has its key in the index: what is in memory is later.
+        let (upto, unindexed): (i64, i64) = s
+            .read(|c| {
+                c.query_row(
+                    "SELECT upto, (SELECT count(*) FROM message m WHERE m.seq <= upto AND NOT EXISTS
+                        (SELECT 1 FROM message_index i WHERE i.key = m.key AND i.seq = m.seq))
+                     FROM message_indexed",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .unwrap();
+        assert!(upto >= 600 - 150, "marked up to {upto}");
+        assert_eq!(unindexed, 0);
+        // One id whose key is in memory, one whose key is in the index: each is a duplicate,
+        // the original of an answer, and processed again without a second record.
+        let in_memory = *lock_fresh(&s.lock_front().fresh).iter().next().unwrap();
+        let id_of = |sql: &str| -> String {
+            s.read(|c| c.query_row(sql, [in_memory.1], |r| r.get(0)))
+                .unwrap()
+        };
+        let both = [
+            id_of("SELECT message_id FROM message WHERE seq = ?1"),
+            id_of(
+                "SELECT m.message_id FROM message_index i JOIN message m ON m.seq = i.seq
+                 WHERE i.seq != ?1 LIMIT 1",
+            ),
+        ];
+        for (n, id) in both.iter().enumerate() {
+            let seen = s.seen("inps", id, week).unwrap().unwrap();
+            assert_eq!(
+                (seen.recipients, seen.complete),
+                (vec!["cpi-modena".into()], true)
+            );
+            let answer = format!("answer-{n}");
+            let refs = s
+                .record(&message(
+                    &answer,
+                    "cpi-modena",
+                    "CPI-1",
+                    Some(id),
+                    &["inps"],
+                ))
+                .unwrap();
+            let theirs = ids.iter().position(|i| i == id).unwrap();
+            assert_eq!(refs, [Some(format!("APP-{theirs}"))]);
+            s.record(&message(
+                id,
+                "inps",
+                "APP-again",
+                None,
+                &["osservatorio-er"],
+            ))
+            .unwrap();
+        }
+        s.flush().unwrap();
+        assert_eq!(keys(&s).0, 602, "the two answers, and no second record");
+        drop(s);
+        // Closed with keys in memory: they are indexed when the store is opened again.
+        let s = SqliteStore::open(&dir).unwrap();
+        assert_eq!(keys(&s), (602, 602));
+        assert!(lock_fresh(&s.lock_front().fresh).is_empty());
+        for id in &ids {
+            assert!(
+                s.seen("inps", id, week).unwrap().is_some(),
+                "{id} not found"
+            );
+        }
+        drop(s);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_that_indexed_keys_on_the_message_table_moves_them_to_their_own_index() {
+        let (s, dir) = store();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let ids: Vec<String> = (0..100).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+        for id in &ids {
+            s.record(&message(id, "inps", "APP-1", None, &["cpi-modena"]))
+                .unwrap();
+            s.remember("inps", id, &["cpi-modena"], true).unwrap();
+        }
+        s.flush().unwrap();
+        drop(s);
+        {
+            // As layout 4 had it.
+            let old = Connection::open(dir.join("ponte.db")).unwrap();
+            old.execute_batch(
+                "DROP TABLE message_index; DROP TABLE message_indexed;
+                 CREATE INDEX message_key ON message (key); PRAGMA user_version = 4;",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&dir).unwrap();
+        let old_index: i64 = s
+            .read(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE name = 'message_key'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(old_index, 0);
+        assert_eq!(keys(&s), (100, 100));
+        for id in &ids {
+            assert!(
+                s.seen("inps", id, week).unwrap().is_some(),
+                "{id} not found"
+            );
+        }
+        drop(s);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -1857,6 +2299,8 @@ mod tests {
             })
             .unwrap();
         assert_eq!(kept, ["old-but-delivered", "new"]);
+        // Their keys went with them, whether indexed or still in memory.
+        assert_eq!(keys(&s), (2, 2));
         assert_eq!(s.prune(year, week).unwrap(), 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -2201,7 +2645,7 @@ mod tests {
     fn the_log_is_cut_back_under_steady_writes() {
         let dir = std::env::temp_dir().join(format!("ponte-store-{}", uuid::Uuid::new_v4()));
         // A small limit (1 MiB), so that a few seconds of writes cross it several times.
-        let s = SqliteStore::open_with_log_limit(&dir, 256).unwrap();
+        let s = SqliteStore::open_with(&dir, 256, FRESH_KEYS).unwrap();
         let wal = || std::fs::metadata(dir.join("ponte.db-wal")).map_or(0, |m| m.len());
         let until = std::time::Instant::now() + Duration::from_secs(4);
         let (mut n, mut largest, mut cut) = (0u64, 0, 0);

@@ -481,7 +481,7 @@ async fn measure(
 /// (so pruning at start finds little): one crosswalk record and one delivery log record each,
 /// with random message ids, as the gateway would have left them. The log's hashes are
 /// placeholders (`ponte log verify` would refuse them); the gateway only chains on from the
-/// last one. The log's ids are indexed in parts, as the gateway leaves them.
+/// last one. Both are indexed as the gateway leaves them.
 fn fill_history(data: &Path, n: usize) -> Result<()> {
     // The gateway's own layout, created by opening both.
     drop(ponte::store::SqliteStore::open(data)?);
@@ -545,9 +545,11 @@ fn fill_history(data: &Path, n: usize) -> Result<()> {
     }
     store.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
     log.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
-    drop(log);
-    // Opening the log again indexes the records written above in parts, as the gateway's
-    // writer would have while writing them: the row's start-up is then not an upgrade's.
+    drop((store, log));
+    // Opening both again indexes the records written above (the store's keys, the log's ids
+    // in parts), as the gateway would have while writing them: the row's start-up is then not
+    // an upgrade's.
+    drop(ponte::store::SqliteStore::open(data)?);
     drop(ponte::journal::Journal::open(data).map_err(anyhow::Error::msg)?);
     Ok(())
 }
