@@ -1861,6 +1861,17 @@ mod tests {
         (records, indexed as usize + waiting)
     }
 
+    /// Asserts that each of the institute's `ids` is found delivered.
+    fn all_found(s: &SqliteStore, ids: &[String]) {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        for id in ids {
+            assert!(
+                s.seen("inps", id, week).unwrap().is_some(),
+                "{id} not found"
+            );
+        }
+    }
+
     #[test]
     fn keys_wait_in_memory_then_go_to_the_index_and_are_found_all_along() {
         let dir = std::env::temp_dir().join(format!("ponte-store-{}", uuid::Uuid::new_v4()));
@@ -1950,12 +1961,7 @@ mod tests {
         let s = SqliteStore::open(&dir).unwrap();
         assert_eq!(keys(&s), (602, 602));
         assert!(lock_fresh(&s.lock_front().fresh).is_empty());
-        for id in &ids {
-            assert!(
-                s.seen("inps", id, week).unwrap().is_some(),
-                "{id} not found"
-            );
-        }
+        all_found(&s, &ids);
         drop(s);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -1963,7 +1969,6 @@ mod tests {
     #[test]
     fn a_store_that_indexed_keys_on_the_message_table_moves_them_to_their_own_index() {
         let (s, dir) = store();
-        let week = Duration::from_secs(7 * 24 * 3600);
         let ids: Vec<String> = (0..100).map(|_| uuid::Uuid::new_v4().to_string()).collect();
         for id in &ids {
             s.record(&message(id, "inps", "APP-1", None, &["cpi-modena"]))
@@ -1993,12 +1998,7 @@ mod tests {
             .unwrap();
         assert_eq!(old_index, 0);
         assert_eq!(keys(&s), (100, 100));
-        for id in &ids {
-            assert!(
-                s.seen("inps", id, week).unwrap().is_some(),
-                "{id} not found"
-            );
-        }
+        all_found(&s, &ids);
         drop(s);
         std::fs::remove_dir_all(dir).unwrap();
     }
