@@ -369,10 +369,7 @@ impl Sweep {
                     .execute([oldest_waiting - 1])?;
             }
             Some(None) => {
-                tx.prepare_cached(
-                    "UPDATE message_indexed SET upto = (SELECT coalesce(max(seq), 0) FROM message)",
-                )?
-                .execute([])?;
+                tx.prepare_cached(ALL_INDEXED)?.execute([])?;
             }
         }
         Ok(keys)
@@ -389,9 +386,9 @@ impl Sweep {
     }
 }
 
-/// Reads, with `row`, the first record of `key` that `query` ([`by_key!`]) finds: those whose
-/// keys are in `message_index` first (the older), then those whose keys are still in memory
-/// (`fresh`). `rest` are the query's parameters after the first. A new id, nearly every
+/// Reads, with `row`, the first record of `key` that `query` finds: those whose keys are in
+/// `message_index` first (the older), then those whose keys are still in memory (`fresh`).
+/// `query` reads the record numbered `?1`; `rest` are its parameters from `?2`. A new id, nearly every
 /// message's, costs one seek in the index and none in the table.
 ///
 /// A look-up of the message path runs beside the writer moving keys from memory to the index;
@@ -423,19 +420,6 @@ fn first_by_key<T>(
         }
     }
     Ok(None)
-}
-
-/// A query of [`first_by_key`]: `$columns` of the record (as `m`) numbered `?1`, if it meets
-/// `$condition` (parameters from `?2`).
-macro_rules! by_key {
-    ($columns:literal, $condition:literal) => {
-        concat!(
-            "SELECT ",
-            $columns,
-            " FROM message m WHERE m.seq = ?1 AND ",
-            $condition
-        )
-    };
 }
 
 /// What a look-up depends on.
@@ -736,16 +720,11 @@ fn upgrade(connection: &mut Connection, version: i64) -> rusqlite::Result<()> {
 /// to `message_index`, once, and that index is dropped.
 fn index_apart(tx: &Connection) -> rusqlite::Result<()> {
     let started = Instant::now();
-    tx.execute("DELETE FROM message_index", [])?;
-    let records = tx.execute(
-        "INSERT INTO message_index (key, seq) SELECT key, seq FROM message ORDER BY key, seq",
-        [],
-    )?;
     tx.execute_batch(
-        "DROP INDEX IF EXISTS message_key;
-         DELETE FROM message_indexed;
-         INSERT INTO message_indexed (upto) SELECT coalesce(max(seq), 0) FROM message;",
+        "DELETE FROM message_index; DROP INDEX IF EXISTS message_key;
+         DELETE FROM message_indexed; INSERT INTO message_indexed (upto) VALUES (0);",
     )?;
+    let records = index_after(tx, 0)?;
     if records > 0 {
         let took_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
@@ -759,20 +738,27 @@ fn index_apart(tx: &Connection) -> rusqlite::Result<()> {
 
 /// Indexes the keys of the records after the last one known to be indexed (those whose keys
 /// were only in memory when the store was last closed), at open.
-fn index_the_rest(connection: &mut Connection) -> rusqlite::Result<i64> {
+fn index_the_rest(connection: &mut Connection) -> rusqlite::Result<()> {
     let tx = connection.transaction()?;
     let upto: i64 = tx.query_row("SELECT upto FROM message_indexed", [], |r| r.get(0))?;
-    tx.execute(
+    index_after(&tx, upto)?;
+    tx.commit()
+}
+
+/// Marks every record as having its key in `message_index`.
+const ALL_INDEXED: &str =
+    "UPDATE message_indexed SET upto = (SELECT coalesce(max(seq), 0) FROM message)";
+
+/// Indexes the keys of the records after `upto`, sorted, and marks every record indexed;
+/// returns how many keys that was.
+fn index_after(tx: &Connection, upto: i64) -> rusqlite::Result<usize> {
+    let records = tx.execute(
         "INSERT OR IGNORE INTO message_index (key, seq)
          SELECT key, seq FROM message WHERE seq > ?1 ORDER BY key, seq",
         [upto],
     )?;
-    let newest: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM message", [], |r| {
-        r.get(0)
-    })?;
-    tx.execute("UPDATE message_indexed SET upto = ?1", [newest])?;
-    tx.commit()?;
-    Ok(newest)
+    tx.execute(ALL_INDEXED, [])?;
+    Ok(records)
 }
 
 /// From version 3 and before, whose keys were the first half of any UUID (see
@@ -1459,7 +1445,7 @@ fn original(
         tx,
         fresh,
         message_key(answered),
-        by_key!("m.sender, m.reference, m.recipients", "m.message_id = ?2"),
+        "SELECT sender, reference, recipients FROM message WHERE seq = ?1 AND message_id = ?2",
         &[&answered],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
@@ -1523,7 +1509,7 @@ fn find(
         tx,
         fresh,
         key,
-        by_key!("m.seq, m.recipients", "m.message_id = ?2 AND m.sender = ?3"),
+        "SELECT seq, recipients FROM message WHERE seq = ?1 AND message_id = ?2 AND sender = ?3",
         &[&message_id, &sender],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )
@@ -1628,10 +1614,8 @@ impl Store for SqliteStore {
                 &front.reader,
                 &front.fresh,
                 key,
-                by_key!(
-                    "m.delivered_at, m.delivered, m.complete",
-                    "m.message_id = ?2 AND m.sender = ?3 AND m.delivered_at >= ?4"
-                ),
+                "SELECT delivered_at, delivered, complete FROM message
+                 WHERE seq = ?1 AND message_id = ?2 AND sender = ?3 AND delivered_at >= ?4",
                 &[&message_id, &sender, &(now - window)],
                 |r| {
                     let recipients: String = r.get(1)?;
