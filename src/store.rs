@@ -1917,12 +1917,14 @@ mod tests {
                 (seen.recipients, seen.complete),
                 (vec!["cpi-modena".into()], true)
             );
-            let answer = format!("answer-{n}");
+            // A reference of its own for each answer: one reference would join both cases,
+            // and the answer would be given the smaller of the institute's two references.
+            let (answer, cpi_reference) = (format!("answer-{n}"), format!("CPI-{n}"));
             let refs = s
                 .record(&message(
                     &answer,
                     "cpi-modena",
-                    "CPI-1",
+                    &cpi_reference,
                     Some(id),
                     &["inps"],
                 ))
