@@ -344,10 +344,8 @@ impl Sweep {
             let fresh = lock_fresh(&self.fresh);
             let start = Included((key_at(from), i64::MIN));
             let end = to.map_or(Unbounded, |to| Excluded((key_at(to), i64::MIN)));
-            let keys: Vec<(i64, i64)> = match to.is_some_and(|to| to <= from) {
-                true => Vec::new(),
-                false => fresh.range((start, end)).copied().collect(),
-            };
+            // A slice of no width (nothing added) is an empty range: its end is its start.
+            let keys: Vec<(i64, i64)> = fresh.range((start, end)).copied().collect();
             // Swept to the end: every key still waiting was added after the sweep passed it.
             let rest = to.is_none().then(|| {
                 fresh
