@@ -1,8 +1,8 @@
 //! Deliver: publishing copies, receipts and parked originals, persistent and `mandatory`, on a
-//! channel in confirm mode. Publishing returns once the frames are written, with a pending
-//! confirm, so many messages are in flight per channel; `settle` awaits the confirms. Copies
-//! do not even wait for the write ([`Publishing`]): a flow goes on to its next message while
-//! the connection's I/O loop writes the frames of several messages at once.
+//! channel in confirm mode. Publishing returns once the frames are queued for the socket, with a
+//! pending confirm, so many messages are in flight per channel; `settle` awaits the confirms. A
+//! flow goes on to its next message while the connection's I/O loop writes the frames of
+//! several messages at once ([`Publishing`]).
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
@@ -107,49 +107,38 @@ pub async fn publish_to(
 }
 
 /// A copy handed to the channel: numbered for its confirm and queued for the socket, in the order
-/// the copies were started. What is left — the write, then the confirm — is awaited by whoever
-/// settles the message, so a flow takes its next message without waiting for the socket.
-pub struct Publishing(futures_util::future::BoxFuture<'static, (Published, Vec<u8>)>);
-
-type Published = Result<PublisherConfirm, BrokerError>;
+/// the copies were started. On a channel in confirm mode the publish returns once its frames are
+/// queued: the connection's I/O loop writes them, and whoever settles the message awaits the
+/// confirm, so a flow takes its next message without waiting for the socket.
+pub struct Publishing {
+    confirm: PublisherConfirm,
+    body: Vec<u8>,
+}
 
 impl Publishing {
-    /// Queues `body` for `queue` (through the default exchange, `mandatory`): lapin numbers a
-    /// publish and queues its frames at its first poll, before it waits for the write, so one
-    /// poll here keeps the copies in the order they are started. A channel that is closed
-    /// already is an error at once, as with [`publish`].
+    /// Queues `body` for `queue` (through the default exchange, `mandatory`). A channel that is
+    /// closed already is an error at once, as with [`publish`].
     pub async fn start(
         channel: &Channel,
         queue: &str,
         body: Vec<u8>,
         properties: BasicProperties,
     ) -> Result<Publishing, BrokerError> {
-        let channel = channel.clone();
-        let queue = queue.to_string();
-        let mut publishing = Box::pin(async move {
-            let published = publish(&channel, &queue, &body, properties).await;
-            (published, body)
-        });
-        Ok(match futures_util::poll!(publishing.as_mut()) {
-            std::task::Poll::Ready((Err(error), _)) => return Err(error),
-            std::task::Poll::Ready(done) => Publishing(Box::pin(std::future::ready(done))),
-            std::task::Poll::Pending => Publishing(publishing),
-        })
+        let confirm = publish(channel, queue, &body, properties).await?;
+        Ok(Publishing { confirm, body })
     }
 
-    /// Waits for the write and then for the confirm (as [`confirmed`]); returns the outcome and
-    /// the body, for a copy that must go elsewhere.
+    /// Waits for the confirm (as [`confirmed`]); returns the outcome and the body, for a copy
+    /// that must go elsewhere.
     pub async fn confirmed(
         self,
         queue: &str,
         timeout_secs: u64,
     ) -> (Result<(), BrokerError>, Vec<u8>) {
-        let (published, body) = self.0.await;
-        let outcome = match published {
-            Ok(confirm) => confirmed(confirm, queue, timeout_secs).await,
-            Err(error) => Err(error),
-        };
-        (outcome, body)
+        (
+            confirmed(self.confirm, queue, timeout_secs).await,
+            self.body,
+        )
     }
 }
 

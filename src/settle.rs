@@ -145,8 +145,8 @@ impl Outcome {
     }
 }
 
-/// One recipient's copy, handed to the channel, awaiting its write and its confirm; its body comes
-/// back with the write, so that a copy the recipient's queue refuses can go to the delay queues.
+/// One recipient's copy, handed to the channel, awaiting its confirm; its body comes back with the
+/// confirm, so that a copy the recipient's queue refuses can go to the delay queues.
 pub struct Pending {
     pub recipient: Arc<str>,
     pub publishing: Publishing,

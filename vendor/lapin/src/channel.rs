@@ -528,12 +528,21 @@ impl Channel {
         );
 
         trace!(channel=%self.id, "send_frames");
+        // With confirms, the confirm settles the publish: a write that fails fails the channel
+        // or the connection, and with it every pending confirm. Nobody waits for the write, so
+        // the publisher is not woken a second time for each message (Ponte: PONTE.md).
+        if let Some(confirm) = publisher_confirms_result {
+            self.frames.push_frames_unawaited(self.id, frames)?;
+            self.wake();
+            return Ok(confirm);
+        }
         let (promise, resolver) = Promise::new(ctx);
         self.frames.push_frames(self.id, frames, resolver);
         self.wake();
         promise.await?;
-        Ok(publisher_confirms_result
-            .unwrap_or_else(|| PublisherConfirm::not_requested(self.returned_messages.clone())))
+        Ok(PublisherConfirm::not_requested(
+            self.returned_messages.clone(),
+        ))
     }
 
     pub(crate) fn report_protocol_violation(

@@ -51,7 +51,20 @@ impl Frames {
         frames: Vec<AMQPFrame>,
         resolver: PromiseResolver<()>,
     ) {
-        self.lock_inner().push_frames(channel_id, frames, resolver);
+        // A poisoned channel's error goes to the resolver.
+        let _ = self
+            .lock_inner()
+            .push_frames(channel_id, frames, Some(resolver));
+    }
+
+    /// Queues `frames` with nobody waiting for their write; the channel's poison, if it has
+    /// one, is returned instead.
+    pub(crate) fn push_frames_unawaited(
+        &self,
+        channel_id: ChannelId,
+        frames: Vec<AMQPFrame>,
+    ) -> Result<(), Error> {
+        self.lock_inner().push_frames(channel_id, frames, None)
     }
 
     pub(crate) fn retry(&self, frame: FrameEntry) {
@@ -332,14 +345,16 @@ impl Inner {
         &mut self,
         channel_id: ChannelId,
         mut frames: Vec<AMQPFrame>,
-        resolver: PromiseResolver<()>,
-    ) {
+        resolver: Option<PromiseResolver<()>>,
+    ) -> Result<(), Error> {
         let last_frame = frames.pop();
 
         if let Some(error) = self.check_poison(channel_id) {
             trace!(channel=%channel_id, frames=?frames, "Discarding frames because of poisoning");
-            resolver.reject(error);
-            return;
+            if let Some(resolver) = resolver {
+                resolver.reject(error.clone());
+            }
+            return Err(error);
         }
 
         for frame in frames {
@@ -347,11 +362,11 @@ impl Inner {
         }
 
         if let Some(last_frame) = last_frame {
-            self.low_prio_frames
-                .push_back((last_frame, Some(resolver)).into());
-        } else {
+            self.low_prio_frames.push_back((last_frame, resolver).into());
+        } else if let Some(resolver) = resolver {
             resolver.resolve(());
         }
+        Ok(())
     }
 
     fn check_poison(&self, channel_id: ChannelId) -> Option<Error> {
