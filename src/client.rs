@@ -64,7 +64,7 @@ async fn publish_confirmed(
         props = props.with_user_id(user.into());
     }
     let confirm = publish_to(channel, exchange, routing_key, body, props).await?;
-    confirmed(confirm, exchange, timeout_secs).await
+    confirmed(channel, confirm, exchange, timeout_secs).await
 }
 
 /// A message taken from a queue.

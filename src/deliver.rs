@@ -128,30 +128,36 @@ impl Publishing {
         Ok(Publishing { confirm, body })
     }
 
-    /// Waits for the confirm (as [`confirmed`]); returns the outcome and the body, for a copy
-    /// that must go elsewhere.
+    /// Waits for the confirm on `channel`, the one it was started on (as [`confirmed`]);
+    /// returns the outcome and the body, for a copy that must go elsewhere.
     pub async fn confirmed(
         self,
+        channel: &Channel,
         queue: &str,
         timeout_secs: u64,
     ) -> (Result<(), BrokerError>, Vec<u8>) {
         (
-            confirmed(self.confirm, queue, timeout_secs).await,
+            confirmed(channel, self.confirm, queue, timeout_secs).await,
             self.body,
         )
     }
 }
 
-/// Waits for a confirm. A nack, a message returned as unroutable, or silence beyond the timeout
-/// are transient failures: the message goes back to its queue and is tried again.
+/// Waits for a confirm on `channel`. A nack, a message returned as unroutable, or silence
+/// beyond the timeout are transient failures: the message goes back to its queue and is tried
+/// again. While the broker blocks the channel's connection (`connection.blocked`: a memory or
+/// disk alarm), nothing is written on it, so a timeout that runs out then is not counted: the
+/// copy waits for the broker, as it asks, and the timeout starts again.
 pub async fn confirmed(
+    channel: &Channel,
     confirm: PublisherConfirm,
     queue: &str,
     timeout_secs: u64,
 ) -> Result<(), BrokerError> {
-    let confirmation = tokio::time::timeout(std::time::Duration::from_secs(timeout_secs), confirm)
+    let limit = std::time::Duration::from_secs(timeout_secs);
+    let confirmation = within(confirm, limit, || channel.connection_blocked())
         .await
-        .map_err(|_| BrokerError::ConfirmTimeout(timeout_secs))??;
+        .ok_or(BrokerError::ConfirmTimeout(timeout_secs))??;
     if confirmation.is_nack() {
         return Err(BrokerError::Nacked);
     }
@@ -161,6 +167,22 @@ pub async fn confirmed(
         });
     }
     Ok(())
+}
+
+/// What `future` gives, or `None` once `limit` runs out while `blocked` says no.
+async fn within<F: Future>(
+    future: F,
+    limit: std::time::Duration,
+    blocked: impl Fn() -> bool,
+) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    loop {
+        match tokio::time::timeout(limit, future.as_mut()).await {
+            Ok(output) => return Some(output),
+            Err(_) if blocked() => continue,
+            Err(_) => return None,
+        }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -187,6 +209,62 @@ pub fn text(value: &AMQPValue) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    const LIMIT: Duration = Duration::from_secs(30);
+
+    /// A confirm that comes `after` this long.
+    async fn confirm_after(after: Duration) -> &'static str {
+        tokio::time::sleep(after).await;
+        "confirmed"
+    }
+
+    /// Ends the broker's block on the connection `after` this long.
+    async fn unblock_after(blocked: &AtomicBool, after: Duration) {
+        tokio::time::sleep(after).await;
+        blocked.store(false, Ordering::SeqCst);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_confirm_that_does_not_come_is_given_up_when_the_timeout_runs_out() {
+        let began = tokio::time::Instant::now();
+        let outcome = within(confirm_after(LIMIT * 2), LIMIT, || false).await;
+        assert_eq!(outcome, None);
+        assert_eq!(began.elapsed(), LIMIT);
+        assert_eq!(
+            within(confirm_after(LIMIT / 2), LIMIT, || false).await,
+            Some("confirmed")
+        );
+    }
+
+    /// A memory alarm of the broker lasting several timeouts: the copies wait for it, and are
+    /// confirmed once it is over.
+    #[tokio::test(start_paused = true)]
+    async fn while_the_broker_blocks_the_connection_the_timeout_does_not_run_out() {
+        let blocked = AtomicBool::new(true);
+        let (outcome, ()) = tokio::join!(
+            within(confirm_after(LIMIT * 4), LIMIT, || blocked
+                .load(Ordering::SeqCst)),
+            unblock_after(&blocked, LIMIT * 3 + LIMIT / 2),
+        );
+        assert_eq!(outcome, Some("confirmed"));
+    }
+
+    /// Once the block is over, a confirm that still does not come is given up at the end of the
+    /// timeout that is running then.
+    #[tokio::test(start_paused = true)]
+    async fn once_the_broker_unblocks_the_connection_a_silent_confirm_is_given_up() {
+        let blocked = AtomicBool::new(true);
+        let began = tokio::time::Instant::now();
+        let (outcome, ()) = tokio::join!(
+            within(std::future::pending::<()>(), LIMIT, || blocked
+                .load(Ordering::SeqCst)),
+            unblock_after(&blocked, LIMIT + LIMIT / 2),
+        );
+        assert_eq!(outcome, None);
+        assert_eq!(began.elapsed(), LIMIT * 2);
+    }
 
     #[test]
     fn properties_are_counted_as_the_wire_has_them() {

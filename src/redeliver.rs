@@ -103,7 +103,7 @@ impl Redeliverer {
         )
         .await?;
         copy.attempts += 1;
-        match confirmed(sent, &outbound, timeout).await {
+        match confirmed(&self.publish, sent, &outbound, timeout).await {
             Ok(()) => {
                 self.journal.record(copy.event("delivered", ""));
                 info!(

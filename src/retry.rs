@@ -179,7 +179,7 @@ pub async fn schedule(
     let properties = with_headers(copy.delivered_properties(), &copy.headers(&failure.reason))
         .with_expiration(ShortString::from(wait.as_millis().to_string()));
     let confirm = publish(channel, &queue, body, properties).await?;
-    confirmed(confirm, &queue, timeout_secs).await?;
+    confirmed(channel, confirm, &queue, timeout_secs).await?;
     note_retry(outbox.journal, copy, failure, wait);
     Ok(())
 }
@@ -252,8 +252,8 @@ pub async fn dead_letter(
         message_type: Some("receipt"),
     };
     let answer = publish(channel, &receipts, &receipt.body, properties(&labels)).await?;
-    confirmed(parked, &dlq, timeout_secs).await?;
-    confirmed(answer, &receipts, timeout_secs).await?;
+    confirmed(channel, parked, &dlq, timeout_secs).await?;
+    confirmed(channel, answer, &receipts, timeout_secs).await?;
     journal.record(copy.event("dead-lettered", &failure.reason));
     metrics::counter!("ponte_dead_letters_total", "recipient" => copy.recipient.clone())
         .increment(1);

@@ -190,7 +190,7 @@ pub async fn delivered(
         {
             let queue = settler.queues.outbound(&recipient);
             let (confirmation, body) = publishing
-                .confirmed(queue, settler.confirm_timeout_secs)
+                .confirmed(&settler.channel, queue, settler.confirm_timeout_secs)
                 .await;
             settler.queues.in_flight(&recipient).decrement(1);
             match confirmation {
@@ -233,6 +233,7 @@ pub async fn delivered(
         let refused = match partial {
             Some(partial) => {
                 confirmed(
+                    &settler.channel,
                     partial.parked,
                     settler.queues.rejected(&inbound.partner),
                     settler.confirm_timeout_secs,
@@ -265,7 +266,7 @@ pub async fn delivered(
             );
             let queue = settler.queues.receipts(&inbound.partner);
             let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
-            confirmed(confirm, queue, settler.confirm_timeout_secs).await?;
+            confirmed(&settler.channel, confirm, queue, settler.confirm_timeout_secs).await?;
         }
         Ok(Outcome::Delivered {
             recipients,
@@ -319,7 +320,13 @@ pub async fn already_delivered(
                 receipt::build(inbound.answered(), Code::Delivered, &names, &[], &[], &[]);
             let queue = settler.queues.receipts(&inbound.partner);
             let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
-            confirmed(confirm, queue, settler.confirm_timeout_secs).await?;
+            confirmed(
+                &settler.channel,
+                confirm,
+                queue,
+                settler.confirm_timeout_secs,
+            )
+            .await?;
         }
         Ok(Outcome::AlreadyDelivered { recipients })
     }
@@ -531,7 +538,7 @@ pub async fn rejected(
             (answer, settler.queues.receipts(&inbound.partner)),
         ] {
             publishing
-                .confirmed(queue, settler.confirm_timeout_secs)
+                .confirmed(&settler.channel, queue, settler.confirm_timeout_secs)
                 .await
                 .0?;
         }

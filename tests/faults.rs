@@ -715,3 +715,51 @@ async fn a_gateway_asked_to_stop_while_its_broker_is_silent_still_stops() {
     common::delete_queues(&directory).await;
     let _ = std::fs::remove_dir_all(common::data_dir(&prefix));
 }
+
+/// A memory alarm on the broker blocks Ponte's publishing connection: nothing it publishes is
+/// written until the alarm is over. The copies wait for the broker, however many publish
+/// timeouts that takes; handed back at each timeout, the message would be published again, and
+/// every copy still waiting in the client delivered once the alarm is over. Once it is over,
+/// the message is delivered once and acknowledged.
+#[tokio::test]
+async fn copies_wait_out_a_broker_memory_alarm_and_are_delivered_once_after_it() {
+    let broker = PrivateBroker::start();
+    let url = broker.url();
+    let prefix = random_prefix();
+    let settings = [("broker.publish_timeout_secs", "2")];
+    let config = repo().join("config");
+    // Declare the topology, then queue the referral while nothing consumes: once the alarm is
+    // raised, the test's own publishes would be blocked too.
+    let gw = Gateway::start_with(common::directory_with(&config, &url, &prefix, &settings)).await;
+    let queues = gw.stop_keeping_queues().await.0;
+    let message = referral("cpi-modena", "CPI-MO-01", "036023");
+    let inbound = queues.inbound("cpi-modena");
+    publish_many(&url, &inbound, &[serde_json::to_vec(&message).unwrap()]).await;
+    broker.ctl(&["set_vm_memory_high_watermark", "0"]);
+
+    let gw = Gateway::start_with(common::directory_with(&config, &url, &prefix, &settings)).await;
+    let outbound = queues.outbound("inps");
+    // Three publish timeouts into the alarm: the copy waits, unwritten, and its flow goes on.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        depth(&url, &outbound).await,
+        0,
+        "nothing written during the alarm"
+    );
+    assert_eq!(common::recorded("ponte_flow_restarts_total", &[]), 0.0);
+    assert!(gw.status.is_ready());
+
+    broker.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+    let delivered = gw.take(&outbound, 1).await;
+    assert_eq!(delivered.len(), 1, "delivered once the alarm is over");
+    assert_eq!(delivered[0].json()["message_id"], message["message_id"]);
+    wait_until(
+        "the referral acknowledged",
+        Duration::from_secs(20),
+        async || depth(&url, &inbound).await == 0,
+    )
+    .await;
+    gw.assert_empty(&outbound).await;
+    assert_eq!(common::recorded("ponte_flow_restarts_total", &[]), 0.0);
+    gw.stop().await;
+}

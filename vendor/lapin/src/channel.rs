@@ -145,6 +145,14 @@ impl Channel {
         &self.status
     }
 
+    /// Whether the broker has blocked this channel's connection (`connection.blocked`, a
+    /// memory or disk alarm): nothing is written on it until the broker unblocks it (Ponte:
+    /// PONTE.md).
+    #[must_use]
+    pub fn connection_blocked(&self) -> bool {
+        self.connection_status.blocked()
+    }
+
     /// Wait for the channel to be recovered after a connection error.
     ///
     /// If auto-recovery is enabled and `error` is recoverable, this suspends
