@@ -68,6 +68,23 @@ impl Settler {
             timeout_secs: self.confirm_timeout_secs,
         }
     }
+
+    /// Waits for the confirm of a message this flow published to `queue` (see [`confirmed`]).
+    async fn confirmed(&self, confirm: PublisherConfirm, queue: &str) -> Result<(), BrokerError> {
+        confirmed(&self.channel, confirm, queue, self.confirm_timeout_secs).await
+    }
+
+    /// Waits for a copy's confirm; returns the outcome and the body (see
+    /// [`Publishing::confirmed`]).
+    async fn copy_confirmed(
+        &self,
+        publishing: Publishing,
+        queue: &str,
+    ) -> (Result<(), BrokerError>, Vec<u8>) {
+        publishing
+            .confirmed(&self.channel, queue, self.confirm_timeout_secs)
+            .await
+    }
 }
 
 /// The inbound message being settled.
@@ -189,9 +206,7 @@ pub async fn delivered(
         } in copies
         {
             let queue = settler.queues.outbound(&recipient);
-            let (confirmation, body) = publishing
-                .confirmed(&settler.channel, queue, settler.confirm_timeout_secs)
-                .await;
+            let (confirmation, body) = settler.copy_confirmed(publishing, queue).await;
             settler.queues.in_flight(&recipient).decrement(1);
             match confirmation {
                 Ok(()) => recipients.push(recipient),
@@ -232,12 +247,8 @@ pub async fn delivered(
         }
         let refused = match partial {
             Some(partial) => {
-                confirmed(
-                    &settler.channel,
-                    partial.parked,
-                    settler.queues.rejected(&inbound.partner),
-                    settler.confirm_timeout_secs,
-                )
+                settler
+                    .confirmed(partial.parked, settler.queues.rejected(&inbound.partner))
                 .await?;
                 partial.refused
             }
@@ -266,7 +277,7 @@ pub async fn delivered(
             );
             let queue = settler.queues.receipts(&inbound.partner);
             let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
-            confirmed(&settler.channel, confirm, queue, settler.confirm_timeout_secs).await?;
+            settler.confirmed(confirm, queue).await?;
         }
         Ok(Outcome::Delivered {
             recipients,
@@ -320,13 +331,7 @@ pub async fn already_delivered(
                 receipt::build(inbound.answered(), Code::Delivered, &names, &[], &[], &[]);
             let queue = settler.queues.receipts(&inbound.partner);
             let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
-            confirmed(
-                &settler.channel,
-                confirm,
-                queue,
-                settler.confirm_timeout_secs,
-            )
-            .await?;
+            settler.confirmed(confirm, queue).await?;
         }
         Ok(Outcome::AlreadyDelivered { recipients })
     }
@@ -537,10 +542,7 @@ pub async fn rejected(
             (park, settler.queues.rejected(&inbound.partner)),
             (answer, settler.queues.receipts(&inbound.partner)),
         ] {
-            publishing
-                .confirmed(&settler.channel, queue, settler.confirm_timeout_secs)
-                .await
-                .0?;
+            settler.copy_confirmed(publishing, queue).await.0?;
         }
         Ok(Outcome::Rejected { code })
     }
