@@ -266,7 +266,6 @@ async fn every_step_is_also_published_to_the_events_exchange_when_asked() {
 #[tokio::test]
 async fn a_deleted_events_exchange_restarts_the_events_publisher_alone() {
     use lapin::options::ExchangeDeclareOptions;
-    ponte::ops::metrics();
     let (gw, url) = with_events_exchange().await;
     let exchange = gw.queues.events();
     let connection = common::connect(&url).await;

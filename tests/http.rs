@@ -317,7 +317,6 @@ async fn an_endpoint_that_requires_a_client_certificate_gets_copies_over_mutual_
 /// and the next copy reaches the endpoint; no other flow restarts and the session goes on.
 #[tokio::test]
 async fn a_deleted_http_partner_queue_restarts_its_courier_alone() {
-    ponte::ops::metrics();
     let (gw, endpoint, _config, _prefix) = start().await;
     let outbound = gw.queues.outbound("osservatorio-er");
     common::delete_queue(&gw.url, &outbound).await;

@@ -186,6 +186,9 @@ impl Gateway {
 
     pub async fn start_pipeline(pipeline: Arc<Pipeline>) -> Gateway {
         logs();
+        // The recorder [`recorded`] reads, installed before the gateway takes its metrics'
+        // handles: a handle taken before it records nowhere, and every figure read back as 0.
+        ponte::ops::metrics();
         let directory = pipeline.directory.clone();
         let shutdown = CancellationToken::new();
         let status = Status::default();
