@@ -181,15 +181,69 @@ pub async fn connect(directory: &Directory, name: &str) -> Result<Link, BrokerEr
     let mut link = Link {
         connection: None,
         socket: Socket::default(),
+        watching: None,
     };
     let tls = directory.broker_tls.0.clone();
     let opening = open_link(uri, properties, tls, link.socket.clone());
-    link.connection = Some(
-        tokio::time::timeout(std::time::Duration::from_secs(secs), opening)
-            .await
-            .map_err(|_| BrokerError::ConnectTimeout(secs))??,
-    );
+    let connection = tokio::time::timeout(std::time::Duration::from_secs(secs), opening)
+        .await
+        .map_err(|_| BrokerError::ConnectTimeout(secs))??;
+    let events = connection.events_listener();
+    link.watching = Some(tokio::spawn(watch_blocked(events, name.to_owned())).abort_handle());
+    link.connection = Some(connection);
     Ok(link)
+}
+
+/// Says when the broker blocks the connection `name` (`connection.blocked`: a memory or disk
+/// alarm; the broker reads none of its publishes until it is over) and when it unblocks it: a
+/// WARN and then an INFO line, and `ponte_broker_blocked{connection}` 1 meanwhile. Its copies
+/// wait meanwhile, their publish timeouts stopped ([`crate::deliver::confirmed`]); without a
+/// word, an operator would see only a gateway that stopped delivering.
+async fn watch_blocked(events: impl futures_util::Stream<Item = lapin::Event>, name: String) {
+    use futures_util::StreamExt;
+    /// Sets the gauge back to 0 however the watch ends: a connection that ends blocked takes
+    /// its block with it.
+    struct Blocked {
+        gauge: metrics::Gauge,
+        since: Option<std::time::Instant>,
+    }
+    impl Drop for Blocked {
+        fn drop(&mut self) {
+            if self.since.is_some() {
+                self.gauge.set(0.0);
+            }
+        }
+    }
+    let mut blocked = Blocked {
+        gauge: metrics::gauge!("ponte_broker_blocked", "connection" => name.clone()),
+        since: None,
+    };
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            lapin::Event::ConnectionBlocked(reason) if blocked.since.is_none() => {
+                tracing::warn!(
+                    connection = %name,
+                    %reason,
+                    "the broker blocks this connection (a memory or disk alarm): \
+                     what it publishes waits until the broker unblocks it"
+                );
+                blocked.gauge.set(1.0);
+                blocked.since = Some(std::time::Instant::now());
+            }
+            lapin::Event::ConnectionUnblocked => {
+                if let Some(since) = blocked.since.take() {
+                    tracing::info!(
+                        connection = %name,
+                        blocked_secs = since.elapsed().as_secs_f64(),
+                        "the broker unblocked this connection"
+                    );
+                    blocked.gauge.set(0.0);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A connection to the broker that, once dropped, ends its socket at once.
@@ -205,6 +259,8 @@ pub struct Link {
     /// Set once open.
     connection: Option<Connection>,
     socket: Socket,
+    /// The watch of its blocks ([`watch_blocked`]), ended with it.
+    watching: Option<tokio::task::AbortHandle>,
 }
 
 impl std::ops::Deref for Link {
@@ -220,6 +276,9 @@ impl std::ops::Deref for Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.socket.sever();
+        if let Some(watching) = &self.watching {
+            watching.abort();
+        }
     }
 }
 

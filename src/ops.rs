@@ -9,7 +9,9 @@
 //!   `events` publisher), `ponte_lookups_total{partner,result}`, `ponte_ready`,
 //!   `ponte_store_wait_seconds` (how long each use of the store waited, histogram: for its
 //!   reading connection, and for a write it reads, made a moment before, to be committed),
-//!   `ponte_log_lines_dropped_total` (log lines stderr's reader did not take in time).
+//!   `ponte_log_lines_dropped_total` (log lines stderr's reader did not take in time),
+//!   `ponte_broker_blocked{connection}` (1 while the broker blocks that connection: a memory or
+//!   disk alarm).
 //! - `GET /healthz`: 200 while the process runs (liveness).
 //! - `GET /readyz`: 200 when connected to the broker with the topology declared and every flow
 //!   consuming, the store writable and the configuration loaded; else 503 with the reasons

@@ -31,6 +31,7 @@ const METRICS: &[&str] = &[
     "ponte_store_wait_seconds_count",
     "ponte_store_wait_seconds_sum",
     "ponte_log_lines_dropped_total",
+    "ponte_broker_blocked",
 ];
 
 fn read(path: &str) -> String {

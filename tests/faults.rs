@@ -720,7 +720,8 @@ async fn a_gateway_asked_to_stop_while_its_broker_is_silent_still_stops() {
 /// written until the alarm is over. The copies wait for the broker, however many publish
 /// timeouts that takes; handed back at each timeout, the message would be published again, and
 /// every copy still waiting in the client delivered once the alarm is over. Once it is over,
-/// the message is delivered once and acknowledged.
+/// the message is delivered once and acknowledged. Meanwhile `ponte_broker_blocked` says which
+/// connection the broker blocks.
 #[tokio::test]
 async fn copies_wait_out_a_broker_memory_alarm_and_are_delivered_once_after_it() {
     let broker = PrivateBroker::start();
@@ -748,6 +749,10 @@ async fn copies_wait_out_a_broker_memory_alarm_and_are_delivered_once_after_it()
     );
     assert_eq!(common::recorded("ponte_flow_restarts_total", &[]), 0.0);
     assert!(gw.status.is_ready());
+    // The operator is told why: the publishing connection, and it alone, is blocked.
+    let publishing = ["connection=\"ponte publish 0\""];
+    assert_eq!(common::recorded("ponte_broker_blocked", &publishing), 1.0);
+    assert_eq!(common::recorded("ponte_broker_blocked", &[]), 1.0);
 
     broker.ctl(&["set_vm_memory_high_watermark", "0.4"]);
     let delivered = gw.take(&outbound, 1).await;
@@ -761,5 +766,10 @@ async fn copies_wait_out_a_broker_memory_alarm_and_are_delivered_once_after_it()
     .await;
     gw.assert_empty(&outbound).await;
     assert_eq!(common::recorded("ponte_flow_restarts_total", &[]), 0.0);
+    assert_eq!(
+        common::recorded("ponte_broker_blocked", &[]),
+        0.0,
+        "unblocked"
+    );
     gw.stop().await;
 }
