@@ -406,8 +406,8 @@ impl Sweep {
         self.added += 1;
     }
 
-    /// The row of `sender`'s `message_id` ([`find`]), looked up only when the filter of keys
-    /// with a record cannot rule it out.
+    /// The row of `sender`'s `message_id` (`key` its key), and whom it was meant for; looked up
+    /// only when the filter of keys with a record cannot rule it out.
     fn find(
         &self,
         tx: &Connection,
@@ -415,10 +415,17 @@ impl Sweep {
         message_id: &str,
         sender: &str,
     ) -> rusqlite::Result<Option<(i64, String)>> {
-        match self.filed.may_hold(&key) {
-            true => find(tx, &self.fresh, key, message_id, sender),
-            false => Ok(None),
+        if !self.filed.may_hold(&key) {
+            return Ok(None);
         }
+        first_by_key(
+            tx,
+            &self.fresh,
+            key,
+            "SELECT seq, recipients FROM message WHERE seq = ?1 AND message_id = ?2 AND sender = ?3",
+            &[&message_id, &sender],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
     }
 
     /// The slice the next commit writes.
@@ -1590,24 +1597,6 @@ pub fn message_key(message_id: &str) -> i64 {
         }
         _ => (high ^ low.wrapping_mul(MIX)) as i64,
     }
-}
-
-/// The row of `sender`'s `message_id`, and whom it was meant for.
-fn find(
-    tx: &Connection,
-    fresh: &Fresh,
-    key: i64,
-    message_id: &str,
-    sender: &str,
-) -> rusqlite::Result<Option<(i64, String)>> {
-    first_by_key(
-        tx,
-        fresh,
-        key,
-        "SELECT seq, recipients FROM message WHERE seq = ?1 AND message_id = ?2 AND sender = ?3",
-        &[&message_id, &sender],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
 }
 
 /// The case `(partner, reference)` belongs to, if it was ever linked to another.
