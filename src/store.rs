@@ -1087,7 +1087,7 @@ fn write_behind(
 ) {
     let mut writer = Writer {
         connection,
-        undelivered: Undelivered::default(),
+        newest: Newest::default(),
         sweep,
         group: None,
         applied: 0,
@@ -1121,7 +1121,7 @@ fn write_behind(
 /// The store's thread's state.
 struct Writer<'a> {
     connection: Connection,
-    undelivered: Undelivered,
+    newest: Newest,
     sweep: Sweep,
     group: Option<Group>,
     /// Writes taken from the queue so far (committed or in the open group).
@@ -1145,12 +1145,14 @@ impl Writer<'_> {
         let Some(open) = self.group.take() else {
             return Ok(());
         };
-        let (connection, path, undelivered) = (&self.connection, self.path, &mut self.undelivered);
+        let (connection, path, newest) = (&self.connection, self.path, &mut self.newest);
         let sweep = &mut self.sweep;
-        // The group's commit also writes the next slice of the newest records' keys.
+        let committing = Instant::now();
+        // The rows held are written, then the group's commit also writes the next slice of the
+        // newest records' keys.
+        let outcome = outcome.and_then(|()| newest.write(connection, sweep));
         let slice = sweep.next();
         let mut indexed = Vec::new();
-        let committing = Instant::now();
         let mut outcome = outcome
             .and_then(|()| sweep.write(connection, slice).map(|keys| indexed = keys))
             .and_then(|()| connection.execute_batch("COMMIT"));
@@ -1158,6 +1160,7 @@ impl Writer<'_> {
         let mut pause = Duration::from_millis(50);
         while let Err(error) = outcome {
             let _ = connection.execute_batch("ROLLBACK");
+            newest.held.clear();
             self.shared.fail(error.to_string());
             if self.shared.stopping.load(Ordering::SeqCst) {
                 tracing::error!(store = %path, %error, writes = open.writes.len(), "cannot save crosswalk records; stopping without them");
@@ -1171,8 +1174,9 @@ impl Writer<'_> {
                 .and_then(|()| {
                     open.writes
                         .iter()
-                        .try_for_each(|w| apply(connection, undelivered, sweep, w))
+                        .try_for_each(|w| apply(connection, newest, sweep, w))
                 })
+                .and_then(|()| newest.write(connection, sweep))
                 .and_then(|()| sweep.write(connection, slice).map(|keys| indexed = keys))
                 .and_then(|()| connection.execute_batch("COMMIT"));
         }
@@ -1195,12 +1199,7 @@ impl Writer<'_> {
                     false => Ok(()),
                 };
                 let done = begun.and_then(|()| {
-                    apply(
-                        &self.connection,
-                        &mut self.undelivered,
-                        &mut self.sweep,
-                        &write,
-                    )
+                    apply(&self.connection, &mut self.newest, &mut self.sweep, &write)
                 });
                 open.writes.push(write);
                 let full = open.writes.len() >= COMMIT_AFTER;
@@ -1312,36 +1311,117 @@ impl Drop for SqliteStore {
     }
 }
 
-/// Where the rows of messages recorded and not yet delivered are, by their look-up key
-/// ([`message_key`]), so that a delivery updates its message's row without looking it up in the
-/// index again (the writer's one look-up per delivered message). The row found is checked to be
-/// the message's (two senders' ids may share a key). Bounded: past [`UNDELIVERED_KEPT`] it
-/// starts over, and a message it does not know is looked up as before.
+/// The writer's newest rows. A new message's row waits here until its group is saved, so that
+/// a delivery confirmed meanwhile is written with it: one statement rather than an insert, then
+/// an update of the same row. Once written, where the rows not yet delivered are, by their
+/// look-up key ([`message_key`]), so that a delivery updates its message's row without looking
+/// it up in the index again (the writer's one look-up per delivered message); the row found is
+/// checked to be the message's (two senders' ids may share a key). Bounded: past
+/// [`UNDELIVERED_KEPT`] that map starts over, and a message it does not know is looked up as
+/// before.
 #[derive(Default)]
-struct Undelivered(HashMap<i64, i64>);
+struct Newest {
+    /// Rows of the open group not yet written, one per key (at most [`COMMIT_AFTER`]). Thrown
+    /// away when the group rolls back: applying its writes again holds them again.
+    held: Vec<Held>,
+    /// Rows written and not yet delivered: their seq by their key.
+    undelivered: HashMap<i64, i64>,
+}
 
-impl Undelivered {
-    fn note(&mut self, key: i64, seq: i64) {
-        if self.0.len() >= UNDELIVERED_KEPT {
-            self.0.clear();
+/// A message's row, held until its group is saved.
+struct Held {
+    key: i64,
+    message_id: String,
+    sender: String,
+    reference: Option<String>,
+    recipients: Vec<String>,
+    recorded_at: i64,
+    /// Its delivery, confirmed before the row was written: to whom, complete, when.
+    delivered: Option<(String, bool, i64)>,
+}
+
+impl Newest {
+    /// The held row of `sender`'s `message_id`. Another message's row held under the same key
+    /// is written first (with every held row), and then found in the table as any other.
+    fn held(
+        &mut self,
+        tx: &Connection,
+        sweep: &mut Sweep,
+        key: i64,
+        message_id: &str,
+        sender: &str,
+    ) -> rusqlite::Result<Option<&mut Held>> {
+        let Some(at) = self.held.iter().position(|h| h.key == key) else {
+            return Ok(None);
+        };
+        if self.held[at].message_id == message_id && self.held[at].sender == sender {
+            return Ok(Some(&mut self.held[at]));
         }
-        self.0.insert(key, seq);
+        self.write(tx, sweep)?;
+        Ok(None)
+    }
+
+    /// Writes the held rows.
+    fn write(&mut self, tx: &Connection, sweep: &mut Sweep) -> rusqlite::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO message (key, message_id, sender, reference, recipients, recorded_at,
+                                  delivered, complete, delivered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for row in self.held.drain(..) {
+            let (delivered, complete, delivered_at) = match &row.delivered {
+                Some((to, complete, at)) => (Some(to.as_str()), *complete, Some(*at)),
+                None => (None, false, None),
+            };
+            insert.execute(params![
+                row.key,
+                row.message_id,
+                row.sender,
+                row.reference,
+                row.recipients.join(","),
+                row.recorded_at,
+                delivered,
+                complete,
+                delivered_at
+            ])?;
+            let seq = tx.last_insert_rowid();
+            sweep.add(row.key, seq);
+            if row.delivered.is_none() {
+                note(&mut self.undelivered, row.key, seq);
+            }
+        }
+        Ok(())
+    }
+
+    fn note(&mut self, key: i64, seq: i64) {
+        note(&mut self.undelivered, key, seq);
     }
 
     fn take(&mut self, key: i64) -> Option<i64> {
-        self.0.remove(&key)
+        self.undelivered.remove(&key)
     }
+}
+
+/// Notes where the undelivered row of `key` is.
+fn note(undelivered: &mut HashMap<i64, i64>, key: i64, seq: i64) {
+    if undelivered.len() >= UNDELIVERED_KEPT {
+        undelivered.clear();
+    }
+    undelivered.insert(key, seq);
 }
 
 /// Applies one write (inside the open group transaction). Import and prune are answered here.
 fn apply(
     connection: &Connection,
-    undelivered: &mut Undelivered,
+    newest: &mut Newest,
     sweep: &mut Sweep,
     write: &Write,
 ) -> rusqlite::Result<()> {
     match write {
-        Write::Record(m) => apply_record(connection, undelivered, sweep, m),
+        Write::Record(m) => apply_record(connection, newest, sweep, m),
         Write::Remember {
             sender,
             message_id,
@@ -1351,7 +1431,7 @@ fn apply(
             at,
         } => apply_remember(
             connection,
-            undelivered,
+            newest,
             sweep,
             (sender, message_id, *key),
             delivered,
@@ -1368,6 +1448,8 @@ fn apply(
             Ok(())
         }
         Write::Prune { age, window, done } => {
+            // Pruning reads the table: the rows held are written first.
+            newest.write(connection, sweep)?;
             let _ = done.try_send(prune(connection, &sweep.fresh, *age, *window)?);
             Ok(())
         }
@@ -1420,7 +1502,7 @@ fn prune(connection: &Connection, fresh: &Fresh, age: i64, window: i64) -> rusql
 
 fn apply_remember(
     connection: &Connection,
-    undelivered: &mut Undelivered,
+    newest: &mut Newest,
     sweep: &mut Sweep,
     (sender, message_id, key): (&str, &str, i64),
     delivered: &str,
@@ -1438,8 +1520,13 @@ fn apply_remember(
             )?
             .execute(params![delivered, complete, at, seq, message_id, sender])
     };
-    // The row recorded a moment ago, if the writer knows where it is; else looked up.
-    if let Some(seq) = undelivered.take(key)
+    // The row recorded a moment ago: held in memory, so it is written delivered...
+    if let Some(row) = newest.held(connection, sweep, key, message_id, sender)? {
+        row.delivered = Some((delivered.to_string(), complete, at));
+        return Ok(());
+    }
+    // ...or written, if the writer knows where it is; else looked up.
+    if let Some(seq) = newest.take(key)
         && mark(seq)? == 1
     {
         return Ok(());
@@ -1466,7 +1553,7 @@ fn apply_remember(
 /// its case to the case of the message it answers.
 fn apply_record(
     tx: &Connection,
-    undelivered: &mut Undelivered,
+    newest: &mut Newest,
     sweep: &mut Sweep,
     m: &Recorded,
 ) -> rusqlite::Result<()> {
@@ -1475,45 +1562,45 @@ fn apply_record(
             .execute(params![m.sender, scheme, value, local, m.at])?;
     }
     let key = m.key;
-    match sweep.find(tx, key, &m.message_id, &m.sender)? {
-        // Processed again (given back, or replayed for some recipients): the reference may
-        // have been corrected; everyone it was ever meant for stays listed, so that each of
-        // them may still answer it.
-        Some((seq, earlier)) => {
-            let mut all: Vec<&str> = earlier.split(',').filter(|r| !r.is_empty()).collect();
-            for r in &m.recipients {
-                if !all.contains(&r.as_str()) {
-                    all.push(r);
-                }
+    // Processed again (given back, or replayed for some recipients): the reference may have
+    // been corrected; everyone it was ever meant for stays listed, so that each of them may
+    // still answer it.
+    if let Some(row) = newest.held(tx, sweep, key, &m.message_id, &m.sender)? {
+        for r in &m.recipients {
+            if !row.recipients.contains(r) {
+                row.recipients.push(r.clone());
             }
-            tx.prepare_cached(
-                "UPDATE message SET reference = ?1, recipients = ?2, recorded_at = ?3
-                 WHERE seq = ?4",
-            )?
-            .execute(params![m.reference, all.join(","), m.at, seq])?;
-            undelivered.note(key, seq);
         }
-        None => {
-            tx.prepare_cached(
-                "INSERT INTO message (key, message_id, sender, reference, recipients, recorded_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                key,
-                m.message_id,
-                m.sender,
-                m.reference,
-                m.recipients.join(","),
-                m.at
-            ])?;
-            let seq = tx.last_insert_rowid();
-            sweep.add(key, seq);
-            undelivered.note(key, seq);
+        row.reference = m.reference.clone();
+        row.recorded_at = m.at;
+    } else if let Some((seq, earlier)) = sweep.find(tx, key, &m.message_id, &m.sender)? {
+        let mut all: Vec<&str> = earlier.split(',').filter(|r| !r.is_empty()).collect();
+        for r in &m.recipients {
+            if !all.contains(&r.as_str()) {
+                all.push(r);
+            }
         }
+        tx.prepare_cached(
+            "UPDATE message SET reference = ?1, recipients = ?2, recorded_at = ?3 WHERE seq = ?4",
+        )?
+        .execute(params![m.reference, all.join(","), m.at, seq])?;
+        newest.note(key, seq);
+    } else {
+        newest.held.push(Held {
+            key,
+            message_id: m.message_id.clone(),
+            sender: m.sender.clone(),
+            reference: m.reference.clone(),
+            recipients: m.recipients.clone(),
+            recorded_at: m.at,
+            delivered: None,
+        });
     }
     let (Some(reference), Some(answered)) = (&m.reference, &m.correlation_id) else {
         return Ok(());
     };
+    // The message answered may be among the rows held: they are written first.
+    newest.write(tx, sweep)?;
     let Some(original) = original(tx, &sweep.fresh, answered, &m.sender)? else {
         return Ok(());
     };
@@ -2269,6 +2356,109 @@ mod tests {
             (seen.recipients, seen.complete),
             (vec!["cpi-modena".to_string()], true)
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_group_that_failed_is_saved_again_with_each_message_once_and_its_delivery() {
+        let (s, dir) = store();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        // Another connection makes the store refuse person ids while `refusing` has a row, and
+        // holds the store's writer back so that the writes below make one group.
+        let other = Connection::open(dir.join("ponte.db")).unwrap();
+        other
+            .execute_batch(
+                "PRAGMA busy_timeout = 5000;
+                 CREATE TABLE refusing (x); INSERT INTO refusing VALUES (1);
+                 CREATE TRIGGER refuse BEFORE INSERT ON person WHEN EXISTS (SELECT 1 FROM refusing)
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;
+                 BEGIN IMMEDIATE;",
+            )
+            .unwrap();
+        let (delivered, again, pending) = ("m-delivered", "m-again", "m-pending");
+        s.record(&message(delivered, "inps", "APP-1", None, &["cpi-modena"]))
+            .unwrap();
+        s.record(&message(again, "inps", "APP-2", None, &["cpi-modena"]))
+            .unwrap();
+        s.remember("inps", delivered, &["cpi-modena"], true)
+            .unwrap();
+        // Processed again for another recipient, with a corrected reference.
+        s.record(&message(
+            again,
+            "inps",
+            "APP-2b",
+            None,
+            &["osservatorio-er"],
+        ))
+        .unwrap();
+        s.record(&MessageCase {
+            local_ids: &[("it.cf", "RSSMRA85T10A562S", "ANA-42")],
+            ..message(pending, "inps", "APP-3", None, &["cpi-modena"])
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        other.execute_batch("COMMIT").unwrap();
+        let commits = s.commits();
+        let began = Instant::now();
+        while commits.borrow().is_ok() {
+            assert!(began.elapsed() < Duration::from_secs(10), "never failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The group is rolled back and written again until it is saved.
+        std::thread::sleep(Duration::from_millis(100));
+        other.execute_batch("DELETE FROM refusing").unwrap();
+        s.flush().unwrap();
+        let rows = |id: &str| -> (i64, String, Option<String>, Option<String>) {
+            s.read(|c| {
+                c.query_row(
+                    "SELECT count(*), group_concat(recipients), group_concat(reference),
+                            group_concat(delivered)
+                     FROM message WHERE message_id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            rows(delivered),
+            (
+                1,
+                "cpi-modena".into(),
+                Some("APP-1".into()),
+                Some("cpi-modena".into())
+            )
+        );
+        assert_eq!(
+            rows(again),
+            (
+                1,
+                "cpi-modena,osservatorio-er".into(),
+                Some("APP-2b".into()),
+                None
+            )
+        );
+        assert_eq!(
+            rows(pending),
+            (1, "cpi-modena".into(), Some("APP-3".into()), None)
+        );
+        let seen = s.seen("inps", delivered, week).unwrap().unwrap();
+        assert_eq!(
+            (seen.recipients, seen.complete),
+            (vec!["cpi-modena".into()], true)
+        );
+        assert_eq!(s.seen("inps", pending, week).unwrap(), None);
+        assert_eq!(
+            s.local_id("inps", "it.cf", "RSSMRA85T10A562S")
+                .unwrap()
+                .as_deref(),
+            Some("ANA-42")
+        );
+        // A delivery after the group finds the row written with it.
+        s.remember("inps", pending, &["cpi-modena"], true).unwrap();
+        s.flush().unwrap();
+        assert_eq!(rows(pending).3.as_deref(), Some("cpi-modena"));
+        assert_eq!(keys(&s), (3, 3), "three records, each key once");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
