@@ -26,8 +26,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::recent::Recent;
 
 /// Writes are grouped into one transaction committed this long after its first write (inbound
-/// messages are acknowledged once their writes are committed)...
-const COMMIT_EVERY: Duration = Duration::from_millis(5);
+/// messages are acknowledged once their writes are committed), or at once when a look-up waits
+/// for one of its writes...
+const COMMIT_EVERY: Duration = Duration::from_millis(10);
 /// ...or after this many writes, whichever comes first.
 const COMMIT_AFTER: usize = 512;
 /// Writes handed to the writer and not yet applied, at most; beyond that, writing waits.
@@ -153,9 +154,9 @@ pub type Committed = Result<u64, String>;
 /// The message path never waits for the disk. Look-ups run on a reading connection (in WAL
 /// mode a reader never waits for the writer, nor for a commit's writes or a checkpoint's
 /// fsyncs); writes are handed to the store's own thread, which applies them in order on the
-/// writing connection and commits them as one transaction 5 ms after the first (or after 512
-/// writes): one transaction per write would cost about 90 µs per message on the benchmark
-/// machine. Flows acknowledge a run of messages only once a commit covers what the run
+/// writing connection and commits them as one transaction 10 ms after the first (after 512
+/// writes, or at once when a look-up needs one of them): one transaction per write would cost
+/// about 90 µs per message on the benchmark machine. Flows acknowledge a run of messages only once a commit covers what the run
 /// recorded ([`Store::commits`]), so a delivery is on disk before its message is acknowledged;
 /// a crash of the process can forget at most the crosswalk links of its last moments (later
 /// messages about those cases then arrive without the recipient's reference).
@@ -592,6 +593,9 @@ fn writer_gone() -> String {
 struct Shared {
     /// The store is being dropped: the writer stops trying again a write that fails.
     stopping: AtomicBool,
+    /// A look-up waits for a write of the open group: the writer commits it now rather than
+    /// when due.
+    hurry: AtomicBool,
     /// The number of the last write committed.
     committed: Mutex<u64>,
     changed: Condvar,
@@ -890,12 +894,17 @@ impl SqliteStore {
     /// Opens (creating if needed) `ponte.db` in `dir`. The folder is created with owner-only
     /// permissions: the file holds person identifiers.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
-        Self::open_with(dir, LOG_LIMIT_FRAMES, FRESH_KEYS)
+        Self::open_with(dir, LOG_LIMIT_FRAMES, FRESH_KEYS, COMMIT_EVERY)
     }
 
-    /// Opens with the log cut back past `log_limit` frames and a sweep over the newest keys
-    /// every `per_sweep` new records.
-    fn open_with(dir: &Path, log_limit: i64, per_sweep: u64) -> Result<SqliteStore, StoreError> {
+    /// Opens with the log cut back past `log_limit` frames, a sweep over the newest keys every
+    /// `per_sweep` new records, and groups committed `commit_every` after their first write.
+    fn open_with(
+        dir: &Path,
+        log_limit: i64,
+        per_sweep: u64,
+        commit_every: Duration,
+    ) -> Result<SqliteStore, StoreError> {
         let path = dir.join("ponte.db");
         let error = |message: String| StoreError {
             path: path.display().to_string(),
@@ -934,6 +943,7 @@ impl SqliteStore {
         let checkpoints = connect().map_err(|e| error(e.to_string()))?;
         let shared = Arc::new(Shared {
             stopping: AtomicBool::new(false),
+            hurry: AtomicBool::new(false),
             committed: Mutex::new(0),
             changed: Condvar::new(),
             watch: tokio::sync::watch::Sender::new(Ok(0)),
@@ -954,7 +964,7 @@ impl SqliteStore {
             };
             std::thread::Builder::new()
                 .name("ponte-store".into())
-                .spawn(move || write_behind(writing, sweep, ops, &shared, &shown))
+                .spawn(move || write_behind(writing, sweep, ops, &shared, &shown, commit_every))
                 .map_err(|e| error(format!("cannot start the writer thread: {e}")))?
         };
         let written = Arc::new(AtomicU64::new(0));
@@ -1035,10 +1045,21 @@ impl SqliteStore {
                 Err(Stop::Writer(why)) => return Err(self.error(why)),
                 Err(Stop::Until(write)) => {
                     let since = Instant::now();
+                    // The write is in the open group (or about to be): commit it now.
+                    self.hurry();
                     crate::wait_aside(|| self.shared.wait_for(write)).map_err(|e| self.error(e))?;
                     waited += since.elapsed();
                 }
             }
+        }
+    }
+
+    /// Has the writer commit its open group now rather than when it is due, and take what
+    /// waits behind it.
+    fn hurry(&self) {
+        self.shared.hurry.store(true, Ordering::SeqCst);
+        if let Some(writer) = &self.writer {
+            writer.thread().unpark();
         }
     }
 
@@ -1072,8 +1093,8 @@ impl SqliteStore {
 }
 
 /// The store's thread: applies the writes handed over, in order, in one group transaction, and
-/// commits the group [`COMMIT_EVERY`] after its first write (or after [`COMMIT_AFTER`] writes),
-/// until the store is dropped.
+/// commits the group `commit_every` ([`COMMIT_EVERY`]) after its first write (after
+/// [`COMMIT_AFTER`] writes, or at once when a look-up waits for it), until the store is dropped.
 ///
 /// A write or a commit that fails rolls the group back; the group is then written again, and
 /// again, until it is saved (see [`save`]): a write handed over is never counted as committed
@@ -1084,6 +1105,7 @@ fn write_behind(
     ops: Receiver<Op>,
     shared: &Shared,
     path: &str,
+    commit_every: Duration,
 ) {
     let mut writer = Writer {
         connection,
@@ -1102,7 +1124,15 @@ fn write_behind(
         // ...and what arrives while it is open is taken when it is due: one wake-up per group
         // rather than one per write (two per message).
         while let Some(since) = writer.group.as_ref().map(|open| open.since) {
-            std::thread::sleep((since + COMMIT_EVERY).saturating_duration_since(Instant::now()));
+            // Parked rather than asleep, so that a look-up waiting for the group wakes it.
+            let due = since + commit_every;
+            loop {
+                let now = Instant::now();
+                if now >= due || shared.hurry.swap(false, Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::park_timeout(due - now);
+            }
             loop {
                 let op = match ops.try_recv() {
                     Ok(op) => op,
@@ -1305,6 +1335,7 @@ impl Drop for SqliteStore {
         // The writer commits what it holds and stops.
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.lock_front().writer.send(Op::Stop);
+        self.hurry();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -1859,6 +1890,7 @@ impl Store for SqliteStore {
         writer
             .send(Op::Flush(done))
             .map_err(|_| self.error(writer_gone()))?;
+        self.hurry();
         self.answer(&outcome)?.map_err(|e| self.error(e))
     }
 
@@ -2036,7 +2068,7 @@ mod tests {
     fn keys_wait_in_memory_then_go_to_the_index_and_are_found_all_along() {
         let dir = std::env::temp_dir().join(format!("ponte-store-{}", uuid::Uuid::new_v4()));
         // A sweep over the key space every 64 new records.
-        let s = SqliteStore::open_with(&dir, LOG_LIMIT_FRAMES, 64).unwrap();
+        let s = SqliteStore::open_with(&dir, LOG_LIMIT_FRAMES, 64, COMMIT_EVERY).unwrap();
         let week = Duration::from_secs(7 * 24 * 3600);
         let ids: Vec<String> = (0..600).map(|_| uuid::Uuid::new_v4().to_string()).collect();
         for (i, id) in ids.iter().enumerate() {
@@ -2355,6 +2387,44 @@ mod tests {
         assert_eq!(
             (seen.recipients, seen.complete),
             (vec!["cpi-modena".to_string()], true)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_look_up_of_what_the_open_group_holds_has_the_group_committed_rather_than_wait() {
+        // Groups that would be committed only a minute after their first write.
+        let dir = std::env::temp_dir().join(format!("ponte-store-{}", uuid::Uuid::new_v4()));
+        let s = SqliteStore::open_with(&dir, LOG_LIMIT_FRAMES, FRESH_KEYS, Duration::from_secs(60))
+            .unwrap();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let id = "3b1f6c2e-9d4a-4e7b-8c5f-1a2b3c4d5e6f";
+        s.record(&MessageCase {
+            local_ids: &[("it.cf", "RSSMRA85T10A562S", "ANA-42")],
+            ..message(id, "inps", "APP-1", None, &["cpi-modena"])
+        })
+        .unwrap();
+        s.remember("inps", id, &["cpi-modena"], true).unwrap();
+        // Each look-up reads what a write of the open group changes: it is answered once the
+        // group is committed, long before the minute (a look-up gives up after 10 s).
+        let seen = s.seen("inps", id, week).unwrap().unwrap();
+        assert_eq!(
+            (seen.recipients, seen.complete),
+            (vec!["cpi-modena".into()], true)
+        );
+        s.record(&message(
+            "another",
+            "inps",
+            "APP-2",
+            Some(id),
+            &["cpi-modena"],
+        ))
+        .unwrap();
+        assert_eq!(
+            s.local_id("inps", "it.cf", "RSSMRA85T10A562S")
+                .unwrap()
+                .as_deref(),
+            Some("ANA-42")
         );
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -2964,7 +3034,7 @@ mod tests {
     fn the_log_is_cut_back_under_steady_writes() {
         let dir = std::env::temp_dir().join(format!("ponte-store-{}", uuid::Uuid::new_v4()));
         // A small limit (1 MiB), so that a few seconds of writes cross it several times.
-        let s = SqliteStore::open_with(&dir, 256, FRESH_KEYS).unwrap();
+        let s = SqliteStore::open_with(&dir, 256, FRESH_KEYS, COMMIT_EVERY).unwrap();
         let wal = || std::fs::metadata(dir.join("ponte.db-wal")).map_or(0, |m| m.len());
         let until = std::time::Instant::now() + Duration::from_secs(4);
         let (mut n, mut largest, mut cut) = (0u64, 0, 0);
