@@ -156,10 +156,11 @@ pub type Committed = Result<u64, String>;
 /// fsyncs); writes are handed to the store's own thread, which applies them in order on the
 /// writing connection and commits them as one transaction 10 ms after the first (after 512
 /// writes, or at once when a look-up needs one of them): one transaction per write would cost
-/// about 90 µs per message on the benchmark machine. Flows acknowledge a run of messages only once a commit covers what the run
-/// recorded ([`Store::commits`]), so a delivery is on disk before its message is acknowledged;
-/// a crash of the process can forget at most the crosswalk links of its last moments (later
-/// messages about those cases then arrive without the recipient's reference).
+/// about 90 µs per message on the benchmark machine. Flows acknowledge a run of messages only
+/// once a commit covers what the run recorded ([`Store::commits`]), so a delivery is on disk
+/// before its message is acknowledged; a crash of the process can forget at most the crosswalk
+/// links of its last moments (later messages about those cases then arrive without the
+/// recipient's reference).
 ///
 /// A look-up must still see every write handed over before it, committed or not (the same
 /// message sent again at once, an answer to a message recorded a moment ago, a case just
@@ -1365,7 +1366,8 @@ struct Held {
     message_id: String,
     sender: String,
     reference: Option<String>,
-    recipients: Vec<String>,
+    /// Comma-separated, as in the table.
+    recipients: String,
     recorded_at: i64,
     /// Its delivery, confirmed before the row was written: to whom, complete, when.
     delivered: Option<(String, bool, i64)>,
@@ -1412,7 +1414,7 @@ impl Newest {
                 row.message_id,
                 row.sender,
                 row.reference,
-                row.recipients.join(","),
+                row.recipients,
                 row.recorded_at,
                 delivered,
                 complete,
@@ -1580,6 +1582,17 @@ fn apply_remember(
     Ok(())
 }
 
+/// A record's comma-separated `earlier` recipients with those of `more` it did not list yet.
+fn with_recipients(earlier: &str, more: &[String]) -> String {
+    let mut all: Vec<&str> = earlier.split(',').filter(|r| !r.is_empty()).collect();
+    for r in more {
+        if !all.contains(&r.as_str()) {
+            all.push(r);
+        }
+    }
+    all.join(",")
+}
+
 /// Records a message: its sender's local ids, its row (recipients, reference), and the link of
 /// its case to the case of the message it answers.
 fn apply_record(
@@ -1597,24 +1610,19 @@ fn apply_record(
     // been corrected; everyone it was ever meant for stays listed, so that each of them may
     // still answer it.
     if let Some(row) = newest.held(tx, sweep, key, &m.message_id, &m.sender)? {
-        for r in &m.recipients {
-            if !row.recipients.contains(r) {
-                row.recipients.push(r.clone());
-            }
-        }
+        row.recipients = with_recipients(&row.recipients, &m.recipients);
         row.reference = m.reference.clone();
         row.recorded_at = m.at;
     } else if let Some((seq, earlier)) = sweep.find(tx, key, &m.message_id, &m.sender)? {
-        let mut all: Vec<&str> = earlier.split(',').filter(|r| !r.is_empty()).collect();
-        for r in &m.recipients {
-            if !all.contains(&r.as_str()) {
-                all.push(r);
-            }
-        }
         tx.prepare_cached(
             "UPDATE message SET reference = ?1, recipients = ?2, recorded_at = ?3 WHERE seq = ?4",
         )?
-        .execute(params![m.reference, all.join(","), m.at, seq])?;
+        .execute(params![
+            m.reference,
+            with_recipients(&earlier, &m.recipients),
+            m.at,
+            seq
+        ])?;
         newest.note(key, seq);
     } else {
         newest.held.push(Held {
@@ -1622,7 +1630,7 @@ fn apply_record(
             message_id: m.message_id.clone(),
             sender: m.sender.clone(),
             reference: m.reference.clone(),
-            recipients: m.recipients.clone(),
+            recipients: m.recipients.join(","),
             recorded_at: m.at,
             delivered: None,
         });
