@@ -1404,7 +1404,9 @@ impl Newest {
                                   delivered, complete, delivered_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        for row in self.held.drain(..) {
+        // Taken out for the loop, which notes into `self`; put back empty, keeping its room.
+        let mut held = std::mem::take(&mut self.held);
+        for row in held.drain(..) {
             let (delivered, complete, delivered_at) = match &row.delivered {
                 Some((to, complete, at)) => (Some(to.as_str()), *complete, Some(*at)),
                 None => (None, false, None),
@@ -1423,27 +1425,24 @@ impl Newest {
             let seq = tx.last_insert_rowid();
             sweep.add(row.key, seq);
             if row.delivered.is_none() {
-                note(&mut self.undelivered, row.key, seq);
+                self.note(row.key, seq);
             }
         }
+        self.held = held;
         Ok(())
     }
 
+    /// Notes where the undelivered row of `key` is.
     fn note(&mut self, key: i64, seq: i64) {
-        note(&mut self.undelivered, key, seq);
+        if self.undelivered.len() >= UNDELIVERED_KEPT {
+            self.undelivered.clear();
+        }
+        self.undelivered.insert(key, seq);
     }
 
     fn take(&mut self, key: i64) -> Option<i64> {
         self.undelivered.remove(&key)
     }
-}
-
-/// Notes where the undelivered row of `key` is.
-fn note(undelivered: &mut HashMap<i64, i64>, key: i64, seq: i64) {
-    if undelivered.len() >= UNDELIVERED_KEPT {
-        undelivered.clear();
-    }
-    undelivered.insert(key, seq);
 }
 
 /// Applies one write (inside the open group transaction). Import and prune are answered here.
