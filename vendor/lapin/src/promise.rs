@@ -1,18 +1,17 @@
-use crate::{Error, Result, listener::Listener};
+use crate::{Error, Result};
 use std::{
     fmt,
     future::Future,
     panic::RefUnwindSafe,
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 use tracing::{Level, level_enabled, trace};
 
 #[must_use = "Promise should be used or you can miss errors"]
 pub(crate) struct Promise<T> {
     shared: Arc<Shared<T>>,
-    listener: Listener,
 }
 
 impl<T> fmt::Debug for Promise<T> {
@@ -42,9 +41,9 @@ impl<T> Promise<T> {
     }
 
     fn build(marker: &str, data: Option<Result<T>>) -> Self {
-        let shared = Shared::new(data, marker);
-        let listener = shared.listener.clone();
-        Self { shared, listener }
+        Self {
+            shared: Shared::new(data, marker),
+        }
     }
 
     pub(crate) fn try_wait(&self) -> Option<Result<T>> {
@@ -61,18 +60,18 @@ impl<T> Promise<T> {
 impl<T> Future for Promise<T> {
     type Output = Result<T>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            self.listener.arm();
-            if let Some(data) = self.shared.take() {
-                self.listener.disarm();
-                return Poll::Ready(data);
-            }
-            match self.listener.poll(cx) {
-                Poll::Ready(()) => {}
-                Poll::Pending => return Poll::Pending,
-            }
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The result and the waker share one lock: a result set after this look finds the
+        // waker registered here and wakes it.
+        let mut state = self.shared.lock_state();
+        if let Some(data) = state.data.take() {
+            return Poll::Ready(data);
         }
+        match &mut state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            waker => *waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 }
 
@@ -122,23 +121,28 @@ impl<T> Cancelable for PromiseResolver<T> {
     }
 }
 
+/// A promise has one owner, so one task waits for it at a time: its waker, kept with the result
+/// under one lock, is all the bookkeeping a wait needs.
 struct Shared<T> {
-    data: Mutex<Option<Result<T>>>,
-    listener: Listener,
+    state: Mutex<State<T>>,
     marker: Option<String>,
 }
 
-// Listener wraps event-listener::Event which uses UnsafeCell internally, opting
-// out of RefUnwindSafe by default. The only panic vector is Waker::wake() inside
-// notify(); if it panics the waiting task is not woken, but the data is already
-// written before notify() is called so a subsequent poll will find it.
+struct State<T> {
+    data: Option<Result<T>>,
+    /// The task that last polled the promise and found no result.
+    waker: Option<Waker>,
+}
+
+// A `Waker` is not `RefUnwindSafe` by itself. The only panic vector is `Waker::wake()` in
+// `set()`, called after the lock is released: the result is already written, so a later poll
+// finds it.
 impl<T> RefUnwindSafe for Shared<T> where Result<T>: RefUnwindSafe {}
 
 impl<T> Shared<T> {
     fn new(data: Option<Result<T>>, marker: &str) -> Arc<Self> {
         Arc::new(Self {
-            data: Mutex::new(data),
-            listener: Listener::default(),
+            state: Mutex::new(State { data, waker: None }),
             marker: if level_enabled!(Level::TRACE) {
                 Some(marker.into())
             } else {
@@ -148,22 +152,25 @@ impl<T> Shared<T> {
     }
 
     fn set(&self, data: Result<T>) {
-        let mut lock = self.lock_data();
-        if lock.is_none() {
-            *lock = Some(data);
+        let mut state = self.lock_state();
+        if state.data.is_none() {
+            state.data = Some(data);
             // Release the lock before waking to avoid the woken task
             // immediately blocking on it.
-            drop(lock);
-            self.listener.notify();
+            let waker = state.waker.take();
+            drop(state);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
         }
     }
 
     fn take(&self) -> Option<Result<T>> {
-        self.lock_data().take()
+        self.lock_state().data.take()
     }
 
-    fn lock_data(&self) -> MutexGuard<'_, Option<Result<T>>> {
-        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_state(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn marker(&self) -> String {
