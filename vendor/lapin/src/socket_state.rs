@@ -1,33 +1,55 @@
 use crate::Result;
-use flume::{Receiver, Sender};
+use atomic_waker::AtomicWaker;
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering},
+    },
     task::{Poll, Wake, Waker},
 };
-use tracing::{error, trace};
+use tracing::trace;
 
 pub(crate) struct SocketState {
     readable: bool,
     writable: bool,
-    events: Receiver<SocketEvent>,
     handle: SocketStateHandle,
 }
 
 impl Default for SocketState {
     fn default() -> Self {
-        let (sender, receiver) = flume::unbounded();
         Self {
             readable: true,
             writable: true,
-            events: receiver,
-            handle: SocketStateHandle { sender },
+            handle: SocketStateHandle {
+                events: Arc::new(Events::default()),
+            },
         }
     }
 }
 
 #[derive(Clone)]
 pub(crate) struct SocketStateHandle {
-    sender: Sender<SocketEvent>,
+    events: Arc<Events>,
+}
+
+/// The socket events sent since the I/O loop last took them, one bit each, and the loop's
+/// waker (Ponte's change: a `flume` channel carried one message per event, each sent under the
+/// channel's lock; the loop only ever needs to know which kinds came).
+#[derive(Default)]
+struct Events {
+    sent: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Events {
+    fn send(&self, event: SocketEvent) {
+        self.sent.fetch_or(event.bit(), Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    fn take(&self) -> u8 {
+        self.sent.swap(0, Ordering::AcqRel)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +57,18 @@ pub(crate) enum SocketEvent {
     Readable,
     Writable,
     Wake,
+}
+
+impl SocketEvent {
+    const ALL: [SocketEvent; 3] = [SocketEvent::Readable, SocketEvent::Writable, SocketEvent::Wake];
+
+    fn bit(self) -> u8 {
+        match self {
+            SocketEvent::Readable => 1,
+            SocketEvent::Writable => 2,
+            SocketEvent::Wake => 4,
+        }
+    }
 }
 
 pub(crate) struct SocketStateWaker {
@@ -51,11 +85,19 @@ impl SocketState {
         self.writable
     }
 
+    /// Waits until an event is sent, and takes every event sent so far.
     pub(crate) async fn wait(&mut self) {
-        match self.events.recv_async().await {
-            Ok(event) => self.handle_event(event),
-            Err(err) => error!(?err, "waiting for socket event failed"),
-        }
+        let events = self.handle.events.clone();
+        let sent = std::future::poll_fn(|cx| {
+            // Registered before the look: an event sent after it wakes this task.
+            events.waker.register(cx.waker());
+            match events.take() {
+                0 => Poll::Pending,
+                sent => Poll::Ready(sent),
+            }
+        })
+        .await;
+        self.handle_events(sent);
     }
 
     pub(crate) fn reset(&mut self) {
@@ -105,17 +147,20 @@ impl SocketState {
     }
 
     pub(crate) fn poll_events(&mut self) {
-        while let Ok(event) = self.events.try_recv() {
-            self.handle_event(event);
-        }
+        let sent = self.handle.events.take();
+        self.handle_events(sent);
     }
 
-    fn handle_event(&mut self, event: SocketEvent) {
-        trace!(?event, "Got event for socket");
-        match event {
-            SocketEvent::Readable => self.readable = true,
-            SocketEvent::Writable => self.writable = true,
-            SocketEvent::Wake => {}
+    fn handle_events(&mut self, sent: u8) {
+        for event in SocketEvent::ALL {
+            if sent & event.bit() != 0 {
+                trace!(?event, "Got event for socket");
+                match event {
+                    SocketEvent::Readable => self.readable = true,
+                    SocketEvent::Writable => self.writable = true,
+                    SocketEvent::Wake => {}
+                }
+            }
         }
     }
 
@@ -136,7 +181,7 @@ impl SocketState {
 
 impl SocketStateHandle {
     pub(crate) fn send(&self, event: SocketEvent) {
-        let _ = self.sender.send(event);
+        self.events.send(event);
     }
 
     pub(crate) fn wake(&self) {
