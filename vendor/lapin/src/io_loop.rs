@@ -605,7 +605,11 @@ impl<
     }
 
     fn serialize(&mut self, connection_killswitch: &KillSwitch) -> Result<()> {
-        while let Some(next_msg) = self.frames.pop(self.channels.flow()) {
+        // Whether every channel may send content, read once per call rather than for each
+        // frame (Ponte's change): it takes each channel's status lock, and only this loop
+        // changes it, when it handles a `channel.flow` from the broker.
+        let flow = self.channels.flow();
+        while let Some(next_msg) = self.frames.pop(flow) {
             trace!(%next_msg, "will write to buffer");
             let checkpoint = self.send_buffer.checkpoint();
             let res = gen_frame(&next_msg)((&mut self.send_buffer).into());
