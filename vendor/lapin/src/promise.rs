@@ -2,7 +2,6 @@ use crate::{Error, Result};
 use std::{
     fmt,
     future::Future,
-    panic::RefUnwindSafe,
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
     task::{Context, Poll, Waker},
@@ -133,11 +132,6 @@ struct State<T> {
     /// The task that last polled the promise and found no result.
     waker: Option<Waker>,
 }
-
-// A `Waker` is not `RefUnwindSafe` by itself. The only panic vector is `Waker::wake()` in
-// `set()`, called after the lock is released: the result is already written, so a later poll
-// finds it.
-impl<T> RefUnwindSafe for Shared<T> where Result<T>: RefUnwindSafe {}
 
 impl<T> Shared<T> {
     fn new(data: Option<Result<T>>, marker: &str) -> Arc<Self> {
