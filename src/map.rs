@@ -278,27 +278,33 @@ async fn local_id(
 }
 
 /// Keeps, of the payload, only the fields at `allowed` (each the keys of a path below it, none
-/// inside another: `Partner::field_paths`), moved rather than copied.
+/// inside another: `Partner::field_paths`), moved rather than copied: each kept field's value and
+/// its name are taken out of the sender's payload, which is dropped after.
 fn minimize(envelope: &mut Value, allowed: &[Vec<String>]) {
     let Some(payload) = envelope.get_mut("payload") else {
         return;
     };
     let mut full = payload.take();
-    let mut kept = Value::Object(Map::new());
+    let mut kept = Value::Object(Map::with_capacity(allowed.len()));
     for keys in allowed {
-        let found = keys.iter().try_fold(&mut full, |at, key| at.get_mut(key));
-        if let Some(value) = found {
-            insert_at(&mut kept, keys, value.take());
+        let Some((last, parents)) = keys.split_last() else {
+            continue;
+        };
+        let found = parents
+            .iter()
+            .try_fold(&mut full, |at, key| at.get_mut(key))
+            .and_then(Value::as_object_mut)
+            .and_then(|object| object.remove_entry(last));
+        if let Some((name, value)) = found {
+            insert_at(&mut kept, parents, name, value);
         }
     }
     *payload = kept;
 }
 
-/// Sets the value at the path `keys` inside `root`, creating objects on the way.
-fn insert_at(root: &mut Value, keys: &[String], value: Value) {
-    let Some((last, parents)) = keys.split_last() else {
-        return;
-    };
+/// Sets `name` to `value` in the object at the path `parents` inside `root`, creating objects on
+/// the way.
+fn insert_at(root: &mut Value, parents: &[String], name: String, value: Value) {
     let mut at = root;
     for key in parents {
         let Some(object) = at.as_object_mut() else {
@@ -309,7 +315,7 @@ fn insert_at(root: &mut Value, keys: &[String], value: Value) {
             .or_insert_with(|| Value::Object(Map::new()));
     }
     if let Some(object) = at.as_object_mut() {
-        object.insert(last.clone(), value);
+        object.insert(name, value);
     }
 }
 
