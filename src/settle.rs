@@ -650,8 +650,7 @@ impl Acknowledger {
         match settled.result {
             Ok(outcome) => {
                 self.metrics.count(&settled.inbound, &outcome);
-                log_outcome(&settled.inbound, &outcome, &settler.journal);
-                self.pending = Some(settled.inbound.acker);
+                self.pending = Some(log_outcome(settled.inbound, &outcome, &settler.journal));
                 self.count += 1;
                 self.since.get_or_insert_with(Instant::now);
             }
@@ -787,7 +786,9 @@ async fn ack_run(acker: Acker, count: usize) {
     }
 }
 
-fn log_outcome(inbound: &Inbound, outcome: &Outcome, journal: &Journal) {
+/// Writes the message's line and its delivery log record, which take its labels, and gives back
+/// what acknowledges it.
+fn log_outcome(inbound: Inbound, outcome: &Outcome, journal: &Journal) -> Acker {
     let join = |names: &mut dyn Iterator<Item = &str>| names.collect::<Vec<_>>().join(",");
     let retrying = match outcome {
         Outcome::Delivered { retrying, .. } => join(&mut retrying.iter().map(|r| &**r)),
@@ -831,27 +832,27 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome, journal: &Journal) {
     if inbound.redelivered {
         detail.push("redelivered by the broker".into());
     }
-    journal.record(Event {
-        message_id: inbound.message_id.clone().unwrap_or_default(),
-        correlation_id: inbound.correlation_id.clone().unwrap_or_default(),
+    let event = Event {
+        message_id: inbound.message_id.unwrap_or_default(),
+        correlation_id: inbound.correlation_id.unwrap_or_default(),
         sender: inbound.partner.to_string(),
-        recipients: recipients.clone(),
-        message_type: inbound.message_type.clone().unwrap_or_default(),
+        recipients,
+        message_type: inbound.message_type.unwrap_or_default(),
         code: code.as_str().to_string(),
         latency_ms: Some(latency_ms),
         detail: detail.join("; "),
         ..Event::now(outcome)
-    });
+    };
     // What most messages do not have (a retry, a refusal, a replay, a redelivery) is left out
     // of their line rather than written empty.
     fn some(text: &str) -> Option<&str> {
         (!text.is_empty()).then_some(text)
     }
     info!(
-        message_id = inbound.message_id.as_deref().unwrap_or(""),
-        r#type = inbound.message_type.as_deref().unwrap_or(""),
-        sender = &*inbound.partner,
-        recipients = %recipients,
+        message_id = event.message_id,
+        r#type = event.message_type,
+        sender = event.sender,
+        recipients = %event.recipients,
         retrying = some(&retrying),
         refused = some(&refused),
         outcome,
@@ -861,6 +862,8 @@ fn log_outcome(inbound: &Inbound, outcome: &Outcome, journal: &Journal) {
         replay = inbound.replay.as_deref(),
         "{text}"
     );
+    journal.record(event);
+    inbound.acker
 }
 
 /// A transient failure: the message is neither acknowledged nor rejected; it goes back to its
