@@ -60,8 +60,6 @@ pub(crate) enum SocketEvent {
 }
 
 impl SocketEvent {
-    const ALL: [SocketEvent; 3] = [SocketEvent::Readable, SocketEvent::Writable, SocketEvent::Wake];
-
     fn bit(self) -> u8 {
         match self {
             SocketEvent::Readable => 1,
@@ -87,7 +85,7 @@ impl SocketState {
 
     /// Waits until an event is sent, and takes every event sent so far.
     pub(crate) async fn wait(&mut self) {
-        let events = self.handle.events.clone();
+        let events = &self.handle.events;
         let sent = std::future::poll_fn(|cx| {
             // Registered before the look: an event sent after it wakes this task.
             events.waker.register(cx.waker());
@@ -151,16 +149,18 @@ impl SocketState {
         self.handle_events(sent);
     }
 
+    /// Takes in the events of `sent` (bits of [`SocketEvent::bit`]); a wake alone changes
+    /// nothing but ends a wait.
     fn handle_events(&mut self, sent: u8) {
-        for event in SocketEvent::ALL {
-            if sent & event.bit() != 0 {
-                trace!(?event, "Got event for socket");
-                match event {
-                    SocketEvent::Readable => self.readable = true,
-                    SocketEvent::Writable => self.writable = true,
-                    SocketEvent::Wake => {}
-                }
-            }
+        if sent == 0 {
+            return;
+        }
+        trace!(sent, "Got events for socket");
+        if sent & SocketEvent::Readable.bit() != 0 {
+            self.readable = true;
+        }
+        if sent & SocketEvent::Writable.bit() != 0 {
+            self.writable = true;
         }
     }
 
