@@ -101,6 +101,13 @@ impl Buffer {
         self.available_data
     }
 
+    /// The data waiting to be read, when it lies in one piece (it does not wrap around the
+    /// end of the memory): nearly always, and then it parses as a plain slice.
+    pub(crate) fn contiguous_data(&self) -> Option<&[u8]> {
+        let end = self.position + self.available_data;
+        (end <= self.capacity).then(|| &self.memory[self.position..end])
+    }
+
     pub(crate) fn available_space(&self) -> usize {
         self.capacity - self.available_data
     }

@@ -655,9 +655,15 @@ impl<
     }
 
     fn parse(&mut self, connection_killswitch: &KillSwitch) -> Result<Option<AMQPFrame>> {
-        match parse_frame(self.receive_buffer.parsing_context()) {
-            Ok((i, f)) => {
-                let consumed = self.receive_buffer.offset(i);
+        // A slice parses faster than the two halves of a wrapped ring (the parser's every step
+        // asks which half it is in); the halves only when the data wraps.
+        let buffer = &self.receive_buffer;
+        let parsed = match buffer.contiguous_data() {
+            Some(data) => parse_frame(data).map(|(rest, f)| (data.len() - rest.len(), f)),
+            None => parse_frame(buffer.parsing_context()).map(|(rest, f)| (buffer.offset(rest), f)),
+        };
+        match parsed {
+            Ok((consumed, f)) => {
                 let frame_max = self.configuration.frame_max() as usize;
                 if frame_max > 0 && consumed > frame_max {
                     error!(bytes = consumed, "received large frame");
