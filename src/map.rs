@@ -578,6 +578,38 @@ mod tests {
         assert_eq!(out["payload"]["health"]["disability_percentage"], 46);
     }
 
+    /// A recipient's copy lists its fields in the order of its field list, whatever the
+    /// sender's order, the fields directly in the payload and deeper ones alike.
+    #[tokio::test]
+    async fn the_kept_fields_follow_the_recipients_list() {
+        let f = Fixture::new();
+        let mut inps = f.partner("inps").clone();
+        let fields = [
+            "/payload/notes",
+            "/payload/health/disability_percentage",
+            "/payload/missing",
+            "/payload/referral_id",
+            "/payload/health/missing",
+            "/payload/municipality",
+        ]
+        .map(String::from);
+        inps.field_paths = [("referral".into(), crate::partner::field_paths(&fields))].into();
+        let out = f.map_for(referral("036005"), &inps, None).await.unwrap();
+        let keys: Vec<&String> = out["payload"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["notes", "health", "referral_id", "municipality"]);
+        assert_eq!(
+            out["payload"]["health"],
+            json!({"disability_percentage": 46})
+        );
+        assert_eq!(out["payload"]["referral_id"], "CPI-7");
+        // A payload that is not an object keeps nothing (the schemas refuse one first).
+        let mut m = referral("036005");
+        m["payload"] = json!(["referral_id"]);
+        let mut envelope = m;
+        minimize(&mut envelope, &crate::partner::field_paths(&fields));
+        assert_eq!(envelope["payload"], json!({}));
+    }
+
     #[tokio::test]
     async fn a_field_listed_with_its_parent_brings_the_whole_parent() {
         let f = Fixture::new();
