@@ -428,10 +428,17 @@ impl Stream for Consumer {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         trace!("consumer poll_next");
         loop {
-            self.listener.arm();
+            // A delivery already queued is taken without registering a listener (Ponte's
+            // change: an allocation and two changes of the event's list per delivery while a
+            // backlog drains). None queued: listen, then look again before waiting, so that one
+            // queued in between is not missed.
             let delivery = self.next_delivery();
             if delivery.is_none() {
                 trace!(consumer_tag=%self.consumer_tag, "delivery; status=NotReady");
+                if !self.listener.is_armed() {
+                    self.listener.arm();
+                    continue;
+                }
             }
             if let Some(delivery) = delivery {
                 self.listener.disarm();

@@ -37,6 +37,11 @@ impl Listener {
         }
     }
 
+    /// Whether a listener is registered (and not yet fired).
+    pub(crate) fn is_armed(&self) -> bool {
+        self.pending.is_some()
+    }
+
     /// Drop the pending listener without polling it.
     pub(crate) fn disarm(&mut self) {
         self.pending = None;

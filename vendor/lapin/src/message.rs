@@ -93,7 +93,13 @@ impl Delivery {
     }
 
     pub(crate) fn receive_content(&mut self, data: Vec<u8>) {
-        self.data.extend(data);
+        // The first body frame, nearly always the only one, is kept as it was parsed rather
+        // than copied into a new allocation (Ponte's change).
+        if self.data.is_empty() {
+            self.data = data;
+        } else {
+            self.data.extend(data);
+        }
     }
 }
 
