@@ -12,8 +12,11 @@
 # it, `--tree=calling` too); the figures printed are per message, in thousands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-messages=${1:-20000}
-shift || true
+messages=20000
+if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+    messages=$1
+    shift
+fi
 port=${PONTE_BENCH_BROKER_PORT:-5691}
 dir=target/bench-broker
 if ! command -v valgrind >/dev/null || ! command -v callgrind_annotate >/dev/null; then
@@ -25,7 +28,9 @@ if ! command -v valgrind >/dev/null || ! command -v callgrind_annotate >/dev/nul
 fi
 export PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER=${PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER:-demo-only-pseudonym-key-never-use-for-real-data}
 PONTE_BROKER_PLUGINS=rabbitmq_shovel scripts/broker.sh start bench "$port" "$dir"
-trap 'scripts/broker.sh stop bench "$port" "$dir"' EXIT
+if [ "${PONTE_BENCH_KEEP_BROKER:-}" != 1 ]; then
+    trap 'scripts/broker.sh stop bench "$port" "$dir"' EXIT
+fi
 cargo build --release --locked --bins
 mkdir -p target/bench
 out=$PWD/target/bench/callgrind.out

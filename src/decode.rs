@@ -394,16 +394,24 @@ mod tests {
         assert!(pointer_mut(&mut envelope, "/list/2").is_none());
     }
 
+    /// The demo's example messages, as their files hold them.
+    fn example_texts() -> Vec<String> {
+        ["referral-cpi-modena", "benefit-status-adi-inps"]
+            .iter()
+            .map(|name| {
+                let path = format!("{}/examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
+                std::fs::read_to_string(path).unwrap()
+            })
+            .collect()
+    }
+
     /// Partners receive what serde_json would write: a sonic-rs upgrade that changed one escape,
     /// number or field order would change the bytes of every copy they receive.
     #[test]
     fn encode_writes_what_serde_json_writes() {
-        let mut values: Vec<Value> = ["referral-cpi-modena", "benefit-status-adi-inps"]
+        let mut values: Vec<Value> = example_texts()
             .iter()
-            .map(|name| {
-                let path = format!("{}/examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
-                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-            })
+            .map(|text| serde_json::from_str(text).unwrap())
             .collect();
         values.push(serde_json::json!({
             "z": "first field stays first", "a": null, "t": true,
@@ -433,13 +441,7 @@ mod tests {
     /// numbers, a repeated key's last value at its first place, the same error for broken text.
     #[test]
     fn parse_reads_what_serde_json_reads() {
-        let mut texts: Vec<String> = ["referral-cpi-modena", "benefit-status-adi-inps"]
-            .iter()
-            .map(|name| {
-                let path = format!("{}/examples/{name}.json", env!("CARGO_MANIFEST_DIR"));
-                std::fs::read_to_string(path).unwrap()
-            })
-            .collect();
+        let mut texts = example_texts();
         texts.extend(
             [
                 r#"{"z": 1, "a": {"y": [], "b": {}}, "m": [[1, [2, [3]]], {"k": null}]}"#,

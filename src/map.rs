@@ -355,6 +355,15 @@ mod tests {
             self.map_for(m, self.partner(recipient), None).await
         }
 
+        /// A referral (from municipality 036005) as `inps` receives it with `fields` as its
+        /// field list for referrals.
+        async fn referral_to_inps_with_fields(&self, fields: &[&str]) -> Value {
+            let mut inps = self.partner("inps").clone();
+            let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+            inps.field_paths = [("referral".into(), crate::partner::field_paths(&fields))].into();
+            self.map_for(referral("036005"), &inps, None).await.unwrap()
+        }
+
         async fn map_for(
             &self,
             m: Value,
@@ -582,8 +591,6 @@ mod tests {
     /// sender's order, the fields directly in the payload and deeper ones alike.
     #[tokio::test]
     async fn the_kept_fields_follow_the_recipients_list() {
-        let f = Fixture::new();
-        let mut inps = f.partner("inps").clone();
         let fields = [
             "/payload/notes",
             "/payload/health/disability_percentage",
@@ -591,10 +598,8 @@ mod tests {
             "/payload/referral_id",
             "/payload/health/missing",
             "/payload/municipality",
-        ]
-        .map(String::from);
-        inps.field_paths = [("referral".into(), crate::partner::field_paths(&fields))].into();
-        let out = f.map_for(referral("036005"), &inps, None).await.unwrap();
+        ];
+        let out = Fixture::new().referral_to_inps_with_fields(&fields).await;
         let keys: Vec<&String> = out["payload"].as_object().unwrap().keys().collect();
         assert_eq!(keys, ["notes", "health", "referral_id", "municipality"]);
         assert_eq!(
@@ -603,27 +608,26 @@ mod tests {
         );
         assert_eq!(out["payload"]["referral_id"], "CPI-7");
         // A payload that is not an object keeps nothing (the schemas refuse one first).
-        let mut m = referral("036005");
-        m["payload"] = json!(["referral_id"]);
-        let mut envelope = m;
-        minimize(&mut envelope, &crate::partner::field_paths(&fields));
+        let mut envelope = referral("036005");
+        envelope["payload"] = json!(["referral_id"]);
+        minimize(
+            &mut envelope,
+            &crate::partner::field_paths(&fields.map(String::from)),
+        );
         assert_eq!(envelope["payload"], json!({}));
     }
 
     #[tokio::test]
     async fn a_field_listed_with_its_parent_brings_the_whole_parent() {
-        let f = Fixture::new();
-        let mut inps = f.partner("inps").clone();
-        let fields = [
-            "/payload/health/disability_percentage",
-            "/payload/referral_id",
-            "/payload/health",
-            "/payload/health/work_limitations",
-            "/payload/referral_id",
-        ]
-        .map(String::from);
-        inps.field_paths = [("referral".into(), crate::partner::field_paths(&fields))].into();
-        let out = f.map_for(referral("036005"), &inps, None).await.unwrap();
+        let out = Fixture::new()
+            .referral_to_inps_with_fields(&[
+                "/payload/health/disability_percentage",
+                "/payload/referral_id",
+                "/payload/health",
+                "/payload/health/work_limitations",
+                "/payload/referral_id",
+            ])
+            .await;
         assert_eq!(
             out["payload"],
             json!({
