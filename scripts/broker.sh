@@ -39,7 +39,10 @@ export HOME="$dir"  # the Erlang cookie lives here, shared by the node and rabbi
 export RABBITMQ_NODENAME="ponte-$name@localhost"
 export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
 export RABBITMQ_NODE_PORT="$port"
-export RABBITMQ_DIST_PORT=$((port + 10000))
+# The node's Erlang distribution port. Kept below Linux's ephemeral range (32768 and up): a port
+# there may be taken at any moment by some outgoing connection's local end, and the node would
+# then fail to start (`dist_port_already_used`).
+export RABBITMQ_DIST_PORT=$((port + 6000))
 export RABBITMQ_MNESIA_BASE="$dir/mnesia"
 export RABBITMQ_LOG_BASE="$dir/log"
 export RABBITMQ_PID_FILE="$dir/node.pid"

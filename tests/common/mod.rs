@@ -610,7 +610,10 @@ impl PrivateBroker {
     /// The same, with more of `scripts/broker.sh`'s settings (`PONTE_BROKER_TLS_PORT`, …).
     pub fn start_with(plugins: &str, env: &[(&str, &str)]) -> PrivateBroker {
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let port = 20000 + (u16::from_str_radix(&id[..4], 16).unwrap() % 9000);
+        // 16000–20999, its distribution port (`broker.sh`: 6000 above) 22000–26999: apart from
+        // each other, from the fixed nodes' (5673–5691 and 11673–11691), and below the ephemeral
+        // range, where an outgoing connection may hold a port when the node wants it.
+        let port = 16000 + (u16::from_str_radix(&id[..4], 16).unwrap() % 5000);
         let broker = PrivateBroker {
             name: format!("fault-{}", &id[..8]),
             port,
