@@ -46,6 +46,8 @@ export RABBITMQ_DIST_PORT=$((port + 6000))
 export RABBITMQ_MNESIA_BASE="$dir/mnesia"
 export RABBITMQ_LOG_BASE="$dir/log"
 export RABBITMQ_PID_FILE="$dir/node.pid"
+# A node that fails to start writes erl_crash.dump where it was started: keep it with its data.
+export ERL_CRASH_DUMP="$dir/erl_crash.dump"
 export RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf"
 export RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins"
 export RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config"
