@@ -289,13 +289,7 @@ impl Consumer {
     }
 
     fn lock_inner(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn next_delivery(&self) -> Option<DeliveryResult> {
-        let mut inner = self.lock_inner();
-        trace!(consumer_tag=%inner.tag, "consumer poll; acquired inner lock");
-        inner.next_delivery()
+        lock(&self.inner)
     }
 
     fn check_new_delivery(&self, delivery: Option<Delivery>) {
@@ -343,6 +337,10 @@ impl Drop for Consumer {
         drop(self.consumer_canceler.take());
         drop(self.channel_closer.take());
     }
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Inner {
@@ -427,41 +425,34 @@ impl Stream for Consumer {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         trace!("consumer poll_next");
-        loop {
-            // A delivery already queued is taken without registering a listener (Ponte's
-            // change: an allocation and two changes of the event's list per delivery while a
-            // backlog drains). None queued: listen, then look again before waiting, so that one
-            // queued in between is not missed.
-            let delivery = self.next_delivery();
+        let this = &mut *self;
+        let (inner, consumer_tag) = (&this.inner, &this.consumer_tag);
+        let delivery = match this.listener.poll_until(cx, || {
+            let mut inner = lock(inner);
+            trace!(consumer_tag=%inner.tag, "consumer poll; acquired inner lock");
+            let delivery = inner.next_delivery();
             if delivery.is_none() {
-                trace!(consumer_tag=%self.consumer_tag, "delivery; status=NotReady");
-                if !self.listener.is_armed() {
-                    self.listener.arm();
-                    continue;
-                }
+                trace!(consumer_tag=%consumer_tag, "delivery; status=NotReady");
             }
-            if let Some(delivery) = delivery {
-                self.listener.disarm();
-                return match delivery {
-                    Ok(Some(delivery)) => {
-                        trace!(
-                            consumer_tag=%self.consumer_tag,
-                            delivery_tag=?delivery.delivery_tag,
-                            "delivery"
-                        );
-                        Poll::Ready(Some(Ok(delivery)))
-                    }
-                    Ok(None) => {
-                        trace!(consumer_tag=%self.consumer_tag, "consumer canceled");
-                        Poll::Ready(None)
-                    }
-                    Err(error) => Poll::Ready(Some(Err(error))),
-                };
+            delivery
+        }) {
+            Poll::Ready(delivery) => delivery,
+            Poll::Pending => return Poll::Pending,
+        };
+        match delivery {
+            Ok(Some(delivery)) => {
+                trace!(
+                    consumer_tag=%self.consumer_tag,
+                    delivery_tag=?delivery.delivery_tag,
+                    "delivery"
+                );
+                Poll::Ready(Some(Ok(delivery)))
             }
-            match self.listener.poll(cx) {
-                Poll::Ready(()) => {}
-                Poll::Pending => return Poll::Pending,
+            Ok(None) => {
+                trace!(consumer_tag=%self.consumer_tag, "consumer canceled");
+                Poll::Ready(None)
             }
+            Err(error) => Poll::Ready(Some(Err(error))),
         }
     }
 }

@@ -13,15 +13,12 @@ use std::{
 /// concurrent poller.  Each clone owns its own pending [`EventListener`] slot
 /// so individual tasks can register independently.
 ///
-/// Usage pattern:
-/// 1. Call [`arm`] *before* checking the guarded condition.
-/// 2. If the condition is met, call [`disarm`] and proceed.
-/// 3. If not, call [`poll`]: `Ready` means a notification arrived while
-///    checking (loop and retry); `Pending` means the waker is registered.
+/// A poller waits with [`poll_until`], which looks for what it waits for before
+/// it registers a listener (Ponte's change: a listener is an allocation and two
+/// changes of the event's list, for nothing when what is waited for is there),
+/// and once more after, so that a [`notify`] in between is not missed.
 ///
-/// [`arm`]: Self::arm
-/// [`disarm`]: Self::disarm
-/// [`poll`]: Self::poll
+/// [`poll_until`]: Self::poll_until
 /// [`notify`]: Self::notify
 #[derive(Default)]
 pub(crate) struct Listener {
@@ -30,46 +27,28 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    /// Register a listener if one is not already pending.
-    pub(crate) fn arm(&mut self) {
-        if self.pending.is_none() {
-            self.pending = Some(Box::pin(self.event.listen()));
-        }
-    }
-
-    /// Whether a listener is registered (and not yet fired).
-    pub(crate) fn is_armed(&self) -> bool {
-        self.pending.is_some()
-    }
-
-    /// Drop the pending listener without polling it.
-    pub(crate) fn disarm(&mut self) {
-        self.pending = None;
-    }
-
-    /// Poll the pending listener.
-    ///
-    /// Returns `Ready` if the event fired (listener is cleared); `Pending` if
-    /// not yet notified (waker registered, listener kept for the next poll).
-    ///
-    /// # Panics
-    ///
-    /// Panics if called before [`arm`].
-    ///
-    /// [`arm`]: Self::arm
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match self
-            .pending
-            .as_mut()
-            .expect("poll called before arm")
-            .as_mut()
-            .poll(cx)
-        {
-            Poll::Ready(()) => {
+    /// `Ready` with what `check` finds, once it finds something; `Pending`, with the task's
+    /// waker registered, while it finds nothing. `check` must find whatever was made ready
+    /// before the [`notify`](Self::notify) that announced it.
+    pub(crate) fn poll_until<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> Poll<T> {
+        loop {
+            if let Some(found) = check() {
                 self.pending = None;
-                Poll::Ready(())
+                return Poll::Ready(found);
             }
-            Poll::Pending => Poll::Pending,
+            match &mut self.pending {
+                // Listen, then look again before waiting.
+                None => self.pending = Some(Box::pin(self.event.listen())),
+                Some(listener) => match listener.as_mut().poll(cx) {
+                    // Notified since it listened: look again (and listen anew if need be).
+                    Poll::Ready(()) => self.pending = None,
+                    Poll::Pending => return Poll::Pending,
+                },
+            }
         }
     }
 

@@ -22,25 +22,16 @@ impl Notifier {
         self.done.store(true, Ordering::Release);
         self.listener.notify();
     }
-
-    fn ready(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
 }
 
 impl Future for Notifier {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.ready() {
-            return Poll::Ready(());
-        }
-        self.listener.arm();
-        // Re-check after registering listener to close the lost-wakeup window.
-        if self.ready() {
-            return Poll::Ready(());
-        }
-        self.listener.poll(cx)
+        let this = &mut *self;
+        let done = &this.done;
+        this.listener
+            .poll_until(cx, || done.load(Ordering::Acquire).then_some(()))
     }
 }
 
