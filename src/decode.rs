@@ -203,9 +203,8 @@ impl<'de> serde::de::Visitor<'de> for Tree<'_> {
             let value = map.next_value_seed(Tree(&mut *stacks))?;
             stacks.fields.push((name, value));
         }
-        let mut object = serde_json::Map::with_capacity(stacks.fields.len() - from);
-        object.extend(stacks.fields.drain(from..));
-        Ok(Value::Object(object))
+        // Collected at the drain's exact length: the object is made once, at its size.
+        Ok(Value::Object(stacks.fields.drain(from..).collect()))
     }
 }
 
