@@ -108,7 +108,7 @@ impl Queues {
 /// Every configured partner's queue names, computed once so the hot path never formats them.
 #[derive(Debug)]
 pub struct QueueNames {
-    by_partner: std::collections::HashMap<String, PartnerQueues>,
+    by_partner: crate::ConfigMap<String, PartnerQueues>,
 }
 
 #[derive(Debug)]

@@ -70,6 +70,12 @@ pub mod tables;
 pub mod telemetry;
 pub mod validate;
 
+/// A hash map keyed by what the configuration names (partners, message types, municipalities,
+/// codes), looked up several times per message: hashed with foldhash, several times cheaper than
+/// the standard SipHash for short keys. Its keys are the operator's, never a sender's, so a
+/// sender cannot grow it with keys chosen to collide; what a sender writes is only looked up.
+pub type ConfigMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Runs `wait`, which blocks its thread (for the delivery log's writer to take a record, for the
 /// store's writer to commit), so that on a worker of the gateway's multi-threaded runtime the
 /// worker's other tasks first move to another thread and do not wait with it: the flows with

@@ -4,7 +4,7 @@
 //! acknowledges runs of them with one `multiple` ack. Any broker failure on the way hands the
 //! message back instead: it is requeued, never rejected.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -603,7 +603,7 @@ struct Run {
 #[derive(Default)]
 struct FlowMetrics {
     /// By outcome and code, then by message type.
-    messages: HashMap<(&'static str, Code), HashMap<String, metrics::Counter>>,
+    messages: crate::ConfigMap<(&'static str, Code), crate::ConfigMap<String, metrics::Counter>>,
     latency: Option<metrics::Histogram>,
 }
 

@@ -4,7 +4,9 @@
 //! reloaded on SIGHUP: a message is mapped with one snapshot of the tables from start to end, and
 //! a reload whose tables are wrong keeps the previous ones.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::ConfigMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -19,17 +21,17 @@ pub const OFFICES_FILE: &str = "offices.csv";
 pub const CODES_FILE: &str = "codes.csv";
 
 /// The partners' own codes for one message type: pointer → shared code → the partner's code.
-pub type CodeMap = BTreeMap<String, HashMap<String, String>>;
+pub type CodeMap = BTreeMap<String, ConfigMap<String, String>>;
 
 /// One consistent set of code tables.
 #[derive(Debug, Default)]
 pub struct Tables {
     /// partner → municipality → the partner's office competent for it.
-    offices: HashMap<String, HashMap<String, String>>,
+    offices: ConfigMap<String, ConfigMap<String, String>>,
     /// kind → municipality → the one partner of that kind competent for it.
-    competence: HashMap<String, HashMap<String, String>>,
+    competence: ConfigMap<String, ConfigMap<String, String>>,
     /// partner → type → the partner's own codes.
-    codes: HashMap<String, HashMap<String, CodeMap>>,
+    codes: ConfigMap<String, ConfigMap<String, CodeMap>>,
     /// Rows loaded, for the log line of a reload.
     pub office_rows: usize,
     pub code_rows: usize,
