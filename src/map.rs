@@ -13,7 +13,7 @@ use hmac::Mac;
 use serde_json::{Map, Value, json};
 
 use crate::decode::pointer_mut;
-use crate::partner::{Partner, SHARED_SCHEMES, Secret};
+use crate::partner::{FieldTree, Partner, SHARED_SCHEMES, Secret};
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::resolve::{Resolved, Resolvers};
 use crate::store::Store;
@@ -77,8 +77,8 @@ pub async fn for_recipient(
             errors,
         )));
     }
-    if let Some(paths) = recipient.field_paths.get(message_type) {
-        minimize(&mut out, paths);
+    if let Some(fields) = recipient.field_trees.get(message_type) {
+        minimize(&mut out, fields);
     }
     Ok(out)
 }
@@ -277,46 +277,42 @@ async fn local_id(
     Ok(None)
 }
 
-/// Keeps, of the payload, only the fields at `allowed` (each the keys of a path below it, none
-/// inside another: `Partner::field_paths`), moved rather than copied: each kept field's value and
-/// its name are taken out of the sender's payload, which is dropped after.
-fn minimize(envelope: &mut Value, allowed: &[Vec<String>]) {
+/// Keeps, of the payload, only the fields `allowed` lists, in the list's order. They stay in the
+/// sender's payload and the rest is taken out, so a copy whose payload has its fields in the
+/// list's order has no key hashed again; one that has them in another order is put in order once.
+fn minimize(envelope: &mut Value, allowed: &FieldTree) {
     let Some(payload) = envelope.get_mut("payload") else {
         return;
     };
-    let mut full = payload.take();
-    let mut kept = Value::Object(Map::with_capacity(allowed.len()));
-    for keys in allowed {
-        let Some((last, parents)) = keys.split_last() else {
-            continue;
-        };
-        let found = parents
-            .iter()
-            .try_fold(&mut full, |at, key| at.get_mut(key))
-            .and_then(Value::as_object_mut)
-            .and_then(|object| object.remove_entry(last));
-        if let Some((name, value)) = found {
-            insert_at(&mut kept, parents, name, value);
+    match payload.as_object_mut() {
+        Some(object) => {
+            keep(object, allowed);
         }
+        None => *payload = Value::Object(Map::new()),
     }
-    *payload = kept;
 }
 
-/// Sets `name` to `value` in the object at the path `parents` inside `root`, creating objects on
-/// the way.
-fn insert_at(root: &mut Value, parents: &[String], name: String, value: Value) {
-    let mut at = root;
-    for key in parents {
-        let Some(object) = at.as_object_mut() else {
-            return;
+/// Keeps, of `object`, the fields `allowed` lists, in its order (an object listed through some
+/// of its fields is kept with those, if it has any); returns the place in the list of the first
+/// kept, if any. Recurses only as deep as the field list.
+fn keep(object: &mut Map<String, Value>, allowed: &FieldTree) -> Option<usize> {
+    let mut places = Vec::with_capacity(object.len());
+    object.retain(|name, value| {
+        let place = match allowed.get(name) {
+            Some((place, None)) => Some(*place),
+            Some((_, Some(fields))) => value.as_object_mut().and_then(|o| keep(o, fields)),
+            None => None,
         };
-        at = object
-            .entry(key.clone())
-            .or_insert_with(|| Value::Object(Map::new()));
+        places.extend(place);
+        place.is_some()
+    });
+    if !places.is_sorted() {
+        let mut fields: Vec<(usize, (String, Value))> =
+            places.iter().copied().zip(std::mem::take(object)).collect();
+        fields.sort_unstable_by_key(|(place, _)| *place);
+        *object = fields.into_iter().map(|(_, field)| field).collect();
     }
-    if let Some(object) = at.as_object_mut() {
-        object.insert(name, value);
-    }
+    places.into_iter().min()
 }
 
 #[cfg(test)]
@@ -360,7 +356,7 @@ mod tests {
         async fn referral_to_inps_with_fields(&self, fields: &[&str]) -> Value {
             let mut inps = self.partner("inps").clone();
             let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
-            inps.field_paths = [("referral".into(), crate::partner::field_paths(&fields))].into();
+            inps.field_trees = [("referral".into(), FieldTree::of(&fields))].into();
             self.map_for(referral("036005"), &inps, None).await.unwrap()
         }
 
@@ -587,6 +583,64 @@ mod tests {
         assert_eq!(out["payload"]["health"]["disability_percentage"], 46);
     }
 
+    /// A copy keeps what taking each listed field out of the sender's payload in turn, in the
+    /// list's order, would give: the same fields, in the same order, at every depth; whether
+    /// the sender's order already is the list's, or not, or some fields are missing or sit
+    /// under something that is not an object.
+    #[test]
+    fn a_copy_keeps_what_taking_each_listed_field_in_turn_gives() {
+        let payload = json!({
+            "a": 1,
+            "b": {"x": 1, "y": [2], "z": {"q": 1, "r": 2}},
+            "c": [1],
+            "d": "text",
+            "e": {"x": 3, "y": 4}
+        });
+        let lists: [&[&str]; 8] = [
+            &["a", "b", "c", "d", "e"],
+            &["e", "d", "c", "b", "a"],
+            &["a", "b/x", "b/z/q", "e/y", "e/x"],
+            &["b/z/r", "a", "b/z/q", "b/y", "missing", "e"],
+            &["c/x", "d/x", "missing/x", "a"],
+            &["b/missing", "e/missing"],
+            &["e/y", "b/z/r", "b/x", "c"],
+            &[],
+        ];
+        for list in lists {
+            let mut taken = payload.clone();
+            let mut expected = Value::Object(Map::new());
+            for field in list {
+                let keys: Vec<&str> = field.split('/').collect();
+                let (name, parents) = keys.split_last().unwrap();
+                let found = parents
+                    .iter()
+                    .try_fold(&mut taken, |at, key| at.get_mut(*key))
+                    .and_then(Value::as_object_mut)
+                    .and_then(|object| object.remove(*name));
+                if let Some(value) = found {
+                    let mut at = &mut expected;
+                    for key in parents {
+                        at = at
+                            .as_object_mut()
+                            .unwrap()
+                            .entry(key.to_string())
+                            .or_insert_with(|| json!({}));
+                    }
+                    at.as_object_mut().unwrap().insert(name.to_string(), value);
+                }
+            }
+            let pointers: Vec<String> = list.iter().map(|f| format!("/payload/{f}")).collect();
+            let mut envelope = json!({"payload": payload.clone()});
+            minimize(&mut envelope, &FieldTree::of(&pointers));
+            // As text, so that the order of the keys counts.
+            assert_eq!(
+                envelope["payload"].to_string(),
+                expected.to_string(),
+                "{list:?}"
+            );
+        }
+    }
+
     /// A recipient's copy lists its fields in the order of its field list, whatever the
     /// sender's order, the fields directly in the payload and deeper ones alike.
     #[tokio::test]
@@ -610,10 +664,7 @@ mod tests {
         // A payload that is not an object keeps nothing (the schemas refuse one first).
         let mut envelope = referral("036005");
         envelope["payload"] = json!(["referral_id"]);
-        minimize(
-            &mut envelope,
-            &crate::partner::field_paths(&fields.map(String::from)),
-        );
+        minimize(&mut envelope, &FieldTree::of(&fields.map(String::from)));
         assert_eq!(envelope["payload"], json!({}));
     }
 

@@ -186,9 +186,8 @@ pub struct Partner {
     pub http: Option<HttpSettings>,
     /// Per message type, the payload fields it may receive (absent: all), as written.
     pub fields: BTreeMap<String, Vec<String>>,
-    /// The same, each as its keys below `payload`, unescaped once here rather than per message;
-    /// a field listed with one of its parents is the parent's, in the first place either has.
-    pub field_paths: BTreeMap<String, Vec<Vec<String>>>,
+    /// The same, as trees of keys below `payload`, unescaped once here rather than per message.
+    pub field_trees: BTreeMap<String, FieldTree>,
     pub receipts: Receipts,
     /// This partner's own prefetch, when its file sets one (see
     /// [`crate::settings::BrokerSettings::prefetches`]).
@@ -358,10 +357,10 @@ impl Partner {
             pseudonym_key_env: raw.pseudonym_key_env,
             resolver: raw.resolver,
             http,
-            field_paths: raw
+            field_trees: raw
                 .fields
                 .iter()
-                .map(|(t, pointers)| (t.clone(), field_paths(pointers)))
+                .map(|(t, pointers)| (t.clone(), FieldTree::of(pointers)))
                 .collect(),
             fields: raw.fields,
             receipts: raw.receipts,
@@ -370,10 +369,46 @@ impl Partner {
     }
 }
 
+/// One message type's field list as a tree of the payload's keys: each name listed, or parent
+/// of fields listed, with its place in the list (a parent's is its first field's) and, for a
+/// parent listed only through some of its fields, those fields. Mapping looks each key of a
+/// payload up in it once.
+#[derive(Debug, Clone, Default)]
+pub struct FieldTree(crate::ConfigMap<String, (usize, Option<FieldTree>)>);
+
+impl FieldTree {
+    pub fn of(pointers: &[String]) -> FieldTree {
+        let mut tree = FieldTree::default();
+        for (place, keys) in field_paths(pointers).iter().enumerate() {
+            tree.add(place, keys);
+        }
+        tree
+    }
+
+    /// Adds the field at `keys` (none inside another already added) at `place`.
+    fn add(&mut self, place: usize, keys: &[String]) {
+        let Some((name, below)) = keys.split_first() else {
+            return;
+        };
+        let (_, fields) = self
+            .0
+            .entry(name.clone())
+            .or_insert_with(|| (place, (!below.is_empty()).then(FieldTree::default)));
+        if let Some(fields) = fields {
+            fields.add(place, below);
+        }
+    }
+
+    /// The place of the field `name` and, if only some of its fields are listed, those.
+    pub fn get(&self, name: &str) -> Option<&(usize, Option<FieldTree>)> {
+        self.0.get(name)
+    }
+}
+
 /// A field list's pointers as their keys below `payload`, none inside another: a field listed
 /// with one of its parents stands for the parent, in the first place either has, so that each
 /// kept field can be moved out of the message rather than copied and the copy is the same.
-pub(crate) fn field_paths(pointers: &[String]) -> Vec<Vec<String>> {
+fn field_paths(pointers: &[String]) -> Vec<Vec<String>> {
     let all: Vec<Vec<String>> = pointers.iter().map(|p| payload_keys(p)).collect();
     let mut paths: Vec<Vec<String>> = Vec::with_capacity(all.len());
     for keys in &all {
