@@ -217,6 +217,8 @@ impl<'de> serde::de::Visitor<'de> for Tree<'_> {
 /// from empty grows several times over and is left mostly unused, and a copy keeps its bytes
 /// until the broker confirms it. The text is written into a buffer the thread keeps for the next
 /// one, and the copy is exactly its length: one allocation per copy.
+// Never inlined: `bench/run.sh --callgrind` counts it by its name.
+#[inline(never)]
 pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
     /// Room a thread keeps between copies; a buffer grown past it by a large message is let go.
     const KEPT: usize = 256 * 1024;
