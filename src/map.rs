@@ -279,7 +279,7 @@ async fn local_id(
 
 /// Keeps, of the payload, only the fields `allowed` lists, in the list's order. They stay in the
 /// sender's payload and the rest is taken out, so a copy whose payload has its fields in the
-/// list's order has no key hashed again; one that has them in another order is put in order once.
+/// list's order has no key hashed again; fields out of the list's order are moved.
 fn minimize(envelope: &mut Value, allowed: &FieldTree) {
     let Some(payload) = envelope.get_mut("payload") else {
         return;
@@ -306,13 +306,39 @@ fn keep(object: &mut Map<String, Value>, allowed: &FieldTree) -> Option<usize> {
         places.extend(place);
         place.is_some()
     });
+    let first = places.iter().min().copied();
     if !places.is_sorted() {
-        let mut fields: Vec<(usize, (String, Value))> =
-            places.iter().copied().zip(std::mem::take(object)).collect();
-        fields.sort_unstable_by_key(|(place, _)| *place);
-        *object = fields.into_iter().map(|(_, field)| field).collect();
+        put_in_order(object, places);
     }
-    places.into_iter().min()
+    first
+}
+
+/// Puts the fields of `object`, at `places` in the field list, in the list's order, moving only
+/// those out of place: two look-ups by key each (the sender's order is often the list's but for
+/// a field or two, such as the `sender_office` mapping adds at the end).
+fn put_in_order(object: &mut Map<String, Value>, mut places: Vec<usize>) {
+    let mut wanted = places.clone();
+    wanted.sort_unstable();
+    for (at, place) in wanted.into_iter().enumerate() {
+        if places[at] == place {
+            continue;
+        }
+        let from = at
+            + places[at..]
+                .iter()
+                .position(|p| *p == place)
+                .expect("each place once");
+        let name = object
+            .keys()
+            .nth(from)
+            .expect("a field at each place")
+            .clone();
+        let (name, value) = object
+            .shift_remove_entry(&name)
+            .expect("the field is there");
+        object.shift_insert(at, name, value);
+        places[at..=from].rotate_right(1);
+    }
 }
 
 #[cfg(test)]
