@@ -17,7 +17,9 @@
 #                          machine move by ±15% a run; the same load gives the same count to
 #                          within a fraction of a percent, so two builds compare to 1% in one run
 #                          each. The whole count stays in target/bench/callgrind.out
-#                          (`callgrind_annotate --inclusive=yes` reads it, `--tree=calling` too).
+#                          (`callgrind_annotate --inclusive=yes` reads it, `--tree=calling` too);
+#                          the drain's row, slowed by valgrind, goes to target/bench/callgrind.csv,
+#                          apart from the matrix's results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,7 +79,8 @@ exec valgrind --tool=callgrind --callgrind-out-file=$out $PWD/$bin/ponte "\$@"
 EOF
     chmod +x "$wrapper"
     "$bin/ponte-bench" --url "amqp://guest:guest@127.0.0.1:$port/%2f" \
-        --node "bench $port $PWD/$dir" --messages "$messages" --no-shovel --ponte "$wrapper" "$@"
+        --node "bench $port $PWD/$dir" --messages "$messages" --no-shovel --ponte "$wrapper" \
+        --csv target/bench/callgrind.csv "$@"
     [ -s "$out" ] || { echo "run.sh: no count written ($out)" >&2; exit 1; }
     echo
     echo "thousands of instructions per message ($messages messages):"
@@ -113,7 +116,15 @@ EOF
                 }
             }
         }
-        END { for (i = 1; i <= count; i++) printf "%-40s %8.1f\n", order[i], most[order[i]] / n / 1000 }'
+        # A part whose function the compiler inlined into its caller has no line of its own: it
+        # is counted in the part above it.
+        END {
+            for (i = 1; i <= count; i++) {
+                label = order[i]
+                if (most[label] > 0) printf "%-40s %8.1f\n", label, most[label] / n / 1000
+                else printf "%-40s %8s\n", label, "inlined"
+            }
+        }'
 }
 if [ "$mode" = callgrind ]; then
     callgrind "$@"
