@@ -52,6 +52,14 @@ pub enum Outcome {
     AlreadyDelivered { recipients: Vec<String> },
 }
 
+/// The envelope's own ids and type, read once: each step after validation needs some of them,
+/// and each look-up in the envelope hashes the name.
+struct Labels<'a> {
+    message_id: &'a str,
+    message_type: &'a str,
+    correlation_id: Option<&'a str>,
+}
+
 /// What the pipeline decided about one message.
 #[derive(Debug)]
 pub struct Verdict {
@@ -135,7 +143,15 @@ impl Pipeline {
         let field = |name: &str| envelope.get(name).and_then(Value::as_str).map(String::from);
         let (message_id, message_type, correlation_id) =
             (field("message_id"), field("type"), field("correlation_id"));
-        let outcome = match self.copies(owner, envelope, redelivered, only).await {
+        let labels = Labels {
+            message_id: message_id.as_deref().unwrap_or_default(),
+            message_type: message_type.as_deref().unwrap_or_default(),
+            correlation_id: correlation_id.as_deref(),
+        };
+        let outcome = match self
+            .copies(owner, envelope, &labels, redelivered, only)
+            .await
+        {
             Ok(outcome) => outcome,
             Err(rejection) => Outcome::Reject(rejection),
         };
@@ -147,18 +163,21 @@ impl Pipeline {
         }
     }
 
+    /// The copies of a message, each mapped for its recipient. `labels` are the envelope's own,
+    /// read once by `process_for` (before validation: each is a string once validation passes).
     async fn copies(
         &self,
         owner: &Partner,
         envelope: Value,
+        labels: &Labels<'_>,
         redelivered: bool,
         only: Option<&[String]>,
     ) -> Result<Outcome, Rejection> {
         let directory = &*self.directory;
         let schema = directory.schemas.validate(&envelope)?;
-        let message_type = envelope["type"].as_str().unwrap_or_default().to_string();
+        let message_type = labels.message_type;
         check_sender(&envelope, owner)?;
-        let message_id = envelope["message_id"].as_str().unwrap_or_default();
+        let message_id = labels.message_id;
         let window = directory.settings.store.duplicate_window();
         let mut earlier = Vec::new();
         match self.store.seen(&owner.id, message_id, window) {
@@ -198,7 +217,8 @@ impl Pipeline {
         }
         // One snapshot of the tables for the whole message, whatever a reload does meanwhile.
         let tables = directory.tables.load_full();
-        let mut targets = authorized_recipients(directory, owner, &envelope, &tables)?;
+        let mut targets =
+            authorized_recipients(directory, owner, &envelope, message_type, &tables)?;
         targets
             .retain(|t| !earlier.contains(&t.id) && only.is_none_or(|only| only.contains(&t.id)));
         if targets.is_empty() {
@@ -208,10 +228,11 @@ impl Pipeline {
         }
 
         let names: Vec<&str> = targets.iter().map(|p| p.id.as_str()).collect();
-        let references = match self.record(&envelope, schema.case_reference.as_deref(), &names) {
-            Ok(r) => r,
-            Err(why) => return Ok(Outcome::Retry(why)),
-        };
+        let references =
+            match self.record(&envelope, labels, schema.case_reference.as_deref(), &names) {
+                Ok(r) => r,
+                Err(why) => return Ok(Outcome::Retry(why)),
+            };
         let context = Context {
             tables: &tables,
             store: &*self.store,
@@ -229,7 +250,7 @@ impl Pipeline {
                 envelope.clone()
             };
             let source = source.expect("the envelope is only taken by the last recipient");
-            match for_recipient(source, &message_type, recipient, reference, context).await {
+            match for_recipient(source, message_type, recipient, reference, context).await {
                 Ok(mapped) => copies.push(Copy {
                     recipient: recipient.id.clone(),
                     body: crate::decode::encode(&mapped),
@@ -255,6 +276,7 @@ impl Pipeline {
     fn record(
         &self,
         envelope: &Value,
+        labels: &Labels<'_>,
         reference_pointer: Option<&str>,
         recipients: &[&str],
     ) -> Result<Vec<Option<String>>, String> {
@@ -276,10 +298,10 @@ impl Pipeline {
                 None => Vec::new(),
             };
         let message = MessageCase {
-            message_id: text("/message_id").unwrap_or_default(),
+            message_id: labels.message_id,
             sender: text("/sender").unwrap_or_default(),
             reference: reference_pointer.and_then(text),
-            correlation_id: text("/correlation_id"),
+            correlation_id: labels.correlation_id,
             recipients,
             local_ids: &local_ids,
         };
@@ -294,7 +316,15 @@ pub fn precheck(directory: &Directory, owner: &Partner, body: &[u8]) -> Result<(
     let envelope = decode(body, (&directory.settings.limits).into())?;
     directory.schemas.validate(&envelope)?;
     check_sender(&envelope, owner)?;
-    authorized_recipients(directory, owner, &envelope, &directory.tables.load()).map(|_| ())
+    let message_type = envelope["type"].as_str().unwrap_or_default();
+    authorized_recipients(
+        directory,
+        owner,
+        &envelope,
+        message_type,
+        &directory.tables.load(),
+    )
+    .map(|_| ())
 }
 
 /// The recipients of a valid message from `owner`, once the matrix allows it to send this type
@@ -303,9 +333,9 @@ fn authorized_recipients<'a>(
     directory: &'a Directory,
     owner: &Partner,
     envelope: &Value,
+    message_type: &str,
     tables: &Tables,
 ) -> Result<Vec<&'a Partner>, Rejection> {
-    let message_type = envelope["type"].as_str().unwrap_or_default();
     check_may_send(&directory.matrix, owner, message_type)?;
     let targets = recipients(envelope, message_type, owner, directory, tables)?;
     check_recipients(&directory.matrix, owner, &targets, envelope)?;
