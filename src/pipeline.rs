@@ -54,7 +54,7 @@ pub enum Outcome {
 
 /// The envelope's own ids and type, read once: each step after validation needs some of them,
 /// and each look-up in the envelope hashes the name.
-struct Labels<'a> {
+struct Heading<'a> {
     message_id: &'a str,
     message_type: &'a str,
     correlation_id: Option<&'a str>,
@@ -143,13 +143,13 @@ impl Pipeline {
         let field = |name: &str| envelope.get(name).and_then(Value::as_str).map(String::from);
         let (message_id, message_type, correlation_id) =
             (field("message_id"), field("type"), field("correlation_id"));
-        let labels = Labels {
+        let heading = Heading {
             message_id: message_id.as_deref().unwrap_or_default(),
             message_type: message_type.as_deref().unwrap_or_default(),
             correlation_id: correlation_id.as_deref(),
         };
         let outcome = match self
-            .copies(owner, envelope, &labels, redelivered, only)
+            .copies(owner, envelope, &heading, redelivered, only)
             .await
         {
             Ok(outcome) => outcome,
@@ -163,21 +163,21 @@ impl Pipeline {
         }
     }
 
-    /// The copies of a message, each mapped for its recipient. `labels` are the envelope's own,
-    /// read once by `process_for` (before validation: each is a string once validation passes).
+    /// The copies of a message, each mapped for its recipient. `heading` is read by `process_for`
+    /// before validation; once validation passes, each of its fields is the envelope's string.
     async fn copies(
         &self,
         owner: &Partner,
         envelope: Value,
-        labels: &Labels<'_>,
+        heading: &Heading<'_>,
         redelivered: bool,
         only: Option<&[String]>,
     ) -> Result<Outcome, Rejection> {
         let directory = &*self.directory;
         let schema = directory.schemas.validate(&envelope)?;
-        let message_type = labels.message_type;
+        let message_type = heading.message_type;
         check_sender(&envelope, owner)?;
-        let message_id = labels.message_id;
+        let message_id = heading.message_id;
         let window = directory.settings.store.duplicate_window();
         let mut earlier = Vec::new();
         match self.store.seen(&owner.id, message_id, window) {
@@ -229,7 +229,7 @@ impl Pipeline {
 
         let names: Vec<&str> = targets.iter().map(|p| p.id.as_str()).collect();
         let references =
-            match self.record(&envelope, labels, schema.case_reference.as_deref(), &names) {
+            match self.record(&envelope, heading, schema.case_reference.as_deref(), &names) {
                 Ok(r) => r,
                 Err(why) => return Ok(Outcome::Retry(why)),
             };
@@ -276,7 +276,7 @@ impl Pipeline {
     fn record(
         &self,
         envelope: &Value,
-        labels: &Labels<'_>,
+        heading: &Heading<'_>,
         reference_pointer: Option<&str>,
         recipients: &[&str],
     ) -> Result<Vec<Option<String>>, String> {
@@ -298,10 +298,10 @@ impl Pipeline {
                 None => Vec::new(),
             };
         let message = MessageCase {
-            message_id: labels.message_id,
+            message_id: heading.message_id,
             sender: text("/sender").unwrap_or_default(),
             reference: reference_pointer.and_then(text),
-            correlation_id: labels.correlation_id,
+            correlation_id: heading.correlation_id,
             recipients,
             local_ids: &local_ids,
         };
