@@ -170,16 +170,7 @@ async fn map_identifiers(
     else {
         return Ok(());
     };
-    let shared: Vec<(String, String)> = identifiers
-        .iter()
-        .filter_map(|id| {
-            let scheme = id.get("scheme")?.as_str()?;
-            let value = id.get("value")?.as_str()?;
-            SHARED_SCHEMES
-                .contains(&scheme)
-                .then(|| (scheme.to_string(), value.to_string()))
-        })
-        .collect();
+    let shared: Vec<Shared<'_>> = identifiers.iter().filter_map(Shared::of).collect();
     let mut out = Vec::new();
     let mut unavailable = None;
     let mut local_missing = false;
@@ -190,7 +181,7 @@ async fn map_identifiers(
                     .pseudonym_key
                     .as_ref()
                     .expect("a pseudonymous partner is loaded with its key");
-                for (scheme, value) in &shared {
+                for Shared { scheme, value, .. } in &shared {
                     let id = json!({"scheme": "pseudonym", "value": pseudonym(key, scheme, value)});
                     if !out.contains(&id) {
                         out.push(id);
@@ -206,8 +197,8 @@ async fn map_identifiers(
             wanted => out.extend(
                 shared
                     .iter()
-                    .filter(|(s, _)| s == wanted)
-                    .map(|(s, v)| json!({"scheme": s, "value": v})),
+                    .filter(|s| s.scheme == wanted)
+                    .map(Shared::passed_on),
             ),
         }
     }
@@ -248,14 +239,51 @@ async fn map_identifiers(
     Ok(())
 }
 
+/// One of the message's identifiers in a shared scheme, as the sender wrote it.
+struct Shared<'a> {
+    scheme: &'a str,
+    value: &'a str,
+    written: &'a Value,
+}
+
+impl<'a> Shared<'a> {
+    /// `id`, if it is an identifier in a shared scheme. Its scheme and value are found by going
+    /// through its fields (the two the schema allows) rather than by hashing each name.
+    fn of(id: &'a Value) -> Option<Shared<'a>> {
+        let (mut scheme, mut value) = (None, None);
+        for (name, field) in id.as_object()? {
+            match name.as_str() {
+                "scheme" => scheme = field.as_str(),
+                "value" => value = field.as_str(),
+                _ => {}
+            }
+        }
+        let scheme = scheme?;
+        SHARED_SCHEMES.contains(&scheme).then_some(Shared {
+            scheme,
+            value: value?,
+            written: id,
+        })
+    }
+
+    /// The identifier as a copy carries it, `{"scheme": …, "value": …}`: the sender's own,
+    /// cloned, when it is written so (a clone hashes no name again), else made anew.
+    fn passed_on(&self) -> Value {
+        match self.written.as_object() {
+            Some(object) if object.keys().eq(["scheme", "value"]) => self.written.clone(),
+            _ => json!({"scheme": self.scheme, "value": self.value}),
+        }
+    }
+}
+
 /// The recipient's own person id for any of the shared identifiers: the crosswalk first, then
 /// its look-up service.
 async fn local_id(
     recipient: &Partner,
-    shared: &[(String, String)],
+    shared: &[Shared<'_>],
     context: Context<'_>,
 ) -> Result<Option<String>, Unmapped> {
-    for (scheme, value) in shared {
+    for Shared { scheme, value, .. } in shared {
         let known = context
             .store
             .local_id(&recipient.id, scheme, value)
@@ -267,7 +295,7 @@ async fn local_id(
     let Some(resolver) = context.resolvers.get(&recipient.id) else {
         return Ok(None);
     };
-    for (scheme, value) in shared {
+    for Shared { scheme, value, .. } in shared {
         match resolver.local_id(scheme, value).await {
             Resolved::Found(local) => return Ok(Some(local)),
             Resolved::Unknown => {}
@@ -445,6 +473,25 @@ mod tests {
                 "amount": {"value": 500, "currency": "EUR"}
             }
         })
+    }
+
+    /// A shared identifier reaches the recipient as `{"scheme", "value"}`, in that order,
+    /// whichever order the sender wrote its two fields in.
+    #[tokio::test]
+    async fn an_identifier_is_passed_on_with_its_scheme_first() {
+        let f = Fixture::new();
+        for written in [
+            json!({"scheme": "it.cf", "value": CF}),
+            json!({"value": CF, "scheme": "it.cf"}),
+        ] {
+            let mut m = referral("036005");
+            m["subject"]["identifiers"] = json!([{"scheme": "local", "value": "P-1"}, written]);
+            let out = f.map(m, "inps").await.unwrap();
+            assert_eq!(
+                out["subject"]["identifiers"].to_string(),
+                format!(r#"[{{"scheme":"it.cf","value":"{CF}"}}]"#)
+            );
+        }
     }
 
     #[tokio::test]
