@@ -12,7 +12,7 @@
 //! database instead.
 
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{
@@ -192,8 +192,9 @@ pub struct SqliteStore {
 #[derive(Debug)]
 struct Front {
     reader: Connection,
-    /// Hash of a key → the number of the last write that changes it.
-    marked: HashMap<u64, u64>,
+    /// Hash of a key → the number of the last write that changes it. The hashes are
+    /// [`KEY_HASHER`]'s, which a sender cannot predict: foldhash too.
+    marked: HashMap<u64, u64, foldhash::fast::RandomState>,
     /// The ids delivered lately: most duplicate checks end here.
     recent: Recent,
     /// The references that may belong to a case: most look-ups of a reference's case end here.
@@ -533,11 +534,14 @@ enum Key<'a> {
     Case(i64),
 }
 
+/// How keys are hashed for [`Front::marked`]: foldhash, seeded at random once per process, so
+/// that a sender cannot choose message ids whose keys collide.
+static KEY_HASHER: std::sync::LazyLock<foldhash::fast::RandomState> =
+    std::sync::LazyLock::new(foldhash::fast::RandomState::default);
+
 impl Key<'_> {
     fn hash(&self) -> u64 {
-        let mut hasher = std::hash::DefaultHasher::new();
-        Hash::hash(self, &mut hasher);
-        hasher.finish()
+        KEY_HASHER.hash_one(self)
     }
 }
 
@@ -983,7 +987,7 @@ impl SqliteStore {
             path,
             front: Arc::new(Mutex::new(Front {
                 reader,
-                marked: HashMap::new(),
+                marked: HashMap::default(),
                 recent: Recent::new(now_secs()),
                 linked,
                 fresh,
