@@ -84,7 +84,11 @@ struct Inner {
     channel_id: u16,
     delivery_tag: IdSequence<DeliveryTag>,
     last: Option<Promise<()>>,
-    pending: HashMap<DeliveryTag, (PromiseResolver<Confirmation>, PromiseResolver<()>)>,
+    pending: HashMap<
+        DeliveryTag,
+        (PromiseResolver<Confirmation>, PromiseResolver<()>),
+        foldhash::fast::RandomState,
+    >,
     returned_messages: ReturnedMessages,
 }
 

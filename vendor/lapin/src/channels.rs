@@ -321,7 +321,7 @@ impl fmt::Debug for Channels {
 }
 
 struct Inner {
-    channels: HashMap<ChannelId, Arc<Channel>>,
+    channels: HashMap<ChannelId, Arc<Channel>, foldhash::fast::RandomState>,
     channel_id: IdSequence<ChannelId>,
     configuration: NegotiatedConfig,
     recovery_config: RecoveryConfig,

@@ -13,7 +13,7 @@ use std::{
     sync::{RwLockReadGuard, RwLockWriteGuard},
 };
 
-type Inner = HashMap<ShortString, Consumer>;
+type Inner = HashMap<ShortString, Consumer, foldhash::fast::RandomState>;
 
 #[derive(Clone, Default)]
 pub(crate) struct Consumers(SharedRwLock<Inner>);
