@@ -1,5 +1,22 @@
 //! Person identifier checks used by the schemas' custom formats: the Italian codice fiscale
-//! (including its check character) and the Swiss AHV number (including its EAN-13 check digit).
+//! (including its check character) and the Swiss AHV number (including its EAN-13 check digit);
+//! and an identifier's scheme and value, as the pipeline reads them.
+
+use serde_json::Value;
+
+/// The scheme and value of an identifier (`{"scheme": …, "value": …}`), both strings, found by
+/// going through its fields (the two the schema allows) rather than by hashing each name.
+pub fn scheme_and_value(id: &Value) -> Option<(&str, &str)> {
+    let (mut scheme, mut value) = (None, None);
+    for (name, field) in id.as_object()? {
+        match name.as_str() {
+            "scheme" => scheme = field.as_str(),
+            "value" => value = field.as_str(),
+            _ => {}
+        }
+    }
+    Some((scheme?, value?))
+}
 
 /// Format name of the codice fiscale check in the schemas (`"format": "it-cf"`).
 pub const IT_CF_FORMAT: &str = "it-cf";

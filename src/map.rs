@@ -247,21 +247,12 @@ struct Shared<'a> {
 }
 
 impl<'a> Shared<'a> {
-    /// `id`, if it is an identifier in a shared scheme. Its scheme and value are found by going
-    /// through its fields (the two the schema allows) rather than by hashing each name.
+    /// `id`, if it is an identifier in a shared scheme.
     fn of(id: &'a Value) -> Option<Shared<'a>> {
-        let (mut scheme, mut value) = (None, None);
-        for (name, field) in id.as_object()? {
-            match name.as_str() {
-                "scheme" => scheme = field.as_str(),
-                "value" => value = field.as_str(),
-                _ => {}
-            }
-        }
-        let scheme = scheme?;
+        let (scheme, value) = crate::identifiers::scheme_and_value(id)?;
         SHARED_SCHEMES.contains(&scheme).then_some(Shared {
             scheme,
-            value: value?,
+            value,
             written: id,
         })
     }

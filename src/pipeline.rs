@@ -287,7 +287,7 @@ impl Pipeline {
             .unwrap_or_default();
         let scheme_values = identifiers
             .iter()
-            .filter_map(|id| Some((id.get("scheme")?.as_str()?, id.get("value")?.as_str()?)));
+            .filter_map(crate::identifiers::scheme_and_value);
         // The sender's own person id next to shared ones teaches the crosswalk.
         let local_ids: Vec<(&str, &str, &str)> =
             match scheme_values.clone().find(|(scheme, _)| *scheme == "local") {
