@@ -379,13 +379,15 @@ pub struct FieldTree(crate::ConfigMap<String, (usize, Option<FieldTree>)>);
 impl FieldTree {
     pub fn of(pointers: &[String]) -> FieldTree {
         let mut tree = FieldTree::default();
-        for (place, keys) in field_paths(pointers).iter().enumerate() {
-            tree.add(place, keys);
+        for (place, pointer) in pointers.iter().enumerate() {
+            tree.add(place, &payload_keys(pointer));
         }
         tree
     }
 
-    /// Adds the field at `keys` (none inside another already added) at `place`.
+    /// Adds the field at `keys` at `place`. A field listed with one of its parents stands for
+    /// the parent, in the first place either has: a parent listed whole takes in the fields
+    /// below it, and a field below one listed whole, or listed again, changes nothing.
     fn add(&mut self, place: usize, keys: &[String]) {
         let Some((name, below)) = keys.split_first() else {
             return;
@@ -393,9 +395,11 @@ impl FieldTree {
         let (_, fields) = self
             .0
             .entry(name.clone())
-            .or_insert_with(|| (place, (!below.is_empty()).then(FieldTree::default)));
-        if let Some(fields) = fields {
-            fields.add(place, below);
+            .or_insert_with(|| (place, Some(FieldTree::default())));
+        match fields {
+            Some(fields) if !below.is_empty() => fields.add(place, below),
+            Some(_) => *fields = None,
+            None => {}
         }
     }
 
@@ -403,25 +407,6 @@ impl FieldTree {
     pub fn get(&self, name: &str) -> Option<&(usize, Option<FieldTree>)> {
         self.0.get(name)
     }
-}
-
-/// A field list's pointers as their keys below `payload`, none inside another: a field listed
-/// with one of its parents stands for the parent, in the first place either has, so that each
-/// kept field can be moved out of the message rather than copied and the copy is the same.
-fn field_paths(pointers: &[String]) -> Vec<Vec<String>> {
-    let all: Vec<Vec<String>> = pointers.iter().map(|p| payload_keys(p)).collect();
-    let mut paths: Vec<Vec<String>> = Vec::with_capacity(all.len());
-    for keys in &all {
-        let widest = all
-            .iter()
-            .filter(|other| keys.starts_with(other))
-            .min_by_key(|other| other.len())
-            .unwrap_or(keys);
-        if !paths.contains(widest) {
-            paths.push(widest.clone());
-        }
-    }
-    paths
 }
 
 /// The object keys of a JSON pointer below `/payload` (`/payload/consent/given` → consent, given).
