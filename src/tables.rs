@@ -5,12 +5,11 @@
 //! a reload whose tables are wrong keeps the previous ones.
 
 use std::collections::BTreeMap;
-
-use crate::ConfigMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::ConfigMap;
 use crate::directory::ConfigError;
 use crate::partner::Partner;
 use crate::validate::SchemaSet;
