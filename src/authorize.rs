@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::decode::Pointer;
 use crate::partner::Partner;
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::validate::SchemaSet;
@@ -42,7 +43,7 @@ pub struct Allow {
     /// MAJOR versions; empty means all.
     pub versions: BTreeSet<String>,
     pub to: BTreeSet<String>,
-    pub when: BTreeMap<String, Vec<String>>,
+    pub when: Conditions,
 }
 
 impl Allow {
@@ -58,10 +59,22 @@ impl Allow {
     }
 }
 
+/// Conditions on a message (a matrix rule's purposes, a route's `when`): the string at each
+/// pointer must be one of its values.
+pub type Conditions = Vec<(Pointer, Vec<String>)>;
+
+/// The conditions of `pointer → values` as a configuration file writes them.
+pub fn conditions(when: BTreeMap<String, Vec<String>>) -> Conditions {
+    when.into_iter()
+        .map(|(pointer, values)| (Pointer::from(pointer), values))
+        .collect()
+}
+
 /// Whether every `pointer → values` condition holds for `envelope`.
-pub fn conditions_hold(when: &BTreeMap<String, Vec<String>>, envelope: &Value) -> bool {
+pub fn conditions_hold(when: &[(Pointer, Vec<String>)], envelope: &Value) -> bool {
     when.iter().all(|(pointer, values)| {
-        crate::decode::pointer(envelope, pointer)
+        pointer
+            .get(envelope)
             .and_then(Value::as_str)
             .is_some_and(|v| values.iter().any(|x| x == v))
     })
@@ -137,7 +150,7 @@ impl Matrix {
                 message_type: rule.message_type,
                 versions: rule.versions.into_iter().collect(),
                 to: rule.to.into_iter().collect(),
-                when: rule.when,
+                when: conditions(rule.when),
             });
         }
         for p in partners.values() {
@@ -166,10 +179,15 @@ impl Matrix {
         })
     }
 
-    /// Whether this message may go from `sender` to `recipient`.
-    pub fn allows(&self, sender: &str, recipient: &str, envelope: &Value) -> bool {
-        let field = |name: &str| envelope.get(name).and_then(Value::as_str).unwrap_or("");
-        let (message_type, version) = (field("type"), field("version"));
+    /// Whether this message, of `message_type` and `version`, may go from `sender` to
+    /// `recipient`.
+    pub fn allows(
+        &self,
+        sender: &str,
+        recipient: &str,
+        (message_type, version): (&str, &str),
+        envelope: &Value,
+    ) -> bool {
         self.rules.iter().any(|r| {
             r.covers(sender, message_type, version, recipient) && r.purpose_holds(envelope)
         })
@@ -316,20 +334,19 @@ pub fn check_recipients(
     matrix: &Matrix,
     sender: &Partner,
     recipients: &[&Partner],
+    (message_type, version): (&str, &str),
     envelope: &Value,
 ) -> Result<(), Rejection> {
     let refused: Vec<FieldError> = recipients
         .iter()
-        .filter(|r| !matrix.allows(&sender.id, &r.id, envelope))
+        .filter(|r| !matrix.allows(&sender.id, &r.id, (message_type, version), envelope))
         .map(|r| {
             FieldError::new(
                 "/recipient",
                 "authorization",
                 format!(
                     "{} is not authorized to send this {} to {} (authorization matrix)",
-                    sender.id,
-                    envelope.get("type").and_then(Value::as_str).unwrap_or(""),
-                    r.id
+                    sender.id, message_type, r.id
                 ),
             )
         })
@@ -381,20 +398,24 @@ mod tests {
                 .code,
             Code::NotAuthorized
         );
-        let benefit = |b: &str, version: &str| json!({"type": "benefit-status", "version": version, "payload": {"benefit": b}});
+        let benefit = |b: &str| json!({"type": "benefit-status", "payload": {"benefit": b}});
+        let (v1, v2) = (("benefit-status", "1.0"), ("benefit-status", "2.0"));
         // Inclusion benefits may go to the comune, unemployment benefits may not.
-        assert!(m.allows("inps", "comune-modena", &benefit("adi", "1.0")));
-        assert!(!m.allows("inps", "comune-modena", &benefit("naspi", "1.0")));
-        assert!(m.allows("inps", "cpi-modena", &benefit("naspi", "1.0")));
+        assert!(m.allows("inps", "comune-modena", v1, &benefit("adi")));
+        assert!(!m.allows("inps", "comune-modena", v1, &benefit("naspi")));
+        assert!(m.allows("inps", "cpi-modena", v1, &benefit("naspi")));
         // Only the MAJOR versions listed.
-        assert!(!m.allows("inps", "cpi-modena", &benefit("naspi", "2.0")));
+        assert!(!m.allows("inps", "cpi-modena", v2, &benefit("naspi")));
         // Never the other way round.
-        assert!(!m.allows("cpi-modena", "inps", &benefit("naspi", "1.0")));
+        assert!(!m.allows("cpi-modena", "inps", v1, &benefit("naspi")));
+        // Only the type the rule names.
+        assert!(!m.allows("inps", "cpi-modena", ("referral", "1.0"), &benefit("naspi")));
         let r = check_recipients(
             m,
             &d.partners["inps"],
             &[&d.partners["cpi-modena"], &d.partners["comune-modena"]],
-            &benefit("naspi", "1.0"),
+            v1,
+            &benefit("naspi"),
         )
         .unwrap_err();
         assert_eq!(r.code, Code::NotAuthorized);

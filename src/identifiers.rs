@@ -1,8 +1,25 @@
 //! Person identifier checks used by the schemas' custom formats: the Italian codice fiscale
 //! (including its check character) and the Swiss AHV number (including its EAN-13 check digit);
-//! and an identifier's scheme and value, as the pipeline reads them.
+//! and a message's identifiers and their schemes and values, as the pipeline reads them.
 
 use serde_json::Value;
+
+/// The message's person identifiers (`subject.identifiers`); none when it has no such list.
+pub fn of(envelope: &Value) -> &[Value] {
+    envelope
+        .get("subject")
+        .and_then(|subject| subject.get("identifiers"))
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// [`of`], for changing them; `None` when the message has no such list.
+pub fn of_mut(envelope: &mut Value) -> Option<&mut Vec<Value>> {
+    envelope
+        .get_mut("subject")?
+        .get_mut("identifiers")?
+        .as_array_mut()
+}
 
 /// The scheme and value of an identifier (`{"scheme": …, "value": …}`), both strings, found by
 /// going through its fields (the two the schema allows) rather than by hashing each name.

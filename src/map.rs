@@ -12,7 +12,6 @@
 use hmac::Mac;
 use serde_json::{Map, Value, json};
 
-use crate::decode::pointer_mut;
 use crate::partner::{FieldTree, Partner, SHARED_SCHEMES, Secret};
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::resolve::{Resolved, Resolvers};
@@ -129,7 +128,7 @@ fn translate_codes(
         return;
     };
     for (pointer, table) in codes {
-        let Some(value) = pointer_mut(envelope, pointer) else {
+        let Some(value) = pointer.get_mut(envelope) else {
             continue;
         };
         let Some(shared) = value.as_str() else {
@@ -165,9 +164,7 @@ async fn map_identifiers(
     recipient: &Partner,
     context: Context<'_>,
 ) -> Result<(), Unmapped> {
-    let Some(identifiers) =
-        pointer_mut(envelope, "/subject/identifiers").and_then(Value::as_array_mut)
-    else {
+    let Some(identifiers) = crate::identifiers::of_mut(envelope) else {
         return Ok(());
     };
     let shared: Vec<Shared<'_>> = identifiers.iter().filter_map(Shared::of).collect();

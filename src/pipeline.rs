@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::authorize::{check_may_send, check_recipients, check_sender};
-use crate::decode::{decode, pointer};
+use crate::decode::{Pointer, decode};
 use crate::directory::Directory;
 use crate::map::{Context, Unmapped, for_recipient};
 use crate::partner::{Partner, SHARED_SCHEMES};
@@ -217,8 +217,13 @@ impl Pipeline {
         }
         // One snapshot of the tables for the whole message, whatever a reload does meanwhile.
         let tables = directory.tables.load_full();
-        let mut targets =
-            authorized_recipients(directory, owner, &envelope, message_type, &tables)?;
+        let mut targets = authorized_recipients(
+            directory,
+            owner,
+            &envelope,
+            (message_type, &schema.version),
+            &tables,
+        )?;
         targets
             .retain(|t| !earlier.contains(&t.id) && only.is_none_or(|only| only.contains(&t.id)));
         if targets.is_empty() {
@@ -228,11 +233,16 @@ impl Pipeline {
         }
 
         let names: Vec<&str> = targets.iter().map(|p| p.id.as_str()).collect();
-        let references =
-            match self.record(&envelope, heading, schema.case_reference.as_deref(), &names) {
-                Ok(r) => r,
-                Err(why) => return Ok(Outcome::Retry(why)),
-            };
+        let references = match self.record(
+            &envelope,
+            heading,
+            owner,
+            schema.case_reference.as_ref(),
+            &names,
+        ) {
+            Ok(r) => r,
+            Err(why) => return Ok(Outcome::Retry(why)),
+        };
         let context = Context {
             tables: &tables,
             store: &*self.store,
@@ -277,15 +287,11 @@ impl Pipeline {
         &self,
         envelope: &Value,
         heading: &Heading<'_>,
-        reference_pointer: Option<&str>,
+        sender: &Partner,
+        reference: Option<&Pointer>,
         recipients: &[&str],
     ) -> Result<Vec<Option<String>>, String> {
-        let text = |p: &str| pointer(envelope, p).and_then(Value::as_str);
-        let identifiers = pointer(envelope, "/subject/identifiers")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let scheme_values = identifiers
+        let scheme_values = crate::identifiers::of(envelope)
             .iter()
             .filter_map(crate::identifiers::scheme_and_value);
         // The sender's own person id next to shared ones teaches the crosswalk.
@@ -299,8 +305,8 @@ impl Pipeline {
             };
         let message = MessageCase {
             message_id: heading.message_id,
-            sender: text("/sender").unwrap_or_default(),
-            reference: reference_pointer.and_then(text),
+            sender: &sender.id,
+            reference: reference.and_then(|p| p.get(envelope)?.as_str()),
             correlation_id: heading.correlation_id,
             recipients,
             local_ids: &local_ids,
@@ -314,14 +320,14 @@ impl Pipeline {
 /// sending a parked message again, so that an unchanged one is refused with its reason.
 pub fn precheck(directory: &Directory, owner: &Partner, body: &[u8]) -> Result<(), Rejection> {
     let envelope = decode(body, (&directory.settings.limits).into())?;
-    directory.schemas.validate(&envelope)?;
+    let schema = directory.schemas.validate(&envelope)?;
     check_sender(&envelope, owner)?;
     let message_type = envelope["type"].as_str().unwrap_or_default();
     authorized_recipients(
         directory,
         owner,
         &envelope,
-        message_type,
+        (message_type, &schema.version),
         &directory.tables.load(),
     )
     .map(|_| ())
@@ -333,12 +339,18 @@ fn authorized_recipients<'a>(
     directory: &'a Directory,
     owner: &Partner,
     envelope: &Value,
-    message_type: &str,
+    (message_type, version): (&str, &str),
     tables: &Tables,
 ) -> Result<Vec<&'a Partner>, Rejection> {
     check_may_send(&directory.matrix, owner, message_type)?;
     let targets = recipients(envelope, message_type, owner, directory, tables)?;
-    check_recipients(&directory.matrix, owner, &targets, envelope)?;
+    check_recipients(
+        &directory.matrix,
+        owner,
+        &targets,
+        (message_type, version),
+        envelope,
+    )?;
     Ok(targets)
 }
 

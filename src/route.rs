@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::authorize::{Matrix, conditions_hold};
+use crate::authorize::{Conditions, Matrix, conditions, conditions_hold};
+use crate::decode::Pointer;
 use crate::directory::Directory;
 use crate::partner::Partner;
 use crate::rejection::{Code, FieldError, Rejection};
@@ -61,9 +62,9 @@ pub struct Route {
     pub message_type: String,
     pub from: BTreeSet<String>,
     /// JSON pointer → accepted string values; all must hold.
-    pub when: BTreeMap<String, Vec<String>>,
+    pub when: Conditions,
     /// JSON pointer of the municipality that decides competence.
-    pub municipality: String,
+    pub municipality: Pointer,
     pub to: Vec<Target>,
 }
 
@@ -158,8 +159,8 @@ pub fn load_routes(
             name: r.name,
             message_type: r.message_type,
             from: r.from.into_iter().collect(),
-            when: r.when,
-            municipality: r.municipality,
+            when: conditions(r.when),
+            municipality: Pointer::from(r.municipality),
             to: r.to,
         });
     }
@@ -219,8 +220,7 @@ pub fn recipients<'a>(
             ),
         ));
     };
-    let municipality =
-        crate::decode::pointer(envelope, &route.municipality).and_then(Value::as_str);
+    let municipality = route.municipality.get(envelope).and_then(Value::as_str);
     let mut out: Vec<&Partner> = Vec::new();
     for target in &route.to {
         let found = match target {
@@ -236,7 +236,7 @@ pub fn recipients<'a>(
                     return Err(Rejection::one(
                         Code::NoRoute,
                         FieldError::new(
-                            route.municipality.clone(),
+                            route.municipality.as_str(),
                             "competence",
                             format!(
                                 "no {competent} is competent for municipality {} (route {})",

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::ConfigMap;
+use crate::decode::Pointer;
 use crate::directory::ConfigError;
 use crate::partner::Partner;
 use crate::validate::SchemaSet;
@@ -20,7 +21,7 @@ pub const OFFICES_FILE: &str = "offices.csv";
 pub const CODES_FILE: &str = "codes.csv";
 
 /// The partners' own codes for one message type: pointer → shared code → the partner's code.
-pub type CodeMap = BTreeMap<String, ConfigMap<String, String>>;
+pub type CodeMap = BTreeMap<Pointer, ConfigMap<String, String>>;
 
 /// One consistent set of code tables.
 #[derive(Debug, Default)]
@@ -226,7 +227,7 @@ impl Tables {
                 .or_default()
                 .entry(row.message_type.clone())
                 .or_default()
-                .entry(row.field.clone())
+                .entry(Pointer::new(&row.field))
                 .or_default();
             if let Some(other) = codes.get(&row.code) {
                 push(format!(
@@ -340,7 +341,10 @@ mod tests {
         assert_eq!(t.competent("comune", "036005"), None);
         assert!(!t.has_offices("osservatorio-er"));
         let codes = t.codes("inps", "referral").unwrap();
-        assert_eq!(codes["/payload/reason"]["pact-signed"], "R02");
+        assert_eq!(
+            codes[&Pointer::new("/payload/reason")]["pact-signed"],
+            "R02"
+        );
     }
 
     #[test]

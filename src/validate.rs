@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::decode::Pointer;
 use crate::identifiers::{
     CH_AHVN13_FORMAT, IT_CF_FORMAT, is_valid_ahv_number, is_valid_codice_fiscale,
 };
@@ -23,15 +24,17 @@ pub const GATEWAY_TYPES: &[&str] = &["receipt"];
 /// One compiled schema for a (type, version).
 pub struct TypeSchema {
     validator: jsonschema::Validator,
+    /// The version it validates (`MAJOR.MINOR`): a message it passed has this `version`.
+    pub version: String,
     /// JSON pointers of properties marked `"readOnly": true`: the gateway fills them in on
     /// delivery and refuses them from senders.
-    pub gateway_owned: Vec<String>,
+    pub gateway_owned: Vec<Pointer>,
     /// Every property the schema itself declares, by instance pointer, with its allowed string
     /// values when it is an enum: what code tables and field lists are checked against.
     pub fields: BTreeMap<String, Option<Vec<String>>>,
     /// Pointer of the property marked `"x-case-reference": true`: the sender's own reference
     /// for the case, which the case crosswalk links across partners.
-    pub case_reference: Option<String>,
+    pub case_reference: Option<Pointer>,
     pub file: PathBuf,
 }
 
@@ -174,12 +177,13 @@ impl SchemaSet {
                         });
                     }
                     set.types.entry(type_name).or_default().insert(
-                        version,
+                        version.clone(),
                         TypeSchema {
                             validator,
-                            gateway_owned,
+                            version,
+                            gateway_owned: gateway_owned.into_iter().map(Pointer::from).collect(),
                             fields,
-                            case_reference: references.pop(),
+                            case_reference: references.pop().map(Pointer::from),
                             file,
                         },
                     );
@@ -255,7 +259,7 @@ impl SchemaSet {
         let owned: Vec<FieldError> = schema
             .gateway_owned
             .iter()
-            .filter(|p| crate::decode::pointer(envelope, p).is_some())
+            .filter(|p| p.get(envelope).is_some())
             .map(|p| {
                 FieldError::new(
                     p.as_str(),
