@@ -95,9 +95,9 @@ fn translate_office(
     let Some(payload) = envelope.get_mut("payload").and_then(Value::as_object_mut) else {
         return;
     };
-    let Some(sender_office) = payload.get("office").cloned() else {
+    if !payload.contains_key("office") {
         return;
-    };
+    }
     let municipality = payload
         .get("municipality")
         .and_then(Value::as_str)
@@ -113,7 +113,11 @@ fn translate_office(
         ));
         return;
     };
-    payload.insert("office".into(), json!(office));
+    let office = Value::String(office.to_string());
+    let sender_office = match payload.get_mut("office") {
+        Some(slot) => std::mem::replace(slot, office),
+        None => return,
+    };
     payload.insert("sender_office".into(), sender_office);
 }
 
