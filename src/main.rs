@@ -15,7 +15,7 @@ use ponte::directory::Directory;
 // mimalloc: the hot path allocates many small JSON nodes and frame buffers per message, where
 // glibc's allocator showed up as a fifth of the CPU time in profiles.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ponte::allocator::Mimalloc = ponte::allocator::Mimalloc;
 
 #[derive(Parser)]
 #[command(name = "ponte", version, about = "Inter-agency data-exchange gateway")]
