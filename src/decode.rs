@@ -290,29 +290,7 @@ struct Token {
 
 impl Pointer {
     pub fn new(text: &str) -> Pointer {
-        let tokens = if text.is_empty() {
-            Some(Box::default())
-        } else {
-            text.strip_prefix('/').map(|rest| {
-                rest.split('/')
-                    .map(|token| {
-                        let name: Box<str> = if token.contains('~') {
-                            token.replace("~1", "/").replace("~0", "~").into()
-                        } else {
-                            token.into()
-                        };
-                        Token {
-                            index: index(&name),
-                            name,
-                        }
-                    })
-                    .collect()
-            })
-        };
-        Pointer {
-            text: text.to_string(),
-            tokens,
-        }
+        Pointer::from(text.to_string())
     }
 
     /// The pointer as written.
@@ -347,7 +325,26 @@ impl Pointer {
 
 impl From<String> for Pointer {
     fn from(text: String) -> Pointer {
-        Pointer::new(&text)
+        let tokens = if text.is_empty() {
+            Some(Box::default())
+        } else {
+            text.strip_prefix('/').map(|rest| {
+                rest.split('/')
+                    .map(|token| {
+                        let name: Box<str> = if token.contains('~') {
+                            token.replace("~1", "/").replace("~0", "~").into()
+                        } else {
+                            token.into()
+                        };
+                        Token {
+                            index: index(&name),
+                            name,
+                        }
+                    })
+                    .collect()
+            })
+        };
+        Pointer { text, tokens }
     }
 }
 
