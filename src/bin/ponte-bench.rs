@@ -956,7 +956,7 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f6
     set_shovel(args, &name, &src, &dst)?;
     let rate = drained(args, connection, &dst, load.count).await;
     ctl(&args.node, &["clear_parameter", "shovel", &name])?;
-    delete_queues(connection, &[&src, &dst]).await?;
+    delete_queues(args, &[&src, &dst]).await?;
     let (rate, broker) = rate?;
     eprintln!(
         "  shovel: {rate:.0} msg/s (broker {:.1} µs CPU/msg)",
@@ -985,7 +985,7 @@ async fn shovels_per_sender(
         .collect();
     let mut all: Vec<&str> = sources.iter().map(String::as_str).collect();
     all.push(&dst);
-    delete_queues(connection, &all).await?;
+    delete_queues(args, &all).await?;
     declare(args, &connection.create_channel().await?, &dst).await?;
     for (source, (_, bodies)) in sources.iter().zip(&load.by_sender) {
         preload(args, connection, source, bodies).await?;
@@ -1006,7 +1006,7 @@ async fn shovels_per_sender(
     ctl(&args.node, &["eval", &set])?;
     let rate = drained(args, connection, &dst, load.count).await;
     clear_sender_shovels(args)?;
-    delete_queues(connection, &all).await?;
+    delete_queues(args, &all).await?;
     let (rate, broker) = rate?;
     eprintln!(
         "  shovel ({} queues, a shovel each): {rate:.0} msg/s (broker {:.1} µs CPU/msg)",
@@ -1068,7 +1068,7 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
     let rate = drained(args, connection, &dst, load.count).await;
     let (cpu_after, _) = usage(std::process::id())?;
     forwarding.stop().await?;
-    delete_queues(connection, &[&src, &dst]).await?;
+    delete_queues(args, &[&src, &dst]).await?;
     let (rate, broker) = rate?;
     // The benchmark's own polling runs in this process too: a small overestimate.
     let own = (cpu_after - cpu_before) / load.count as f64;
@@ -1188,7 +1188,7 @@ async fn side_queues(
     mover: &str,
 ) -> Result<(String, String)> {
     let (src, dst) = side_names(args, mover);
-    delete_queues(connection, &[&src, &dst]).await?;
+    delete_queues(args, &[&src, &dst]).await?;
     let channel = connection.create_channel().await?;
     declare(args, &channel, &dst).await?;
     let all: Vec<Vec<u8>> = load
@@ -1214,10 +1214,29 @@ async fn drained(
     .await
 }
 
-async fn delete_queues(connection: &Connection, queues: &[&str]) -> Result<()> {
-    let channel = connection.create_channel().await?;
+/// Deletes each of `queues` that exists, on connections of its own: a broker that cannot delete
+/// a quorum queue in time (5 s, on a loaded machine) closes the connection that asked, which
+/// must not be the run's. After such a failure the next queue is deleted on a new connection.
+async fn delete_queues(args: &Args, queues: &[&str]) -> Result<()> {
+    let mut open: Option<(Connection, Channel)> = None;
     for q in queues {
-        let _ = channel.queue_delete((*q).into(), Default::default()).await;
+        let (_, channel) = match &open {
+            Some(open) => open,
+            None => {
+                let connection = connect(&args.url).await?;
+                let channel = connection.create_channel().await?;
+                open.insert((connection, channel))
+            }
+        };
+        if let Err(error) = channel.queue_delete((*q).into(), Default::default()).await {
+            eprintln!("  deleting {q}: {error}");
+            if let Some((connection, _)) = open.take() {
+                close(&connection).await;
+            }
+        }
+    }
+    if let Some((connection, _)) = open {
+        close(&connection).await;
     }
     Ok(())
 }
@@ -1534,7 +1553,7 @@ async fn side_latency(
     }
     let mut queues: Vec<&str> = per_sender.iter().map(String::as_str).collect();
     queues.extend([src.as_str(), dst.as_str()]);
-    delete_queues(connection, &queues).await?;
+    delete_queues(args, &queues).await?;
     timed
 }
 
@@ -1845,11 +1864,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
             .into_iter()
             .map(|(q, _)| q),
     );
-    let _ = delete_queues(
-        connection,
-        &queues.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
+    let _ = delete_queues(args, &queues.iter().map(String::as_str).collect::<Vec<_>>()).await;
     if let Ok(channel) = connection.create_channel().await {
         for (exchange, _) in ponte::broker::exchanges(directory) {
             let _ = channel
