@@ -298,6 +298,11 @@ impl Pointer {
         &self.text
     }
 
+    /// Its tokens, `~1` and `~0` undone; none when it names nothing.
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        self.tokens.iter().flatten().map(|token| &*token.name)
+    }
+
     /// The value the pointer names in `value`.
     pub fn get<'a>(&self, value: &'a Value) -> Option<&'a Value> {
         self.tokens

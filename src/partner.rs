@@ -13,6 +13,7 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
+use crate::decode::Pointer;
 use crate::validate::SchemaSet;
 
 /// Identifier schemes a partner may accept. `it.cf` and `ch.ahvn13` are shared; `local` is the
@@ -380,7 +381,10 @@ impl FieldTree {
     pub fn of(pointers: &[String]) -> FieldTree {
         let mut tree = FieldTree::default();
         for (place, pointer) in pointers.iter().enumerate() {
-            tree.add(place, &payload_keys(pointer));
+            // Below `/payload`, which every listed pointer starts with.
+            let pointer = Pointer::new(pointer);
+            let keys: Vec<&str> = pointer.tokens().skip(1).collect();
+            tree.add(place, &keys);
         }
         tree
     }
@@ -388,13 +392,13 @@ impl FieldTree {
     /// Adds the field at `keys` at `place`. A field listed with one of its parents stands for
     /// the parent, in the first place either has: a parent listed whole takes in the fields
     /// below it, and a field below one listed whole, or listed again, changes nothing.
-    fn add(&mut self, place: usize, keys: &[String]) {
+    fn add(&mut self, place: usize, keys: &[&str]) {
         let Some((name, below)) = keys.split_first() else {
             return;
         };
         let (_, fields) = self
             .0
-            .entry(name.clone())
+            .entry(name.to_string())
             .or_insert_with(|| (place, Some(FieldTree::default())));
         match fields {
             Some(fields) if !below.is_empty() => fields.add(place, below),
@@ -407,15 +411,6 @@ impl FieldTree {
     pub fn get(&self, name: &str) -> Option<&(usize, Option<FieldTree>)> {
         self.0.get(name)
     }
-}
-
-/// The object keys of a JSON pointer below `/payload` (`/payload/consent/given` → consent, given).
-fn payload_keys(pointer: &str) -> Vec<String> {
-    pointer
-        .split('/')
-        .skip(2)
-        .map(|k| k.replace("~1", "/").replace("~0", "~"))
-        .collect()
 }
 
 /// A section's TLS files — `[ca_file, client_identity_file]` — resolved against the partner
