@@ -93,7 +93,7 @@ EOF
             part("  a message handled on the flows", ":ponte::receive::Flow::handle::{{closure}}")
             part("    decoding", ":ponte::decode::decode")
             part("    validation", ":ponte::validate::SchemaSet::validate")
-            part("    mapping each copy", ":ponte::map::for_recipient::{{closure}}")
+            part("    mapping each copy", ":<ponte::map::Mapping<F> as core::future::future::Future>::poll")
             part("    serializing copies", ":ponte::decode::encode")
             part("    the crosswalk record", ":ponte::pipeline::Pipeline::record")
             part("    publishing", ":ponte::deliver::Publishing::start::{{closure}}")
