@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ponte's benchmark: Ponte side by side with a RabbitMQ Shovel on the same broker, same run.
-# Starts a private RabbitMQ (with the shovel plugin) on 127.0.0.1:5691, builds Ponte in release
-# mode and runs the scenarios below, printing each row and appending it to
+# Starts a private RabbitMQ (with the shovel plugin) on 127.0.0.1:5691, builds Ponte (its
+# production profile) and runs the scenarios below, printing each row and appending it to
 # target/bench/results.csv (latency samples: target/bench/latency-*.csv).
 #
 #   bench/run.sh           the full matrix (about 50 minutes on 2 cores), then the AMQP clients
@@ -51,14 +51,16 @@ if [ "${PONTE_BENCH_KEEP_BROKER:-}" != 1 ]; then
     trap 'scripts/broker.sh stop bench "$port" "$dir"' EXIT
 fi
 
-profile=release
+# The figures are those of what a deployment runs: the production profile (Cargo.toml), built
+# as one optimized unit. PONTE_BENCH_PROFILE=release measures the quicker-built release build.
+profile=${PONTE_BENCH_PROFILE:-production}
 [ "$mode" = quick ] && profile=dev
-if [ "$profile" = release ]; then
-    cargo build --release --locked --bins
-    bin=target/release
-else
+if [ "$profile" = dev ]; then
     cargo build --locked --bins
     bin=target/debug
+else
+    cargo build --profile "$profile" --locked --bins
+    bin=target/$profile
 fi
 mkdir -p target/bench
 
