@@ -89,7 +89,9 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
 /// a repeated key's last value at its first place, the same errors), with each object and array
 /// made at its final size. serde_json grows them from empty as their fields come, which moves
 /// and rehashes a ten-field object three times over. Here a field is kept on a stack the thread
-/// reuses until its object ends, and the object is then made once, as large as it needs.
+/// reuses until its object ends, and the object is then made once, as large as it needs: the
+/// envelope and its `payload` with room for the fields mapping adds to every copy (see
+/// [`ROOM_AT_TOP`]), which otherwise moved each to a larger block.
 ///
 /// One difference, on purpose: serde_json, with a feature another crate turns on, reads an
 /// object whose one key is `$serde_json::private::RawValue` as the JSON text in its string. Here
@@ -104,7 +106,12 @@ fn parse(text: &str) -> serde_json::Result<Value> {
         let mut kept = stacks.try_borrow_mut();
         let stacks = kept.as_deref_mut().unwrap_or(&mut fresh);
         let mut deserializer = serde_json::Deserializer::from_str(text);
-        let value = serde::de::DeserializeSeed::deserialize(Tree(stacks), &mut deserializer);
+        let tree = Tree {
+            stacks,
+            room: ROOM_AT_TOP,
+            top: true,
+        };
+        let value = serde::de::DeserializeSeed::deserialize(tree, &mut deserializer);
         let value = value.and_then(|v| deserializer.end().map(|()| v));
         stacks.trim();
         value
@@ -139,8 +146,34 @@ impl Stacks {
     }
 }
 
+/// Fields a copy gets at its top beyond the sender's: `recipient` and `recipient_reference`.
+const ROOM_AT_TOP: usize = 2;
+/// Fields a copy's `payload` gets beyond the sender's: `sender_office`.
+const ROOM_IN_PAYLOAD: usize = 1;
+
 /// Builds one JSON value, objects and arrays through [`Stacks`].
-struct Tree<'a>(&'a mut Stacks);
+struct Tree<'a> {
+    stacks: &'a mut Stacks,
+    /// Fields more than the sender's the object is made with room for, if the value is one.
+    room: usize,
+    /// Whether the value is the envelope itself.
+    top: bool,
+}
+
+impl<'a> Tree<'a> {
+    /// A value inside this one, under `name` if this is an object.
+    fn inner(stacks: &'a mut Stacks, top: bool, name: Option<&str>) -> Tree<'a> {
+        let room = match (top, name) {
+            (true, Some("payload")) => ROOM_IN_PAYLOAD,
+            _ => 0,
+        };
+        Tree {
+            stacks,
+            room,
+            top: false,
+        }
+    }
+}
 
 impl<'de> serde::de::DeserializeSeed<'de> for Tree<'_> {
     type Value = Value;
@@ -186,23 +219,27 @@ impl<'de> serde::de::Visitor<'de> for Tree<'_> {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let stacks = self.0;
+        let stacks = self.stacks;
         let from = stacks.elements.len();
-        while let Some(element) = seq.next_element_seed(Tree(&mut *stacks))? {
+        while let Some(element) = seq.next_element_seed(Tree::inner(&mut *stacks, false, None))? {
             stacks.elements.push(element);
         }
         Ok(Value::Array(stacks.elements.drain(from..).collect()))
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let stacks = self.0;
+        let stacks = self.stacks;
         let from = stacks.fields.len();
         while let Some(name) = map.next_key::<String>()? {
-            let value = map.next_value_seed(Tree(&mut *stacks))?;
+            let value = map.next_value_seed(Tree::inner(&mut *stacks, self.top, Some(&name)))?;
             stacks.fields.push((name, value));
         }
-        // Collected at the drain's exact length: the object is made once, at its size.
-        Ok(Value::Object(stacks.fields.drain(from..).collect()))
+        // Made once, at its size and the room asked for; a repeated key's value replaces the
+        // first one's in its place, as `collect` does.
+        let fields = stacks.fields.drain(from..);
+        let mut object = serde_json::Map::with_capacity(fields.len() + self.room);
+        object.extend(fields);
+        Ok(Value::Object(object))
     }
 }
 
