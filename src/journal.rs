@@ -410,6 +410,9 @@ fn write(
     path: String,
 ) {
     let (mut seq, mut prev) = last.unwrap_or((0, GENESIS.to_string()));
+    // Kept from batch to batch (at most `BATCH_MAX` records): grown anew for each, it moved its
+    // records to a larger block a dozen times over.
+    let mut batch = Vec::new();
     loop {
         let first = match rx.recv() {
             Ok(command) => command,
@@ -420,7 +423,7 @@ fn write(
         if !matches!(first, Command::Flush(_)) {
             std::thread::sleep(BATCH_EVERY);
         }
-        let mut batch = vec![first];
+        batch.push(first);
         while batch.len() < BATCH_MAX {
             match rx.try_recv() {
                 Ok(command) => batch.push(command),
@@ -449,7 +452,7 @@ fn write(
                 }
             }
         }
-        for command in batch {
+        for command in batch.drain(..) {
             if let Command::Flush(done) = command {
                 let _ = done.send(());
             }
