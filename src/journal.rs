@@ -411,7 +411,7 @@ fn write(
 ) {
     let (mut seq, mut prev) = last.unwrap_or((0, GENESIS.to_string()));
     // Kept from batch to batch (at most `BATCH_MAX` records): grown anew for each, it moved its
-    // records to a larger block a dozen times over.
+    // records to a larger block some ten times over.
     let mut batch = Vec::new();
     loop {
         let first = match rx.recv() {
