@@ -91,7 +91,7 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
 /// and rehashes a ten-field object three times over. Here a field is kept on a stack the thread
 /// reuses until its object ends, and the object is then made once, as large as it needs: the
 /// envelope and its `payload` with room for the fields mapping adds to every copy (see
-/// [`ROOM_AT_TOP`]), which otherwise moved each to a larger block.
+/// [`Place::room`]), which otherwise moved each to a larger block.
 ///
 /// One difference, on purpose: serde_json, with a feature another crate turns on, reads an
 /// object whose one key is `$serde_json::private::RawValue` as the JSON text in its string. Here
@@ -108,8 +108,7 @@ fn parse(text: &str) -> serde_json::Result<Value> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
         let tree = Tree {
             stacks,
-            room: ROOM_AT_TOP,
-            top: true,
+            place: Place::Envelope,
         };
         let value = serde::de::DeserializeSeed::deserialize(tree, &mut deserializer);
         let value = value.and_then(|v| deserializer.end().map(|()| v));
@@ -146,33 +145,39 @@ impl Stacks {
     }
 }
 
-/// Fields a copy gets at its top beyond the sender's: `recipient` and `recipient_reference`.
-const ROOM_AT_TOP: usize = 2;
-/// Fields a copy's `payload` gets beyond the sender's: `sender_office`.
-const ROOM_IN_PAYLOAD: usize = 1;
+/// Where in the message a value is, for the room its object is made with.
+#[derive(Clone, Copy)]
+enum Place {
+    Envelope,
+    Payload,
+    Other,
+}
+
+impl Place {
+    /// Fields more than the sender's an object here is made with room for: those mapping adds
+    /// to every copy, `recipient` and `recipient_reference` at the top and `sender_office` in
+    /// `payload`.
+    fn room(self) -> usize {
+        match self {
+            Place::Envelope => 2,
+            Place::Payload => 1,
+            Place::Other => 0,
+        }
+    }
+
+    /// The place of a value under `name` in an object here.
+    fn of_field(self, name: &str) -> Place {
+        match (self, name) {
+            (Place::Envelope, "payload") => Place::Payload,
+            _ => Place::Other,
+        }
+    }
+}
 
 /// Builds one JSON value, objects and arrays through [`Stacks`].
 struct Tree<'a> {
     stacks: &'a mut Stacks,
-    /// Fields more than the sender's the object is made with room for, if the value is one.
-    room: usize,
-    /// Whether the value is the envelope itself.
-    top: bool,
-}
-
-impl<'a> Tree<'a> {
-    /// A value inside this one, under `name` if this is an object.
-    fn inner(stacks: &'a mut Stacks, top: bool, name: Option<&str>) -> Tree<'a> {
-        let room = match (top, name) {
-            (true, Some("payload")) => ROOM_IN_PAYLOAD,
-            _ => 0,
-        };
-        Tree {
-            stacks,
-            room,
-            top: false,
-        }
-    }
+    place: Place,
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for Tree<'_> {
@@ -221,7 +226,10 @@ impl<'de> serde::de::Visitor<'de> for Tree<'_> {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let stacks = self.stacks;
         let from = stacks.elements.len();
-        while let Some(element) = seq.next_element_seed(Tree::inner(&mut *stacks, false, None))? {
+        while let Some(element) = seq.next_element_seed(Tree {
+            stacks: &mut *stacks,
+            place: Place::Other,
+        })? {
             stacks.elements.push(element);
         }
         Ok(Value::Array(stacks.elements.drain(from..).collect()))
@@ -231,13 +239,16 @@ impl<'de> serde::de::Visitor<'de> for Tree<'_> {
         let stacks = self.stacks;
         let from = stacks.fields.len();
         while let Some(name) = map.next_key::<String>()? {
-            let value = map.next_value_seed(Tree::inner(&mut *stacks, self.top, Some(&name)))?;
+            let value = map.next_value_seed(Tree {
+                stacks: &mut *stacks,
+                place: self.place.of_field(&name),
+            })?;
             stacks.fields.push((name, value));
         }
         // Made once, at its size and the room asked for; a repeated key's value replaces the
         // first one's in its place, as `collect` does.
         let fields = stacks.fields.drain(from..);
-        let mut object = serde_json::Map::with_capacity(fields.len() + self.room);
+        let mut object = serde_json::Map::with_capacity(fields.len() + self.place.room());
         object.extend(fields);
         Ok(Value::Object(object))
     }
