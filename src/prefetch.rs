@@ -1,5 +1,5 @@
 //! Prefetch that follows the traffic. When `broker.max_in_flight` is too small for every flow
-//! to have `broker.prefetch` (more than 50 partners at the defaults), the flows without a
+//! to have `broker.prefetch` (more than 25 partners at the defaults), the flows without a
 //! prefetch of their own start with an equal share of what is left. A flow the broker holds back
 //! (its unacknowledged messages reached its prefetch) takes up to as much again from what others
 //! gave back, up to `broker.prefetch`, as soon as it is held back and then at most every

@@ -163,7 +163,7 @@ pub struct BrokerSettings {
     /// (or test runs) share one broker.
     pub prefix: String,
     /// Unacknowledged inbound messages the broker may push per partner queue. Bounds memory and
-    /// the number of publisher confirms in flight per flow.
+    /// the number of publisher confirms in flight per flow. [`DEFAULT_PREFETCH`] unless set.
     pub prefetch: u16,
     /// Unacknowledged inbound messages across all partners: with many partners, each flow's
     /// prefetch shrinks so that the total stays under this, which bounds memory.
@@ -208,13 +208,19 @@ pub struct BrokerSettings {
     pub client_identity_file: Option<PathBuf>,
 }
 
+/// `broker.prefetch` unless set. A busy flow's messages wait mostly for their recipients' queues
+/// to confirm the copies, so its window, not the CPU, is what holds a drain back: 400 moved the
+/// demo load 7–13% faster than 200 (one copy per message, 11–14%) for 5–10 MiB more, with the
+/// same latency at half the maximum rate. The benchmark's no-op clients take the same window.
+pub const DEFAULT_PREFETCH: u16 = 400;
+
 impl Default for BrokerSettings {
     fn default() -> Self {
         Self {
             url: "amqp://guest@127.0.0.1:5672/%2f".into(),
             password: None,
             prefix: "ponte".into(),
-            prefetch: 200,
+            prefetch: DEFAULT_PREFETCH,
             max_in_flight: 10_000,
             max_in_flight_bytes: 128 * 1024 * 1024,
             frame_max: 128 * 1024,
@@ -588,7 +594,7 @@ mod tests {
     #[test]
     fn prefetch_shrinks_with_many_partners_to_bound_memory() {
         let broker = BrokerSettings::default();
-        assert_eq!(broker.prefetches(&[None; 4])[0], 200);
+        assert_eq!(broker.prefetches(&[None; 4])[0], 400);
         assert_eq!(broker.prefetches(&vec![None; 100])[0], 100);
         assert_eq!(broker.prefetches(&vec![None; 1000])[0], 10);
         assert_eq!(broker.prefetches(&vec![None; 100_000])[0], 1);
@@ -598,7 +604,8 @@ mod tests {
     fn windows_follow_the_traffic_only_where_the_bound_keeps_them_below_prefetch() {
         let broker = BrokerSettings::default();
         assert!(broker.pool(&[None; 4]).is_none());
-        assert!(broker.pool(&[None; 50]).is_none());
+        assert!(broker.pool(&[None; 25]).is_none());
+        assert!(broker.pool(&[None; 26]).is_some());
         let pool = broker
             .pool(&vec![None; 1000])
             .expect("a thousand share 10,000");
@@ -651,10 +658,10 @@ mod tests {
     #[test]
     fn the_byte_bound_is_shared_by_every_message_the_windows_may_hold() {
         let broker = BrokerSettings::default();
-        // Five demo partners at 200 each: 1,000 messages may be unacknowledged at once.
+        // Five demo partners at 400 each: 2,000 messages may be unacknowledged at once.
         assert_eq!(
             broker.bytes_per_message(&[None; 5]),
-            128 * 1024 * 1024 / 1000
+            128 * 1024 * 1024 / 2000
         );
         // A thousand partners whose windows follow the traffic: up to `max_in_flight`.
         assert_eq!(

@@ -296,9 +296,9 @@ async fn broker_fault_mid_load(how: &str) {
         duplicates
     );
     // Only messages in flight when the connection dropped can be in the window: at most the
-    // prefetch of the one partner sending.
+    // prefetch of the one partner sending (400 in the demo configuration).
     assert!(
-        duplicates <= 200,
+        duplicates <= 400,
         "{duplicates} duplicate copies: more than were in flight"
     );
     for m in &valid {
@@ -388,9 +388,10 @@ async fn gateway_killed_mid_load_and_started_again_loses_nothing_and_counts_dupl
     }
     // The documented window (docs/contract.md, Guarantees): a message whose copies the broker had
     // confirmed but whose delivery was not yet recorded when the process died goes out again.
-    // Only messages in flight can be in it — at most the prefetch — never ones already acked.
+    // Only messages in flight can be in it — at most the prefetch, 400 in the demo
+    // configuration — never ones already acked.
     assert!(
-        twice.len() <= 200,
+        twice.len() <= 400,
         "{} messages delivered twice: more than were in flight",
         twice.len()
     );

@@ -474,7 +474,7 @@ async fn on_quorum_queues_a_backlog_is_drained_in_order_without_a_reconnect() {
 #[tokio::test]
 async fn a_backlog_of_large_messages_is_taken_a_few_at_a_time_within_the_byte_bound() {
     let prefix = common::random_prefix();
-    // Five partners at 200 share 2 MiB: 2,097 bytes a message, 6 of 64 KiB (the largest
+    // Five partners at 400 share 2 MiB: 1,048 bytes a message, 6 of 64 KiB (the largest
     // allowed here) per flow at first, and 4 of 100 KB.
     let directory = common::directory_with(
         &common::repo().join("config"),
@@ -535,7 +535,7 @@ async fn a_backlog_of_large_messages_is_taken_a_few_at_a_time_within_the_byte_bo
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let (now, listed) = granted(&prefix);
-        if now.get("cpi-modena") == Some(&200) {
+        if now.get("cpi-modena") == Some(&400) {
             break;
         }
         assert!(

@@ -133,8 +133,8 @@ async fn metrics_count_the_messages_sent_and_the_probes_answer() {
         metrics.contains("ponte_log_lines_dropped_total 0"),
         "{metrics}"
     );
-    // Five demo partners at `broker.prefetch` 200 share `broker.max_in_flight_bytes` (128 MiB):
-    // 134 KB a message. A flow that has received nothing yet takes its messages to be as
+    // Five demo partners at `broker.prefetch` 400 share `broker.max_in_flight_bytes` (128 MiB):
+    // 67 KB a message. A flow that has received nothing yet takes its messages to be as
     // large as `limits.max_message_bytes` (1 MiB) allows: 25 at once.
     assert_eq!(
         total(&metrics, "ponte_prefetch", &["partner=\"comune-modena\""]),
@@ -149,7 +149,7 @@ async fn metrics_count_the_messages_sent_and_the_probes_answer() {
     loop {
         let (_, metrics) = get(port, "/metrics").await.unwrap();
         let prefetch = total(&metrics, "ponte_prefetch", &["partner=\"cpi-modena\""]);
-        if prefetch == 200.0 {
+        if prefetch == 400.0 {
             break;
         }
         assert!(

@@ -97,7 +97,7 @@ enum Load {
 }
 
 /// Ponte's prefetch per partner queue.
-const PREFETCH: u16 = 200;
+const PREFETCH: u16 = ponte::settings::DEFAULT_PREFETCH;
 
 fn main() -> Result<()> {
     let args = Args::parse();

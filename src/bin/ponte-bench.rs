@@ -571,7 +571,8 @@ fn write_config(args: &Args, prefix: &str) -> Result<PathBuf> {
     std::fs::write(
         dir.join("ponte.toml"),
         format!(
-            "[broker]\nprefix = \"{prefix}\"\nprefetch = 200\nqueue_type = \"{}\"\n\n[limits]\nmax_message_bytes = {}\n\n[log]\nlevel = \"warn,ponte::gateway=info\"\n\n[paths]\nschemas = \"schemas\"\n\n[store]\ndir = \"data\"\n",
+            "[broker]\nprefix = \"{prefix}\"\nprefetch = {}\nqueue_type = \"{}\"\n\n[limits]\nmax_message_bytes = {}\n\n[log]\nlevel = \"warn,ponte::gateway=info\"\n\n[paths]\nschemas = \"schemas\"\n\n[store]\ndir = \"data\"\n",
+            ponte::settings::DEFAULT_PREFETCH,
             args.queue_type.as_str(),
             (args.size * 4).max(1024 * 1024)
         ),
@@ -1119,7 +1120,13 @@ async fn forward(
     outbound
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let mut consumer = ponte::broker::consume(&inbound, &src, "bench-forwarder", 200).await?;
+    let mut consumer = ponte::broker::consume(
+        &inbound,
+        &src,
+        "bench-forwarder",
+        ponte::settings::DEFAULT_PREFETCH,
+    )
+    .await?;
     let mut confirms = futures_util::stream::FuturesOrdered::new();
     loop {
         tokio::select! {
