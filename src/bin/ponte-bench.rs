@@ -568,11 +568,11 @@ fn write_config(args: &Args, prefix: &str) -> Result<PathBuf> {
     schema["properties"]["payload"]["properties"]["notes"]["maxLength"] =
         json!(args.size.max(2000) * 2);
     std::fs::write(&referral, serde_json::to_vec_pretty(&schema)?)?;
+    // `broker.prefetch` and the rest at Ponte's defaults, as a deployment that sets none has them.
     std::fs::write(
         dir.join("ponte.toml"),
         format!(
-            "[broker]\nprefix = \"{prefix}\"\nprefetch = {}\nqueue_type = \"{}\"\n\n[limits]\nmax_message_bytes = {}\n\n[log]\nlevel = \"warn,ponte::gateway=info\"\n\n[paths]\nschemas = \"schemas\"\n\n[store]\ndir = \"data\"\n",
-            ponte::settings::DEFAULT_PREFETCH,
+            "[broker]\nprefix = \"{prefix}\"\nqueue_type = \"{}\"\n\n[limits]\nmax_message_bytes = {}\n\n[log]\nlevel = \"warn,ponte::gateway=info\"\n\n[paths]\nschemas = \"schemas\"\n\n[store]\ndir = \"data\"\n",
             args.queue_type.as_str(),
             (args.size * 4).max(1024 * 1024)
         ),
