@@ -59,9 +59,31 @@ fn a_small_benchmark_run_produces_every_figure() {
             .unwrap_or_else(|_| panic!("{name} = {:?}", field(name)));
         assert!(value > 0.0, "{name} = {value}");
     }
+    // Ponte's CPU by thread: the workers handle every message; the parts, counted in the
+    // kernel's ticks (10 ms) by thread, are within the whole but for a few ticks each over the
+    // 2,000 messages (5 µs a message per tick).
+    let number = |name: &str| -> f64 {
+        field(name)
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} = {:?}", field(name)))
+    };
+    let parts = [
+        "cpu_workers_us_per_msg",
+        "cpu_store_us_per_msg",
+        "cpu_log_us_per_msg",
+    ];
+    assert!(number(parts[0]) > 0.0, "{}", number(parts[0]));
+    for part in parts {
+        assert!(number(part) >= 0.0, "{part} = {}", number(part));
+    }
+    let sum: f64 = parts.iter().map(|p| number(p)).sum();
+    assert!(
+        sum <= number("cpu_us_per_msg") + 3.0 * 4.0 * 5.0,
+        "the parts ({sum:.1} µs) outgrow the whole ({} µs)",
+        number("cpu_us_per_msg")
+    );
     // Two rounds: the medians lie within the rounds' ranges.
     assert_eq!(field("rounds"), "2");
-    let number = |name: &str| -> f64 { field(name).parse().unwrap() };
     for (median, low, high) in [
         ("ratio", "ratio_min", "ratio_max"),
         (

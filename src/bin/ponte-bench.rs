@@ -214,6 +214,10 @@ struct Row {
     shovel_rate: Option<f64>,
     ponte_rate: f64,
     cpu_us: f64,
+    /// Ponte's CPU per message by thread: the runtime's workers, the store's writer and
+    /// checkpoints, the delivery log's writer. The rest of `cpu_us` is the process's other
+    /// threads (start-up, log lines, metrics).
+    cpu_split: Split,
     peak_rss_mib: f64,
     startup_ms: f64,
     latency: Option<Latency>,
@@ -230,6 +234,52 @@ struct Row {
     ratio: Option<f64>,
     /// Over the rounds: how many, and the lowest and highest ratio, rate and CPU.
     spread: Spread,
+}
+
+/// Microseconds of CPU per message in each of Ponte's busy threads.
+#[derive(Debug, Default, Clone, Copy)]
+struct Split {
+    workers: f64,
+    store: f64,
+    log: f64,
+}
+
+impl Split {
+    /// The CPU seconds of `pid`'s threads by part, from `/proc/PID/task`: a thread is counted
+    /// by its name, which the kernel cuts to 15 bytes (`ponte-checkpoint` reads
+    /// `ponte-checkpoin`).
+    fn of_threads(pid: u32) -> Result<Split> {
+        let mut split = Split::default();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let task = task?.path();
+            // A thread that ended since the listing is no longer counted.
+            let (Ok(name), Ok(stat)) = (
+                std::fs::read_to_string(task.join("comm")),
+                std::fs::read_to_string(task.join("stat")),
+            ) else {
+                continue;
+            };
+            let cpu = proc_stat::cpu_seconds(&stat)
+                .with_context(|| format!("{}/stat", task.display()))?;
+            match name.trim_end() {
+                "tokio-rt-worker" => split.workers += cpu,
+                "ponte-store" | "ponte-checkpoin" => split.store += cpu,
+                "ponte-journal" => split.log += cpu,
+                _ => {}
+            }
+        }
+        Ok(split)
+    }
+
+    /// What each part spent between `self` and `later`, per message of `count`, in µs.
+    fn per_message(self, later: Split, count: usize) -> Split {
+        let per = |before: f64, after: f64| (after - before) / count as f64 * 1e6;
+        Split {
+            workers: per(self.workers, later.workers),
+            store: per(self.store, later.store),
+            log: per(self.log, later.log),
+        }
+    }
 }
 
 /// The range of the figures that move most between rounds.
@@ -260,6 +310,11 @@ impl Row {
             shovel_rate: some(|r| r.shovel_rate).map(median),
             ponte_rate: median(all(|r| r.ponte_rate)),
             cpu_us: median(all(|r| r.cpu_us)),
+            cpu_split: Split {
+                workers: median(all(|r| r.cpu_split.workers)),
+                store: median(all(|r| r.cpu_split.store)),
+                log: median(all(|r| r.cpu_split.log)),
+            },
             peak_rss_mib: all(|r| r.peak_rss_mib).into_iter().fold(0.0, f64::max),
             startup_ms: median(all(|r| r.startup_ms)),
             shovel_broker_us: some(|r| r.shovel_broker_us).map(median),
@@ -1411,6 +1466,7 @@ async fn drain_with_ponte(
     row.startup_ms = startup.as_secs_f64() * 1000.0;
     let pid = gateway.id();
     let (cpu_before, _) = usage(pid)?;
+    let threads_before = Split::of_threads(pid)?;
     let (rate, broker) = steady_rate(
         &args.node,
         load.expected_outputs,
@@ -1421,15 +1477,24 @@ async fn drain_with_ponte(
     // Outputs counted; give the last acknowledgements a moment, then read the process's usage.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (cpu_after, rss) = usage(pid)?;
+    row.cpu_split = threads_before.per_message(Split::of_threads(pid)?, load.count);
     // Progress counts outputs (copies and parked originals); the broker's cost is per message.
     row.ponte_broker_us = broker * load.expected_outputs as f64 / load.count as f64 * 1e6;
     gateway.stop()?;
     row.ponte_rate = rate * load.count as f64 / load.expected_outputs as f64;
     row.cpu_us = (cpu_after - cpu_before) / load.count as f64 * 1e6;
     row.peak_rss_mib = rss;
+    let split = &row.cpu_split;
     eprintln!(
-        "  ponte: {:.0} msg/s, {:.1} µs CPU/msg (broker {:.1}), peak RSS {:.1} MiB, ready in {:.0} ms",
-        row.ponte_rate, row.cpu_us, row.ponte_broker_us, row.peak_rss_mib, row.startup_ms
+        "  ponte: {:.0} msg/s, {:.1} µs CPU/msg (workers {:.1}, store {:.1}, log {:.1}; broker {:.1}), peak RSS {:.1} MiB, ready in {:.0} ms",
+        row.ponte_rate,
+        row.cpu_us,
+        split.workers,
+        split.store,
+        split.log,
+        row.ponte_broker_us,
+        row.peak_rss_mib,
+        row.startup_ms
     );
     for q in &outputs {
         channel
@@ -1882,7 +1947,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
 }
 
 /// The CSV file's columns.
-const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels,latency_p99_min_ms,latency_p99_max_ms,shovel_latency_p99_min_ms,shovel_latency_p99_max_ms,forwarder_latency_p99_min_ms,forwarder_latency_p99_max_ms,latency_cpu_us_per_msg,ids";
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels,latency_p99_min_ms,latency_p99_max_ms,shovel_latency_p99_min_ms,shovel_latency_p99_max_ms,forwarder_latency_p99_min_ms,forwarder_latency_p99_max_ms,latency_cpu_us_per_msg,ids,cpu_workers_us_per_msg,cpu_store_us_per_msg,cpu_log_us_per_msg";
 
 /// An existing CSV file must have today's columns: rows of an older benchmark would not line
 /// up. Checked before a run, not after it.
@@ -1914,7 +1979,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         (Some(_), false) => "1".to_string(),
     };
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{:.2},{:.2},{:.2}",
         args.scenario,
         load.count,
         args.partners,
@@ -1960,6 +2025,9 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         fmt(forwarder_latency(|l| l.p99_range.1), 2),
         fmt(row.latency.as_ref().and_then(|l| l.cpu_us), 1),
         name_of(args.ids),
+        row.cpu_split.workers,
+        row.cpu_split.store,
+        row.cpu_split.log,
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
