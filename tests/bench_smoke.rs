@@ -59,9 +59,9 @@ fn a_small_benchmark_run_produces_every_figure() {
             .unwrap_or_else(|_| panic!("{name} = {:?}", field(name)));
         assert!(value > 0.0, "{name} = {value}");
     }
-    // Ponte's CPU by thread: the workers handle every message; the parts, counted in the
-    // kernel's ticks (10 ms) by thread, are within the whole but for a few ticks each over the
-    // 2,000 messages (5 µs a message per tick).
+    // Ponte's CPU by thread: the workers handle every message, and the three parts are
+    // within the whole. Each is counted in the kernel's ticks (10 ms, 5 µs a message over
+    // 2,000), and rounded apart from the whole: up to four ticks each are allowed.
     let number = |name: &str| -> f64 {
         field(name)
             .parse()
@@ -78,7 +78,7 @@ fn a_small_benchmark_run_produces_every_figure() {
     }
     let sum: f64 = parts.iter().map(|p| number(p)).sum();
     assert!(
-        sum <= number("cpu_us_per_msg") + 3.0 * 4.0 * 5.0,
+        sum <= number("cpu_us_per_msg") + parts.len() as f64 * 4.0 * 5.0,
         "the parts ({sum:.1} µs) outgrow the whole ({} µs)",
         number("cpu_us_per_msg")
     );
