@@ -162,12 +162,8 @@ fn main() {
 
 /// User and system CPU, in seconds, of this process's thread named `name` (Linux's `/proc`).
 fn thread_cpu(name: &str) -> Option<f64> {
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() == name {
-            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-            return proc_stat::cpu_seconds(&stat);
-        }
-    }
-    None
+    proc_stat::threads("self")
+        .ok()?
+        .into_iter()
+        .find_map(|(thread, cpu)| (thread == name).then_some(cpu))
 }

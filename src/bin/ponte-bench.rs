@@ -245,23 +245,13 @@ struct Split {
 }
 
 impl Split {
-    /// The CPU seconds of `pid`'s threads by part, from `/proc/PID/task`: a thread is counted
-    /// by its name, which the kernel cuts to 15 bytes (`ponte-checkpoint` reads
-    /// `ponte-checkpoin`).
+    /// The CPU seconds of `pid`'s threads by part, each thread counted by its name.
     fn of_threads(pid: u32) -> Result<Split> {
         let mut split = Split::default();
-        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-            let task = task?.path();
-            // A thread that ended since the listing is no longer counted.
-            let (Ok(name), Ok(stat)) = (
-                std::fs::read_to_string(task.join("comm")),
-                std::fs::read_to_string(task.join("stat")),
-            ) else {
-                continue;
-            };
-            let cpu = proc_stat::cpu_seconds(&stat)
-                .with_context(|| format!("{}/stat", task.display()))?;
-            match name.trim_end() {
+        for (name, cpu) in
+            proc_stat::threads(&pid.to_string()).with_context(|| format!("/proc/{pid}/task"))?
+        {
+            match name.as_str() {
                 "tokio-rt-worker" => split.workers += cpu,
                 "ponte-store" | "ponte-checkpoin" => split.store += cpu,
                 "ponte-journal" => split.log += cpu,
