@@ -136,12 +136,19 @@ fi
 csv=target/bench/results.csv
 [ -z "$only" ] && rm -f "$csv"
 
+# A row that fails (the broker closing the run's connection on an internal error, say) is
+# reported and the matrix goes on with the next: the others' figures stand, and the run ends
+# naming the rows to run again with --only.
+failed=()
 row() {
     local name=$1
     shift
     if [ -n "$only" ] && [ "$only" != "$name" ]; then return; fi
-    "$bin/ponte-bench" --url "amqp://guest:guest@127.0.0.1:$port/%2f" --node "bench $port $PWD/$dir" \
-        --ponte "$bin/ponte" --csv "$csv" --scenario "$name" "$@"
+    if ! "$bin/ponte-bench" --url "amqp://guest:guest@127.0.0.1:$port/%2f" --node "bench $port $PWD/$dir" \
+        --ponte "$bin/ponte" --csv "$csv" --scenario "$name" "$@"; then
+        echo "run.sh: row $name failed; going on with the next" >&2
+        failed+=("$name")
+    fi
 }
 
 if [ "$mode" = quick ]; then
@@ -172,9 +179,13 @@ if [ "$only" != clients ] && [ -f "$csv" ]; then
     echo
     column -s, -t <"$csv"
 fi
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "run.sh: rows that failed (not in $csv): ${failed[*]}; run each again with --only NAME" >&2
+fi
 # What the no-op forwarder costs with lapin (Ponte's client) and with a client whose I/O runs on
 # the runtime (amqprs): how much of a message's CPU is the client's alone.
 if [ "$mode" = full ] && { [ -z "$only" ] || [ "$only" = clients ]; }; then
     echo
     "$bin/ponte-bench-clients" --url "amqp://guest:guest@127.0.0.1:$port/%2f" | tee target/bench/clients.txt
 fi
+[ ${#failed[@]} -eq 0 ]
