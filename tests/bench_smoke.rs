@@ -41,6 +41,11 @@ fn a_small_benchmark_run_produces_every_figure() {
     assert_eq!(field("messages"), "2000");
     assert_eq!(field("ids"), "v7");
     assert_eq!(field("partners"), "6");
+    let number = |name: &str| -> f64 {
+        field(name)
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} = {:?}", field(name)))
+    };
     for name in [
         "shovel_msgs_per_s",
         "ponte_msgs_per_s",
@@ -54,19 +59,12 @@ fn a_small_benchmark_run_produces_every_figure() {
         "forwarder_latency_p99_ms",
         "latency_cpu_us_per_msg",
     ] {
-        let value: f64 = field(name)
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} = {:?}", field(name)));
+        let value = number(name);
         assert!(value > 0.0, "{name} = {value}");
     }
     // Ponte's CPU by thread: the workers handle every message, and the three parts are
     // within the whole. Each is counted in the kernel's ticks (10 ms, 5 µs a message over
     // 2,000), and rounded apart from the whole: up to four ticks each are allowed.
-    let number = |name: &str| -> f64 {
-        field(name)
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} = {:?}", field(name)))
-    };
     let parts = [
         "cpu_workers_us_per_msg",
         "cpu_store_us_per_msg",
