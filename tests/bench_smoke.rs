@@ -145,7 +145,8 @@ fn a_small_benchmark_run_produces_every_figure() {
     assert!(!config.join("data").exists(), "the data folder is removed");
 
     // With the load spread as Ponte gets it: a shovel from each sender's queue, set and
-    // cleared together.
+    // cleared together; and the forwarder publishing as many messages as Ponte does, spread
+    // over a queue per sender, which go with the run too.
     let status = ponte_bench(&broker, &csv, &work)
         .args([
             "--messages",
@@ -153,6 +154,8 @@ fn a_small_benchmark_run_produces_every_figure() {
             "--partners",
             "6",
             "--shovel-per-sender",
+            "--forwarder",
+            "--fan-out",
             "--scenario",
             "spread",
         ])
@@ -170,8 +173,10 @@ fn a_small_benchmark_run_produces_every_figure() {
     assert_eq!(row[column("shovel_sources")], "1");
     // The institute and the employment centres send; the others only receive.
     assert_eq!(spread[column("shovel_sources")], "5", "{text}");
-    let rate: f64 = spread[column("shovel_msgs_per_s")].parse().unwrap();
-    assert!(rate > 0.0, "{text}");
+    for name in ["shovel_msgs_per_s", "forwarder_msgs_per_s"] {
+        let rate: f64 = spread[column(name)].parse().unwrap();
+        assert!(rate > 0.0, "{name}: {text}");
+    }
     assert_eq!(queues_and_shovels(&broker), "", "after a spread run");
 
     // Interrupted while Ponte drains: neither the gateway nor the run's queues stay behind to

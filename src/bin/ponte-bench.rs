@@ -100,6 +100,13 @@ struct Args {
     /// `--latency-secs`, its latency at the same rate too.
     #[arg(long)]
     forwarder: bool,
+    /// The forwarder's drain publishes, for each message it takes, as many messages as Ponte
+    /// publishes for the load on average (its copies, and a rejected message's parked original
+    /// and receipt), in turn to as many queues as the load has partners: the broker then does
+    /// Ponte's publishing work, and the forwarder's rate is about what any gateway doing that
+    /// work could reach on this broker.
+    #[arg(long, requires = "forwarder")]
+    fan_out: bool,
     /// Also measure latency at half the maximum rate, for this many seconds.
     #[arg(long, default_value_t = 0)]
     latency_secs: u64,
@@ -1000,7 +1007,7 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f6
     let (src, dst) = side_queues(args, connection, load, "shovel").await?;
     let [name, _] = shovel_names(args);
     set_shovel(args, &name, &src, &dst)?;
-    let rate = drained(args, connection, &dst, load.count).await;
+    let rate = drained(args, connection, std::slice::from_ref(&dst), load.count).await;
     ctl(&args.node, &["clear_parameter", "shovel", &name])?;
     delete_queues(args, &[&src, &dst]).await?;
     let (rate, broker) = rate?;
@@ -1050,7 +1057,7 @@ async fn shovels_per_sender(
         sources.len() - 1
     );
     ctl(&args.node, &["eval", &set])?;
-    let rate = drained(args, connection, &dst, load.count).await;
+    let rate = drained(args, connection, std::slice::from_ref(&dst), load.count).await;
     clear_sender_shovels(args)?;
     delete_queues(args, &all).await?;
     let (rate, broker) = rate?;
@@ -1109,17 +1116,46 @@ fn set_shovel(args: &Args, name: &str, src: &str, dst: &str) -> Result<()> {
 /// The no-op forwarder's steady rate, the broker's CPU seconds per message and its own.
 async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64, f64)> {
     let (src, dst) = side_queues(args, connection, load, "forwarder").await?;
-    let forwarding = Forwarding::start(args, &src, &dst);
+    // Every message once to one queue, or as many as Ponte publishes for the load, spread.
+    let (published, dsts) = match args.fan_out {
+        true => {
+            let more = (1..load.by_sender.len()).map(|n| fan_out_queue(&dst, n));
+            let dsts: Vec<String> = std::iter::once(dst.clone()).chain(more).collect();
+            let channel = connection.create_channel().await?;
+            for queue in &dsts[1..] {
+                delete_queues(args, &[queue]).await?;
+                declare(args, &channel, queue).await?;
+            }
+            (load.expected_outputs + load.invalid, dsts)
+        }
+        false => (load.count, vec![dst]),
+    };
+    let copies = Copies::per_message(published, load.count);
+    let forwarding = Forwarding::start(args, &src, &dsts, copies);
     let (cpu_before, _) = usage(std::process::id())?;
-    let rate = drained(args, connection, &dst, load.count).await;
+    let rate = drained(args, connection, &dsts, published).await;
     let (cpu_after, _) = usage(std::process::id())?;
     forwarding.stop().await?;
-    delete_queues(args, &[&src, &dst]).await?;
+    let side: Vec<&str> = std::iter::once(&src)
+        .chain(&dsts)
+        .map(String::as_str)
+        .collect();
+    delete_queues(args, &side).await?;
+    // Counted at the queue, per message published; reported per message taken, as Ponte's.
     let (rate, broker) = rate?;
+    let per_taken = published as f64 / load.count as f64;
+    let (rate, broker) = (rate / per_taken, broker * per_taken);
     // The benchmark's own polling runs in this process too: a small overestimate.
     let own = (cpu_after - cpu_before) / load.count as f64;
+    let fanned = match args.fan_out {
+        true => format!(
+            ", {per_taken:.2} published per message over {} queues",
+            dsts.len()
+        ),
+        false => String::new(),
+    };
     eprintln!(
-        "  no-op forwarder: {rate:.0} msg/s (broker {:.1} µs CPU/msg, forwarder {:.1})",
+        "  no-op forwarder: {rate:.0} msg/s (broker {:.1} µs CPU/msg, forwarder {:.1}{fanned})",
         broker * 1e6,
         own * 1e6
     );
@@ -1133,12 +1169,13 @@ struct Forwarding {
 }
 
 impl Forwarding {
-    fn start(args: &Args, src: &str, dst: &str) -> Forwarding {
+    fn start(args: &Args, src: &str, dsts: &[String], copies: Copies) -> Forwarding {
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(forward(
             args.url.clone(),
             src.to_string(),
-            dst.to_string(),
+            dsts.to_vec(),
+            copies,
             stop.clone(),
         ));
         Forwarding { task, stop }
@@ -1150,12 +1187,44 @@ impl Forwarding {
     }
 }
 
-/// Consumes `src` with Ponte's prefetch, publishes each message to `dst` with a confirm, and
-/// acknowledges confirmed runs with one `multiple` ack, until `stop`.
+/// How many copies of each message the forwarder publishes: `published` over `taken` messages,
+/// spread evenly (with 1.45, the messages get 1, 1, 2, 1, 2, 1, 2, ... copies).
+#[derive(Debug, Clone, Copy)]
+struct Copies {
+    published: usize,
+    taken: usize,
+}
+
+impl Copies {
+    fn per_message(published: usize, taken: usize) -> Copies {
+        Copies {
+            published: published.max(taken),
+            taken: taken.max(1),
+        }
+    }
+
+    /// One of each message.
+    const ONE: Copies = Copies {
+        published: 1,
+        taken: 1,
+    };
+
+    /// The copies of the `n`th message taken (from 0): over the first `taken` messages they add
+    /// up to `published`.
+    fn of(self, n: usize) -> usize {
+        let upto = |n: usize| n * self.published / self.taken;
+        upto(n + 1) - upto(n)
+    }
+}
+
+/// Consumes `src` with Ponte's prefetch, publishes each message to `dsts` with a confirm (or
+/// `copies` of it, each with its confirm, to each queue in turn), and acknowledges confirmed
+/// runs with one `multiple` ack, until `stop`.
 async fn forward(
     url: String,
     src: String,
-    dst: String,
+    dsts: Vec<String>,
+    copies: Copies,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     use futures_util::FutureExt;
@@ -1173,6 +1242,7 @@ async fn forward(
     )
     .await?;
     let mut confirms = futures_util::stream::FuturesOrdered::new();
+    let (mut taken, mut sent) = (0, 0);
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -1187,17 +1257,34 @@ async fn forward(
             }
             delivery = consumer.next() => {
                 let delivery = delivery.context("consumer ended")??;
-                let confirm = outbound
-                    .basic_publish(
-                        "".into(),
-                        dst.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &delivery.data,
-                        delivery.properties.clone(),
-                    )
-                    .await?;
+                let mut published = Vec::with_capacity(1);
+                for _ in 0..copies.of(taken) {
+                    let dst = &dsts[sent % dsts.len()];
+                    sent += 1;
+                    let confirm = outbound
+                        .basic_publish(
+                            "".into(),
+                            dst.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &delivery.data,
+                            delivery.properties.clone(),
+                        )
+                        .await?;
+                    published.push(confirm);
+                }
+                taken += 1;
                 let acker = delivery.acker;
-                confirms.push_back(async move { (acker, confirm.await) });
+                confirms.push_back(async move {
+                    // Acknowledged once every copy is confirmed; the first refusal fails it.
+                    let mut confirmed = None;
+                    for confirm in published {
+                        let this = confirm.await;
+                        if confirmed.as_ref().is_none_or(lapin::Result::is_ok) {
+                            confirmed = Some(this);
+                        }
+                    }
+                    (acker, confirmed.expect("every message gets a copy at least"))
+                });
             }
         }
     }
@@ -1222,6 +1309,11 @@ fn side_names(args: &Args, mover: &str) -> (String, String) {
         format!("bench-{mover}-{}.src", args.scenario),
         format!("bench-{mover}-{}.dst", args.scenario),
     )
+}
+
+/// The forwarder's `n`th destination queue after `dst` when it spreads its copies (`--fan-out`).
+fn fan_out_queue(dst: &str, n: usize) -> String {
+    format!("{dst}.{n}")
 }
 
 /// The shovels of this scenario: its drain's and its latency run's.
@@ -1252,16 +1344,20 @@ async fn side_queues(
     Ok((src, dst))
 }
 
-/// The steady rate at which `total` messages arrive in `dst`, and the broker's CPU meanwhile.
+/// The steady rate at which `total` messages arrive in `dsts`, and the broker's CPU meanwhile.
 async fn drained(
     args: &Args,
     connection: &Connection,
-    dst: &str,
+    dsts: &[String],
     total: usize,
 ) -> Result<(f64, f64)> {
     let channel = connection.create_channel().await?;
     steady_rate(&args.node, total, Duration::from_secs(1800), async || {
-        Ok(ponte::broker::ready(&channel, dst).await? as usize)
+        let mut ready = 0;
+        for dst in dsts {
+            ready += ponte::broker::ready(&channel, dst).await? as usize;
+        }
+        Ok(ready)
     })
     .await
 }
@@ -1584,7 +1680,12 @@ async fn side_latency(
         Mover::Forwarder => {
             for source in &per_sender {
                 preload(args, connection, source, &[]).await?;
-                forwarding.push(Forwarding::start(args, source, &dst));
+                forwarding.push(Forwarding::start(
+                    args,
+                    source,
+                    std::slice::from_ref(&dst),
+                    Copies::ONE,
+                ));
             }
         }
     }
@@ -1921,6 +2022,11 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
     for mover in spread {
         queues.extend((0..args.partners).map(|i| sender_source(args, mover, i)));
     }
+    // The forwarder's further destinations with `--fan-out`: one per sender at most.
+    if args.fan_out {
+        let (_, dst) = side_names(args, "forwarder");
+        queues.extend((1..args.partners).map(|n| fan_out_queue(&dst, n)));
+    }
     queues.extend(
         ponte::broker::all_queues(directory)
             .into_iter()
@@ -2038,6 +2144,23 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_forwarder_s_copies_add_up_to_what_ponte_publishes_and_never_leave_a_message_out() {
+        // 100,000 messages for which Ponte publishes 145,321 (copies, parked originals, receipts).
+        let copies = Copies::per_message(145_321, 100_000);
+        let each: Vec<usize> = (0..100_000).map(|n| copies.of(n)).collect();
+        assert_eq!(each.iter().sum::<usize>(), 145_321);
+        assert!(each.iter().all(|&c| c == 1 || c == 2), "{:?}", &each[..10]);
+        // Spread through the load, not bunched at one end: each tenth has its share.
+        for tenth in each.chunks(10_000) {
+            let sum: usize = tenth.iter().sum();
+            assert!((14_531..=14_533).contains(&sum), "{sum}");
+        }
+        // Without fan-out, or with fewer outputs than messages, one copy each.
+        assert!((0..1000).all(|n| Copies::ONE.of(n) == 1));
+        assert!((0..1000).all(|n| Copies::per_message(90, 100).of(n) == 1));
+    }
 
     #[test]
     fn latency_over_rounds_gives_the_median_p99_its_range_and_the_median_round_s_samples() {
