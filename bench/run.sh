@@ -155,8 +155,8 @@ if [ "$mode" = quick ]; then
     row smoke --messages 2000 --latency-secs 2 --forwarder
 else
     row base --messages 100000 --latency-secs 20 --forwarder --rounds 3
-    # The forwarder publishing as many messages as Ponte does for the load, spread over four
-    # queues: the rate any gateway doing Ponte's publishing could reach on this broker.
+    # The forwarder publishing as many messages as Ponte does for the load, spread over a queue
+    # per sender: about the rate any gateway doing Ponte's publishing could reach on this broker.
     row fan-out --messages 100000 --forwarder --fan-out --rounds 3
     # One copy per message, as the shovel makes: the demo mix's fan-out set apart.
     row one-copy --messages 100000 --mix referrals --latency-secs 20 --forwarder --rounds 3

@@ -1121,9 +1121,10 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
         true => {
             let more = (1..load.by_sender.len()).map(|n| fan_out_queue(&dst, n));
             let dsts: Vec<String> = std::iter::once(dst.clone()).chain(more).collect();
+            let more: Vec<&str> = dsts[1..].iter().map(String::as_str).collect();
+            delete_queues(args, &more).await?;
             let channel = connection.create_channel().await?;
-            for queue in &dsts[1..] {
-                delete_queues(args, &[queue]).await?;
+            for queue in more {
                 declare(args, &channel, queue).await?;
             }
             (load.expected_outputs + load.invalid, dsts)
