@@ -4,7 +4,7 @@
 # production profile) and runs the scenarios below, printing each row and appending it to
 # target/bench/results.csv (latency samples: target/bench/latency-*.csv).
 #
-#   bench/run.sh           the full matrix (about 55 minutes on 2 cores), then the AMQP clients
+#   bench/run.sh           the full matrix (about 60 minutes on 2 cores), then the AMQP clients
 #                          alone (ponte-bench-clients; its table in target/bench/clients.txt)
 #   bench/run.sh --quick   a 2,000-message smoke of the base row (what CI runs)
 #   bench/run.sh --only NAME   one row of the matrix (or `clients`)
@@ -156,8 +156,11 @@ if [ "$mode" = quick ]; then
 else
     row base --messages 100000 --latency-secs 20 --forwarder --rounds 3
     # The forwarder publishing as many messages as Ponte does for the load, spread over a queue
-    # per sender: about the rate any gateway doing Ponte's publishing could reach on this broker.
+    # per sender: what a client doing nothing but Ponte's publishing moves on this broker.
     row fan-out --messages 100000 --forwarder --fan-out --rounds 3
+    # The same with the load labelled as Ponte's copies are, so that the forwarder's copies are
+    # too (and the shovel moves labelled messages): the like-for-like comparison.
+    row fan-out-labelled --messages 100000 --forwarder --fan-out --labels labelled --rounds 3
     # One copy per message, as the shovel makes: the demo mix's fan-out set apart.
     row one-copy --messages 100000 --mix referrals --latency-secs 20 --forwarder --rounds 3
     # The same load published with the labels Ponte's copies carry (message_id, type): the

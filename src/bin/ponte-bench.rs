@@ -103,8 +103,9 @@ struct Args {
     /// The forwarder's drain publishes, for each message it takes, as many messages as Ponte
     /// publishes for the load on average (its copies, and a rejected message's parked original
     /// and receipt), in turn to as many queues as the load has partners: the broker then does
-    /// Ponte's publishing work, and the forwarder's rate is about what any gateway doing that
-    /// work could reach on this broker.
+    /// Ponte's publishing work, and the forwarder's rate is what a client doing nothing but
+    /// that work moves on this broker (with `--labels labelled`, its copies labelled as
+    /// Ponte's are).
     #[arg(long, requires = "forwarder")]
     fan_out: bool,
     /// Also measure latency at half the maximum rate, for this many seconds.
