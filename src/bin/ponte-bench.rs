@@ -100,12 +100,12 @@ struct Args {
     /// `--latency-secs`, its latency at the same rate too.
     #[arg(long)]
     forwarder: bool,
-    /// The forwarder's drain publishes, for each message it takes, as many messages as Ponte
-    /// publishes for the load on average (its copies, and a rejected message's parked original
-    /// and receipt), in turn to as many queues as the load has partners: the broker then does
-    /// Ponte's publishing work, and the forwarder's rate is what a client doing nothing but
-    /// that work moves on this broker (with `--labels labelled`, its copies labelled as
-    /// Ponte's are).
+    /// The forwarder's drain moves the load as Ponte does: from each sender's queue, a
+    /// consumer each, publishing for each message it takes as many messages as Ponte publishes
+    /// for the load on average (its copies, and a rejected message's parked original and
+    /// receipt), in turn to a queue per sender. The broker then does Ponte's work on the wire,
+    /// and the forwarder's rate is what a client doing nothing but that work moves on this
+    /// broker (with `--labels labelled`, its copies labelled as Ponte's are).
     #[arg(long, requires = "forwarder")]
     fan_out: bool,
     /// Also measure latency at half the maximum rate, for this many seconds.
@@ -1116,29 +1116,29 @@ fn set_shovel(args: &Args, name: &str, src: &str, dst: &str) -> Result<()> {
 
 /// The no-op forwarder's steady rate, the broker's CPU seconds per message and its own.
 async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64, f64)> {
-    let (src, dst) = side_queues(args, connection, load, "forwarder").await?;
-    // Every message once to one queue, or as many as Ponte publishes for the load, spread.
-    let (published, dsts) = match args.fan_out {
-        true => {
-            let more = (1..load.by_sender.len()).map(|n| fan_out_queue(&dst, n));
-            let dsts: Vec<String> = std::iter::once(dst.clone()).chain(more).collect();
-            let more: Vec<&str> = dsts[1..].iter().map(String::as_str).collect();
-            delete_queues(args, &more).await?;
-            let channel = connection.create_channel().await?;
-            for queue in more {
-                declare(args, &channel, queue).await?;
-            }
-            (load.expected_outputs + load.invalid, dsts)
+    // Every message once, from one queue to one queue as the shovel moves them; or, with
+    // `--fan-out`, as Ponte moves them: from each sender's queue, a consumer each, as many
+    // messages published as Ponte publishes for the load, spread over a queue per sender.
+    let (sources, dsts, published) = match args.fan_out {
+        false => {
+            let (src, dst) = side_queues(args, connection, load, "forwarder").await?;
+            (vec![(src, load.count)], vec![dst], load.count)
         }
-        false => (load.count, vec![dst]),
+        true => fan_out_queues(args, connection, load).await?,
     };
-    let copies = Copies::per_message(published, load.count);
-    let forwarding = Forwarding::start(args, &src, &dsts, copies);
+    let taken: Vec<usize> = sources.iter().map(|(_, n)| *n).collect();
+    let forwarding: Vec<Forwarding> = (sources.iter().zip(Copies::shared(published, &taken)))
+        .map(|((source, _), copies)| Forwarding::start(args, source, &dsts, copies))
+        .collect();
     let (cpu_before, _) = usage(std::process::id())?;
     let rate = drained(args, connection, &dsts, published).await;
     let (cpu_after, _) = usage(std::process::id())?;
-    forwarding.stop().await?;
-    let side: Vec<&str> = std::iter::once(&src)
+    for forwarder in forwarding {
+        forwarder.stop().await?;
+    }
+    let side: Vec<&str> = sources
+        .iter()
+        .map(|(q, _)| q)
         .chain(&dsts)
         .map(String::as_str)
         .collect();
@@ -1203,6 +1203,21 @@ impl Copies {
             published: published.max(taken),
             taken: taken.max(1),
         }
+    }
+
+    /// For sources holding `taken` messages each: `published` shared out by the messages each
+    /// holds, adding up to it.
+    fn shared(published: usize, taken: &[usize]) -> Vec<Copies> {
+        let all: usize = taken.iter().sum::<usize>().max(1);
+        let share = |upto: usize| upto * published / all;
+        let mut before = 0;
+        (taken.iter())
+            .map(|&n| {
+                let copies = Copies::per_message(share(before + n) - share(before), n);
+                before += n;
+                copies
+            })
+            .collect()
     }
 
     /// One of each message.
@@ -1316,6 +1331,37 @@ fn side_names(args: &Args, mover: &str) -> (String, String) {
 /// The forwarder's `n`th destination queue after `dst` when it spreads its copies (`--fan-out`).
 fn fan_out_queue(dst: &str, n: usize) -> String {
     format!("{dst}.{n}")
+}
+
+/// For `--fan-out`: a source queue per sender holding that sender's messages (with how many),
+/// a destination queue per sender, empty, and how many messages Ponte publishes for the load
+/// (its copies and parked originals, and a receipt for each rejected message).
+async fn fan_out_queues(
+    args: &Args,
+    connection: &Connection,
+    load: &Load,
+) -> Result<(Vec<(String, usize)>, Vec<String>, usize)> {
+    let (_, dst) = side_names(args, "forwarder");
+    let senders = load.by_sender.len();
+    let sources: Vec<(String, usize)> = (load.by_sender.iter().enumerate())
+        .map(|(i, (_, bodies))| (sender_source(args, "forwarder", i), bodies.len()))
+        .collect();
+    let dsts: Vec<String> = std::iter::once(dst.clone())
+        .chain((1..senders).map(|n| fan_out_queue(&dst, n)))
+        .collect();
+    let all: Vec<&str> = (sources.iter().map(|(q, _)| q))
+        .chain(&dsts)
+        .map(String::as_str)
+        .collect();
+    delete_queues(args, &all).await?;
+    let channel = connection.create_channel().await?;
+    for queue in &dsts {
+        declare(args, &channel, queue).await?;
+    }
+    for ((source, _), (_, bodies)) in sources.iter().zip(&load.by_sender) {
+        preload(args, connection, source, bodies).await?;
+    }
+    Ok((sources, dsts, load.expected_outputs + load.invalid))
 }
 
 /// The shovels of this scenario: its drain's and its latency run's.
@@ -2017,9 +2063,11 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
             [src, dst]
         })
         .collect();
-    let spread: &[&str] = match args.shovel_per_sender {
-        true => &["shovel", "forwarder-latency"],
-        false => &["forwarder-latency"],
+    let spread: &[&str] = match (args.shovel_per_sender, args.fan_out) {
+        (true, true) => &["shovel", "forwarder-latency", "forwarder"],
+        (true, false) => &["shovel", "forwarder-latency"],
+        (false, true) => &["forwarder-latency", "forwarder"],
+        (false, false) => &["forwarder-latency"],
     };
     for mover in spread {
         queues.extend((0..args.partners).map(|i| sender_source(args, mover, i)));
@@ -2162,6 +2210,13 @@ mod tests {
         // Without fan-out, or with fewer outputs than messages, one copy each.
         assert!((0..1000).all(|n| Copies::ONE.of(n) == 1));
         assert!((0..1000).all(|n| Copies::per_message(90, 100).of(n) == 1));
+        // Shared out by the senders' queues, a forwarder each: still Ponte's count in all.
+        let taken = [40_000, 33_333, 26_667];
+        let shared = Copies::shared(145_321, &taken);
+        let sum: usize = (shared.iter().zip(taken))
+            .map(|(copies, n)| (0..n).map(|i| copies.of(i)).sum::<usize>())
+            .sum();
+        assert_eq!(sum, 145_321);
     }
 
     #[test]
