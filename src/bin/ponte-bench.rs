@@ -1133,9 +1133,15 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
     let (cpu_before, _) = usage(std::process::id())?;
     let rate = drained(args, connection, &dsts, published).await;
     let (cpu_after, _) = usage(std::process::id())?;
+    // Every forwarder stopped before the first failure is reported.
+    let mut stopped = Ok(());
     for forwarder in forwarding {
-        forwarder.stop().await?;
+        let this = forwarder.stop().await;
+        if stopped.is_ok() {
+            stopped = this;
+        }
     }
+    stopped?;
     let side: Vec<&str> = sources
         .iter()
         .map(|(q, _)| q)
