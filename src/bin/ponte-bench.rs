@@ -1034,16 +1034,10 @@ async fn shovels_per_sender(
     load: &Load,
 ) -> Result<(f64, f64)> {
     let (_, dst) = side_names(args, "shovel");
-    let sources: Vec<String> = (0..load.by_sender.len())
-        .map(|i| sender_source(args, "shovel", i))
-        .collect();
+    let sources =
+        sender_queues(args, connection, load, "shovel", std::slice::from_ref(&dst)).await?;
     let mut all: Vec<&str> = sources.iter().map(String::as_str).collect();
     all.push(&dst);
-    delete_queues(args, &all).await?;
-    declare(args, &connection.create_channel().await?, &dst).await?;
-    for (source, (_, bodies)) in sources.iter().zip(&load.by_sender) {
-        preload(args, connection, source, bodies).await?;
-    }
     let definition = shovel_definition(&sender_source(args, "shovel", "@@"), &dst);
     let set = format!(
         "T = <<\"{}\">>, [ok = rabbit_runtime_parameters:parse_set(<<\"/\">>, <<\"shovel\">>, \
@@ -1068,6 +1062,29 @@ async fn shovels_per_sender(
         broker * 1e6
     );
     Ok((rate, broker))
+}
+
+/// A source queue per sender holding that sender's messages, for `mover`, and `dsts` empty.
+async fn sender_queues(
+    args: &Args,
+    connection: &Connection,
+    load: &Load,
+    mover: &str,
+    dsts: &[String],
+) -> Result<Vec<String>> {
+    let sources: Vec<String> = (0..load.by_sender.len())
+        .map(|i| sender_source(args, mover, i))
+        .collect();
+    let all: Vec<&str> = sources.iter().chain(dsts).map(String::as_str).collect();
+    delete_queues(args, &all).await?;
+    let channel = connection.create_channel().await?;
+    for queue in dsts {
+        declare(args, &channel, queue).await?;
+    }
+    for (source, (_, bodies)) in sources.iter().zip(&load.by_sender) {
+        preload(args, connection, source, bodies).await?;
+    }
+    Ok(sources)
 }
 
 /// What the names of the shovels of `--shovel-per-sender` begin with.
@@ -1133,15 +1150,7 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
     let (cpu_before, _) = usage(std::process::id())?;
     let rate = drained(args, connection, &dsts, published).await;
     let (cpu_after, _) = usage(std::process::id())?;
-    // Every forwarder stopped before the first failure is reported.
-    let mut stopped = Ok(());
-    for forwarder in forwarding {
-        let this = forwarder.stop().await;
-        if stopped.is_ok() {
-            stopped = this;
-        }
-    }
-    stopped?;
+    Forwarding::stop_all(forwarding).await?;
     let side: Vec<&str> = sources
         .iter()
         .map(|(q, _)| q)
@@ -1187,6 +1196,19 @@ impl Forwarding {
             stop.clone(),
         ));
         Forwarding { task, stop }
+    }
+
+    /// Stops every one of `all` before the first failure is reported, so that none keeps
+    /// consuming into the next run.
+    async fn stop_all(all: Vec<Forwarding>) -> Result<()> {
+        let mut stopped = Ok(());
+        for forwarding in all {
+            let this = forwarding.stop().await;
+            if stopped.is_ok() {
+                stopped = this;
+            }
+        }
+        stopped
     }
 
     async fn stop(self) -> Result<()> {
@@ -1280,33 +1302,36 @@ async fn forward(
             }
             delivery = consumer.next() => {
                 let delivery = delivery.context("consumer ended")??;
-                let mut published = Vec::with_capacity(1);
-                for _ in 0..copies.of(taken) {
+                // The first copy's confirm apart: with one copy a message, as without
+                // `--fan-out`, the forwarder allocates nothing more per message than before.
+                let mut publish = || {
                     let dst = &dsts[sent % dsts.len()];
                     sent += 1;
-                    let confirm = outbound
-                        .basic_publish(
-                            "".into(),
-                            dst.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &delivery.data,
-                            delivery.properties.clone(),
-                        )
-                        .await?;
-                    published.push(confirm);
+                    outbound.basic_publish(
+                        "".into(),
+                        dst.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &delivery.data,
+                        delivery.properties.clone(),
+                    )
+                };
+                let first = publish().await?;
+                let mut more = Vec::new();
+                for _ in 1..copies.of(taken) {
+                    more.push(publish().await?);
                 }
                 taken += 1;
                 let acker = delivery.acker;
                 confirms.push_back(async move {
                     // Acknowledged once every copy is confirmed; the first refusal fails it.
-                    let mut confirmed = None;
-                    for confirm in published {
+                    let mut confirmed = first.await;
+                    for confirm in more {
                         let this = confirm.await;
-                        if confirmed.as_ref().is_none_or(lapin::Result::is_ok) {
-                            confirmed = Some(this);
+                        if confirmed.is_ok() {
+                            confirmed = this;
                         }
                     }
-                    (acker, confirmed.expect("every message gets a copy at least"))
+                    (acker, confirmed)
                 });
             }
         }
@@ -1348,25 +1373,13 @@ async fn fan_out_queues(
     load: &Load,
 ) -> Result<(Vec<(String, usize)>, Vec<String>, usize)> {
     let (_, dst) = side_names(args, "forwarder");
-    let senders = load.by_sender.len();
-    let sources: Vec<(String, usize)> = (load.by_sender.iter().enumerate())
-        .map(|(i, (_, bodies))| (sender_source(args, "forwarder", i), bodies.len()))
-        .collect();
     let dsts: Vec<String> = std::iter::once(dst.clone())
-        .chain((1..senders).map(|n| fan_out_queue(&dst, n)))
+        .chain((1..load.by_sender.len()).map(|n| fan_out_queue(&dst, n)))
         .collect();
-    let all: Vec<&str> = (sources.iter().map(|(q, _)| q))
-        .chain(&dsts)
-        .map(String::as_str)
+    let sources = sender_queues(args, connection, load, "forwarder", &dsts).await?;
+    let sources = (sources.into_iter().zip(&load.by_sender))
+        .map(|(source, (_, bodies))| (source, bodies.len()))
         .collect();
-    delete_queues(args, &all).await?;
-    let channel = connection.create_channel().await?;
-    for queue in &dsts {
-        declare(args, &channel, queue).await?;
-    }
-    for ((source, _), (_, bodies)) in sources.iter().zip(&load.by_sender) {
-        preload(args, connection, source, bodies).await?;
-    }
     Ok((sources, dsts, load.expected_outputs + load.invalid))
 }
 
@@ -1763,9 +1776,7 @@ async fn side_latency(
     match mover {
         Mover::Shovel => ctl(&args.node, &["clear_parameter", "shovel", &name])?,
         Mover::Forwarder => {
-            for forwarding in forwarding {
-                forwarding.stop().await?;
-            }
+            Forwarding::stop_all(forwarding).await?;
         }
     }
     let mut queues: Vec<&str> = per_sender.iter().map(String::as_str).collect();
@@ -2069,12 +2080,12 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
             [src, dst]
         })
         .collect();
-    let spread: &[&str] = match (args.shovel_per_sender, args.fan_out) {
-        (true, true) => &["shovel", "forwarder-latency", "forwarder"],
-        (true, false) => &["shovel", "forwarder-latency"],
-        (false, true) => &["forwarder-latency", "forwarder"],
-        (false, false) => &["forwarder-latency"],
-    };
+    let spread = [
+        Some("forwarder-latency"),
+        args.shovel_per_sender.then_some("shovel"),
+        args.fan_out.then_some("forwarder"),
+    ];
+    let spread = spread.into_iter().flatten();
     for mover in spread {
         queues.extend((0..args.partners).map(|i| sender_source(args, mover, i)));
     }
