@@ -4,7 +4,7 @@
 # production profile) and runs the scenarios below, printing each row and appending it to
 # target/bench/results.csv (latency samples: target/bench/latency-*.csv).
 #
-#   bench/run.sh           the full matrix (about 60 minutes on 2 cores), then the AMQP clients
+#   bench/run.sh           the full matrix (about 65 minutes on 2 cores), then the AMQP clients
 #                          alone (ponte-bench-clients; its table in target/bench/clients.txt)
 #   bench/run.sh --quick   a 2,000-message smoke of the base row (what CI runs)
 #   bench/run.sh --only NAME   one row of the matrix (or `clients`)
@@ -166,6 +166,9 @@ else
     # The same load published with the labels Ponte's copies carry (message_id, type): the
     # shovel and the forwarder then move messages that cost the broker what Ponte's cost it.
     row one-copy-labelled --messages 100000 --mix referrals --labels labelled --forwarder --rounds 3
+    # Row fan-out with every classic queue of the run at storage version 2 (a policy for the
+    # run's queues; RabbitMQ 3.10 to 3.12 make version 1 unless told otherwise).
+    row base-cqv2 --messages 100000 --classic-queue-version 2 --forwarder --fan-out --rounds 3
     # The same two loads on quorum queues (every queue of the run, the shovel's too).
     row base-quorum --messages 100000 --queue-type quorum --latency-secs 20 --forwarder --rounds 3
     row one-copy-quorum --messages 100000 --mix referrals --queue-type quorum --forwarder --rounds 3

@@ -41,6 +41,11 @@ fn a_small_benchmark_run_produces_every_figure() {
     assert_eq!(field("messages"), "2000");
     assert_eq!(field("ids"), "v7");
     assert_eq!(field("partners"), "6");
+    assert_eq!(
+        field("classic_queue_version"),
+        "",
+        "the broker's own default"
+    );
     let number = |name: &str| -> f64 {
         field(name)
             .parse()
@@ -146,8 +151,15 @@ fn a_small_benchmark_run_produces_every_figure() {
 
     // With the load spread as Ponte gets it: a shovel from each sender's queue, set and
     // cleared together; and the forwarder publishing as many messages as Ponte does, spread
-    // over a queue per sender, which go with the run too.
-    let status = ponte_bench(&broker, &csv, &work)
+    // over a queue per sender, which go with the run too. The broker has a policy of its own,
+    // which the run names, and leaves.
+    broker.ctl(&[
+        "set_policy",
+        "someone-elses",
+        "^elsewhere$",
+        r#"{"max-length":1}"#,
+    ]);
+    let output = ponte_bench(&broker, &csv, &work)
         .args([
             "--messages",
             "600",
@@ -156,12 +168,20 @@ fn a_small_benchmark_run_produces_every_figure() {
             "--shovel-per-sender",
             "--forwarder",
             "--fan-out",
+            "--classic-queue-version",
+            "2",
             "--scenario",
             "spread",
         ])
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the broker has policies") && stderr.contains("someone-elses"),
+        "{stderr}"
+    );
+    broker.ctl(&["clear_policy", "someone-elses"]);
     let text = std::fs::read_to_string(&csv).unwrap();
     let spread: Vec<&str> = text
         .lines()
@@ -173,6 +193,7 @@ fn a_small_benchmark_run_produces_every_figure() {
     assert_eq!(row[column("shovel_sources")], "1");
     // The institute and the employment centres send; the others only receive.
     assert_eq!(spread[column("shovel_sources")], "5", "{text}");
+    assert_eq!(spread[column("classic_queue_version")], "2", "{text}");
     for name in ["shovel_msgs_per_s", "forwarder_msgs_per_s"] {
         let rate: f64 = spread[column(name)].parse().unwrap();
         assert!(rate > 0.0, "{name}: {text}");
@@ -196,6 +217,8 @@ fn a_small_benchmark_run_produces_every_figure() {
             "--messages",
             "20000",
             "--no-shovel",
+            "--classic-queue-version",
+            "2",
             "--scenario",
             "stopped",
         ])
@@ -216,6 +239,21 @@ fn a_small_benchmark_run_produces_every_figure() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     std::thread::sleep(std::time::Duration::from_secs(1));
+    // Every queue of the run is under the run's storage-version policy: Ponte's, and the
+    // forwarder's source left by the earlier run of the same row.
+    let policies = broker.ctl(&[
+        "list_queues",
+        "name",
+        "policy",
+        "--quiet",
+        "--no-table-headers",
+    ]);
+    let queues: Vec<&str> = policies.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(queues.len() > 5, "{policies}");
+    for queue in &queues {
+        assert!(queue.trim_end().ends_with("-queue-version"), "{policies}");
+    }
+    assert!(policies.contains(leftover), "{policies}");
     unsafe { libc::kill(bench.id() as i32, libc::SIGINT) };
     let status = bench.wait().unwrap();
     assert!(!status.success());
@@ -247,10 +285,11 @@ fn ponte_bench(
     command
 }
 
-/// The broker's queues and shovels, one per line (empty when it has none).
+/// The broker's queues, shovels and policies, one per line (empty when it has none).
 fn queues_and_shovels(broker: &PrivateBroker) -> String {
     let mut left = broker.ctl(&["list_queues", "name", "--quiet", "--no-table-headers"]);
     left += &broker.ctl(&["list_parameters", "--quiet", "--no-table-headers"]);
+    left += &broker.ctl(&["list_policies", "--quiet", "--no-table-headers"]);
     left.trim().to_string()
 }
 

@@ -68,6 +68,11 @@ struct Args {
     /// the forwarder's the same, so that the broker moves the load between queues of one kind).
     #[arg(long, value_enum, default_value_t = QueueType::Classic)]
     queue_type: QueueType,
+    /// The storage version of every classic queue of the run, set by a broker policy for the
+    /// run's queues (RabbitMQ 3.10 and later; cleared at the end). Without it the broker's own
+    /// default applies (`classic_queue.default_version`: 1 up to RabbitMQ 3.12).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    classic_queue_version: Option<u8>,
     /// The AMQP properties the load is published with. The broker spends more on a message
     /// whose properties take more than about 64 bytes, and Ponte's delivered copies carry the
     /// labels the wire contract asks for (`message_id`, `type`), which take them past it; a
@@ -368,6 +373,11 @@ async fn main() -> Result<()> {
         "PONTE_BROKER__QUEUE_TYPE says {}: give --queue-type {0} instead",
         directory.settings.broker.queue_type.as_str()
     );
+    anyhow::ensure!(
+        args.classic_queue_version.is_none() || args.queue_type == QueueType::Classic,
+        "--classic-queue-version is for classic queues, not --queue-type {}",
+        args.queue_type.as_str()
+    );
     if args.history > 0 {
         let started = Instant::now();
         fill_history(&ponte::pipeline::store_dir(&directory), args.history)?;
@@ -387,13 +397,42 @@ async fn main() -> Result<()> {
         args.partners,
         load.mean_size(),
         args.receipts,
-        args.queue_type.as_str(),
+        match args.classic_queue_version {
+            Some(version) => format!("classic v{version}"),
+            None => args.queue_type.as_str().to_string(),
+        },
         name_of(args.labels),
         name_of(args.ids),
         load.expected_outputs
     );
     check_csv_header(&args.csv)?;
     let connection = connect(&args.url).await?;
+    // A policy on the broker (one an earlier experiment left, say) applies to the run's queues
+    // too, and changes what is measured: the figures are then not the broker's defaults.
+    let policies = ctl_output(
+        &args.node,
+        &["list_policies", "--quiet", "--no-table-headers"],
+    )?;
+    if !policies.trim().is_empty() {
+        eprintln!("  the broker has policies, which apply to the run's queues they match:");
+        eprint!("{policies}");
+    }
+    if let Some(version) = args.classic_queue_version {
+        // Before any queue of the run is declared, so that each is made at this version.
+        ctl(
+            &args.node,
+            &[
+                "set_policy",
+                "--apply-to",
+                "queues",
+                "--priority",
+                "10",
+                &queue_version_policy(&prefix),
+                &run_queues_pattern(&args, &prefix),
+                &format!("{{\"queue-version\":{version}}}"),
+            ],
+        )?;
+    }
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let measured = tokio::select! {
@@ -941,12 +980,7 @@ fn quiet_ctl(node: &str, args: &[&str]) -> Result<()> {
 }
 
 fn run_ctl(node: &str, args: &[&str], stderr: Stdio) -> Result<()> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let node: Vec<&str> = node.split(' ').collect();
-    let status = Command::new(repo.join("scripts/broker.sh"))
-        .arg("ctl")
-        .args(&node)
-        .args(args)
+    let status = ctl_command(node, args)
         .stdout(Stdio::null())
         .stderr(stderr)
         .status()?;
@@ -954,6 +988,23 @@ fn run_ctl(node: &str, args: &[&str], stderr: Stdio) -> Result<()> {
         bail!("rabbitmqctl {args:?} failed");
     }
     Ok(())
+}
+
+/// What `rabbitmqctl args` prints.
+fn ctl_output(node: &str, args: &[&str]) -> Result<String> {
+    let output = ctl_command(node, args).stderr(Stdio::inherit()).output()?;
+    if !output.status.success() {
+        bail!("rabbitmqctl {args:?} failed");
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn ctl_command(node: &str, args: &[&str]) -> Command {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let node: Vec<&str> = node.split(' ').collect();
+    let mut command = Command::new(repo.join("scripts/broker.sh"));
+    command.arg("ctl").args(&node).args(args);
+    command
 }
 
 /// The steady-state rate at which `progress` reaches `total` (between 10 % and 90 % of it, so
@@ -1356,6 +1407,31 @@ fn side_names(args: &Args, mover: &str) -> (String, String) {
     (
         format!("bench-{mover}-{}.src", args.scenario),
         format!("bench-{mover}-{}.dst", args.scenario),
+    )
+}
+
+/// The policy `--classic-queue-version` sets for the run whose Ponte has queue prefix `prefix`.
+fn queue_version_policy(prefix: &str) -> String {
+    format!("{prefix}-queue-version")
+}
+
+/// A pattern matching the name of every queue of the run: Ponte's (under its `prefix`), and
+/// the side queues of the shovel and the forwarder (see [`side_names`], [`sender_source`]).
+fn run_queues_pattern(args: &Args, prefix: &str) -> String {
+    // Each character other than a letter or digit escaped: PCRE reads `\` before one as itself.
+    let literal = |s: &str| {
+        s.chars().fold(String::new(), |mut out, c| {
+            if !c.is_ascii_alphanumeric() {
+                out.push('\\');
+            }
+            out.push(c);
+            out
+        })
+    };
+    format!(
+        "^({}\\.|bench-.+-{}\\.)",
+        literal(prefix),
+        literal(&args.scenario)
     )
 }
 
@@ -2065,6 +2141,10 @@ fn percentile_plot(series: &[(&str, &Latency, &str)], rate: f64) -> String {
 
 /// Deletes the run's queues and exchanges, its side queues and its shovels.
 async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
+    if args.classic_queue_version.is_some() {
+        let policy = queue_version_policy(&directory.settings.broker.prefix);
+        let _ = quiet_ctl(&args.node, &["clear_policy", &policy]);
+    }
     for name in shovel_names(args) {
         let _ = quiet_ctl(&args.node, &["clear_parameter", "shovel", &name]);
     }
@@ -2110,7 +2190,7 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
 }
 
 /// The CSV file's columns.
-const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels,latency_p99_min_ms,latency_p99_max_ms,shovel_latency_p99_min_ms,shovel_latency_p99_max_ms,forwarder_latency_p99_min_ms,forwarder_latency_p99_max_ms,latency_cpu_us_per_msg,ids,cpu_workers_us_per_msg,cpu_store_us_per_msg,cpu_log_us_per_msg";
+const HEADER: &str = "scenario,messages,partners,bytes_per_message,positive_receipts,shovel_msgs_per_s,ponte_msgs_per_s,ratio,cpu_us_per_msg,peak_rss_mib,startup_ms,latency_offered_msgs_per_s,latency_p50_ms,latency_p99_ms,latency_max_ms,shovel_broker_cpu_us_per_msg,ponte_broker_cpu_us_per_msg,forwarder_msgs_per_s,forwarder_broker_cpu_us_per_msg,forwarder_cpu_us_per_msg,shovel_latency_p50_ms,shovel_latency_p99_ms,shovel_latency_max_ms,forwarder_latency_p50_ms,forwarder_latency_p99_ms,forwarder_latency_max_ms,rounds,ratio_min,ratio_max,ponte_msgs_per_s_min,ponte_msgs_per_s_max,cpu_us_per_msg_min,cpu_us_per_msg_max,shovel_sources,mix,queue_type,labels,latency_p99_min_ms,latency_p99_max_ms,shovel_latency_p99_min_ms,shovel_latency_p99_max_ms,forwarder_latency_p99_min_ms,forwarder_latency_p99_max_ms,latency_cpu_us_per_msg,ids,cpu_workers_us_per_msg,cpu_store_us_per_msg,cpu_log_us_per_msg,classic_queue_version";
 
 /// An existing CSV file must have today's columns: rows of an older benchmark would not line
 /// up. Checked before a run, not after it.
@@ -2142,7 +2222,7 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         (Some(_), false) => "1".to_string(),
     };
     let line = format!(
-        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{:.2},{:.2},{:.2}",
+        "{},{},{},{},{},{},{:.0},{},{:.2},{:.1},{:.0},{},{},{},{},{},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.0},{:.2},{:.2},{},{},{},{},{},{},{},{},{},{},{},{},{:.2},{:.2},{:.2},{}",
         args.scenario,
         load.count,
         args.partners,
@@ -2191,6 +2271,8 @@ fn report(args: &Args, load: &Load, row: &Row) -> Result<()> {
         row.cpu_split.workers,
         row.cpu_split.store,
         row.cpu_split.log,
+        args.classic_queue_version
+            .map_or(String::new(), |v| v.to_string()),
     );
     if let Some(parent) = args.csv.parent() {
         std::fs::create_dir_all(parent)?;
