@@ -144,7 +144,7 @@ fn a_small_benchmark_run_produces_every_figure() {
         "{plot}"
     );
     // The run leaves the broker as it found it, and no data folder behind.
-    assert_eq!(queues_and_shovels(&broker), "", "after a finished run");
+    assert_eq!(left_on_broker(&broker), "", "after a finished run");
     let config = work.join("config-smoke");
     assert!(config.join("ponte.toml").exists());
     assert!(!config.join("data").exists(), "the data folder is removed");
@@ -198,7 +198,7 @@ fn a_small_benchmark_run_produces_every_figure() {
         let rate: f64 = spread[column(name)].parse().unwrap();
         assert!(rate > 0.0, "{name}: {text}");
     }
-    assert_eq!(queues_and_shovels(&broker), "", "after a spread run");
+    assert_eq!(left_on_broker(&broker), "", "after a spread run");
 
     // Interrupted while Ponte drains: neither the gateway nor the run's queues stay behind to
     // load the broker under the next run. A source queue of a forwarder, as a latency run of the
@@ -211,7 +211,7 @@ fn a_small_benchmark_run_produces_every_figure() {
             leftover,
             &[b"{}".to_vec()],
         ));
-    assert!(queues_and_shovels(&broker).contains(leftover));
+    assert!(left_on_broker(&broker).contains(leftover));
     let mut bench = ponte_bench(&broker, &csv, &work)
         .args([
             "--messages",
@@ -241,24 +241,24 @@ fn a_small_benchmark_run_produces_every_figure() {
     std::thread::sleep(std::time::Duration::from_secs(1));
     // Every queue of the run is under the run's storage-version policy: Ponte's, and the
     // forwarder's source left by the earlier run of the same row.
-    let policies = broker.ctl(&[
+    let listed = broker.ctl(&[
         "list_queues",
         "name",
         "policy",
         "--quiet",
         "--no-table-headers",
     ]);
-    let queues: Vec<&str> = policies.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(queues.len() > 5, "{policies}");
+    let queues: Vec<&str> = listed.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(queues.len() > 5, "{listed}");
     for queue in &queues {
-        assert!(queue.trim_end().ends_with("-queue-version"), "{policies}");
+        assert!(queue.trim_end().ends_with("-queue-version"), "{listed}");
     }
-    assert!(policies.contains(leftover), "{policies}");
+    assert!(listed.contains(leftover), "{listed}");
     unsafe { libc::kill(bench.id() as i32, libc::SIGINT) };
     let status = bench.wait().unwrap();
     assert!(!status.success());
     assert_eq!(command_of(gateway), None, "the gateway still runs");
-    assert_eq!(queues_and_shovels(&broker), "", "after an interrupted run");
+    assert_eq!(left_on_broker(&broker), "", "after an interrupted run");
     let text = std::fs::read_to_string(&csv).unwrap();
     assert!(!text.contains("stopped"), "an interrupted run wrote a row");
 }
@@ -286,7 +286,7 @@ fn ponte_bench(
 }
 
 /// The broker's queues, shovels and policies, one per line (empty when it has none).
-fn queues_and_shovels(broker: &PrivateBroker) -> String {
+fn left_on_broker(broker: &PrivateBroker) -> String {
     let mut left = broker.ctl(&["list_queues", "name", "--quiet", "--no-table-headers"]);
     left += &broker.ctl(&["list_parameters", "--quiet", "--no-table-headers"]);
     left += &broker.ctl(&["list_policies", "--quiet", "--no-table-headers"]);
