@@ -155,8 +155,8 @@ if [ "$mode" = quick ]; then
     row smoke --messages 2000 --latency-secs 2 --forwarder
 else
     row base --messages 100000 --latency-secs 20 --forwarder --rounds 3
-    # The forwarder doing Ponte's work on the wire: a consumer per sender, as many messages
-    # published as Ponte publishes for the load, spread over a queue per sender.
+    # The forwarder doing Ponte's work on the wire: a consumer per sender, each message
+    # published to a queue for each of the queues Ponte publishes it to.
     row fan-out --messages 100000 --forwarder --fan-out --rounds 3
     # The same with the load labelled as Ponte's copies are, so that the forwarder's copies are
     # too (and the shovel moves labelled messages): the like-for-like comparison.

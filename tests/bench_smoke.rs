@@ -150,8 +150,8 @@ fn a_small_benchmark_run_produces_every_figure() {
     assert!(!config.join("data").exists(), "the data folder is removed");
 
     // With the load spread as Ponte gets it: a shovel from each sender's queue, set and
-    // cleared together; and the forwarder publishing as many messages as Ponte does, spread
-    // over a queue per sender, which go with the run too. The broker has a policy of its own,
+    // cleared together; and the forwarder publishing each message to a queue for each one
+    // Ponte publishes it to, which go with the run too. The broker has a policy of its own,
     // which the run names, and leaves.
     broker.ctl(&[
         "set_policy",
@@ -182,6 +182,13 @@ fn a_small_benchmark_run_produces_every_figure() {
         "{stderr}"
     );
     broker.ctl(&["clear_policy", "someone-elses"]);
+    // More destinations than senders: the recipients' queues, and the senders' rejected and
+    // receipt queues.
+    let fanned = stderr
+        .split_once("published per message over ")
+        .and_then(|(_, rest)| rest.split_once(" queues"))
+        .and_then(|(n, _)| n.parse::<usize>().ok());
+    assert!(fanned.is_some_and(|n| n > 5), "{fanned:?}: {stderr}");
     let text = std::fs::read_to_string(&csv).unwrap();
     let spread: Vec<&str> = text
         .lines()

@@ -106,11 +106,11 @@ struct Args {
     #[arg(long)]
     forwarder: bool,
     /// The forwarder's drain moves the load as Ponte does: from each sender's queue, a
-    /// consumer each, publishing for each message it takes as many messages as Ponte publishes
-    /// for the load on average (its copies, and a rejected message's parked original and
-    /// receipt), in turn to a queue per sender. The broker then does Ponte's work on the wire,
-    /// and the forwarder's rate is what a client doing nothing but that work moves on this
-    /// broker (with `--labels labelled`, its copies labelled as Ponte's are).
+    /// consumer each, publishing each message it takes to a queue of its own for each queue
+    /// Ponte publishes that message to (its recipients' copies; a rejected message's parked
+    /// original and receipt; with `--receipts on`, every receipt). The broker then does Ponte's
+    /// work on the wire, and the forwarder's rate is what a client doing nothing but that work
+    /// moves on this broker (with `--labels labelled`, its copies labelled as Ponte's are).
     #[arg(long, requires = "forwarder")]
     fan_out: bool,
     /// Also measure latency at half the maximum rate, for this many seconds.
@@ -758,6 +758,11 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 #[derive(Default)]
 struct Load {
     by_sender: Vec<(String, Vec<Vec<u8>>)>,
+    /// For each sender of `by_sender`, where Ponte publishes each of its messages: the places in
+    /// `outputs` of its recipients' queues, or of the sender's rejected and receipt queues.
+    routes: Vec<Vec<Route>>,
+    /// The queues Ponte publishes the load to, each as [`output_label`] names it.
+    outputs: Vec<String>,
     invalid: usize,
     expected_outputs: usize,
     bytes: usize,
@@ -800,7 +805,8 @@ impl Load {
             .collect();
         // Offices come from a hash map: sort them so that every run sends the same load.
         cpis.sort();
-        let mut by_sender: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+        let mut by_sender: HashMap<String, (Vec<Vec<u8>>, Vec<Route>)> = HashMap::new();
+        let mut outputs = Outputs::default();
         let (mut invalid, mut expected, mut bytes, mut referrals) = (0, 0, 0, 0);
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut next = || {
@@ -812,7 +818,7 @@ impl Load {
         for i in 0..count {
             let (cpi, office, municipality) = cpis[(next() % cpis.len() as u64) as usize];
             let roll = next() % 100;
-            let (sender, mut message, outputs) = if roll < 60 || mix == Mix::Referrals {
+            let (sender, mut message, copies) = if roll < 60 || mix == Mix::Referrals {
                 let mut m = referral(ids, cpi, office, municipality);
                 let base = serde_json::to_vec(&m).unwrap().len();
                 m["payload"]["notes"] =
@@ -825,6 +831,19 @@ impl Load {
                 // The competent CPI, the observatory, and for inclusion benefits the comune.
                 let comune = adi && tables.competent("comune", municipality).is_some();
                 ("inps".to_string(), m, if comune { 3 } else { 2 })
+            };
+            // Where Ponte publishes it: to each recipient, or, once it is made invalid below,
+            // its original parked and a receipt to the sender.
+            let route: Route = if i % 20 == 7 {
+                ["rejected", "receipts"]
+                    .map(|kind| outputs.place(kind, &sender))
+                    .into()
+            } else {
+                let from = &directory.partners[&sender];
+                let kind = message["type"].as_str().unwrap_or_default();
+                let to = ponte::route::recipients(&message, kind, from, directory, &tables)
+                    .expect("the load's valid messages have recipients");
+                to.iter().map(|p| outputs.place("out", &p.id)).collect()
             };
             // 5% invalid, in varied ways.
             let body = if i % 20 == 7 {
@@ -856,16 +875,24 @@ impl Load {
                     }
                 }
             } else {
-                expected += outputs;
+                expected += copies;
                 serde_json::to_vec(&message).unwrap()
             };
             bytes += body.len();
-            by_sender.entry(sender).or_default().push(body);
+            let of_sender = by_sender.entry(sender).or_default();
+            of_sender.0.push(body);
+            of_sender.1.push(route);
         }
         let mut by_sender: Vec<_> = by_sender.into_iter().collect();
         by_sender.sort_by(|a, b| a.0.cmp(&b.0));
+        let (by_sender, routes) = by_sender
+            .into_iter()
+            .map(|(sender, (bodies, routes))| ((sender, bodies), routes))
+            .unzip();
         Load {
             by_sender,
+            routes,
+            outputs: outputs.labels,
             invalid,
             expected_outputs: expected,
             bytes,
@@ -877,6 +904,36 @@ impl Load {
     fn mean_size(&self) -> usize {
         self.bytes / self.count.max(1)
     }
+}
+
+/// The queues one message goes out to, each as its place in [`Load::outputs`].
+type Route = Box<[u16]>;
+
+/// The queues a load's messages go out to, in the order first met.
+#[derive(Default)]
+struct Outputs {
+    labels: Vec<String>,
+    places: HashMap<String, u16>,
+}
+
+impl Outputs {
+    /// The place of `partner`'s queue of this `kind`, numbered when first met.
+    fn place(&mut self, kind: &str, partner: &str) -> u16 {
+        let label = output_label(kind, partner);
+        if let Some(&place) = self.places.get(&label) {
+            return place;
+        }
+        let place = u16::try_from(self.labels.len()).expect("fewer than 65,536 output queues");
+        self.labels.push(label.clone());
+        self.places.insert(label, place);
+        place
+    }
+}
+
+/// How a queue Ponte publishes to is named among the forwarder's destinations: its kind
+/// (`out`, `rejected`, `receipts`) and its partner, as in Ponte's own queue names.
+fn output_label(kind: &str, partner: &str) -> String {
+    format!("{kind}.{partner}")
 }
 
 fn referral(ids: Ids, sender: &str, office: &str, municipality: &str) -> Value {
@@ -1185,18 +1242,17 @@ fn set_shovel(args: &Args, name: &str, src: &str, dst: &str) -> Result<()> {
 /// The no-op forwarder's steady rate, the broker's CPU seconds per message and its own.
 async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64, f64)> {
     // Every message once, from one queue to one queue as the shovel moves them; or, with
-    // `--fan-out`, as Ponte moves them: from each sender's queue, a consumer each, as many
-    // messages published as Ponte publishes for the load, spread over a queue per sender.
+    // `--fan-out`, as Ponte moves them: from each sender's queue, a consumer each, each
+    // message published to a queue for each queue Ponte publishes it to.
     let (sources, dsts, published) = match args.fan_out {
         false => {
             let (src, dst) = side_queues(args, connection, load, "forwarder").await?;
-            (vec![(src, load.count)], vec![dst], load.count)
+            (vec![(src, None)], vec![dst], load.count)
         }
         true => fan_out_queues(args, connection, load).await?,
     };
-    let taken: Vec<usize> = sources.iter().map(|(_, n)| *n).collect();
-    let forwarding: Vec<Forwarding> = (sources.iter().zip(Copies::shared(published, &taken)))
-        .map(|((source, _), copies)| Forwarding::start(args, source, &dsts, copies))
+    let forwarding: Vec<Forwarding> = (sources.iter())
+        .map(|(source, plan)| Forwarding::start(args, source, &dsts, plan.clone()))
         .collect();
     let (cpu_before, _) = usage(std::process::id())?;
     let rate = drained(args, connection, &dsts, published).await;
@@ -1237,13 +1293,13 @@ struct Forwarding {
 }
 
 impl Forwarding {
-    fn start(args: &Args, src: &str, dsts: &[String], copies: Copies) -> Forwarding {
+    fn start(args: &Args, src: &str, dsts: &[String], plan: Plan) -> Forwarding {
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(forward(
             args.url.clone(),
             src.to_string(),
             dsts.to_vec(),
-            copies,
+            plan,
             stop.clone(),
         ));
         Forwarding { task, stop }
@@ -1268,59 +1324,29 @@ impl Forwarding {
     }
 }
 
-/// How many copies of each message the forwarder publishes: `published` over `taken` messages,
-/// spread evenly (with 1.45, the messages get 1, 1, 2, 1, 2, 1, 2, ... copies).
-#[derive(Debug, Clone, Copy)]
-struct Copies {
-    published: usize,
-    taken: usize,
-}
+/// Where the forwarder publishes each message it takes, by its place in its source queue: to
+/// its one destination (`None`), or with `--fan-out` to the destinations standing for the
+/// queues Ponte publishes that message's outputs to.
+type Plan = Option<Arc<[Route]>>;
 
-impl Copies {
-    fn per_message(published: usize, taken: usize) -> Copies {
-        Copies {
-            published: published.max(taken),
-            taken: taken.max(1),
-        }
-    }
-
-    /// For sources holding `taken` messages each: `published` shared out by the messages each
-    /// holds, adding up to it.
-    fn shared(published: usize, taken: &[usize]) -> Vec<Copies> {
-        let all: usize = taken.iter().sum::<usize>().max(1);
-        let share = |upto: usize| upto * published / all;
-        let mut before = 0;
-        (taken.iter())
-            .map(|&n| {
-                let copies = Copies::per_message(share(before + n) - share(before), n);
-                before += n;
-                copies
-            })
-            .collect()
-    }
-
-    /// One of each message.
-    const ONE: Copies = Copies {
-        published: 1,
-        taken: 1,
-    };
-
-    /// The copies of the `n`th message taken (from 0): over the first `taken` messages they add
-    /// up to `published`.
-    fn of(self, n: usize) -> usize {
-        let upto = |n: usize| n * self.published / self.taken;
-        upto(n + 1) - upto(n)
+/// The destinations of the `n`th message taken (from 0) under `plan`: places in the list of
+/// destinations, the first one when the plan has none for it.
+fn planned(plan: &Plan, n: usize) -> &[u16] {
+    const FIRST: &[u16] = &[0];
+    match plan.as_ref().and_then(|routes| routes.get(n)) {
+        Some(route) if !route.is_empty() => route,
+        _ => FIRST,
     }
 }
 
-/// Consumes `src` with Ponte's prefetch, publishes each message to `dsts` with a confirm (or
-/// `copies` of it, each with its confirm, to each queue in turn), and acknowledges confirmed
-/// runs with one `multiple` ack, until `stop`.
+/// Consumes `src` with Ponte's prefetch, publishes each message to `dsts` with a confirm (or,
+/// by `plan`, a copy of it to each of its destinations, each with its confirm), and
+/// acknowledges confirmed runs with one `multiple` ack, until `stop`.
 async fn forward(
     url: String,
     src: String,
     dsts: Vec<String>,
-    copies: Copies,
+    plan: Plan,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     use futures_util::FutureExt;
@@ -1338,7 +1364,7 @@ async fn forward(
     )
     .await?;
     let mut confirms = futures_util::stream::FuturesOrdered::new();
-    let (mut taken, mut sent) = (0, 0);
+    let mut taken = 0;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -1355,21 +1381,22 @@ async fn forward(
                 let delivery = delivery.context("consumer ended")??;
                 // The first copy's confirm apart: with one copy a message, as without
                 // `--fan-out`, the forwarder allocates nothing more per message than before.
-                let mut publish = || {
-                    let dst = &dsts[sent % dsts.len()];
-                    sent += 1;
+                let publish = |place: u16| {
                     outbound.basic_publish(
                         "".into(),
-                        dst.as_str().into(),
+                        dsts[usize::from(place)].as_str().into(),
                         BasicPublishOptions::default(),
                         &delivery.data,
                         delivery.properties.clone(),
                     )
                 };
-                let first = publish().await?;
+                let (&place, rest) = planned(&plan, taken)
+                    .split_first()
+                    .expect("a plan gives every message a destination");
+                let first = publish(place).await?;
                 let mut more = Vec::new();
-                for _ in 1..copies.of(taken) {
-                    more.push(publish().await?);
+                for &place in rest {
+                    more.push(publish(place).await?);
                 }
                 taken += 1;
                 let acker = delivery.acker;
@@ -1435,28 +1462,57 @@ fn run_queues_pattern(args: &Args, prefix: &str) -> String {
     )
 }
 
-/// The forwarder's `n`th destination queue after `dst` when it spreads its copies (`--fan-out`).
-fn fan_out_queue(dst: &str, n: usize) -> String {
-    format!("{dst}.{n}")
+/// The forwarder's destination standing for Ponte's output queue `label` (an
+/// [`output_label`]), when it publishes as Ponte does (`--fan-out`).
+fn fan_out_queue(dst: &str, label: &str) -> String {
+    format!("{dst}.{label}")
 }
 
-/// For `--fan-out`: a source queue per sender holding that sender's messages (with how many),
-/// a destination queue per sender, empty, and how many messages Ponte publishes for the load
-/// (its copies and parked originals, and a receipt for each rejected message).
+/// For `--fan-out`: a source queue per sender holding that sender's messages, with where each
+/// of them goes; a destination for each queue Ponte publishes the load to, empty; and how many
+/// messages Ponte publishes for the load (its copies, parked originals and receipts).
 async fn fan_out_queues(
     args: &Args,
     connection: &Connection,
     load: &Load,
-) -> Result<(Vec<(String, usize)>, Vec<String>, usize)> {
+) -> Result<(Vec<(String, Plan)>, Vec<String>, usize)> {
+    let (plans, labels) = fan_out_plans(load, args.receipts == "on");
     let (_, dst) = side_names(args, "forwarder");
-    let dsts: Vec<String> = std::iter::once(dst.clone())
-        .chain((1..load.by_sender.len()).map(|n| fan_out_queue(&dst, n)))
+    let dsts: Vec<String> = (labels.iter())
+        .map(|label| fan_out_queue(&dst, label))
         .collect();
     let sources = sender_queues(args, connection, load, "forwarder", &dsts).await?;
-    let sources = (sources.into_iter().zip(&load.by_sender))
-        .map(|(source, (_, bodies))| (source, bodies.len()))
+    let published = plans
+        .iter()
+        .flatten()
+        .flat_map(|routes| routes.iter())
+        .map(|route| route.len())
+        .sum();
+    Ok((sources.into_iter().zip(plans).collect(), dsts, published))
+}
+
+/// Each sender's plan for the fan-out forwarder, and the labels of the queues it publishes to:
+/// the load's routes, and with `positive` receipts a receipt to the sender for every message.
+fn fan_out_plans(load: &Load, positive: bool) -> (Vec<Plan>, Vec<String>) {
+    let mut outputs = Outputs::default();
+    for label in &load.outputs {
+        let (kind, partner) = label.split_once('.').expect("an output label has a kind");
+        outputs.place(kind, partner);
+    }
+    let plans = (load.by_sender.iter().zip(&load.routes))
+        .map(|((sender, _), routes)| {
+            let receipt = positive.then(|| outputs.place("receipts", sender));
+            let routes = routes.iter().map(|route| match receipt {
+                // A rejected message's route has its receipt already.
+                Some(receipt) if !route.contains(&receipt) => {
+                    route.iter().copied().chain([receipt]).collect()
+                }
+                _ => route.clone(),
+            });
+            Some(routes.collect())
+        })
         .collect();
-    Ok((sources, dsts, load.expected_outputs + load.invalid))
+    (plans, outputs.labels)
 }
 
 /// The shovels of this scenario: its drain's and its latency run's.
@@ -1827,7 +1883,7 @@ async fn side_latency(
                     args,
                     source,
                     std::slice::from_ref(&dst),
-                    Copies::ONE,
+                    None,
                 ));
             }
         }
@@ -2169,10 +2225,14 @@ async fn cleanup(args: &Args, connection: &Connection, directory: &Directory) {
     for mover in spread {
         queues.extend((0..args.partners).map(|i| sender_source(args, mover, i)));
     }
-    // The forwarder's further destinations with `--fan-out`: one per sender at most.
+    // The forwarder's destinations with `--fan-out`: at most one for each of Ponte's output
+    // queues.
     if args.fan_out {
         let (_, dst) = side_names(args, "forwarder");
-        queues.extend((1..args.partners).map(|n| fan_out_queue(&dst, n)));
+        for partner in directory.partners.keys() {
+            let labels = ["out", "rejected", "receipts"].map(|kind| output_label(kind, partner));
+            queues.extend(labels.iter().map(|label| fan_out_queue(&dst, label)));
+        }
     }
     queues.extend(
         ponte::broker::all_queues(directory)
@@ -2295,27 +2355,89 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_forwarder_s_copies_add_up_to_what_ponte_publishes_and_never_leave_a_message_out() {
-        // 100,000 messages for which Ponte publishes 145,321 (copies, parked originals, receipts).
-        let copies = Copies::per_message(145_321, 100_000);
-        let each: Vec<usize> = (0..100_000).map(|n| copies.of(n)).collect();
-        assert_eq!(each.iter().sum::<usize>(), 145_321);
-        assert!(each.iter().all(|&c| c == 1 || c == 2), "{:?}", &each[..10]);
-        // Spread through the load, not bunched at one end: each tenth has its share.
-        for tenth in each.chunks(10_000) {
-            let sum: usize = tenth.iter().sum();
-            assert!((14_531..=14_533).contains(&sum), "{sum}");
+    fn the_fan_out_forwarder_publishes_each_message_to_a_queue_for_each_of_ponte_s() {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let directory = Directory::load(&config).unwrap();
+        let load = Load::generate(&directory, 2000, 1024, Mix::Demo, Ids::V4);
+        // A route for every message, in its sender's order.
+        let routes: Vec<usize> = load.routes.iter().map(Vec::len).collect();
+        let bodies: Vec<usize> = load.by_sender.iter().map(|(_, b)| b.len()).collect();
+        assert_eq!(routes, bodies);
+        // As many as the drain waits for from Ponte, and a receipt for each rejected message.
+        let routed: usize = load.routes.iter().flatten().map(|r| r.len()).sum();
+        assert_eq!(routed, load.expected_outputs + load.invalid);
+        // The demo configuration's five recipients, and each sender's rejected and receipts.
+        let mut outputs = load.outputs.clone();
+        outputs.sort();
+        let senders = ["cpi-bologna", "cpi-modena", "inps"];
+        let mut expected: Vec<String> = ["comune-modena", "cpi-bologna", "cpi-modena"]
+            .into_iter()
+            .chain(["inps", "osservatorio-er"])
+            .map(|p| output_label("out", p))
+            .chain(senders.map(|p| output_label("rejected", p)))
+            .chain(senders.map(|p| output_label("receipts", p)))
+            .collect();
+        expected.sort();
+        assert_eq!(outputs, expected);
+        // Each message where Ponte sends it: a referral to INPS; a benefit status to a CPI and
+        // the observatory (and for an inclusion benefit, to the comune where one is competent);
+        // a rejected message parked and answered on its own sender's queues.
+        for ((sender, bodies), routes) in load.by_sender.iter().zip(&load.routes) {
+            for (body, route) in bodies.iter().zip(routes) {
+                let mut to: Vec<&str> = route
+                    .iter()
+                    .map(|&p| &*load.outputs[usize::from(p)])
+                    .collect();
+                to.sort();
+                let kind = serde_json::from_slice::<Value>(body)
+                    .ok()
+                    .and_then(|m| m["type"].as_str().map(String::from));
+                let parked = [
+                    output_label("receipts", sender),
+                    output_label("rejected", sender),
+                ];
+                match kind.as_deref() {
+                    _ if to == parked => {}
+                    Some("referral") => assert_eq!(to, ["out.inps"]),
+                    Some("benefit-status") => {
+                        assert!(to.iter().any(|t| t.starts_with("out.cpi-")), "{to:?}");
+                        assert!(to.contains(&"out.osservatorio-er"), "{to:?}");
+                        assert!(to.len() == 2 || to.contains(&"out.comune-modena"), "{to:?}");
+                    }
+                    other => panic!("{other:?} from {sender} routed to {to:?}"),
+                }
+            }
         }
-        // Without fan-out, or with fewer outputs than messages, one copy each.
-        assert!((0..1000).all(|n| Copies::ONE.of(n) == 1));
-        assert!((0..1000).all(|n| Copies::per_message(90, 100).of(n) == 1));
-        // Shared out by the senders' queues, a forwarder each: still Ponte's count in all.
-        let taken = [40_000, 33_333, 26_667];
-        let shared = Copies::shared(145_321, &taken);
-        let sum: usize = (shared.iter().zip(taken))
-            .map(|(copies, n)| (0..n).map(|i| copies.of(i)).sum::<usize>())
-            .sum();
-        assert_eq!(sum, 145_321);
+        // The forwarder's plans: the load's routes; with positive receipts, one more message
+        // for each delivered one, to its sender's receipt queue.
+        let published = |plans: &[Plan]| -> usize {
+            let routes = plans.iter().flatten().flat_map(|routes| routes.iter());
+            routes.map(|route| route.len()).sum()
+        };
+        let (plans, labels) = fan_out_plans(&load, false);
+        assert_eq!((published(&plans), &labels), (routed, &load.outputs));
+        let (with_receipts, labels) = fan_out_plans(&load, true);
+        let delivered = load.count - load.invalid;
+        assert_eq!(published(&with_receipts), routed + delivered);
+        assert_eq!(
+            labels, load.outputs,
+            "every sender has a receipt queue already"
+        );
+        for (((sender, _), plan), routes) in
+            load.by_sender.iter().zip(&with_receipts).zip(&load.routes)
+        {
+            let receipt = output_label("receipts", sender);
+            for (planned, route) in plan.as_ref().unwrap().iter().zip(routes) {
+                let last = &labels[usize::from(*planned.last().unwrap())];
+                assert_eq!(last, &receipt);
+                assert!(planned.starts_with(route));
+            }
+        }
+        // Without a plan, or past its end, one copy to the first destination.
+        assert_eq!(planned(&None, 7), [0]);
+        let plan: Plan = Some(load.routes[0].iter().take(3).cloned().collect());
+        assert_eq!(planned(&plan, 1), &*load.routes[0][1]);
+        assert_eq!(planned(&plan, 3), [0]);
     }
 
     #[test]
