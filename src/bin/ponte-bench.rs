@@ -832,9 +832,11 @@ impl Load {
                 let comune = adi && tables.competent("comune", municipality).is_some();
                 ("inps".to_string(), m, if comune { 3 } else { 2 })
             };
+            // 5% invalid, in varied ways (below).
+            let rejected = i % 20 == 7;
             // Where Ponte publishes it: to each recipient, or, once it is made invalid below,
             // its original parked and a receipt to the sender.
-            let route: Route = if i % 20 == 7 {
+            let route: Route = if rejected {
                 ["rejected", "receipts"]
                     .map(|kind| outputs.place(kind, &sender))
                     .into()
@@ -845,8 +847,7 @@ impl Load {
                     .expect("the load's valid messages have recipients");
                 to.iter().map(|p| outputs.place("out", &p.id)).collect()
             };
-            // 5% invalid, in varied ways.
-            let body = if i % 20 == 7 {
+            let body = if rejected {
                 invalid += 1;
                 expected += 1;
                 match (i / 20) % 6 {
