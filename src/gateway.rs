@@ -97,7 +97,7 @@ const FIRST_DELAY: Duration = Duration::from_millis(200);
 /// Partners whose flows share one pair of connections. lapin checks every channel of a
 /// connection for flow control on each frame it writes, so thousands of channels on one
 /// connection make every frame slow; small groups keep that check short.
-const PARTNERS_PER_CONNECTION: usize = 64;
+pub const PARTNERS_PER_CONNECTION: usize = 64;
 
 /// One connected period: returns `Ok` when asked to stop (or to reconnect), `Err` when the
 /// broker failed.

@@ -108,9 +108,11 @@ struct Args {
     /// The forwarder's drain moves the load as Ponte does: from each sender's queue, a
     /// consumer each, publishing each message it takes to a queue of its own for each queue
     /// Ponte publishes that message to (its recipients' copies; a rejected message's parked
-    /// original and receipt; with `--receipts on`, every receipt). The broker then does Ponte's
-    /// work on the wire, and the forwarder's rate is what a client doing nothing but that work
-    /// moves on this broker (with `--labels labelled`, its copies labelled as Ponte's are).
+    /// original and receipt; with `--receipts on`, every receipt), the forwarders of each 64
+    /// senders sharing a consuming and a publishing connection as Ponte's flows do. The broker
+    /// then does Ponte's work on the wire, and the forwarder's rate is what a client doing
+    /// nothing but that work moves on this broker (with `--labels labelled`, its copies
+    /// labelled as Ponte's are).
     #[arg(long, requires = "forwarder")]
     fan_out: bool,
     /// Also measure latency at half the maximum rate, for this many seconds.
@@ -1252,13 +1254,26 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
         }
         true => fan_out_queues(args, connection, load).await?,
     };
-    let forwarding: Vec<Forwarding> = (sources.iter())
-        .map(|(source, plan)| Forwarding::start(args, source, &dsts, plan.clone()))
+    // With `--fan-out`, the senders' forwarders share connections as Ponte's flows do.
+    let groups = match args.fan_out {
+        true => Link::groups(args, sources.len()).await?,
+        false => Vec::new(),
+    };
+    let forwarding: Vec<Forwarding> = (sources.iter().enumerate())
+        .map(|(i, (source, plan))| {
+            let link = groups.get(i / ponte::gateway::PARTNERS_PER_CONNECTION);
+            let link = link.cloned().unwrap_or_else(|| Link::Own(args.url.clone()));
+            Forwarding::start(link, source, &dsts, plan.clone())
+        })
         .collect();
     let (cpu_before, _) = usage(std::process::id())?;
     let rate = drained(args, connection, &dsts, published).await;
     let (cpu_after, _) = usage(std::process::id())?;
-    Forwarding::stop_all(forwarding).await?;
+    let stopped = Forwarding::stop_all(forwarding).await;
+    for group in &groups {
+        group.close().await;
+    }
+    stopped?;
     let side: Vec<&str> = sources
         .iter()
         .map(|(q, _)| q)
@@ -1287,6 +1302,48 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
     Ok((rate, broker, own))
 }
 
+/// The connections a forwarder consumes and publishes on: one of its own for both, or a pair
+/// (consuming, publishing) it shares with the forwarders of up to
+/// [`ponte::gateway::PARTNERS_PER_CONNECTION`] senders, as Ponte's flows share theirs.
+#[derive(Clone)]
+enum Link {
+    Own(String),
+    Shared(Arc<Connection>, Arc<Connection>),
+}
+
+impl Link {
+    /// The shared pairs for `senders` forwarders, one per group of senders.
+    async fn groups(args: &Args, senders: usize) -> Result<Vec<Link>> {
+        let mut groups = Vec::new();
+        for _ in 0..senders.div_ceil(ponte::gateway::PARTNERS_PER_CONNECTION) {
+            let consuming = Arc::new(connect(&args.url).await?);
+            let publishing = Arc::new(connect(&args.url).await?);
+            groups.push(Link::Shared(consuming, publishing));
+        }
+        Ok(groups)
+    }
+
+    /// The consuming and the publishing connection, and the connection to close once the
+    /// forwarder stops: its own, not a shared pair, which [`Link::close`] closes.
+    async fn open(self) -> Result<(Arc<Connection>, Arc<Connection>, Option<Arc<Connection>>)> {
+        Ok(match self {
+            Link::Own(url) => {
+                let own = Arc::new(connect(&url).await?);
+                (own.clone(), own.clone(), Some(own))
+            }
+            Link::Shared(consuming, publishing) => (consuming, publishing, None),
+        })
+    }
+
+    /// Closes a shared pair, once every forwarder on it has stopped.
+    async fn close(&self) {
+        if let Link::Shared(consuming, publishing) = self {
+            close(consuming).await;
+            close(publishing).await;
+        }
+    }
+}
+
 /// The no-op forwarder running between two queues.
 struct Forwarding {
     task: tokio::task::JoinHandle<Result<()>>,
@@ -1294,10 +1351,10 @@ struct Forwarding {
 }
 
 impl Forwarding {
-    fn start(args: &Args, src: &str, dsts: &[String], plan: Plan) -> Forwarding {
+    fn start(link: Link, src: &str, dsts: &[String], plan: Plan) -> Forwarding {
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(forward(
-            args.url.clone(),
+            link,
             src.to_string(),
             dsts.to_vec(),
             plan,
@@ -1344,16 +1401,16 @@ fn planned(plan: &Plan, n: usize) -> &[u16] {
 /// by `plan`, a copy of it to each of its destinations, each with its confirm), and
 /// acknowledges confirmed runs with one `multiple` ack, until `stop`.
 async fn forward(
-    url: String,
+    link: Link,
     src: String,
     dsts: Vec<String>,
     plan: Plan,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     use futures_util::FutureExt;
-    let connection = connect(&url).await?;
-    let inbound = connection.create_channel().await?;
-    let outbound = connection.create_channel().await?;
+    let (consuming, publishing, own) = link.open().await?;
+    let inbound = consuming.create_channel().await?;
+    let outbound = publishing.create_channel().await?;
     outbound
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -1415,7 +1472,9 @@ async fn forward(
             }
         }
     }
-    close(&connection).await;
+    if let Some(own) = own {
+        close(&own).await;
+    }
     Ok(())
 }
 
@@ -1881,7 +1940,7 @@ async fn side_latency(
             for source in &per_sender {
                 preload(args, connection, source, &[]).await?;
                 forwarding.push(Forwarding::start(
-                    args,
+                    Link::Own(args.url.clone()),
                     source,
                     std::slice::from_ref(&dst),
                     None,
