@@ -109,10 +109,10 @@ struct Args {
     /// consumer each, publishing each message it takes to a queue of its own for each queue
     /// Ponte publishes that message to (its recipients' copies; a rejected message's parked
     /// original and receipt; with `--receipts on`, every receipt), the forwarders of each 64
-    /// senders sharing a consuming and a publishing connection as Ponte's flows do. The broker
-    /// then does Ponte's work on the wire, and the forwarder's rate is what a client doing
-    /// nothing but that work moves on this broker (with `--labels labelled`, its copies
-    /// labelled as Ponte's are).
+    /// senders sharing a consuming and a publishing connection as Ponte's flows do, each
+    /// starting with the window Ponte's flow would start with. The broker then does Ponte's
+    /// work on the wire, and the forwarder's rate is what a client doing nothing but that work
+    /// moves on this broker (with `--labels labelled`, its copies labelled as Ponte's are).
     #[arg(long, requires = "forwarder")]
     fan_out: bool,
     /// Also measure latency at half the maximum rate, for this many seconds.
@@ -480,7 +480,7 @@ async fn measure(
             row.shovel_broker_us = Some(broker * 1e6);
         }
         if args.forwarder {
-            row.forwarder = Some(forwarder(args, connection, &load).await?);
+            row.forwarder = Some(forwarder(args, connection, directory, &load).await?);
         }
         drain_with_ponte(args, config, directory, connection, &load, &mut row).await?;
         rounds.push(row);
@@ -1243,7 +1243,12 @@ fn set_shovel(args: &Args, name: &str, src: &str, dst: &str) -> Result<()> {
 }
 
 /// The no-op forwarder's steady rate, the broker's CPU seconds per message and its own.
-async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<(f64, f64, f64)> {
+async fn forwarder(
+    args: &Args,
+    connection: &Connection,
+    directory: &Directory,
+    load: &Load,
+) -> Result<(f64, f64, f64)> {
     // Every message once, from one queue to one queue as the shovel moves them; or, with
     // `--fan-out`, as Ponte moves them: from each sender's queue, a consumer each, each
     // message published to a queue for each queue Ponte publishes it to.
@@ -1254,16 +1259,22 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
         }
         true => fan_out_queues(args, connection, load).await?,
     };
-    // With `--fan-out`, the senders' forwarders share connections as Ponte's flows do.
-    let groups = match args.fan_out {
-        true => Link::groups(args, sources.len()).await?,
-        false => Vec::new(),
+    // With `--fan-out`, the senders' forwarders share connections as Ponte's flows do, and
+    // start with the windows Ponte's flows would start with.
+    let (groups, windows) = match args.fan_out {
+        true => (
+            Link::groups(args, sources.len()).await?,
+            starting_windows(directory, load),
+        ),
+        false => (Vec::new(), Vec::new()),
     };
     let forwarding: Vec<Forwarding> = (sources.iter().enumerate())
         .map(|(i, (source, plan))| {
             let link = groups.get(i / ponte::gateway::PARTNERS_PER_CONNECTION);
             let link = link.cloned().unwrap_or_else(|| Link::Own(args.url.clone()));
-            Forwarding::start(link, source, &dsts, plan.clone())
+            let window = windows.get(i).copied();
+            let window = window.unwrap_or(ponte::settings::DEFAULT_PREFETCH);
+            Forwarding::start(link, source, &dsts, plan.clone(), window)
         })
         .collect();
     let (cpu_before, _) = usage(std::process::id())?;
@@ -1289,8 +1300,10 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
     let own = (cpu_after - cpu_before) / load.count as f64;
     let fanned = match args.fan_out {
         true => format!(
-            ", {per_taken:.2} published per message over {} queues",
-            dsts.len()
+            ", {per_taken:.2} published per message over {} queues, windows of {}-{}",
+            dsts.len(),
+            windows.iter().min().unwrap_or(&0),
+            windows.iter().max().unwrap_or(&0)
         ),
         false => String::new(),
     };
@@ -1300,6 +1313,34 @@ async fn forwarder(args: &Args, connection: &Connection, load: &Load) -> Result<
         own * 1e6
     );
     Ok((rate, broker, own))
+}
+
+/// For each sender of `load`, the window its flow in Ponte would start with: `broker.prefetch`,
+/// or its own `prefetch`, or, where the partners share `broker.max_in_flight`, a share given
+/// where the backlog is. Ponte's windows then follow the traffic within that total; a
+/// forwarder's stays as it starts.
+fn starting_windows(directory: &Directory, load: &Load) -> Vec<u16> {
+    let partners: Vec<&ponte::partner::Partner> = directory.partners.values().collect();
+    let broker = &directory.settings.broker;
+    let own: Vec<Option<u16>> = partners.iter().map(|p| p.prefetch).collect();
+    let mut windows: HashMap<&str, u16> = (partners.iter().map(|p| p.id.as_str()))
+        .zip(broker.prefetches(&own))
+        .collect();
+    if let Some(pool) = broker.pool(&own) {
+        let following: Vec<&str> = (partners.iter())
+            .filter(|p| p.prefetch.is_none())
+            .map(|p| p.id.as_str())
+            .collect();
+        let backlog = |partner: &str| {
+            let sent = load.by_sender.iter().find(|(sender, _)| sender == partner);
+            sent.map_or(0, |(_, bodies)| bodies.len() as u32)
+        };
+        let backlogs: Vec<u32> = following.iter().map(|p| backlog(p)).collect();
+        windows.extend(following.into_iter().zip(pool.allot(&backlogs)));
+    }
+    (load.by_sender.iter())
+        .map(|(sender, _)| windows.get(sender.as_str()).copied().unwrap_or(1))
+        .collect()
 }
 
 /// The connections a forwarder consumes and publishes on: one of its own for both, or a pair
@@ -1351,13 +1392,13 @@ struct Forwarding {
 }
 
 impl Forwarding {
-    fn start(link: Link, src: &str, dsts: &[String], plan: Plan) -> Forwarding {
+    fn start(link: Link, src: &str, dsts: &[String], plan: Plan, window: u16) -> Forwarding {
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(forward(
             link,
             src.to_string(),
             dsts.to_vec(),
-            plan,
+            (plan, window),
             stop.clone(),
         ));
         Forwarding { task, stop }
@@ -1397,14 +1438,14 @@ fn planned(plan: &Plan, n: usize) -> &[u16] {
     }
 }
 
-/// Consumes `src` with Ponte's prefetch, publishes each message to `dsts` with a confirm (or,
-/// by `plan`, a copy of it to each of its destinations, each with its confirm), and
-/// acknowledges confirmed runs with one `multiple` ack, until `stop`.
+/// Consumes `src` with a window of `window` messages, publishes each message to `dsts` with a
+/// confirm (or, by `plan`, a copy of it to each of its destinations, each with its confirm),
+/// and acknowledges confirmed runs with one `multiple` ack, until `stop`.
 async fn forward(
     link: Link,
     src: String,
     dsts: Vec<String>,
-    plan: Plan,
+    (plan, window): (Plan, u16),
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     use futures_util::FutureExt;
@@ -1414,13 +1455,7 @@ async fn forward(
     outbound
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let mut consumer = ponte::broker::consume(
-        &inbound,
-        &src,
-        "bench-forwarder",
-        ponte::settings::DEFAULT_PREFETCH,
-    )
-    .await?;
+    let mut consumer = ponte::broker::consume(&inbound, &src, "bench-forwarder", window).await?;
     let mut confirms = futures_util::stream::FuturesOrdered::new();
     let mut taken = 0;
     loop {
@@ -1944,6 +1979,7 @@ async fn side_latency(
                     source,
                     std::slice::from_ref(&dst),
                     None,
+                    ponte::settings::DEFAULT_PREFETCH,
                 ));
             }
         }
@@ -2498,6 +2534,36 @@ mod tests {
         let plan: Plan = Some(load.routes[0].iter().take(3).cloned().collect());
         assert_eq!(planned(&plan, 1), &*load.routes[0][1]);
         assert_eq!(planned(&plan, 3), [0]);
+    }
+
+    #[test]
+    fn the_fan_out_forwarders_start_with_the_windows_ponte_s_flows_would() {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let directory = Directory::load(&config).unwrap();
+        let load = Load::generate(&directory, 2000, 1024, Mix::Demo, Ids::V4);
+        let senders: Vec<&str> = load.by_sender.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(senders, ["cpi-bologna", "cpi-modena", "inps"]);
+        // Few partners: every flow has `broker.prefetch`.
+        let prefetch = directory.settings.broker.prefetch;
+        assert_eq!(starting_windows(&directory, &load), [prefetch; 3]);
+        // A bound shared by the five partners' flows: given where the backlog is, the two
+        // receiving partners keeping the floor.
+        let shared = Directory::load_with_overrides(&config, &[("broker.max_in_flight", "100")]);
+        let windows = starting_windows(&shared.unwrap(), &load);
+        let floor = ponte::prefetch::FLOOR;
+        assert!(
+            windows.iter().sum::<u16>() <= 100 - 2 * floor,
+            "{windows:?}"
+        );
+        assert!(windows.iter().all(|w| *w > floor), "{windows:?}");
+        let backlogs: Vec<usize> = load.by_sender.iter().map(|(_, b)| b.len()).collect();
+        let busiest = |of: &[usize]| (0..3).max_by_key(|&i| of[i]).unwrap();
+        let windows: Vec<usize> = windows.iter().map(|w| usize::from(*w)).collect();
+        assert_eq!(
+            busiest(&windows),
+            busiest(&backlogs),
+            "{windows:?} for {backlogs:?}"
+        );
     }
 
     #[test]
