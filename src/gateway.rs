@@ -4,7 +4,6 @@
 //! flow again (see `supervise`). On shutdown stops consuming, waits for in-flight messages to
 //! settle, and returns.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -211,14 +210,7 @@ async fn open(
     let pool = broker.pool(&own).map(Arc::new);
     // Those flows start with windows where the backlog is: their queues are counted once
     // declared.
-    let following: Vec<&Partner> = match pool {
-        Some(_) => partners
-            .iter()
-            .copied()
-            .filter(|p| p.prefetch.is_none())
-            .collect(),
-        None => Vec::new(),
-    };
+    let following = crate::prefetch::following(&partners, pool.as_deref());
     let counted: Vec<&str> = following.iter().map(|p| queues.inbound(&p.id)).collect();
     // The topology is declared while the flows' connections and channels open (flows start
     // consuming only once both are done): start-up is the longer of the two, not their sum.
@@ -259,15 +251,8 @@ async fn open(
         },
     ));
     let (backlogs, groups) = tokio::try_join!(topology, groups)?;
-    let mut prefetches: HashMap<&str, u16> = partners
-        .iter()
-        .map(|p| p.id.as_str())
-        .zip(broker.prefetches(&own))
-        .collect();
-    if let Some(pool) = &pool {
-        for (partner, window) in following.iter().zip(pool.allot(&backlogs)) {
-            prefetches.insert(partner.id.as_str(), window);
-        }
+    let prefetches = crate::prefetch::starting(broker, &partners, pool.as_deref(), &backlogs);
+    if pool.is_some() {
         let queued: u64 = backlogs.iter().map(|b| u64::from(*b)).sum();
         tracing::debug!(queued, "windows given where the backlog is");
     }

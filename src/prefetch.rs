@@ -19,8 +19,12 @@
 //! flow starts as if its messages were as large as `limits.max_message_bytes` allows, so
 //! that a backlog of large messages waiting at start cannot take more either.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::partner::Partner;
+use crate::settings::BrokerSettings;
 
 /// How often a flow looks at what it used.
 pub const EVERY: Duration = Duration::from_secs(1);
@@ -42,6 +46,37 @@ pub const KEEP_AFTER_GROWING: u32 = 30;
 /// about 0.6 s. Each growth restarts the flow's consumer, and the tenth of a second lets the
 /// larger window fill before it is judged too small.
 pub const GROW_AGAIN_AFTER: Duration = Duration::from_millis(100);
+
+/// The partners whose windows follow their traffic: with a `pool`, those without a
+/// `prefetch` of their own. Their flows start with windows where their queues' backlog is.
+pub fn following<'a>(partners: &[&'a Partner], pool: Option<&Pool>) -> Vec<&'a Partner> {
+    match pool {
+        Some(_) => (partners.iter().copied())
+            .filter(|p| p.prefetch.is_none())
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The window each partner's flow starts with, by partner id: its own `prefetch`, or its share
+/// of `broker.max_in_flight`; with a `pool`, each of the [`following`] partners, whose queues
+/// hold `backlogs` (in that order), what [`Pool::allot`] gives it.
+pub fn starting<'a>(
+    broker: &BrokerSettings,
+    partners: &[&'a Partner],
+    pool: Option<&Pool>,
+    backlogs: &[u32],
+) -> HashMap<&'a str, u16> {
+    let own: Vec<Option<u16>> = partners.iter().map(|p| p.prefetch).collect();
+    let mut windows: HashMap<&str, u16> = (partners.iter().map(|p| p.id.as_str()))
+        .zip(broker.prefetches(&own))
+        .collect();
+    if let Some(pool) = pool {
+        let following = following(partners, Some(pool)).into_iter();
+        windows.extend(following.map(|p| p.id.as_str()).zip(pool.allot(backlogs)));
+    }
+    windows
+}
 
 /// One flow's window: its prefetch, the pool it shares, and what it used over its last looks.
 #[derive(Debug)]

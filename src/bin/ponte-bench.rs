@@ -763,8 +763,8 @@ struct Load {
     /// For each sender of `by_sender`, where Ponte publishes each of its messages: the places in
     /// `outputs` of its recipients' queues, or of the sender's rejected and receipt queues.
     routes: Vec<Vec<Route>>,
-    /// The queues Ponte publishes the load to, each as [`output_label`] names it.
-    outputs: Vec<String>,
+    /// The queues Ponte publishes the load to.
+    outputs: Outputs,
     invalid: usize,
     expected_outputs: usize,
     bytes: usize,
@@ -895,7 +895,7 @@ impl Load {
         Load {
             by_sender,
             routes,
-            outputs: outputs.labels,
+            outputs,
             invalid,
             expected_outputs: expected,
             bytes,
@@ -912,8 +912,9 @@ impl Load {
 /// The queues one message goes out to, each as its place in [`Load::outputs`].
 type Route = Box<[u16]>;
 
-/// The queues a load's messages go out to, in the order first met.
-#[derive(Default)]
+/// The queues a load's messages go out to, in the order first met, each as [`output_label`]
+/// names it.
+#[derive(Default, Clone)]
 struct Outputs {
     labels: Vec<String>,
     places: HashMap<String, u16>,
@@ -1323,21 +1324,17 @@ fn starting_windows(directory: &Directory, load: &Load) -> Vec<u16> {
     let partners: Vec<&ponte::partner::Partner> = directory.partners.values().collect();
     let broker = &directory.settings.broker;
     let own: Vec<Option<u16>> = partners.iter().map(|p| p.prefetch).collect();
-    let mut windows: HashMap<&str, u16> = (partners.iter().map(|p| p.id.as_str()))
-        .zip(broker.prefetches(&own))
-        .collect();
-    if let Some(pool) = broker.pool(&own) {
-        let following: Vec<&str> = (partners.iter())
-            .filter(|p| p.prefetch.is_none())
-            .map(|p| p.id.as_str())
-            .collect();
-        let backlog = |partner: &str| {
-            let sent = load.by_sender.iter().find(|(sender, _)| sender == partner);
-            sent.map_or(0, |(_, bodies)| bodies.len() as u32)
-        };
-        let backlogs: Vec<u32> = following.iter().map(|p| backlog(p)).collect();
-        windows.extend(following.into_iter().zip(pool.allot(&backlogs)));
-    }
+    let pool = broker.pool(&own);
+    let backlog = |partner: &ponte::partner::Partner| {
+        let sent = load
+            .by_sender
+            .iter()
+            .find(|(sender, _)| *sender == partner.id);
+        sent.map_or(0, |(_, bodies)| bodies.len() as u32)
+    };
+    let following = ponte::prefetch::following(&partners, pool.as_ref());
+    let backlogs: Vec<u32> = following.into_iter().map(backlog).collect();
+    let windows = ponte::prefetch::starting(broker, &partners, pool.as_ref(), &backlogs);
     (load.by_sender.iter())
         .map(|(sender, _)| windows.get(sender.as_str()).copied().unwrap_or(1))
         .collect()
@@ -1589,11 +1586,7 @@ async fn fan_out_queues(
 /// Each sender's plan for the fan-out forwarder, and the labels of the queues it publishes to:
 /// the load's routes, and with `positive` receipts a receipt to the sender for every message.
 fn fan_out_plans(load: &Load, positive: bool) -> (Vec<Plan>, Vec<String>) {
-    let mut outputs = Outputs::default();
-    for label in &load.outputs {
-        let (kind, partner) = label.split_once('.').expect("an output label has a kind");
-        outputs.place(kind, partner);
-    }
+    let mut outputs = load.outputs.clone();
     let plans = (load.by_sender.iter().zip(&load.routes))
         .map(|((sender, _), routes)| {
             let receipt = positive.then(|| outputs.place("receipts", sender));
@@ -2463,7 +2456,7 @@ mod tests {
         let routed: usize = load.routes.iter().flatten().map(|r| r.len()).sum();
         assert_eq!(routed, load.expected_outputs + load.invalid);
         // The demo configuration's five recipients, and each sender's rejected and receipts.
-        let mut outputs = load.outputs.clone();
+        let mut outputs = load.outputs.labels.clone();
         outputs.sort();
         let senders = ["cpi-bologna", "cpi-modena", "inps"];
         let mut expected: Vec<String> = ["comune-modena", "cpi-bologna", "cpi-modena"]
@@ -2482,7 +2475,7 @@ mod tests {
             for (body, route) in bodies.iter().zip(routes) {
                 let mut to: Vec<&str> = route
                     .iter()
-                    .map(|&p| &*load.outputs[usize::from(p)])
+                    .map(|&p| &*load.outputs.labels[usize::from(p)])
                     .collect();
                 to.sort();
                 let kind = serde_json::from_slice::<Value>(body)
@@ -2511,12 +2504,12 @@ mod tests {
             routes.map(|route| route.len()).sum()
         };
         let (plans, labels) = fan_out_plans(&load, false);
-        assert_eq!((published(&plans), &labels), (routed, &load.outputs));
+        assert_eq!((published(&plans), &labels), (routed, &load.outputs.labels));
         let (with_receipts, labels) = fan_out_plans(&load, true);
         let delivered = load.count - load.invalid;
         assert_eq!(published(&with_receipts), routed + delivered);
         assert_eq!(
-            labels, load.outputs,
+            labels, load.outputs.labels,
             "every sender has a receipt queue already"
         );
         for (((sender, _), plan), routes) in
