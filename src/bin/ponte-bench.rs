@@ -115,6 +115,21 @@ struct Args {
     /// moves on this broker (with `--labels labelled`, its copies labelled as Ponte's are).
     #[arg(long, requires = "forwarder")]
     fan_out: bool,
+    /// The forwarder spends this many microseconds of CPU on each message it takes (a busy
+    /// loop on the task that took it) before publishing it, standing for a gateway's own work:
+    /// what a client's own CPU costs its rate and the broker, with nothing else changed.
+    #[arg(long, default_value_t = 0, requires = "forwarder")]
+    forwarder_busy_us: u64,
+    /// The forwarder's busy loop reads this many MiB of memory, a cache line at a time in no
+    /// particular order, rather than spinning in place: a gateway's own work touches its memory,
+    /// and the broker shares the machine's caches.
+    #[arg(long, default_value_t = 0, requires = "forwarder")]
+    forwarder_busy_mib: usize,
+    /// The forwarder holds a run of confirmed messages this many milliseconds after the first
+    /// of them before acknowledging it (at once when 128 are waiting), as Ponte's flows hold
+    /// theirs for one ack frame to serve many messages: what that costs the rate and the broker.
+    #[arg(long, default_value_t = 0, requires = "forwarder")]
+    forwarder_ack_delay_ms: u64,
     /// Also measure latency at half the maximum rate, for this many seconds.
     #[arg(long, default_value_t = 0)]
     latency_secs: u64,
@@ -1269,13 +1284,21 @@ async fn forwarder(
         ),
         false => (Vec::new(), Vec::new()),
     };
+    // Every forwarder's busy loop reads the same memory, as a gateway's flows share theirs.
+    let words = args.forwarder_busy_mib * (1 << 20) / 8;
+    let memory: Arc<[u64]> = (0..words as u64).collect();
     let forwarding: Vec<Forwarding> = (sources.iter().enumerate())
         .map(|(i, (source, plan))| {
             let link = groups.get(i / ponte::gateway::PARTNERS_PER_CONNECTION);
             let link = link.cloned().unwrap_or_else(|| Link::Own(args.url.clone()));
             let window = windows.get(i).copied();
             let window = window.unwrap_or(ponte::settings::DEFAULT_PREFETCH);
-            Forwarding::start(link, source, &dsts, plan.clone(), window)
+            let pace = Pace {
+                busy: Duration::from_micros(args.forwarder_busy_us),
+                memory: memory.clone(),
+                ack_delay: Duration::from_millis(args.forwarder_ack_delay_ms),
+            };
+            Forwarding::start(link, source, &dsts, plan.clone(), (window, pace))
         })
         .collect();
     let (cpu_before, _) = usage(std::process::id())?;
@@ -1308,8 +1331,16 @@ async fn forwarder(
         ),
         false => String::new(),
     };
+    let mut busy = match (args.forwarder_busy_us, args.forwarder_busy_mib) {
+        (0, _) => String::new(),
+        (us, 0) => format!(", {us} µs of it a busy loop per message"),
+        (us, mib) => format!(", {us} µs of it a busy loop per message reading {mib} MiB"),
+    };
+    if args.forwarder_ack_delay_ms > 0 {
+        busy += &format!(", acks held {} ms", args.forwarder_ack_delay_ms);
+    }
     eprintln!(
-        "  no-op forwarder: {rate:.0} msg/s (broker {:.1} µs CPU/msg, forwarder {:.1}{fanned})",
+        "  no-op forwarder: {rate:.0} msg/s (broker {:.1} µs CPU/msg, forwarder {:.1}{busy}{fanned})",
         broker * 1e6,
         own * 1e6
     );
@@ -1389,13 +1420,20 @@ struct Forwarding {
 }
 
 impl Forwarding {
-    fn start(link: Link, src: &str, dsts: &[String], plan: Plan, window: u16) -> Forwarding {
+    /// Forwards from `src` with `window` messages unacknowledged at most, at `pace`.
+    fn start(
+        link: Link,
+        src: &str,
+        dsts: &[String],
+        plan: Plan,
+        (window, pace): (u16, Pace),
+    ) -> Forwarding {
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(forward(
             link,
             src.to_string(),
             dsts.to_vec(),
-            (plan, window),
+            (plan, window, pace),
             stop.clone(),
         ));
         Forwarding { task, stop }
@@ -1435,14 +1473,49 @@ fn planned(plan: &Plan, n: usize) -> &[u16] {
     }
 }
 
+/// What a forwarder does beyond moving messages: by default nothing.
+#[derive(Clone, Default)]
+struct Pace {
+    /// CPU spent on each message taken, in a busy loop.
+    busy: Duration,
+    /// What the busy loop reads (nothing: it spins in place).
+    memory: Arc<[u64]>,
+    /// How long a run of confirmed messages waits, from its first, to be acknowledged.
+    ack_delay: Duration,
+}
+
+/// Spends `pace.busy` of CPU: spinning in place, or reading `pace.memory` a cache line at a
+/// time from a place that depends on `n`, each line's place a step of a pseudo-random walk.
+fn busy_loop(pace: &Pace, n: usize) {
+    let until = Instant::now() + pace.busy;
+    let lines = pace.memory.len() / 8;
+    let mut at = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut sum = 0u64;
+    while Instant::now() < until {
+        if lines == 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        for _ in 0..64 {
+            at = at.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            sum = sum.wrapping_add(pace.memory[(at >> 33) as usize % lines * 8]);
+        }
+    }
+    std::hint::black_box(sum);
+}
+
+/// Messages a forwarder holding its acks (`Pace::ack_delay`) acknowledges at once, as Ponte's
+/// flows do.
+const ACK_RUN: usize = 128;
+
 /// Consumes `src` with a window of `window` messages, publishes each message to `dsts` with a
 /// confirm (or, by `plan`, a copy of it to each of its destinations, each with its confirm),
-/// and acknowledges confirmed runs with one `multiple` ack, until `stop`.
+/// and acknowledges confirmed runs with one `multiple` ack, until `stop`; at `pace`.
 async fn forward(
     link: Link,
     src: String,
     dsts: Vec<String>,
-    (plan, window): (Plan, u16),
+    (plan, window, pace): (Plan, u16, Pace),
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     use futures_util::FutureExt;
@@ -1455,20 +1528,51 @@ async fn forward(
     let mut consumer = ponte::broker::consume(&inbound, &src, "bench-forwarder", window).await?;
     let mut confirms = futures_util::stream::FuturesOrdered::new();
     let mut taken = 0;
+    // With `pace.ack_delay`: the newest confirmed message not yet acknowledged, how many, and
+    // when the first of them was confirmed.
+    let mut held: Option<(lapin::Acker, usize, tokio::time::Instant)> = None;
+    let ack = |acker: lapin::Acker| async move {
+        acker
+            .ack(lapin::options::BasicAckOptions { multiple: true })
+            .await
+    };
     loop {
+        let due = held.as_ref().map(|(_, _, since)| *since + pace.ack_delay);
         tokio::select! {
             () = stop.cancelled() => break,
             Some(first) = confirms.next(), if !confirms.is_empty() => {
                 let (mut acker, confirmed): (lapin::Acker, lapin::Result<_>) = first;
                 confirmed?;
+                let mut count = 1;
                 while let Some(Some((next, confirmed))) = confirms.next().now_or_never() {
                     confirmed?;
                     acker = next;
+                    count += 1;
                 }
-                acker.ack(lapin::options::BasicAckOptions { multiple: true }).await?;
+                if pace.ack_delay.is_zero() {
+                    ack(acker).await?;
+                    continue;
+                }
+                let (count, since) = match held.take() {
+                    Some((_, before, since)) => (before + count, since),
+                    None => (count, tokio::time::Instant::now()),
+                };
+                if count >= ACK_RUN {
+                    ack(acker).await?;
+                } else {
+                    held = Some((acker, count, since));
+                }
+            }
+            () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                if let Some((acker, ..)) = held.take() {
+                    ack(acker).await?;
+                }
             }
             delivery = consumer.next() => {
                 let delivery = delivery.context("consumer ended")??;
+                if !pace.busy.is_zero() {
+                    busy_loop(&pace, taken);
+                }
                 // The first copy's confirm apart: with one copy a message, as without
                 // `--fan-out`, the forwarder allocates nothing more per message than before.
                 let publish = |place: u16| {
@@ -1503,6 +1607,9 @@ async fn forward(
                 });
             }
         }
+    }
+    if let Some((acker, ..)) = held.take() {
+        ack(acker).await?;
     }
     if let Some(own) = own {
         close(&own).await;
@@ -1972,7 +2079,7 @@ async fn side_latency(
                     source,
                     std::slice::from_ref(&dst),
                     None,
-                    ponte::settings::DEFAULT_PREFETCH,
+                    (ponte::settings::DEFAULT_PREFETCH, Pace::default()),
                 ));
             }
         }
@@ -2527,6 +2634,24 @@ mod tests {
         let plan: Plan = Some(load.routes[0].iter().take(3).cloned().collect());
         assert_eq!(planned(&plan, 1), &*load.routes[0][1]);
         assert_eq!(planned(&plan, 3), [0]);
+    }
+
+    #[test]
+    fn the_forwarder_s_busy_loop_spends_the_time_asked_spinning_or_reading_memory() {
+        let busy = Duration::from_millis(20);
+        // Nothing to read, less than a cache line, a few lines, and a line and a bit.
+        for words in [0u64, 7, 64, 9] {
+            let pace = Pace {
+                busy,
+                memory: (0..words).collect(),
+                ack_delay: Duration::ZERO,
+            };
+            for n in [0, 1, usize::MAX] {
+                let began = Instant::now();
+                busy_loop(&pace, n);
+                assert!(began.elapsed() >= busy, "{words} words, message {n}");
+            }
+        }
     }
 
     #[test]
