@@ -1,0 +1,82 @@
+%% What the benchmark broker does, second by second: the reductions (Erlang's unit of work) of
+%% its processes summed by kind (each process's initial call: rabbit_prequeue for a classic
+%% queue, rabbit_channel, rabbit_reader, rabbit_writer, ...), and the time its threads spent in
+%% each state (microstate accounting: Erlang code, garbage collection, ports, ...; wall time,
+%% which on a machine with more runnable threads than cores includes time the system ran
+%% something else). Read beside the broker's CPU per message that `ponte-bench` prints, it tells
+%% a broker asked for more work from one asked for the same work that runs slower.
+%%
+%% Loaded into the running broker and started (each line of FILE a term, once a second):
+%%
+%%   scripts/broker.sh ctl bench 5691 target/bench-broker eval \
+%%     '{ok, M, B} = compile:file("bench/ponte_broker_work.erl", [binary]),
+%%      code:load_binary(M, "ponte_broker_work.erl", B), ponte_broker_work:start("/tmp/work").'
+%%
+%% then, for a drain between two clock times (milliseconds since the epoch, as the lines have
+%% them) of N messages, the work per message by kind and by state:
+%%
+%%   ... eval 'ponte_broker_work:per_message("/tmp/work", From, To, N).'
+%%   ... eval 'ponte_broker_work:stop().'
+%%
+%% The first line counts each process's work since it started. Each second's lines cost the
+%% broker about 2% of a core with 10,000 processes.
+-module(ponte_broker_work).
+-export([start/1, stop/0, loop/2, per_message/4]).
+
+start(File) ->
+    catch stop(),
+    erlang:system_flag(microstate_accounting, true),
+    register(?MODULE, spawn(?MODULE, loop, [File, #{}])),
+    ok.
+
+stop() ->
+    ?MODULE ! stop,
+    erlang:system_flag(microstate_accounting, false),
+    ok.
+
+loop(File, Before) ->
+    Now = os:system_time(millisecond),
+    Kind = fun(P) ->
+        case Before of
+            #{P := {K, _}} -> K;
+            _ -> proc_lib:translate_initial_call(P)
+        end
+    end,
+    After = maps:from_list([{P, {Kind(P), R}} || P <- processes(),
+        {reductions, R} <- [erlang:process_info(P, reductions)]]),
+    Work = maps:fold(fun(P, {K, R}, Acc) ->
+        Done = case Before of #{P := {_, R0}} -> R - R0; _ -> R end,
+        maps:update_with(K, fun(X) -> X + Done end, Done, Acc)
+    end, #{}, After),
+    States = erlang:statistics(microstate_accounting),
+    erlang:system_flag(microstate_accounting, reset),
+    Times = lists:foldl(fun(#{type := Type, counters := Counters}, Acc) ->
+        maps:fold(fun(State, T, A) ->
+            Us = erlang:convert_time_unit(T, perf_counter, microsecond),
+            maps:update_with({Type, State}, fun(X) -> X + Us end, Us, A)
+        end, Acc, Counters)
+    end, #{}, States),
+    ok = file:write_file(File, io_lib:format("~w.~n~w.~n", [
+        {reductions, Now, map_size(After), maps:to_list(Work)},
+        {microseconds, Now, [{S, Us} || {S = {_, State}, Us} <- maps:to_list(Times),
+                                         State =/= sleep]}
+    ]), [append]),
+    receive stop -> ok after 1000 -> ?MODULE:loop(File, After) end.
+
+%% The lines from From to To (milliseconds), summed and divided by Messages: reductions by
+%% kind, then microseconds by thread type and state, each largest first.
+per_message(File, From, To, Messages) ->
+    {ok, Lines} = file:consult(File),
+    Sum = fun(Tag) ->
+        Totals = lists:foldl(fun({T, Ms, _, Parts}, Acc) when T =:= Tag, Ms >= From, Ms =< To ->
+                                     add(Parts, Acc);
+                                ({T, Ms, Parts}, Acc) when T =:= Tag, Ms >= From, Ms =< To ->
+                                     add(Parts, Acc);
+                                (_, Acc) -> Acc
+                             end, #{}, Lines),
+        lists:reverse(lists:keysort(2, [{K, round(V / Messages)} || {K, V} <- maps:to_list(Totals)]))
+    end,
+    [{reductions, Sum(reductions)}, {microseconds, Sum(microseconds)}].
+
+add(Parts, Acc) ->
+    lists:foldl(fun({K, V}, A) -> maps:update_with(K, fun(X) -> X + V end, V, A) end, Acc, Parts).
