@@ -4,7 +4,8 @@
 %% each state (microstate accounting: Erlang code, garbage collection, ports, ...; wall time,
 %% which on a machine with more runnable threads than cores includes time the system ran
 %% something else). Read beside the broker's CPU per message that `ponte-bench` prints, it tells
-%% a broker asked for more work from one asked for the same work that runs slower.
+%% a broker asked for more work from one asked for the same work that runs slower. A third line
+%% each second gives the garbage collections and words reclaimed so far and the memory in use.
 %%
 %% Loaded into the running broker and started (each line of FILE a term, once a second):
 %%
@@ -56,8 +57,11 @@ loop(File, Before) ->
             maps:update_with({Type, State}, fun(X) -> X + Us end, Us, A)
         end, Acc, Counters)
     end, #{}, States),
-    ok = file:write_file(File, io_lib:format("~w.~n~w.~n", [
+    {Collections, Reclaimed, 0} = erlang:statistics(garbage_collection),
+    ok = file:write_file(File, io_lib:format("~w.~n~w.~n~w.~n", [
         {reductions, Now, map_size(After), maps:to_list(Work)},
+        {memory, Now, [{collections, Collections}, {words_reclaimed, Reclaimed}
+                       | erlang:memory([total, processes, binary, ets])]},
         {microseconds, Now, [{S, Us} || {S = {_, State}, Us} <- maps:to_list(Times),
                                          State =/= sleep]}
     ]), [append]),
