@@ -123,7 +123,7 @@ struct Args {
     /// The forwarder's busy loop reads this many MiB of memory, a cache line at a time in no
     /// particular order, rather than spinning in place: a gateway's own work touches its memory,
     /// and the broker shares the machine's caches.
-    #[arg(long, default_value_t = 0, requires = "forwarder")]
+    #[arg(long, default_value_t = 0, requires = "forwarder_busy_us")]
     forwarder_busy_mib: usize,
     /// The forwarder holds a run of confirmed messages this many milliseconds after the first
     /// of them before acknowledging it (at once when 128 are waiting), as Ponte's flows hold
@@ -1504,10 +1504,6 @@ fn busy_loop(pace: &Pace, n: usize) {
     std::hint::black_box(sum);
 }
 
-/// Messages a forwarder holding its acks (`Pace::ack_delay`) acknowledges at once, as Ponte's
-/// flows do.
-const ACK_RUN: usize = 128;
-
 /// Consumes `src` with a window of `window` messages, publishes each message to `dsts` with a
 /// confirm (or, by `plan`, a copy of it to each of its destinations, each with its confirm),
 /// and acknowledges confirmed runs with one `multiple` ack, until `stop`; at `pace`.
@@ -1557,7 +1553,8 @@ async fn forward(
                     Some((_, before, since)) => (before + count, since),
                     None => (count, tokio::time::Instant::now()),
                 };
-                if count >= ACK_RUN {
+                // A run as long as Ponte's flows close at once is acknowledged at once.
+                if count >= ponte::settle::ACK_BATCH {
                     ack(acker).await?;
                 } else {
                     held = Some((acker, count, since));
