@@ -144,8 +144,16 @@ impl Flow {
                     while let Some(Some(settled)) = settling.next().now_or_never() {
                         acks.settle(settled, &self.settler).await;
                     }
-                    if acks.full() {
+                    if acks.full(c.prefetch) {
                         acks.flush(&self.settler).await;
+                    }
+                    // Nothing more comes until an ack, and no ack until the store commits:
+                    // close the run and have the store commit now rather than when due.
+                    if acks.holds_window(settling.len(), c.prefetch) {
+                        acks.flush(&self.settler).await;
+                        if acks.uncommitted() {
+                            self.settler.store.commit_soon();
+                        }
                     }
                 }
                 () = sleep_until(acks.due()), if acks.due().is_some() => {

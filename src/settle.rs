@@ -700,9 +700,16 @@ impl Acknowledger {
         self.count + self.uncommitted.iter().map(|r| r.count).sum::<usize>()
     }
 
-    /// Whether the pending run is big enough to acknowledge now.
-    pub fn full(&self) -> bool {
-        self.count >= ACK_BATCH
+    /// Whether the pending run is big enough to acknowledge now, in a flow whose window is
+    /// `prefetch` (see [`closing_run`]).
+    pub fn full(&self, prefetch: u16) -> bool {
+        self.count >= closing_run(prefetch)
+    }
+
+    /// Whether this flow's window is all settled messages waiting for an ack: the broker sends
+    /// it nothing more until one goes out. `in_flight` is how many it is still settling.
+    pub fn holds_window(&self, in_flight: usize, prefetch: u16) -> bool {
+        prefetch > 0 && in_flight == 0 && self.unacknowledged() >= usize::from(prefetch)
     }
 
     /// Closes the run collected so far; it is acknowledged as soon as the store has committed
@@ -770,6 +777,16 @@ impl Acknowledger {
             }
             self.ack_committed().await;
         }
+    }
+}
+
+/// How many settled messages close a run in a flow whose window is `prefetch`: [`ACK_BATCH`],
+/// or half the window if that is fewer, so that the broker sends the next half while this one
+/// is saved and acknowledged. A window of 0 (no limit) closes runs at `ACK_BATCH`.
+fn closing_run(prefetch: u16) -> usize {
+    match usize::from(prefetch).div_ceil(2) {
+        0 => ACK_BATCH,
+        half => ACK_BATCH.min(half),
     }
 }
 
@@ -918,4 +935,25 @@ async fn hand_back(settler: &Settler, inbound: Inbound, error: HandBack, pause: 
             multiple: false,
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_closes_at_half_a_small_window_and_at_the_batch_in_a_large_one() {
+        // A window of one or two: every message is acknowledged on its own.
+        assert_eq!(closing_run(1), 1);
+        assert_eq!(closing_run(2), 1);
+        assert_eq!(closing_run(7), 4);
+        assert_eq!(closing_run(10), 5);
+        // Up to the batch, and no further: the default window of 400 closes at 128 as before.
+        assert_eq!(closing_run(255), 128);
+        assert_eq!(closing_run(256), ACK_BATCH);
+        assert_eq!(closing_run(400), ACK_BATCH);
+        assert_eq!(closing_run(u16::MAX), ACK_BATCH);
+        // No limit: the batch.
+        assert_eq!(closing_run(0), ACK_BATCH);
+    }
 }

@@ -144,6 +144,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The number of writes made durable so far, updated at every commit (the store commits
     /// on its own, every few milliseconds); an error when a commit failed.
     fn commits(&self) -> tokio::sync::watch::Receiver<Committed>;
+
+    /// Commits what was written so far without waiting for the group to be due, nor for the
+    /// commit: for a flow that can take no more messages until its settled ones are saved.
+    fn commit_soon(&self) {}
 }
 
 /// Writes made durable so far, or why the last commit failed.
@@ -1923,6 +1927,10 @@ impl Store for SqliteStore {
     fn commits(&self) -> tokio::sync::watch::Receiver<Committed> {
         self.shared.watch.subscribe()
     }
+
+    fn commit_soon(&self) {
+        self.hurry();
+    }
 }
 
 /// Each recipient's own reference for the case of `m` (whose sender's reference is
@@ -2448,6 +2456,31 @@ mod tests {
                 .as_deref(),
             Some("ANA-42")
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_commit_asked_for_soon_saves_the_open_group_long_before_it_is_due() {
+        // Groups that would be committed only a minute after their first write.
+        let dir = std::env::temp_dir().join(format!("ponte-store-{}", uuid::Uuid::new_v4()));
+        let s = SqliteStore::open_with(&dir, LOG_LIMIT_FRAMES, FRESH_KEYS, Duration::from_secs(60))
+            .unwrap();
+        let id = "5d2c7e1a-0b3f-4c8d-9e6a-2b3c4d5e6f70";
+        s.record(&message(id, "inps", "APP-1", None, &["cpi-modena"]))
+            .unwrap();
+        s.remember("inps", id, &["cpi-modena"], true).unwrap();
+        let written = s.written();
+        let commits = s.commits();
+        // Not asked: after a while, the writes are still waiting in the open group.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(*commits.borrow() != Ok(written), "{:?}", *commits.borrow());
+        // Asked: saved at once, well within the minute (given up on after 10 s).
+        s.commit_soon();
+        let began = Instant::now();
+        while *commits.borrow() != Ok(written) {
+            assert!(began.elapsed() < Duration::from_secs(10), "never committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
