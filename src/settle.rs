@@ -26,7 +26,8 @@ use crate::store::{Committed, Store};
 /// Settled messages wait at most this long before their run is closed, so that a run of them
 /// shares one ack frame (sent once the store's commit covers the run)...
 const ACK_DELAY: Duration = Duration::from_millis(5);
-/// ...unless this many are waiting (the benchmark's forwarder holds its acks to the same).
+/// ...unless this many are waiting, or half a smaller window (see [`closing_run`]). The
+/// benchmark's forwarder holds its acks to the same number.
 pub const ACK_BATCH: usize = 128;
 
 /// How long a flow pauses before requeueing a message the broker refused (nack), so a broker
