@@ -144,16 +144,15 @@ impl Flow {
                     while let Some(Some(settled)) = settling.next().now_or_never() {
                         acks.settle(settled, &self.settler).await;
                     }
-                    if acks.full(c.prefetch) {
+                    // A window all settled gets nothing more until an ack, and no ack until
+                    // the store commits: its run closes, and the store commits now rather
+                    // than when due.
+                    let holds = acks.holds_window(settling.len(), c.prefetch);
+                    if holds || acks.full(c.prefetch) {
                         acks.flush(&self.settler).await;
                     }
-                    // Nothing more comes until an ack, and no ack until the store commits:
-                    // close the run and have the store commit now rather than when due.
-                    if acks.holds_window(settling.len(), c.prefetch) {
-                        acks.flush(&self.settler).await;
-                        if acks.uncommitted() {
-                            self.settler.store.commit_soon();
-                        }
+                    if holds && acks.uncommitted() {
+                        self.settler.store.commit_soon();
                     }
                 }
                 () = sleep_until(acks.due()), if acks.due().is_some() => {

@@ -1286,19 +1286,18 @@ async fn forwarder(
     };
     // Every forwarder's busy loop reads the same memory, as a gateway's flows share theirs.
     let words = args.forwarder_busy_mib * (1 << 20) / 8;
-    let memory: Arc<[u64]> = (0..words as u64).collect();
+    let pace = Pace {
+        busy: Duration::from_micros(args.forwarder_busy_us),
+        memory: (0..words as u64).collect(),
+        ack_delay: Duration::from_millis(args.forwarder_ack_delay_ms),
+    };
     let forwarding: Vec<Forwarding> = (sources.iter().enumerate())
         .map(|(i, (source, plan))| {
             let link = groups.get(i / ponte::gateway::PARTNERS_PER_CONNECTION);
             let link = link.cloned().unwrap_or_else(|| Link::Own(args.url.clone()));
             let window = windows.get(i).copied();
             let window = window.unwrap_or(ponte::settings::DEFAULT_PREFETCH);
-            let pace = Pace {
-                busy: Duration::from_micros(args.forwarder_busy_us),
-                memory: memory.clone(),
-                ack_delay: Duration::from_millis(args.forwarder_ack_delay_ms),
-            };
-            Forwarding::start(link, source, &dsts, plan.clone(), (window, pace))
+            Forwarding::start(link, source, &dsts, plan.clone(), (window, pace.clone()))
         })
         .collect();
     let (cpu_before, _) = usage(std::process::id())?;
