@@ -4,8 +4,10 @@
 %% each state (microstate accounting: Erlang code, garbage collection, ports, ...; wall time,
 %% which on a machine with more runnable threads than cores includes time the system ran
 %% something else). Read beside the broker's CPU per message that `ponte-bench` prints, it tells
-%% a broker asked for more work from one asked for the same work that runs slower. A third line
-%% each second gives the garbage collections and words reclaimed so far and the memory in use.
+%% a broker asked for more work from one asked for the same work that runs slower. Each second
+%% also: the garbage collections of each kind's processes (minor ones, and a full sweep or a
+%% hibernation as one), each kind's heaps and mailboxes as they stand, and the broker's
+%% collections and words reclaimed so far with the memory in use.
 %%
 %% Loaded into the running broker and started (each line of FILE a term, once a second):
 %%
@@ -17,12 +19,13 @@
 %% them) of N messages, the work per message by kind and by state:
 %%
 %%   ... eval 'ponte_broker_work:per_message("/tmp/work", From, To, N).'
+%%   ... eval 'ponte_broker_work:levels("/tmp/work", From, To).'
 %%   ... eval 'ponte_broker_work:stop().'
 %%
 %% The first line counts each process's work since it started. Each second's lines cost the
 %% broker about 2% of a core with 10,000 processes.
 -module(ponte_broker_work).
--export([start/1, stop/0, loop/2, per_message/4]).
+-export([start/1, stop/0, loop/2, per_message/4, levels/3]).
 
 start(File) ->
     catch stop(),
@@ -39,16 +42,31 @@ loop(File, Before) ->
     Now = os:system_time(millisecond),
     Kind = fun(P) ->
         case Before of
-            #{P := {K, _}} -> K;
+            #{P := {K, _, _}} -> K;
             _ -> proc_lib:translate_initial_call(P)
         end
     end,
-    After = maps:from_list([{P, {Kind(P), R}} || P <- processes(),
-        {reductions, R} <- [erlang:process_info(P, reductions)]]),
-    Work = maps:fold(fun(P, {K, R}, Acc) ->
-        Done = case Before of #{P := {_, R0}} -> R - R0; _ -> R end,
-        maps:update_with(K, fun(X) -> X + Done end, Done, Acc)
-    end, #{}, After),
+    Infos = [{P, Info} || P <- processes(),
+        Info <- [erlang:process_info(P, [reductions, garbage_collection, total_heap_size,
+                                         message_queue_len])],
+        Info =/= undefined],
+    After = maps:from_list([{P, {Kind(P), R, minor_gcs(GC)}}
+                            || {P, [{reductions, R}, {garbage_collection, GC} | _]} <- Infos]),
+    %% A process's minor collections counted since its last full sweep (or hibernation, which
+    %% sweeps): a count lower than the last second's means a sweep, counted as one more.
+    {Work, Collected} = maps:fold(fun(P, {K, R, G}, {W, C}) ->
+        {Done, Swept} = case Before of
+            #{P := {_, R0, G0}} when G >= G0 -> {R - R0, G - G0};
+            #{P := {_, R0, _}} -> {R - R0, G + 1};
+            _ -> {R, G}
+        end,
+        {maps:update_with(K, fun(X) -> X + Done end, Done, W),
+         maps:update_with(K, fun(X) -> X + Swept end, Swept, C)}
+    end, {#{}, #{}}, After),
+    Levels = lists:foldl(fun({P, [_, _, {total_heap_size, H}, {message_queue_len, Q}]}, L) ->
+        #{P := {K, _, _}} = After,
+        maps:update_with(K, fun({H0, Q0, N}) -> {H0 + H, Q0 + Q, N + 1} end, {H, Q, 1}, L)
+    end, #{}, Infos),
     States = erlang:statistics(microstate_accounting),
     erlang:system_flag(microstate_accounting, reset),
     Times = lists:foldl(fun(#{type := Type, counters := Counters}, Acc) ->
@@ -58,14 +76,21 @@ loop(File, Before) ->
         end, Acc, Counters)
     end, #{}, States),
     {Collections, Reclaimed, 0} = erlang:statistics(garbage_collection),
-    ok = file:write_file(File, io_lib:format("~w.~n~w.~n~w.~n", [
+    ok = file:write_file(File, io_lib:format("~w.~n~w.~n~w.~n~w.~n~w.~n", [
         {reductions, Now, map_size(After), maps:to_list(Work)},
+        {collections, Now, map_size(After), maps:to_list(Collected)},
+        {levels, Now, [{K, {heap_words, H}, {mailbox, Q}, {processes, N}}
+                       || {K, {H, Q, N}} <- maps:to_list(Levels)]},
         {memory, Now, [{collections, Collections}, {words_reclaimed, Reclaimed}
                        | erlang:memory([total, processes, binary, ets])]},
         {microseconds, Now, [{S, Us} || {S = {_, State}, Us} <- maps:to_list(Times),
                                          State =/= sleep]}
     ]), [append]),
     receive stop -> ok after 1000 -> ?MODULE:loop(File, After) end.
+
+minor_gcs(GC) ->
+    {minor_gcs, N} = lists:keyfind(minor_gcs, 1, GC),
+    N.
 
 %% The lines from From to To (milliseconds), summed and divided by Messages: reductions by
 %% kind, then microseconds by thread type and state, each largest first.
@@ -80,7 +105,22 @@ per_message(File, From, To, Messages) ->
                              end, #{}, Lines),
         lists:reverse(lists:keysort(2, [{K, round(V / Messages)} || {K, V} <- maps:to_list(Totals)]))
     end,
-    [{reductions, Sum(reductions)}, {microseconds, Sum(microseconds)}].
+    [{reductions, Sum(reductions)}, {collections, Sum(collections)},
+     {microseconds, Sum(microseconds)}].
+
+%% The lines from From to To: each kind's heap (words) and mailbox (messages waiting) summed
+%% over its processes, averaged over the seconds, largest heap first.
+levels(File, From, To) ->
+    {ok, Lines} = file:consult(File),
+    Seconds = [Parts || {levels, Ms, Parts} <- Lines, Ms >= From, Ms =< To],
+    Totals = lists:foldl(fun(Parts, Acc) ->
+        lists:foldl(fun({K, {heap_words, H}, {mailbox, Q}, {processes, N}}, A) ->
+            maps:update_with(K, fun({H0, Q0, N0}) -> {H0 + H, Q0 + Q, N0 + N} end, {H, Q, N}, A)
+        end, Acc, Parts)
+    end, #{}, Seconds),
+    Count = max(1, length(Seconds)),
+    lists:reverse(lists:keysort(2, [{K, round(H / Count), round(Q / Count), round(N / Count)}
+                                    || {K, {H, Q, N}} <- maps:to_list(Totals)])).
 
 add(Parts, Acc) ->
     lists:foldl(fun({K, V}, A) -> maps:update_with(K, fun(X) -> X + V end, V, A) end, Acc, Parts).

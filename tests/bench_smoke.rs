@@ -168,13 +168,14 @@ fn a_small_benchmark_run_produces_every_figure() {
             "--shovel-per-sender",
             "--forwarder",
             "--fan-out",
-            // The forwarder's own work and held acks, to stand for a gateway's.
+            // The forwarder's own work, held acks and mandatory copies, to stand for a gateway's.
             "--forwarder-busy-us",
             "20",
             "--forwarder-busy-mib",
             "1",
             "--forwarder-ack-delay-ms",
             "5",
+            "--forwarder-mandatory",
             "--classic-queue-version",
             "2",
             "--scenario",
@@ -197,7 +198,9 @@ fn a_small_benchmark_run_produces_every_figure() {
         .and_then(|(n, _)| n.parse::<usize>().ok());
     assert!(fanned.is_some_and(|n| n > 5), "{fanned:?}: {stderr}");
     assert!(
-        stderr.contains("20 µs of it a busy loop per message reading 1 MiB, acks held 5 ms"),
+        stderr.contains(
+            "20 µs of it a busy loop per message reading 1 MiB, acks held 5 ms, copies mandatory"
+        ),
         "{stderr}"
     );
     let text = std::fs::read_to_string(&csv).unwrap();

@@ -130,6 +130,12 @@ struct Args {
     /// theirs for one ack frame to serve many messages: what that costs the rate and the broker.
     #[arg(long, default_value_t = 0, requires = "forwarder")]
     forwarder_ack_delay_ms: u64,
+    /// The forwarder publishes each copy `mandatory`, as Ponte does so that a copy no queue
+    /// takes comes back rather than being confirmed and lost: RabbitMQ's classic queues answer
+    /// every mandatory message with a message of their own to the publishing channel, and this
+    /// shows what that costs the broker.
+    #[arg(long, requires = "forwarder")]
+    forwarder_mandatory: bool,
     /// Also measure latency at half the maximum rate, for this many seconds.
     #[arg(long, default_value_t = 0)]
     latency_secs: u64,
@@ -1290,6 +1296,7 @@ async fn forwarder(
         busy: Duration::from_micros(args.forwarder_busy_us),
         memory: (0..words as u64).collect(),
         ack_delay: Duration::from_millis(args.forwarder_ack_delay_ms),
+        mandatory: args.forwarder_mandatory,
     };
     let forwarding: Vec<Forwarding> = (sources.iter().enumerate())
         .map(|(i, (source, plan))| {
@@ -1337,6 +1344,9 @@ async fn forwarder(
     };
     if args.forwarder_ack_delay_ms > 0 {
         busy += &format!(", acks held {} ms", args.forwarder_ack_delay_ms);
+    }
+    if args.forwarder_mandatory {
+        busy += ", copies mandatory";
     }
     eprintln!(
         "  no-op forwarder: {rate:.0} msg/s (broker {:.1} µs CPU/msg, forwarder {:.1}{busy}{fanned})",
@@ -1481,6 +1491,8 @@ struct Pace {
     memory: Arc<[u64]>,
     /// How long a run of confirmed messages waits, from its first, to be acknowledged.
     ack_delay: Duration,
+    /// Copies published `mandatory`.
+    mandatory: bool,
 }
 
 /// Spends `pace.busy` of CPU: spinning in place, or reading `pace.memory` a cache line at a
@@ -1575,7 +1587,10 @@ async fn forward(
                     outbound.basic_publish(
                         "".into(),
                         dsts[usize::from(place)].as_str().into(),
-                        BasicPublishOptions::default(),
+                        BasicPublishOptions {
+                            mandatory: pace.mandatory,
+                            ..BasicPublishOptions::default()
+                        },
                         &delivery.data,
                         delivery.properties.clone(),
                     )
@@ -2641,6 +2656,7 @@ mod tests {
                 busy,
                 memory: (0..words).collect(),
                 ack_delay: Duration::ZERO,
+                mandatory: false,
             };
             for n in [0, 1, usize::MAX] {
                 let began = Instant::now();
