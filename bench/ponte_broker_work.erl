@@ -6,8 +6,11 @@
 %% something else). Read beside the broker's CPU per message that `ponte-bench` prints, it tells
 %% a broker asked for more work from one asked for the same work that runs slower. Each second
 %% also: the garbage collections of each kind's processes (minor ones, and a full sweep or a
-%% hibernation as one), each kind's heaps and mailboxes as they stand, and the broker's
-%% collections and words reclaimed so far with the memory in use.
+%% hibernation as one), each kind's heaps and mailboxes as they stand, the messages the
+%% channels, classic queues and limiters handled (calls of their `handle_cast`, `handle_info`
+%% and `handle_call`, and the channels' `handle_method` for the client's methods, counted by
+%% Erlang's call counts), and the broker's collections and words reclaimed so far with the
+%% memory in use.
 %%
 %% Loaded into the running broker and started (each line of FILE a term, once a second):
 %%
@@ -16,7 +19,8 @@
 %%      code:load_binary(M, "ponte_broker_work.erl", B), ponte_broker_work:start("/tmp/work").'
 %%
 %% then, for a drain between two clock times (milliseconds since the epoch, as the lines have
-%% them) of N messages, the work per message by kind and by state:
+%% them) of N messages, the work per message by kind, the messages handled per message, and
+%% the time per message by state:
 %%
 %%   ... eval 'ponte_broker_work:per_message("/tmp/work", From, To, N).'
 %%   ... eval 'ponte_broker_work:levels("/tmp/work", From, To).'
@@ -25,20 +29,28 @@
 %% The first line counts each process's work since it started. Each second's lines cost the
 %% broker about 2% of a core with 10,000 processes.
 -module(ponte_broker_work).
--export([start/1, stop/0, loop/2, per_message/4, levels/3]).
+-export([start/1, stop/0, loop/3, per_message/4, levels/3]).
+
+%% The functions whose calls are counted: the messages each kind of process handled.
+handlers() ->
+    [{M, F, A} || M <- [rabbit_channel, rabbit_amqqueue_process, rabbit_limiter],
+                  {F, A} <- [{handle_cast, 2}, {handle_info, 2}, {handle_call, 3}]]
+    ++ [{rabbit_channel, handle_method, 3}].
 
 start(File) ->
     catch stop(),
     erlang:system_flag(microstate_accounting, true),
-    register(?MODULE, spawn(?MODULE, loop, [File, #{}])),
+    [erlang:trace_pattern(MFA, true, [call_count]) || MFA <- handlers()],
+    register(?MODULE, spawn(?MODULE, loop, [File, #{}, #{}])),
     ok.
 
 stop() ->
     ?MODULE ! stop,
     erlang:system_flag(microstate_accounting, false),
+    [erlang:trace_pattern(MFA, false, [call_count]) || MFA <- handlers()],
     ok.
 
-loop(File, Before) ->
+loop(File, Before, Counted) ->
     Now = os:system_time(millisecond),
     Kind = fun(P) ->
         case Before of
@@ -76,8 +88,13 @@ loop(File, Before) ->
         end, Acc, Counters)
     end, #{}, States),
     {Collections, Reclaimed, 0} = erlang:statistics(garbage_collection),
-    ok = file:write_file(File, io_lib:format("~w.~n~w.~n~w.~n~w.~n~w.~n", [
+    Counts = maps:from_list([{MFA, N} || MFA <- handlers(),
+                                         {call_count, N} <- [erlang:trace_info(MFA, call_count)],
+                                         is_integer(N)]),
+    Handled = [{MFA, N - maps:get(MFA, Counted, 0)} || {MFA, N} <- maps:to_list(Counts)],
+    ok = file:write_file(File, io_lib:format("~w.~n~w.~n~w.~n~w.~n~w.~n~w.~n", [
         {reductions, Now, map_size(After), maps:to_list(Work)},
+        {handled, Now, Handled},
         {collections, Now, map_size(After), maps:to_list(Collected)},
         {levels, Now, [{K, {heap_words, H}, {mailbox, Q}, {processes, N}}
                        || {K, {H, Q, N}} <- maps:to_list(Levels)]},
@@ -86,7 +103,7 @@ loop(File, Before) ->
         {microseconds, Now, [{S, Us} || {S = {_, State}, Us} <- maps:to_list(Times),
                                          State =/= sleep]}
     ]), [append]),
-    receive stop -> ok after 1000 -> ?MODULE:loop(File, After) end.
+    receive stop -> ok after 1000 -> ?MODULE:loop(File, After, Counts) end.
 
 minor_gcs(GC) ->
     {minor_gcs, N} = lists:keyfind(minor_gcs, 1, GC),
@@ -103,10 +120,11 @@ per_message(File, From, To, Messages) ->
                                      add(Parts, Acc);
                                 (_, Acc) -> Acc
                              end, #{}, Lines),
-        lists:reverse(lists:keysort(2, [{K, round(V / Messages)} || {K, V} <- maps:to_list(Totals)]))
+        lists:reverse(lists:keysort(2, [{K, round(V / Messages * 100) / 100}
+                                        || {K, V} <- maps:to_list(Totals)]))
     end,
     [{reductions, Sum(reductions)}, {collections, Sum(collections)},
-     {microseconds, Sum(microseconds)}].
+     {handled, Sum(handled)}, {microseconds, Sum(microseconds)}].
 
 %% The lines from From to To: each kind's heap (words) and mailbox (messages waiting) summed
 %% over its processes, averaged over the seconds, largest heap first.
