@@ -5,18 +5,20 @@
 %% which on a machine with more runnable threads than cores includes time the system ran
 %% something else). Read beside the broker's CPU per message that `ponte-bench` prints, it tells
 %% a broker asked for more work from one asked for the same work that runs slower. Each second
-%% also: the garbage collections of each kind's processes (minor ones, and a full sweep or a
-%% hibernation as one), each kind's heaps and mailboxes as they stand, the messages the
-%% channels, classic queues and limiters handled (calls of their `handle_cast`, `handle_info`
-%% and `handle_call`, and the channels' `handle_method` for the client's methods, counted by
-%% Erlang's call counts), and the broker's collections and words reclaimed so far with the
-%% memory in use.
+%% also: the messages the channels, classic queues and limiters handled (calls of their
+%% `handle_cast`, `handle_info` and `handle_call`, and the channels' `handle_method` for the
+%% client's methods, counted by Erlang's call counts), and the broker's collections and words
+%% reclaimed so far with the memory in use. Started with `[by_kind]`, also the garbage
+%% collections of each kind's processes (minor ones, and a full sweep or a hibernation as one)
+%% and each kind's heaps and mailboxes as they stand.
 %%
 %% Loaded into the running broker and started (each line of FILE a term, once a second):
 %%
 %%   scripts/broker.sh ctl bench 5691 target/bench-broker eval \
 %%     '{ok, M, B} = compile:file("bench/ponte_broker_work.erl", [binary]),
 %%      code:load_binary(M, "ponte_broker_work.erl", B), ponte_broker_work:start("/tmp/work").'
+%%
+%% (or `ponte_broker_work:start("/tmp/work", [by_kind])`),
 %%
 %% then, for a drain between two clock times (milliseconds since the epoch, as the lines have
 %% them) of N messages, the work per message by kind, the messages handled per message, and
@@ -27,9 +29,11 @@
 %%   ... eval 'ponte_broker_work:stop().'
 %%
 %% The first line counts each process's work since it started. Each second's lines cost the
-%% broker about 2% of a core with 10,000 processes.
+%% broker about 3% of a core with 18,500 processes (Ponte with 1,001 partners connected), 12%
+%% with `by_kind`: the broker's CPU that `ponte-bench` reads from `/proc` meanwhile includes it
+%% (with `by_kind`, at 6,700 msg/s, some 17 µs per message; at 10,000, 12).
 -module(ponte_broker_work).
--export([start/1, stop/0, loop/3, per_message/4, levels/3]).
+-export([start/1, start/2, stop/0, loop/4, per_message/4, levels/3]).
 
 %% The functions whose calls are counted: the messages each kind of process handled.
 handlers() ->
@@ -38,10 +42,16 @@ handlers() ->
     ++ [{rabbit_channel, handle_method, 3}].
 
 start(File) ->
+    start(File, []).
+
+%% Options: `by_kind` also writes each kind's collections, heaps and mailboxes, which triples
+%% what the tool costs the broker (see the header).
+start(File, Options) ->
     catch stop(),
     erlang:system_flag(microstate_accounting, true),
     [erlang:trace_pattern(MFA, true, [call_count]) || MFA <- handlers()],
-    register(?MODULE, spawn(?MODULE, loop, [File, #{}, #{}])),
+    ByKind = lists:member(by_kind, Options),
+    register(?MODULE, spawn(?MODULE, loop, [File, ByKind, #{}, #{}])),
     ok.
 
 stop() ->
@@ -50,7 +60,7 @@ stop() ->
     [erlang:trace_pattern(MFA, false, [call_count]) || MFA <- handlers()],
     ok.
 
-loop(File, Before, Counted) ->
+loop(File, ByKind, Before, Counted) ->
     Now = os:system_time(millisecond),
     Kind = fun(P) ->
         case Before of
@@ -58,12 +68,14 @@ loop(File, Before, Counted) ->
             _ -> proc_lib:translate_initial_call(P)
         end
     end,
+    Items = case ByKind of
+        true -> [reductions, garbage_collection, total_heap_size, message_queue_len];
+        false -> [reductions]
+    end,
     Infos = [{P, Info} || P <- processes(),
-        Info <- [erlang:process_info(P, [reductions, garbage_collection, total_heap_size,
-                                         message_queue_len])],
-        Info =/= undefined],
-    After = maps:from_list([{P, {Kind(P), R, minor_gcs(GC)}}
-                            || {P, [{reductions, R}, {garbage_collection, GC} | _]} <- Infos]),
+        Info <- [erlang:process_info(P, Items)], Info =/= undefined],
+    After = maps:from_list([{P, {Kind(P), R, minor_gcs(Rest)}}
+                            || {P, [{reductions, R} | Rest]} <- Infos]),
     %% A process's minor collections counted since its last full sweep (or hibernation, which
     %% sweeps): a count lower than the last second's means a sweep, counted as one more.
     {Work, Collected} = maps:fold(fun(P, {K, R, G}, {W, C}) ->
@@ -76,9 +88,11 @@ loop(File, Before, Counted) ->
          maps:update_with(K, fun(X) -> X + Swept end, Swept, C)}
     end, {#{}, #{}}, After),
     Levels = lists:foldl(fun({P, [_, _, {total_heap_size, H}, {message_queue_len, Q}]}, L) ->
-        #{P := {K, _, _}} = After,
-        maps:update_with(K, fun({H0, Q0, N}) -> {H0 + H, Q0 + Q, N + 1} end, {H, Q, 1}, L)
-    end, #{}, Infos),
+                                 #{P := {K, _, _}} = After,
+                                 maps:update_with(K, fun({H0, Q0, N}) -> {H0 + H, Q0 + Q, N + 1} end,
+                                                  {H, Q, 1}, L);
+                            (_, L) -> L
+                         end, #{}, Infos),
     States = erlang:statistics(microstate_accounting),
     erlang:system_flag(microstate_accounting, reset),
     Times = lists:foldl(fun(#{type := Type, counters := Counters}, Acc) ->
@@ -92,22 +106,24 @@ loop(File, Before, Counted) ->
                                          {call_count, N} <- [erlang:trace_info(MFA, call_count)],
                                          is_integer(N)]),
     Handled = [{MFA, N - maps:get(MFA, Counted, 0)} || {MFA, N} <- maps:to_list(Counts)],
-    ok = file:write_file(File, io_lib:format("~w.~n~w.~n~w.~n~w.~n~w.~n~w.~n", [
-        {reductions, Now, map_size(After), maps:to_list(Work)},
-        {handled, Now, Handled},
-        {collections, Now, map_size(After), maps:to_list(Collected)},
-        {levels, Now, [{K, {heap_words, H}, {mailbox, Q}, {processes, N}}
-                       || {K, {H, Q, N}} <- maps:to_list(Levels)]},
-        {memory, Now, [{collections, Collections}, {words_reclaimed, Reclaimed}
-                       | erlang:memory([total, processes, binary, ets])]},
-        {microseconds, Now, [{S, Us} || {S = {_, State}, Us} <- maps:to_list(Times),
-                                         State =/= sleep]}
-    ]), [append]),
-    receive stop -> ok after 1000 -> ?MODULE:loop(File, After, Counts) end.
+    Lines = [{reductions, Now, map_size(After), maps:to_list(Work)},
+             {handled, Now, Handled}]
+        ++ [{collections, Now, map_size(After), maps:to_list(Collected)} || ByKind]
+        ++ [{levels, Now, [{K, {heap_words, H}, {mailbox, Q}, {processes, N}}
+                           || {K, {H, Q, N}} <- maps:to_list(Levels)]} || ByKind]
+        ++ [{memory, Now, [{collections, Collections}, {words_reclaimed, Reclaimed}
+                           | erlang:memory([total, processes, binary, ets])]},
+            {microseconds, Now, [{S, Us} || {S = {_, State}, Us} <- maps:to_list(Times),
+                                             State =/= sleep]}],
+    ok = file:write_file(File, [io_lib:format("~w.~n", [L]) || L <- Lines], [append]),
+    receive stop -> ok after 1000 -> ?MODULE:loop(File, ByKind, After, Counts) end.
 
-minor_gcs(GC) ->
+%% A process's minor collections since its last full sweep; 0 when not asked for.
+minor_gcs([{garbage_collection, GC} | _]) ->
     {minor_gcs, N} = lists:keyfind(minor_gcs, 1, GC),
-    N.
+    N;
+minor_gcs(_) ->
+    0.
 
 %% The lines from From to To (milliseconds), summed and divided by Messages: reductions by
 %% kind, then microseconds by thread type and state, each largest first.
