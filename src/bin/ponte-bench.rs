@@ -1290,14 +1290,7 @@ async fn forwarder(
         ),
         false => (Vec::new(), Vec::new()),
     };
-    // Every forwarder's busy loop reads the same memory, as a gateway's flows share theirs.
-    let words = args.forwarder_busy_mib * (1 << 20) / 8;
-    let pace = Pace {
-        busy: Duration::from_micros(args.forwarder_busy_us),
-        memory: (0..words as u64).collect(),
-        ack_delay: Duration::from_millis(args.forwarder_ack_delay_ms),
-        mandatory: args.forwarder_mandatory,
-    };
+    let pace = Pace::of(args);
     let forwarding: Vec<Forwarding> = (sources.iter().enumerate())
         .map(|(i, (source, plan))| {
             let link = groups.get(i / ponte::gateway::PARTNERS_PER_CONNECTION);
@@ -1337,17 +1330,7 @@ async fn forwarder(
         ),
         false => String::new(),
     };
-    let mut busy = match (args.forwarder_busy_us, args.forwarder_busy_mib) {
-        (0, _) => String::new(),
-        (us, 0) => format!(", {us} µs of it a busy loop per message"),
-        (us, mib) => format!(", {us} µs of it a busy loop per message reading {mib} MiB"),
-    };
-    if args.forwarder_ack_delay_ms > 0 {
-        busy += &format!(", acks held {} ms", args.forwarder_ack_delay_ms);
-    }
-    if args.forwarder_mandatory {
-        busy += ", copies mandatory";
-    }
+    let busy = pace.described();
     eprintln!(
         "  no-op forwarder: {rate:.0} msg/s (broker {:.1} µs CPU/msg, forwarder {:.1}{busy}{fanned})",
         broker * 1e6,
@@ -1493,6 +1476,36 @@ struct Pace {
     ack_delay: Duration,
     /// Copies published `mandatory`.
     mandatory: bool,
+}
+
+impl Pace {
+    /// The pace the forwarder options ask for. Every forwarder's busy loop reads the same
+    /// memory, as a gateway's flows share theirs.
+    fn of(args: &Args) -> Pace {
+        let words = args.forwarder_busy_mib * (1 << 20) / 8;
+        Pace {
+            busy: Duration::from_micros(args.forwarder_busy_us),
+            memory: (0..words as u64).collect(),
+            ack_delay: Duration::from_millis(args.forwarder_ack_delay_ms),
+            mandatory: args.forwarder_mandatory,
+        }
+    }
+
+    /// What the forwarder's line says of it: nothing for the default.
+    fn described(&self) -> String {
+        let mut text = match (self.busy.as_micros(), (self.memory.len() * 8) >> 20) {
+            (0, _) => String::new(),
+            (us, 0) => format!(", {us} µs of it a busy loop per message"),
+            (us, mib) => format!(", {us} µs of it a busy loop per message reading {mib} MiB"),
+        };
+        if !self.ack_delay.is_zero() {
+            text += &format!(", acks held {} ms", self.ack_delay.as_millis());
+        }
+        if self.mandatory {
+            text += ", copies mandatory";
+        }
+        text
+    }
 }
 
 /// Spends `pace.busy` of CPU: spinning in place, or reading `pace.memory` a cache line at a
