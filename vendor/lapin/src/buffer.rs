@@ -136,8 +136,7 @@ impl Buffer {
     /// touched a lap before, out of the caches.
     fn compact(&mut self) {
         if self.available_data == 0 {
-            self.position = 0;
-            self.end = 0;
+            self.reset();
         } else if self.position >= COMPACT_AFTER
             && self.available_data <= COMPACT_AT_MOST
             && self.end > self.position
