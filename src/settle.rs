@@ -215,12 +215,15 @@ pub async fn delivered(
                 // thing it awaits, and unboxed these two made every message waiting for its
                 // copies' confirms 3.3 KB (retrying is rare; a receipt is published once the
                 // copies are confirmed, for a moment).
-                Err(BrokerError::Nacked) => match Box::pin(retry_later(&settler, &inbound, &recipient, &body)).await {
-                    Ok(()) => retrying.push(recipient),
-                    Err(error) => {
-                        failure.get_or_insert(error);
+                Err(BrokerError::Nacked) => {
+                    let retry = Box::pin(retry_later(&settler, &inbound, &recipient, &body));
+                    match retry.await {
+                        Ok(()) => retrying.push(recipient),
+                        Err(error) => {
+                            failure.get_or_insert(error);
+                        }
                     }
-                },
+                }
                 Err(error) => {
                     failure.get_or_insert(error);
                 }

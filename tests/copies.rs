@@ -37,7 +37,7 @@ async fn delivered(pipeline: &Pipeline, owner: &Partner, message: &Value) -> Str
             format!(
                 "{}\n{}\n",
                 c.recipient,
-                String::from_utf8(c.body.clone()).unwrap()
+                std::str::from_utf8(&c.body).unwrap()
             )
         })
         .collect::<Vec<_>>()
