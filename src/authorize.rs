@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde::Deserialize;
-use serde_json::Value;
+use crate::envelope::Node;
 
 use crate::decode::Pointer;
 use crate::partner::Partner;
@@ -54,7 +54,7 @@ impl Allow {
             && (self.versions.is_empty() || self.versions.contains(major(version)))
     }
 
-    fn purpose_holds(&self, envelope: &Value) -> bool {
+    fn purpose_holds(&self, envelope: &Node) -> bool {
         conditions_hold(&self.when, envelope)
     }
 }
@@ -71,11 +71,11 @@ pub fn conditions(when: BTreeMap<String, Vec<String>>) -> Conditions {
 }
 
 /// Whether every `pointer → values` condition holds for `envelope`.
-pub fn conditions_hold(when: &[(Pointer, Vec<String>)], envelope: &Value) -> bool {
+pub fn conditions_hold(when: &[(Pointer, Vec<String>)], envelope: &Node) -> bool {
     when.iter().all(|(pointer, values)| {
         pointer
             .get(envelope)
-            .and_then(Value::as_str)
+            .and_then(Node::as_str)
             .is_some_and(|v| values.iter().any(|x| x == v))
     })
 }
@@ -186,7 +186,7 @@ impl Matrix {
         sender: &str,
         recipient: &str,
         (message_type, version): (&str, &str),
-        envelope: &Value,
+        envelope: &Node,
     ) -> bool {
         self.rules.iter().any(|r| {
             r.covers(sender, message_type, version, recipient) && r.purpose_holds(envelope)
@@ -293,8 +293,8 @@ fn withheld(schemas: &SchemaSet, message_type: &str, allowed: &[String]) -> Vec<
 
 /// The `sender` field must name the queue's owner: a partner's broker user can write only to its
 /// own inbound queue, so this is what proves who sent the message.
-pub fn check_sender(envelope: &Value, owner: &Partner) -> Result<(), Rejection> {
-    let claimed = envelope.get("sender").and_then(Value::as_str).unwrap_or("");
+pub fn check_sender(envelope: &Node, owner: &Partner) -> Result<(), Rejection> {
+    let claimed = envelope.get("sender").and_then(Node::as_str).unwrap_or("");
     if claimed != owner.id {
         return Err(Rejection::one(
             Code::SenderMismatch,
@@ -335,7 +335,7 @@ pub fn check_recipients(
     sender: &Partner,
     recipients: &[&Partner],
     (message_type, version): (&str, &str),
-    envelope: &Value,
+    envelope: &Node,
 ) -> Result<(), Rejection> {
     let refused: Vec<FieldError> = recipients
         .iter()
@@ -371,7 +371,7 @@ mod tests {
     #[test]
     fn the_sender_must_be_the_queue_owner() {
         let d = demo();
-        let m = json!({"sender": "inps"});
+        let m = Node::from(json!({"sender": "inps"}));
         assert!(check_sender(&m, &d.partners["inps"]).is_ok());
         assert_eq!(
             check_sender(&m, &d.partners["cpi-modena"])
@@ -380,7 +380,7 @@ mod tests {
             Code::SenderMismatch
         );
         assert_eq!(
-            check_sender(&json!({}), &d.partners["inps"])
+            check_sender(&Node::from(json!({})), &d.partners["inps"])
                 .unwrap_err()
                 .code,
             Code::SenderMismatch
@@ -398,7 +398,8 @@ mod tests {
                 .code,
             Code::NotAuthorized
         );
-        let benefit = |b: &str| json!({"type": "benefit-status", "payload": {"benefit": b}});
+        let benefit =
+            |b: &str| Node::from(json!({"type": "benefit-status", "payload": {"benefit": b}}));
         let (v1, v2) = (("benefit-status", "1.0"), ("benefit-status", "2.0"));
         // Inclusion benefits may go to the comune, unemployment benefits may not.
         assert!(m.allows("inps", "comune-modena", v1, &benefit("adi")));

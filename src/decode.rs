@@ -3,8 +3,7 @@
 //! becomes the bytes published. Also the JSON Pointers the configuration uses to reach into an
 //! envelope.
 
-use serde_json::Value;
-
+use crate::envelope::{Node, parse};
 use crate::rejection::{Code, FieldError, Rejection};
 
 /// Limits applied before any parsing, so a hostile or broken sender cannot make the gateway
@@ -24,8 +23,9 @@ impl From<&crate::settings::Limits> for DecodeLimits {
     }
 }
 
-/// Turns a message body into the envelope: a JSON value that is always an object.
-pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
+/// Turns a message body into the envelope: a JSON value that is always an object, its strings
+/// borrowed from the body where they can be.
+pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Node<'_>, Rejection> {
     if body.len() > limits.max_bytes {
         return Err(Rejection::one(
             Code::TooLarge,
@@ -69,7 +69,7 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
         ));
     }
     match parse(text) {
-        Ok(envelope @ Value::Object(_)) => Ok(envelope),
+        Ok(envelope @ Node::Object(_)) => Ok(envelope),
         Ok(other) => Err(Rejection::one(
             Code::InvalidJson,
             FieldError::new(
@@ -82,175 +82,6 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Value, Rejection> {
             Code::InvalidJson,
             FieldError::new("", "json", format!("message is not JSON: {e}")),
         )),
-    }
-}
-
-/// `text` parsed as serde_json parses it into a `Value` (the same values, the same field order,
-/// a repeated key's last value at its first place, the same errors), with each object and array
-/// made at its final size. serde_json grows them from empty as their fields come, which moves
-/// and rehashes a ten-field object three times over. Here a field is kept on a stack the thread
-/// reuses until its object ends, and the object is then made once, as large as it needs: the
-/// envelope and its `payload` with room for the fields mapping adds to every copy (see
-/// [`Place::room`]), which otherwise moved each to a larger block.
-///
-/// One difference, on purpose: serde_json, with a feature another crate turns on, reads an
-/// object whose one key is `$serde_json::private::RawValue` as the JSON text in its string. Here
-/// it is an object with that field, as the sender wrote it.
-fn parse(text: &str) -> serde_json::Result<Value> {
-    thread_local! {
-        static STACKS: std::cell::RefCell<Stacks> = const { std::cell::RefCell::new(Stacks::new()) };
-    }
-    STACKS.with(|stacks| {
-        // Never borrowed twice (nothing in a parse parses again); if it were, a fresh pair.
-        let mut fresh = Stacks::new();
-        let mut kept = stacks.try_borrow_mut();
-        let stacks = kept.as_deref_mut().unwrap_or(&mut fresh);
-        let mut deserializer = serde_json::Deserializer::from_str(text);
-        let tree = Tree {
-            stacks,
-            place: Place::Envelope,
-        };
-        let value = serde::de::DeserializeSeed::deserialize(tree, &mut deserializer);
-        let value = value.and_then(|v| deserializer.end().map(|()| v));
-        stacks.trim();
-        value
-    })
-}
-
-/// The fields and the elements of the objects and arrays a parse is inside of.
-struct Stacks {
-    fields: Vec<(String, Value)>,
-    elements: Vec<Value>,
-}
-
-impl Stacks {
-    const fn new() -> Stacks {
-        Stacks {
-            fields: Vec::new(),
-            elements: Vec::new(),
-        }
-    }
-
-    /// Empty after a failed parse too; let go once a large message has grown them.
-    fn trim(&mut self) {
-        const KEPT: usize = 1024;
-        self.fields.clear();
-        self.elements.clear();
-        if self.fields.capacity() > KEPT {
-            self.fields = Vec::new();
-        }
-        if self.elements.capacity() > KEPT {
-            self.elements = Vec::new();
-        }
-    }
-}
-
-/// Where in the message a value is, for the room its object is made with.
-#[derive(Clone, Copy)]
-enum Place {
-    Envelope,
-    Payload,
-    Other,
-}
-
-impl Place {
-    /// Fields more than the sender's an object here is made with room for: those mapping adds
-    /// to every copy, `recipient` and `recipient_reference` at the top and `sender_office` in
-    /// `payload`.
-    fn room(self) -> usize {
-        match self {
-            Place::Envelope => 2,
-            Place::Payload => 1,
-            Place::Other => 0,
-        }
-    }
-
-    /// The place of a value under `name` in an object here.
-    fn of_field(self, name: &str) -> Place {
-        match (self, name) {
-            (Place::Envelope, "payload") => Place::Payload,
-            _ => Place::Other,
-        }
-    }
-}
-
-/// Builds one JSON value, objects and arrays through [`Stacks`].
-struct Tree<'a> {
-    stacks: &'a mut Stacks,
-    place: Place,
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for Tree<'_> {
-    type Value = Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for Tree<'_> {
-    type Value = Value;
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-        formatter.write_str("any valid JSON value")
-    }
-
-    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
-        Ok(Value::Bool(value))
-    }
-
-    fn visit_i64<E>(self, value: i64) -> Result<Value, E> {
-        Ok(Value::Number(value.into()))
-    }
-
-    fn visit_u64<E>(self, value: u64) -> Result<Value, E> {
-        Ok(Value::Number(value.into()))
-    }
-
-    fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
-        Ok(serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number))
-    }
-
-    fn visit_str<E>(self, value: &str) -> Result<Value, E> {
-        Ok(Value::String(value.to_owned()))
-    }
-
-    fn visit_string<E>(self, value: String) -> Result<Value, E> {
-        Ok(Value::String(value))
-    }
-
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let stacks = self.stacks;
-        let from = stacks.elements.len();
-        while let Some(element) = seq.next_element_seed(Tree {
-            stacks: &mut *stacks,
-            place: Place::Other,
-        })? {
-            stacks.elements.push(element);
-        }
-        Ok(Value::Array(stacks.elements.drain(from..).collect()))
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let stacks = self.stacks;
-        let from = stacks.fields.len();
-        while let Some(name) = map.next_key::<String>()? {
-            let value = map.next_value_seed(Tree {
-                stacks: &mut *stacks,
-                place: self.place.of_field(&name),
-            })?;
-            stacks.fields.push((name, value));
-        }
-        // Made once, at its size and the room asked for; a repeated key's value replaces the
-        // first one's in its place, as `collect` does.
-        let fields = stacks.fields.drain(from..);
-        let mut object = serde_json::Map::with_capacity(fields.len() + self.place.room());
-        object.extend(fields);
-        Ok(Value::Object(object))
     }
 }
 
@@ -352,25 +183,25 @@ impl Pointer {
     }
 
     /// The value the pointer names in `value`.
-    pub fn get<'a>(&self, value: &'a Value) -> Option<&'a Value> {
+    pub fn get<'a, 'b>(&self, value: &'a Node<'b>) -> Option<&'a Node<'b>> {
         self.tokens
             .as_deref()?
             .iter()
             .try_fold(value, |target, token| match target {
-                Value::Object(map) => map.get(&*token.name),
-                Value::Array(list) => list.get(token.index?),
+                Node::Object(object) => object.get(&token.name),
+                Node::Array(list) => list.get(token.index?),
                 _ => None,
             })
     }
 
     /// [`Pointer::get`], for changing the value.
-    pub fn get_mut<'a>(&self, value: &'a mut Value) -> Option<&'a mut Value> {
+    pub fn get_mut<'a, 'b>(&self, value: &'a mut Node<'b>) -> Option<&'a mut Node<'b>> {
         self.tokens
             .as_deref()?
             .iter()
             .try_fold(value, |target, token| match target {
-                Value::Object(map) => map.get_mut(&*token.name),
-                Value::Array(list) => list.get_mut(token.index?),
+                Node::Object(object) => object.get_mut(&token.name),
+                Node::Array(list) => list.get_mut(token.index?),
                 _ => None,
             })
     }
@@ -415,24 +246,25 @@ fn index(token: &str) -> Option<usize> {
     token.parse().ok()
 }
 
-fn json_kind(v: &Value) -> &'static str {
+fn json_kind(v: &Node) -> &'static str {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        Node::Null => "null",
+        Node::Bool(_) => "a boolean",
+        Node::Number(_) => "a number",
+        Node::String(_) => "a string",
+        Node::Array(_) => "an array",
+        Node::Object(_) => "an object",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn pointers_name_what_serde_json_s_own_do() {
-        let mut envelope = serde_json::json!({
+        let envelope = serde_json::json!({
             "subject": {"identifiers": [{"scheme": "it.cf", "value": "X"}, {"scheme": "local"}]},
             "a/b": {"m~n": 1},
             "": {"": 2},
@@ -466,14 +298,20 @@ mod tests {
             "/list/1/",
             "/subject//",
         ] {
-            assert_eq!(Pointer::new(p).get(&envelope), envelope.pointer(p), "{p}");
+            let tree = Node::from(&envelope);
+            assert_eq!(
+                Pointer::new(p).get(&tree).map(Node::to_value),
+                envelope.pointer(p).cloned(),
+                "{p}"
+            );
             assert_eq!(Pointer::new(p).as_str(), p);
         }
-        *Pointer::new("/a~1b/m~0n").get_mut(&mut envelope).unwrap() = serde_json::json!(3);
-        assert_eq!(envelope["a/b"]["m~n"], 3);
-        assert!(Pointer::new("/list/2").get_mut(&mut envelope).is_none());
-        *Pointer::new("/list/1").get_mut(&mut envelope).unwrap() = serde_json::json!(12);
-        assert_eq!(envelope["list"], serde_json::json!([10, 12]));
+        let mut tree = Node::from(&envelope);
+        *Pointer::new("/a~1b/m~0n").get_mut(&mut tree).unwrap() = Node::text("3");
+        assert_eq!(tree.to_value()["a/b"]["m~n"], "3");
+        assert!(Pointer::new("/list/2").get_mut(&mut tree).is_none());
+        *Pointer::new("/list/1").get_mut(&mut tree).unwrap() = Node::Null;
+        assert_eq!(tree.to_value()["list"], serde_json::json!([10, null]));
     }
 
     /// The demo's example messages, as their files hold them.
@@ -552,7 +390,7 @@ mod tests {
             let theirs = serde_json::from_str::<Value>(text);
             match (&ours, &theirs) {
                 (Ok(ours), Ok(theirs)) => {
-                    assert_eq!(ours, theirs, "{text}");
+                    assert_eq!(&ours.to_value(), theirs, "{text}");
                     // Equal maps may differ in order: the text written shows it.
                     assert_eq!(encode(ours), encode(theirs), "{text}");
                 }
@@ -570,25 +408,20 @@ mod tests {
             serde_json::json!([1, 2])
         );
         assert_eq!(
-            parse(hidden).unwrap(),
+            parse(hidden).unwrap().to_value(),
             serde_json::json!({"$serde_json::private::RawValue": "[1, 2]"})
-        );
-        // The stacks are left empty by a failed parse: the next one is whole.
-        assert!(parse(r#"{"a": [1, {"b": 2"#).is_err());
-        assert_eq!(
-            parse(r#"{"c": [3]}"#).unwrap(),
-            serde_json::json!({"c": [3]})
         );
     }
 
     /// Each array is made at its length (and each object at its number of fields), not grown.
     #[test]
     fn arrays_are_made_at_their_length() {
-        let value = parse(r#"{"a": [1, 2, 3, 4, 5], "b": [[6], []]}"#).unwrap();
-        let a = value["a"].as_array().unwrap();
+        let mut value = parse(r#"{"a": [1, 2, 3, 4, 5], "b": [[6], []]}"#).unwrap();
+        let a = value.get_mut("a").unwrap().as_array_mut().unwrap();
         assert_eq!((a.len(), a.capacity()), (5, 5));
-        let b = value["b"].as_array().unwrap();
-        assert_eq!((b[0].as_array().unwrap().capacity(), b.capacity()), (1, 2));
+        let b = value.get_mut("b").unwrap().as_array_mut().unwrap();
+        let inner = b[0].as_array_mut().unwrap().capacity();
+        assert_eq!((inner, b.capacity()), (1, 2));
     }
 
     const LIMITS: DecodeLimits = DecodeLimits {
@@ -604,7 +437,7 @@ mod tests {
     #[test]
     fn object_is_decoded() {
         let m = decode(br#"{"a": {"b": [1, "{[["]}}"#, LIMITS).unwrap();
-        assert_eq!(m["a"]["b"][1], "{[[");
+        assert_eq!(m.to_value()["a"]["b"][1], "{[[");
     }
 
     #[test]
@@ -679,7 +512,8 @@ mod tests {
     fn nesting_hidden_in_a_string_stays_a_string() {
         let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
         let body = serde_json::json!({"payload": {"$serde_json::private::RawValue": deep}});
-        let decoded = decode(body.to_string().as_bytes(), LIMITS).unwrap();
+        let text = body.to_string();
+        let decoded = decode(text.as_bytes(), LIMITS).unwrap().to_value();
         assert_eq!(decoded, body);
         assert_eq!(
             decoded["payload"]["$serde_json::private::RawValue"].as_str(),

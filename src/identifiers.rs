@@ -2,19 +2,19 @@
 //! (including its check character) and the Swiss AHV number (including its EAN-13 check digit);
 //! and a message's identifiers and their schemes and values, as the pipeline reads them.
 
-use serde_json::Value;
+use crate::envelope::Node;
 
 /// The message's person identifiers (`subject.identifiers`); none when it has no such list.
-pub fn of(envelope: &Value) -> &[Value] {
+pub fn of<'a, 'b>(envelope: &'a Node<'b>) -> &'a [Node<'b>] {
     envelope
         .get("subject")
         .and_then(|subject| subject.get("identifiers"))
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice)
+        .and_then(Node::as_array)
+        .unwrap_or_default()
 }
 
 /// [`of`], for changing them; `None` when the message has no such list.
-pub fn of_mut(envelope: &mut Value) -> Option<&mut Vec<Value>> {
+pub fn of_mut<'a, 'b>(envelope: &'a mut Node<'b>) -> Option<&'a mut Vec<Node<'b>>> {
     envelope
         .get_mut("subject")?
         .get_mut("identifiers")?
@@ -23,10 +23,10 @@ pub fn of_mut(envelope: &mut Value) -> Option<&mut Vec<Value>> {
 
 /// The scheme and value of an identifier (`{"scheme": …, "value": …}`), both strings, found by
 /// going through its fields (the two the schema allows) rather than by hashing each name.
-pub fn scheme_and_value(id: &Value) -> Option<(&str, &str)> {
+pub fn scheme_and_value<'a>(id: &'a Node) -> Option<(&'a str, &'a str)> {
     let (mut scheme, mut value) = (None, None);
-    for (name, field) in id.as_object()? {
-        match name.as_str() {
+    for (name, field) in id.as_object()?.iter() {
+        match name {
             "scheme" => scheme = field.as_str(),
             "value" => value = field.as_str(),
             _ => {}

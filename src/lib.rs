@@ -16,7 +16,8 @@
 //!
 //! A message meets, in order:
 //! - [`receive`]: a flow per partner consumes its inbound queue.
-//! - [`decode`]: size and depth limits, UTF-8, JSON.
+//! - [`decode`]: size and depth limits, UTF-8, JSON, into an [`envelope`] tree that borrows its
+//!   strings from the body.
 //! - [`validate`]: the schema of its (type, version), compiled once at start-up, with
 //!   [`identifiers`] checking check characters and digits.
 //! - [`authorize`]: sender equals queue owner; the matrix allows every recipient.
@@ -47,6 +48,7 @@ pub mod courier;
 pub mod decode;
 pub mod deliver;
 pub mod directory;
+pub mod envelope;
 pub mod gateway;
 pub mod identifiers;
 pub mod journal;

@@ -9,8 +9,11 @@
 //!   pseudonyms; the sender's own `local` id is never passed on;
 //! - the payload cut down to the fields it may receive.
 
+use std::borrow::Cow;
+
 use hmac::Mac;
-use serde_json::{Map, Value, json};
+
+use crate::envelope::{Node, Object};
 
 use crate::partner::{FieldTree, Partner, SHARED_SCHEMES, Secret};
 use crate::rejection::{Code, FieldError, Rejection};
@@ -44,12 +47,12 @@ impl From<Rejection> for Unmapped {
 /// The envelope as `recipient` will receive it. `reference` is the recipient's own reference
 /// for the case, from the case crosswalk.
 pub fn for_recipient<'a>(
-    envelope: Value,
+    envelope: Node<'a>,
     message_type: &'a str,
     recipient: &'a Partner,
     reference: Option<String>,
     context: Context<'a>,
-) -> impl Future<Output = Result<Value, Unmapped>> + 'a {
+) -> impl Future<Output = Result<Node<'a>, Unmapped>> + 'a {
     Mapping {
         future: mapped(envelope, message_type, recipient, reference, context),
     }
@@ -76,17 +79,21 @@ impl<F: Future> Future for Mapping<F> {
     }
 }
 
-async fn mapped(
-    envelope: Value,
-    message_type: &str,
-    recipient: &Partner,
+/// What mapping writes borrows from the configuration (the recipient's id, its offices and
+/// codes) rather than copying it into each copy.
+async fn mapped<'a>(
+    envelope: Node<'a>,
+    message_type: &'a str,
+    recipient: &'a Partner,
     reference: Option<String>,
-    context: Context<'_>,
-) -> Result<Value, Unmapped> {
+    context: Context<'a>,
+) -> Result<Node<'a>, Unmapped> {
     let mut out = envelope;
-    out["recipient"] = Value::String(recipient.id.clone());
-    if let Some(reference) = reference {
-        out["recipient_reference"] = Value::String(reference);
+    if let Some(top) = out.as_object_mut() {
+        top.insert("recipient", Node::String(Cow::Borrowed(&recipient.id)));
+        if let Some(reference) = reference {
+            top.insert("recipient_reference", Node::text(reference));
+        }
     }
     let mut errors = Vec::new();
     translate_office(&mut out, recipient, context.tables, &mut errors);
@@ -115,17 +122,17 @@ async fn mapped(
     Ok(out)
 }
 
-fn translate_office(
-    envelope: &mut Value,
+fn translate_office<'a>(
+    envelope: &mut Node<'a>,
     recipient: &Partner,
-    tables: &Tables,
+    tables: &'a Tables,
     errors: &mut Vec<FieldError>,
 ) {
     // A recipient without offices (say, a national body with one desk) keeps the sender's code.
     if !tables.has_offices(&recipient.id) {
         return;
     }
-    let Some(payload) = envelope.get_mut("payload").and_then(Value::as_object_mut) else {
+    let Some(payload) = envelope.get_mut("payload").and_then(Node::as_object_mut) else {
         return;
     };
     if !payload.contains_key("office") {
@@ -133,7 +140,7 @@ fn translate_office(
     }
     let municipality = payload
         .get("municipality")
-        .and_then(Value::as_str)
+        .and_then(Node::as_str)
         .unwrap_or("");
     let Some(office) = tables.office_for(&recipient.id, municipality) else {
         errors.push(FieldError::new(
@@ -146,19 +153,19 @@ fn translate_office(
         ));
         return;
     };
-    let office = Value::String(office.to_string());
+    let office = Node::String(Cow::Borrowed(office));
     let sender_office = match payload.get_mut("office") {
         Some(slot) => std::mem::replace(slot, office),
         None => return,
     };
-    payload.insert("sender_office".into(), sender_office);
+    payload.insert("sender_office", sender_office);
 }
 
-fn translate_codes(
-    envelope: &mut Value,
+fn translate_codes<'a>(
+    envelope: &mut Node<'a>,
     message_type: &str,
     recipient: &Partner,
-    tables: &Tables,
+    tables: &'a Tables,
     errors: &mut Vec<FieldError>,
 ) {
     let Some(codes) = tables.codes(&recipient.id, message_type) else {
@@ -172,7 +179,7 @@ fn translate_codes(
             continue;
         };
         match table.get(shared) {
-            Some(own) => *value = Value::String(own.clone()),
+            Some(own) => *value = Node::String(Cow::Borrowed(own)),
             None => errors.push(FieldError::new(
                 pointer.as_str(),
                 "codeTable",
@@ -196,15 +203,15 @@ pub fn pseudonym(key: &Secret, scheme: &str, value: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-async fn map_identifiers(
-    envelope: &mut Value,
+async fn map_identifiers<'a>(
+    envelope: &mut Node<'a>,
     recipient: &Partner,
     context: Context<'_>,
 ) -> Result<(), Unmapped> {
     let Some(identifiers) = crate::identifiers::of_mut(envelope) else {
         return Ok(());
     };
-    let shared: Vec<Shared<'_>> = identifiers.iter().filter_map(Shared::of).collect();
+    let shared: Vec<Shared<'_, 'a>> = identifiers.iter().filter_map(Shared::of).collect();
     let mut out = Vec::new();
     let mut unavailable = None;
     let mut local_missing = false;
@@ -216,14 +223,17 @@ async fn map_identifiers(
                     .as_ref()
                     .expect("a pseudonymous partner is loaded with its key");
                 for Shared { scheme, value, .. } in &shared {
-                    let id = json!({"scheme": "pseudonym", "value": pseudonym(key, scheme, value)});
-                    if !out.contains(&id) {
-                        out.push(id);
+                    let made = pseudonym(key, scheme, value);
+                    let known = out.iter().any(|id| {
+                        crate::identifiers::scheme_and_value(id) == Some(("pseudonym", &made))
+                    });
+                    if !known {
+                        out.push(identifier("pseudonym", made));
                     }
                 }
             }
             "local" => match local_id(recipient, &shared, context).await {
-                Ok(Some(local)) => out.push(json!({"scheme": "local", "value": local})),
+                Ok(Some(local)) => out.push(identifier("local", local)),
                 Ok(None) => local_missing = true,
                 Err(Unmapped::Later(why)) => unavailable = Some(why),
                 Err(refused) => return Err(refused),
@@ -273,16 +283,24 @@ async fn map_identifiers(
     Ok(())
 }
 
-/// One of the message's identifiers in a shared scheme, as the sender wrote it.
-struct Shared<'a> {
-    scheme: &'a str,
-    value: &'a str,
-    written: &'a Value,
+/// An identifier the gateway makes, `{"scheme": …, "value": …}`.
+fn identifier<'a>(scheme: &'static str, value: String) -> Node<'a> {
+    Node::object([
+        ("scheme", Node::String(Cow::Borrowed(scheme))),
+        ("value", Node::text(value)),
+    ])
 }
 
-impl<'a> Shared<'a> {
+/// One of the message's identifiers in a shared scheme, as the sender wrote it.
+struct Shared<'s, 'a> {
+    scheme: &'s str,
+    value: &'s str,
+    written: &'s Node<'a>,
+}
+
+impl<'s, 'a> Shared<'s, 'a> {
     /// `id`, if it is an identifier in a shared scheme.
-    fn of(id: &'a Value) -> Option<Shared<'a>> {
+    fn of(id: &'s Node<'a>) -> Option<Shared<'s, 'a>> {
         let (scheme, value) = crate::identifiers::scheme_and_value(id)?;
         SHARED_SCHEMES.contains(&scheme).then_some(Shared {
             scheme,
@@ -292,11 +310,12 @@ impl<'a> Shared<'a> {
     }
 
     /// The identifier as a copy carries it, `{"scheme": …, "value": …}`: the sender's own,
-    /// cloned, when it is written so (a clone hashes no name again), else made anew.
-    fn passed_on(&self) -> Value {
+    /// cloned, when it is written so, else made anew from its two fields.
+    fn passed_on(&self) -> Node<'a> {
+        let field = |name| self.written.get(name).cloned().unwrap_or(Node::Null);
         match self.written.as_object() {
-            Some(object) if object.keys().eq(["scheme", "value"]) => self.written.clone(),
-            _ => json!({"scheme": self.scheme, "value": self.value}),
+            Some(object) if object.names().eq(["scheme", "value"]) => self.written.clone(),
+            _ => Node::object([("scheme", field("scheme")), ("value", field("value"))]),
         }
     }
 }
@@ -305,7 +324,7 @@ impl<'a> Shared<'a> {
 /// its look-up service.
 async fn local_id(
     recipient: &Partner,
-    shared: &[Shared<'_>],
+    shared: &[Shared<'_, '_>],
     context: Context<'_>,
 ) -> Result<Option<String>, Unmapped> {
     for Shared { scheme, value, .. } in shared {
@@ -330,10 +349,8 @@ async fn local_id(
     Ok(None)
 }
 
-/// Keeps, of the payload, only the fields `allowed` lists, in the list's order. They stay in the
-/// sender's payload and the rest is taken out, so a copy whose payload has its fields in the
-/// list's order has no key hashed again; fields out of the list's order are moved.
-fn minimize(envelope: &mut Value, allowed: &FieldTree) {
+/// Keeps, of the payload, only the fields `allowed` lists, in the list's order.
+fn minimize(envelope: &mut Node, allowed: &FieldTree) {
     let Some(payload) = envelope.get_mut("payload") else {
         return;
     };
@@ -341,19 +358,21 @@ fn minimize(envelope: &mut Value, allowed: &FieldTree) {
         Some(object) => {
             keep(object, allowed);
         }
-        None => *payload = Value::Object(Map::new()),
+        None => *payload = Node::Object(Object::default()),
     }
 }
 
 /// Keeps, of `object`, the fields `allowed` lists, in its order (an object listed through some
 /// of its fields is kept with those, if it has any); returns the place in the list of the first
-/// kept, if any. Recurses only as deep as the field list.
-fn keep(object: &mut Map<String, Value>, allowed: &FieldTree) -> Option<usize> {
-    let mut places = Vec::with_capacity(object.len());
-    object.retain(|name, value| {
+/// kept, if any. Recurses only as deep as the field list. The fields kept stay where they are
+/// when the sender's order is the list's, as it often is.
+fn keep(object: &mut Object, allowed: &FieldTree) -> Option<usize> {
+    let fields = object.fields_mut();
+    let mut places = Vec::with_capacity(fields.len());
+    fields.retain_mut(|(name, value)| {
         let place = match allowed.get(name) {
             Some((place, None)) => Some(*place),
-            Some((_, Some(fields))) => value.as_object_mut().and_then(|o| keep(o, fields)),
+            Some((_, Some(inner))) => value.as_object_mut().and_then(|o| keep(o, inner)),
             None => None,
         };
         places.extend(place);
@@ -361,37 +380,11 @@ fn keep(object: &mut Map<String, Value>, allowed: &FieldTree) -> Option<usize> {
     });
     let first = places.iter().min().copied();
     if !places.is_sorted() {
-        put_in_order(object, places);
+        let mut placed: Vec<_> = places.into_iter().zip(fields.drain(..)).collect();
+        placed.sort_unstable_by_key(|(place, _)| *place);
+        fields.extend(placed.into_iter().map(|(_, field)| field));
     }
     first
-}
-
-/// Puts the fields of `object`, at `places` in the field list, in the list's order, moving only
-/// those out of place: two look-ups by key each (the sender's order is often the list's but for
-/// a field or two, such as the `sender_office` mapping adds at the end).
-fn put_in_order(object: &mut Map<String, Value>, mut places: Vec<usize>) {
-    let mut wanted = places.clone();
-    wanted.sort_unstable();
-    for (at, place) in wanted.into_iter().enumerate() {
-        if places[at] == place {
-            continue;
-        }
-        let from = at
-            + places[at..]
-                .iter()
-                .position(|p| *p == place)
-                .expect("each place once");
-        let name = object
-            .keys()
-            .nth(from)
-            .expect("a field at each place")
-            .clone();
-        let (name, value) = object
-            .shift_remove_entry(&name)
-            .expect("the field is there");
-        object.shift_insert(at, name, value);
-        places[at..=from].rotate_right(1);
-    }
 }
 
 #[cfg(test)]
@@ -400,6 +393,7 @@ mod tests {
     use crate::directory::Directory;
     use crate::partner::Partner;
     use crate::store::{MessageCase, SqliteStore};
+    use serde_json::{Map, Value, json};
 
     struct Fixture {
         directory: Directory,
@@ -452,7 +446,8 @@ mod tests {
                 store: &self.store,
                 resolvers: &self.resolvers,
             };
-            for_recipient(m, &t, recipient, reference, context).await
+            let mapped = for_recipient(Node::from(m), &t, recipient, reference, context).await;
+            mapped.map(|copy| copy.to_value())
         }
     }
 
@@ -728,11 +723,11 @@ mod tests {
                 }
             }
             let pointers: Vec<String> = list.iter().map(|f| format!("/payload/{f}")).collect();
-            let mut envelope = json!({"payload": payload.clone()});
+            let mut envelope = Node::from(json!({"payload": payload.clone()}));
             minimize(&mut envelope, &FieldTree::of(&pointers));
             // As text, so that the order of the keys counts.
             assert_eq!(
-                envelope["payload"].to_string(),
+                envelope.to_value()["payload"].to_string(),
                 expected.to_string(),
                 "{list:?}"
             );
@@ -762,8 +757,9 @@ mod tests {
         // A payload that is not an object keeps nothing (the schemas refuse one first).
         let mut envelope = referral("036005");
         envelope["payload"] = json!(["referral_id"]);
+        let mut envelope = Node::from(envelope);
         minimize(&mut envelope, &FieldTree::of(&fields.map(String::from)));
-        assert_eq!(envelope["payload"], json!({}));
+        assert_eq!(envelope.to_value()["payload"], json!({}));
     }
 
     #[tokio::test]

@@ -5,11 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use crate::authorize::{check_may_send, check_recipients, check_sender};
 use crate::decode::{Pointer, decode};
 use crate::directory::Directory;
+use crate::envelope::Node;
 use crate::map::{Context, Unmapped, for_recipient};
 use crate::partner::{Partner, SHARED_SCHEMES};
 use crate::rejection::{Code, FieldError, Rejection};
@@ -140,7 +139,7 @@ impl Pipeline {
                 };
             }
         };
-        let field = |name: &str| envelope.get(name).and_then(Value::as_str).map(String::from);
+        let field = |name: &str| envelope.get(name).and_then(Node::as_str).map(String::from);
         let (message_id, message_type, correlation_id) =
             (field("message_id"), field("type"), field("correlation_id"));
         let heading = Heading {
@@ -168,7 +167,7 @@ impl Pipeline {
     async fn copies(
         &self,
         owner: &Partner,
-        envelope: Value,
+        envelope: Node<'_>,
         heading: &Heading<'_>,
         redelivered: bool,
         only: Option<&[String]>,
@@ -285,7 +284,7 @@ impl Pipeline {
     /// Records the message in the crosswalks and returns each recipient's own case reference.
     fn record(
         &self,
-        envelope: &Value,
+        envelope: &Node,
         heading: &Heading<'_>,
         sender: &Partner,
         reference: Option<&Pointer>,
@@ -322,7 +321,10 @@ pub fn precheck(directory: &Directory, owner: &Partner, body: &[u8]) -> Result<(
     let envelope = decode(body, (&directory.settings.limits).into())?;
     let schema = directory.schemas.validate(&envelope)?;
     check_sender(&envelope, owner)?;
-    let message_type = envelope["type"].as_str().unwrap_or_default();
+    let message_type = envelope
+        .get("type")
+        .and_then(Node::as_str)
+        .unwrap_or_default();
     authorized_recipients(
         directory,
         owner,
@@ -338,7 +340,7 @@ pub fn precheck(directory: &Directory, owner: &Partner, body: &[u8]) -> Result<(
 fn authorized_recipients<'a>(
     directory: &'a Directory,
     owner: &Partner,
-    envelope: &Value,
+    envelope: &Node,
     (message_type, version): (&str, &str),
     tables: &Tables,
 ) -> Result<Vec<&'a Partner>, Rejection> {

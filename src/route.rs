@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
-use serde_json::Value;
+use crate::envelope::Node;
 
 use crate::authorize::{Conditions, Matrix, conditions, conditions_hold};
 use crate::decode::Pointer;
@@ -69,7 +69,7 @@ pub struct Route {
 }
 
 impl Route {
-    fn matches(&self, message_type: &str, sender: &str, envelope: &Value) -> bool {
+    fn matches(&self, message_type: &str, sender: &str, envelope: &Node) -> bool {
         self.message_type == message_type
             && self.from.contains(sender)
             && conditions_hold(&self.when, envelope)
@@ -173,14 +173,14 @@ pub fn load_routes(
 
 /// The recipients of one message, in the order they are delivered.
 pub fn recipients<'a>(
-    envelope: &Value,
+    envelope: &Node,
     message_type: &str,
     sender: &Partner,
     directory: &'a Directory,
     tables: &Tables,
 ) -> Result<Vec<&'a Partner>, Rejection> {
     let partners = &directory.partners;
-    if let Some(named) = envelope.get("recipient").and_then(Value::as_str) {
+    if let Some(named) = envelope.get("recipient").and_then(Node::as_str) {
         let Some(partner) = partners.get(named) else {
             return Err(Rejection::one(
                 Code::UnknownRecipient,
@@ -220,7 +220,7 @@ pub fn recipients<'a>(
             ),
         ));
     };
-    let municipality = route.municipality.get(envelope).and_then(Value::as_str);
+    let municipality = route.municipality.get(envelope).and_then(Node::as_str);
     let mut out: Vec<&Partner> = Vec::new();
     for target in &route.to {
         let found = match target {
@@ -273,7 +273,7 @@ pub fn recipients<'a>(
 mod tests {
     use super::*;
     use crate::directory::Directory;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn demo() -> Directory {
         Directory::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap()
@@ -281,6 +281,7 @@ mod tests {
 
     fn route(d: &Directory, sender: &str, message: Value) -> Result<Vec<String>, Rejection> {
         let t = message["type"].as_str().unwrap().to_string();
+        let message = Node::from(message);
         recipients(&message, &t, &d.partners[sender], d, &d.tables.load())
             .map(|r| r.iter().map(|p| p.id.clone()).collect())
     }

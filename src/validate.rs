@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::decode::Pointer;
+use crate::envelope::{Node, Tree};
 use crate::identifiers::{
     CH_AHVN13_FORMAT, IT_CF_FORMAT, is_valid_ahv_number, is_valid_codice_fiscale,
 };
@@ -23,7 +24,7 @@ pub const GATEWAY_TYPES: &[&str] = &["receipt"];
 
 /// One compiled schema for a (type, version).
 pub struct TypeSchema {
-    validator: jsonschema::Validator,
+    validator: jsonschema::Validator<Tree>,
     /// The version it validates (`MAJOR.MINOR`): a message it passed has this `version`.
     pub version: String,
     /// JSON pointers of properties marked `"readOnly": true`: the gateway fills them in on
@@ -141,7 +142,7 @@ impl SchemaSet {
         for (type_name, version, file, rel) in type_files {
             let uri = format!("{BASE_URI}{rel}");
             let schema = &documents[&uri];
-            let compiled = jsonschema::options()
+            let compiled = jsonschema::options_for::<Tree>()
                 .with_draft(jsonschema::Draft::Draft202012)
                 .with_base_uri(uri.clone())
                 .with_retriever(LocalSchemas(documents.clone()))
@@ -210,7 +211,7 @@ impl SchemaSet {
     }
 
     /// Checks a decoded envelope: known type, supported version, schema, no gateway-owned fields.
-    pub fn validate(&self, envelope: &Value) -> Result<&TypeSchema, Rejection> {
+    pub fn validate(&self, envelope: &Node) -> Result<&TypeSchema, Rejection> {
         let type_name = required_string(envelope, "type")?;
         let Some(versions) = self.types.get(type_name) else {
             return Err(Rejection::one(
@@ -277,7 +278,7 @@ impl SchemaSet {
     /// Validates a message the gateway itself produced (receipts); used by tests and `ponte check`.
     pub fn is_valid(&self, type_name: &str, version: &str, message: &Value) -> bool {
         self.get(type_name, version)
-            .is_some_and(|s| s.validator.is_valid(message))
+            .is_some_and(|s| s.validator.is_valid(&Node::from(message)))
     }
 
     /// Every version of `type_name`.
@@ -320,9 +321,9 @@ impl SchemaSet {
     }
 }
 
-fn required_string<'a>(envelope: &'a Value, field: &str) -> Result<&'a str, Rejection> {
+fn required_string<'a>(envelope: &'a Node, field: &str) -> Result<&'a str, Rejection> {
     match envelope.get(field) {
-        Some(Value::String(s)) => Ok(s),
+        Some(Node::String(s)) => Ok(s),
         Some(_) => Err(Rejection::one(
             Code::SchemaViolation,
             FieldError::new(
@@ -424,12 +425,12 @@ mod tests {
     }
 
     fn rejection(message: &Value) -> Rejection {
-        schemas().validate(message).unwrap_err()
+        schemas().validate(&Node::from(message)).unwrap_err()
     }
 
     #[test]
     fn valid_referral_passes() {
-        schemas().validate(&referral()).unwrap();
+        schemas().validate(&Node::from(&referral())).unwrap();
     }
 
     #[test]
@@ -453,7 +454,7 @@ mod tests {
         m["subject"]["identifiers"] = json!([{"scheme": "ch.ahvn13", "value": "756.1234.5678.98"}]);
         assert_eq!(rejection(&m).errors[0].path, "/subject/identifiers/0/value");
         m["subject"]["identifiers"] = json!([{"scheme": "ch.ahvn13", "value": "756.1234.5678.97"}]);
-        schemas().validate(&m).unwrap();
+        schemas().validate(&Node::from(&m)).unwrap();
     }
 
     #[test]

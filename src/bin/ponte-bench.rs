@@ -866,7 +866,8 @@ impl Load {
             } else {
                 let from = &directory.partners[&sender];
                 let kind = message["type"].as_str().unwrap_or_default();
-                let to = ponte::route::recipients(&message, kind, from, directory, &tables)
+                let tree = ponte::envelope::Node::from(&message);
+                let to = ponte::route::recipients(&tree, kind, from, directory, &tables)
                     .expect("the load's valid messages have recipients");
                 to.iter().map(|p| outputs.place("out", &p.id)).collect()
             };
