@@ -239,10 +239,14 @@ impl serde::Serialize for Node<'_> {
 }
 
 /// Parses `text` as serde_json parses it into a `Value` (the same values, the same field order,
-/// a repeated name's last value at its first place, the same errors), with each object and
-/// array made once at its final size, and the strings written without escapes borrowed from
-/// `text`. `room` is the number of fields more than the sender's the top object and its
-/// `payload` are made with room for: those mapping adds to every copy.
+/// a repeated name's last value at its first place, the same errors), with the strings written
+/// without escapes borrowed from `text`. Each object and array is made once at its final size:
+/// a field is kept on a stack until its object ends, and the envelope and its `payload` are
+/// made with room for the fields mapping adds to every copy (see [`Place::room`]).
+///
+/// One difference, on purpose: serde_json, with a feature another crate turns on, reads an
+/// object whose one key is `$serde_json::private::RawValue` as the JSON text in its string. Here
+/// it is an object with that field, as the sender wrote it.
 pub fn parse(text: &str) -> serde_json::Result<Node<'_>> {
     let mut stacks = Stacks {
         fields: Vec::with_capacity(64),
