@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use serde::Deserialize;
 use crate::envelope::Node;
+use serde::Deserialize;
 
 use crate::decode::Pointer;
 use crate::partner::Partner;

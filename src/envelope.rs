@@ -181,7 +181,10 @@ impl<'a> Object<'a> {
     }
 
     pub fn get(&self, name: &str) -> Option<&Node<'a>> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, value)| value)
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, value)| value)
     }
 
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Node<'a>> {
@@ -307,7 +310,10 @@ struct Building<'s, 'de> {
 impl<'de> serde::de::DeserializeSeed<'de> for Building<'_, 'de> {
     type Value = Node<'de>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Node<'de>, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Node<'de>, D::Error> {
         deserializer.deserialize_any(self)
     }
 }
@@ -428,7 +434,10 @@ struct Name;
 impl<'de> serde::de::DeserializeSeed<'de> for Name {
     type Value = Cow<'de, str>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_str(self)
     }
 }

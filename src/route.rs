@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Deserialize;
 use crate::envelope::Node;
+use serde::Deserialize;
 
 use crate::authorize::{Conditions, Matrix, conditions, conditions_hold};
 use crate::decode::Pointer;
