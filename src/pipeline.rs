@@ -52,7 +52,7 @@ pub enum Outcome {
 }
 
 /// The envelope's own ids and type, read once: each step after validation needs some of them,
-/// and each look-up in the envelope hashes the name.
+/// and each look-up in the envelope goes through its fields.
 struct Heading<'a> {
     message_id: &'a str,
     message_type: &'a str,
