@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use crate::envelope::Node;
 use serde::Deserialize;
 
 use crate::decode::Pointer;
+use crate::envelope::Node;
 use crate::partner::Partner;
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::validate::SchemaSet;

@@ -490,24 +490,15 @@ impl<'a> jsonschema::json::Node<'a, Tree> for &'a Node<'a> {
     type Number = &'a Number;
 
     fn as_object(&self) -> Option<&'a Object<'a>> {
-        match self {
-            Node::Object(object) => Some(object),
-            _ => None,
-        }
+        Node::as_object(self)
     }
 
     fn as_array(&self) -> Option<&'a [Node<'a>]> {
-        match self {
-            Node::Array(items) => Some(items),
-            _ => None,
-        }
+        Node::as_array(self)
     }
 
     fn as_string(&self) -> Option<Cow<'a, str>> {
-        match self {
-            Node::String(text) => Some(Cow::Borrowed(&**text)),
-            _ => None,
-        }
+        Node::as_str(self).map(Cow::Borrowed)
     }
 
     fn as_number(&self) -> Option<&'a Number> {

@@ -14,7 +14,6 @@ use std::borrow::Cow;
 use hmac::Mac;
 
 use crate::envelope::{Node, Object};
-
 use crate::partner::{FieldTree, Partner, SHARED_SCHEMES, Secret};
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::resolve::{Resolved, Resolvers};

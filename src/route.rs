@@ -5,12 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::envelope::Node;
 use serde::Deserialize;
 
 use crate::authorize::{Conditions, Matrix, conditions, conditions_hold};
 use crate::decode::Pointer;
 use crate::directory::Directory;
+use crate::envelope::Node;
 use crate::partner::Partner;
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::tables::Tables;
