@@ -63,7 +63,7 @@ impl Inner {
 
     fn handle_body_frame(&mut self, remaining_size: PayloadSize, payload: Vec<u8>) {
         if let Some(inner) = self.0.as_mut() {
-            inner.message.receive_content(payload);
+            inner.message.receive_content(payload, remaining_size);
         }
         if remaining_size == 0 {
             self.new_delivery_complete();

@@ -392,7 +392,7 @@ impl Inner {
         payload: Vec<u8>,
     ) -> Option<Delivery> {
         if let Some(delivery) = self.current_message.as_mut() {
-            delivery.receive_content(payload);
+            delivery.receive_content(payload, remaining_size);
         }
         self.check_new_delivery_complete(remaining_size == 0)
     }

@@ -5,9 +5,13 @@ use crate::{
     internal_rpc::InternalRPCHandle,
     protocol::AMQPError,
     types::ShortString,
-    types::{ChannelId, DeliveryTag, MessageCount, ReplyCode},
+    types::{ChannelId, DeliveryTag, MessageCount, PayloadSize, ReplyCode},
 };
 use std::ops::{Deref, DerefMut};
+
+/// The most room a body in several frames is given at once, whatever length its header gives
+/// (Ponte's change).
+const ROOM_AT_ONCE: PayloadSize = 64 * 1024 * 1024;
 
 /// Type wrapping the output of a consumer
 ///
@@ -92,11 +96,19 @@ impl Delivery {
         }
     }
 
-    pub(crate) fn receive_content(&mut self, data: Vec<u8>) {
+    /// Adds a body frame's `data`, `remaining` bytes of the body still to come.
+    pub(crate) fn receive_content(&mut self, data: Vec<u8>, remaining: PayloadSize) {
         // The first body frame, nearly always the only one, is kept as it was parsed rather
-        // than copied into a new allocation (Ponte's change).
+        // than copied into a new allocation; a body in several frames is given its whole
+        // length once, rather than grown frame by frame, each growth moving what came before
+        // (Ponte's change). The broker's own message size limit bounds `remaining`; the room
+        // made at once is bounded too.
         if self.data.is_empty() {
             self.data = data;
+            if remaining > 0 {
+                self.data
+                    .reserve_exact(remaining.min(ROOM_AT_ONCE) as usize);
+            }
         } else {
             self.data.extend(data);
         }

@@ -102,7 +102,7 @@ impl Inner {
         confirm_mode: bool,
     ) {
         if let Some(message) = self.current_message.as_mut() {
-            message.receive_content(payload);
+            message.receive_content(payload, remaining_size);
         }
         if remaining_size == 0 {
             self.new_delivery_complete(confirm_mode);
