@@ -94,11 +94,18 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Node<'_>, Rejection> 
 /// from empty grows several times over and is left mostly unused, and a copy keeps its bytes
 /// until the broker confirms it. The text is written into a buffer the thread keeps for the next
 /// one, and the copy is exactly its length: one allocation per copy.
+///
+/// The buffer is kept up to a room that a copy of the largest message `limits.max_message_bytes`
+/// allows by default (1 MiB, one string: room for 6 MiB) fits in. Let go at each large message,
+/// it was made again for the next, each of its pages faulted in by the kernel anew (see
+/// docs/performance.md, "Large messages: fewer copies and page faults"). Only the pages written
+/// are the process's memory: the room sonic-rs asks for and never writes is address space, not
+/// RSS.
 // Never inlined: `bench/run.sh --callgrind` counts it by its name.
 #[inline(never)]
 pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
-    /// Room a thread keeps between copies; a buffer grown past it by a large message is let go.
-    const KEPT: usize = 256 * 1024;
+    /// Room a thread keeps between copies; a buffer grown past it by a larger message is let go.
+    const KEPT: usize = 8 * 1024 * 1024;
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
