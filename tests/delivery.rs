@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Gateway, benefit_status, broker_url, depth, directory, random_prefix, referral};
+use common::{
+    Gateway, benefit_status, broker_url, depth, directory, directory_with, random_prefix, referral,
+    repo, schemas_copy,
+};
 use ponte::pipeline::Pipeline;
 use ponte::store::{MessageCase, Seen, SqliteStore, Store, StoreError};
 use serde_json::json;
@@ -60,6 +63,51 @@ async fn a_message_published_again_a_minute_later_is_delivered_once_even_across_
     gw.send("inps", &other).await;
     assert_eq!(gw.take(&gw.queues.outbound("cpi-modena"), 1).await.len(), 1);
     gw.stop().await;
+}
+
+/// Messages larger than a frame of the broker's (128 KiB), up to the size limit, reach their
+/// recipient whole: the body arrives in several frames, and each copy is written into a buffer
+/// its thread keeps from one copy to the next (a shorter one after a longer one included).
+#[tokio::test]
+async fn messages_of_several_frames_arrive_whole() {
+    // The demo schema keeps free text short; a deployment may allow more.
+    let schemas = schemas_copy(|dir| {
+        let path = dir.join("referral/1.0.json");
+        let mut schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        schema["properties"]["payload"]["properties"]["notes"]["maxLength"] = json!(1_000_000);
+        std::fs::write(&path, serde_json::to_vec(&schema).unwrap()).unwrap();
+    });
+    let (url, prefix) = (broker_url(), random_prefix());
+    let config = repo().join("config");
+    let gw = Gateway::start_with(directory_with(
+        &config,
+        &url,
+        &prefix,
+        &[("paths.schemas", schemas.to_str().unwrap())],
+    ))
+    .await;
+    // Escapes and characters of two and three bytes, so that what is written is not what was
+    // read byte for byte: ~700 KB, then ~300 KB.
+    let line = "Colloquio \"presa in carico\" — più servizi\\sede\n";
+    for repeats in [11_000, 5_000] {
+        let notes = line.repeat(repeats);
+        let mut sent = referral("cpi-modena", "CPI-MO-01", "036023");
+        sent["payload"]["notes"] = json!(notes);
+        assert!(serde_json::to_vec(&sent).unwrap().len() > 2 * 128 * 1024);
+        gw.send("cpi-modena", &sent).await;
+        let delivered = gw.take(&gw.queues.outbound("inps"), 1).await;
+        assert_eq!(delivered.len(), 1);
+        let copy = delivered[0].json();
+        assert_eq!(copy["message_id"], sent["message_id"]);
+        assert_eq!(copy["payload"]["notes"], json!(notes));
+        assert_eq!(
+            gw.receipt("cpi-modena").await["payload"]["code"],
+            "delivered"
+        );
+    }
+    gw.stop().await;
+    std::fs::remove_dir_all(schemas).unwrap();
 }
 
 #[tokio::test]

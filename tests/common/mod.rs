@@ -132,6 +132,15 @@ pub fn config_copy(change: impl FnOnce(&Path)) -> PathBuf {
     dir
 }
 
+/// A copy of the shared schemas in a fresh folder, for tests that change them (given to the
+/// gateway as `paths.schemas`); `change` edits the copy.
+pub fn schemas_copy(change: impl FnOnce(&Path)) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ponte-schemas-{}", uuid::Uuid::new_v4()));
+    copy_dir(&repo().join("schemas"), &dir);
+    change(&dir);
+    dir
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
