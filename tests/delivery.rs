@@ -88,7 +88,7 @@ async fn messages_of_several_frames_arrive_whole() {
     ))
     .await;
     // Escapes and characters of two and three bytes, so that what is written is not what was
-    // read byte for byte: ~700 KB, then ~300 KB.
+    // read byte for byte: ~600 KB, then ~270 KB.
     let line = "Colloquio \"presa in carico\" — più servizi\\sede\n";
     for repeats in [11_000, 5_000] {
         let notes = line.repeat(repeats);
