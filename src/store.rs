@@ -35,6 +35,14 @@ const COMMIT_AFTER: usize = 512;
 const QUEUE: usize = 16_384;
 /// Rows of messages recorded and not yet delivered that the writer keeps the place of, at most.
 const UNDELIVERED_KEPT: usize = 65_536;
+/// A new message's row waits in the writer's memory for its delivery this long at most, across
+/// commits, so that it is written once, delivered, rather than written and then updated (see
+/// [`Newest`])...
+const HOLD_UNDELIVERED: Duration = Duration::from_millis(500);
+/// ...and at most this many rows wait: past that, all of them are written at the next commit.
+const HELD_AT_MOST: usize = 16_384;
+/// The keys marked by writes not yet durable are cut back no more often than every this many.
+const MARKED_AT_LEAST: usize = 4096;
 /// How long a read waits for a recent write it depends on to be committed before giving up.
 const WAIT_AT_MOST: Duration = Duration::from_secs(10);
 /// The store's write-ahead log is cut back once it holds this many pages (64 MiB).
@@ -199,6 +207,10 @@ struct Front {
     /// Hash of a key → the number of the last write that changes it. The hashes are
     /// [`KEY_HASHER`]'s, which a sender cannot predict: foldhash too.
     marked: HashMap<u64, u64, foldhash::fast::RandomState>,
+    /// `marked` is cut back to the keys of writes not yet durable once it holds this many:
+    /// twice what was left the last time, at least [`MARKED_AT_LEAST`] (rows held for their
+    /// delivery keep their keys marked a while: see [`Newest`]).
+    marked_limit: usize,
     /// The ids delivered lately: most duplicate checks end here.
     recent: Recent,
     /// The references that may belong to a case: most look-ups of a reference's case end here.
@@ -550,10 +562,12 @@ impl Key<'_> {
 }
 
 /// Why a look-up stopped: the database failed, it read a key a write not yet committed
-/// changes (the number of that write), or the writer could not take a write.
+/// changes (the number of that write), it read a message's row the writer still holds
+/// (recorded by that write), or the writer could not take a write.
 enum Stop {
     Sql(rusqlite::Error),
     Until(u64),
+    Held,
     Writer(String),
 }
 
@@ -564,16 +578,26 @@ impl From<rusqlite::Error> for Stop {
 }
 
 impl Front {
-    /// Whether `key` reads as the writes committed so far (`durable`) leave it.
-    fn settled(&self, key: &Key<'_>, durable: u64) -> Result<(), Stop> {
+    /// Whether `key` reads as the writes committed so far (`durable`) leave it. A message's
+    /// rows read that way when delivered: an undelivered row may still wait in the writer's
+    /// memory (see [`Newest`]; [`Front::recorded`] reads those too).
+    fn settled(&self, key: &Key<'_>, durable: Durable) -> Result<(), Stop> {
         match self.marked.get(&key.hash()) {
-            Some(&write) if write > durable => Err(Stop::Until(write)),
+            Some(&write) if write > durable.writes => Err(Stop::Until(write)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the rows of message `key`, delivered or not, are all in the table.
+    fn recorded(&self, key: i64, durable: Durable) -> Result<(), Stop> {
+        match self.marked.get(&Key::Message(key).hash()) {
+            Some(&write) if write > durable.rows => Err(Stop::Held),
             _ => Ok(()),
         }
     }
 
     /// Hands `write` to the writer, marking `keys` as changed by it; returns its number.
-    fn hand_over(&mut self, write: Write, keys: &[u64], durable: u64) -> Result<u64, Stop> {
+    fn hand_over(&mut self, write: Write, keys: &[u64], durable: Durable) -> Result<u64, Stop> {
         // Never blocks the message path: a writer that far behind is a store that fails.
         self.writer.try_send(Op::Write(write)).map_err(|e| {
             Stop::Writer(match e {
@@ -582,8 +606,9 @@ impl Front {
             })
         })?;
         let number = self.written.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.marked.len() >= 4096 {
-            self.marked.retain(|_, write| *write > durable);
+        if self.marked.len() >= self.marked_limit {
+            self.marked.retain(|_, write| *write > durable.rows);
+            self.marked_limit = (self.marked.len() * 2).max(MARKED_AT_LEAST);
         }
         for key in keys {
             self.marked.insert(*key, number);
@@ -605,21 +630,30 @@ struct Shared {
     /// A look-up waits for a write of the open group: the writer commits it now rather than
     /// when due.
     hurry: AtomicBool,
-    /// The number of the last write committed.
-    committed: Mutex<u64>,
+    /// How far the writes are committed.
+    committed: Mutex<Durable>,
     changed: Condvar,
     watch: tokio::sync::watch::Sender<Committed>,
 }
 
+/// How far the writes are committed: every write up to `writes`, and of those, every message
+/// row recorded up to `rows` (the rows of later ones may still wait in the writer's memory for
+/// their delivery: see [`Newest`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Durable {
+    writes: u64,
+    rows: u64,
+}
+
 impl Shared {
-    fn committed(&self) -> u64 {
+    fn committed(&self) -> Durable {
         *self.committed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn advance(&self, to: u64) {
+    fn advance(&self, to: Durable) {
         *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = to;
         self.changed.notify_all();
-        let _ = self.watch.send_replace(Ok(to));
+        let _ = self.watch.send_replace(Ok(to.writes));
     }
 
     fn fail(&self, error: String) {
@@ -631,9 +665,11 @@ impl Shared {
         let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
         let (committed, timeout) = self
             .changed
-            .wait_timeout_while(committed, WAIT_AT_MOST, |committed| *committed < number)
+            .wait_timeout_while(committed, WAIT_AT_MOST, |committed| {
+                committed.writes < number
+            })
             .unwrap_or_else(|p| p.into_inner());
-        if timeout.timed_out() && *committed < number {
+        if timeout.timed_out() && committed.writes < number {
             return Err(format!(
                 "a recent write was not committed within {} s",
                 WAIT_AT_MOST.as_secs()
@@ -953,7 +989,7 @@ impl SqliteStore {
         let shared = Arc::new(Shared {
             stopping: AtomicBool::new(false),
             hurry: AtomicBool::new(false),
-            committed: Mutex::new(0),
+            committed: Mutex::new(Durable::default()),
             changed: Condvar::new(),
             watch: tokio::sync::watch::Sender::new(Ok(0)),
         });
@@ -992,6 +1028,7 @@ impl SqliteStore {
             front: Arc::new(Mutex::new(Front {
                 reader,
                 marked: HashMap::default(),
+                marked_limit: MARKED_AT_LEAST,
                 recent: Recent::new(now_secs()),
                 linked,
                 fresh,
@@ -1035,7 +1072,7 @@ impl SqliteStore {
     /// wait for a commit.
     fn front<T>(
         &self,
-        mut f: impl FnMut(&mut Front, u64) -> Result<T, Stop>,
+        mut f: impl FnMut(&mut Front, Durable) -> Result<T, Stop>,
     ) -> Result<T, StoreError> {
         let mut waited = Duration::ZERO;
         loop {
@@ -1057,6 +1094,14 @@ impl SqliteStore {
                     // The write is in the open group (or about to be): commit it now.
                     self.hurry();
                     crate::wait_aside(|| self.shared.wait_for(write)).map_err(|e| self.error(e))?;
+                    waited += since.elapsed();
+                }
+                Err(Stop::Held) => {
+                    // The row waits in the writer's memory for its delivery: written now, with
+                    // every row held (an answer to a message not yet confirmed, the same
+                    // message again while the first is in flight: rare).
+                    let since = Instant::now();
+                    self.flush()?;
                     waited += since.elapsed();
                 }
             }
@@ -1129,8 +1174,20 @@ fn write_behind(
         path,
     };
     loop {
-        // Idle, the first write wakes the thread and opens a group...
-        if !writer.handle(ops.recv().unwrap_or(Op::Stop)) {
+        // Idle, the first write wakes the thread and opens a group (or the first row held
+        // comes due: see `Newest`)...
+        let op = match writer.newest.due() {
+            None => ops.recv().unwrap_or(Op::Stop),
+            Some(due) => match ops.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(op) => op,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = writer.commit_held(false);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => Op::Stop,
+            },
+        };
+        if !writer.handle(op) {
             return;
         }
         // ...and what arrives while it is open is taken when it is due: one wake-up per group
@@ -1177,8 +1234,31 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// Opens a group if none is open.
+    fn open(&mut self) -> rusqlite::Result<()> {
+        if self.group.is_some() {
+            return Ok(());
+        }
+        self.group = Some(Group {
+            since: Instant::now(),
+            writes: std::mem::take(&mut self.spare),
+        });
+        self.connection.execute_batch("BEGIN IMMEDIATE")
+    }
+
+    /// Commits the open group, with the rows held that are due.
     fn commit(&mut self) -> Result<(), String> {
-        self.save(Ok(()))
+        self.save(Ok(()), false)
+    }
+
+    /// Commits the open group, or one of its own when rows are held, with `every` row held or
+    /// only those due.
+    fn commit_held(&mut self, every: bool) -> Result<(), String> {
+        if self.group.is_none() && self.newest.held.is_empty() {
+            return Ok(());
+        }
+        let begun = self.open();
+        self.save(begun, every)
     }
 
     /// Commits the open group, whose last write came out as `outcome`: on success, tells
@@ -1187,16 +1267,24 @@ impl Writer<'_> {
     /// and writes it again after a pause, until it commits. Gives up only when the store is
     /// being dropped (the writes are then lost, and so are the acknowledgements that waited for
     /// them).
-    fn save(&mut self, outcome: rusqlite::Result<()>) -> Result<(), String> {
+    ///
+    /// The rows held are written with it, `every` one of them or those due (see [`Newest`]).
+    fn save(&mut self, outcome: rusqlite::Result<()>, every: bool) -> Result<(), String> {
         let Some(open) = self.group.take() else {
             return Ok(());
         };
         let (connection, path, newest) = (&self.connection, self.path, &mut self.newest);
         let sweep = &mut self.sweep;
         let committing = Instant::now();
-        // The rows held are written, then the group's commit also writes the next slice of the
+        let first = self.applied + 1 - open.writes.len() as u64;
+        let aged = committing.checked_sub(HOLD_UNDELIVERED);
+        let write_rows = |newest: &mut Newest, sweep: &mut Sweep| match every {
+            true => newest.write(connection, sweep),
+            false => newest.write_due(connection, sweep, aged),
+        };
+        // The rows due are written, then the group's commit also writes the next slice of the
         // newest records' keys.
-        let outcome = outcome.and_then(|()| newest.write(connection, sweep));
+        let outcome = outcome.and_then(|()| write_rows(newest, sweep));
         let slice = sweep.next();
         let mut indexed = Vec::new();
         let mut outcome = outcome
@@ -1206,7 +1294,7 @@ impl Writer<'_> {
         let mut pause = Duration::from_millis(50);
         while let Err(error) = outcome {
             let _ = connection.execute_batch("ROLLBACK");
-            newest.held.clear();
+            newest.rolled_back();
             self.shared.fail(error.to_string());
             if self.shared.stopping.load(Ordering::SeqCst) {
                 tracing::error!(store = %path, %error, writes = open.writes.len(), "cannot save crosswalk records; stopping without them");
@@ -1218,16 +1306,20 @@ impl Writer<'_> {
             outcome = connection
                 .execute_batch("BEGIN IMMEDIATE")
                 .and_then(|()| {
-                    open.writes
-                        .iter()
+                    (first..)
+                        .zip(&open.writes)
                         .try_for_each(|w| apply(connection, newest, sweep, w))
                 })
-                .and_then(|()| newest.write(connection, sweep))
+                .and_then(|()| write_rows(newest, sweep))
                 .and_then(|()| sweep.write(connection, slice).map(|keys| indexed = keys))
                 .and_then(|()| connection.execute_batch("COMMIT"));
         }
         sweep.written(slice, &indexed);
-        self.shared.advance(self.applied);
+        newest.saved();
+        self.shared.advance(Durable {
+            writes: self.applied,
+            rows: newest.rows_upto(self.applied),
+        });
         let mut writes = open.writes;
         writes.clear();
         self.spare = writes;
@@ -1239,28 +1331,22 @@ impl Writer<'_> {
         match op {
             Op::Write(write) => {
                 self.applied += 1;
-                let spare = &mut self.spare;
-                let open = self.group.get_or_insert_with(|| Group {
-                    since: Instant::now(),
-                    writes: std::mem::take(spare),
+                let number = self.applied;
+                let done = self.open().and_then(|()| {
+                    let (newest, sweep) = (&mut self.newest, &mut self.sweep);
+                    apply(&self.connection, newest, sweep, (number, &write))
                 });
-                let begun = match open.writes.is_empty() {
-                    true => self.connection.execute_batch("BEGIN IMMEDIATE"),
-                    false => Ok(()),
-                };
-                let done = begun.and_then(|()| {
-                    apply(&self.connection, &mut self.newest, &mut self.sweep, &write)
-                });
+                let open = self.group.as_mut().expect("opened above");
                 open.writes.push(write);
                 let full = open.writes.len() >= COMMIT_AFTER;
                 if done.is_err() {
-                    let _ = self.save(done);
+                    let _ = self.save(done, false);
                 } else if full {
                     let _ = self.commit();
                 }
             }
             Op::Flush(done) => {
-                let _ = done.send(self.commit());
+                let _ = done.send(self.commit_held(true));
             }
             Op::CutLog(frames) => {
                 // Writes wait while the last frames are copied, so that the next write starts
@@ -1280,7 +1366,7 @@ impl Writer<'_> {
                 }
             }
             Op::Stop => {
-                let _ = self.commit();
+                let _ = self.commit_held(true);
                 return false;
             }
         }
@@ -1362,25 +1448,41 @@ impl Drop for SqliteStore {
     }
 }
 
-/// The writer's newest rows. A new message's row waits here until its group is saved, so that
-/// a delivery confirmed meanwhile is written with it: one statement rather than an insert, then
-/// an update of the same row. Once written, where the rows not yet delivered are, by their
-/// look-up key ([`message_key`]), so that a delivery updates its message's row without looking
-/// it up in the index again (the writer's one look-up per delivered message); the row found is
-/// checked to be the message's (two senders' ids may share a key). Bounded: past
-/// [`UNDELIVERED_KEPT`] that map starts over, and a message it does not know is looked up as
-/// before.
+/// The writer's newest rows. A new message's row waits here for its delivery, across commits,
+/// so that it is written once, delivered: one statement rather than an insert, then an update
+/// of the same row (draining, a message's copies are confirmed tens of milliseconds after it is
+/// recorded, after the group that recorded it is saved). A row is written at the commit of the
+/// group in which its delivery comes, or at the first commit [`HOLD_UNDELIVERED`] after it was
+/// recorded (a message none of whose copies went, a copy still unconfirmed), or when anything
+/// reads the table it is missing from: pruning, an answer to it, a look-up of its key
+/// ([`Stop::Held`]), a flush. Acknowledgements never wait for a row held: a delivered message
+/// is acknowledged once its delivery is committed, which writes its row; a message acknowledged
+/// without a delivery (all its copies parked) has its row written within the bound, which a
+/// crash may lose, as it may lose the crosswalk records of the last moments anyway.
+///
+/// Once written, where the rows not yet delivered are, by their look-up key ([`message_key`]),
+/// so that a delivery updates its message's row without looking it up in the index again (the
+/// writer's one look-up per delivered message); the row found is checked to be the message's
+/// (two senders' ids may share a key). Bounded: past [`UNDELIVERED_KEPT`] that map starts
+/// over, and a message it does not know is looked up as before.
 #[derive(Default)]
 struct Newest {
-    /// Rows of the open group not yet written, one per key (at most [`COMMIT_AFTER`]). Thrown
-    /// away when the group rolls back: applying its writes again holds them again.
-    held: Vec<Held>,
+    /// Rows not yet written, by their key, one per key (at most [`HELD_AT_MOST`] after a
+    /// commit): a thousand or more wait while a backlog drains, and each write looks its key
+    /// up here.
+    held: HashMap<i64, Held, foldhash::fast::RandomState>,
+    /// Rows written in the open group: given back to `held` if it rolls back, so that applying
+    /// its writes again finds them there.
+    written: Vec<Held>,
     /// Rows written and not yet delivered: their seq by their key.
     undelivered: HashMap<i64, i64>,
 }
 
-/// A message's row, held until its group is saved.
+/// A message's row, held until its delivery or the bound.
 struct Held {
+    /// The number of the write that recorded it.
+    number: u64,
+    since: Instant,
     key: i64,
     message_id: String,
     sender: String,
@@ -1394,7 +1496,7 @@ struct Held {
 
 impl Newest {
     /// The held row of `sender`'s `message_id`. Another message's row held under the same key
-    /// is written first (with every held row), and then found in the table as any other.
+    /// is written first, and then found in the table as any other.
     fn held(
         &mut self,
         tx: &Connection,
@@ -1403,18 +1505,42 @@ impl Newest {
         message_id: &str,
         sender: &str,
     ) -> rusqlite::Result<Option<&mut Held>> {
-        let Some(at) = self.held.iter().position(|h| h.key == key) else {
+        let Some(row) = self.held.get(&key) else {
             return Ok(None);
         };
-        if self.held[at].message_id == message_id && self.held[at].sender == sender {
-            return Ok(Some(&mut self.held[at]));
+        if row.message_id == message_id && row.sender == sender {
+            return Ok(self.held.get_mut(&key));
         }
-        self.write(tx, sweep)?;
+        self.write_if(tx, sweep, |row| row.key == key)?;
         Ok(None)
     }
 
-    /// Writes the held rows.
+    /// Writes every held row.
     fn write(&mut self, tx: &Connection, sweep: &mut Sweep) -> rusqlite::Result<()> {
+        self.write_if(tx, sweep, |_| true)
+    }
+
+    /// Writes the rows due at a commit: those delivered, those held since `before` or earlier,
+    /// and every one when more than [`HELD_AT_MOST`] are held.
+    fn write_due(
+        &mut self,
+        tx: &Connection,
+        sweep: &mut Sweep,
+        before: Option<Instant>,
+    ) -> rusqlite::Result<()> {
+        let all = self.held.len() > HELD_AT_MOST;
+        self.write_if(tx, sweep, |row| {
+            all || row.delivered.is_some() || before.is_some_and(|before| row.since <= before)
+        })
+    }
+
+    /// Writes the held rows `due` picks, in the order they were recorded.
+    fn write_if(
+        &mut self,
+        tx: &Connection,
+        sweep: &mut Sweep,
+        due: impl Fn(&Held) -> bool,
+    ) -> rusqlite::Result<()> {
         if self.held.is_empty() {
             return Ok(());
         }
@@ -1423,32 +1549,75 @@ impl Newest {
                                   delivered, complete, delivered_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        // Taken out for the loop, which notes into `self`; put back empty, keeping its room.
-        let mut held = std::mem::take(&mut self.held);
-        for row in held.drain(..) {
+        let mut rows: Vec<Held> = self
+            .held
+            .extract_if(|_, row| due(row))
+            .map(|(_, row)| row)
+            .collect();
+        rows.sort_unstable_by_key(|row| row.number);
+        let mut outcome = Ok(());
+        for row in rows {
+            if outcome.is_err() {
+                self.held.insert(row.key, row);
+                continue;
+            }
             let (delivered, complete, delivered_at) = match &row.delivered {
                 Some((to, complete, at)) => (Some(to.as_str()), *complete, Some(*at)),
                 None => (None, false, None),
             };
-            insert.execute(params![
-                row.key,
-                row.message_id,
-                row.sender,
-                row.reference,
-                row.recipients,
-                row.recorded_at,
-                delivered,
-                complete,
-                delivered_at
-            ])?;
+            outcome = insert
+                .execute(params![
+                    row.key,
+                    row.message_id,
+                    row.sender,
+                    row.reference,
+                    row.recipients,
+                    row.recorded_at,
+                    delivered,
+                    complete,
+                    delivered_at
+                ])
+                .map(|_| ());
+            if outcome.is_err() {
+                self.held.insert(row.key, row);
+                continue;
+            }
             let seq = tx.last_insert_rowid();
             sweep.add(row.key, seq);
             if row.delivered.is_none() {
                 self.note(row.key, seq);
             }
+            self.written.push(row);
         }
-        self.held = held;
-        Ok(())
+        outcome
+    }
+
+    /// The open group is saved: its rows are in the table.
+    fn saved(&mut self) {
+        self.written.clear();
+    }
+
+    /// The open group rolled back: the rows it wrote are held again (applying the group's
+    /// writes again finds them and changes them as before).
+    fn rolled_back(&mut self) {
+        self.held
+            .extend(self.written.drain(..).map(|row| (row.key, row)));
+    }
+
+    /// Every message row recorded by the writes up to `applied` is written, except those held:
+    /// the number before the first of them.
+    fn rows_upto(&self, applied: u64) -> u64 {
+        self.held
+            .values()
+            .map(|row| row.number - 1)
+            .min()
+            .unwrap_or(applied)
+    }
+
+    /// When the oldest held row is due.
+    fn due(&self) -> Option<Instant> {
+        let oldest = self.held.values().map(|row| row.since).min();
+        oldest.map(|since| since + HOLD_UNDELIVERED)
     }
 
     /// Notes where the undelivered row of `key` is.
@@ -1464,15 +1633,16 @@ impl Newest {
     }
 }
 
-/// Applies one write (inside the open group transaction). Import and prune are answered here.
+/// Applies write `number` (inside the open group transaction). Import and prune are answered
+/// here.
 fn apply(
     connection: &Connection,
     newest: &mut Newest,
     sweep: &mut Sweep,
-    write: &Write,
+    (number, write): (u64, &Write),
 ) -> rusqlite::Result<()> {
     match write {
-        Write::Record(m) => apply_record(connection, newest, sweep, m),
+        Write::Record(m) => apply_record(connection, newest, sweep, number, m),
         Write::Remember {
             sender,
             message_id,
@@ -1617,6 +1787,7 @@ fn apply_record(
     tx: &Connection,
     newest: &mut Newest,
     sweep: &mut Sweep,
+    number: u64,
     m: &Recorded,
 ) -> rusqlite::Result<()> {
     for (scheme, value, local) in &m.local_ids {
@@ -1643,21 +1814,27 @@ fn apply_record(
         ])?;
         newest.note(key, seq);
     } else {
-        newest.held.push(Held {
+        newest.held.insert(
             key,
-            message_id: m.message_id.clone(),
-            sender: m.sender.clone(),
-            reference: m.reference.clone(),
-            recipients: m.recipients.join(","),
-            recorded_at: m.at,
-            delivered: None,
-        });
+            Held {
+                number,
+                since: Instant::now(),
+                key,
+                message_id: m.message_id.clone(),
+                sender: m.sender.clone(),
+                reference: m.reference.clone(),
+                recipients: m.recipients.join(","),
+                recorded_at: m.at,
+                delivered: None,
+            },
+        );
     }
     let (Some(reference), Some(answered)) = (&m.reference, &m.correlation_id) else {
         return Ok(());
     };
-    // The message answered may be among the rows held: they are written first.
-    newest.write(tx, sweep)?;
+    // The message answered may be among the rows held: its row is written first.
+    let answered_key = message_key(answered);
+    newest.write_if(tx, sweep, |row| row.key == answered_key)?;
     let Some(original) = original(tx, &sweep.fresh, answered, &m.sender)? else {
         return Ok(());
     };
@@ -1937,7 +2114,7 @@ impl Store for SqliteStore {
 /// `reference`), as it will be once `m` is recorded; and the keys recording it will change.
 fn references(
     front: &Front,
-    durable: u64,
+    durable: Durable,
     m: &MessageCase<'_>,
     reference: &str,
 ) -> Result<(Vec<Option<String>>, Vec<u64>), Stop> {
@@ -1960,7 +2137,7 @@ fn references(
     let mut cases: Vec<i64> = ours.into_iter().collect();
     let mut joining: Vec<(String, String)> = Vec::new();
     if let Some(answered) = m.correlation_id {
-        front.settled(&Key::Message(message_key(answered)), durable)?;
+        front.recorded(message_key(answered), durable)?;
         if let Some((sender, their_reference)) = original(reader, &front.fresh, answered, m.sender)?
         {
             // Answering links the two cases (see `apply_record`).
@@ -2481,6 +2658,95 @@ mod tests {
             assert!(began.elapsed() < Duration::from_secs(10), "never committed");
             std::thread::sleep(Duration::from_millis(5));
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Waits until every write handed over so far is committed.
+    fn all_committed(s: &SqliteStore) {
+        let (written, commits) = (s.written(), s.commits());
+        let began = Instant::now();
+        while *commits.borrow() != Ok(written) {
+            assert!(began.elapsed() < Duration::from_secs(10), "never committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// How many rows `id` has, and to whom it was delivered.
+    fn delivered(s: &SqliteStore, id: &str) -> (i64, Option<String>) {
+        s.read(|c| {
+            c.query_row(
+                "SELECT count(*), group_concat(delivered) FROM message WHERE message_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_row_waits_for_its_delivery_across_commits_and_is_written_once_delivered() {
+        let (s, dir) = store();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let (confirmed, parked) = ("m-confirmed", "m-parked");
+        s.record(&message(confirmed, "inps", "APP-1", None, &["cpi-modena"]))
+            .unwrap();
+        s.record(&message(parked, "inps", "APP-2", None, &["cpi-modena"]))
+            .unwrap();
+        // The records are committed (their message could be acknowledged), their rows wait for
+        // their deliveries.
+        all_committed(&s);
+        assert_eq!(delivered(&s, confirmed), (0, None));
+        // The delivery, in a later group, writes the row whole.
+        s.remember("inps", confirmed, &["cpi-modena"], true)
+            .unwrap();
+        all_committed(&s);
+        assert_eq!(delivered(&s, confirmed), (1, Some("cpi-modena".into())));
+        let seen = s.seen("inps", confirmed, week).unwrap().unwrap();
+        assert_eq!(
+            (seen.recipients, seen.complete),
+            (vec!["cpi-modena".into()], true)
+        );
+        // A row never delivered is written undelivered once it has waited its bound, with no
+        // further write nor flush to carry it.
+        let began = Instant::now();
+        while delivered(&s, parked).0 == 0 {
+            assert!(began.elapsed() < Duration::from_secs(10), "never written");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            began.elapsed() >= HOLD_UNDELIVERED / 2,
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(delivered(&s, parked), (1, None));
+        assert_eq!(s.seen("inps", parked, week).unwrap(), None);
+        assert_eq!(keys(&s), (2, 2), "two records, each key once");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_answer_to_a_message_whose_row_waits_for_its_delivery_links_the_case() {
+        let (s, dir) = store();
+        linked_loaded(&s);
+        s.record(&message("m1", "cpi-modena", "CPI-7", None, &["inps"]))
+            .unwrap();
+        // Committed, but not delivered yet: INPS answers the copy before its confirm came.
+        all_committed(&s);
+        assert_eq!(delivered(&s, "m1"), (0, None));
+        let refs = s
+            .record(&message("m2", "inps", "APP-9", Some("m1"), &["cpi-modena"]))
+            .unwrap();
+        assert_eq!(refs, [Some("CPI-7".to_string())]);
+        // The same message again while the first is in flight: not delivered yet.
+        assert_eq!(
+            s.seen("cpi-modena", "m1", Duration::from_secs(3600))
+                .unwrap(),
+            None
+        );
+        let refs = s
+            .record(&message("m3", "cpi-modena", "CPI-7", None, &["inps"]))
+            .unwrap();
+        assert_eq!(refs, [Some("APP-9".to_string())]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
