@@ -1598,10 +1598,14 @@ impl Newest {
     }
 
     /// The open group rolled back: the rows it wrote are held again (applying the group's
-    /// writes again finds them and changes them as before).
+    /// writes again finds them and changes them as before). Of the rows of one key (two
+    /// messages whose ids share it), the first written wins: a row could be held under that key
+    /// only once the one before was written, so every later one was recorded by the group
+    /// itself, and applying it again records it again.
     fn rolled_back(&mut self) {
-        self.held
-            .extend(self.written.drain(..).map(|row| (row.key, row)));
+        for row in self.written.drain(..).rev() {
+            self.held.insert(row.key, row);
+        }
     }
 
     /// Every message row recorded by the writes up to `applied` is written, except those held:
@@ -2721,6 +2725,66 @@ mod tests {
         assert_eq!(delivered(&s, parked), (1, None));
         assert_eq!(s.seen("inps", parked, week).unwrap(), None);
         assert_eq!(keys(&s), (2, 2), "two records, each key once");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_group_keeps_the_rows_it_had_written_of_messages_recorded_before_it() {
+        let (s, dir) = store();
+        // The same id from two senders: the second's record writes the first's waiting row.
+        let id = "a1b2c3d4-0000-4000-8000-000000000001";
+        s.record(&message(id, "inps", "APP-1", None, &["cpi-modena"]))
+            .unwrap();
+        all_committed(&s);
+        assert_eq!(delivered(&s, id), (0, None));
+        // As in the test above: the writes below make one group, which fails until the
+        // person ids are no longer refused.
+        let other = Connection::open(dir.join("ponte.db")).unwrap();
+        other
+            .execute_batch(
+                "PRAGMA busy_timeout = 5000;
+                 CREATE TABLE refusing (x); INSERT INTO refusing VALUES (1);
+                 CREATE TRIGGER refuse BEFORE INSERT ON person WHEN EXISTS (SELECT 1 FROM refusing)
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;
+                 BEGIN IMMEDIATE;",
+            )
+            .unwrap();
+        s.record(&message(id, "cpi-modena", "CPI-1", None, &["inps"]))
+            .unwrap();
+        s.remember("inps", id, &["cpi-modena"], true).unwrap();
+        s.record(&MessageCase {
+            local_ids: &[("it.cf", "RSSMRA85T10A562S", "ANA-42")],
+            ..message("m-refused", "inps", "APP-3", None, &["cpi-modena"])
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        other.execute_batch("COMMIT").unwrap();
+        let commits = s.commits();
+        let began = Instant::now();
+        while commits.borrow().is_ok() {
+            assert!(began.elapsed() < Duration::from_secs(10), "never failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        other.execute_batch("DELETE FROM refusing").unwrap();
+        s.flush().unwrap();
+        let rows: Vec<(String, String, Option<String>)> = s
+            .read(|c| {
+                c.prepare(
+                    "SELECT sender, reference, delivered FROM message
+                     WHERE message_id = ?1 ORDER BY sender",
+                )?
+                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+            })
+            .unwrap();
+        assert_eq!(
+            rows,
+            [
+                ("cpi-modena".into(), "CPI-1".into(), None),
+                ("inps".into(), "APP-1".into(), Some("cpi-modena".into())),
+            ]
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
