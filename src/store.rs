@@ -2717,11 +2717,6 @@ mod tests {
             assert!(began.elapsed() < Duration::from_secs(10), "never written");
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            began.elapsed() >= HOLD_UNDELIVERED / 2,
-            "{:?}",
-            began.elapsed()
-        );
         assert_eq!(delivered(&s, parked), (1, None));
         assert_eq!(s.seen("inps", parked, week).unwrap(), None);
         assert_eq!(keys(&s), (2, 2), "two records, each key once");
