@@ -178,7 +178,9 @@ pub type Committed = Result<u64, String>;
 /// message sent again at once, an answer to a message recorded a moment ago, a case just
 /// linked). Each write marks the keys it will change (a message id, a person id, a case
 /// reference, a case); a look-up that reads a marked key waits until that write is committed
-/// and reads again. Messages rarely touch what the last few milliseconds wrote, so the wait is
+/// and reads again. A new message's row may wait in the writer's memory for its delivery
+/// beyond its write's commit (see [`Newest`]): the one look-up that reads undelivered rows, an
+/// answer's of the message it answers, has the writer write them first. Messages rarely touch what the last few milliseconds wrote, so the wait is
 /// rare; `ponte_store_wait_seconds` shows it.
 ///
 /// A duplicate check asks an in-memory filter of the ids delivered lately first (`recent`);
