@@ -2667,6 +2667,40 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// Another connection to the store in `dir` that makes it refuse person ids while
+    /// `refusing` has a row, and holds the store's writer back (its transaction open) so that
+    /// the writes handed over next make one group. See [`fail_then_save`].
+    fn refusing_person_ids(dir: &Path) -> Connection {
+        let other = Connection::open(dir.join("ponte.db")).unwrap();
+        other
+            .execute_batch(
+                "PRAGMA busy_timeout = 5000;
+                 CREATE TABLE refusing (x); INSERT INTO refusing VALUES (1);
+                 CREATE TRIGGER refuse BEFORE INSERT ON person WHEN EXISTS (SELECT 1 FROM refusing)
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;
+                 BEGIN IMMEDIATE;",
+            )
+            .unwrap();
+        other
+    }
+
+    /// Lets the writer go on to the group `other` held back (a person id among its writes),
+    /// waits until it fails, then stops refusing: the group is rolled back and written again
+    /// until it is saved, which a flush waits for.
+    fn fail_then_save(s: &SqliteStore, other: &Connection) {
+        std::thread::sleep(Duration::from_millis(50));
+        other.execute_batch("COMMIT").unwrap();
+        let commits = s.commits();
+        let began = Instant::now();
+        while commits.borrow().is_ok() {
+            assert!(began.elapsed() < Duration::from_secs(10), "never failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        other.execute_batch("DELETE FROM refusing").unwrap();
+        s.flush().unwrap();
+    }
+
     /// Waits until every write handed over so far is committed.
     fn all_committed(s: &SqliteStore) {
         let (written, commits) = (s.written(), s.commits());
@@ -2734,18 +2768,7 @@ mod tests {
             .unwrap();
         all_committed(&s);
         assert_eq!(delivered(&s, id), (0, None));
-        // As in the test above: the writes below make one group, which fails until the
-        // person ids are no longer refused.
-        let other = Connection::open(dir.join("ponte.db")).unwrap();
-        other
-            .execute_batch(
-                "PRAGMA busy_timeout = 5000;
-                 CREATE TABLE refusing (x); INSERT INTO refusing VALUES (1);
-                 CREATE TRIGGER refuse BEFORE INSERT ON person WHEN EXISTS (SELECT 1 FROM refusing)
-                 BEGIN SELECT RAISE(ABORT, 'refused'); END;
-                 BEGIN IMMEDIATE;",
-            )
-            .unwrap();
+        let other = refusing_person_ids(&dir);
         s.record(&message(id, "cpi-modena", "CPI-1", None, &["inps"]))
             .unwrap();
         s.remember("inps", id, &["cpi-modena"], true).unwrap();
@@ -2754,17 +2777,7 @@ mod tests {
             ..message("m-refused", "inps", "APP-3", None, &["cpi-modena"])
         })
         .unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        other.execute_batch("COMMIT").unwrap();
-        let commits = s.commits();
-        let began = Instant::now();
-        while commits.borrow().is_ok() {
-            assert!(began.elapsed() < Duration::from_secs(10), "never failed");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        other.execute_batch("DELETE FROM refusing").unwrap();
-        s.flush().unwrap();
+        fail_then_save(&s, &other);
         let rows: Vec<(String, String, Option<String>)> = s
             .read(|c| {
                 c.prepare(
@@ -2815,18 +2828,7 @@ mod tests {
     fn a_group_that_failed_is_saved_again_with_each_message_once_and_its_delivery() {
         let (s, dir) = store();
         let week = Duration::from_secs(7 * 24 * 3600);
-        // Another connection makes the store refuse person ids while `refusing` has a row, and
-        // holds the store's writer back so that the writes below make one group.
-        let other = Connection::open(dir.join("ponte.db")).unwrap();
-        other
-            .execute_batch(
-                "PRAGMA busy_timeout = 5000;
-                 CREATE TABLE refusing (x); INSERT INTO refusing VALUES (1);
-                 CREATE TRIGGER refuse BEFORE INSERT ON person WHEN EXISTS (SELECT 1 FROM refusing)
-                 BEGIN SELECT RAISE(ABORT, 'refused'); END;
-                 BEGIN IMMEDIATE;",
-            )
-            .unwrap();
+        let other = refusing_person_ids(&dir);
         let (delivered, again, pending) = ("m-delivered", "m-again", "m-pending");
         s.record(&message(delivered, "inps", "APP-1", None, &["cpi-modena"]))
             .unwrap();
@@ -2848,18 +2850,7 @@ mod tests {
             ..message(pending, "inps", "APP-3", None, &["cpi-modena"])
         })
         .unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        other.execute_batch("COMMIT").unwrap();
-        let commits = s.commits();
-        let began = Instant::now();
-        while commits.borrow().is_ok() {
-            assert!(began.elapsed() < Duration::from_secs(10), "never failed");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // The group is rolled back and written again until it is saved.
-        std::thread::sleep(Duration::from_millis(100));
-        other.execute_batch("DELETE FROM refusing").unwrap();
-        s.flush().unwrap();
+        fail_then_save(&s, &other);
         let rows = |id: &str| -> (i64, String, Option<String>, Option<String>) {
             s.read(|c| {
                 c.query_row(
