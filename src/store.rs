@@ -11,7 +11,7 @@
 //! folder. Several gateway instances sharing one crosswalk would implement the trait on a shared
 //! database instead.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1473,6 +1473,12 @@ struct Newest {
     /// commit): a thousand or more wait while a backlog drains, and each write looks its key
     /// up here.
     held: HashMap<i64, Held, foldhash::fast::RandomState>,
+    /// The held rows' write numbers and keys, oldest first, so that a commit finds the rows
+    /// past their bound and the oldest number without walking every row. An entry whose row
+    /// was written since (or holds another number) is passed over.
+    order: VecDeque<(u64, i64)>,
+    /// Keys of held rows delivered since the last commit: written at the next.
+    delivered: Vec<i64>,
     /// Rows written in the open group: given back to `held` if it rolls back, so that applying
     /// its writes again finds them there.
     written: Vec<Held>,
@@ -1513,50 +1519,86 @@ impl Newest {
         if row.message_id == message_id && row.sender == sender {
             return Ok(self.held.get_mut(&key));
         }
-        self.write_if(tx, sweep, |row| row.key == key)?;
+        self.write_key(tx, sweep, key)?;
         Ok(None)
+    }
+
+    /// Holds `row` until its delivery or its bound.
+    fn hold(&mut self, row: Held) {
+        self.order.push_back((row.number, row.key));
+        self.held.insert(row.key, row);
+    }
+
+    /// Whether the entry `(number, key)` of `order` is a row still held.
+    fn live(&self, (number, key): (u64, i64)) -> bool {
+        self.held.get(&key).is_some_and(|row| row.number == number)
+    }
+
+    /// The oldest held row's entry, once the entries of rows written are passed over.
+    fn oldest(&mut self) -> Option<(u64, i64)> {
+        while let Some(&entry) = self.order.front() {
+            if self.live(entry) {
+                return Some(entry);
+            }
+            self.order.pop_front();
+        }
+        None
     }
 
     /// Writes every held row.
     fn write(&mut self, tx: &Connection, sweep: &mut Sweep) -> rusqlite::Result<()> {
-        self.write_if(tx, sweep, |_| true)
+        let keys = self.held.keys().copied().collect();
+        self.write_keys(tx, sweep, keys)
+    }
+
+    /// Writes the held row of `key`, if any.
+    fn write_key(&mut self, tx: &Connection, sweep: &mut Sweep, key: i64) -> rusqlite::Result<()> {
+        self.write_keys(tx, sweep, vec![key])
     }
 
     /// Writes the rows due at a commit: those delivered, those held since `before` or earlier,
-    /// and every one when more than [`HELD_AT_MOST`] are held.
+    /// and the oldest past [`HELD_AT_MOST`].
     fn write_due(
         &mut self,
         tx: &Connection,
         sweep: &mut Sweep,
         before: Option<Instant>,
     ) -> rusqlite::Result<()> {
-        let all = self.held.len() > HELD_AT_MOST;
-        self.write_if(tx, sweep, |row| {
-            all || row.delivered.is_some() || before.is_some_and(|before| row.since <= before)
-        })
+        let mut keys = std::mem::take(&mut self.delivered);
+        while let Some((_, key)) = self.oldest() {
+            let row = &self.held[&key];
+            let aged = before.is_some_and(|before| row.since <= before);
+            if !aged && self.held.len().saturating_sub(keys.len()) <= HELD_AT_MOST {
+                break;
+            }
+            keys.push(key);
+            self.order.pop_front();
+        }
+        self.write_keys(tx, sweep, keys)
     }
 
-    /// Writes the held rows `due` picks, in the order they were recorded.
-    fn write_if(
+    /// Writes the held rows of `keys` (those still held; each once), in the order they were
+    /// recorded. Should a write fail, the rows not written are held again, and the group rolls
+    /// back (see [`Newest::rolled_back`]).
+    fn write_keys(
         &mut self,
         tx: &Connection,
         sweep: &mut Sweep,
-        due: impl Fn(&Held) -> bool,
+        keys: Vec<i64>,
     ) -> rusqlite::Result<()> {
-        if self.held.is_empty() {
+        let mut rows: Vec<Held> = keys
+            .into_iter()
+            .filter_map(|key| self.held.remove(&key))
+            .collect();
+        if rows.is_empty() {
             return Ok(());
         }
+        rows.sort_unstable_by_key(|row| row.number);
         let mut insert = tx.prepare_cached(
             "INSERT INTO message (key, message_id, sender, reference, recipients, recorded_at,
                                   delivered, complete, delivered_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        let mut rows: Vec<Held> = self
-            .held
-            .extract_if(|_, row| due(row))
-            .map(|(_, row)| row)
-            .collect();
-        rows.sort_unstable_by_key(|row| row.number);
         let mut outcome = Ok(());
         for row in rows {
             if outcome.is_err() {
@@ -1600,30 +1642,33 @@ impl Newest {
     }
 
     /// The open group rolled back: the rows it wrote are held again (applying the group's
-    /// writes again finds them and changes them as before). Of the rows of one key (two
-    /// messages whose ids share it), the first written wins: a row could be held under that key
-    /// only once the one before was written, so every later one was recorded by the group
-    /// itself, and applying it again records it again.
+    /// writes again finds them and changes them as before), and the list of them in order made
+    /// anew. Of the rows of one key (two messages whose ids share it), the first written wins:
+    /// a row could be held under that key only once the one before was written, so every later
+    /// one was recorded by the group itself, and applying it again records it again.
     fn rolled_back(&mut self) {
         for row in self.written.drain(..).rev() {
             self.held.insert(row.key, row);
         }
+        let mut order: Vec<(u64, i64)> = self.held.values().map(|r| (r.number, r.key)).collect();
+        order.sort_unstable();
+        self.order = order.into();
+        self.delivered = (self.held.values())
+            .filter(|row| row.delivered.is_some())
+            .map(|row| row.key)
+            .collect();
     }
 
     /// Every message row recorded by the writes up to `applied` is written, except those held:
     /// the number before the first of them.
-    fn rows_upto(&self, applied: u64) -> u64 {
-        self.held
-            .values()
-            .map(|row| row.number - 1)
-            .min()
-            .unwrap_or(applied)
+    fn rows_upto(&mut self, applied: u64) -> u64 {
+        self.oldest().map_or(applied, |(number, _)| number - 1)
     }
 
     /// When the oldest held row is due.
-    fn due(&self) -> Option<Instant> {
-        let oldest = self.held.values().map(|row| row.since).min();
-        oldest.map(|since| since + HOLD_UNDELIVERED)
+    fn due(&mut self) -> Option<Instant> {
+        let (_, key) = self.oldest()?;
+        Some(self.held[&key].since + HOLD_UNDELIVERED)
     }
 
     /// Notes where the undelivered row of `key` is.
@@ -1750,6 +1795,7 @@ fn apply_remember(
     // The row recorded a moment ago: held in memory, so it is written delivered...
     if let Some(row) = newest.held(connection, sweep, key, message_id, sender)? {
         row.delivered = Some((delivered.to_string(), complete, at));
+        newest.delivered.push(key);
         return Ok(());
     }
     // ...or written, if the writer knows where it is; else looked up.
@@ -1820,27 +1866,23 @@ fn apply_record(
         ])?;
         newest.note(key, seq);
     } else {
-        newest.held.insert(
+        newest.hold(Held {
+            number,
+            since: Instant::now(),
             key,
-            Held {
-                number,
-                since: Instant::now(),
-                key,
-                message_id: m.message_id.clone(),
-                sender: m.sender.clone(),
-                reference: m.reference.clone(),
-                recipients: m.recipients.join(","),
-                recorded_at: m.at,
-                delivered: None,
-            },
-        );
+            message_id: m.message_id.clone(),
+            sender: m.sender.clone(),
+            reference: m.reference.clone(),
+            recipients: m.recipients.join(","),
+            recorded_at: m.at,
+            delivered: None,
+        });
     }
     let (Some(reference), Some(answered)) = (&m.reference, &m.correlation_id) else {
         return Ok(());
     };
     // The message answered may be among the rows held: its row is written first.
-    let answered_key = message_key(answered);
-    newest.write_if(tx, sweep, |row| row.key == answered_key)?;
+    newest.write_key(tx, sweep, message_key(answered))?;
     let Some(original) = original(tx, &sweep.fresh, answered, &m.sender)? else {
         return Ok(());
     };
