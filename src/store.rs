@@ -39,7 +39,7 @@ const UNDELIVERED_KEPT: usize = 65_536;
 /// commits, so that it is written once, delivered, rather than written and then updated (see
 /// [`Newest`])...
 const HOLD_UNDELIVERED: Duration = Duration::from_millis(500);
-/// ...and at most this many rows wait: past that, all of them are written at the next commit.
+/// ...and at most this many rows wait: past that, the oldest are written at the next commit.
 const HELD_AT_MOST: usize = 16_384;
 /// The keys marked by writes not yet durable are cut back no more often than every this many.
 const MARKED_AT_LEAST: usize = 4096;
