@@ -53,14 +53,23 @@ fi
 
 # The figures are those of what a deployment runs: the production profile (Cargo.toml), built
 # as one optimized unit. PONTE_BENCH_PROFILE=release measures the quicker-built release build.
+# PONTE_BENCH_PROFILE=pgo measures the production build optimized with a profile of the
+# gateway at work (scripts/pgo.sh, built anew first: up to 20 minutes more).
 profile=${PONTE_BENCH_PROFILE:-production}
 [ "$mode" = quick ] && profile=dev
 if [ "$profile" = dev ]; then
     cargo build --locked --bins
     bin=target/debug
+    ponte=$bin/ponte
+elif [ "$profile" = pgo ]; then
+    cargo build --profile production --locked --bins
+    bin=target/production
+    PONTE_PGO_BROKER_PORT=$port scripts/pgo.sh
+    ponte=target/pgo/ponte
 else
     cargo build --profile "$profile" --locked --bins
     bin=target/$profile
+    ponte=$bin/ponte
 fi
 mkdir -p target/bench
 
@@ -77,7 +86,7 @@ callgrind() {
     local wrapper=$PWD/target/bench/ponte-under-callgrind
     cat >"$wrapper" <<EOF
 #!/bin/sh
-exec valgrind --tool=callgrind --callgrind-out-file=$out $PWD/$bin/ponte "\$@"
+exec valgrind --tool=callgrind --callgrind-out-file=$out $PWD/$ponte "\$@"
 EOF
     chmod +x "$wrapper"
     "$bin/ponte-bench" --url "amqp://guest:guest@127.0.0.1:$port/%2f" \
@@ -145,7 +154,7 @@ row() {
     shift
     if [ -n "$only" ] && [ "$only" != "$name" ]; then return; fi
     if ! "$bin/ponte-bench" --url "amqp://guest:guest@127.0.0.1:$port/%2f" --node "bench $port $PWD/$dir" \
-        --ponte "$bin/ponte" --csv "$csv" --scenario "$name" "$@"; then
+        --ponte "$ponte" --csv "$csv" --scenario "$name" "$@"; then
         echo "run.sh: row $name failed; going on with the next" >&2
         failed+=("$name")
     fi
