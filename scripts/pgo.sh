@@ -18,7 +18,8 @@
 # (docs/performance.md, "Built with a profile of the gateway at work").
 #
 # Needs LLVM's llvm-profdata of the compiler's own LLVM version: rustup's `llvm-tools`
-# component, added here when rustup is present.
+# component, added here when rustup is present. RUSTFLAGS of the environment (a target CPU,
+# say) apply to both builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +43,7 @@ fi
 cargo build --profile production --locked --bin ponte-bench
 
 echo "pgo.sh: building the counting gateway" >&2
-RUSTFLAGS="-Cprofile-generate=$raw" \
+RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-Cprofile-generate=$raw" \
     cargo build --profile production --locked --bin ponte --target-dir "$out/instrumented"
 # Build scripts and macros of that build counted their own runs into the same folder.
 rm -rf "$raw"
@@ -70,7 +71,7 @@ train --scenario pgo-receipts --messages 20000 --receipts on
 "$profdata" merge -o "$out/ponte.profdata" "$raw"/*.profraw
 
 echo "pgo.sh: building the gateway with its profile" >&2
-RUSTFLAGS="-Cprofile-use=$out/ponte.profdata" \
+RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-Cprofile-use=$out/ponte.profdata" \
     cargo build --profile production --locked --bin ponte --target-dir "$out/optimized"
 cp "$out/optimized/production/ponte" "$out/ponte"
 echo "pgo.sh: built $out/ponte" >&2
