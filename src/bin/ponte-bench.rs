@@ -1090,23 +1090,47 @@ fn ctl_command(node: &str, args: &[&str]) -> Command {
     command
 }
 
-/// The steady-state rate at which `progress` reaches `total` (between 10 % and 90 % of it, so
-/// start-up and the tail are left out), and the broker's CPU seconds per unit of progress over
-/// that same window.
+/// A drain measured in its steady state, between 10 % and 90 % of its progress (start-up and
+/// the tail left out).
+struct Steady {
+    /// Units of progress a second.
+    rate: f64,
+    /// The broker's CPU seconds per unit of progress.
+    broker: f64,
+    /// The cores the process that moves the load (the gateway, or the forwarder's) kept busy;
+    /// with the broker's, what the drain takes of the machine.
+    mover_cores: f64,
+}
+
+impl Steady {
+    /// The cores the broker and the mover kept busy together.
+    fn cores(&self) -> f64 {
+        self.rate * self.broker + self.mover_cores
+    }
+}
+
+/// The steady-state rate at which `progress` reaches `total`, the broker's CPU seconds per unit
+/// of progress over that same window, and the cores process `mover` (none for the shovel,
+/// which runs in the broker) kept busy meanwhile.
 async fn steady_rate(
     node: &str,
+    mover: Option<u32>,
     total: usize,
     limit: Duration,
     mut progress: impl AsyncFnMut() -> Result<usize>,
-) -> Result<(f64, f64)> {
+) -> Result<Steady> {
     let start = Instant::now();
     let (mut t10, mut t90) = (None, None);
     let (lo, hi) = (total / 10, total * 9 / 10);
-    let mut last = (Duration::ZERO, 0, broker_cpu(node)?);
+    let cpu = || -> Result<(f64, f64)> {
+        let moving = mover.map_or(Ok(0.0), |pid| usage(pid).map(|(cpu, _)| cpu))?;
+        Ok((broker_cpu(node)?, moving))
+    };
+    let mut last = (Duration::ZERO, 0, cpu()?);
     loop {
         let done = progress().await?;
         let now = start.elapsed();
-        let sample = (now, done, broker_cpu(node)?);
+        let sample = (now, done, cpu()?);
         if t10.is_none() && done >= lo {
             // A small load can pass both marks between two polls: the window then starts at
             // the poll before (at worst the start), or it would be empty and the rate NaN.
@@ -1128,9 +1152,17 @@ async fn steady_rate(
     let span = (b - a).as_secs_f64();
     let moved = (db - da) as f64;
     Ok(if span > 0.0 && moved > 0.0 {
-        (moved / span, (cb - ca) / moved)
+        Steady {
+            rate: moved / span,
+            broker: (cb.0 - ca.0) / moved,
+            mover_cores: (cb.1 - ca.1) / span,
+        }
     } else {
-        (f64::NAN, f64::NAN)
+        Steady {
+            rate: f64::NAN,
+            broker: f64::NAN,
+            mover_cores: f64::NAN,
+        }
     })
 }
 
@@ -1142,13 +1174,22 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f6
     let (src, dst) = side_queues(args, connection, load, "shovel").await?;
     let [name, _] = shovel_names(args);
     set_shovel(args, &name, &src, &dst)?;
-    let rate = drained(args, connection, std::slice::from_ref(&dst), load.count).await;
+    let rate = drained(
+        args,
+        None,
+        connection,
+        std::slice::from_ref(&dst),
+        load.count,
+    )
+    .await;
     ctl(&args.node, &["clear_parameter", "shovel", &name])?;
     delete_queues(args, &[&src, &dst]).await?;
-    let (rate, broker) = rate?;
+    let steady = rate?;
+    let (rate, broker) = (steady.rate, steady.broker);
     eprintln!(
-        "  shovel: {rate:.0} msg/s (broker {:.1} µs CPU/msg)",
-        broker * 1e6
+        "  shovel: {rate:.0} msg/s (broker {:.1} µs CPU/msg, {:.2} cores)",
+        broker * 1e6,
+        steady.cores()
     );
     Ok((rate, broker))
 }
@@ -1186,14 +1227,23 @@ async fn shovels_per_sender(
         sources.len() - 1
     );
     ctl(&args.node, &["eval", &set])?;
-    let rate = drained(args, connection, std::slice::from_ref(&dst), load.count).await;
+    let rate = drained(
+        args,
+        None,
+        connection,
+        std::slice::from_ref(&dst),
+        load.count,
+    )
+    .await;
     clear_sender_shovels(args)?;
     delete_queues(args, &all).await?;
-    let (rate, broker) = rate?;
+    let steady = rate?;
+    let (rate, broker) = (steady.rate, steady.broker);
     eprintln!(
-        "  shovel ({} queues, a shovel each): {rate:.0} msg/s (broker {:.1} µs CPU/msg)",
+        "  shovel ({} queues, a shovel each): {rate:.0} msg/s (broker {:.1} µs CPU/msg, {:.2} cores)",
         sources.len(),
-        broker * 1e6
+        broker * 1e6,
+        steady.cores()
     );
     Ok((rate, broker))
 }
@@ -1302,7 +1352,7 @@ async fn forwarder(
         })
         .collect();
     let (cpu_before, _) = usage(std::process::id())?;
-    let rate = drained(args, connection, &dsts, published).await;
+    let rate = drained(args, Some(std::process::id()), connection, &dsts, published).await;
     let (cpu_after, _) = usage(std::process::id())?;
     let stopped = Forwarding::stop_all(forwarding).await;
     for group in &groups {
@@ -1317,7 +1367,8 @@ async fn forwarder(
         .collect();
     delete_queues(args, &side).await?;
     // Counted at the queue, per message published; reported per message taken, as Ponte's.
-    let (rate, broker) = rate?;
+    let steady = rate?;
+    let (rate, broker) = (steady.rate, steady.broker);
     let per_taken = published as f64 / load.count as f64;
     let (rate, broker) = (rate / per_taken, broker * per_taken);
     // The benchmark's own polling runs in this process too: a small overestimate.
@@ -1333,9 +1384,10 @@ async fn forwarder(
     };
     let busy = pace.described();
     eprintln!(
-        "  no-op forwarder: {rate:.0} msg/s (broker {:.1} µs CPU/msg, forwarder {:.1}{busy}{fanned})",
+        "  no-op forwarder: {rate:.0} msg/s (broker {:.1} µs CPU/msg, forwarder {:.1}{busy}{fanned}; {:.2} cores)",
         broker * 1e6,
-        own * 1e6
+        own * 1e6,
+        steady.cores()
     );
     Ok((rate, broker, own))
 }
@@ -1763,21 +1815,29 @@ async fn side_queues(
     Ok((src, dst))
 }
 
-/// The steady rate at which `total` messages arrive in `dsts`, and the broker's CPU meanwhile.
+/// The steady rate at which `total` messages arrive in `dsts`, the broker's CPU meanwhile, and
+/// the cores `mover` kept busy.
 async fn drained(
     args: &Args,
+    mover: Option<u32>,
     connection: &Connection,
     dsts: &[String],
     total: usize,
-) -> Result<(f64, f64)> {
+) -> Result<Steady> {
     let channel = connection.create_channel().await?;
-    steady_rate(&args.node, total, Duration::from_secs(1800), async || {
-        let mut ready = 0;
-        for dst in dsts {
-            ready += ponte::broker::ready(&channel, dst).await? as usize;
-        }
-        Ok(ready)
-    })
+    steady_rate(
+        &args.node,
+        mover,
+        total,
+        Duration::from_secs(1800),
+        async || {
+            let mut ready = 0;
+            for dst in dsts {
+                ready += ponte::broker::ready(&channel, dst).await? as usize;
+            }
+            Ok(ready)
+        },
+    )
     .await
 }
 
@@ -1972,8 +2032,9 @@ async fn drain_with_ponte(
     let pid = gateway.id();
     let (cpu_before, _) = usage(pid)?;
     let threads_before = Split::of_threads(pid)?;
-    let (rate, broker) = steady_rate(
+    let steady = steady_rate(
         &args.node,
+        Some(pid),
         load.expected_outputs,
         Duration::from_secs(3600),
         async || output_count(&channel, &outputs).await,
@@ -1984,14 +2045,17 @@ async fn drain_with_ponte(
     let (cpu_after, rss) = usage(pid)?;
     row.cpu_split = threads_before.per_message(Split::of_threads(pid)?, load.count);
     // Progress counts outputs (copies and parked originals); the broker's cost is per message.
-    row.ponte_broker_us = broker * load.expected_outputs as f64 / load.count as f64 * 1e6;
+    row.ponte_broker_us = steady.broker * load.expected_outputs as f64 / load.count as f64 * 1e6;
     gateway.stop()?;
-    row.ponte_rate = rate * load.count as f64 / load.expected_outputs as f64;
+    row.ponte_rate = steady.rate * load.count as f64 / load.expected_outputs as f64;
     row.cpu_us = (cpu_after - cpu_before) / load.count as f64 * 1e6;
     row.peak_rss_mib = rss;
     let split = &row.cpu_split;
+    // The cores the drain kept busy, Ponte's and the broker's: where they near the machine's,
+    // the rate is those cores over what a message costs the two.
+    let cores = steady.cores();
     eprintln!(
-        "  ponte: {:.0} msg/s, {:.1} µs CPU/msg (workers {:.1}, store {:.1}, log {:.1}; broker {:.1}), peak RSS {:.1} MiB, ready in {:.0} ms",
+        "  ponte: {:.0} msg/s, {:.1} µs CPU/msg (workers {:.1}, store {:.1}, log {:.1}; broker {:.1}; {cores:.2} cores), peak RSS {:.1} MiB, ready in {:.0} ms",
         row.ponte_rate,
         row.cpu_us,
         split.workers,
@@ -2749,13 +2813,18 @@ mod tests {
         let node = format!("test 0 {}", dir.display());
         // The first poll sees nothing moved yet, the second sees everything moved.
         let mut polls = [0, 2000].into_iter();
-        let (rate, _) = steady_rate(&node, 2000, Duration::from_secs(10), async || {
+        // The mover is this process too: its cores over the window are read as well.
+        let mover = Some(std::process::id());
+        let steady = steady_rate(&node, mover, 2000, Duration::from_secs(10), async || {
             Ok(polls.next().unwrap_or(2000))
         })
         .await
         .unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+        let rate = steady.rate;
         assert!(rate.is_finite() && rate > 0.0, "rate {rate}");
+        let cores = steady.mover_cores;
+        assert!(cores.is_finite() && cores >= 0.0, "cores {cores}");
     }
 
     #[test]
