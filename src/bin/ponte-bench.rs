@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::slice;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1174,14 +1175,7 @@ async fn shovel(args: &Args, connection: &Connection, load: &Load) -> Result<(f6
     let (src, dst) = side_queues(args, connection, load, "shovel").await?;
     let [name, _] = shovel_names(args);
     set_shovel(args, &name, &src, &dst)?;
-    let rate = drained(
-        args,
-        None,
-        connection,
-        std::slice::from_ref(&dst),
-        load.count,
-    )
-    .await;
+    let rate = drained(args, connection, slice::from_ref(&dst), load.count, None).await;
     ctl(&args.node, &["clear_parameter", "shovel", &name])?;
     delete_queues(args, &[&src, &dst]).await?;
     let steady = rate?;
@@ -1209,8 +1203,7 @@ async fn shovels_per_sender(
     load: &Load,
 ) -> Result<(f64, f64)> {
     let (_, dst) = side_names(args, "shovel");
-    let sources =
-        sender_queues(args, connection, load, "shovel", std::slice::from_ref(&dst)).await?;
+    let sources = sender_queues(args, connection, load, "shovel", slice::from_ref(&dst)).await?;
     let mut all: Vec<&str> = sources.iter().map(String::as_str).collect();
     all.push(&dst);
     let definition = shovel_definition(&sender_source(args, "shovel", "@@"), &dst);
@@ -1227,14 +1220,7 @@ async fn shovels_per_sender(
         sources.len() - 1
     );
     ctl(&args.node, &["eval", &set])?;
-    let rate = drained(
-        args,
-        None,
-        connection,
-        std::slice::from_ref(&dst),
-        load.count,
-    )
-    .await;
+    let rate = drained(args, connection, slice::from_ref(&dst), load.count, None).await;
     clear_sender_shovels(args)?;
     delete_queues(args, &all).await?;
     let steady = rate?;
@@ -1352,7 +1338,7 @@ async fn forwarder(
         })
         .collect();
     let (cpu_before, _) = usage(std::process::id())?;
-    let rate = drained(args, Some(std::process::id()), connection, &dsts, published).await;
+    let rate = drained(args, connection, &dsts, published, Some(std::process::id())).await;
     let (cpu_after, _) = usage(std::process::id())?;
     let stopped = Forwarding::stop_all(forwarding).await;
     for group in &groups {
@@ -1819,10 +1805,10 @@ async fn side_queues(
 /// the cores `mover` kept busy.
 async fn drained(
     args: &Args,
-    mover: Option<u32>,
     connection: &Connection,
     dsts: &[String],
     total: usize,
+    mover: Option<u32>,
 ) -> Result<Steady> {
     let channel = connection.create_channel().await?;
     steady_rate(
@@ -2166,7 +2152,7 @@ async fn side_latency(
                 forwarding.push(Forwarding::start(
                     Link::Own(args.url.clone()),
                     source,
-                    std::slice::from_ref(&dst),
+                    slice::from_ref(&dst),
                     None,
                     (ponte::settings::DEFAULT_PREFETCH, Pace::default()),
                 ));
@@ -2186,7 +2172,7 @@ async fn side_latency(
         args,
         &format!("{}-{label}{suffix}", args.scenario),
         schedule,
-        std::slice::from_ref(&dst),
+        slice::from_ref(&dst),
         rate,
     )
     .await;
