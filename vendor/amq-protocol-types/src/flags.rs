@@ -1,52 +1,118 @@
 use crate::types::Boolean;
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
+/// How many flags [AMQPFlags] holds without allocating: more than any AMQP 0-9-1 method has.
+const INLINE: usize = 8;
+
 /// A struct representing AMQP boolean flags for RPC
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+///
+/// Held inline: a method's flags are read and written for every frame that carries them
+/// (`basic.publish`, `basic.deliver`, `basic.ack`), and a vector of owned names cost two or
+/// more allocations each time. Names read from the wire are the parser's constants.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(from = "Listed", into = "Listed")]
 pub struct AMQPFlags {
+    names: [Cow<'static, str>; INLINE],
+    /// The first [INLINE] flags' values, one bit each, the first flag lowest.
+    bits: u8,
+    len: usize,
+    /// Flags past the first [INLINE].
+    more: Vec<(Cow<'static, str>, Boolean)>,
+}
+
+/// The serialized form: the flags in order, as earlier versions wrote them.
+#[derive(Deserialize, Serialize)]
+struct Listed {
     flags: Vec<(String, Boolean)>,
 }
 
+impl From<Listed> for AMQPFlags {
+    fn from(listed: Listed) -> Self {
+        let mut flags = AMQPFlags::default();
+        for (name, flag) in listed.flags {
+            flags.push(Cow::Owned(name), flag);
+        }
+        flags
+    }
+}
+
+impl From<AMQPFlags> for Listed {
+    fn from(flags: AMQPFlags) -> Self {
+        Listed {
+            flags: flags.iter().map(|(n, b)| (n.to_string(), b)).collect(),
+        }
+    }
+}
+
+impl PartialEq for AMQPFlags {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
 impl AMQPFlags {
+    fn push(&mut self, name: Cow<'static, str>, flag: Boolean) {
+        if self.len < INLINE {
+            self.names[self.len] = name;
+            self.bits |= u8::from(flag) << self.len;
+        } else {
+            self.more.push((name, flag));
+        }
+        self.len += 1;
+    }
+
+    /// Every flag, in order.
+    fn iter(&self) -> impl Iterator<Item = (&str, Boolean)> {
+        self.names
+            .iter()
+            .take(self.len)
+            .enumerate()
+            .map(|(i, name)| (&**name, (self.bits >> i) & 1 == 1))
+            .chain(self.more.iter().map(|(name, flag)| (&**name, *flag)))
+    }
+
+    /// The flags as AMQP writes them, eight to a byte, the first flag lowest.
+    pub(crate) fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        let more = self.more.chunks(8).map(|chunk| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(idx, (_, b))| if *b { 1 << idx } else { 0 })
+                .sum()
+        });
+        (self.len > 0).then_some(self.bits).into_iter().chain(more)
+    }
+
     /// Add a boolean flag with a name
     pub fn add_flag(&mut self, name: String, flag: Boolean) {
-        self.flags.push((name, flag));
+        self.push(Cow::Owned(name), flag);
     }
 
     /// Get the value of a boolean flag by name, if present
     #[must_use]
     pub fn get_flag(&self, name: &str) -> Option<Boolean> {
-        self.flags.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
     /// Get the AMQPFlags serialized for AMQP RPC
     #[must_use]
     pub fn get_bytes(&self) -> Vec<u8> {
-        self.flags
-            .chunks(8)
-            .map(|v| {
-                v.iter()
-                    .enumerate()
-                    .map(|(idx, (_, b))| if *b { 1 << idx } else { 0 })
-                    .sum()
-            })
-            .collect()
+        self.bytes().collect()
     }
 
     /// Initialize AMQPFlags from AMQP RPC serialization
-    pub fn from_bytes<I: nom::Input<Item = u8>>(names: &[&str], bytes: I) -> AMQPFlags {
-        let flags = names
-            .iter()
-            .map(ToString::to_string)
-            .zip(
-                bytes
-                    .iter_elements()
-                    .flat_map(|b| (0..8u8).map(move |s| ((b >> s) & 1) == 1)),
-            )
-            .collect();
-
-        AMQPFlags { flags }
+    pub fn from_bytes<I: nom::Input<Item = u8>>(names: &[&'static str], bytes: I) -> AMQPFlags {
+        let mut flags = AMQPFlags::default();
+        let values = bytes
+            .iter_elements()
+            .flat_map(|b| (0..8u8).map(move |s| ((b >> s) & 1) == 1));
+        for (name, flag) in names.iter().zip(values) {
+            flags.push(Cow::Borrowed(name), flag);
+        }
+        flags
     }
 }
 
@@ -85,6 +151,21 @@ mod test {
         flags.add_flag("i".to_string(), true);
         flags.add_flag("j".to_string(), true);
         assert_eq!(flags.get_bytes().as_slice(), &[0b00111001, 0b00000011])
+    }
+
+    #[test]
+    fn test_flags_read_back_as_written() {
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+        let mut written = AMQPFlags::default();
+        for (i, name) in names.iter().enumerate() {
+            written.add_flag(name.to_string(), i % 3 == 0);
+        }
+        let read = AMQPFlags::from_bytes(&names, written.get_bytes().as_slice());
+        assert_eq!(read, written);
+        assert_eq!(read.get_flag("i"), Some(false));
+        assert_eq!(read.get_flag("j"), Some(true));
+        assert_eq!(AMQPFlags::from_bytes(&names[..2], &[0b10][..]).get_flag("b"), Some(true));
+        assert_ne!(AMQPFlags::from_bytes(&names[..2], &[0b10][..]), read);
     }
 
     #[test]

@@ -207,9 +207,8 @@ pub fn gen_byte_array<'a, W: Write + 'a>(a: &'a ByteArray) -> impl SerializeFn<W
 #[must_use]
 pub fn gen_flags<'a, W: Write + 'a>(f: &'a AMQPFlags) -> impl SerializeFn<W> + 'a {
     move |x| {
-        f.get_bytes()
-            .iter()
-            .try_fold(x, |acc, b| gen_short_short_uint(*b)(acc))
+        f.bytes()
+            .try_fold(x, |acc, b| gen_short_short_uint(b)(acc))
     }
 }
 

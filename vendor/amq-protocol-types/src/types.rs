@@ -1,7 +1,7 @@
 use crate::value::AMQPValue;
 
 use std::{
-    borrow,
+    borrow::{self, Cow},
     collections::{BTreeMap, btree_map},
     fmt, str,
 };
@@ -168,8 +168,11 @@ impl fmt::Display for ShortStringError {
 impl std::error::Error for ShortStringError {}
 
 /// A String (deprecated)
+///
+/// Borrowed when made from a `&'static str` ([ShortString::from_static]): a constant that every
+/// message carries (a content type, an application id) is not copied for each one.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
-pub struct ShortString(String);
+pub struct ShortString(Cow<'static, str>);
 /// A String
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 pub struct LongString(Vec<u8>);
@@ -196,7 +199,21 @@ impl ShortString {
     /// Get a reference to a ShortString as &str
     #[must_use]
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        &self.0
+    }
+
+    /// A [ShortString] of a constant, without copying it.
+    ///
+    /// # Panics
+    ///
+    /// If `s` exceeds [MAX_SHORT_STRING_LENGTH] bytes (at compile time in a constant).
+    #[must_use]
+    pub const fn from_static(s: &'static str) -> Self {
+        assert!(
+            s.len() <= MAX_SHORT_STRING_LENGTH,
+            "ShortString exceeds maximum length"
+        );
+        Self(Cow::Borrowed(s))
     }
 
     /// Fallibly construct a [ShortString], returning an error if the string exceeds [MAX_SHORT_STRING_LENGTH] bytes
@@ -205,7 +222,7 @@ impl ShortString {
         if s.len() > MAX_SHORT_STRING_LENGTH {
             return Err(ShortStringError(s.len()));
         }
-        Ok(Self(s))
+        Ok(Self(Cow::Owned(s)))
     }
 }
 
@@ -235,7 +252,7 @@ impl fmt::Display for ShortString {
 
 impl From<ShortString> for String {
     fn from(value: ShortString) -> Self {
-        value.0
+        value.0.into_owned()
     }
 }
 
@@ -415,6 +432,8 @@ mod test {
     #[test]
     fn short_string_length_limit() {
         assert!(ShortString::try_new("ok").is_ok());
+        assert_eq!(ShortString::from_static("ok"), ShortString::from("ok"));
+        assert_eq!(String::from(ShortString::from_static("ok")), "ok");
         assert!(ShortString::try_new("a".repeat(255)).is_ok());
         assert_eq!(
             ShortString::try_new("a".repeat(256)),
