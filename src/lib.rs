@@ -91,6 +91,17 @@ pub(crate) fn wait_aside<R>(wait: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Appends `names` to `text`, comma-separated: how the store and the delivery log list
+/// recipients. Written straight into the one buffer kept, not collected and joined.
+pub(crate) fn push_joined<'a>(text: &mut String, names: impl IntoIterator<Item = &'a str>) {
+    for (i, name) in names.into_iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(name);
+    }
+}
+
 /// For tests of [`wait_aside`]: a runtime where one waiting task would hold back every other.
 #[cfg(test)]
 pub(crate) mod one_worker {

@@ -695,11 +695,12 @@ enum Op {
 enum Write {
     Record(Recorded),
     Remember {
-        sender: String,
-        message_id: String,
+        /// The sender, the message id and the recipients delivered to (comma-separated), in
+        /// one buffer (see [`Recorded`]), with where the first two end.
+        text: String,
+        ends: [usize; 2],
         /// The id's [`message_key`], made once on the message path.
         key: i64,
-        delivered: String,
         complete: bool,
         at: i64,
     },
@@ -718,28 +719,50 @@ enum Write {
     },
 }
 
-/// A [`MessageCase`] handed to the writer.
+/// A [`MessageCase`] handed to the writer. Its strings share one buffer: the record is built
+/// on a runtime worker for every message and freed on the store's thread, where each block
+/// freed from another thread costs more than one allocated.
 struct Recorded {
-    message_id: String,
+    /// The message id, the sender, the recipients (comma-separated, as in the table), then the
+    /// reference and the id answered, each when there is one.
+    text: String,
+    /// Where each of those ends in `text`.
+    ends: [usize; 5],
+    has_reference: bool,
+    has_correlation_id: bool,
     /// The id's [`message_key`], made once on the message path.
     key: i64,
-    sender: String,
-    reference: Option<String>,
-    correlation_id: Option<String>,
-    recipients: Vec<String>,
     local_ids: Vec<(String, String, String)>,
     at: i64,
 }
 
 impl Recorded {
     fn of(m: &MessageCase<'_>, key: i64) -> Recorded {
+        let parts = [m.message_id, m.sender]
+            .into_iter()
+            .chain(m.reference)
+            .chain(m.correlation_id);
+        let length = parts.clone().map(str::len).sum::<usize>()
+            + m.recipients.iter().map(|r| r.len() + 1).sum::<usize>();
+        let mut text = String::with_capacity(length);
+        let mut ends = [0; 5];
+        let mut end = |text: &String, i: usize| ends[i] = text.len();
+        text.push_str(m.message_id);
+        end(&text, 0);
+        text.push_str(m.sender);
+        end(&text, 1);
+        crate::push_joined(&mut text, m.recipients.iter().copied());
+        end(&text, 2);
+        text.push_str(m.reference.unwrap_or_default());
+        end(&text, 3);
+        text.push_str(m.correlation_id.unwrap_or_default());
+        end(&text, 4);
         Recorded {
-            message_id: m.message_id.to_string(),
+            text,
+            ends,
+            has_reference: m.reference.is_some(),
+            has_correlation_id: m.correlation_id.is_some(),
             key,
-            sender: m.sender.to_string(),
-            reference: m.reference.map(String::from),
-            correlation_id: m.correlation_id.map(String::from),
-            recipients: m.recipients.iter().map(|r| r.to_string()).collect(),
             local_ids: m
                 .local_ids
                 .iter()
@@ -747,6 +770,33 @@ impl Recorded {
                 .collect(),
             at: now_secs(),
         }
+    }
+
+    /// Field `i` of `text`.
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.text[start..self.ends[i]]
+    }
+
+    fn message_id(&self) -> &str {
+        self.part(0)
+    }
+
+    fn sender(&self) -> &str {
+        self.part(1)
+    }
+
+    /// Comma-separated.
+    fn recipients(&self) -> &str {
+        self.part(2)
+    }
+
+    fn reference(&self) -> Option<&str> {
+        self.has_reference.then(|| self.part(3))
+    }
+
+    fn correlation_id(&self) -> Option<&str> {
+        self.has_correlation_id.then(|| self.part(4))
     }
 }
 
@@ -1695,18 +1745,17 @@ fn apply(
     match write {
         Write::Record(m) => apply_record(connection, newest, sweep, number, m),
         Write::Remember {
-            sender,
-            message_id,
+            text,
+            ends: [sender, message_id],
             key,
-            delivered,
             complete,
             at,
         } => apply_remember(
             connection,
             newest,
             sweep,
-            (sender, message_id, *key),
-            delivered,
+            (&text[..*sender], &text[*sender..*message_id], *key),
+            &text[*message_id..],
             *complete,
             *at,
         ),
@@ -1823,10 +1872,10 @@ fn apply_remember(
 }
 
 /// A record's comma-separated `earlier` recipients with those of `more` it did not list yet.
-fn with_recipients(earlier: &str, more: &[String]) -> String {
+fn with_recipients(earlier: &str, more: &str) -> String {
     let mut all: Vec<&str> = earlier.split(',').filter(|r| !r.is_empty()).collect();
-    for r in more {
-        if !all.contains(&r.as_str()) {
+    for r in more.split(',').filter(|r| !r.is_empty()) {
+        if !all.contains(&r) {
             all.push(r);
         }
     }
@@ -1843,24 +1892,29 @@ fn apply_record(
     m: &Recorded,
 ) -> rusqlite::Result<()> {
     for (scheme, value, local) in &m.local_ids {
-        tx.prepare_cached(UPSERT_PERSON)?
-            .execute(params![m.sender, scheme, value, local, m.at])?;
+        tx.prepare_cached(UPSERT_PERSON)?.execute(params![
+            m.sender(),
+            scheme,
+            value,
+            local,
+            m.at
+        ])?;
     }
     let key = m.key;
     // Processed again (given back, or replayed for some recipients): the reference may have
     // been corrected; everyone it was ever meant for stays listed, so that each of them may
     // still answer it.
-    if let Some(row) = newest.held(tx, sweep, key, &m.message_id, &m.sender)? {
-        row.recipients = with_recipients(&row.recipients, &m.recipients);
-        row.reference = m.reference.clone();
+    if let Some(row) = newest.held(tx, sweep, key, m.message_id(), m.sender())? {
+        row.recipients = with_recipients(&row.recipients, m.recipients());
+        row.reference = m.reference().map(String::from);
         row.recorded_at = m.at;
-    } else if let Some((seq, earlier)) = sweep.find(tx, key, &m.message_id, &m.sender)? {
+    } else if let Some((seq, earlier)) = sweep.find(tx, key, m.message_id(), m.sender())? {
         tx.prepare_cached(
             "UPDATE message SET reference = ?1, recipients = ?2, recorded_at = ?3 WHERE seq = ?4",
         )?
         .execute(params![
-            m.reference,
-            with_recipients(&earlier, &m.recipients),
+            m.reference(),
+            with_recipients(&earlier, m.recipients()),
             m.at,
             seq
         ])?;
@@ -1870,24 +1924,24 @@ fn apply_record(
             number,
             since: Instant::now(),
             key,
-            message_id: m.message_id.clone(),
-            sender: m.sender.clone(),
-            reference: m.reference.clone(),
-            recipients: m.recipients.join(","),
+            message_id: m.message_id().to_string(),
+            sender: m.sender().to_string(),
+            reference: m.reference().map(String::from),
+            recipients: m.recipients().to_string(),
             recorded_at: m.at,
             delivered: None,
         });
     }
-    let (Some(reference), Some(answered)) = (&m.reference, &m.correlation_id) else {
+    let (Some(reference), Some(answered)) = (m.reference(), m.correlation_id()) else {
         return Ok(());
     };
     // The message answered may be among the rows held: its row is written first.
     newest.write_key(tx, sweep, message_key(answered))?;
-    let Some(original) = original(tx, &sweep.fresh, answered, &m.sender)? else {
+    let Some(original) = original(tx, &sweep.fresh, answered, m.sender())? else {
         return Ok(());
     };
     let theirs = ensure_case(tx, &original.0, &original.1)?;
-    match case_of(tx, &m.sender, reference)? {
+    match case_of(tx, m.sender(), reference)? {
         Some(ours) if ours != theirs => {
             tx.prepare_cached("UPDATE case_link SET case_id = ?1 WHERE case_id = ?2")?
                 .execute(params![theirs, ours])?;
@@ -1897,7 +1951,7 @@ fn apply_record(
             tx.prepare_cached(
                 "INSERT INTO case_link (partner, reference, case_id) VALUES (?1, ?2, ?3)",
             )?
-            .execute(params![m.sender, reference, theirs])?;
+            .execute(params![m.sender(), reference, theirs])?;
         }
     }
     Ok(())
@@ -2096,11 +2150,17 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let at = now_secs();
         let key = message_key(message_id);
+        let length =
+            sender.len() + message_id.len() + recipients.iter().map(|r| r.len() + 1).sum::<usize>();
+        let mut text = String::with_capacity(length);
+        text.push_str(sender);
+        text.push_str(message_id);
+        let ends = [sender.len(), text.len()];
+        crate::push_joined(&mut text, recipients.iter().copied());
         let mut write = Some(Write::Remember {
-            sender: sender.to_string(),
-            message_id: message_id.to_string(),
+            text,
+            ends,
             key,
-            delivered: recipients.join(","),
             complete,
             at,
         });
