@@ -57,7 +57,7 @@ fn records_table(records: &[Logged]) -> String {
     );
     for r in records.iter().rev() {
         let e = &r.event;
-        let class = match e.step.as_str() {
+        let class = match &*e.step {
             "rejected" | "dead-lettered" | "handed-back" => "bad",
             "delivered" => "ok",
             _ => "",

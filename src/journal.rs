@@ -12,6 +12,7 @@
 //! then verified from the oldest record kept. Records are found by message or correlation id
 //! through an index written in parts of some 50,000 records (see `SCHEMA`).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
@@ -107,8 +108,8 @@ pub struct Event {
     /// Unix time in milliseconds.
     pub at_ms: i64,
     /// `delivered`, `partial`, `rejected`, `already-delivered`, `handed-back`, `retrying`,
-    /// `dead-lettered`.
-    pub step: String,
+    /// `dead-lettered`. Ponte's own constants when recorded, not copied for each message.
+    pub step: Cow<'static, str>,
     pub message_id: String,
     pub correlation_id: String,
     pub sender: String,
@@ -116,7 +117,8 @@ pub struct Event {
     pub recipients: String,
     #[serde(rename = "type")]
     pub message_type: String,
-    pub code: String,
+    /// A receipt code (or empty), as `step`.
+    pub code: Cow<'static, str>,
     /// From receipt to settlement, for outcomes.
     pub latency_ms: Option<f64>,
     /// Attempts, a reason, where a replay came from: what the step needs to be understood.
@@ -124,10 +126,10 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn now(step: &str) -> Event {
+    pub fn now(step: &'static str) -> Event {
         Event {
             at_ms: now_ms(),
-            step: step.to_string(),
+            step: Cow::Borrowed(step),
             ..Default::default()
         }
     }
@@ -143,7 +145,7 @@ impl Event {
         // Writing into a Vec cannot fail.
         let _ = write!(text, "\0{seq}\0{}\0", self.at_ms);
         for part in [
-            &self.step,
+            &*self.step,
             &self.message_id,
             &self.correlation_id,
             &self.sender,
@@ -705,13 +707,13 @@ fn select(filter: &Filter, parts: bool) -> (String, Vec<rusqlite::types::Value>)
 fn event_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     Ok(Event {
         at_ms: r.get(1)?,
-        step: r.get(2)?,
+        step: Cow::Owned(r.get(2)?),
         message_id: r.get(3)?,
         correlation_id: r.get(4)?,
         sender: r.get(5)?,
         recipients: r.get(6)?,
         message_type: r.get(7)?,
-        code: r.get(8)?,
+        code: Cow::Owned(r.get(8)?),
         latency_ms: r.get(9)?,
         detail: r.get(10)?,
     })
@@ -744,7 +746,7 @@ mod tests {
         dir
     }
 
-    fn event(id: &str, step: &str) -> Event {
+    fn event(id: &str, step: &'static str) -> Event {
         Event {
             message_id: id.into(),
             sender: "inps".into(),

@@ -81,7 +81,7 @@ impl Copy {
     }
 
     /// A delivery-log record of `step` for this copy, with `why`.
-    pub fn event(&self, step: &str, why: &str) -> Event {
+    pub fn event(&self, step: &'static str, why: &str) -> Event {
         let mut detail = format!("attempts: {}", self.attempts);
         if !why.is_empty() {
             detail.push_str("; ");
@@ -97,11 +97,11 @@ impl Copy {
             recipients: self.recipient.clone(),
             message_type: self.message_type.clone().unwrap_or_default(),
             code: if step == "dead-lettered" {
-                Code::Undeliverable.as_str().to_string()
+                Code::Undeliverable.as_str().into()
             } else if step == "delivered" {
-                Code::Delivered.as_str().to_string()
+                Code::Delivered.as_str().into()
             } else {
-                String::new()
+                "".into()
             },
             detail,
             ..Event::now(step)

@@ -814,7 +814,16 @@ async fn ack_run(acker: Acker, count: usize) {
 /// Writes the message's line and its delivery log record, which take its labels, and gives back
 /// what acknowledges it.
 fn log_outcome(inbound: Inbound, outcome: &Outcome, journal: &Journal) -> Acker {
-    let join = |names: &mut dyn Iterator<Item = &str>| names.collect::<Vec<_>>().join(",");
+    let join = |names: &mut dyn Iterator<Item = &str>| {
+        let mut names = names.peekable();
+        // Most lists are empty (retrying, refused) or a few partners' ids.
+        let mut text = match names.peek() {
+            None => return String::new(),
+            Some(_) => String::with_capacity(64),
+        };
+        crate::push_joined(&mut text, names);
+        text
+    };
     let retrying = match outcome {
         Outcome::Delivered { retrying, .. } => join(&mut retrying.iter().map(|r| &**r)),
         _ => String::new(),
@@ -863,7 +872,7 @@ fn log_outcome(inbound: Inbound, outcome: &Outcome, journal: &Journal) -> Acker 
         sender: inbound.partner.to_string(),
         recipients,
         message_type: inbound.message_type.unwrap_or_default(),
-        code: code.as_str().to_string(),
+        code: code.as_str().into(),
         latency_ms: Some(latency_ms),
         detail: detail.join("; "),
         ..Event::now(outcome)
