@@ -20,6 +20,13 @@
 #                          (`callgrind_annotate --inclusive=yes` reads it, `--tree=calling` too);
 #                          the drain's row, slowed by valgrind, goes to target/bench/callgrind.csv,
 #                          apart from the matrix's results.
+#   bench/run.sh --allocations [N] [ponte-bench options...]
+#                          blocks allocated per message, by thread, counted rather than sampled:
+#                          N messages of the base load (50,000) drained with a `perf probe` on
+#                          mimalloc's `mi_malloc`, `mi_zalloc` and `mi_realloc` in the gateway
+#                          (root and Debian's linux-perf, installed if missing). Each call costs
+#                          a trap: the drain runs some ten times slower, and its row goes to
+#                          target/bench/allocations.csv, apart from the matrix's results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +41,10 @@ case "${1:-}" in
     mode=callgrind
     shift
     ;;
+--allocations)
+    mode=allocations
+    shift
+    ;;
 esac
 
 if [ "$mode" = callgrind ] && { ! command -v valgrind >/dev/null || ! command -v callgrind_annotate >/dev/null; }; then
@@ -42,6 +53,14 @@ if [ "$mode" = callgrind ] && { ! command -v valgrind >/dev/null || ! command -v
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+fi
+
+if [ "$mode" = allocations ] && ! command -v perf >/dev/null; then
+    echo "run.sh: installing Debian's linux-perf" >&2
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
 fi
 
 # The demo configuration's statistics partner needs its pseudonym key (demo only).
@@ -137,8 +156,73 @@ EOF
             }
         }'
 }
+# Blocks allocated per message, by thread: uprobes on mimalloc's entry points in the gateway's
+# binary, counted by `perf stat` attached to the gateway once the harness has started it.
+allocations() {
+    local messages=50000
+    if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+        messages=$1
+        shift
+    fi
+    local out=$PWD/target/bench/allocations.stat
+    local binary=$PWD/$ponte
+    rm -f "$out"
+    # A probe's group is named after the binary (`probe_ponte`); any left by an earlier run, on
+    # another build, would count nothing.
+    perf probe -q -d 'probe_ponte:*' 2>/dev/null || true
+    local entry events=()
+    for entry in mi_malloc mi_zalloc mi_realloc; do
+        perf probe -q -x "$binary" "$entry"
+        events+=("probe_ponte:$entry")
+    done
+    local unprobe='perf probe -q -d "probe_ponte:*" 2>/dev/null || true'
+    if [ "${PONTE_BENCH_KEEP_BROKER:-}" != 1 ]; then
+        trap "$unprobe; scripts/broker.sh stop bench $port $dir" EXIT
+    else
+        trap "$unprobe" EXIT
+    fi
+    "$bin/ponte-bench" --url "amqp://guest:guest@127.0.0.1:$port/%2f" \
+        --node "bench $port $PWD/$dir" --messages "$messages" --no-shovel --ponte "$binary" \
+        --csv target/bench/allocations.csv "$@" &
+    local harness=$! gateway=""
+    for _ in $(seq 1 600); do
+        gateway=$(pgrep -f -x "$binary run .*" | head -1 || true)
+        [ -n "$gateway" ] && break
+        kill -0 "$harness" 2>/dev/null || break
+        sleep 0.05
+    done
+    [ -n "$gateway" ] || { echo "run.sh: the gateway did not start" >&2; wait "$harness"; exit 1; }
+    perf stat --per-thread -x, -o "$out" -e "$(IFS=,; echo "${events[*]}")" -p "$gateway" &
+    local counting=$!
+    wait "$harness"
+    wait "$counting" || true
+    echo
+    echo "blocks allocated per message ($messages messages, counted from within 50 ms of the start):"
+    # `perf stat --per-thread -x,` writes `thread-tid,count,,event,...`; threads by name.
+    awk -F, -v n="$messages" '
+        $4 ~ /^probe_ponte:/ {
+            thread = $1
+            sub(/-[0-9]+$/, "", thread)
+            if (thread == "tokio-rt-worker") part = "the runtime'"'"'s workers"
+            else if (thread ~ /^ponte-(store|checkpoin)/) part = "the store'"'"'s threads"
+            else if (thread == "ponte-journal") part = "the delivery log'"'"'s thread"
+            else part = "other threads"
+            blocks[part] += $2
+            all += $2
+        }
+        END {
+            printf "%-32s %8.1f\n", "the whole gateway", all / n
+            split("the runtime'"'"'s workers|the store'"'"'s threads|the delivery log'"'"'s thread|other threads", parts, "|")
+            for (i = 1; i <= 4; i++) printf "  %-30s %8.1f\n", parts[i], blocks[parts[i]] / n
+        }' "$out"
+}
+
 if [ "$mode" = callgrind ]; then
     callgrind "$@"
+    exit 0
+fi
+if [ "$mode" = allocations ]; then
+    allocations "$@"
     exit 0
 fi
 
