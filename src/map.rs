@@ -367,37 +367,19 @@ fn minimize(envelope: &mut Node, allowed: &FieldTree) {
 /// when the sender's order is the list's, as it often is.
 fn keep(object: &mut Object, allowed: &FieldTree) -> Option<usize> {
     let fields = object.fields_mut();
-    let (mut first, mut last, mut sorted) = (None, None, true);
+    let mut places = Vec::with_capacity(fields.len());
     fields.retain_mut(|(name, value)| {
         let place = match allowed.get(name) {
             Some((place, None)) => Some(*place),
             Some((_, Some(inner))) => value.as_object_mut().and_then(|o| keep(o, inner)),
             None => None,
         };
-        if let Some(place) = place {
-            first = Some(first.map_or(place, |f: usize| f.min(place)));
-            sorted &= last.is_none_or(|l| l <= place);
-            last = Some(place);
-        }
+        places.extend(place);
         place.is_some()
     });
-    if !sorted {
-        // The fields kept, in the list's order: their places again (an object's, of the fields
-        // it kept, the same as above).
-        let mut placed: Vec<_> = fields
-            .drain(..)
-            .map(|(name, mut value)| {
-                let place = match allowed.get(&name) {
-                    Some((place, None)) => *place,
-                    Some((_, Some(inner))) => value
-                        .as_object_mut()
-                        .and_then(|o| keep(o, inner))
-                        .expect("an object kept keeps some of its fields"),
-                    None => unreachable!("only listed fields were kept"),
-                };
-                (place, (name, value))
-            })
-            .collect();
+    let first = places.iter().min().copied();
+    if !places.is_sorted() {
+        let mut placed: Vec<_> = places.into_iter().zip(fields.drain(..)).collect();
         placed.sort_unstable_by_key(|(place, _)| *place);
         fields.extend(placed.into_iter().map(|(_, field)| field));
     }
