@@ -47,20 +47,19 @@ case "${1:-}" in
     ;;
 esac
 
+# A tool a mode needs, from Debian's packages.
+install_debian() {
+    echo "run.sh: installing Debian's $1" >&2
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
+}
 if [ "$mode" = callgrind ] && { ! command -v valgrind >/dev/null || ! command -v callgrind_annotate >/dev/null; }; then
-    echo "run.sh: installing Debian's valgrind" >&2
-    sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+    install_debian valgrind
 fi
-
 if [ "$mode" = allocations ] && ! command -v perf >/dev/null; then
-    echo "run.sh: installing Debian's linux-perf" >&2
-    sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
+    install_debian linux-perf
 fi
 
 # The demo configuration's statistics partner needs its pseudonym key (demo only).
@@ -156,6 +155,7 @@ EOF
             }
         }'
 }
+
 # Blocks allocated per message, by thread: uprobes on mimalloc's entry points in the gateway's
 # binary, counted by `perf stat` attached to the gateway once the harness has started it.
 allocations() {
