@@ -738,25 +738,27 @@ struct Recorded {
 
 impl Recorded {
     fn of(m: &MessageCase<'_>, key: i64) -> Recorded {
-        let parts = [m.message_id, m.sender]
-            .into_iter()
-            .chain(m.reference)
-            .chain(m.correlation_id);
-        let length = parts.clone().map(str::len).sum::<usize>()
-            + m.recipients.iter().map(|r| r.len() + 1).sum::<usize>();
+        let (reference, correlation_id) = (
+            m.reference.unwrap_or_default(),
+            m.correlation_id.unwrap_or_default(),
+        );
+        let length = m.message_id.len()
+            + m.sender.len()
+            + m.recipients.iter().map(|r| r.len() + 1).sum::<usize>()
+            + reference.len()
+            + correlation_id.len();
         let mut text = String::with_capacity(length);
         let mut ends = [0; 5];
-        let mut end = |text: &String, i: usize| ends[i] = text.len();
         text.push_str(m.message_id);
-        end(&text, 0);
+        ends[0] = text.len();
         text.push_str(m.sender);
-        end(&text, 1);
+        ends[1] = text.len();
         crate::push_joined(&mut text, m.recipients.iter().copied());
-        end(&text, 2);
-        text.push_str(m.reference.unwrap_or_default());
-        end(&text, 3);
-        text.push_str(m.correlation_id.unwrap_or_default());
-        end(&text, 4);
+        ends[2] = text.len();
+        text.push_str(reference);
+        ends[3] = text.len();
+        text.push_str(correlation_id);
+        ends[4] = text.len();
         Recorded {
             text,
             ends,
