@@ -65,8 +65,11 @@ fi
 # The demo configuration's statistics partner needs its pseudonym key (demo only).
 export PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER=${PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER:-demo-only-pseudonym-key-never-use-for-real-data}
 PONTE_BROKER_PLUGINS=rabbitmq_shovel scripts/broker.sh start bench "$port" "$dir"
+# What the run undoes as it ends, however it ends (a mode adds to it).
+on_exit=()
+trap 'for undo in "${on_exit[@]}"; do eval "$undo"; done' EXIT
 if [ "${PONTE_BENCH_KEEP_BROKER:-}" != 1 ]; then
-    trap 'scripts/broker.sh stop bench "$port" "$dir"' EXIT
+    on_exit+=('scripts/broker.sh stop bench "$port" "$dir"')
 fi
 
 # The figures are those of what a deployment runs: the production profile (Cargo.toml), built
@@ -175,12 +178,7 @@ allocations() {
         perf probe -q -x "$binary" "$entry"
         events+=("probe_ponte:$entry")
     done
-    local unprobe='perf probe -q -d "probe_ponte:*" 2>/dev/null || true'
-    if [ "${PONTE_BENCH_KEEP_BROKER:-}" != 1 ]; then
-        trap "$unprobe; scripts/broker.sh stop bench $port $dir" EXIT
-    else
-        trap "$unprobe" EXIT
-    fi
+    on_exit+=('perf probe -q -d "probe_ponte:*" 2>/dev/null || true')
     "$bin/ponte-bench" --url "amqp://guest:guest@127.0.0.1:$port/%2f" \
         --node "bench $port $PWD/$dir" --messages "$messages" --no-shovel --ponte "$binary" \
         --csv target/bench/allocations.csv "$@" &

@@ -825,7 +825,7 @@ impl Events {
                     let body = crate::decode::encode(&event);
                     let key = format!("{}.{}", event.step, event.sender);
                     let properties = lapin::BasicProperties::default()
-                        .with_content_type("application/json".into())
+                        .with_content_type(crate::deliver::JSON)
                         .with_delivery_mode(crate::deliver::PERSISTENT)
                         .with_type("ponte-event".into());
                     if let Err(error) = self

@@ -26,7 +26,7 @@ pub struct Labels<'a> {
 }
 
 /// The content type of everything Ponte publishes.
-const JSON: ShortString = ShortString::from_static("application/json");
+pub const JSON: ShortString = ShortString::from_static("application/json");
 
 /// The application id of everything Ponte publishes.
 const PONTE: ShortString = ShortString::from_static("ponte");

@@ -695,10 +695,8 @@ enum Op {
 enum Write {
     Record(Recorded),
     Remember {
-        /// The sender, the message id and the recipients delivered to (comma-separated), in
-        /// one buffer (see [`Recorded`]), with where the first two end.
-        text: String,
-        ends: [usize; 2],
+        /// The sender, the message id and the recipients delivered to.
+        fields: Packed<3>,
         /// The id's [`message_key`], made once on the message path.
         key: i64,
         complete: bool,
@@ -719,15 +717,57 @@ enum Write {
     },
 }
 
-/// A [`MessageCase`] handed to the writer. Its strings share one buffer: the record is built
-/// on a runtime worker for every message and freed on the store's thread, where each block
-/// freed from another thread costs more than one allocated.
-struct Recorded {
-    /// The message id, the sender, the recipients (comma-separated, as in the table), then the
-    /// reference and the id answered, each when there is one.
+/// One field of [`Packed`]: a text, or names listed comma-separated (as the table lists
+/// recipients).
+enum Part<'a> {
+    Text(&'a str),
+    Names(&'a [&'a str]),
+}
+
+impl Part<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Part::Text(text) => text.len(),
+            Part::Names(names) => names.iter().map(|n| n.len() + 1).sum(),
+        }
+    }
+}
+
+/// A write's strings in one buffer. A write is built on a runtime worker for every message
+/// and freed on the store's thread, where each block freed from another thread costs more than
+/// one allocated: one block for all its fields rather than one each.
+struct Packed<const N: usize> {
     text: String,
-    /// Where each of those ends in `text`.
-    ends: [usize; 5],
+    /// Where each field ends in `text`.
+    ends: [usize; N],
+}
+
+impl<const N: usize> Packed<N> {
+    fn new(parts: [Part<'_>; N]) -> Self {
+        let mut text = String::with_capacity(parts.iter().map(Part::len).sum());
+        let mut ends = [0; N];
+        for (part, end) in parts.iter().zip(&mut ends) {
+            match part {
+                Part::Text(t) => text.push_str(t),
+                Part::Names(names) => crate::push_joined(&mut text, names.iter().copied()),
+            }
+            *end = text.len();
+        }
+        Packed { text, ends }
+    }
+
+    /// Field `i`.
+    fn get(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.text[start..self.ends[i]]
+    }
+}
+
+/// A [`MessageCase`] handed to the writer.
+struct Recorded {
+    /// The message id, the sender, the recipients, then the reference and the id answered
+    /// (empty when there is none).
+    fields: Packed<5>,
     has_reference: bool,
     has_correlation_id: bool,
     /// The id's [`message_key`], made once on the message path.
@@ -738,30 +778,14 @@ struct Recorded {
 
 impl Recorded {
     fn of(m: &MessageCase<'_>, key: i64) -> Recorded {
-        let (reference, correlation_id) = (
-            m.reference.unwrap_or_default(),
-            m.correlation_id.unwrap_or_default(),
-        );
-        let length = m.message_id.len()
-            + m.sender.len()
-            + m.recipients.iter().map(|r| r.len() + 1).sum::<usize>()
-            + reference.len()
-            + correlation_id.len();
-        let mut text = String::with_capacity(length);
-        let mut ends = [0; 5];
-        text.push_str(m.message_id);
-        ends[0] = text.len();
-        text.push_str(m.sender);
-        ends[1] = text.len();
-        crate::push_joined(&mut text, m.recipients.iter().copied());
-        ends[2] = text.len();
-        text.push_str(reference);
-        ends[3] = text.len();
-        text.push_str(correlation_id);
-        ends[4] = text.len();
         Recorded {
-            text,
-            ends,
+            fields: Packed::new([
+                Part::Text(m.message_id),
+                Part::Text(m.sender),
+                Part::Names(m.recipients),
+                Part::Text(m.reference.unwrap_or_default()),
+                Part::Text(m.correlation_id.unwrap_or_default()),
+            ]),
             has_reference: m.reference.is_some(),
             has_correlation_id: m.correlation_id.is_some(),
             key,
@@ -774,31 +798,25 @@ impl Recorded {
         }
     }
 
-    /// Field `i` of `text`.
-    fn part(&self, i: usize) -> &str {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        &self.text[start..self.ends[i]]
-    }
-
     fn message_id(&self) -> &str {
-        self.part(0)
+        self.fields.get(0)
     }
 
     fn sender(&self) -> &str {
-        self.part(1)
+        self.fields.get(1)
     }
 
     /// Comma-separated.
     fn recipients(&self) -> &str {
-        self.part(2)
+        self.fields.get(2)
     }
 
     fn reference(&self) -> Option<&str> {
-        self.has_reference.then(|| self.part(3))
+        self.has_reference.then(|| self.fields.get(3))
     }
 
     fn correlation_id(&self) -> Option<&str> {
-        self.has_correlation_id.then(|| self.part(4))
+        self.has_correlation_id.then(|| self.fields.get(4))
     }
 }
 
@@ -1756,8 +1774,7 @@ fn apply(
     match write {
         Write::Record(m) => apply_record(connection, newest, sweep, number, m),
         Write::Remember {
-            text,
-            ends: [sender, message_id],
+            fields,
             key,
             complete,
             at,
@@ -1765,8 +1782,8 @@ fn apply(
             connection,
             newest,
             sweep,
-            (&text[..*sender], &text[*sender..*message_id], *key),
-            &text[*message_id..],
+            (fields.get(0), fields.get(1), *key),
+            fields.get(2),
             *complete,
             *at,
         ),
@@ -2170,16 +2187,12 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let at = now_secs();
         let key = message_key(message_id);
-        let length =
-            sender.len() + message_id.len() + recipients.iter().map(|r| r.len() + 1).sum::<usize>();
-        let mut text = String::with_capacity(length);
-        text.push_str(sender);
-        text.push_str(message_id);
-        let ends = [sender.len(), text.len()];
-        crate::push_joined(&mut text, recipients.iter().copied());
         let mut write = Some(Write::Remember {
-            text,
-            ends,
+            fields: Packed::new([
+                Part::Text(sender),
+                Part::Text(message_id),
+                Part::Names(recipients),
+            ]),
             key,
             complete,
             at,
