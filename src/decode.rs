@@ -3,7 +3,7 @@
 //! becomes the bytes published. Also the JSON Pointers the configuration uses to reach into an
 //! envelope.
 
-use crate::envelope::{Node, parse};
+use crate::envelope::{Node, parse_by_serde, parse_plain};
 use crate::rejection::{Code, FieldError, Rejection};
 
 /// Limits applied before any parsing, so a hostile or broken sender cannot make the gateway
@@ -55,6 +55,12 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Node<'_>, Rejection> 
             ),
         )
     })?;
+    // Most messages: read in one pass that keeps to the depth limit as it goes.
+    if let Some(envelope @ Node::Object(_)) = parse_plain(text, limits.max_depth) {
+        return Ok(envelope);
+    }
+    // The rest are refused, or have nesting serde_json reads and the pass does not: the depth
+    // first, then serde_json's reading and its error.
     if let Some(offset) = first_offset_deeper_than(body, limits.max_depth) {
         return Err(Rejection::one(
             Code::TooLarge,
@@ -68,7 +74,7 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Node<'_>, Rejection> 
             ),
         ));
     }
-    match parse(text) {
+    match parse_by_serde(text) {
         Ok(envelope @ Node::Object(_)) => Ok(envelope),
         Ok(other) => Err(Rejection::one(
             Code::InvalidJson,
@@ -122,9 +128,10 @@ pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
 }
 
 /// Scans the bytes once and returns the offset where the nesting of arrays and objects first
-/// exceeds `max_depth`. Cheaper than parsing, and runs before the parser so depth bombs never
-/// reach it. Most of a message's bytes are inside strings, which are skipped to their next
-/// quote or backslash at once rather than byte by byte.
+/// exceeds `max_depth`: where a message the one-pass reading declined is too deep. Cheaper than
+/// parsing, and runs before serde_json's parser so depth bombs never reach it (the one pass
+/// stops at the limit too). Most of a message's bytes are inside strings, which are skipped to
+/// their next quote or backslash at once rather than byte by byte.
 fn first_offset_deeper_than(body: &[u8], max_depth: usize) -> Option<usize> {
     let mut depth = 0usize;
     let mut i = 0;
@@ -267,6 +274,7 @@ fn json_kind(v: &Node) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::parse;
     use serde_json::Value;
 
     #[test]
