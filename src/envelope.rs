@@ -263,7 +263,7 @@ pub fn parse(text: &str) -> serde_json::Result<Node<'_>> {
 /// "recursion limit exceeded" (its `remaining_depth`, 128, counted down at each one entered).
 const SERDE_DEPTH: usize = 127;
 
-/// [`parse`], by serde_json's own parser: what reads text [`parse_plain`] leaves, and names
+/// [`parse`] by serde_json's own parser: it reads the text [`parse_plain`] declines, and names
 /// what is wrong with it.
 pub(crate) fn parse_by_serde(text: &str) -> serde_json::Result<Node<'_>> {
     let mut stacks = Stacks::new();
@@ -284,10 +284,11 @@ pub(crate) fn parse_by_serde(text: &str) -> serde_json::Result<Node<'_>> {
 /// Messages are read here, in some 40% fewer instructions than through serde's visitors:
 /// whitespace, structure, strings without escapes (borrowed, their end found eight bytes at a
 /// time) and integers are read in place, and the depth is kept to as the reading goes, where
-/// serde_json's parser needs a scan of the whole body first. A string with escapes and a number that is not a plain integer are handed to
-/// serde_json one token at a time, so that their values are its own to the last bit (its
-/// `float_roundtrip` feature is on). Broken text of any kind gives `None`, never an error of
-/// its own: the errors senders see stay serde_json's.
+/// serde_json's parser needs a scan of the whole body first. A string with escapes and a
+/// number that is not a plain integer are handed to serde_json one token at a time, so that
+/// their values are its own to the last bit (its `float_roundtrip` feature is on). Broken text
+/// of any kind gives `None`, never an error of its own: the errors senders see stay
+/// serde_json's.
 pub fn parse_plain(text: &str, max_depth: usize) -> Option<Node<'_>> {
     let mut reading = Plain {
         text,
@@ -491,14 +492,14 @@ impl<'de> Plain<'de> {
     }
 }
 
-/// Where a string's text stops: the offset of the first `"`, `\\` or control character (below
+/// Where a string's text stops: the offset of the first `"`, `\` or control character (below
 /// U+0020) in `bytes`. Eight bytes at a time, as serde_json's own parser looks for them: most
 /// strings of a message are a few words, too short for `memchr`'s vectors to pay for their
 /// set-up.
 fn string_stop(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::MAX / 255;
-    /// A byte of a word is zero exactly where this has its high bit set (the lowest such byte
-    /// is exact; bytes above it may be marked too).
+    /// Marks the zero bytes of a word with their high bit: the lowest mark is a zero byte,
+    /// marks above it may not be (what is looked for is the first).
     fn zero_bytes(word: u64) -> u64 {
         word.wrapping_sub(ONES) & !word
     }
