@@ -34,16 +34,18 @@ port=${PONTE_BENCH_BROKER_PORT:-5691}
 dir=target/bench-broker
 mode=full
 only=""
+count=""
 case "${1:-}" in
 --quick) mode=quick ;;
 --only) only=${2:?row name} ;;
---callgrind)
-    mode=callgrind
+--callgrind | --allocations)
+    mode=${1#--}
     shift
-    ;;
---allocations)
-    mode=allocations
-    shift
+    # The counting modes' optional message count; the rest goes to ponte-bench.
+    if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+        count=$1
+        shift
+    fi
     ;;
 esac
 
@@ -95,11 +97,7 @@ fi
 mkdir -p target/bench
 
 callgrind() {
-    local messages=20000
-    if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
-        messages=$1
-        shift
-    fi
+    local messages=${count:-20000}
     local out=$PWD/target/bench/callgrind.out
     rm -f "$out"
     # The harness starts "the gateway" with its arguments and measures that process: valgrind,
@@ -162,11 +160,7 @@ EOF
 # Blocks allocated per message, by thread: uprobes on mimalloc's entry points in the gateway's
 # binary, counted by `perf stat` attached to the gateway once the harness has started it.
 allocations() {
-    local messages=50000
-    if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
-        messages=$1
-        shift
-    fi
+    local messages=${count:-50000}
     local out=$PWD/target/bench/allocations.stat
     local binary=$PWD/$ponte
     rm -f "$out"

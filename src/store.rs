@@ -2075,9 +2075,7 @@ impl Store for SqliteStore {
         self.front(|front, durable| {
             let reader = &front.reader;
             let key = message_key(m.message_id);
-            // The message's key, and those of what else the record changes: usually nothing,
-            // and then no vector is made.
-            let mut keys = Vec::new();
+            let mut keys = vec![Key::Message(key).hash()];
             // A person id already known as it is changes nothing a look-up reads.
             for (scheme, value, local) in m.local_ids {
                 let key = Key::Person(m.sender, scheme, value);
@@ -2097,14 +2095,7 @@ impl Store for SqliteStore {
                     references
                 }
             };
-            let message = Key::Message(key).hash();
-            let keys = if keys.is_empty() {
-                std::slice::from_ref(&message)
-            } else {
-                keys.push(message);
-                &keys[..]
-            };
-            front.hand_over(Write::Record(Recorded::of(m, key)), keys, durable)?;
+            front.hand_over(Write::Record(Recorded::of(m, key)), &keys, durable)?;
             Ok(references)
         })
     }
