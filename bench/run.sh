@@ -195,7 +195,7 @@ allocations() {
         $4 ~ /^probe_ponte:/ {
             thread = $1
             sub(/-[0-9]+$/, "", thread)
-            if (thread == "tokio-rt-worker") part = "the runtime'"'"'s workers"
+            if (thread == "tokio-rt-worker" || thread ~ /^ponte-flows/) part = "the runtime'"'"'s workers"
             else if (thread ~ /^ponte-(store|checkpoin)/) part = "the store'"'"'s threads"
             else if (thread == "ponte-journal") part = "the delivery log'"'"'s thread"
             else part = "other threads"

@@ -28,6 +28,7 @@ use crate::prefetch::Window;
 use crate::receive::Flow;
 use crate::redeliver::Redeliverer;
 use crate::settle::Settler;
+use crate::shards::Shards;
 
 /// Observable state of a running gateway, for readiness probes and tests.
 #[derive(Debug, Clone)]
@@ -63,8 +64,17 @@ pub async fn run(pipeline: Arc<Pipeline>, shutdown: CancellationToken, status: S
     let max_delay = Duration::from_secs(directory.settings.broker.max_reconnect_delay_secs.max(1));
     let mut delay = FIRST_DELAY;
     let mut reconnects: u64 = 0;
+    // The flows' threads live as long as the gateway: a new session puts its groups on the same.
+    let shards = match Shards::start(directory.settings.runtime.workers) {
+        Ok(shards) => shards,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the threads that run the flows; stopping");
+            return;
+        }
+    };
+    metrics::gauge!("ponte_runtime_workers").set(shards.len() as f64);
     while !shutdown.is_cancelled() {
-        let result = session(&pipeline, &shutdown, &status, &mut delay).await;
+        let result = session(&pipeline, &shards, &shutdown, &status, &mut delay).await;
         status.ready.send_replace(false);
         if shutdown.is_cancelled() {
             break;
@@ -102,6 +112,7 @@ pub const PARTNERS_PER_CONNECTION: usize = 64;
 /// broker failed.
 async fn session(
     pipeline: &Arc<Pipeline>,
+    shards: &Shards,
     shutdown: &CancellationToken,
     status: &Status,
     delay: &mut Duration,
@@ -121,7 +132,7 @@ async fn session(
         mut consuming,
         expected,
     } = tokio::select! {
-        opened = tokio::time::timeout_at(deadline, open(pipeline, &session_stop, &started)) => {
+        opened = tokio::time::timeout_at(deadline, open(pipeline, shards, &session_stop, &started)) => {
             opened.map_err(|_| BrokerError::SetupTimeout(setup_secs))??
         }
         () = session_stop.cancelled() => return Ok(()),
@@ -195,6 +206,7 @@ struct Opened {
 /// Connects, declares the topology, opens every channel and starts every flow.
 async fn open(
     pipeline: &Arc<Pipeline>,
+    shards: &Shards,
     session_stop: &CancellationToken,
     started: &watch::Sender<bool>,
 ) -> Result<Opened, BrokerError> {
@@ -227,29 +239,46 @@ async fn open(
     let mut flows = JoinSet::new();
     let (ready_tx, ready_rx) = mpsc::channel::<()>(partners.len().max(1));
     // Open every group's connections and channels concurrently: start-up time is then a few
-    // round trips, not one per channel.
-    let groups = try_join_all(partners.chunks(PARTNERS_PER_CONNECTION).enumerate().map(
-        |(group, members)| async move {
-            // Consuming and publishing use separate connections, so flow control that blocks a
-            // publishing connection never stops acknowledgements from going out.
-            let names = (
-                format!("ponte consume {group}"),
-                format!("ponte publish {group}"),
-            );
-            let (consuming, publishing) =
-                tokio::try_join!(connect(directory, &names.0), connect(directory, &names.1))?;
-            let opened = try_join_all(members.iter().map(|partner| {
-                let (consuming, publishing) = (&consuming, &publishing);
-                async move {
+    // round trips, not one per channel. Each group opens on its shard, where lapin's I/O loops
+    // for its connections then run; dropped unfinished, the set aborts what is still opening.
+    let group_size = shards.group_size(partners.len(), PARTNERS_PER_CONNECTION);
+    let mut opening = JoinSet::new();
+    for (group, members) in partners.chunks(group_size).enumerate() {
+        let directory = pipeline.directory.clone();
+        let members = members.len();
+        opening.spawn_on(
+            async move {
+                // Consuming and publishing use separate connections, so flow control that
+                // blocks a publishing connection never stops acknowledgements from going out.
+                let names = (
+                    format!("ponte consume {group}"),
+                    format!("ponte publish {group}"),
+                );
+                let (consuming, publishing) =
+                    tokio::try_join!(connect(&directory, &names.0), connect(&directory, &names.1))?;
+                let channels = try_join_all((0..members).map(|_| async {
                     let consume = consuming.create_channel().await?;
-                    let publish = confirming_channel(publishing).await?;
-                    Ok::<_, BrokerError>((*partner, consume, publish))
-                }
-            }))
-            .await?;
-            Ok::<_, BrokerError>((consuming, publishing, opened))
-        },
-    ));
+                    let publish = confirming_channel(&publishing).await?;
+                    Ok::<_, BrokerError>((consume, publish))
+                }))
+                .await?;
+                Ok::<_, BrokerError>((group, consuming, publishing, channels))
+            },
+            shards.of_group(group),
+        );
+    }
+    let groups = async {
+        let mut groups = Vec::with_capacity(opening.len());
+        while let Some(opened) = opening.join_next().await {
+            let opened = opened.map_err(|error| {
+                warn!(%error, "opening a group of partners' connections ended abnormally");
+                BrokerError::FlowPanicked
+            })?;
+            groups.push(opened?);
+        }
+        groups.sort_by_key(|(group, ..)| *group);
+        Ok::<_, BrokerError>(groups)
+    };
     let (backlogs, groups) = tokio::try_join!(topology, groups)?;
     let prefetches = crate::prefetch::starting(broker, &partners, pool.as_deref(), &backlogs);
     if pool.is_some() {
@@ -259,9 +288,12 @@ async fn open(
     let bytes_per_message = broker.bytes_per_message(&own);
     let operator = directory.settings.broker_user();
     let redeclared = Arc::new(Redeclared::default());
-    for (consuming, publishing, opened) in groups {
+    for ((group, consuming, publishing, channels), members) in
+        groups.into_iter().zip(partners.chunks(group_size))
+    {
+        let shard = shards.of_group(group);
         let (consuming, publishing) = (Arc::new(consuming), Arc::new(publishing));
-        for (partner, consume, publish) in opened {
+        for (&partner, (consume, publish)) in members.iter().zip(channels) {
             let settler = Arc::new(Settler {
                 channel: publish,
                 frame_max: publishing.configuration().frame_max(),
@@ -299,12 +331,15 @@ async fn open(
                     directory: pipeline.directory.clone(),
                 },
             };
-            flows.spawn(supervise(
-                supervised,
-                session_stop.clone(),
-                started.subscribe(),
-                ready_tx.clone(),
-            ));
+            flows.spawn_on(
+                supervise(
+                    supervised,
+                    session_stop.clone(),
+                    started.subscribe(),
+                    ready_tx.clone(),
+                ),
+                shard,
+            );
         }
         connections.push(consuming);
         connections.push(publishing);

@@ -68,6 +68,7 @@ pub mod retry;
 pub mod route;
 pub mod settings;
 pub mod settle;
+pub mod shards;
 pub mod store;
 pub mod tables;
 pub mod telemetry;
@@ -80,10 +81,10 @@ pub mod validate;
 pub type ConfigMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Runs `wait`, which blocks its thread (for the delivery log's writer to take a record, for the
-/// store's writer to commit), so that on a worker of the gateway's multi-threaded runtime the
-/// worker's other tasks first move to another thread and do not wait with it: the flows with
-/// nothing to wait for, and the ops endpoints that show what is happening. Elsewhere (a
-/// command, a single-threaded runtime) it simply runs.
+/// store's writer to commit), so that on a worker of a multi-threaded runtime the worker's other
+/// tasks first move to another thread and do not wait with it (the redelivery flow, the HTTP
+/// couriers, the ops endpoints that show what is happening). Elsewhere it simply runs: on a
+/// partners' flows' thread (`shards`), whose other flows wait with it, and in a command.
 pub(crate) fn wait_aside<R>(wait: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),

@@ -196,7 +196,12 @@ fn load_for_tools(dir: &std::path::Path) -> anyhow::Result<Directory> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let outcome = runtime(&cli)
+    // The partners' flows run on threads of their own (`ponte::shards`, `runtime.workers`);
+    // this runtime runs the rest: the sessions' supervision, the redelivery flow, the HTTP
+    // couriers, the ops endpoints and the tools.
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
         .context("starting the runtime")
         .and_then(|runtime| runtime.block_on(execute(cli)));
     match outcome {
@@ -206,20 +211,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The runtime, for `ponte run` with as many workers as `runtime.workers` asks for (a
-/// configuration that does not load is reported by `run` itself, with everything else in it).
-fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if matches!(cli.command, Command::Run)
-        && let Ok(settings) = ponte::settings::Settings::load(&cli.config, &[])
-        && settings.runtime.workers > 0
-    {
-        builder.worker_threads(settings.runtime.workers);
-    }
-    builder.build()
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -262,8 +253,6 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let _log = ponte::telemetry::init(&directory.settings.log)
                 .context("starting the log writer")?;
             ponte::ops::metrics();
-            let workers = tokio::runtime::Handle::current().metrics().num_workers();
-            metrics::gauge!("ponte_runtime_workers").set(workers as f64);
             let pipeline = Arc::new(
                 ponte::pipeline::Pipeline::open(Arc::new(directory))
                     .context("refusing to start")?,

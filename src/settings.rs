@@ -32,13 +32,13 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
 }
 
-/// The threads that run the gateway's flows (receiving, checking, publishing, settling).
+/// The threads that run the partners' flows (receiving, checking, publishing, settling).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeSettings {
-    /// How many; 0, the default, is one per core. Each event that readies more than one task
-    /// wakes a second worker to share it, so on a machine whose cores the broker also uses,
-    /// fewer workers spend less CPU per message at the same rate.
+    /// How many; 0, the default, is one per core. The partners are split into as many groups
+    /// (of at most 64, each with its own connections), and each group runs on one of them
+    /// (`shards`).
     pub workers: usize,
 }
 

@@ -216,8 +216,8 @@ async fn the_gateway_has_no_thread_per_broker_connection() {
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }
 
-/// `runtime.workers` sets how many threads run the flows (`/metrics` says how many there are),
-/// and the gateway works on one: it delivers a referral.
+/// `runtime.workers` sets how many threads run the flows (`/metrics` says how many there are,
+/// and so do the threads' names), and the gateway works on one: it delivers a referral.
 #[tokio::test]
 async fn the_gateway_runs_its_flows_on_the_workers_configured() {
     let (url, prefix, port) = (broker_url(), random_prefix(), common::free_port());
@@ -225,9 +225,18 @@ async fn the_gateway_runs_its_flows_on_the_workers_configured() {
         let (_, metrics) = get(port, "/metrics").await.unwrap();
         total(&metrics, "ponte_runtime_workers", &[])
     };
+    let flows_threads = |child: &Running| {
+        let mut names: Vec<String> = thread_names(child.0.as_ref().unwrap().id())
+            .into_iter()
+            .filter(|name| name.starts_with(ponte::shards::THREAD))
+            .collect();
+        names.sort();
+        names
+    };
     let child = start_with(&url, &prefix, port, &[("PONTE_RUNTIME__WORKERS", "1")]);
     wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
     assert_eq!(workers().await, 1.0);
+    assert_eq!(flows_threads(&child), ["ponte-flows-0"]);
     let queues = Queues::new(&prefix);
     let body = serde_json::to_vec(&referral("cpi-modena", "CPI-MO-01", "036023")).unwrap();
     publish_many(&url, &queues.inbound("cpi-modena"), &[body]).await;
@@ -239,6 +248,9 @@ async fn the_gateway_runs_its_flows_on_the_workers_configured() {
     wait_for("ready", Duration::from_secs(30), port, "/readyz", 200).await;
     let cores = std::thread::available_parallelism().unwrap().get();
     assert_eq!(workers().await, cores as f64, "one per core by default");
+    let mut expected: Vec<String> = (0..cores).map(|i| format!("ponte-flows-{i}")).collect();
+    expected.sort();
+    assert_eq!(flows_threads(&child), expected);
     child.stop();
     common::delete_queues(&common::directory(&url, &prefix)).await;
 }

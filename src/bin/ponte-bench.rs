@@ -289,7 +289,10 @@ impl Split {
             proc_stat::threads(&pid.to_string()).with_context(|| format!("/proc/{pid}/task"))?
         {
             match name.as_str() {
-                "tokio-rt-worker" => split.workers += cpu,
+                // The flows' threads (`ponte-flows-N`) and the runtime's workers.
+                n if n.starts_with(ponte::shards::THREAD) || n == "tokio-rt-worker" => {
+                    split.workers += cpu
+                }
                 "ponte-store" | "ponte-checkpoin" => split.store += cpu,
                 "ponte-journal" => split.log += cpu,
                 _ => {}
