@@ -58,20 +58,19 @@ impl Status {
 }
 
 /// Runs the gateway until `shutdown` is cancelled. Broker failures are never fatal: the gateway
-/// keeps reconnecting, so it may also be started before the broker.
-pub async fn run(pipeline: Arc<Pipeline>, shutdown: CancellationToken, status: Status) {
+/// keeps reconnecting, so it may also be started before the broker. Fails only if the threads
+/// that run the flows cannot be started.
+pub async fn run(
+    pipeline: Arc<Pipeline>,
+    shutdown: CancellationToken,
+    status: Status,
+) -> std::io::Result<()> {
     let directory = &pipeline.directory;
     let max_delay = Duration::from_secs(directory.settings.broker.max_reconnect_delay_secs.max(1));
     let mut delay = FIRST_DELAY;
     let mut reconnects: u64 = 0;
     // The flows' threads live as long as the gateway: a new session puts its groups on the same.
-    let shards = match Shards::start(directory.settings.runtime.workers) {
-        Ok(shards) => shards,
-        Err(error) => {
-            tracing::error!(%error, "cannot start the threads that run the flows; stopping");
-            return;
-        }
-    };
+    let shards = Shards::start(directory.settings.runtime.workers)?;
     metrics::gauge!("ponte_runtime_workers").set(shards.len() as f64);
     while !shutdown.is_cancelled() {
         let result = session(&pipeline, &shards, &shutdown, &status, &mut delay).await;
@@ -97,6 +96,7 @@ pub async fn run(pipeline: Arc<Pipeline>, shutdown: CancellationToken, status: S
         delay = (delay * 2).min(max_delay);
     }
     info!("gateway stopped");
+    Ok(())
 }
 
 /// The first wait before reconnecting, or before starting a failed flow again; each failure in

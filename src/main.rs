@@ -274,7 +274,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 });
             }
-            ponte::gateway::run(pipeline.clone(), shutdown, status).await;
+            ponte::gateway::run(pipeline.clone(), shutdown, status)
+                .await
+                .context("starting the threads that run the partners' flows")?;
             pipeline.store.flush().context("saving the crosswalk")?;
             pipeline.journal.flush();
             Ok(ExitCode::SUCCESS)

@@ -6,10 +6,10 @@
 //! woke it: its blocks were allocated on one thread and freed on another, each free an atomic
 //! exchange on a page the freeing thread does not own, and each such block walked again, cold,
 //! when its own thread took it back. Draining on two cores shared with the broker, one worker
-//! spent about a tenth less CPU per message than two at the same rate, most of the difference
-//! in those frees and in switches between the workers (docs/performance.md, "A group's flows
-//! on one thread"). A shard keeps all of a group's tasks on one thread; more groups than one
-//! use more cores.
+//! spent some 8% less CPU per message than two at the same rate, most of the difference in
+//! those frees and in switches between the workers (docs/performance.md, "A group's flows on
+//! one thread"). A shard keeps all of a group's tasks on one thread; the groups, at least one
+//! per shard where there are partners enough, spread over the shards and so over the cores.
 //!
 //! What a shard gives up: a task that blocks its thread holds back the other flows of its shard
 //! (on the runtime's workers, `block_in_place` let them move to another worker). The store and

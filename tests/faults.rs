@@ -463,7 +463,8 @@ async fn a_broker_that_never_answers_is_given_up_on_and_tried_again() {
     tokio::time::timeout(Duration::from_secs(10), gateway)
         .await
         .expect("the gateway stops while its broker never answers")
-        .unwrap();
+        .unwrap()
+        .expect("the gateway's threads started");
     closed_down_to(
         0,
         "every connection closed once the gateway stopped",
@@ -663,7 +664,8 @@ async fn a_broker_that_stops_answering_while_the_session_opens_is_given_up_on_an
     tokio::time::timeout(Duration::from_secs(30), gateway)
         .await
         .expect("the gateway stops")
-        .unwrap();
+        .unwrap()
+        .expect("the gateway's threads started");
     closed_down_to(
         0,
         "every connection closed once the gateway stopped",

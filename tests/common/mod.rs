@@ -178,7 +178,7 @@ pub struct Gateway {
     pub url: String,
     pub status: Status,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Gateway {
@@ -226,7 +226,8 @@ impl Gateway {
         tokio::time::timeout(Duration::from_secs(60), self.task)
             .await
             .expect("gateway stops within 60 s")
-            .unwrap();
+            .unwrap()
+            .expect("the gateway's threads started");
         (self.queues, self.url)
     }
 
