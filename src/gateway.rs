@@ -71,7 +71,7 @@ pub async fn run(
     let mut reconnects: u64 = 0;
     // The flows' threads live as long as the gateway: a new session puts its groups on the same.
     let shards = Shards::start(directory.settings.runtime.workers)?;
-    metrics::gauge!("ponte_runtime_workers").set(shards.len() as f64);
+    metrics::gauge!("ponte_runtime_workers").set(shards.threads() as f64);
     while !shutdown.is_cancelled() {
         let result = session(&pipeline, &shards, &shutdown, &status, &mut delay).await;
         status.ready.send_replace(false);

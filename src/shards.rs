@@ -60,12 +60,9 @@ impl Shards {
         Ok(Shards { handles, stop })
     }
 
-    pub fn len(&self) -> usize {
+    /// How many threads run the flows (never none).
+    pub fn threads(&self) -> usize {
         self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
     }
 
     /// The shard of group `group`: groups go round the shards.
@@ -93,7 +90,7 @@ mod tests {
     #[test]
     fn groups_spread_over_every_shard_up_to_a_connection_s_share() {
         let shards = Shards::start(2).unwrap();
-        assert_eq!(shards.len(), 2);
+        assert_eq!(shards.threads(), 2);
         // Four partners: two groups of two, one on each thread.
         assert_eq!(shards.group_size(4, 64), 2);
         assert_eq!(shards.group_size(1, 64), 1);
