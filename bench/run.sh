@@ -23,7 +23,8 @@
 #   bench/run.sh --allocations [N] [ponte-bench options...]
 #                          blocks allocated per message, by thread, counted rather than sampled:
 #                          N messages of the base load (50,000) drained with a `perf probe` on
-#                          mimalloc's `mi_malloc`, `mi_zalloc` and `mi_realloc` in the gateway
+#                          jemalloc's `malloc`, `calloc` and `realloc` (and their aligned
+#                          `mallocx` and `rallocx`) in the gateway
 #                          (root and Debian's linux-perf, installed if missing). Each call costs
 #                          a trap: the drain runs some ten times slower, and its row goes to
 #                          target/bench/allocations.csv, apart from the matrix's results.
@@ -157,7 +158,7 @@ EOF
         }'
 }
 
-# Blocks allocated per message, by thread: uprobes on mimalloc's entry points in the gateway's
+# Blocks allocated per message, by thread: uprobes on jemalloc's entry points in the gateway's
 # binary, counted by `perf stat` attached to the gateway once the harness has started it.
 allocations() {
     local messages=${count:-50000}
@@ -168,7 +169,9 @@ allocations() {
     # another build, would count nothing.
     perf probe -q -d 'probe_ponte:*' 2>/dev/null || true
     local entry events=()
-    for entry in mi_malloc mi_zalloc mi_realloc; do
+    # The global allocator's calls (tikv-jemallocator, whose jemalloc's names have a `_rjem_`
+    # prefix): plain, zeroed and grown blocks, and those aligned beyond what `malloc` gives.
+    for entry in _rjem_malloc _rjem_calloc _rjem_realloc _rjem_mallocx _rjem_rallocx; do
         perf probe -q -x "$binary" "$entry"
         events+=("probe_ponte:$entry")
     done

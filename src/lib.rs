@@ -39,7 +39,6 @@
 //! [`console`]; [`telemetry`] writes the log lines to stderr from a thread of its own; [`client`]
 //! is the partner and operator side used by `ponte send`, `ponte rejected|dlq` and the tests.
 
-pub mod allocator;
 pub mod authorize;
 pub mod broker;
 pub mod client;

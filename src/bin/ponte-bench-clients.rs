@@ -21,7 +21,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use ponte::settings::QueueType;
 
 #[global_allocator]
-static GLOBAL: ponte::allocator::Mimalloc = ponte::allocator::Mimalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Gives up when a forwarder has had nothing to do for this long.
 const STALLED: Duration = Duration::from_secs(30);

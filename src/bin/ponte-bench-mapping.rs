@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 // The same allocator as the gateway, so the figures are the gateway's.
 #[global_allocator]
-static GLOBAL: ponte::allocator::Mimalloc = ponte::allocator::Mimalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Cost per message of validation and mapping on the demo messages")]
