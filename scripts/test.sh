@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 
 # The console's end-to-end test drives Debian's Chromium; the deploy test runs systemd-analyze;
 # the broker TLS test makes its certificates with openssl;
-# everything runs against Debian's RabbitMQ. What is missing is installed in one go.
+# everything runs against Debian's RabbitMQ; jemalloc, the gateway's allocator, is built from its
+# C sources with make. What is missing is installed in one go.
 missing=()
+command -v make >/dev/null 2>&1 || missing+=(make)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
