@@ -21,6 +21,15 @@ use ponte::directory::Directory;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read as it starts (`_RJEM_MALLOC_CONF` in the environment is read after
+/// them, and wins). No transparent huge pages: on a host whose kernel gives them to every
+/// mapping (`/sys/kernel/mm/transparent_hugepage/enabled` at `always`, some distributions'
+/// default), each arena's memory went in 2 MiB pages, mostly empty: 308 MiB peak RSS with 1,000
+/// partners against 150 with them off, which is what a host at `madvise` gets either way.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static malloc_conf: &[u8; 10] = b"thp:never\0";
+
 #[derive(Parser)]
 #[command(name = "ponte", version, about = "Inter-agency data-exchange gateway")]
 struct Cli {
@@ -695,4 +704,30 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutdown requested; settling in-flight messages");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::{CStr, c_char, c_void};
+
+    /// The options above are jemalloc's: it runs without transparent huge pages whatever the
+    /// host's default (jemalloc's own would be `default`, the kernel's choice).
+    #[test]
+    fn jemalloc_runs_without_transparent_huge_pages() {
+        let mut value: *const c_char = std::ptr::null();
+        let mut len = size_of::<*const c_char>();
+        // SAFETY: `opt.thp` is a `const char *` to a string jemalloc keeps; `value` has its size.
+        let status = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                c"opt.thp".as_ptr(),
+                (&raw mut value).cast::<c_void>(),
+                &mut len,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        assert_eq!(status, 0, "jemalloc answers for opt.thp");
+        // SAFETY: a NUL-terminated string of jemalloc's, for the life of the process.
+        assert_eq!(unsafe { CStr::from_ptr(value) }, c"never");
+    }
 }
