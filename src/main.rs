@@ -17,7 +17,7 @@ use ponte::directory::Directory;
 // back long after it was freed. jemalloc hands blocks out of a per-thread cache of pointers and
 // first touches a block where Ponte writes it; mimalloc, before it, read each free block's link
 // to hand it out, and that cold read was an eighth of the flows' time (docs/performance.md,
-// "jemalloc in place of mimalloc"). glibc's allocator cost more than either.
+// "jemalloc in place of mimalloc"). glibc's allocator cost more than jemalloc.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

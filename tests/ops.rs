@@ -93,7 +93,11 @@ async fn metrics_count_the_messages_sent_and_the_probes_answer() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let metrics = loop {
         let (_, metrics) = get(port, "/metrics").await.unwrap();
-        if total(&metrics, "ponte_latency_seconds_count", &[]) >= 7.0 {
+        // A scrape reads the counters, then the histograms: a message settled in between shows
+        // in its latency and not yet in its outcome's counter, so wait for both.
+        if total(&metrics, "ponte_latency_seconds_count", &[]) >= 7.0
+            && total(&metrics, "ponte_messages_total", &[]) >= 7.0
+        {
             break metrics;
         }
         assert!(
