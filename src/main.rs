@@ -25,7 +25,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// them, and wins). No transparent huge pages: on a host whose kernel gives them to every
 /// mapping (`/sys/kernel/mm/transparent_hugepage/enabled` at `always`, some distributions'
 /// default), each arena's memory went in 2 MiB pages, mostly empty: 308 MiB peak RSS with 1,000
-/// partners against 150 with them off, which is what a host at `madvise` gets either way.
+/// partners against 150 with them off, about what a host at `madvise` gets either way.
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static malloc_conf: &[u8; 10] = b"thp:never\0";
