@@ -51,18 +51,12 @@ case "${1:-}" in
 esac
 
 # A tool a mode needs, from Debian's packages.
-install_debian() {
-    echo "run.sh: installing Debian's $1" >&2
-    local sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
-}
+. scripts/debian.sh
 if [ "$mode" = callgrind ] && { ! command -v valgrind >/dev/null || ! command -v callgrind_annotate >/dev/null; }; then
-    install_debian valgrind
+    install_debian run.sh valgrind
 fi
 if [ "$mode" = allocations ] && ! command -v perf >/dev/null; then
-    install_debian linux-perf
+    install_debian run.sh linux-perf
 fi
 
 # The demo configuration's statistics partner needs its pseudonym key (demo only).

@@ -22,14 +22,10 @@ shift 4
 
 install_broker() {
     if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
-        echo "broker.sh: installing Debian's rabbitmq-server" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        local sudo=""
-        [ "$(id -u)" -ne 0 ] && sudo="sudo"
-        $sudo apt-get update -qq
         # Debian's postinst tries to start the system service; policy-rc.d may refuse, which is fine:
         # Ponte runs its own node below.
-        $sudo apt-get install -y -qq rabbitmq-server >/dev/null
+        . "$(dirname "${BASH_SOURCE[0]}")/debian.sh"
+        install_debian broker.sh rabbitmq-server
     fi
 }
 

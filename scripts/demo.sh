@@ -8,13 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/broker.sh start demo 5673 .broker/demo
 # jemalloc, the gateway's allocator, is built from its C sources with make.
-if ! command -v make >/dev/null 2>&1; then
-    echo "demo.sh: installing Debian's make" >&2
-    sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq make >/dev/null
-fi
+. scripts/debian.sh
+command -v make >/dev/null 2>&1 || install_debian demo.sh make
 cargo build --release --locked
 # The statistics partner's pseudonym key: a fixed demo key unless one is set. Never for real data.
 export PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER=${PONTE_PSEUDONYM_KEY_OSSERVATORIO_ER:-demo-only-pseudonym-key-never-use-for-real-data}
