@@ -7,7 +7,7 @@ use crate::{
     shared::SharedMutex,
     types::DeliveryTag,
 };
-use std::{collections::HashMap, fmt, sync::MutexGuard};
+use std::{collections::VecDeque, fmt, sync::MutexGuard};
 use tracing::trace;
 
 #[derive(Clone)]
@@ -25,7 +25,7 @@ impl Acknowledgements {
     }
 
     pub(crate) fn get_last_pending(&self) -> Option<Promise<()>> {
-        self.lock_inner().last.take()
+        self.lock_inner().last_pending()
     }
 
     pub(crate) fn ack(&self, delivery_tag: DeliveryTag) -> AMQPResult {
@@ -74,7 +74,10 @@ impl fmt::Debug for Acknowledgements {
             debug
                 .field("delivery_tag", &inner.delivery_tag)
                 .field("returned_messages", &inner.returned_messages)
-                .field("pending", &inner.pending.keys());
+                .field(
+                    "pending",
+                    &inner.pending.iter().map(|(tag, _)| tag).collect::<Vec<_>>(),
+                );
         }
         debug.finish()
     }
@@ -83,12 +86,15 @@ impl fmt::Debug for Acknowledgements {
 struct Inner {
     channel_id: u16,
     delivery_tag: IdSequence<DeliveryTag>,
-    last: Option<Promise<()>>,
-    pending: HashMap<
-        DeliveryTag,
-        (PromiseResolver<Confirmation>, PromiseResolver<()>),
-        foldhash::fast::RandomState,
-    >,
+    /// The confirms not yet received, in the order published: tags only grow, so the oldest
+    /// is at the front, where the broker's acknowledgements nearly always find theirs.
+    pending: VecDeque<(DeliveryTag, PromiseResolver<Confirmation>)>,
+    /// Callers of `wait_for_confirms`, each with the last tag published when it asked: answered
+    /// once no confirm up to that tag is pending.
+    waiting: VecDeque<(DeliveryTag, PromiseResolver<()>)>,
+    /// Why the confirm of the last publish failed, while no publish followed it: what
+    /// `wait_for_confirms` then answers.
+    last_failed: Option<Error>,
     returned_messages: ReturnedMessages,
 }
 
@@ -97,8 +103,9 @@ impl Inner {
         Self {
             channel_id,
             delivery_tag: IdSequence::new(false),
-            last: None,
-            pending: HashMap::default(),
+            pending: VecDeque::new(),
+            waiting: VecDeque::new(),
+            last_failed: None,
             returned_messages,
         }
     }
@@ -107,39 +114,63 @@ impl Inner {
         let delivery_tag = self.delivery_tag.next();
         trace!("Publishing with delivery_tag {}", delivery_tag);
         let (promise, resolver) = Promise::new("acknowledgement");
-        let (err_promise, err_resolver) = Promise::new("acknowledgement-error");
         let promise = PublisherConfirm::new(promise, self.returned_messages.clone());
-        self.last = Some(err_promise);
-        self.pending.insert(delivery_tag, (resolver, err_resolver));
+        self.last_failed = None;
+        self.pending.push_back((delivery_tag, resolver));
         promise
     }
 
-    fn complete_pending(
-        &mut self,
-        success: bool,
-        delivery_tag: DeliveryTag,
-        resolvers: (PromiseResolver<Confirmation>, PromiseResolver<()>),
-    ) {
+    /// What `wait_for_confirms` waits for: every confirm up to the last publish.
+    fn last_pending(&mut self) -> Option<Promise<()>> {
+        if let Some(error) = self.last_failed.take() {
+            return Some(Promise::new_with_data("acknowledgement-error", Err(error)));
+        }
+        let last = self.pending.back()?.0;
+        let (promise, resolver) = Promise::new("acknowledgement-error");
+        self.waiting.push_back((last, resolver));
+        Some(promise)
+    }
+
+    fn complete_pending(&mut self, success: bool, resolver: PromiseResolver<Confirmation>) {
         let returned_message = self.returned_messages.get_waiting_message();
-        resolvers.0.resolve(if success {
+        resolver.resolve(if success {
             Confirmation::Ack(returned_message)
         } else {
             Confirmation::Nack(returned_message)
         });
-        if Some(delivery_tag) == self.delivery_tag.current() {
-            resolvers.1.resolve(());
+    }
+
+    /// Answers the callers of `wait_for_confirms` whose confirms all came.
+    fn answer_waiting(&mut self) {
+        let oldest = self.pending.front().map(|(tag, _)| *tag);
+        while let Some((last, _)) = self.waiting.front() {
+            if oldest.is_some_and(|oldest| oldest <= *last) {
+                break;
+            }
+            if let Some((_, resolver)) = self.waiting.pop_front() {
+                resolver.resolve(());
+            }
         }
     }
 
     fn drop_all(&mut self, success: bool) {
-        for (delivery_tag, resolvers) in std::mem::take(&mut self.pending) {
-            self.complete_pending(success, delivery_tag, resolvers);
+        for (_, resolver) in std::mem::take(&mut self.pending) {
+            self.complete_pending(success, resolver);
         }
+        self.answer_waiting();
     }
 
     fn drop_pending(&mut self, delivery_tag: DeliveryTag, success: bool) -> AMQPResult {
-        if let Some(resolvers) = self.pending.remove(&delivery_tag) {
-            self.complete_pending(success, delivery_tag, resolvers);
+        let found = match self.pending.front() {
+            Some((oldest, _)) if *oldest == delivery_tag => Some(0),
+            _ => self
+                .pending
+                .binary_search_by_key(&delivery_tag, |(tag, _)| *tag)
+                .ok(),
+        };
+        if let Some((_, resolver)) = found.and_then(|place| self.pending.remove(place)) {
+            self.complete_pending(success, resolver);
+            self.answer_waiting();
             Ok(())
         } else {
             Err(AMQPError::new(
@@ -150,7 +181,7 @@ impl Inner {
                     delivery_tag,
                     self.channel_id,
                     self.delivery_tag.current(),
-                    self.pending.keys()
+                    self.pending.iter().map(|(tag, _)| tag).collect::<Vec<_>>()
                 )
                 .into(),
             ))
@@ -158,31 +189,30 @@ impl Inner {
     }
 
     fn complete_pending_before(&mut self, delivery_tag: DeliveryTag, success: bool) -> AMQPResult {
-        // Tags are collected from self.pending, so drop_pending should never fail here.
-        // Multiple errors are unlikely, and if they occur they are likely identical; callers
-        // also handle the underlying acknowledgement state independently, so returning the
-        // last error is sufficient.
-        let mut res = Ok(());
-        for tag in self
+        // The pending confirms are in the order of their tags: those covered are at the front.
+        while self
             .pending
-            .keys()
-            .filter(|tag| **tag <= delivery_tag)
-            .cloned()
-            .collect::<Vec<DeliveryTag>>()
+            .front()
+            .is_some_and(|(tag, _)| *tag <= delivery_tag)
         {
-            if let Err(err) = self.drop_pending(tag, success) {
-                res = Err(err);
+            if let Some((_, resolver)) = self.pending.pop_front() {
+                self.complete_pending(success, resolver);
             }
         }
-        res
+        self.answer_waiting();
+        Ok(())
     }
 
     fn on_channel_error(&mut self, error: Error) {
-        for (delivery_tag, resolvers) in self.pending.drain() {
-            resolvers.0.reject(error.clone());
-            if Some(delivery_tag) == self.delivery_tag.current() {
-                resolvers.1.reject(error.clone());
+        let last = self.delivery_tag.current();
+        for (tag, resolver) in std::mem::take(&mut self.pending) {
+            if Some(tag) == last {
+                self.last_failed = Some(error.clone());
             }
+            resolver.reject(error.clone());
+        }
+        for (_, resolver) in std::mem::take(&mut self.waiting) {
+            resolver.reject(error.clone());
         }
         self.returned_messages.clear_dropped_confirms();
     }
@@ -190,5 +220,99 @@ impl Inner {
     fn reset(&mut self, error: Error) {
         self.delivery_tag = IdSequence::new(false);
         self.on_channel_error(error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use std::{
+        future::Future,
+        pin::Pin,
+        task::{Context, Poll, Waker},
+    };
+
+    fn poll<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+        Pin::new(future).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn publishes(acks: &Acknowledgements, count: usize) -> Vec<PublisherConfirm> {
+        (0..count).map(|_| acks.register_pending()).collect()
+    }
+
+    fn acked() -> Poll<Result<Confirmation, Error>> {
+        Poll::Ready(Ok(Confirmation::Ack(None)))
+    }
+
+    fn nacked() -> Poll<Result<Confirmation, Error>> {
+        Poll::Ready(Ok(Confirmation::Nack(None)))
+    }
+
+    fn acks() -> Acknowledgements {
+        Acknowledgements::new(1, ReturnedMessages::default())
+    }
+
+    #[test]
+    fn confirms_come_singly_in_any_order_and_in_runs() {
+        let acks = acks();
+        let mut confirms = publishes(&acks, 6);
+
+        assert!(acks.ack(3).is_ok());
+        assert_eq!(poll(&mut confirms[2]), acked());
+        assert!(poll(&mut confirms[0]).is_pending());
+        assert!(poll(&mut confirms[3]).is_pending());
+
+        assert!(acks.ack_all_before(2).is_ok());
+        assert_eq!(poll(&mut confirms[0]), acked());
+        assert_eq!(poll(&mut confirms[1]), acked());
+
+        assert!(acks.nack(4).is_ok());
+        assert_eq!(poll(&mut confirms[3]), nacked());
+        assert!(acks.nack_all_before(6).is_ok());
+        assert_eq!(poll(&mut confirms[4]), nacked());
+        assert_eq!(poll(&mut confirms[5]), nacked());
+
+        // A tag confirmed already, or never published, is the broker's error.
+        assert!(acks.ack(3).is_err());
+        assert!(acks.ack(7).is_err());
+    }
+
+    #[test]
+    fn waiting_for_confirms_waits_for_every_one_up_to_the_last_publish() {
+        let acks = acks();
+        assert!(acks.get_last_pending().is_none());
+
+        let _confirms = publishes(&acks, 3);
+        let mut all = acks.get_last_pending().expect("three confirms pending");
+        assert!(acks.ack(3).is_ok());
+        assert!(poll(&mut all).is_pending());
+        assert!(acks.ack_all_before(1).is_ok());
+        assert!(poll(&mut all).is_pending());
+        // A publish after the question is not waited for.
+        let _later = acks.register_pending();
+        assert!(acks.nack(2).is_ok());
+        assert_eq!(poll(&mut all), Poll::Ready(Ok(())));
+
+        assert!(acks.get_last_pending().is_some());
+        acks.ack_all_pending();
+        assert!(acks.get_last_pending().is_none());
+    }
+
+    #[test]
+    fn a_channel_error_fails_the_pending_confirms_and_the_wait_for_them() {
+        let acks = acks();
+        let mut confirms = publishes(&acks, 2);
+        let mut waiting = acks.get_last_pending().expect("two confirms pending");
+        let error: Error = ErrorKind::ChannelsLimitReached.into();
+
+        acks.on_channel_error(error.clone());
+        assert_eq!(poll(&mut confirms[0]), Poll::Ready(Err(error.clone())));
+        assert_eq!(poll(&mut confirms[1]), Poll::Ready(Err(error.clone())));
+        assert_eq!(poll(&mut waiting), Poll::Ready(Err(error.clone())));
+        // Asked afterwards, as before: the last publish failed, once.
+        let mut asked = acks.get_last_pending().expect("the last publish failed");
+        assert_eq!(poll(&mut asked), Poll::Ready(Err(error)));
+        assert!(acks.get_last_pending().is_none());
     }
 }
