@@ -12,7 +12,7 @@ use crate::{
     types::FrameSize,
     uri::AMQPUri,
 };
-use amq_protocol::frame::{AMQPFrame, GenError, gen_frame, parse_frame};
+use amq_protocol::frame::{AMQPFrame, GenError, parse_frame};
 use async_rs::{Runtime, traits::*};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder, Retryable};
 use futures_io::{AsyncRead, AsyncWrite};
@@ -613,28 +613,22 @@ impl<
         let flow = self.channels.flow();
         while let Some(next_msg) = self.frames.pop(flow) {
             trace!(%next_msg, "will write to buffer");
-            let checkpoint = self.send_buffer.checkpoint();
-            let res = gen_frame(&next_msg)((&mut self.send_buffer).into());
-            match res.map(|w| w.into_inner().1) {
+            let res = self.send_buffer.write_frame(&next_msg);
+            match res {
                 Ok(sz) => self
                     .serialized_frames
                     .push_back(next_msg.into_serialized_frame(sz as FrameSize)),
+                Err(GenError::BufferTooSmall(_)) => {
+                    // Requeue msg
+                    self.frames.retry(next_msg);
+                    break;
+                }
                 Err(e) => {
-                    self.send_buffer.rollback(checkpoint);
-                    match e {
-                        GenError::BufferTooSmall(_) => {
-                            // Requeue msg
-                            self.frames.retry(next_msg);
-                            break;
-                        }
-                        e => {
-                            error!(error=?e, "error generating frame");
-                            self.critical_error(
-                                connection_killswitch,
-                                ErrorKind::SerialisationError(Arc::new(e)).into(),
-                            )?;
-                        }
-                    }
+                    error!(error=?e, "error generating frame");
+                    self.critical_error(
+                        connection_killswitch,
+                        ErrorKind::SerialisationError(Arc::new(e)).into(),
+                    )?;
                 }
             }
         }
