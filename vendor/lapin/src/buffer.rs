@@ -124,7 +124,9 @@ impl Buffer {
     /// always all of the free memory, as the send buffer's data goes back to its start once
     /// written, and the frame's fields (some fifty a message) are then a plain slice's writes,
     /// where through the ring's `Write` each was a call that asked where the free space wraps.
-    /// A frame that does not fit there goes through the ring.
+    /// A frame that does not fit there goes through the ring; a body frame, whose size is known,
+    /// without being copied there first (up to a `frame_max` of bytes, near the end of the
+    /// memory while the socket is slower than the publishers).
     pub(crate) fn write_frame(&mut self, frame: &AMQPFrame) -> Result<u64, GenError> {
         let space = if self.available_data == self.capacity {
             &mut []
@@ -133,7 +135,13 @@ impl Buffer {
         } else {
             &mut self.memory[self.end..self.position]
         };
-        let written = gen_frame(frame)(space.into()).map(|w| w.into_inner().1);
+        let written = match frame {
+            // A body frame is its bytes and 8 of type, channel, size and end.
+            AMQPFrame::Body(_, body) if space.len() < body.len() + 8 => {
+                Err(GenError::BufferTooSmall(body.len() + 8 - space.len()))
+            }
+            _ => gen_frame(frame)(space.into()).map(|w| w.into_inner().1),
+        };
         match written {
             Ok(size) => {
                 self.fill(size as usize);
@@ -380,7 +388,7 @@ mod tests {
         let expected = [vec![0; 38], serialized(&header)].concat();
         assert_eq!(waiting(&buffer), expected);
 
-        // No room left for the body: the data waiting is left as it was.
+        // 14 bytes left, no room for the body: the data waiting is left as it was.
         let (end, available) = (buffer.end, buffer.available_data);
         assert!(matches!(
             buffer.write_frame(&body),
@@ -388,5 +396,17 @@ mod tests {
         ));
         assert_eq!((buffer.end, buffer.available_data), (end, available));
         assert_eq!(waiting(&buffer), expected);
+    }
+
+    #[test]
+    fn a_body_past_the_end_of_the_memory_wraps_round_it() {
+        let [_, body] = frames();
+        let mut buffer = Buffer::with_capacity(128);
+        // 28 bytes free after the data, 90 before it: the body, 48, wraps.
+        buffer.fill(100);
+        buffer.consume(90);
+        assert!(buffer.write_frame(&body).is_ok());
+        assert!(buffer.end < buffer.position, "the frame wraps");
+        assert_eq!(waiting(&buffer), [vec![0; 10], serialized(&body)].concat());
     }
 }
