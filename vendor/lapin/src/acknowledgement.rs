@@ -142,9 +142,12 @@ impl Inner {
 
     /// Answers the callers of `wait_for_confirms` whose confirms all came.
     fn answer_waiting(&mut self) {
-        let oldest = self.pending.front().map(|(tag, _)| *tag);
         while let Some((last, _)) = self.waiting.front() {
-            if oldest.is_some_and(|oldest| oldest <= *last) {
+            if self
+                .pending
+                .front()
+                .is_some_and(|(oldest, _)| oldest <= last)
+            {
                 break;
             }
             if let Some((_, resolver)) = self.waiting.pop_front() {
@@ -204,11 +207,16 @@ impl Inner {
     }
 
     fn on_channel_error(&mut self, error: Error) {
+        // The last publish's confirm fails with the channel if it was still pending.
         let last = self.delivery_tag.current();
-        for (tag, resolver) in std::mem::take(&mut self.pending) {
-            if Some(tag) == last {
-                self.last_failed = Some(error.clone());
-            }
+        if self
+            .pending
+            .back()
+            .is_some_and(|(tag, _)| Some(*tag) == last)
+        {
+            self.last_failed = Some(error.clone());
+        }
+        for (_, resolver) in std::mem::take(&mut self.pending) {
             resolver.reject(error.clone());
         }
         for (_, resolver) in std::mem::take(&mut self.waiting) {

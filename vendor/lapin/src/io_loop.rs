@@ -613,8 +613,7 @@ impl<
         let flow = self.channels.flow();
         while let Some(next_msg) = self.frames.pop(flow) {
             trace!(%next_msg, "will write to buffer");
-            let res = self.send_buffer.write_frame(&next_msg);
-            match res {
+            match self.send_buffer.write_frame(&next_msg) {
                 Ok(sz) => self
                     .serialized_frames
                     .push_back(next_msg.into_serialized_frame(sz as FrameSize)),
