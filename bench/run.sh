@@ -119,7 +119,7 @@ EOF
             part("    decoding", ":ponte::decode::decode")
             part("    validation", ":ponte::validate::SchemaSet::validate")
             part("    mapping each copy", ":<ponte::map::Mapping<F> as core::future::future::Future>::poll")
-            part("    serializing copies", ":ponte::decode::encode")
+            part("    serializing copies", ":ponte::decode::encode_node")
             part("    the crosswalk record", ":ponte::pipeline::Pipeline::record")
             part("    publishing", ":ponte::deliver::Publishing::start::{{closure}}")
             part("  settling (confirms, acks, receipts)", ":ponte::settle::delivered::{{closure}}")

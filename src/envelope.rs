@@ -20,13 +20,87 @@ pub enum Node<'a> {
     Null,
     Bool(bool),
     Number(Number),
-    String(Cow<'a, str>),
+    String(Text<'a>),
     Array(Vec<Node<'a>>),
     Object(Object<'a>),
 }
 
 /// One field of an object: its name and its value.
-pub type Field<'a> = (Cow<'a, str>, Node<'a>);
+pub type Field<'a> = (Text<'a>, Node<'a>);
+
+/// A string of a message or a field's name: its text, borrowed or owned, and whether it is known
+/// to need no escapes in JSON. Most strings of a copy are the sender's, read from between their
+/// quotes where the sender wrote no escape: JSON allows no quote, backslash or control character
+/// there unescaped, so the text goes into the copy as it is, without looking at its characters
+/// again (see [`Node::write_json`]). Only this module's readers of JSON text can say so of a
+/// string; any other is looked at when written.
+#[derive(Clone)]
+pub struct Text<'a>(Source<'a>);
+
+#[derive(Clone)]
+enum Source<'a> {
+    /// The text between a string's quotes in a message, with no escape: JSON as it stands.
+    Verbatim(&'a str),
+    Borrowed(&'a str),
+    Owned(String),
+}
+
+impl<'a> Text<'a> {
+    /// Text the gateway did not read from between a string's quotes: written with escapes where
+    /// it needs them.
+    pub fn borrowed(text: &'a str) -> Text<'a> {
+        Text(Source::Borrowed(text))
+    }
+
+    pub fn owned(text: String) -> Text<'a> {
+        Text(Source::Owned(text))
+    }
+
+    /// The text of a JSON string read between its quotes, where no escape was found: only this
+    /// module's readers, which have found the closing quote and no backslash or control
+    /// character before it, may say so.
+    fn verbatim(text: &'a str) -> Text<'a> {
+        Text(Source::Verbatim(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Source::Verbatim(text) | Source::Borrowed(text) => text,
+            Source::Owned(text) => text,
+        }
+    }
+
+    /// Whether the text is borrowed, not owned: the message's text, or the configuration's.
+    pub fn is_borrowed(&self) -> bool {
+        !matches!(self.0, Source::Owned(_))
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Text<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl PartialEq<str> for Text<'_> {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl std::fmt::Debug for Text<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
 
 /// A JSON object: its fields in order, each name once. Found by going through them, which for
 /// the few fields a message's objects have is cheaper than hashing the name.
@@ -90,7 +164,7 @@ impl<'a> Node<'a> {
 
     /// A string node that owns its text.
     pub fn text(text: impl Into<String>) -> Node<'a> {
-        Node::String(Cow::Owned(text.into()))
+        Node::String(Text::owned(text.into()))
     }
 
     /// The same value as a `serde_json::Value`: for rejection reports and tests, never on the
@@ -120,7 +194,7 @@ impl<'a> Node<'a> {
             (Node::Number(a), Value::Number(_)) => {
                 jsonschema::json::cmp::equal(&Value::Number(a.clone()), value)
             }
-            (Node::String(a), Value::String(b)) => a == b,
+            (Node::String(a), Value::String(b)) => a.as_str() == b,
             (Node::Array(a), Value::Array(b)) => {
                 a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.equals(b))
             }
@@ -134,6 +208,67 @@ impl<'a> Node<'a> {
     }
 }
 
+impl Node<'_> {
+    /// Appends the JSON text of this value to `out`: what serde_json writes of the same value,
+    /// byte for byte (no spaces, fields in their order, serde_json's escapes and numbers). A
+    /// string read from the message without escapes is copied as it is between its quotes; any
+    /// other string is escaped by sonic-rs, as every string was before (see
+    /// [`crate::decode::encode_node`]).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Node::Null => out.extend_from_slice(b"null"),
+            Node::Bool(true) => out.extend_from_slice(b"true"),
+            Node::Bool(false) => out.extend_from_slice(b"false"),
+            Node::Number(number) => sonic_rs::to_writer(&mut *out, number)
+                .expect("serde_json's numbers are always finite"),
+            Node::String(text) => text.write_json(out),
+            Node::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    item.write_json(out);
+                }
+                out.push(b']');
+            }
+            Node::Object(object) => {
+                out.push(b'{');
+                for (i, (name, value)) in object.0.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    name.write_json(out);
+                    out.push(b':');
+                    value.write_json(out);
+                }
+                out.push(b'}');
+            }
+        }
+    }
+}
+
+impl Text<'_> {
+    /// Appends the text as a JSON string, in its quotes.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        match &self.0 {
+            Source::Verbatim(text) => {
+                out.reserve(text.len() + 2);
+                out.push(b'"');
+                out.extend_from_slice(text.as_bytes());
+                out.push(b'"');
+            }
+            Source::Borrowed(text) => escaped(text, out),
+            Source::Owned(text) => escaped(text, out),
+        }
+    }
+}
+
+/// `text` as a JSON string, escaped where it needs it.
+fn escaped(text: &str, out: &mut Vec<u8>) {
+    sonic_rs::to_writer(out, text).expect("a string always serializes");
+}
+
 /// A tree that borrows the strings of a `Value`: what the pipeline's steps are given in tests
 /// and by tools that hold a message as a `Value`.
 impl<'a> From<&'a Value> for Node<'a> {
@@ -142,11 +277,11 @@ impl<'a> From<&'a Value> for Node<'a> {
             Value::Null => Node::Null,
             Value::Bool(b) => Node::Bool(*b),
             Value::Number(n) => Node::Number(n.clone()),
-            Value::String(text) => Node::String(Cow::Borrowed(text)),
+            Value::String(text) => Node::String(Text::borrowed(text)),
             Value::Array(items) => Node::Array(items.iter().map(Node::from).collect()),
             Value::Object(map) => Node::Object(Object(
                 map.iter()
-                    .map(|(name, value)| (Cow::Borrowed(name.as_str()), Node::from(value)))
+                    .map(|(name, value)| (Text::borrowed(name), Node::from(value)))
                     .collect(),
             )),
         }
@@ -160,11 +295,11 @@ impl From<Value> for Node<'static> {
             Value::Null => Node::Null,
             Value::Bool(b) => Node::Bool(b),
             Value::Number(n) => Node::Number(n),
-            Value::String(text) => Node::String(Cow::Owned(text)),
+            Value::String(text) => Node::String(Text::owned(text)),
             Value::Array(items) => Node::Array(items.into_iter().map(Node::from).collect()),
             Value::Object(map) => Node::Object(Object(
                 map.into_iter()
-                    .map(|(name, value)| (Cow::Owned(name), Node::from(value)))
+                    .map(|(name, value)| (Text::owned(name), Node::from(value)))
                     .collect(),
             )),
         }
@@ -183,14 +318,14 @@ impl<'a> Object<'a> {
     pub fn get(&self, name: &str) -> Option<&Node<'a>> {
         self.0
             .iter()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| *n == *name)
             .map(|(_, value)| value)
     }
 
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Node<'a>> {
         self.0
             .iter_mut()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| *n == *name)
             .map(|(_, value)| value)
     }
 
@@ -203,7 +338,7 @@ impl<'a> Object<'a> {
     pub fn insert(&mut self, name: &'static str, value: Node<'a>) {
         match self.get_mut(name) {
             Some(slot) => *slot = value,
-            None => self.0.push((Cow::Borrowed(name), value)),
+            None => self.0.push((Text::borrowed(name), value)),
         }
     }
 
@@ -422,13 +557,14 @@ impl<'de> Plain<'de> {
 
     /// A string at its opening quote: borrowed when it has no escapes, else serde_json's
     /// reading of it. A control character, which JSON allows only escaped, gives `None`.
-    fn string(&mut self) -> Option<Cow<'de, str>> {
+    fn string(&mut self) -> Option<Text<'de>> {
         let start = self.at + 1;
         let end = start + string_stop(&self.bytes()[start..])?;
         match self.bytes()[end] {
             b'"' => {
                 self.at = end + 1;
-                Some(Cow::Borrowed(&self.text[start..end]))
+                // No quote, backslash or control character before the closing quote.
+                Some(Text::verbatim(&self.text[start..end]))
             }
             b'\\' => self.escaped(end),
             _ => None,
@@ -436,7 +572,7 @@ impl<'de> Plain<'de> {
     }
 
     /// A string with escapes, its first backslash at `at`: read by serde_json.
-    fn escaped(&mut self, mut at: usize) -> Option<Cow<'de, str>> {
+    fn escaped(&mut self, mut at: usize) -> Option<Text<'de>> {
         // To the closing quote, stepping over each escaped character.
         loop {
             at += 2;
@@ -447,7 +583,7 @@ impl<'de> Plain<'de> {
         }
         let text: String = serde_json::from_str(&self.text[self.at..=at]).ok()?;
         self.at = at + 1;
-        Some(Cow::Owned(text))
+        Some(Text::owned(text))
     }
 
     /// A number: an integer that fits in 18 digits read here, anything else by serde_json.
@@ -608,16 +744,18 @@ impl<'de> serde::de::Visitor<'de> for Building<'_, 'de> {
         Ok(Number::from_f64(value).map_or(Node::Null, Node::Number))
     }
 
+    /// serde_json's JSON text reader (the only deserializer [`Building`] is given) lends a
+    /// string only when it found no escape in it, and refuses control characters unescaped.
     fn visit_borrowed_str<E>(self, value: &'de str) -> Result<Node<'de>, E> {
-        Ok(Node::String(Cow::Borrowed(value)))
+        Ok(Node::String(Text::verbatim(value)))
     }
 
     fn visit_str<E>(self, value: &str) -> Result<Node<'de>, E> {
-        Ok(Node::String(Cow::Owned(value.to_owned())))
+        Ok(Node::String(Text::owned(value.to_owned())))
     }
 
     fn visit_string<E>(self, value: String) -> Result<Node<'de>, E> {
-        Ok(Node::String(Cow::Owned(value)))
+        Ok(Node::String(Text::owned(value)))
     }
 
     fn visit_unit<E>(self) -> Result<Node<'de>, E> {
@@ -699,7 +837,7 @@ fn object<'de>(fields: &mut Vec<Field<'de>>, from: usize, room: usize) -> Object
 struct Name;
 
 impl<'de> serde::de::DeserializeSeed<'de> for Name {
-    type Value = Cow<'de, str>;
+    type Value = Text<'de>;
 
     fn deserialize<D: serde::Deserializer<'de>>(
         self,
@@ -710,22 +848,23 @@ impl<'de> serde::de::DeserializeSeed<'de> for Name {
 }
 
 impl<'de> serde::de::Visitor<'de> for Name {
-    type Value = Cow<'de, str>;
+    type Value = Text<'de>;
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
         formatter.write_str("a field name")
     }
 
+    /// As [`Building`]'s: lent by serde_json only without escapes.
     fn visit_borrowed_str<E>(self, value: &'de str) -> Result<Self::Value, E> {
-        Ok(Cow::Borrowed(value))
+        Ok(Text::verbatim(value))
     }
 
     fn visit_str<E>(self, value: &str) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(value.to_owned()))
+        Ok(Text::owned(value.to_owned()))
     }
 
     fn visit_string<E>(self, value: String) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(value))
+        Ok(Text::owned(value))
     }
 }
 
@@ -747,7 +886,7 @@ impl Json for Tree {
     }
 
     fn with_string_node<T>((): &mut (), string: &str, f: impl FnOnce(Self::Node<'_>) -> T) -> T {
-        f(&Node::String(Cow::Borrowed(string)))
+        f(&Node::String(Text::borrowed(string)))
     }
 }
 
@@ -884,14 +1023,43 @@ mod tests {
         );
     }
 
+    /// A string is no larger for knowing whether it needs escapes: a message's tree is as many
+    /// bytes as before.
+    #[test]
+    fn a_text_is_the_size_of_a_cow() {
+        assert_eq!(size_of::<Text>(), size_of::<Cow<str>>());
+        assert_eq!(size_of::<Node>(), 32);
+    }
+
+    /// A string the gateway did not read from between quotes is escaped when written, whatever
+    /// it holds; one read from the text goes as it was.
+    #[test]
+    fn only_text_read_without_escapes_is_written_as_it_is() {
+        let lent = "say \"hi\"\\\n\u{1}";
+        let mut object = Object::default();
+        object.insert("x\"", Node::String(Text::borrowed(lent)));
+        object.insert("y", Node::text(lent));
+        object.insert("z", parse(r#""plain \u00e9 é""#).unwrap());
+        object.insert("w", parse(r#""a/b é 😀""#).unwrap());
+        let mut out = Vec::new();
+        Node::Object(object).write_json(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"x\"":"say \"hi\"\\\n\u0001","y":"say \"hi\"\\\n\u0001","z":"plain é é","w":"a/b é 😀"}"#
+        );
+    }
+
     #[test]
     fn strings_without_escapes_are_borrowed_from_the_text() {
         let node = parse(r#"{"plain": "text", "escaped\t": "a\nb"}"#).unwrap();
         let fields = &node.as_object().unwrap().0;
-        assert!(matches!(fields[0].0, Cow::Borrowed("plain")));
-        assert!(matches!(fields[0].1, Node::String(Cow::Borrowed("text"))));
-        assert!(matches!(fields[1].0, Cow::Owned(_)));
-        assert!(matches!(&fields[1].1, Node::String(Cow::Owned(s)) if s == "a\nb"));
+        assert!(matches!(&fields[0].0, Text(Source::Verbatim("plain"))));
+        assert!(matches!(
+            &fields[0].1,
+            Node::String(Text(Source::Verbatim("text")))
+        ));
+        assert!(matches!(&fields[1].0, Text(Source::Owned(s)) if s == "escaped\t"));
+        assert!(matches!(&fields[1].1, Node::String(Text(Source::Owned(s))) if s == "a\nb"));
     }
 
     /// A repeated name's last value lands at the first one's place, in a small object and in a
@@ -938,8 +1106,8 @@ mod tests {
 
     /// The same tree, string for string borrowed or owned alike.
     fn same_tree(a: &Node, b: &Node) -> bool {
-        let same_text = |a: &Cow<str>, b: &Cow<str>| {
-            a == b && matches!(a, Cow::Borrowed(_)) == matches!(b, Cow::Borrowed(_))
+        let same_text = |a: &Text, b: &Text| {
+            a == b && std::mem::discriminant(&a.0) == std::mem::discriminant(&b.0)
         };
         match (a, b) {
             (Node::Null, Node::Null) => true,

@@ -9,11 +9,9 @@
 //!   pseudonyms; the sender's own `local` id is never passed on;
 //! - the payload cut down to the fields it may receive.
 
-use std::borrow::Cow;
-
 use hmac::Mac;
 
-use crate::envelope::{Node, Object};
+use crate::envelope::{Node, Object, Text};
 use crate::partner::{FieldTree, Partner, SHARED_SCHEMES, Secret};
 use crate::rejection::{Code, FieldError, Rejection};
 use crate::resolve::{Resolved, Resolvers};
@@ -89,7 +87,7 @@ async fn mapped<'a>(
 ) -> Result<Node<'a>, Unmapped> {
     let mut out = envelope;
     if let Some(top) = out.as_object_mut() {
-        top.insert("recipient", Node::String(Cow::Borrowed(&recipient.id)));
+        top.insert("recipient", Node::String(Text::borrowed(&recipient.id)));
         if let Some(reference) = reference {
             top.insert("recipient_reference", Node::text(reference));
         }
@@ -152,7 +150,7 @@ fn translate_office<'a>(
         ));
         return;
     };
-    let office = Node::String(Cow::Borrowed(office));
+    let office = Node::String(Text::borrowed(office));
     let sender_office = match payload.get_mut("office") {
         Some(slot) => std::mem::replace(slot, office),
         None => return,
@@ -178,7 +176,7 @@ fn translate_codes<'a>(
             continue;
         };
         match table.get(shared) {
-            Some(own) => *value = Node::String(Cow::Borrowed(own)),
+            Some(own) => *value = Node::String(Text::borrowed(own)),
             None => errors.push(FieldError::new(
                 pointer.as_str(),
                 "codeTable",
@@ -285,7 +283,7 @@ async fn map_identifiers<'a>(
 /// An identifier the gateway makes, `{"scheme": …, "value": …}`.
 fn identifier<'a>(scheme: &'static str, value: String) -> Node<'a> {
     Node::object([
-        ("scheme", Node::String(Cow::Borrowed(scheme))),
+        ("scheme", Node::String(Text::borrowed(scheme))),
         ("value", Node::text(value)),
     ])
 }

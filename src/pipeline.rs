@@ -262,7 +262,7 @@ impl Pipeline {
             match for_recipient(source, message_type, recipient, reference, context).await {
                 Ok(mapped) => copies.push(Copy {
                     recipient: recipient.id.clone(),
-                    body: crate::decode::encode(&mapped),
+                    body: crate::decode::encode_node(&mapped),
                 }),
                 Err(Unmapped::Refused(rejection)) => refused.push(Refused {
                     recipient: recipient.id.clone(),
