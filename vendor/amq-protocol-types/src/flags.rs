@@ -164,7 +164,10 @@ mod test {
         assert_eq!(read, written);
         assert_eq!(read.get_flag("i"), Some(false));
         assert_eq!(read.get_flag("j"), Some(true));
-        assert_eq!(AMQPFlags::from_bytes(&names[..2], &[0b10][..]).get_flag("b"), Some(true));
+        assert_eq!(
+            AMQPFlags::from_bytes(&names[..2], &[0b10][..]).get_flag("b"),
+            Some(true)
+        );
         assert_ne!(AMQPFlags::from_bytes(&names[..2], &[0b10][..]), read);
     }
 

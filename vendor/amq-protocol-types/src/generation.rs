@@ -206,10 +206,7 @@ pub fn gen_byte_array<'a, W: Write + 'a>(a: &'a ByteArray) -> impl SerializeFn<W
 /// Generate the [AMQPFlags](../type.AMQPFlags.html) in the given buffer (x)
 #[must_use]
 pub fn gen_flags<'a, W: Write + 'a>(f: &'a AMQPFlags) -> impl SerializeFn<W> + 'a {
-    move |x| {
-        f.bytes()
-            .try_fold(x, |acc, b| gen_short_short_uint(b)(acc))
-    }
+    move |x| f.bytes().try_fold(x, |acc, b| gen_short_short_uint(b)(acc))
 }
 
 #[cfg(test)]

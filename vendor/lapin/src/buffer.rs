@@ -471,7 +471,7 @@ mod tests {
     fn fields_of_every_length_are_copied_whole() {
         let from: Vec<u8> = (1..=40).collect();
         for n in 0..=40 {
-            let mut to = vec![0u8; 41];
+            let mut to = [0u8; 41];
             copy(&mut to[..n], &from[..n]);
             assert_eq!(&to[..n], &from[..n], "{n} bytes");
             assert!(to[n..].iter().all(|&b| b == 0), "{n} bytes");

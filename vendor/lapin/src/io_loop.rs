@@ -250,7 +250,7 @@ impl<
                     // A busy socket may never leave the loop waiting: let the runtime's other
                     // tasks run (and tokio's I/O budget refill) every few turns.
                     turns += 1;
-                    if turns % YIELD_EVERY == 0 {
+                    if turns.is_multiple_of(YIELD_EVERY) {
                         futures_lite::future::yield_now().await;
                     }
                     if let Err(err) = self
