@@ -2,7 +2,8 @@
 # Runs Ponte's whole test suite: installs what the tests drive if it is missing (Chromium, openssl,
 # systemd-analyze), starts a private RabbitMQ on loopback (installing Debian's rabbitmq-server if
 # it is missing) with a fresh data folder, checks that the deploy/
-# definitions file loads into it, runs every unit and integration test against it with
+# definitions file loads into it, runs every unit and integration test against it (the vendored
+# lapin's and amq-protocol-types' unit tests too: workspace members) with
 # cargo-nextest (each test under its own queue prefix), and stops the broker again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,5 +44,5 @@ fi
 export TMPDIR="$PWD/target/test-tmp"
 rm -rf "$TMPDIR"
 mkdir -p "$TMPDIR"
-cargo build --all-targets --locked
-cargo nextest run --all-targets --locked --no-fail-fast "$@"
+cargo build --workspace --all-targets --locked
+cargo nextest run --workspace --all-targets --locked --no-fail-fast "$@"

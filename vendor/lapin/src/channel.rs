@@ -1400,7 +1400,4 @@ impl Channel {
     }
 }
 
-#[cfg(feature = "codegen")]
-include!(concat!(env!("OUT_DIR"), "/channel.rs"));
-#[cfg(not(feature = "codegen"))]
 include!("generated/channel.rs");

@@ -29,14 +29,6 @@ cfg_if! {
                 return Ok(async_rs::Runtime::tokio_current());
             }
         }
-    } else if #[cfg(feature = "async-global-executor")] {
-        type DefaultRuntime = async_rs::AGERuntime;
-        pub(crate) type DefaultRuntimeKit = async_rs::util::RuntimeParts<async_rs::AsyncGlobalExecutor, async_rs::AsyncIO>;
-        decl_default_runtime! { Ok(async_rs::Runtime::async_global_executor()) }
-    } else if #[cfg(feature = "smol")] {
-        type DefaultRuntime = async_rs::SmolRuntime;
-        pub(crate) type DefaultRuntimeKit = async_rs::Smol;
-        decl_default_runtime! { Ok(async_rs::Runtime::smol()) }
     } else {
         type DefaultRuntime = async_rs::NoopRuntime;
         pub(crate) type DefaultRuntimeKit = async_rs::Noop;
