@@ -69,11 +69,6 @@ impl<'a> Text<'a> {
             Source::Owned(text) => text,
         }
     }
-
-    /// Whether the text is borrowed, not owned: the message's text, or the configuration's.
-    pub fn is_borrowed(&self) -> bool {
-        !matches!(self.0, Source::Owned(_))
-    }
 }
 
 impl std::ops::Deref for Text<'_> {
