@@ -132,7 +132,7 @@ impl Inner {
     }
 
     fn complete_pending(&mut self, success: bool, resolver: PromiseResolver<Confirmation>) {
-        let returned_message = self.returned_messages.get_waiting_message();
+        let returned_message = self.returned_messages.get_waiting_message().map(Box::new);
         resolver.resolve(if success {
             Confirmation::Ack(returned_message)
         } else {

@@ -27,14 +27,18 @@ pub struct PublisherConfirm {
 }
 
 /// The broker's response to a published message.
+///
+/// The returned message is boxed (Ponte's change): inline, it made every confirmation, and the
+/// promise made for each publish, as large as a whole message with its properties, copied each
+/// time one was made or moved, where nearly every confirmation carries none.
 #[derive(Debug, PartialEq)]
 pub enum Confirmation {
     /// The broker acknowledged the message. The inner value carries the
     /// returned message if the publish was mandatory/immediate and unroutable.
-    Ack(Option<BasicReturnMessage>),
+    Ack(Option<Box<BasicReturnMessage>>),
     /// The broker negatively acknowledged the message (could not route or
     /// store it). The inner value carries the returned message if available.
-    Nack(Option<BasicReturnMessage>),
+    Nack(Option<Box<BasicReturnMessage>>),
     /// Publisher confirms were not enabled; the broker did not confirm.
     NotRequested,
 }
@@ -47,7 +51,7 @@ impl Confirmation {
     #[must_use]
     pub fn take_message(self) -> Option<BasicReturnMessage> {
         if let Confirmation::Ack(msg) | Confirmation::Nack(msg) = self {
-            msg
+            msg.map(|msg| *msg)
         } else {
             None
         }
@@ -113,5 +117,18 @@ impl Drop for PublisherConfirm {
             trace!("PublisherConfirm dropped without use, registering it for wait_for_confirms");
             self.returned_messages.register_dropped_confirm(promise);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A confirmation is a pointer or two wide, whatever a returned message weighs: every
+    /// publish's promise holds one, and it is moved at each step of its way to the publisher.
+    #[test]
+    fn a_confirmation_does_not_hold_a_returned_message_inline() {
+        assert!(size_of::<Confirmation>() <= 16);
+        assert!(size_of::<BasicReturnMessage>() > 64);
     }
 }
