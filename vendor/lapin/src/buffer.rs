@@ -294,7 +294,7 @@ impl io::Write for &mut Buffer {
 /// (some fifty a message, most of one to eight bytes) was a call to `memcpy` for a length known
 /// only there, as many instructions as the copy's own; here a field of a known size is a store
 /// or two, and a short one of any size two overlapping loads and stores.
-pub(crate) struct Space<'a>(&'a mut [u8]);
+struct Space<'a>(&'a mut [u8]);
 
 impl io::Write for Space<'_> {
     #[inline]
