@@ -167,9 +167,7 @@ impl Event {
         text.push(0);
         text.extend_from_slice(self.detail.as_bytes());
         text.push(0);
-        let mut hex = [0u8; 64];
-        hex::encode_to_slice(Sha256::digest(&text), &mut hex).expect("32 bytes are 64 hex digits");
-        String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
+        crate::hex_of_digest(&Sha256::digest(&text))
     }
 }
 

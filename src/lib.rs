@@ -102,6 +102,15 @@ pub(crate) fn push_joined<'a>(text: &mut String, names: impl IntoIterator<Item =
     }
 }
 
+/// A SHA-256 digest (a delivery log record's hash, a pseudonym's HMAC) as its 64 lowercase hex
+/// digits, written into a slice: `hex::encode` pushes each digit as a `char` into a `String` it
+/// grows, some 1.7 K instructions a digest.
+pub(crate) fn hex_of_digest(digest: &[u8]) -> String {
+    let mut digits = [0u8; 64];
+    hex::encode_to_slice(digest, &mut digits).expect("a SHA-256 digest is 64 hex digits");
+    String::from_utf8(digits.to_vec()).expect("hex digits are ASCII")
+}
+
 /// For tests of [`wait_aside`]: a runtime where one waiting task would hold back every other.
 #[cfg(test)]
 pub(crate) mod one_worker {

@@ -197,12 +197,7 @@ pub fn pseudonym(key: &Secret, scheme: &str, value: &str) -> String {
     mac.update(scheme.as_bytes());
     mac.update(b":");
     mac.update(value.as_bytes());
-    // Into a slice: `hex::encode` pushes each digit as a `char` into a `String` it grows, some
-    // 1.7 K instructions for 64 digits.
-    let mut digits = [0u8; 64];
-    hex::encode_to_slice(mac.finalize().into_bytes(), &mut digits)
-        .expect("32 bytes are 64 hex digits");
-    String::from_utf8(digits.to_vec()).expect("hex digits are ASCII")
+    crate::hex_of_digest(&mac.finalize().into_bytes())
 }
 
 async fn map_identifiers<'a>(
