@@ -510,10 +510,10 @@ mod tests {
         assert!(frames.retry_connection_header());
         assert!(frames.retry_connection_header());
         assert!(matches!(
-            *frames.pop(true).unwrap(),
-            AMQPFrame::ProtocolHeader(_)
+            frames.written(true)[..],
+            [AMQPFrame::ProtocolHeader(_)]
         ));
-        assert!(frames.pop(true).is_none());
+        assert!(frames.written(true).is_empty());
         assert!(connecting.as_mut().poll(&mut cx).is_pending());
 
         frames.clear_connection_steps(&ErrorKind::MissingHeartbeatError.into());
@@ -548,7 +548,7 @@ mod tests {
         assert!(connecting.as_mut().poll(&mut cx).is_pending());
         // The header has left the outbound queue: only the expected reply can
         // reject the handshake now, not drop_frames_for_channel during recovery.
-        drop(frames.pop(true).unwrap());
+        assert_eq!(frames.written(true).len(), 1);
 
         let error: Error = ErrorKind::MissingHeartbeatError.into();
         channels.init_connection_recovery(error.clone());

@@ -7,7 +7,7 @@ use crate::{
     types::{ChannelId, FrameSize},
 };
 use amq_protocol::{
-    frame::{AMQPFrame, ProtocolVersion},
+    frame::{AMQPFrame, GenError, ProtocolVersion},
     protocol::{AMQPClass, basic::AMQPMethod},
 };
 use std::{
@@ -67,12 +67,26 @@ impl Frames {
         self.lock_inner().push_frames(channel_id, frames, None)
     }
 
-    pub(crate) fn retry(&self, frame: FrameEntry) {
-        self.lock_inner().retry_frames.push_back(frame);
+    /// Writes the next frames with `write` and takes them off the queue, or leaves them queued
+    /// when `write` has no room for them yet (`BufferTooSmall`). `flow`: whether channels may
+    /// send content, that is publish. See [`Inner::write_next`].
+    pub(crate) fn write_next(
+        &self,
+        flow: bool,
+        mut write: impl FnMut(&AMQPFrame) -> Result<u64, GenError>,
+    ) -> Written {
+        self.lock_inner().write_next(flow, &mut write)
     }
 
-    pub(crate) fn pop(&self, flow: bool) -> Option<FrameEntry> {
-        self.lock_inner().pop(flow)
+    /// The frames the next [`Frames::write_next`] writes, for tests.
+    #[cfg(test)]
+    pub(crate) fn written(&self, flow: bool) -> Vec<AMQPFrame> {
+        let mut frames = Vec::new();
+        let _ = self.write_next(flow, |frame| {
+            frames.push(frame.clone());
+            Ok(8)
+        });
+        frames
     }
 
     pub(crate) fn find_connection_step(&self, channel_id: ChannelId) -> Option<ConnectionStep> {
@@ -217,18 +231,6 @@ pub(crate) struct FrameEntry {
     sending: FrameSending,
 }
 
-impl From<AMQPFrame> for FrameEntry {
-    fn from(frame: AMQPFrame) -> Self {
-        (frame, None).into()
-    }
-}
-
-impl From<(AMQPFrame, Option<PromiseResolver<()>>)> for FrameEntry {
-    fn from(entry: (AMQPFrame, Option<PromiseResolver<()>>)) -> Self {
-        Self::new(entry.0, FrameSending::new(None, entry.1))
-    }
-}
-
 impl Deref for FrameEntry {
     type Target = AMQPFrame;
 
@@ -285,14 +287,40 @@ impl FrameSending {
     }
 }
 
+/// What one [`Frames::write_next`] wrote: its size and what waits on it, `None` when nothing
+/// was queued, or the error that left the next frame queued (`BufferTooSmall`: no room yet).
+pub(crate) type Written = Result<Option<(FrameSize, FrameSending)>, GenError>;
+
+/// A publish's frames (its method, content header and body), queued as one entry and written
+/// from the queue where they are (Ponte's change). Queued frame by frame, each frame (some 300
+/// bytes: a content header holds its properties inline) was moved into the queue, out of it,
+/// into a second queue that kept a publish's frames together and out of that one again: a
+/// tenth of the gateway's copying.
+struct Publish {
+    channel_id: ChannelId,
+    frames: Vec<AMQPFrame>,
+    /// How many of `frames` are written. A publish begun is finished before any other frame of
+    /// the connection: its content header and body must follow its method directly, or the
+    /// broker closes the connection (`UNEXPECTED_FRAME`).
+    written: usize,
+    /// Resolved once the last frame is written to the socket.
+    resolver: Option<PromiseResolver<()>>,
+}
+
+impl Publish {
+    fn reject(&self, error: Error) {
+        if let Some(resolver) = self.resolver.as_ref() {
+            resolver.reject(error);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    /* Header frames must follow basic.publish frames directly, otherwise RabbitMQ-server send us an UNEXPECTED_FRAME */
-    /* After sending the Header frame, we need to send the associated Body frames before anything else for the same reason */
-    publish_frames: VecDeque<FrameEntry>,
     retry_frames: VecDeque<FrameEntry>,
     frames: VecDeque<FrameEntry>,
-    low_prio_frames: VecDeque<FrameEntry>,
+    /// Publishes, held while the broker's `channel.flow` stops content.
+    publishes: VecDeque<Publish>,
     expected_replies: HashMap<ChannelId, VecDeque<ExpectedReply>>,
     poison: Option<Error>,
     channels_poison: HashMap<ChannelId, Error>,
@@ -344,11 +372,9 @@ impl Inner {
     fn push_frames(
         &mut self,
         channel_id: ChannelId,
-        mut frames: Vec<AMQPFrame>,
+        frames: Vec<AMQPFrame>,
         resolver: Option<PromiseResolver<()>>,
     ) -> Result<(), Error> {
-        let last_frame = frames.pop();
-
         if let Some(error) = self.check_poison(channel_id) {
             trace!(channel=%channel_id, frames=?frames, "Discarding frames because of poisoning");
             if let Some(resolver) = resolver {
@@ -357,15 +383,17 @@ impl Inner {
             return Err(error);
         }
 
-        for frame in frames {
-            self.low_prio_frames.push_back(frame.into());
-        }
-
-        if let Some(last_frame) = last_frame {
-            self.low_prio_frames
-                .push_back((last_frame, resolver).into());
-        } else if let Some(resolver) = resolver {
-            resolver.resolve(());
+        if frames.is_empty() {
+            if let Some(resolver) = resolver {
+                resolver.resolve(());
+            }
+        } else {
+            self.publishes.push_back(Publish {
+                channel_id,
+                frames,
+                written: 0,
+                resolver,
+            });
         }
         Ok(())
     }
@@ -377,56 +405,84 @@ impl Inner {
             .cloned()
     }
 
-    fn pop(&mut self, flow: bool) -> Option<FrameEntry> {
-        if let Some(frame) = self
-            .retry_frames
-            .pop_front()
-            .or_else(|| self.publish_frames.pop_front())
-            .or_else(|| self.frames.pop_front())
-        {
-            return Some(frame);
+    /// Writes the next frames with `write`, in this order: a frame queued again (the protocol
+    /// header of a new connection attempt), the rest of a publish begun, frames other than
+    /// publishes, then, if `flow`, the next publish, as many of its frames as `write` has room
+    /// for. Returns the size written and what waits on it; `BufferTooSmall` when `write` had no
+    /// room for the next frame, which stays queued; `None` with nothing to write.
+    ///
+    /// A frame is written from its queue by reference and taken off once written (Ponte's
+    /// change: before, each was moved out, and queued again when it did not fit).
+    fn write_next(
+        &mut self,
+        flow: bool,
+        write: &mut impl FnMut(&AMQPFrame) -> Result<u64, GenError>,
+    ) -> Written {
+        let begun = self.publishes.front().is_some_and(|p| p.written > 0);
+        let queue = if !self.retry_frames.is_empty() {
+            Some(&mut self.retry_frames)
+        } else if !begun && !self.frames.is_empty() {
+            Some(&mut self.frames)
+        } else {
+            None
+        };
+        if let Some(queue) = queue {
+            let entry = queue.front().expect("a queue with frames");
+            let written = write(&entry.frame);
+            return match written {
+                Ok(size) => {
+                    let entry = queue.pop_front().expect("the front entry");
+                    Ok(Some(entry.into_serialized_frame(size as FrameSize)))
+                }
+                Err(GenError::BufferTooSmall(missing)) => Err(GenError::BufferTooSmall(missing)),
+                Err(error) => {
+                    // The loop fails the connection; the frame is not tried again.
+                    queue.pop_front();
+                    Err(error)
+                }
+            };
         }
-        if flow && let Some(frame) = self.low_prio_frames.pop_front() {
-            // If the next frame is a header, that means we're a basic.publish
-            // Header frame needs to follow directly the basic.publish frame, and Body frames
-            // need to be sent just after those or the AMQP server will close the connection.
-            // Push the header into publish_frames which is there to handle just that.
-            if self
-                .low_prio_frames
-                .front()
-                .map(|frame| frame.is_header())
-                .unwrap_or(false)
-            {
-                while let Some(next_frame) = self.low_prio_frames.pop_front() {
-                    match *next_frame {
-                        AMQPFrame::Header(..) | AMQPFrame::Body(..) => {
-                            self.publish_frames.push_back(next_frame);
-                        }
-                        _ => {
-                            // We've exhausted Body frames for this publish, push back the next one and exit
-                            self.low_prio_frames.push_front(next_frame);
-                            break;
-                        }
+        if !(flow || begun) {
+            return Ok(None);
+        }
+        let Some(publish) = self.publishes.front_mut() else {
+            return Ok(None);
+        };
+        let mut size = 0;
+        while let Some(frame) = publish.frames.get(publish.written) {
+            match write(frame) {
+                Ok(written) => {
+                    size += written;
+                    publish.written += 1;
+                }
+                Err(GenError::BufferTooSmall(_)) if size > 0 => {
+                    return Ok(Some((size as FrameSize, FrameSending::new(None, None))));
+                }
+                Err(error) => {
+                    if !matches!(error, GenError::BufferTooSmall(_)) {
+                        self.publishes.pop_front();
                     }
+                    return Err(error);
                 }
             }
-            return Some(frame);
         }
-        None
+        let publish = self.publishes.pop_front().expect("the front publish");
+        Ok(Some((
+            size as FrameSize,
+            FrameSending::new(None, publish.resolver),
+        )))
     }
 
     fn has_pending(&self) -> bool {
-        !(self.retry_frames.is_empty()
-            && self.publish_frames.is_empty()
-            && self.frames.is_empty()
-            && self.low_prio_frames.is_empty())
+        !(self.retry_frames.is_empty() && self.frames.is_empty() && self.publishes.is_empty())
     }
 
     fn drop_pending(&mut self, error: Error, internal_rpc: &InternalRPCHandle) {
         Self::drop_pending_frames(&mut self.retry_frames, error.clone(), internal_rpc);
-        Self::drop_pending_frames(&mut self.publish_frames, error.clone(), internal_rpc);
         Self::drop_pending_frames(&mut self.frames, error.clone(), internal_rpc);
-        Self::drop_pending_frames(&mut self.low_prio_frames, error.clone(), internal_rpc);
+        for publish in std::mem::take(&mut self.publishes) {
+            publish.reject(error.clone());
+        }
         self.clear_all_expected_replies(error.clone());
         self.poison = Some(error);
     }
@@ -449,9 +505,15 @@ impl Inner {
 
     fn drop_frames_for_channel(&mut self, channel_id: ChannelId, error: Error) {
         Self::drop_pending_frames_for_channel(channel_id, &mut self.retry_frames, error.clone());
-        Self::drop_pending_frames_for_channel(channel_id, &mut self.publish_frames, error.clone());
         Self::drop_pending_frames_for_channel(channel_id, &mut self.frames, error.clone());
-        Self::drop_pending_frames_for_channel(channel_id, &mut self.low_prio_frames, error.clone());
+        self.publishes.retain(|publish| {
+            if publish.channel_id == channel_id {
+                publish.reject(error.clone());
+                false
+            } else {
+                true
+            }
+        });
     }
 
     fn drop_pending_frames_for_channel(
@@ -503,5 +565,172 @@ impl Inner {
             Reply::BasicCancelOk(resolver) => resolver.resolve(()),
             _ => cancel.cancel(error.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::promise::Promise;
+    use amq_protocol::{
+        frame::AMQPContentHeader,
+        protocol::{BasicProperties, basic},
+    };
+
+    fn publish(channel_id: ChannelId, body: &str) -> Vec<AMQPFrame> {
+        vec![
+            AMQPFrame::Method(
+                channel_id,
+                AMQPClass::Basic(AMQPMethod::Publish(basic::Publish {
+                    exchange: "".into(),
+                    routing_key: "partner.in".into(),
+                    mandatory: true,
+                    immediate: false,
+                })),
+            ),
+            AMQPFrame::Header(
+                channel_id,
+                AMQPContentHeader {
+                    class_id: 60,
+                    body_size: body.len() as u64,
+                    properties: BasicProperties::default(),
+                },
+            ),
+            AMQPFrame::Body(channel_id, body.as_bytes().to_vec()),
+        ]
+    }
+
+    fn ack(frames: &Frames, channel_id: ChannelId) {
+        let (_, resolver) = Promise::<()>::new("ack");
+        frames.push(
+            channel_id,
+            AMQPFrame::Method(
+                channel_id,
+                AMQPClass::Basic(AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: 1,
+                    multiple: true,
+                })),
+            ),
+            Box::new(resolver),
+            None,
+            None,
+        );
+    }
+
+    /// Each frame written, named by its kind, channel and (for a body) content.
+    fn name(frame: &AMQPFrame) -> String {
+        match frame {
+            AMQPFrame::Method(channel, AMQPClass::Basic(AMQPMethod::Publish(_))) => {
+                format!("publish {channel}")
+            }
+            AMQPFrame::Method(channel, AMQPClass::Basic(AMQPMethod::Ack(_))) => {
+                format!("ack {channel}")
+            }
+            AMQPFrame::Header(channel, _) => format!("header {channel}"),
+            AMQPFrame::Body(channel, body) => {
+                format!("body {channel} {}", String::from_utf8_lossy(body))
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// Calls `write_next` with room for `room` frames of 10 bytes; the frames written, by name,
+    /// and what the call returned.
+    fn write(frames: &Frames, flow: bool, room: usize) -> (Vec<String>, Written) {
+        let (mut written, mut room) = (Vec::new(), room);
+        let result = frames.write_next(flow, |frame| {
+            if room == 0 {
+                return Err(GenError::BufferTooSmall(1));
+            }
+            room -= 1;
+            written.push(name(frame));
+            Ok(10)
+        });
+        (written, result)
+    }
+
+    #[test]
+    fn a_publish_goes_out_whole_and_in_order() {
+        let frames = Frames::default();
+        let (promise, resolver) = Promise::new("publish");
+        frames.push_frames(1, publish(1, "a"), resolver);
+        frames.push_frames_unawaited(2, publish(2, "b")).unwrap();
+
+        let (written, result) = write(&frames, true, usize::MAX);
+        assert_eq!(written, ["publish 1", "header 1", "body 1 a"]);
+        let (size, sending) = result.unwrap().unwrap();
+        assert_eq!(size, 30);
+        assert!(promise.try_wait().is_none(), "resolved once on the socket");
+        sending.resolve();
+        assert!(matches!(promise.try_wait(), Some(Ok(()))));
+
+        let (written, _) = write(&frames, true, usize::MAX);
+        assert_eq!(written, ["publish 2", "header 2", "body 2 b"]);
+        assert!(matches!(write(&frames, true, usize::MAX).1, Ok(None)));
+        assert!(!frames.has_pending());
+    }
+
+    #[test]
+    fn a_publish_begun_is_finished_before_any_other_frame() {
+        let frames = Frames::default();
+        let (promise, resolver) = Promise::new("publish");
+        frames.push_frames(1, publish(1, "a"), resolver);
+
+        // Room for the method only: the rest stays queued, and what was written is returned
+        // without the publish's promise.
+        let (written, result) = write(&frames, true, 1);
+        assert_eq!(written, ["publish 1"]);
+        let (size, sending) = result.unwrap().unwrap();
+        assert_eq!(size, 10);
+        sending.resolve();
+        assert!(promise.try_wait().is_none());
+
+        // An ack queued now, and no room at all: nothing written, nothing lost.
+        ack(&frames, 2);
+        let (written, result) = write(&frames, true, 0);
+        assert!(written.is_empty());
+        assert!(matches!(result, Err(GenError::BufferTooSmall(_))));
+
+        // The publish's header and body come before the ack, even with the broker's flow off.
+        let (written, result) = write(&frames, false, usize::MAX);
+        assert_eq!(written, ["header 1", "body 1 a"]);
+        result.unwrap().unwrap().1.resolve();
+        assert!(matches!(promise.try_wait(), Some(Ok(()))));
+        let (written, _) = write(&frames, false, usize::MAX);
+        assert_eq!(written, ["ack 2"]);
+        assert!(!frames.has_pending());
+    }
+
+    #[test]
+    fn publishes_wait_while_the_flow_is_off_and_other_frames_do_not() {
+        let frames = Frames::default();
+        frames.push_frames_unawaited(1, publish(1, "a")).unwrap();
+        ack(&frames, 1);
+
+        let (written, _) = write(&frames, false, usize::MAX);
+        assert_eq!(written, ["ack 1"]);
+        let (written, result) = write(&frames, false, usize::MAX);
+        assert!(written.is_empty());
+        assert!(matches!(result, Ok(None)));
+        assert!(frames.has_pending());
+
+        let (written, _) = write(&frames, true, usize::MAX);
+        assert_eq!(written, ["publish 1", "header 1", "body 1 a"]);
+    }
+
+    #[test]
+    fn a_channel_dropped_rejects_its_publishes_and_keeps_the_others() {
+        let frames = Frames::default();
+        let (dropped, resolver) = Promise::new("dropped");
+        frames.push_frames(1, publish(1, "a"), resolver);
+        frames.push_frames_unawaited(2, publish(2, "b")).unwrap();
+
+        frames.drop_frames_for_channel(
+            1,
+            crate::ErrorKind::InvalidChannelState(crate::ChannelState::Closed, "test").into(),
+        );
+        assert!(matches!(dropped.try_wait(), Some(Err(_))));
+        let (written, _) = write(&frames, true, usize::MAX);
+        assert_eq!(written, ["publish 2", "header 2", "body 2 b"]);
     }
 }

@@ -611,17 +611,16 @@ impl<
         // frame (Ponte's change): it takes each channel's status lock, and only this loop
         // changes it, when it handles a `channel.flow` from the broker.
         let flow = self.channels.flow();
-        while let Some(next_msg) = self.frames.pop(flow) {
-            trace!(%next_msg, "will write to buffer");
-            match self.send_buffer.write_frame(&next_msg) {
-                Ok(sz) => self
-                    .serialized_frames
-                    .push_back(next_msg.into_serialized_frame(sz as FrameSize)),
-                Err(GenError::BufferTooSmall(_)) => {
-                    // Requeue msg
-                    self.frames.retry(next_msg);
-                    break;
-                }
+        loop {
+            let send_buffer = &mut self.send_buffer;
+            let written = self.frames.write_next(flow, |frame| {
+                trace!(%frame, "will write to buffer");
+                send_buffer.write_frame(frame)
+            });
+            match written {
+                Ok(Some(written)) => self.serialized_frames.push_back(written),
+                // Nothing to write, or no room for the next frame yet: it stays queued.
+                Ok(None) | Err(GenError::BufferTooSmall(_)) => break,
                 Err(e) => {
                     error!(error=?e, "error generating frame");
                     self.critical_error(
