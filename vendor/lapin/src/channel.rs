@@ -508,14 +508,44 @@ impl Channel {
         self.wake();
     }
 
-    async fn send_method_frame_with_body(
+    /// `basic.publish` on a channel in confirm mode, without a future (Ponte's change): the
+    /// publish is queued for the socket at once and its confirm returned, as `basic_publish`
+    /// does on such a channel, but its arguments (the properties alone some 300 bytes) go
+    /// straight into the frames rather than into a future first. A channel not in confirm
+    /// mode is refused (`InvalidChannelState`): its publish is settled by its write, which
+    /// `basic_publish` waits for.
+    pub fn basic_publish_confirmed(
         &self,
-        ctx: &'static str,
+        exchange: ShortString,
+        routing_key: ShortString,
+        options: BasicPublishOptions,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm> {
+        if !self.status.connected() {
+            return Err(self.status.state_error("basic.publish"));
+        }
+        let Some(confirm) = self.before_basic_publish() else {
+            return Err(self
+                .status
+                .state_error("basic.publish without confirm mode"));
+        };
+        let frames = self.content_frames(
+            publish_method(exchange, routing_key, options),
+            payload,
+            properties,
+        );
+        self.queue_confirmed(frames, confirm)
+    }
+
+    /// A method with its content (a publish) as frames: the method, the content header and the
+    /// body in frames of at most `frame_max`.
+    fn content_frames(
+        &self,
         method: AMQPClass,
         payload: &[u8],
         properties: BasicProperties,
-        publisher_confirms_result: Option<PublisherConfirm>,
-    ) -> Result<PublisherConfirm> {
+    ) -> Vec<AMQPFrame> {
         let class_id = method.get_amqp_class_id();
         let header = AMQPContentHeader {
             class_id,
@@ -534,16 +564,31 @@ impl Channel {
                 .chunks(chunk_size)
                 .map(|chunk| AMQPFrame::Body(self.id, chunk.into())),
         );
+        frames
+    }
 
+    /// Queues a publish's `frames` on a channel in confirm mode. The confirm settles the
+    /// publish: a write that fails fails the channel or the connection, and with it every
+    /// pending confirm. Nobody waits for the write, so the publisher is not woken a second time
+    /// for each message (Ponte: PONTE.md).
+    fn queue_confirmed(
+        &self,
+        frames: Vec<AMQPFrame>,
+        confirm: PublisherConfirm,
+    ) -> Result<PublisherConfirm> {
         trace!(channel=%self.id, "send_frames");
-        // With confirms, the confirm settles the publish: a write that fails fails the channel
-        // or the connection, and with it every pending confirm. Nobody waits for the write, so
-        // the publisher is not woken a second time for each message (Ponte: PONTE.md).
-        if let Some(confirm) = publisher_confirms_result {
-            self.frames.push_frames_unawaited(self.id, frames)?;
-            self.wake();
-            return Ok(confirm);
-        }
+        self.frames.push_frames_unawaited(self.id, frames)?;
+        self.wake();
+        Ok(confirm)
+    }
+
+    /// Queues a publish's `frames` on a channel not in confirm mode and waits for their write.
+    async fn queue_written(
+        &self,
+        ctx: &'static str,
+        frames: Vec<AMQPFrame>,
+    ) -> Result<PublisherConfirm> {
+        trace!(channel=%self.id, "send_frames");
         let (promise, resolver) = Promise::new(ctx);
         self.frames.push_frames(self.id, frames, resolver);
         self.wake();
@@ -1398,6 +1443,26 @@ impl Channel {
     fn on_access_request_ok_received(&self, _: protocol::access::RequestOk) -> Result<()> {
         Ok(())
     }
+}
+
+/// The `basic.publish` method.
+fn publish_method(
+    exchange: ShortString,
+    routing_key: ShortString,
+    options: BasicPublishOptions,
+) -> AMQPClass {
+    let BasicPublishOptions {
+        mandatory,
+        immediate,
+    } = options;
+    AMQPClass::Basic(protocol::basic::AMQPMethod::Publish(
+        protocol::basic::Publish {
+            exchange,
+            routing_key,
+            mandatory,
+            immediate,
+        },
+    ))
 }
 
 include!("generated/channel.rs");

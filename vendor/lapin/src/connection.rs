@@ -630,6 +630,54 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_without_its_future_needs_confirm_mode_and_queues_its_frames() {
+        let (conn, channels, _, frames) = create_connection_with_frames();
+        conn.configuration.negotiated_config.set_channel_max(2047);
+        conn.configuration.negotiated_config.set_frame_max(4096);
+        let channel = channels.create(conn.closer.clone()).unwrap();
+        channel.set_state(ChannelState::Connected);
+        let publish = || {
+            channel.basic_publish_confirmed(
+                "".into(),
+                "partner.in".into(),
+                crate::options::BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                b"{}",
+                BasicProperties::default().with_message_id("m-1".into()),
+            )
+        };
+
+        // Without confirm mode the publish would be settled by its write: refused, nothing
+        // queued.
+        let refused = publish().unwrap_err();
+        assert!(matches!(
+            refused.kind(),
+            ErrorKind::InvalidChannelState(ChannelState::Connected, _)
+        ));
+        assert!(frames.written(true).is_empty());
+
+        // In confirm mode: queued at once, method, properties and body as given.
+        channel.status().set_confirm();
+        let _confirm = publish().unwrap();
+        let written = frames.written(true);
+        let id = channel.id();
+        assert!(matches!(
+            &written[..],
+            [
+                AMQPFrame::Method(m, AMQPClass::Basic(basic::AMQPMethod::Publish(p))),
+                AMQPFrame::Header(h, header),
+                AMQPFrame::Body(b, body),
+            ] if *m == id && *h == id && *b == id
+                && p.routing_key.as_str() == "partner.in" && p.mandatory
+                && header.body_size == 2
+                && header.properties.message_id().as_ref().map(|i| i.as_str()) == Some("m-1")
+                && body == b"{}"
+        ));
+    }
+
+    #[test]
     fn basic_consume_small_payload() {
         let _ = tracing_subscriber::fmt::try_init();
 

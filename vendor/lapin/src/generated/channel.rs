@@ -674,27 +674,17 @@ impl Channel {
         }
 
         let start_hook_res = self.before_basic_publish();
-        let BasicPublishOptions {
-            mandatory,
-            immediate,
-        } = options;
-        let method = AMQPClass::Basic(protocol::basic::AMQPMethod::Publish(
-            protocol::basic::Publish {
-                exchange,
-                routing_key,
-                mandatory,
-                immediate,
-            },
-        ));
-
-        self.send_method_frame_with_body(
-            "basic.publish",
-            method,
+        // Made by functions of the channel (Ponte: PONTE.md), shared with
+        // `basic_publish_confirmed`.
+        let frames = self.content_frames(
+            publish_method(exchange, routing_key, options),
             payload,
             properties,
-            start_hook_res,
-        )
-        .await
+        );
+        match start_hook_res {
+            Some(confirm) => self.queue_confirmed(frames, confirm),
+            None => self.queue_written("basic.publish", frames).await,
+        }
     }
     fn receive_basic_return(&self, method: protocol::basic::Return) -> Result<()> {
         if !self.status.can_receive_messages() {
