@@ -63,7 +63,7 @@ async fn publish_confirmed(
     if let Some(user) = user_id {
         props = props.with_user_id(user.into());
     }
-    let confirm = publish_to(channel, exchange, routing_key, body, props).await?;
+    let confirm = publish_to(channel, exchange, routing_key, body, props)?;
     confirmed(channel, confirm, exchange, timeout_secs).await
 }
 

@@ -80,18 +80,18 @@ pub fn fits(properties: &BasicProperties, frame_max: u32) -> bool {
 }
 
 /// Publishes `body` to `queue` through the default exchange and returns the pending confirm.
-pub async fn publish(
+pub fn publish(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<PublisherConfirm, BrokerError> {
-    publish_to(channel, "", queue, body, properties).await
+    publish_to(channel, "", queue, body, properties)
 }
 
 /// Publishes `body` to `exchange` with `routing_key`, `mandatory` so that a message no queue
 /// takes comes back instead of vanishing, and returns the pending confirm.
-pub async fn publish_to(
+pub fn publish_to(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
@@ -102,15 +102,13 @@ pub async fn publish_to(
         mandatory: true,
         ..Default::default()
     };
-    Ok(channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            options,
-            body,
-            properties,
-        )
-        .await?)
+    Ok(channel.basic_publish_confirmed(
+        exchange.into(),
+        routing_key.into(),
+        options,
+        body,
+        properties,
+    )?)
 }
 
 /// A copy handed to the channel: numbered for its confirm and queued for the socket, in the order
@@ -125,13 +123,13 @@ pub struct Publishing {
 impl Publishing {
     /// Queues `body` for `queue` (through the default exchange, `mandatory`). A channel that is
     /// closed already is an error at once, as with [`publish`].
-    pub async fn start(
+    pub fn start(
         channel: &Channel,
         queue: &str,
         body: Vec<u8>,
         properties: BasicProperties,
     ) -> Result<Publishing, BrokerError> {
-        let confirm = publish(channel, queue, &body, properties).await?;
+        let confirm = publish(channel, queue, &body, properties)?;
         Ok(Publishing { confirm, body })
     }
 

@@ -292,8 +292,7 @@ impl Flow {
                 for copy in copies {
                     let (recipient, queue) = settler.queues.outbound_entry(&copy.recipient);
                     let publishing =
-                        Publishing::start(&settler.channel, queue, copy.body, properties(&labels))
-                            .await?;
+                        Publishing::start(&settler.channel, queue, copy.body, properties(&labels))?;
                     settler.queues.in_flight(&recipient).increment(1);
                     pending.push(Pending {
                         recipient,
@@ -312,8 +311,7 @@ impl Flow {
                             &delivery.data,
                             delivery.properties,
                             &names,
-                        )
-                        .await?;
+                        )?;
                         Some(Partial { refused, parked })
                     }
                 };
@@ -326,8 +324,7 @@ impl Flow {
                     &rejection,
                     delivery.data,
                     delivery.properties,
-                )
-                .await?;
+                )?;
                 settle::rejected(settler, inbound, rejection.code, publishing).boxed()
             }
             Outcome::Retry(why) => futures_util::future::ready(settle::later(inbound, why)).boxed(),

@@ -100,8 +100,7 @@ impl Redeliverer {
             &outbound,
             &delivery.data,
             copy.delivered_properties(),
-        )
-        .await?;
+        )?;
         copy.attempts += 1;
         match confirmed(&self.publish, sent, &outbound, timeout).await {
             Ok(()) => {

@@ -178,7 +178,7 @@ pub async fn schedule(
     let wait = jitter(delay);
     let properties = with_headers(copy.delivered_properties(), &copy.headers(&failure.reason))
         .with_expiration(ShortString::from(wait.as_millis().to_string()));
-    let confirm = publish(channel, &queue, body, properties).await?;
+    let confirm = publish(channel, &queue, body, properties)?;
     confirmed(channel, confirm, &queue, timeout_secs).await?;
     note_retry(outbox.journal, copy, failure, wait);
     Ok(())
@@ -220,8 +220,7 @@ pub async fn dead_letter(
         &dlq,
         body,
         with_headers(copy.delivered_properties(), &headers),
-    )
-    .await?;
+    )?;
 
     let errors = [FieldError::new(
         "",
@@ -251,7 +250,7 @@ pub async fn dead_letter(
         correlation_id: copy.message_id.as_deref(),
         message_type: Some("receipt"),
     };
-    let answer = publish(channel, &receipts, &receipt.body, properties(&labels)).await?;
+    let answer = publish(channel, &receipts, &receipt.body, properties(&labels))?;
     confirmed(channel, parked, &dlq, timeout_secs).await?;
     confirmed(channel, answer, &receipts, timeout_secs).await?;
     journal.record(copy.event("dead-lettered", &failure.reason));

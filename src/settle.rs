@@ -284,7 +284,7 @@ pub async fn delivered(
                 &undelivered,
             );
             let queue = settler.queues.receipts(&inbound.partner);
-            let confirm = Box::pin(publish_receipt(&settler, queue, &receipt, &inbound)).await?;
+            let confirm = publish_receipt(&settler, queue, &receipt, &inbound)?;
             settler.confirmed(confirm, queue).await?;
         }
         Ok(Outcome::Delivered {
@@ -338,7 +338,7 @@ pub async fn already_delivered(
             let receipt =
                 receipt::build(inbound.answered(), Code::Delivered, &names, &[], &[], &[]);
             let queue = settler.queues.receipts(&inbound.partner);
-            let confirm = publish_receipt(&settler, queue, &receipt, &inbound).await?;
+            let confirm = publish_receipt(&settler, queue, &receipt, &inbound)?;
             settler.confirmed(confirm, queue).await?;
         }
         Ok(Outcome::AlreadyDelivered { recipients })
@@ -349,7 +349,7 @@ pub async fn already_delivered(
 
 /// Parks the original of a message in its sender's rejected queue with the reason in headers;
 /// `recipients` names those it was refused for when others still received it.
-pub async fn park(
+pub fn park(
     settler: &Settler,
     inbound: &Inbound,
     rejection: &Rejection,
@@ -369,7 +369,6 @@ pub async fn park(
             settler.frame_max,
         ),
     )
-    .await
 }
 
 /// The header RabbitMQ reads as more routing keys for a message ("sender-selected
@@ -498,7 +497,7 @@ fn parked_properties(
 
 /// Starts what a rejection needs (the parked original, then the receipt) without waiting for
 /// the socket, as copies are ([`Publishing`]); [`rejected`] awaits their writes and confirms.
-pub async fn publish_rejection(
+pub fn publish_rejection(
     settler: &Settler,
     inbound: &Inbound,
     rejection: &Rejection,
@@ -516,8 +515,7 @@ pub async fn publish_rejection(
             &[],
             settler.frame_max,
         ),
-    )
-    .await?;
+    )?;
     let receipt = receipt::build(
         inbound.answered(),
         rejection.code,
@@ -532,8 +530,7 @@ pub async fn publish_rejection(
         settler.queues.receipts(&inbound.partner),
         receipt.body,
         labelled,
-    )
-    .await?;
+    )?;
     Ok([park, answer])
 }
 
@@ -558,14 +555,14 @@ pub async fn rejected(
     Settled { inbound, result }
 }
 
-async fn publish_receipt(
+fn publish_receipt(
     settler: &Settler,
     queue: &str,
     receipt: &receipt::Receipt,
     inbound: &Inbound,
 ) -> Result<PublisherConfirm, BrokerError> {
     let labelled = receipt_properties(receipt, inbound);
-    publish(&settler.channel, queue, &receipt.body, labelled).await
+    publish(&settler.channel, queue, &receipt.body, labelled)
 }
 
 /// A receipt's properties: its own id, the answered message's as correlation id.
