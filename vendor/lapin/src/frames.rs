@@ -253,12 +253,6 @@ impl FrameEntry {
     }
 }
 
-impl fmt::Display for FrameEntry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.frame.fmt(f)
-    }
-}
-
 pub(crate) struct FrameSending {
     canceler: Option<Box<dyn Cancelable + Send + Sync>>,
     resolver: Option<PromiseResolver<()>>,
@@ -294,8 +288,8 @@ pub(crate) type Written = Result<Option<(FrameSize, FrameSending)>, GenError>;
 /// A publish's frames (its method, content header and body), queued as one entry and written
 /// from the queue where they are (Ponte's change). Queued frame by frame, each frame (some 300
 /// bytes: a content header holds its properties inline) was moved into the queue, out of it,
-/// into a second queue that kept a publish's frames together and out of that one again: a
-/// tenth of the gateway's copying.
+/// into a second queue that kept a publish's frames together and out of that one again: about
+/// a third of the gateway's `memmove` in a drain's profile.
 struct Publish {
     channel_id: ChannelId,
     frames: Vec<AMQPFrame>,
