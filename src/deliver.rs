@@ -79,7 +79,8 @@ pub fn fits(properties: &BasicProperties, frame_max: u32) -> bool {
     properties_len(properties).saturating_add(CONTENT_HEADER_FRAME) <= frame_max as usize
 }
 
-/// Publishes `body` to `queue` through the default exchange and returns the pending confirm.
+/// Publishes `body` to `queue` through the default exchange and returns the pending confirm. The
+/// channel must be in confirm mode (`broker::confirming_channel`); any other is refused.
 pub fn publish(
     channel: &Channel,
     queue: &str,

@@ -321,28 +321,26 @@ impl io::Write for Space<'_> {
 /// overlapping loads and stores of the widest size that fits in the length.
 #[inline(always)]
 fn copy(to: &mut [u8], from: &[u8]) {
-    let n = from.len();
-    debug_assert_eq!(to.len(), n);
-    if n > 16 {
-        to.copy_from_slice(from);
-    } else if n >= 8 {
-        let head: [u8; 8] = from[..8].try_into().expect("eight bytes");
-        let tail: [u8; 8] = from[n - 8..].try_into().expect("eight bytes");
-        to[n - 8..].copy_from_slice(&tail);
-        to[..8].copy_from_slice(&head);
-    } else if n >= 4 {
-        let head: [u8; 4] = from[..4].try_into().expect("four bytes");
-        let tail: [u8; 4] = from[n - 4..].try_into().expect("four bytes");
-        to[n - 4..].copy_from_slice(&tail);
-        to[..4].copy_from_slice(&head);
-    } else if n >= 2 {
-        let head: [u8; 2] = from[..2].try_into().expect("two bytes");
-        let tail: [u8; 2] = from[n - 2..].try_into().expect("two bytes");
-        to[n - 2..].copy_from_slice(&tail);
-        to[..2].copy_from_slice(&head);
-    } else if n == 1 {
-        to[0] = from[0];
+    debug_assert_eq!(to.len(), from.len());
+    match from.len() {
+        17.. => to.copy_from_slice(from),
+        8..=16 => overlapping::<8>(to, from),
+        4..=7 => overlapping::<4>(to, from),
+        2..=3 => overlapping::<2>(to, from),
+        1 => to[0] = from[0],
+        0 => {}
     }
+}
+
+/// `to.copy_from_slice(from)` for a length from `W` to `2 × W`: its first `W` bytes and its last
+/// `W`, which overlap.
+#[inline(always)]
+fn overlapping<const W: usize>(to: &mut [u8], from: &[u8]) {
+    let n = from.len();
+    let head: [u8; W] = from[..W].try_into().expect("at least W bytes");
+    let tail: [u8; W] = from[n - W..].try_into().expect("at least W bytes");
+    to[n - W..].copy_from_slice(&tail);
+    to[..W].copy_from_slice(&head);
 }
 
 impl BackToTheBuffer for Space<'_> {

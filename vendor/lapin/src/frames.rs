@@ -428,10 +428,11 @@ impl Inner {
                     let entry = queue.pop_front().expect("the front entry");
                     Ok(Some(entry.into_serialized_frame(size as FrameSize)))
                 }
-                Err(GenError::BufferTooSmall(missing)) => Err(GenError::BufferTooSmall(missing)),
                 Err(error) => {
-                    // The loop fails the connection; the frame is not tried again.
-                    queue.pop_front();
+                    if !matches!(error, GenError::BufferTooSmall(_)) {
+                        // The loop fails the connection; the frame is not tried again.
+                        queue.pop_front();
+                    }
                     Err(error)
                 }
             };
