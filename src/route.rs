@@ -345,6 +345,56 @@ mod tests {
     }
 
     #[test]
+    fn the_first_rule_in_the_file_that_matches_wins() {
+        let mut d = demo();
+        let text = r#"
+            [[route]]
+            name = "naspi-to-modena"
+            type = "benefit-status"
+            from = ["inps"]
+            when = { "/payload/benefit" = ["naspi"] }
+            to = [{ partner = "cpi-modena" }]
+
+            [[route]]
+            name = "referrals"
+            type = "referral"
+            from = ["cpi-modena", "cpi-bologna"]
+            to = [{ partner = "inps" }]
+
+            [[route]]
+            name = "the-rest-to-the-observatory"
+            type = "benefit-status"
+            from = ["inps"]
+            to = [{ partner = "osservatorio-er" }]
+
+            [[route]]
+            name = "naspi-to-bologna"
+            type = "benefit-status"
+            from = ["inps"]
+            when = { "/payload/benefit" = ["naspi"] }
+            to = [{ partner = "cpi-bologna" }]
+        "#;
+        d.routes = load_routes(text, &d.partners, &d.matrix).unwrap();
+        assert_eq!(
+            route(&d, "inps", benefit("naspi", "037032")).unwrap(),
+            ["cpi-modena"]
+        );
+        assert_eq!(
+            route(&d, "inps", benefit("adi", "037032")).unwrap(),
+            ["osservatorio-er"]
+        );
+        let referral = json!({"type": "referral", "payload": {"reason": "social-support"}});
+        assert_eq!(
+            route(&d, "cpi-bologna", referral.clone()).unwrap(),
+            ["inps"]
+        );
+        assert_eq!(
+            route(&d, "comune-modena", referral).unwrap_err().code,
+            Code::NoRoute
+        );
+    }
+
+    #[test]
     fn a_named_recipient_wins_and_must_exist() {
         let d = demo();
         let mut m = benefit("naspi", "036005");
