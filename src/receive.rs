@@ -2,8 +2,9 @@
 //! each message, publishes what the verdict asks for, and settles messages in arrival order as
 //! their confirms come in. Prefetch bounds how many messages a flow has in flight.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
@@ -45,11 +46,34 @@ pub struct Flow {
     pub started: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Sleeps until `at` (never, without one; the select guard keeps that branch off then).
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// When a flow's pending run of acks is due: one timer kept across the flow's turns and moved
+/// only when the due time changes. A timer made afresh at every turn (every delivery, every
+/// batch of settled messages) went into the runtime's timer wheel and out again each time, and
+/// whenever it was earlier than the wheel's next wake, woke the thread's own driver with a
+/// write to its eventfd (most of the flows' writes; see docs/performance.md).
+struct AckTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    at: Option<tokio::time::Instant>,
+}
+
+impl AckTimer {
+    fn new() -> AckTimer {
+        AckTimer {
+            // Set before it is first polled; until then, as good as never.
+            sleep: Box::pin(tokio::time::sleep(Duration::from_secs(86_400))),
+            at: None,
+        }
+    }
+
+    /// Due at `at`, or never (the select guard keeps the branch off then). A later time only
+    /// extends the timer where it is in the wheel.
+    fn set(&mut self, at: Option<tokio::time::Instant>) {
+        if let Some(at) = at
+            && self.at != Some(at)
+        {
+            self.sleep.as_mut().reset(at);
+        }
+        self.at = at;
     }
 }
 
@@ -123,7 +147,9 @@ impl Flow {
             prefetch::EVERY,
         );
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ack_timer = AckTimer::new();
         loop {
+            ack_timer.set(acks.due());
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
@@ -155,7 +181,7 @@ impl Flow {
                         self.settler.store.commit_soon();
                     }
                 }
-                () = sleep_until(acks.due()), if acks.due().is_some() => {
+                () = ack_timer.sleep.as_mut(), if ack_timer.at.is_some() => {
                     acks.flush(&self.settler).await;
                 }
                 Ok(()) = commits.changed(), if acks.uncommitted() => {
