@@ -2,7 +2,6 @@
 //! each message, publishes what the verdict asks for, and settles messages in arrival order as
 //! their confirms come in. Prefetch bounds how many messages a flow has in flight.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,37 +43,6 @@ pub struct Flow {
     /// a backlog, the first partners' messages would otherwise take the CPU while the others'
     /// consumers are still being set up (start-up with a thousand partners).
     pub started: tokio::sync::watch::Receiver<bool>,
-}
-
-/// When a flow's pending run of acks is due: one timer kept across the flow's turns and moved
-/// only when the due time changes. A timer made afresh at every turn (every delivery, every
-/// batch of settled messages) went into the runtime's timer wheel and out again each time, and
-/// whenever it was earlier than the wheel's next wake, woke the thread's own driver with a
-/// write to its eventfd (most of the flows' writes; see docs/performance.md).
-struct AckTimer {
-    sleep: Pin<Box<tokio::time::Sleep>>,
-    at: Option<tokio::time::Instant>,
-}
-
-impl AckTimer {
-    fn new() -> AckTimer {
-        AckTimer {
-            // Set before it is first polled; until then, as good as never.
-            sleep: Box::pin(tokio::time::sleep(Duration::from_secs(86_400))),
-            at: None,
-        }
-    }
-
-    /// Due at `at`, or never (the select guard keeps the branch off then). A later time only
-    /// extends the timer where it is in the wheel.
-    fn set(&mut self, at: Option<tokio::time::Instant>) {
-        if let Some(at) = at
-            && self.at != Some(at)
-        {
-            self.sleep.as_mut().reset(at);
-        }
-        self.at = at;
-    }
 }
 
 /// A flow's consumer, with the prefetch it was started with and what sets it.
@@ -147,9 +115,22 @@ impl Flow {
             prefetch::EVERY,
         );
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ack_timer = AckTimer::new();
+        // When the pending run of acks is due: one timer kept across the loop's turns and moved
+        // only when the due time changes (a later time only extends it where it is in the
+        // wheel). A timer made afresh at every turn (every delivery, every batch of settled
+        // messages) went into the runtime's timer wheel and out again each time, and whenever
+        // it was earlier than the wheel's next wake, woke the thread's own driver with a write
+        // to its eventfd (most of the flows' writes; see docs/performance.md). Set before it is
+        // first polled; until then, as good as never.
+        let ack_timer = tokio::time::sleep(Duration::from_secs(86_400));
+        tokio::pin!(ack_timer);
         loop {
-            ack_timer.set(acks.due());
+            let due = acks.due();
+            if let Some(at) = due
+                && ack_timer.deadline() != at
+            {
+                ack_timer.as_mut().reset(at);
+            }
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
@@ -181,7 +162,7 @@ impl Flow {
                         self.settler.store.commit_soon();
                     }
                 }
-                () = ack_timer.sleep.as_mut(), if ack_timer.at.is_some() => {
+                () = &mut ack_timer, if due.is_some() => {
                     acks.flush(&self.settler).await;
                 }
                 Ok(()) = commits.changed(), if acks.uncommitted() => {
