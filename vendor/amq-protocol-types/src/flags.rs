@@ -11,15 +11,18 @@ const INLINE: usize = 8;
 ///
 /// Held inline: a method's flags are read and written for every frame that carries them
 /// (`basic.publish`, `basic.deliver`, `basic.ack`), and a vector of owned names cost two or
-/// more allocations each time. Names read from the wire are the parser's constants.
+/// more allocations each time. Names read from the wire and written by the generated code are
+/// constants, kept as plain references (nothing to drop); a name given as a `String` goes, with
+/// every flag after it, to the vector, so that the flags keep their order.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(from = "Listed", into = "Listed")]
 pub struct AMQPFlags {
-    names: [Cow<'static, str>; INLINE],
-    /// The first [INLINE] flags' values, one bit each, the first flag lowest.
+    names: [&'static str; INLINE],
+    /// The inline flags' values, one bit each, the first flag lowest.
     bits: u8,
-    len: usize,
-    /// Flags past the first [INLINE].
+    /// How many flags are inline.
+    inline: u8,
+    /// The flags after the inline ones.
     more: Vec<(Cow<'static, str>, Boolean)>,
 }
 
@@ -49,46 +52,66 @@ impl From<AMQPFlags> for Listed {
 
 impl PartialEq for AMQPFlags {
     fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.iter().eq(other.iter())
+        self.len() == other.len() && self.iter().eq(other.iter())
     }
 }
 
 impl AMQPFlags {
     fn push(&mut self, name: Cow<'static, str>, flag: Boolean) {
-        if self.len < INLINE {
-            self.names[self.len] = name;
-            self.bits |= u8::from(flag) << self.len;
-        } else {
-            self.more.push((name, flag));
+        match name {
+            Cow::Borrowed(name) if self.more.is_empty() && usize::from(self.inline) < INLINE => {
+                self.names[usize::from(self.inline)] = name;
+                self.bits |= u8::from(flag) << self.inline;
+                self.inline += 1;
+            }
+            name => self.more.push((name, flag)),
         }
-        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.inline) + self.more.len()
     }
 
     /// Every flag, in order.
     fn iter(&self) -> impl Iterator<Item = (&str, Boolean)> {
-        self.names
+        self.names[..usize::from(self.inline)]
             .iter()
-            .take(self.len)
             .enumerate()
-            .map(|(i, name)| (&**name, (self.bits >> i) & 1 == 1))
+            .map(|(i, name)| (*name, (self.bits >> i) & 1 == 1))
             .chain(self.more.iter().map(|(name, flag)| (&**name, *flag)))
     }
 
     /// The flags as AMQP writes them, eight to a byte, the first flag lowest.
     pub(crate) fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
-        let more = self.more.chunks(8).map(|chunk| {
-            chunk
-                .iter()
-                .enumerate()
-                .map(|(idx, (_, b))| if *b { 1 << idx } else { 0 })
-                .sum()
-        });
-        (self.len > 0).then_some(self.bits).into_iter().chain(more)
+        // Inline flags alone (every method's): their bits are the byte.
+        let alone = (self.more.is_empty() && self.inline > 0).then_some(self.bits);
+        let values: Vec<Boolean> = if self.more.is_empty() {
+            Vec::new()
+        } else {
+            self.iter().map(|(_, b)| b).collect()
+        };
+        let packed: Vec<u8> = values
+            .chunks(8)
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(idx, b)| if *b { 1 << idx } else { 0 })
+                    .sum()
+            })
+            .collect();
+        alone.into_iter().chain(packed)
     }
 
     /// Add a boolean flag with a name
     pub fn add_flag(&mut self, name: String, flag: Boolean) {
         self.push(Cow::Owned(name), flag);
+    }
+
+    /// Add a boolean flag whose name is a constant (as the generated code's are), without
+    /// allocating.
+    pub fn add_static_flag(&mut self, name: &'static str, flag: Boolean) {
+        self.push(Cow::Borrowed(name), flag);
     }
 
     /// Get the value of a boolean flag by name, if present
@@ -191,5 +214,33 @@ mod test {
         assert_eq!(flags.get_flag("j"), Some(true));
         assert_eq!(flags.get_flag("h"), Some(false));
         assert_eq!(flags.get_flag("z"), None);
+    }
+
+    #[test]
+    fn test_constant_and_owned_names_keep_their_order() {
+        let mut flags = AMQPFlags::default();
+        flags.add_static_flag("a", true);
+        flags.add_flag("b".to_string(), false);
+        flags.add_static_flag("c", true);
+        assert_eq!(flags.get_bytes().as_slice(), &[0b101]);
+        let names: Vec<(&str, bool)> = flags.iter().collect();
+        assert_eq!(names, [("a", true), ("b", false), ("c", true)]);
+        assert_eq!(flags, AMQPFlags::from_bytes(&["a", "b", "c"], &[0b101][..]));
+    }
+
+    #[test]
+    fn test_static_flags_are_written_as_owned_ones() {
+        let mut owned = AMQPFlags::default();
+        let mut constant = AMQPFlags::default();
+        for (i, name) in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
+            .into_iter()
+            .enumerate()
+        {
+            owned.add_flag(name.to_string(), i % 4 == 1);
+            constant.add_static_flag(name, i % 4 == 1);
+        }
+        assert_eq!(constant.get_bytes(), owned.get_bytes());
+        assert_eq!(constant.get_bytes().as_slice(), &[0b00100010, 0b00000010]);
+        assert_eq!(constant, owned);
     }
 }

@@ -583,7 +583,7 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("global".to_string(), method.global);
+            flags.add_static_flag("global", method.global);
             input = gen_id(10)(input)?;
             input = gen_long_uint(0)(input)?;
             input = gen_short_uint(method.prefetch_count)(input)?;
@@ -685,10 +685,10 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("no_local".to_string(), method.no_local);
-            flags.add_flag("no_ack".to_string(), method.no_ack);
-            flags.add_flag("exclusive".to_string(), method.exclusive);
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("no_local", method.no_local);
+            flags.add_static_flag("no_ack", method.no_ack);
+            flags.add_static_flag("exclusive", method.exclusive);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(20)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.queue.as_str())(input)?;
@@ -779,7 +779,7 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(30)(input)?;
             input = gen_short_string(method.consumer_tag.as_str())(input)?;
             input = gen_flags(&flags)(input)?;
@@ -875,8 +875,8 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("mandatory".to_string(), method.mandatory);
-            flags.add_flag("immediate".to_string(), method.immediate);
+            flags.add_static_flag("mandatory", method.mandatory);
+            flags.add_static_flag("immediate", method.immediate);
             input = gen_id(40)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.exchange.as_str())(input)?;
@@ -998,7 +998,7 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("redelivered".to_string(), method.redelivered);
+            flags.add_static_flag("redelivered", method.redelivered);
             input = gen_id(60)(input)?;
             input = gen_short_string(method.consumer_tag.as_str())(input)?;
             input = gen_long_long_uint(method.delivery_tag)(input)?;
@@ -1052,7 +1052,7 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("no_ack".to_string(), method.no_ack);
+            flags.add_static_flag("no_ack", method.no_ack);
             input = gen_id(70)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.queue.as_str())(input)?;
@@ -1115,7 +1115,7 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("redelivered".to_string(), method.redelivered);
+            flags.add_static_flag("redelivered", method.redelivered);
             input = gen_id(71)(input)?;
             input = gen_long_long_uint(method.delivery_tag)(input)?;
             input = gen_flags(&flags)(input)?;
@@ -1203,7 +1203,7 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("multiple".to_string(), method.multiple);
+            flags.add_static_flag("multiple", method.multiple);
             input = gen_id(80)(input)?;
             input = gen_long_long_uint(method.delivery_tag)(input)?;
             input = gen_flags(&flags)(input)?;
@@ -1253,7 +1253,7 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("requeue".to_string(), method.requeue);
+            flags.add_static_flag("requeue", method.requeue);
             input = gen_id(90)(input)?;
             input = gen_long_long_uint(method.delivery_tag)(input)?;
             input = gen_flags(&flags)(input)?;
@@ -1299,7 +1299,7 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("requeue".to_string(), method.requeue);
+            flags.add_static_flag("requeue", method.requeue);
             input = gen_id(100)(input)?;
             input = gen_flags(&flags)(input)?;
             Ok(input)
@@ -1344,7 +1344,7 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("requeue".to_string(), method.requeue);
+            flags.add_static_flag("requeue", method.requeue);
             input = gen_id(110)(input)?;
             input = gen_flags(&flags)(input)?;
             Ok(input)
@@ -1429,8 +1429,8 @@ pub mod basic {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("multiple".to_string(), method.multiple);
-            flags.add_flag("requeue".to_string(), method.requeue);
+            flags.add_static_flag("multiple", method.multiple);
+            flags.add_static_flag("requeue", method.requeue);
             input = gen_id(120)(input)?;
             input = gen_long_long_uint(method.delivery_tag)(input)?;
             input = gen_flags(&flags)(input)?;
@@ -2304,7 +2304,7 @@ pub mod connection {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("insist".to_string(), false);
+            flags.add_static_flag("insist", false);
             input = gen_id(40)(input)?;
             input = gen_short_string(method.virtual_host.as_str())(input)?;
             input = gen_short_string("")(input)?;
@@ -2770,7 +2770,7 @@ pub mod channel {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("active".to_string(), method.active);
+            flags.add_static_flag("active", method.active);
             input = gen_id(20)(input)?;
             input = gen_flags(&flags)(input)?;
             Ok(input)
@@ -2815,7 +2815,7 @@ pub mod channel {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("active".to_string(), method.active);
+            flags.add_static_flag("active", method.active);
             input = gen_id(21)(input)?;
             input = gen_flags(&flags)(input)?;
             Ok(input)
@@ -3018,11 +3018,11 @@ pub mod access {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("exclusive".to_string(), method.exclusive);
-            flags.add_flag("passive".to_string(), method.passive);
-            flags.add_flag("active".to_string(), method.active);
-            flags.add_flag("write".to_string(), method.write);
-            flags.add_flag("read".to_string(), method.read);
+            flags.add_static_flag("exclusive", method.exclusive);
+            flags.add_static_flag("passive", method.passive);
+            flags.add_static_flag("active", method.active);
+            flags.add_static_flag("write", method.write);
+            flags.add_static_flag("read", method.read);
             input = gen_id(10)(input)?;
             input = gen_short_string(method.realm.as_str())(input)?;
             input = gen_flags(&flags)(input)?;
@@ -3227,11 +3227,11 @@ pub mod exchange {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("passive".to_string(), method.passive);
-            flags.add_flag("durable".to_string(), method.durable);
-            flags.add_flag("auto_delete".to_string(), method.auto_delete);
-            flags.add_flag("internal".to_string(), method.internal);
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("passive", method.passive);
+            flags.add_static_flag("durable", method.durable);
+            flags.add_static_flag("auto_delete", method.auto_delete);
+            flags.add_static_flag("internal", method.internal);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(10)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.exchange.as_str())(input)?;
@@ -3321,8 +3321,8 @@ pub mod exchange {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("if_unused".to_string(), method.if_unused);
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("if_unused", method.if_unused);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(20)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.exchange.as_str())(input)?;
@@ -3419,7 +3419,7 @@ pub mod exchange {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(30)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.destination.as_str())(input)?;
@@ -3519,7 +3519,7 @@ pub mod exchange {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(40)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.destination.as_str())(input)?;
@@ -3738,11 +3738,11 @@ pub mod queue {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("passive".to_string(), method.passive);
-            flags.add_flag("durable".to_string(), method.durable);
-            flags.add_flag("exclusive".to_string(), method.exclusive);
-            flags.add_flag("auto_delete".to_string(), method.auto_delete);
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("passive", method.passive);
+            flags.add_static_flag("durable", method.durable);
+            flags.add_static_flag("exclusive", method.exclusive);
+            flags.add_static_flag("auto_delete", method.auto_delete);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(10)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.queue.as_str())(input)?;
@@ -3860,7 +3860,7 @@ pub mod queue {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(20)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.queue.as_str())(input)?;
@@ -3948,7 +3948,7 @@ pub mod queue {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(30)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.queue.as_str())(input)?;
@@ -4044,9 +4044,9 @@ pub mod queue {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("if_unused".to_string(), method.if_unused);
-            flags.add_flag("if_empty".to_string(), method.if_empty);
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("if_unused", method.if_unused);
+            flags.add_static_flag("if_empty", method.if_empty);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(40)(input)?;
             input = gen_short_uint(0)(input)?;
             input = gen_short_string(method.queue.as_str())(input)?;
@@ -4556,7 +4556,7 @@ pub mod confirm {
     ) -> impl SerializeFn<W> + 'a {
         move |mut input| {
             let mut flags = AMQPFlags::default();
-            flags.add_flag("nowait".to_string(), method.nowait);
+            flags.add_static_flag("nowait", method.nowait);
             input = gen_id(10)(input)?;
             input = gen_flags(&flags)(input)?;
             Ok(input)

@@ -12,7 +12,7 @@ use crate::{
     types::FrameSize,
     uri::AMQPUri,
 };
-use amq_protocol::frame::{AMQPFrame, GenError, parse_frame};
+use amq_protocol::frame::{AMQPFrame, GenError, parse_frame, parse_frame_slice};
 use async_rs::{Runtime, traits::*};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder, Retryable};
 use futures_io::{AsyncRead, AsyncWrite};
@@ -653,7 +653,7 @@ impl<
         // asks which half it is in); the halves only when the data wraps.
         let buffer = &self.receive_buffer;
         let parsed = match buffer.contiguous_data() {
-            Some(data) => parse_frame(data).map(|(rest, f)| (data.len() - rest.len(), f)),
+            Some(data) => parse_frame_slice(data).map(|(rest, f)| (data.len() - rest.len(), f)),
             None => parse_frame(buffer.parsing_context()).map(|(rest, f)| (buffer.offset(rest), f)),
         };
         match parsed {

@@ -1,6 +1,10 @@
 mod structs;
 
-pub use self::{generation::gen_frame, parsing::parse_frame, structs::*};
+pub use self::{
+    generation::gen_frame,
+    parsing::{parse_frame, parse_frame_slice},
+    structs::*,
+};
 
 pub use crate::types::{
     generation::{BackToTheBuffer, GenError, GenResult, SerializeFn},
