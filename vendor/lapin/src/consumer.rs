@@ -510,6 +510,47 @@ mod test {
         )
     }
 
+    /// A delivery's method, content header and body frames (the body in two) come out of the
+    /// stream as one delivery, in the order they completed, with what each frame carried.
+    #[test]
+    fn deliveries_come_out_whole_and_in_order() {
+        let waker = Waker::from(Arc::new(Counter(AtomicUsize::new(0))));
+        let mut cx = Context::from_waker(&waker);
+        let mut consumer = create_consumer("test-consumer", "test");
+        for tag in [7, 8] {
+            let delivery = Delivery::new(
+                1,
+                tag,
+                "".into(),
+                "inbound".into(),
+                tag == 8,
+                None,
+                ErrorHolder::default(),
+            );
+            consumer.start_new_delivery(delivery);
+            let properties = BasicProperties::default().with_message_id(format!("m-{tag}").into());
+            consumer.handle_content_header_frame(5, properties);
+            consumer.handle_body_frame(2, b"abc".to_vec());
+            consumer.handle_body_frame(0, b"de".to_vec());
+        }
+        for tag in [7, 8] {
+            let Poll::Ready(Some(Ok(delivery))) = Pin::new(&mut consumer).poll_next(&mut cx) else {
+                panic!("delivery {tag} is not ready");
+            };
+            assert_eq!(delivery.delivery_tag, tag);
+            assert_eq!(delivery.redelivered, tag == 8);
+            assert_eq!(delivery.routing_key.as_str(), "inbound");
+            assert_eq!(delivery.data, b"abcde");
+            let id = delivery
+                .properties
+                .message_id()
+                .clone()
+                .map(|id| id.to_string());
+            assert_eq!(id.as_deref(), Some(format!("m-{tag}").as_str()));
+        }
+        assert!(Pin::new(&mut consumer).poll_next(&mut cx).is_pending());
+    }
+
     #[test]
     fn stream_on_cancel() {
         let awoken_count = Arc::new(Counter(AtomicUsize::new(0)));
