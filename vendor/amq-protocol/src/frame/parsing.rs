@@ -370,7 +370,7 @@ mod test {
             let read = parse_frame_slice(&wire);
             assert_eq!(read, parse_frame(wire.as_slice()), "{frame:?}");
             assert_eq!(read, Ok((&[1u8, 0, 1][..], frame.clone())));
-            // The flags were read from their bits.
+            // Read in place, not handed to `parse_frame` (all but the protocol header).
             assert!(
                 frame_in_place(&wire).is_some() || wire[0] == b'A',
                 "{frame:?}"
