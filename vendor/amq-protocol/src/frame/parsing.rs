@@ -102,9 +102,10 @@ pub fn parse_frame<I: ParsableInput>(i: I) -> ParserResult<I, AMQPFrame> {
 
 /// Parse a full AMQP Frame (with contents) from a plain slice: the same as [`parse_frame`],
 /// with the frames of every message read directly (Ponte: PONTE.md). A method frame, a content
-/// header, a body and a heartbeat that are whole are read here, `basic.deliver` and `basic.ack`
-/// field by field; anything else, and anything that does not read, goes to [`parse_frame`], so
-/// that what is incomplete or broken is answered as it was.
+/// header, a body and a heartbeat that are whole are read here (a header by
+/// [`parse_content_header`], `basic.deliver` and `basic.ack` field by field); anything else,
+/// and anything that does not read, goes to [`parse_frame`], so that what is incomplete or
+/// broken is answered as it was.
 pub fn parse_frame_slice(i: &[u8]) -> ParserResult<&[u8], AMQPFrame> {
     match frame_in_place(i) {
         Some(read) => Ok(read),
@@ -126,21 +127,8 @@ fn frame_in_place(i: &[u8]) -> Option<(&[u8], AMQPFrame)> {
     let frame = match kind {
         constants::FRAME_METHOD => AMQPFrame::Method(channel_id, method_in_place(payload)?),
         constants::FRAME_HEADER => {
-            let class_id = u16::from_be_bytes(payload.get(..2)?.try_into().ok()?);
-            // The weight (two bytes) is always 0 and unused, as `parse_content_header` reads it.
-            let body_size = u64::from_be_bytes(payload.get(4..12)?.try_into().ok()?);
-            let (rest, properties) = parse_properties(&payload[12..]).ok()?;
-            if !rest.is_empty() {
-                return None;
-            }
-            AMQPFrame::Header(
-                channel_id,
-                AMQPContentHeader {
-                    class_id,
-                    body_size,
-                    properties,
-                },
-            )
+            let (_, header) = all_consuming(parse_content_header).parse(payload).ok()?;
+            AMQPFrame::Header(channel_id, header)
         }
         constants::FRAME_BODY => AMQPFrame::Body(channel_id, payload.to_vec()),
         constants::FRAME_HEARTBEAT if channel_id == 0 => AMQPFrame::Heartbeat,
