@@ -99,8 +99,20 @@ impl std::fmt::Debug for Text<'_> {
 
 /// A JSON object: its fields in order, each name once. Found by going through them, which for
 /// the few fields a message's objects have is cheaper than hashing the name.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Object<'a>(Vec<Field<'a>>);
+
+impl Clone for Object<'_> {
+    /// A copy with the original's room: a message's envelope is cloned for each recipient but
+    /// the last, and mapping adds fields to each clone's envelope and payload. `Vec::clone`
+    /// makes a block of the fields' number, which the first field added then moved to a
+    /// larger one.
+    fn clone(&self) -> Self {
+        let mut fields = Vec::with_capacity(self.0.capacity());
+        fields.extend(self.0.iter().cloned());
+        Object(fields)
+    }
+}
 
 impl<'a> Node<'a> {
     /// The field `name`, when this is an object that has it.
@@ -661,13 +673,49 @@ struct Stacks<'de> {
     elements: Vec<Node<'de>>,
 }
 
+/// Fields a thread keeps room for between parses, at most: a parse that grew its stacks past
+/// this (a message of thousands of fields) gives its blocks back rather than hold them.
+const SPARE_FIELDS: usize = 1024;
+
+thread_local! {
+    /// The stacks' blocks of this thread's last parse, empty, for its next one: every message
+    /// made two blocks (some 4 KB) and freed them.
+    static SPARE: std::cell::Cell<Option<(Vec<Field<'static>>, Vec<Node<'static>>)>> =
+        const { std::cell::Cell::new(None) };
+}
+
 impl Stacks<'_> {
     fn new() -> Self {
-        Stacks {
-            fields: Vec::with_capacity(64),
-            elements: Vec::with_capacity(16),
+        match SPARE.take() {
+            Some((fields, elements)) => Stacks {
+                fields: emptied(fields),
+                elements: emptied(elements),
+            },
+            None => Stacks {
+                fields: Vec::with_capacity(64),
+                elements: Vec::with_capacity(16),
+            },
         }
     }
+}
+
+impl Drop for Stacks<'_> {
+    fn drop(&mut self) {
+        if self.fields.capacity() > SPARE_FIELDS || self.elements.capacity() > SPARE_FIELDS {
+            return;
+        }
+        let fields = emptied(std::mem::take(&mut self.fields));
+        let elements = emptied(std::mem::take(&mut self.elements));
+        SPARE.set(Some((fields, elements)));
+    }
+}
+
+/// `items` emptied, as a vector of `To`, in the same block when `To` has `From`'s size and
+/// alignment (here: the same type, borrowing for another lifetime): collecting a vector's own
+/// iterator reuses its block, and there is nothing left in it.
+fn emptied<From, To>(mut items: Vec<From>) -> Vec<To> {
+    items.clear();
+    items.into_iter().map(|_| unreachable!("emptied")).collect()
 }
 
 /// Where in the message a value is, for the room its object is made with.
@@ -1042,6 +1090,41 @@ mod tests {
             String::from_utf8(out).unwrap(),
             r#"{"x\"":"say \"hi\"\\\n\u0001","y":"say \"hi\"\\\n\u0001","z":"plain é é","w":"a/b é 😀"}"#
         );
+    }
+
+    /// A clone of a message is made with the room its objects were read with, so that the
+    /// fields mapping adds to each recipient's copy do not move them to larger blocks.
+    #[test]
+    fn a_clone_keeps_the_room_its_objects_were_read_with() {
+        let text = r#"{"message_id": "m", "payload": {"office": "x", "items": [{"a": 1}]}}"#;
+        let node = parse_plain(text, SERDE_DEPTH).unwrap();
+        let top = &node.as_object().unwrap().0;
+        assert!(top.capacity() > top.len());
+        // Capacities compared too.
+        assert!(same_tree(&node, &node.clone()));
+    }
+
+    /// A parse's stacks go back to its thread when it ends, in the same blocks, and the next
+    /// parse on the thread takes them; stacks a large message grew are let go.
+    #[test]
+    fn a_thread_keeps_its_stacks_between_parses_within_a_bound() {
+        assert!(parse_plain(r#"{"a": [1, 2], "b": {"c": "d"}}"#, SERDE_DEPTH).is_some());
+        let (fields, elements) = SPARE.take().expect("the stacks were kept");
+        assert!(fields.is_empty() && fields.capacity() >= 64);
+        assert!(elements.is_empty() && elements.capacity() >= 16);
+        let block = fields.as_ptr() as usize;
+        SPARE.set(Some((fields, elements)));
+        let stacks = Stacks::new();
+        assert_eq!(stacks.fields.as_ptr() as usize, block);
+        drop(stacks);
+
+        let fields: Vec<String> = (0..2000).map(|i| format!(r#""f{i}": {i}"#)).collect();
+        let large = format!("{{{}}}", fields.join(","));
+        let node = parse_plain(&large, SERDE_DEPTH).unwrap();
+        assert_eq!(node.as_object().unwrap().0.len(), 2000);
+        assert!(SPARE.take().is_none());
+        // The next parse makes its stacks anew, and reads as well.
+        assert!(check(r#"{"a": [1, {"b": null}], "c": "d"}"#));
     }
 
     #[test]

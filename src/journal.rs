@@ -137,9 +137,26 @@ impl Event {
     /// The hash chaining this record to the previous one: the SHA-256, in hex, of each field
     /// as text followed by a zero byte. The text is written into one buffer and hashed at once:
     /// a record is hashed per message, on the log's writer thread, and a dozen small updates of
-    /// the hasher cost more than the hashing.
+    /// the hasher cost more than the hashing. The buffer is the thread's, kept between records.
     fn hash(&self, seq: i64, prev: &str) -> String {
-        let mut text = Vec::with_capacity(320 + self.detail.len());
+        thread_local! {
+            static TEXT: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
+        }
+        TEXT.with_borrow_mut(|text| {
+            text.clear();
+            self.hash_text(text, seq, prev);
+            let hash = crate::hex_of_digest(&Sha256::digest(&*text));
+            // A record with a long detail (a rejection's many errors) does not leave the
+            // thread holding a block of its size.
+            if text.capacity() > 64 * 1024 {
+                *text = Vec::new();
+            }
+            hash
+        })
+    }
+
+    /// The text [`Event::hash`] hashes, written into `text`.
+    fn hash_text(&self, text: &mut Vec<u8>, seq: i64, prev: &str) {
         text.extend_from_slice(prev.as_bytes());
         // The integers as `Display` writes them, without the formatting machinery's ~900
         // instructions a call.
@@ -162,12 +179,11 @@ impl Event {
             text.push(0);
         }
         if let Some(l) = self.latency_ms {
-            write_thousandths(&mut text, l);
+            write_thousandths(text, l);
         }
         text.push(0);
         text.extend_from_slice(self.detail.as_bytes());
         text.push(0);
-        crate::hex_of_digest(&Sha256::digest(&text))
     }
 }
 

@@ -209,7 +209,8 @@ async fn map_identifiers<'a>(
         return Ok(());
     };
     let shared: Vec<Shared<'_, 'a>> = identifiers.iter().filter_map(Shared::of).collect();
-    let mut out = Vec::new();
+    // Room for what one scheme takes of them, and a local id: most recipients' whole list.
+    let mut out = Vec::with_capacity(shared.len() + 1);
     let mut unavailable = None;
     let mut local_missing = false;
     for scheme in &recipient.identifier_schemes {

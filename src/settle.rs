@@ -308,7 +308,7 @@ async fn retry_later(
     body: &[u8],
 ) -> Result<(), BrokerError> {
     let copy = retry::Copy {
-        sender: inbound.partner.to_string(),
+        sender: String::from(&*inbound.partner),
         recipient: recipient.to_string(),
         message_id: inbound.message_id.clone(),
         correlation_id: inbound.correlation_id.clone(),
@@ -866,7 +866,7 @@ fn log_outcome(inbound: Inbound, outcome: &Outcome, journal: &Journal) -> Acker 
     let event = Event {
         message_id: inbound.message_id.unwrap_or_default(),
         correlation_id: inbound.correlation_id.unwrap_or_default(),
-        sender: inbound.partner.to_string(),
+        sender: String::from(&*inbound.partner),
         recipients,
         message_type: inbound.message_type.unwrap_or_default(),
         code: code.as_str().into(),
@@ -907,7 +907,7 @@ async fn hand_back(settler: &Settler, inbound: Inbound, error: HandBack, pause: 
     settler.journal.record(Event {
         message_id: message_id.to_string(),
         correlation_id: inbound.correlation_id.clone().unwrap_or_default(),
-        sender: inbound.partner.to_string(),
+        sender: String::from(&*inbound.partner),
         message_type: message_type.to_string(),
         detail: error.to_string(),
         ..Event::now("handed-back")
