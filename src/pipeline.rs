@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::authorize::{check_may_send, check_recipients, check_sender};
 use crate::decode::{Pointer, decode};
 use crate::directory::Directory;
@@ -231,7 +233,8 @@ impl Pipeline {
             });
         }
 
-        let names: Vec<&str> = targets.iter().map(|p| p.id.as_str()).collect();
+        // A message's few recipients, listed without a block of their own.
+        let names: SmallVec<[&str; 4]> = targets.iter().map(|p| p.id.as_str()).collect();
         let references = match self.record(
             &envelope,
             heading,

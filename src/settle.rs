@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{Acker, Channel, PublisherConfirm};
+use smallvec::SmallVec;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -229,7 +230,8 @@ pub async fn delivered(
                 }
             }
         }
-        let names: Vec<&str> = recipients
+        // A message's few recipients, listed without a block of their own.
+        let names: SmallVec<[&str; 4]> = recipients
             .iter()
             .chain(&retrying)
             .map(|r| &**r)
@@ -253,6 +255,8 @@ pub async fn delivered(
                 .remember(&inbound.partner, id, &names, true)
                 .map_err(|e| HandBack::Later(e.to_string()))?;
         }
+        // Its borrows of the lists end here, before they are moved into the outcome.
+        drop(names);
         let refused = match partial {
             Some(partial) => {
                 settler

@@ -22,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
+use smallvec::{SmallVec, smallvec};
 
 use crate::recent::Recent;
 
@@ -2075,7 +2076,8 @@ impl Store for SqliteStore {
         self.front(|front, durable| {
             let reader = &front.reader;
             let key = message_key(m.message_id);
-            let mut keys = vec![Key::Message(key).hash()];
+            // The message's key and a few more, without a block of their own.
+            let mut keys: SmallVec<[u64; 4]> = smallvec![Key::Message(key).hash()];
             // A person id already known as it is changes nothing a look-up reads.
             for (scheme, value, local) in m.local_ids {
                 let key = Key::Person(m.sender, scheme, value);
