@@ -129,19 +129,9 @@ pub fn encode_node(node: &Node) -> Vec<u8> {
 
 /// The bytes `write` puts in a buffer the thread keeps, copied out at their exact length.
 fn written(write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    /// Room a thread keeps between copies; a buffer grown past it by a larger message is let go.
-    const KEPT: usize = 8 * 1024 * 1024;
-    thread_local! {
-        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    BUFFER.with_borrow_mut(|buffer| {
-        buffer.clear();
+    crate::with_thread_buffer(|buffer| {
         write(buffer);
-        let bytes = buffer.as_slice().to_vec();
-        if buffer.capacity() > KEPT {
-            *buffer = Vec::new();
-        }
-        bytes
+        buffer.as_slice().to_vec()
     })
 }
 

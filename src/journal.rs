@@ -139,19 +139,9 @@ impl Event {
     /// a record is hashed per message, on the log's writer thread, and a dozen small updates of
     /// the hasher cost more than the hashing. The buffer is the thread's, kept between records.
     fn hash(&self, seq: i64, prev: &str) -> String {
-        thread_local! {
-            static TEXT: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
-        }
-        TEXT.with_borrow_mut(|text| {
-            text.clear();
+        crate::with_thread_buffer(|text| {
             self.hash_text(text, seq, prev);
-            let hash = crate::hex_of_digest(&Sha256::digest(&*text));
-            // A record with a long detail (a rejection's many errors) does not leave the
-            // thread holding a block of its size.
-            if text.capacity() > 64 * 1024 {
-                *text = Vec::new();
-            }
-            hash
+            crate::hex_of_digest(&Sha256::digest(&*text))
         })
     }
 

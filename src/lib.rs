@@ -102,6 +102,24 @@ pub(crate) fn push_joined<'a>(text: &mut String, names: impl IntoIterator<Item =
     }
 }
 
+/// Runs `use_it` on a byte buffer the thread keeps between calls, empty: what a copy is
+/// serialized into, a delivery log record's text to hash. Made once per thread rather than per
+/// message; a buffer grown past 8 MiB by a larger message is let go.
+pub(crate) fn with_thread_buffer<R>(use_it: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    const KEPT: usize = 8 * 1024 * 1024;
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUFFER.with_borrow_mut(|buffer| {
+        buffer.clear();
+        let result = use_it(buffer);
+        if buffer.capacity() > KEPT {
+            *buffer = Vec::new();
+        }
+        result
+    })
+}
+
 /// A SHA-256 digest (a delivery log record's hash, a pseudonym's HMAC) as its 64 lowercase hex
 /// digits, written into a slice: `hex::encode` pushes each digit as a `char` into a `String` it
 /// grows, some 1.7 K instructions a digest.
