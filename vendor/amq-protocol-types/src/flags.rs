@@ -83,14 +83,24 @@ impl AMQPFlags {
 
     /// The flags as AMQP writes them, eight to a byte, the first flag lowest.
     pub(crate) fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
-        let mut values = self.iter().map(|(_, flag)| flag);
-        (0..self.len().div_ceil(8)).map(move |_| {
-            values
-                .by_ref()
-                .take(8)
-                .enumerate()
-                .fold(0, |byte, (i, flag)| byte | (u8::from(flag) << i))
-        })
+        // Inline flags alone (every method's): their bits are the byte.
+        let alone = (self.more.is_empty() && self.inline > 0).then_some(self.bits);
+        let values: Vec<Boolean> = if self.more.is_empty() {
+            Vec::new()
+        } else {
+            self.iter().map(|(_, b)| b).collect()
+        };
+        let packed: Vec<u8> = values
+            .chunks(8)
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(idx, b)| if *b { 1 << idx } else { 0 })
+                    .sum()
+            })
+            .collect();
+        alone.into_iter().chain(packed)
     }
 
     /// Add a boolean flag with a name
