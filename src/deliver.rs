@@ -38,7 +38,7 @@ pub fn properties(labels: &Labels<'_>) -> BasicProperties {
         .with_content_type(JSON)
         .with_delivery_mode(PERSISTENT)
         .with_app_id(PONTE)
-        .with_timestamp(unix_now());
+        .with_timestamp(crate::unix_secs() as u64);
     if let Some(id) = labels.message_id.filter(|s| s.len() <= 255) {
         p = p.with_message_id(id.into());
     }
@@ -189,12 +189,6 @@ async fn within<F: Future>(
             Err(_) => return None,
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Headers are a `FieldTable`; tests and tools read them back as strings.

@@ -623,7 +623,7 @@ impl std::fmt::Debug for FlowMetrics {
 }
 
 impl FlowMetrics {
-    fn count(&mut self, inbound: &Inbound, outcome: &Outcome) {
+    fn count(&mut self, inbound: &Inbound, outcome: &Outcome, latency: Duration) {
         let (outcome, code) = outcome.label();
         // An unknown type is whatever the sender wrote: not a label (it would grow without
         // bound).
@@ -648,7 +648,7 @@ impl FlowMetrics {
         }
         self.latency
             .get_or_insert_with(|| metrics::histogram!("ponte_latency_seconds"))
-            .record(inbound.received.elapsed().as_secs_f64());
+            .record(latency.as_secs_f64());
     }
 }
 
@@ -658,8 +658,15 @@ impl Acknowledger {
     pub async fn settle(&mut self, settled: Settled, settler: &Settler) {
         match settled.result {
             Ok(outcome) => {
-                self.metrics.count(&settled.inbound, &outcome);
-                self.pending = Some(log_outcome(settled.inbound, &outcome, &settler.journal));
+                // Read once, for the histogram and the delivery log's record.
+                let latency = settled.inbound.received.elapsed();
+                self.metrics.count(&settled.inbound, &outcome, latency);
+                self.pending = Some(log_outcome(
+                    settled.inbound,
+                    &outcome,
+                    latency,
+                    &settler.journal,
+                ));
                 self.count += 1;
                 self.since.get_or_insert_with(Instant::now);
             }
@@ -814,7 +821,7 @@ async fn ack_run(acker: Acker, count: usize) {
 
 /// Writes the message's line and its delivery log record, which take its labels, and gives back
 /// what acknowledges it.
-fn log_outcome(inbound: Inbound, outcome: &Outcome, journal: &Journal) -> Acker {
+fn log_outcome(inbound: Inbound, outcome: &Outcome, latency: Duration, journal: &Journal) -> Acker {
     let join = |names: &mut dyn Iterator<Item = &str>| {
         let mut names = names.peekable();
         // Most lists are empty (retrying, refused) or a few partners' ids.
@@ -853,7 +860,7 @@ fn log_outcome(inbound: Inbound, outcome: &Outcome, journal: &Journal) -> Acker 
         Outcome::Rejected { .. } => (String::new(), String::new(), "message rejected"),
     };
     let outcome = label;
-    let latency_ms = inbound.received.elapsed().as_secs_f64() * 1000.0;
+    let latency_ms = latency.as_secs_f64() * 1000.0;
     let mut detail = Vec::new();
     if !retrying.is_empty() {
         detail.push(format!("retrying: {retrying}"));

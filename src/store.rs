@@ -795,7 +795,7 @@ impl Recorded {
                 .iter()
                 .map(|(s, v, l)| (s.to_string(), v.to_string(), l.to_string()))
                 .collect(),
-            at: now_secs(),
+            at: crate::unix_secs(),
         }
     }
 
@@ -1102,7 +1102,7 @@ impl SqliteStore {
                 reader,
                 marked: HashMap::default(),
                 marked_limit: MARKED_AT_LEAST,
-                recent: Recent::new(now_secs()),
+                recent: Recent::new(crate::unix_secs()),
                 linked,
                 fresh,
                 written: written.clone(),
@@ -1123,7 +1123,7 @@ impl SqliteStore {
     pub fn check_duplicates_within(&self, window: Duration) {
         self.lock_front()
             .recent
-            .begin(window.as_secs() as i64, now_secs(), &self.path);
+            .begin(window.as_secs() as i64, crate::unix_secs(), &self.path);
     }
 
     fn error(&self, e: impl std::fmt::Display) -> StoreError {
@@ -1321,8 +1321,10 @@ impl Writer<'_> {
         if self.group.is_some() {
             return Ok(());
         }
+        let now = Instant::now();
+        self.newest.opened = Some(now);
         self.group = Some(Group {
-            since: Instant::now(),
+            since: now,
             writes: std::mem::take(&mut self.spare),
         });
         self.connection.execute_batch("BEGIN IMMEDIATE")
@@ -1564,6 +1566,10 @@ struct Newest {
     written: Vec<Held>,
     /// Rows written and not yet delivered: their seq by their key.
     undelivered: HashMap<i64, i64>,
+    /// When the open group began: what a row its writes hold counts as held since. A group
+    /// lasts some milliseconds against the half-second bound, and one reading of the clock per
+    /// group replaces one per message.
+    opened: Option<Instant>,
 }
 
 /// A message's row, held until its delivery or the bound.
@@ -1811,7 +1817,7 @@ fn import(
     partner: &str,
     rows: &[(String, String, String)],
 ) -> rusqlite::Result<()> {
-    let now = now_secs();
+    let now = crate::unix_secs();
     for (scheme, value, local) in rows {
         connection
             .prepare_cached(UPSERT_PERSON)?
@@ -1951,7 +1957,7 @@ fn apply_record(
     } else {
         newest.hold(Held {
             number,
-            since: Instant::now(),
+            since: newest.opened.unwrap_or_else(Instant::now),
             key,
             message_id: m.message_id().to_string(),
             sender: m.sender().to_string(),
@@ -2011,12 +2017,6 @@ fn original(
         }
         _ => None,
     })
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The 64-bit look-up key of a message id (the text is compared too).
@@ -2139,7 +2139,7 @@ impl Store for SqliteStore {
         message_id: &str,
         window: Duration,
     ) -> Result<Option<Seen>, StoreError> {
-        let now = now_secs();
+        let now = crate::unix_secs();
         let window = window.as_secs() as i64;
         let key = message_key(message_id);
         self.front(|front, durable| {
@@ -2178,7 +2178,7 @@ impl Store for SqliteStore {
         recipients: &[&str],
         complete: bool,
     ) -> Result<(), StoreError> {
-        let at = now_secs();
+        let at = crate::unix_secs();
         let key = message_key(message_id);
         let mut write = Some(Write::Remember {
             fields: Packed::new([
@@ -2202,7 +2202,7 @@ impl Store for SqliteStore {
     }
 
     fn prune(&self, age: Duration, window: Duration) -> Result<usize, StoreError> {
-        let now = now_secs();
+        let now = crate::unix_secs();
         let (age, window) = (now - age.as_secs() as i64, now - window.as_secs() as i64);
         let mut pruned = 0;
         // One step per write, each behind the writes already handed over: messages go on
@@ -3270,7 +3270,7 @@ mod tests {
     fn a_store_of_the_two_table_layout_is_carried_over() {
         let dir = std::env::temp_dir().join(format!("ponte-store-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let now = now_secs();
+        let now = crate::unix_secs();
         {
             let old = Connection::open(dir.join("ponte.db")).unwrap();
             old.execute_batch(
