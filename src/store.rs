@@ -1536,8 +1536,9 @@ impl Drop for SqliteStore {
 /// so that it is written once, delivered: one statement rather than an insert, then an update
 /// of the same row (draining, a message's copies are confirmed tens of milliseconds after it is
 /// recorded, after the group that recorded it is saved). A row is written at the commit of the
-/// group in which its delivery comes, or at the first commit [`HOLD_UNDELIVERED`] after it was
-/// recorded (a message none of whose copies went, a copy still unconfirmed), or when anything
+/// group in which its delivery comes, or at the first commit [`HOLD_UNDELIVERED`] after the
+/// group that recorded it opened (a message none of whose copies went, a copy still
+/// unconfirmed), or when anything
 /// reads the table it is missing from: pruning, an answer to it, a look-up of its key
 /// ([`Stop::Held`]), a flush. Acknowledgements never wait for a row held: a delivered message
 /// is acknowledged once its delivery is committed, which writes its row; a message acknowledged
