@@ -1538,9 +1538,8 @@ impl Drop for SqliteStore {
 /// recorded, after the group that recorded it is saved). A row is written at the commit of the
 /// group in which its delivery comes, or at the first commit [`HOLD_UNDELIVERED`] after the
 /// group that recorded it opened (a message none of whose copies went, a copy still
-/// unconfirmed), or when anything
-/// reads the table it is missing from: pruning, an answer to it, a look-up of its key
-/// ([`Stop::Held`]), a flush. Acknowledgements never wait for a row held: a delivered message
+/// unconfirmed), or when anything reads the table it is missing from: pruning, an answer to
+/// it, a look-up of its key ([`Stop::Held`]), a flush. Acknowledgements never wait for a row held: a delivered message
 /// is acknowledged once its delivery is committed, which writes its row; a message acknowledged
 /// without a delivery (all its copies parked) has its row written within the bound, which a
 /// crash may lose, as it may lose the crosswalk records of the last moments anyway.
