@@ -1321,10 +1321,8 @@ impl Writer<'_> {
         if self.group.is_some() {
             return Ok(());
         }
-        let now = Instant::now();
-        self.newest.opened = Some(now);
         self.group = Some(Group {
-            since: now,
+            since: Instant::now(),
             writes: std::mem::take(&mut self.spare),
         });
         self.connection.execute_batch("BEGIN IMMEDIATE")
@@ -1392,7 +1390,7 @@ impl Writer<'_> {
                 .and_then(|()| {
                     (first..)
                         .zip(&open.writes)
-                        .try_for_each(|w| apply(connection, newest, sweep, w))
+                        .try_for_each(|w| apply(connection, newest, sweep, w, open.since))
                 })
                 .and_then(|()| write_rows(newest, sweep))
                 .and_then(|()| sweep.write(connection, slice).map(|keys| indexed = keys))
@@ -1417,8 +1415,9 @@ impl Writer<'_> {
                 self.applied += 1;
                 let number = self.applied;
                 let done = self.open().and_then(|()| {
+                    let opened = self.group.as_ref().expect("opened above").since;
                     let (newest, sweep) = (&mut self.newest, &mut self.sweep);
-                    apply(&self.connection, newest, sweep, (number, &write))
+                    apply(&self.connection, newest, sweep, (number, &write), opened)
                 });
                 let open = self.group.as_mut().expect("opened above");
                 open.writes.push(write);
@@ -1539,10 +1538,11 @@ impl Drop for SqliteStore {
 /// group in which its delivery comes, or at the first commit [`HOLD_UNDELIVERED`] after the
 /// group that recorded it opened (a message none of whose copies went, a copy still
 /// unconfirmed), or when anything reads the table it is missing from: pruning, an answer to
-/// it, a look-up of its key ([`Stop::Held`]), a flush. Acknowledgements never wait for a row held: a delivered message
-/// is acknowledged once its delivery is committed, which writes its row; a message acknowledged
-/// without a delivery (all its copies parked) has its row written within the bound, which a
-/// crash may lose, as it may lose the crosswalk records of the last moments anyway.
+/// it, a look-up of its key ([`Stop::Held`]), a flush. Acknowledgements never wait for a row
+/// held: a delivered message is acknowledged once its delivery is committed, which writes its
+/// row; a message acknowledged without a delivery (all its copies parked) has its row written
+/// within the bound, which a crash may lose, as it may lose the crosswalk records of the last
+/// moments anyway.
 ///
 /// Once written, where the rows not yet delivered are, by their look-up key ([`message_key`]),
 /// so that a delivery updates its message's row without looking it up in the index again (the
@@ -1566,10 +1566,6 @@ struct Newest {
     written: Vec<Held>,
     /// Rows written and not yet delivered: their seq by their key.
     undelivered: HashMap<i64, i64>,
-    /// When the open group began: what a row its writes hold counts as held since. A group
-    /// lasts some milliseconds against the half-second bound, and one reading of the clock per
-    /// group replaces one per message.
-    opened: Option<Instant>,
 }
 
 /// A message's row, held until its delivery or the bound.
@@ -1770,16 +1766,17 @@ impl Newest {
     }
 }
 
-/// Applies write `number` (inside the open group transaction). Import and prune are answered
-/// here.
+/// Applies write `number` (inside the open group transaction, `opened` when it began). Import
+/// and prune are answered here.
 fn apply(
     connection: &Connection,
     newest: &mut Newest,
     sweep: &mut Sweep,
     (number, write): (u64, &Write),
+    opened: Instant,
 ) -> rusqlite::Result<()> {
     match write {
-        Write::Record(m) => apply_record(connection, newest, sweep, number, m),
+        Write::Record(m) => apply_record(connection, newest, sweep, number, m, opened),
         Write::Remember {
             fields,
             key,
@@ -1918,13 +1915,16 @@ fn with_recipients(earlier: &str, more: &str) -> String {
 }
 
 /// Records a message: its sender's local ids, its row (recipients, reference), and the link of
-/// its case to the case of the message it answers.
+/// its case to the case of the message it answers. A row held counts from `opened`, when its
+/// group began: a group lasts some milliseconds against the half-second bound, and one reading
+/// of the clock per group replaces one per message.
 fn apply_record(
     tx: &Connection,
     newest: &mut Newest,
     sweep: &mut Sweep,
     number: u64,
     m: &Recorded,
+    opened: Instant,
 ) -> rusqlite::Result<()> {
     for (scheme, value, local) in &m.local_ids {
         tx.prepare_cached(UPSERT_PERSON)?.execute(params![
@@ -1957,7 +1957,7 @@ fn apply_record(
     } else {
         newest.hold(Held {
             number,
-            since: newest.opened.unwrap_or_else(Instant::now),
+            since: opened,
             key,
             message_id: m.message_id().to_string(),
             sender: m.sender().to_string(),
