@@ -153,7 +153,10 @@ impl Publishing {
 /// beyond the timeout are transient failures: the message goes back to its queue and is tried
 /// again. While the broker blocks the channel's connection (`connection.blocked`: a memory or
 /// disk alarm), nothing is written on it, so a timeout that runs out then is not counted: the
-/// copy waits for the broker, as it asks, and the timeout starts again.
+/// copy waits for the broker, as it asks, and the timeout starts again. Nor is one that runs
+/// out less than a whole timeout after the broker unblocked the connection: the copy was
+/// written only then, behind everything else that waited, and given up a moment after it
+/// would be published again and delivered twice.
 pub async fn confirmed(
     channel: &Channel,
     confirm: PublisherConfirm,
@@ -161,7 +164,7 @@ pub async fn confirmed(
     timeout_secs: u64,
 ) -> Result<(), BrokerError> {
     let limit = std::time::Duration::from_secs(timeout_secs);
-    let confirmation = within(confirm, limit, || channel.connection_blocked())
+    let confirmation = within(confirm, limit, || channel.connection_blocked_within(limit))
         .await
         .ok_or(BrokerError::ConfirmTimeout(timeout_secs))??;
     if confirmation.is_nack() {
@@ -220,10 +223,32 @@ mod tests {
         "confirmed"
     }
 
-    /// Ends the broker's block on the connection `after` this long.
-    async fn unblock_after(blocked: &AtomicBool, after: Duration) {
-        tokio::time::sleep(after).await;
-        blocked.store(false, Ordering::SeqCst);
+    /// A broker's alarm on a connection, as lapin's `Channel::connection_blocked_within` tells
+    /// it, on the test's paused clock.
+    struct Alarm {
+        blocked: AtomicBool,
+        unblocked: std::sync::Mutex<Option<tokio::time::Instant>>,
+    }
+
+    impl Alarm {
+        fn raised() -> Self {
+            Alarm {
+                blocked: AtomicBool::new(true),
+                unblocked: std::sync::Mutex::new(None),
+            }
+        }
+
+        fn blocked_within(&self, window: Duration) -> bool {
+            let unblocked = *self.unblocked.lock().unwrap();
+            self.blocked.load(Ordering::SeqCst) || unblocked.is_some_and(|at| at.elapsed() < window)
+        }
+
+        /// Ends the broker's block on the connection `after` this long.
+        async fn end_after(&self, after: Duration) {
+            tokio::time::sleep(after).await;
+            *self.unblocked.lock().unwrap() = Some(tokio::time::Instant::now());
+            self.blocked.store(false, Ordering::SeqCst);
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -242,28 +267,42 @@ mod tests {
     /// confirmed once it is over.
     #[tokio::test(start_paused = true)]
     async fn while_the_broker_blocks_the_connection_the_timeout_does_not_run_out() {
-        let blocked = AtomicBool::new(true);
+        let alarm = Alarm::raised();
         let (outcome, ()) = tokio::join!(
-            within(confirm_after(LIMIT * 4), LIMIT, || blocked
-                .load(Ordering::SeqCst)),
-            unblock_after(&blocked, LIMIT * 3 + LIMIT / 2),
+            within(confirm_after(LIMIT * 4), LIMIT, || alarm
+                .blocked_within(LIMIT)),
+            alarm.end_after(LIMIT * 3 + LIMIT / 2),
+        );
+        assert_eq!(outcome, Some("confirmed"));
+    }
+
+    /// An alarm that ends just before a timeout runs out: the copy is written only then, behind
+    /// all that waited, and its confirm comes in the next timeout. Given up at the first, the
+    /// message would be published again and delivered twice.
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_written_as_the_block_ends_is_given_a_whole_timeout_for_its_confirm() {
+        let alarm = Alarm::raised();
+        let (outcome, ()) = tokio::join!(
+            within(confirm_after(LIMIT * 2 + LIMIT / 2), LIMIT, || alarm
+                .blocked_within(LIMIT)),
+            alarm.end_after(LIMIT * 2 - LIMIT / 10),
         );
         assert_eq!(outcome, Some("confirmed"));
     }
 
     /// Once the block is over, a confirm that still does not come is given up at the end of the
-    /// timeout that is running then.
+    /// first timeout that runs out a whole timeout after it.
     #[tokio::test(start_paused = true)]
     async fn once_the_broker_unblocks_the_connection_a_silent_confirm_is_given_up() {
-        let blocked = AtomicBool::new(true);
+        let alarm = Alarm::raised();
         let began = tokio::time::Instant::now();
         let (outcome, ()) = tokio::join!(
-            within(std::future::pending::<()>(), LIMIT, || blocked
-                .load(Ordering::SeqCst)),
-            unblock_after(&blocked, LIMIT + LIMIT / 2),
+            within(std::future::pending::<()>(), LIMIT, || alarm
+                .blocked_within(LIMIT)),
+            alarm.end_after(LIMIT + LIMIT / 2),
         );
         assert_eq!(outcome, None);
-        assert_eq!(began.elapsed(), LIMIT * 2);
+        assert_eq!(began.elapsed(), LIMIT * 3);
     }
 
     #[test]

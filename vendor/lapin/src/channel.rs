@@ -26,7 +26,7 @@ use crate::{
     types::*,
 };
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
-use std::{convert::TryFrom, fmt, sync::Arc};
+use std::{convert::TryFrom, fmt, sync::Arc, time::Duration};
 use tracing::{error, info, trace};
 
 /// Main entry point for most AMQP operations.
@@ -145,12 +145,13 @@ impl Channel {
         &self.status
     }
 
-    /// Whether the broker has blocked this channel's connection (`connection.blocked`, a
-    /// memory or disk alarm): nothing is written on it until the broker unblocks it (Ponte:
-    /// PONTE.md).
+    /// Whether the broker blocks this channel's connection (`connection.blocked`, a memory or
+    /// disk alarm), or unblocked it less than `window` ago: nothing is written on it until the
+    /// broker unblocks it, and what waited is then written and answered behind everything
+    /// else that waited (Ponte: PONTE.md).
     #[must_use]
-    pub fn connection_blocked(&self) -> bool {
-        self.connection_status.blocked()
+    pub fn connection_blocked_within(&self, window: Duration) -> bool {
+        self.connection_status.blocked_within(window)
     }
 
     /// Wait for the channel to be recovered after a connection error.

@@ -2,6 +2,7 @@ use crate::{Error, ErrorKind, Result, types::ShortString, uri::AMQPUri};
 use std::{
     fmt,
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::{Duration, Instant},
 };
 
 /// Shared, cheaply cloneable view of a connection's current state.
@@ -55,13 +56,24 @@ impl ConnectionStatus {
     }
 
     pub(crate) fn unblock(&self) {
-        self.write().blocked = false;
+        let mut inner = self.write();
+        inner.blocked = false;
+        inner.unblocked = Some(Instant::now());
     }
 
     /// Returns `true` if the broker has issued a `Connection.Blocked` notice.
     #[must_use]
     pub fn blocked(&self) -> bool {
         self.read().blocked
+    }
+
+    /// Returns `true` if the broker blocks the connection, or unblocked it less than `window`
+    /// ago: what waited unwritten meanwhile has then been on the wire for less than `window`
+    /// (Ponte: PONTE.md).
+    #[must_use]
+    pub fn blocked_within(&self, window: Duration) -> bool {
+        let inner = self.read();
+        inner.blocked || inner.unblocked.is_some_and(|at| at.elapsed() < window)
     }
 
     /// Returns `true` if the connection is in [`ConnectionState::Connected`].
@@ -179,6 +191,8 @@ impl Default for Inner {
 struct StateInner {
     state: ConnectionState,
     blocked: bool,
+    /// When the broker last unblocked the connection.
+    unblocked: Option<Instant>,
     poison: Option<Error>,
 }
 
@@ -196,5 +210,26 @@ impl StateInner {
 
     fn poison(&mut self, err: Error) {
         self.poison = Some(err);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_counts_as_blocked_for_a_window_after_the_broker_unblocks_it() {
+        let status = ConnectionStatus::default();
+        let window = Duration::from_secs(3600);
+        assert!(!status.blocked_within(window), "never blocked");
+        status.block();
+        assert!(status.blocked() && status.blocked_within(Duration::ZERO));
+        status.unblock();
+        assert!(!status.blocked());
+        assert!(status.blocked_within(window), "unblocked a moment ago");
+        assert!(
+            !status.blocked_within(Duration::ZERO),
+            "a window already over"
+        );
     }
 }
