@@ -191,117 +191,128 @@ pub fn later(inbound: Inbound, why: String) -> Settled {
 /// nack: the queue is full) goes to the delay queues to be tried again, and the message counts
 /// as delivered to it. `earlier` are the recipients an earlier attempt already delivered to
 /// (their copies are not sent again).
-pub async fn delivered(
+///
+/// A plain function returning its future, not an `async fn`: an `async fn` keeps its
+/// arguments twice in its future, as given and as its locals, and this one is held (boxed) by
+/// every message waiting for its copies' confirms.
+pub fn delivered(
     settler: Arc<Settler>,
     inbound: Inbound,
     copies: Vec<Pending>,
     partial: Option<Partial>,
     earlier: Vec<String>,
-) -> Settled {
-    let result = async {
-        let mut recipients: Vec<Arc<str>> = earlier.iter().map(|r| Arc::from(r.as_str())).collect();
-        let mut retrying: Vec<Arc<str>> = Vec::new();
-        let mut failure = None;
-        for Pending {
-            recipient,
-            publishing,
-        } in copies
-        {
-            let queue = settler.queues.outbound(&recipient);
-            let (confirmation, body) = settler.copy_confirmed(publishing, queue).await;
-            settler.queues.in_flight(&recipient).decrement(1);
-            match confirmation {
-                Ok(()) => recipients.push(recipient),
-                // Boxed, as the receipt's publish below: a future holds room for the largest
-                // thing it awaits, and unboxed these two made every message waiting for its
-                // copies' confirms 3.3 KB (retrying is rare; a receipt is published once the
-                // copies are confirmed, for a moment).
-                Err(BrokerError::Nacked) => {
-                    let retry = Box::pin(retry_later(&settler, &inbound, &recipient, &body));
-                    match retry.await {
-                        Ok(()) => retrying.push(recipient),
-                        Err(error) => {
-                            failure.get_or_insert(error);
+) -> impl Future<Output = Settled> + Send + 'static {
+    async move {
+        let result = async {
+            let mut recipients: Vec<Arc<str>> =
+                earlier.iter().map(|r| Arc::from(r.as_str())).collect();
+            let mut retrying: Vec<Arc<str>> = Vec::new();
+            let mut failure = None;
+            for Pending {
+                recipient,
+                publishing,
+            } in copies
+            {
+                let queue = settler.queues.outbound(&recipient);
+                let (confirmation, body) = settler.copy_confirmed(publishing, queue).await;
+                settler.queues.in_flight(&recipient).decrement(1);
+                match confirmation {
+                    Ok(()) => recipients.push(recipient),
+                    // Boxed, as the receipt's publish below: a future holds room for the largest
+                    // thing it awaits, and unboxed these two made every message waiting for its
+                    // copies' confirms 3.3 KB (retrying is rare; a receipt is published once the
+                    // copies are confirmed, for a moment).
+                    Err(BrokerError::Nacked) => {
+                        let retry = Box::pin(retry_later(&settler, &inbound, &recipient, &body));
+                        match retry.await {
+                            Ok(()) => retrying.push(recipient),
+                            Err(error) => {
+                                failure.get_or_insert(error);
+                            }
                         }
                     }
+                    Err(error) => {
+                        failure.get_or_insert(error);
+                    }
                 }
-                Err(error) => {
-                    failure.get_or_insert(error);
-                }
             }
-        }
-        // A message's few recipients, listed without a block of their own.
-        let names: SmallVec<[&str; 4]> = recipients
-            .iter()
-            .chain(&retrying)
-            .map(|r| &**r)
-            .collect();
-        if let Some(error) = failure {
-            // Some copies went out: remember which, so that when the message comes back only
-            // the others are sent.
-            if let Some(id) = &inbound.message_id
-                && !names.is_empty()
-                && let Err(store_error) = settler.store.remember(&inbound.partner, id, &names, false)
-            {
-                warn!(%store_error, "cannot record a partial delivery; its copies may go out again");
-            }
-            return Err(error.into());
-        }
-        // Remembered before the ack (which waits for the store's commit), so that the same message
-        // coming back is recognised and not delivered again.
-        if let Some(id) = &inbound.message_id {
-            settler
-                .store
-                .remember(&inbound.partner, id, &names, true)
-                .map_err(|e| HandBack::Later(e.to_string()))?;
-        }
-        // Its borrows of the lists end here, before they are moved into the outcome.
-        drop(names);
-        let refused = match partial {
-            Some(partial) => {
-                settler
-                    .confirmed(partial.parked, settler.queues.rejected(&inbound.partner))
-                .await?;
-                partial.refused
-            }
-            None => Vec::new(),
-        };
-        // A partly delivered message is always answered: the sender must learn who got nothing.
-        if settler.positive_receipts || !refused.is_empty() {
-            let undelivered: Vec<Undelivered<'_>> = refused
+            // A message's few recipients, listed without a block of their own.
+            let names: SmallVec<[&str; 4]> = recipients
                 .iter()
-                .map(|r| Undelivered {
-                    recipient: &r.recipient,
-                    code: r.rejection.code,
-                    errors: &r.rejection.errors,
-                })
+                .chain(&retrying)
+                .map(|r| &**r)
                 .collect();
-            let code = undelivered.first().map_or(Code::Delivered, |u| u.code);
-            let reached: Vec<&str> = recipients.iter().map(|r| &**r).collect();
-            let waiting: Vec<&str> = retrying.iter().map(|r| &**r).collect();
-            let receipt = receipt::build(
-                inbound.answered(),
-                code,
-                &reached,
-                &waiting,
-                &[],
-                &undelivered,
-            );
-            let queue = settler.queues.receipts(&inbound.partner);
-            let confirm = publish_receipt(&settler, queue, &receipt, &inbound)?;
-            settler.confirmed(confirm, queue).await?;
+            if let Some(error) = failure {
+                // Some copies went out: remember which, so that when the message comes back only
+                // the others are sent.
+                if let Some(id) = &inbound.message_id
+                    && !names.is_empty()
+                    && let Err(store_error) =
+                        settler.store.remember(&inbound.partner, id, &names, false)
+                {
+                    warn!(
+                        %store_error,
+                        "cannot record a partial delivery; its copies may go out again"
+                    );
+                }
+                return Err(error.into());
+            }
+            // Remembered before the ack (which waits for the store's commit), so that the same
+            // message coming back is recognised and not delivered again.
+            if let Some(id) = &inbound.message_id {
+                settler
+                    .store
+                    .remember(&inbound.partner, id, &names, true)
+                    .map_err(|e| HandBack::Later(e.to_string()))?;
+            }
+            // Its borrows of the lists end here, before they are moved into the outcome.
+            drop(names);
+            let refused = match partial {
+                Some(partial) => {
+                    settler
+                        .confirmed(partial.parked, settler.queues.rejected(&inbound.partner))
+                    .await?;
+                    partial.refused
+                }
+                None => Vec::new(),
+            };
+            // A partly delivered message is always answered: the sender must learn who got nothing.
+            if settler.positive_receipts || !refused.is_empty() {
+                let undelivered: Vec<Undelivered<'_>> = refused
+                    .iter()
+                    .map(|r| Undelivered {
+                        recipient: &r.recipient,
+                        code: r.rejection.code,
+                        errors: &r.rejection.errors,
+                    })
+                    .collect();
+                let code = undelivered.first().map_or(Code::Delivered, |u| u.code);
+                let reached: Vec<&str> = recipients.iter().map(|r| &**r).collect();
+                let waiting: Vec<&str> = retrying.iter().map(|r| &**r).collect();
+                let receipt = receipt::build(
+                    inbound.answered(),
+                    code,
+                    &reached,
+                    &waiting,
+                    &[],
+                    &undelivered,
+                );
+                let queue = settler.queues.receipts(&inbound.partner);
+                let confirm = publish_receipt(&settler, queue, &receipt, &inbound)?;
+                settler.confirmed(confirm, queue).await?;
+            }
+            Ok(Outcome::Delivered {
+                recipients,
+                retrying,
+                refused: refused
+                    .into_iter()
+                    .map(|r| (r.recipient, r.rejection.code))
+                    .collect(),
+            })
         }
-        Ok(Outcome::Delivered {
-            recipients,
-            retrying,
-            refused: refused
-                .into_iter()
-                .map(|r| (r.recipient, r.rejection.code))
-                .collect(),
-        })
+        .await;
+        Settled { inbound, result }
     }
-    .await;
-    Settled { inbound, result }
 }
 
 /// Puts a copy its recipient's queue refused in the first delay queue.
