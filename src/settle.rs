@@ -237,11 +237,8 @@ pub fn delivered(
                 }
             }
             // A message's few recipients, listed without a block of their own.
-            let names: SmallVec<[&str; 4]> = recipients
-                .iter()
-                .chain(&retrying)
-                .map(|r| &**r)
-                .collect();
+            let names: SmallVec<[&str; 4]> =
+                recipients.iter().chain(&retrying).map(|r| &**r).collect();
             if let Some(error) = failure {
                 // Some copies went out: remember which, so that when the message comes back only
                 // the others are sent.
@@ -271,7 +268,7 @@ pub fn delivered(
                 Some(partial) => {
                     settler
                         .confirmed(partial.parked, settler.queues.rejected(&inbound.partner))
-                    .await?;
+                        .await?;
                     partial.refused
                 }
                 None => Vec::new(),
