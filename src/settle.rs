@@ -195,6 +195,10 @@ pub fn later(inbound: Inbound, why: String) -> Settled {
 /// A plain function returning its future, not an `async fn`: an `async fn` keeps its
 /// arguments twice in its future, as given and as its locals, and this one is held (boxed) by
 /// every message waiting for its copies' confirms.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn's future keeps its arguments twice"
+)]
 pub fn delivered(
     settler: Arc<Settler>,
     inbound: Inbound,
