@@ -4,9 +4,14 @@
 //! flow goes on to its next message while the connection's I/O loop writes the frames of
 //! several messages at once ([`Publishing`]).
 
+use std::pin::{Pin, pin};
+use std::task::Poll;
+use std::time::Duration;
+
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, PublisherConfirm};
+use tokio::time::Instant;
 
 use crate::broker::BrokerError;
 
@@ -134,20 +139,32 @@ impl Publishing {
         Ok(Publishing { confirm, body })
     }
 
-    /// Waits for the confirm on `channel`, the one it was started on (as [`confirmed`]);
-    /// returns the outcome and the body, for a copy that must go elsewhere.
-    pub async fn confirmed(
+    /// Waits for the confirm on `channel`, the one it was started on (as [`confirmed`]), by
+    /// `timer`; returns the outcome and the body, for a copy that must go elsewhere.
+    pub fn confirmed<'a>(
         self,
-        channel: &Channel,
-        queue: &str,
+        channel: &'a Channel,
+        queue: &'a str,
         timeout_secs: u64,
-    ) -> (Result<(), BrokerError>, Vec<u8>) {
-        (
-            confirmed(channel, self.confirm, queue, timeout_secs).await,
-            self.body,
-        )
+        timer: Pin<&'a mut Timer>,
+    ) -> impl Future<Output = (Result<(), BrokerError>, Vec<u8>)> + Send + 'a {
+        let Publishing { confirm, body } = self;
+        let outcome = confirmed_by(channel, confirm, queue, timeout_secs, timer);
+        async move { (outcome.await, body) }
     }
 }
+
+/// A confirm timeout that several confirms share: the copies of one message, all published
+/// before the first is awaited. It starts when a confirm awaited with it has not come at once
+/// and runs out `timeout_secs` later, so no copy is given up sooner than that after it was
+/// published, nor later than it would be with a timeout of its own. Once it has run out, a
+/// confirm awaited with it has what it has got already (or waits, as any, while the broker
+/// blocks the connection).
+///
+/// One timer a message rather than one a copy: each costs a reading of the clock and, to
+/// register it in the runtime's timer wheel and take it out again, two takings of the wheel's
+/// lock.
+pub type Timer = Option<tokio::time::Sleep>;
 
 /// Waits for a confirm on `channel`. A nack, a message returned as unroutable, or silence
 /// beyond the timeout are transient failures: the message goes back to its queue and is tried
@@ -163,35 +180,66 @@ pub async fn confirmed(
     queue: &str,
     timeout_secs: u64,
 ) -> Result<(), BrokerError> {
-    let limit = std::time::Duration::from_secs(timeout_secs);
-    let confirmation = within(confirm, limit, || channel.connection_blocked_within(limit))
-        .await
-        .ok_or(BrokerError::ConfirmTimeout(timeout_secs))??;
-    if confirmation.is_nack() {
-        return Err(BrokerError::Nacked);
-    }
-    if confirmation.take_message().is_some() {
-        return Err(BrokerError::NoQueue {
-            queue: queue.to_string(),
-        });
-    }
-    Ok(())
+    confirmed_by(channel, confirm, queue, timeout_secs, pin!(None)).await
 }
 
-/// What `future` gives, or `None` once `limit` runs out while `blocked` says no.
-async fn within<F: Future>(
-    future: F,
-    limit: std::time::Duration,
-    blocked: impl Fn() -> bool,
-) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    loop {
-        match tokio::time::timeout(limit, future.as_mut()).await {
-            Ok(output) => return Some(output),
-            Err(_) if blocked() => continue,
-            Err(_) => return None,
+/// As [`confirmed`], by a [`Timer`] shared with other confirms.
+///
+/// A plain function returning its future, as [`within`]: awaited for every copy inside the
+/// message's future, an `async fn` would keep its arguments there twice.
+pub fn confirmed_by<'a>(
+    channel: &'a Channel,
+    confirm: PublisherConfirm,
+    queue: &'a str,
+    timeout_secs: u64,
+    timer: Pin<&'a mut Timer>,
+) -> impl Future<Output = Result<(), BrokerError>> + Send + 'a {
+    let limit = Duration::from_secs(timeout_secs);
+    let confirmation = within(confirm, limit, timer, move || {
+        channel.connection_blocked_within(limit)
+    });
+    async move {
+        let confirmation = confirmation
+            .await
+            .ok_or(BrokerError::ConfirmTimeout(timeout_secs))??;
+        if confirmation.is_nack() {
+            return Err(BrokerError::Nacked);
         }
+        if confirmation.take_message().is_some() {
+            return Err(BrokerError::NoQueue {
+                queue: queue.to_string(),
+            });
+        }
+        Ok(())
     }
+}
+
+/// What `future` gives, or `None` once `timer` (started `limit` ahead when `future` first has
+/// nothing) runs out while `blocked` says no. While it says yes, the timer starts again.
+fn within<F: Future + Unpin>(
+    mut future: F,
+    limit: Duration,
+    mut timer: Pin<&mut Timer>,
+    blocked: impl Fn() -> bool,
+) -> impl Future<Output = Option<F::Output>> {
+    std::future::poll_fn(move |cx| {
+        loop {
+            if let Poll::Ready(output) = Pin::new(&mut future).poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            if timer.is_none() {
+                timer.set(Some(tokio::time::sleep(limit)));
+            }
+            let mut sleep = timer.as_mut().as_pin_mut().expect("the timer was started");
+            match sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Polled again at once, the future first: the timer is only registered when
+                // polled.
+                Poll::Ready(()) if blocked() => sleep.reset(Instant::now() + limit),
+                Poll::Ready(()) => return Poll::Ready(None),
+            }
+        }
+    })
 }
 
 /// Headers are a `FieldTable`; tests and tools read them back as strings.
@@ -213,21 +261,25 @@ pub fn text(value: &AMQPValue) -> String {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
 
     const LIMIT: Duration = Duration::from_secs(30);
 
+    /// A confirm to wait for, as lapin's: it can be moved once polled.
+    type Confirm = Pin<Box<dyn Future<Output = &'static str>>>;
+
     /// A confirm that comes `after` this long.
-    async fn confirm_after(after: Duration) -> &'static str {
-        tokio::time::sleep(after).await;
-        "confirmed"
+    fn confirm_after(after: Duration) -> Confirm {
+        Box::pin(async move {
+            tokio::time::sleep(after).await;
+            "confirmed"
+        })
     }
 
     /// A broker's alarm on a connection, as lapin's `Channel::connection_blocked_within` tells
     /// it, on the test's paused clock.
     struct Alarm {
         blocked: AtomicBool,
-        unblocked: std::sync::Mutex<Option<tokio::time::Instant>>,
+        unblocked: std::sync::Mutex<Option<Instant>>,
     }
 
     impl Alarm {
@@ -246,19 +298,19 @@ mod tests {
         /// Ends the broker's block on the connection `after` this long.
         async fn end_after(&self, after: Duration) {
             tokio::time::sleep(after).await;
-            *self.unblocked.lock().unwrap() = Some(tokio::time::Instant::now());
+            *self.unblocked.lock().unwrap() = Some(Instant::now());
             self.blocked.store(false, Ordering::SeqCst);
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_confirm_that_does_not_come_is_given_up_when_the_timeout_runs_out() {
-        let began = tokio::time::Instant::now();
-        let outcome = within(confirm_after(LIMIT * 2), LIMIT, || false).await;
+        let began = Instant::now();
+        let outcome = within(confirm_after(LIMIT * 2), LIMIT, pin!(None), || false).await;
         assert_eq!(outcome, None);
         assert_eq!(began.elapsed(), LIMIT);
         assert_eq!(
-            within(confirm_after(LIMIT / 2), LIMIT, || false).await,
+            within(confirm_after(LIMIT / 2), LIMIT, pin!(None), || false).await,
             Some("confirmed")
         );
     }
@@ -268,8 +320,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn while_the_broker_blocks_the_connection_the_timeout_does_not_run_out() {
         let alarm = Alarm::raised();
+        let timer = pin!(None);
         let (outcome, ()) = tokio::join!(
-            within(confirm_after(LIMIT * 4), LIMIT, || alarm
+            within(confirm_after(LIMIT * 4), LIMIT, timer, || alarm
                 .blocked_within(LIMIT)),
             alarm.end_after(LIMIT * 3 + LIMIT / 2),
         );
@@ -282,8 +335,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_copy_written_as_the_block_ends_is_given_a_whole_timeout_for_its_confirm() {
         let alarm = Alarm::raised();
+        let timer = pin!(None);
         let (outcome, ()) = tokio::join!(
-            within(confirm_after(LIMIT * 2 + LIMIT / 2), LIMIT, || alarm
+            within(confirm_after(LIMIT * 2 + LIMIT / 2), LIMIT, timer, || alarm
                 .blocked_within(LIMIT)),
             alarm.end_after(LIMIT * 2 - LIMIT / 10),
         );
@@ -295,14 +349,87 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn once_the_broker_unblocks_the_connection_a_silent_confirm_is_given_up() {
         let alarm = Alarm::raised();
-        let began = tokio::time::Instant::now();
+        let began = Instant::now();
+        let timer = pin!(None);
         let (outcome, ()) = tokio::join!(
-            within(std::future::pending::<()>(), LIMIT, || alarm
+            within(std::future::pending::<()>(), LIMIT, timer, || alarm
                 .blocked_within(LIMIT)),
             alarm.end_after(LIMIT + LIMIT / 2),
         );
         assert_eq!(outcome, None);
         assert_eq!(began.elapsed(), LIMIT * 3);
+    }
+
+    /// A confirm that comes at `at`, however late it is awaited: a copy published at once.
+    fn confirm_at(at: Instant) -> Confirm {
+        Box::pin(async move {
+            tokio::time::sleep_until(at).await;
+            "confirmed"
+        })
+    }
+
+    /// A message's copies awaited one after the other by one timer: those that do not come are
+    /// given up together, one timeout after the first was awaited, not one timeout after each.
+    #[tokio::test(start_paused = true)]
+    async fn the_silent_copies_of_a_message_are_given_up_together() {
+        let began = Instant::now();
+        let mut timer = pin!(None);
+        let first = confirm_at(began + LIMIT / 2);
+        let (second, third) = (
+            std::future::pending::<&str>(),
+            std::future::pending::<&str>(),
+        );
+        assert_eq!(
+            within(first, LIMIT, timer.as_mut(), || false).await,
+            Some("confirmed")
+        );
+        assert_eq!(within(second, LIMIT, timer.as_mut(), || false).await, None);
+        assert_eq!(within(third, LIMIT, timer.as_mut(), || false).await, None);
+        assert_eq!(began.elapsed(), LIMIT);
+    }
+
+    /// The timer shared by a message's copies gives each the whole timeout from its publish:
+    /// a confirm that came in time is taken, even once the timer has run out for another copy.
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_confirmed_in_time_is_not_given_up_with_a_silent_one() {
+        let began = Instant::now();
+        let mut timer = pin!(None);
+        let late = confirm_at(began + LIMIT - LIMIT / 10);
+        let silent = std::future::pending::<&str>();
+        let early = confirm_at(began + LIMIT / 2);
+        let later = confirm_at(began + LIMIT - LIMIT / 20);
+        assert_eq!(
+            within(late, LIMIT, timer.as_mut(), || false).await,
+            Some("confirmed")
+        );
+        assert_eq!(within(silent, LIMIT, timer.as_mut(), || false).await, None);
+        assert_eq!(
+            within(early, LIMIT, timer.as_mut(), || false).await,
+            Some("confirmed")
+        );
+        assert_eq!(
+            within(later, LIMIT, timer.as_mut(), || false).await,
+            Some("confirmed")
+        );
+        assert_eq!(began.elapsed(), LIMIT);
+    }
+
+    /// A block that starts once the shared timer has run out: the copies still to be awaited
+    /// wait for the broker too.
+    #[tokio::test(start_paused = true)]
+    async fn copies_awaited_after_their_timer_ran_out_wait_while_the_broker_blocks() {
+        let began = Instant::now();
+        let mut timer = pin!(None);
+        let silent = std::future::pending::<&str>();
+        assert_eq!(within(silent, LIMIT, timer.as_mut(), || false).await, None);
+        let alarm = Alarm::raised();
+        let (outcome, ()) = tokio::join!(
+            within(confirm_at(began + LIMIT * 3), LIMIT, timer.as_mut(), || {
+                alarm.blocked_within(LIMIT)
+            }),
+            alarm.end_after(LIMIT),
+        );
+        assert_eq!(outcome, Some("confirmed"));
     }
 
     #[test]

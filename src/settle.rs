@@ -5,6 +5,7 @@
 //! message back instead: it is requeued, never rejected.
 
 use std::collections::VecDeque;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::broker::{BrokerError, QueueNames, Queues};
-use crate::deliver::{Labels, Publishing, confirmed, properties, publish};
+use crate::deliver::{Labels, Publishing, Timer, confirmed, confirmed_by, properties, publish};
 use crate::journal::{Event, Journal};
 use crate::pipeline::Refused;
 use crate::receipt::{self, Answered, Undelivered};
@@ -76,16 +77,32 @@ impl Settler {
         confirmed(&self.channel, confirm, queue, self.confirm_timeout_secs).await
     }
 
-    /// Waits for a copy's confirm; returns the outcome and the body (see
-    /// [`Publishing::confirmed`]).
-    async fn copy_confirmed(
-        &self,
+    /// Waits for the confirm of a message this flow published to `queue` by a `timer` shared
+    /// with the confirms of others published with it (see [`confirmed_by`]).
+    fn confirmed_by<'a>(
+        &'a self,
+        confirm: PublisherConfirm,
+        queue: &'a str,
+        timer: Pin<&'a mut Timer>,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send + 'a {
+        confirmed_by(
+            &self.channel,
+            confirm,
+            queue,
+            self.confirm_timeout_secs,
+            timer,
+        )
+    }
+
+    /// Waits for a copy's confirm by a `timer` shared with the others published with it;
+    /// returns the outcome and the body (see [`Publishing::confirmed`]).
+    fn copy_confirmed<'a>(
+        &'a self,
         publishing: Publishing,
-        queue: &str,
-    ) -> (Result<(), BrokerError>, Vec<u8>) {
-        publishing
-            .confirmed(&self.channel, queue, self.confirm_timeout_secs)
-            .await
+        queue: &'a str,
+        timer: Pin<&'a mut Timer>,
+    ) -> impl Future<Output = (Result<(), BrokerError>, Vec<u8>)> + Send + 'a {
+        publishing.confirmed(&self.channel, queue, self.confirm_timeout_secs, timer)
     }
 }
 
@@ -212,13 +229,18 @@ pub fn delivered(
                 earlier.iter().map(|r| Arc::from(r.as_str())).collect();
             let mut retrying: Vec<Arc<str>> = Vec::new();
             let mut failure = None;
+            // The copies and the parked original were all published before the first is
+            // awaited: their confirms share one timeout.
+            let mut timer = pin!(None);
             for Pending {
                 recipient,
                 publishing,
             } in copies
             {
                 let queue = settler.queues.outbound(&recipient);
-                let (confirmation, body) = settler.copy_confirmed(publishing, queue).await;
+                let (confirmation, body) = settler
+                    .copy_confirmed(publishing, queue, timer.as_mut())
+                    .await;
                 settler.queues.in_flight(&recipient).decrement(1);
                 match confirmation {
                     Ok(()) => recipients.push(recipient),
@@ -270,8 +292,9 @@ pub fn delivered(
             drop(names);
             let refused = match partial {
                 Some(partial) => {
+                    let parked = settler.queues.rejected(&inbound.partner);
                     settler
-                        .confirmed(partial.parked, settler.queues.rejected(&inbound.partner))
+                        .confirmed_by(partial.parked, parked, timer.as_mut())
                         .await?;
                     partial.refused
                 }
@@ -300,7 +323,10 @@ pub fn delivered(
                 );
                 let queue = settler.queues.receipts(&inbound.partner);
                 let confirm = publish_receipt(&settler, queue, &receipt, &inbound)?;
-                settler.confirmed(confirm, queue).await?;
+                // Published only now, its confirm has a timeout of its own, started anew where
+                // the copies' was: the message's future has room for one.
+                timer.set(None);
+                settler.confirmed_by(confirm, queue, timer.as_mut()).await?;
             }
             Ok(Outcome::Delivered {
                 recipients,
@@ -559,11 +585,15 @@ pub async fn rejected(
 ) -> Settled {
     let [park, answer] = publishing;
     let result = async {
+        let mut timer = pin!(None);
         for (publishing, queue) in [
             (park, settler.queues.rejected(&inbound.partner)),
             (answer, settler.queues.receipts(&inbound.partner)),
         ] {
-            settler.copy_confirmed(publishing, queue).await.0?;
+            settler
+                .copy_confirmed(publishing, queue, timer.as_mut())
+                .await
+                .0?;
         }
         Ok(Outcome::Rejected { code })
     }
