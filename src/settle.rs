@@ -700,8 +700,9 @@ impl Acknowledger {
     pub async fn settle(&mut self, settled: Settled, settler: &Settler) {
         match settled.result {
             Ok(outcome) => {
-                // Read once, for the histogram and the delivery log's record.
-                let latency = settled.inbound.received.elapsed();
+                // Read once, for the histogram, the delivery log's record and a run's start.
+                let now = Instant::now();
+                let latency = now.saturating_duration_since(settled.inbound.received);
                 self.metrics.count(&settled.inbound, &outcome, latency);
                 self.pending = Some(log_outcome(
                     settled.inbound,
@@ -710,7 +711,7 @@ impl Acknowledger {
                     &settler.journal,
                 ));
                 self.count += 1;
-                self.since.get_or_insert_with(Instant::now);
+                self.since.get_or_insert(now);
             }
             Err(error) => {
                 self.flush(settler).await;
