@@ -244,10 +244,9 @@ pub fn delivered(
                 settler.queues.in_flight(&recipient).decrement(1);
                 match confirmation {
                     Ok(()) => recipients.push(recipient),
-                    // Boxed, as the receipt's publish below: a future holds room for the largest
-                    // thing it awaits, and unboxed these two made every message waiting for its
-                    // copies' confirms 3.3 KB (retrying is rare; a receipt is published once the
-                    // copies are confirmed, for a moment).
+                    // Boxed: a future holds room for the largest thing it awaits, and unboxed,
+                    // the retry (with the receipt's publish, when that was a future) made every
+                    // message waiting for its copies' confirms 3.3 KB. Retrying is rare.
                     Err(BrokerError::Nacked) => {
                         let retry = Box::pin(retry_later(&settler, &inbound, &recipient, &body));
                         match retry.await {
