@@ -2596,17 +2596,23 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[test]
-    fn a_store_that_indexed_keys_on_the_message_table_moves_them_to_their_own_index() {
+    /// The folder of a closed store in which the institute's `n` messages of random ids were
+    /// delivered, and their ids.
+    fn closed_with_delivered(n: usize) -> (Vec<String>, PathBuf) {
         let (s, dir) = store();
-        let ids: Vec<String> = (0..100).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+        let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
         for id in &ids {
             s.record(&message(id, "inps", "APP-1", None, &["cpi-modena"]))
                 .unwrap();
             s.remember("inps", id, &["cpi-modena"], true).unwrap();
         }
         s.flush().unwrap();
-        drop(s);
+        (ids, dir)
+    }
+
+    #[test]
+    fn a_store_that_indexed_keys_on_the_message_table_moves_them_to_their_own_index() {
+        let (ids, dir) = closed_with_delivered(100);
         {
             // As layout 4 had it.
             let old = Connection::open(dir.join("ponte.db")).unwrap();
@@ -3377,20 +3383,12 @@ mod tests {
 
     #[test]
     fn a_store_indexed_by_time_is_put_in_the_order_of_time_and_pruned_from_its_start() {
-        let (s, dir) = store();
         let day: i64 = 24 * 3600;
         let (year, week) = (
             Duration::from_secs(400 * 86_400),
             Duration::from_secs(7 * 86_400),
         );
-        let ids: Vec<String> = (0..50).map(|_| uuid::Uuid::new_v4().to_string()).collect();
-        for id in &ids {
-            s.record(&message(id, "inps", "APP-1", None, &["cpi-modena"]))
-                .unwrap();
-            s.remember("inps", id, &["cpi-modena"], true).unwrap();
-        }
-        s.flush().unwrap();
-        drop(s);
+        let (ids, dir) = closed_with_delivered(50);
         {
             // As layout 5 had it: indexed by time, and the first record processed again (its
             // time changed in place) after the others were recorded 500 days ago.
