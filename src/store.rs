@@ -1889,9 +1889,9 @@ fn prune(
     window: i64,
     after: i64,
 ) -> rusqlite::Result<(usize, Option<i64>)> {
+    let young = age.saturating_add(RECORDED_OUT_OF_ORDER_SECS);
     let mut records: Vec<(i64, i64)> = Vec::new();
-    let mut last = None;
-    let mut read = 0;
+    let (mut last, mut read, mut ended) = (after, 0, false);
     {
         let mut step = connection.prepare_cached(
             "SELECT seq, key, recorded_at, delivered_at FROM message WHERE seq > ?1
@@ -1900,20 +1900,20 @@ fn prune(
         let mut rows = step.query(params![after, PRUNE_STEP as i64])?;
         while let Some(row) = rows.next()? {
             let (seq, key, recorded_at): (i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
-            if recorded_at >= age.saturating_add(RECORDED_OUT_OF_ORDER_SECS) {
-                return remove(connection, sweep, &records).map(|()| (records.len(), None));
+            if recorded_at >= young {
+                ended = true;
+                break;
             }
             let delivered_at: Option<i64> = row.get(3)?;
             if recorded_at < age && delivered_at.is_none_or(|at| at < window) {
                 records.push((seq, key));
             }
-            (last, read) = (Some(seq), read + 1);
+            (last, read) = (seq, read + 1);
         }
     }
-    if read < PRUNE_STEP {
-        last = None;
-    }
-    remove(connection, sweep, &records).map(|()| (records.len(), last))
+    remove(connection, sweep, &records)?;
+    let next = (!ended && read == PRUNE_STEP).then_some(last);
+    Ok((records.len(), next))
 }
 
 /// Removes the message `records` (`(seq, key)`), and their keys.
