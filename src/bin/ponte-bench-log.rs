@@ -81,6 +81,16 @@ fn main() {
             cpu * 1e6 / n as f64
         );
     }
+    let bytes: u64 = ["log.db", "log.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "on disk: {:.0} MiB ({:.0} bytes per record)",
+        bytes as f64 / 1048576.0,
+        bytes as f64 / n as f64
+    );
     let reader = Reader::open(&dir).expect("the log reads");
     let time = |name: &str, filter: Filter| {
         let started = Instant::now();
@@ -121,6 +131,14 @@ fn main() {
         Filter {
             sender: Some("cpi-modena".into()),
             code: Some("schema-violation".into()),
+            limit: 100,
+            ..Default::default()
+        },
+    );
+    time(
+        "--sender with no records (every part sought)",
+        Filter {
+            sender: Some("comune-bologna".into()),
             limit: 100,
             ..Default::default()
         },
