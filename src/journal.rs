@@ -10,7 +10,8 @@
 //! hash, so altering or removing a record breaks the chain from there on; `ponte log verify`
 //! names the first record where it breaks. Retention removes the oldest records; the chain is
 //! then verified from the oldest record kept. Records are found by message or correlation id
-//! through an index written in parts of some 50,000 records (see `SCHEMA`).
+//! through an index written in parts of some 50,000 records, and by sender through each part's
+//! list of its senders' records (see `SCHEMA`).
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -474,25 +475,25 @@ fn lists_senders(connection: &Connection) -> rusqlite::Result<bool> {
 /// the writer, a part at a time, newest first, at most one every [`BACKFILL_EVERY`] so that the
 /// records keep their pace. Meanwhile a look-up by sender reads those parts through.
 struct Backfill {
-    /// Whether a part may be left to key.
+    /// Whether a part may be left to list.
     pending: bool,
     last: std::time::Instant,
 }
 
 impl Backfill {
     fn new(connection: &Connection, path: &str) -> Backfill {
-        let unkeyed: i64 = connection
+        let unlisted: i64 = connection
             .query_row(
                 "SELECT count(*) FROM event_part WHERE senders = 0",
                 [],
                 |r| r.get(0),
             )
             .unwrap_or(0);
-        if unkeyed > 0 {
-            tracing::info!(log = %path, parts = unkeyed, "listing the delivery log's senders in its parts, in the background");
+        if unlisted > 0 {
+            tracing::info!(log = %path, parts = unlisted, "listing the delivery log's senders in its parts, in the background");
         }
         Backfill {
-            pending: unkeyed > 0,
+            pending: unlisted > 0,
             last: std::time::Instant::now(),
         }
     }
@@ -519,7 +520,7 @@ impl Backfill {
             }
             // Tried again at the next step.
             Err(error) => {
-                tracing::warn!(log = %path, %error, "cannot key a part of the delivery log's senders yet")
+                tracing::warn!(log = %path, %error, "cannot list the senders of a part of the delivery log yet")
             }
         }
     }
