@@ -447,15 +447,17 @@ fn leb128(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
-/// The record numbers a sender's row of a part lists (`read_part`), in order.
+/// The record numbers a sender's row of a part lists (`read_part`), in order. A row altered
+/// by hand gives wrong numbers, never a panic: a record is read by its number, and checked
+/// against the look-up's conditions.
 fn part_seqs(first: i64, bytes: &[u8]) -> Vec<i64> {
     let mut seqs = Vec::new();
-    let (mut seq, mut value, mut shift) = (first - 1, 0u64, 0);
+    let (mut seq, mut value, mut shift) = (first - 1, 0u64, 0u32);
     for &b in bytes {
-        value |= u64::from(b & 0x7f) << shift;
-        shift += 7;
+        value |= u64::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
+        shift = shift.saturating_add(7);
         if b < 0x80 {
-            seq += value as i64;
+            seq = seq.wrapping_add(value as i64);
             seqs.push(seq);
             (value, shift) = (0, 0);
         }
@@ -1461,6 +1463,23 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap()
+    }
+
+    #[test]
+    fn a_sender_s_list_reads_back_its_numbers_and_a_garbled_one_does_not_panic() {
+        let mut bytes = Vec::new();
+        let mut before = 99;
+        for seq in [100i64, 101, 300, 20_000, 3_000_000_000] {
+            leb128(&mut bytes, (seq - before) as u64);
+            before = seq;
+        }
+        assert_eq!(
+            part_seqs(100, &bytes),
+            [100, 101, 300, 20_000, 3_000_000_000]
+        );
+        // Continuation bytes past 64 bits, then a number: read as some number, not a panic.
+        let garbled = [[0xff; 20].as_slice(), &[0x01]].concat();
+        assert_eq!(part_seqs(1, &garbled).len(), 1);
     }
 
     fn has_index_by_sender(reader: &Reader) -> bool {
